@@ -1,0 +1,17 @@
+"""mythos-probe: make the loop of a looped transformer visible.
+
+Public names: `attach`, `LoopSpec`, `records.LoopTrace`, `SCHEMA_VERSION`. They are imported
+lazily so that `mythos_probe.collectors` and `mythos_probe.dashboards` never import torch.
+"""
+
+from mythos_probe.records import SCHEMA_VERSION, LoopTrace
+
+__all__ = ["attach", "LoopSpec", "LoopTrace", "SCHEMA_VERSION"]
+
+
+def __getattr__(name: str):
+    if name in ("attach", "LoopSpec"):
+        from mythos_probe import attach as _attach_module
+
+        return getattr(_attach_module, name)
+    raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")

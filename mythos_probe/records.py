@@ -1,0 +1,253 @@
+"""The one record that flows from model to probes to collectors to dashboard: `LoopTrace`.
+
+A `LoopTrace` describes one forward pass of a looped model (one decode step during generation,
+one optimizer step during training): who ran it, what shape and loop budget it had, and what every
+loop iteration did, as plain numpy arrays and primitives. Probes build it; collectors turn it into
+OpenTelemetry spans and DuckDB rows; the dashboard reads those rows.
+
+The metric vocabulary lives here too (`ITERATION_METRICS`, `POSITION_METRICS`, `FORWARD_METRICS`):
+the DuckDB table columns and the span attribute names are derived from these tuples, so adding a
+metric is one line here plus its formula in `mythos_probe/metrics/`.
+
+This module is not: the metric formulas (`mythos_probe.metrics`), the OTel mapping
+(`mythos_probe.collectors.spans`) or the table layout (`mythos_probe.collectors.schema`).
+It imports numpy only, so collectors and the dashboard never pull in torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+"""Bumped when a field or metric changes meaning; stores record it per row."""
+
+DETAIL_LEVELS = ("summary", "positions")
+"""`summary`: per-iteration scalars only. `positions`: also batch × seq × iteration arrays."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    description: str
+    source: str
+
+
+def _m(name: str, description: str, source: str) -> Metric:
+    return Metric(name, description, source)
+
+
+# Per iteration: one float per loop iteration executed, averaged over the positions still running
+# unless the description says otherwise. NaN where a metric is undefined (t = 0 for step metrics,
+# or the probe that makes it was not enabled).
+ITERATION_METRICS: tuple[Metric, ...] = (
+    # convergence
+    _m("rel_residual", "‖h_t − h_{t−1}‖ / ‖h_t‖, mean over positions", "Geiping et al. 2025 (Huginn) §6"),
+    _m("cos_step", "1 − cos(h_t, h_{t−1}), mean over positions", "Geiping et al. 2025 §6"),
+    _m("dist_to_final", "‖h_t − h_T‖ / ‖h_T‖, mean over positions", "Geiping et al. 2025 §6"),
+    _m("step_orthogonality", "cos(Δ_t, Δ_{t−1}) with Δ_t = h_t − h_{t−1}", "Geiping et al. 2025 §6 (orbits)"),
+    _m("token_correlation", "mean pairwise cosine between sampled positions (rank collapse)", "Dong et al. 2021"),
+    # spectral stability
+    _m("state_norm", "mean ‖h_t‖ over positions", "Prairie et al. 2026 (Parcae) §3"),
+    _m("growth_ratio", "‖h_t‖ / ‖h_{t−1}‖, mean over positions", "Prairie et al. 2026 §3"),
+    _m("norm_decay", "mean ‖A⊙h_{t−1}‖", "open_mythos LTIInjection"),
+    _m("norm_inject", "mean ‖B⊙e‖", "open_mythos LTIInjection"),
+    _m("norm_block", "mean ‖block output (with LoRA)‖", "open_mythos LTIInjection"),
+    _m("jacobian_sigma_max", "σ_max(∂h_{t+1}/∂h_t) by power iteration (opt-in)", "Prairie et al. 2026 §3"),
+    _m("nonfinite_fraction", "share of state entries that are NaN or ±Inf", "mythos-probe"),
+    # halting
+    _m("halt_prob", "mean ACT halting probability p_t", "Graves 2016 §2"),
+    _m("cum_halt", "mean cumulative halting probability", "Graves 2016 §2"),
+    _m("halted_fraction", "share of positions halted after iteration t", "Graves 2016 §2"),
+    _m("act_weight", "mean ACT weight given to h_t in the output", "Graves 2016 eq. 7"),
+    _m("halt_low_share", "share of p_t < 0.01", "Banino et al. 2021 (PonderNet) §4"),
+    _m("halt_high_share", "share of p_t > 0.99", "Banino et al. 2021 §4"),
+    _m("exit_count", "positions whose last iteration is t (iterations used = t + 1)", "mythos-probe"),
+    # experts
+    _m("expert_max_vio", "max load / mean load − 1 over routed experts", "Wang et al. 2024 (aux-loss-free) §4"),
+    _m("expert_cv", "coefficient of variation of expert loads", "Shazeer et al. 2017 §4"),
+    _m("expert_load_entropy", "entropy of the load distribution / log(n_experts)", "mythos-probe"),
+    _m("expert_dead", "routed experts with zero load", "mythos-probe"),
+    _m("expert_active_ratio", "share of routed experts with non-zero load", "mythos-probe"),
+    _m("routing_entropy", "mean entropy of the router softmax per token", "Shazeer et al. 2017"),
+    _m("bias_changed_share", "share of top-k choices changed by router_bias", "Wang et al. 2024 §3"),
+    _m("shared_routed_ratio", "mean ‖shared expert output‖ / ‖routed output‖", "Dai et al. 2024 (DeepSeekMoE)"),
+    _m("topk_overlap", "|topk_t ∩ topk_{t−1}| / k, mean over tokens", "mythos-probe"),
+    # coda lens
+    _m("lens_kl_final", "KL(p_T ‖ p_t) of coda-lens distributions", "nostalgebraist 2020 (logit lens)"),
+    _m("lens_kl_prev", "KL(p_t ‖ p_{t−1}) of coda-lens distributions", "Geiping et al. 2025 §7 (exit)"),
+    _m("lens_entropy", "entropy of the coda-lens distribution", "Belrose et al. 2023 (tuned lens)"),
+    _m("lens_top1_agree", "share of sampled positions whose lens argmax equals the final one", "Belrose et al. 2023"),
+    _m("lens_final_rank", "mean rank of the final argmax token under the lens", "Belrose et al. 2023"),
+    # depth-wise LoRA
+    _m("lora_rel_norm", "‖LoRA delta‖ / ‖block output‖", "Bae et al. 2024 (Relaxed Recursive) §3"),
+)
+
+# Per position and iteration (batch × seq × iterations), only at detail="positions".
+POSITION_METRICS: tuple[Metric, ...] = (
+    _m("rel_residual", "‖h_t − h_{t−1}‖ / ‖h_t‖", "Geiping et al. 2025 §6"),
+    _m("cos_step", "1 − cos(h_t, h_{t−1})", "Geiping et al. 2025 §6"),
+    _m("state_norm", "‖h_t‖", "Prairie et al. 2026 §3"),
+    _m("halt_prob", "ACT halting probability p_t", "Graves 2016 §2"),
+    _m("cum_halt", "cumulative halting probability", "Graves 2016 §2"),
+    _m("act_weight", "ACT weight of h_t in the output", "Graves 2016 eq. 7"),
+    _m("lens_kl_final", "KL(p_T ‖ p_t) (NaN where the position was not sampled)", "nostalgebraist 2020"),
+)
+
+# One value per forward.
+FORWARD_METRICS: tuple[Metric, ...] = (
+    _m("rho_A", "spectral radius of the injection matrix Ā = max_i A_i", "Prairie et al. 2026 §3"),
+    _m("mean_contraction", "mean_i A_i of the diagonal injection", "Prairie et al. 2026 §3"),
+    _m("mean_iterations", "mean iterations used per position", "mythos-probe"),
+    _m("ponder_cost", "mean ACT ponder cost N + R", "Graves 2016 §3"),
+    _m("remainder_mass", "mean ACT remainder R", "Graves 2016 §2"),
+    _m("halted_first_share", "share of positions halting at the first iteration", "Banino et al. 2021"),
+    _m("reached_last_share", "share of positions still running at the last iteration", "Banino et al. 2021"),
+    _m("diverged_at", "first iteration with a NaN/Inf state, −1 when none", "mythos-probe"),
+    _m("flops", "estimated FLOPs of the forward from the config and iterations executed", "Kaplan et al. 2020 §2.1"),
+    _m("flops_saved", "share of loop FLOPs saved versus running n_loops on every position", "mythos-probe"),
+)
+
+ITERATION_METRIC_NAMES = tuple(m.name for m in ITERATION_METRICS)
+POSITION_METRIC_NAMES = tuple(m.name for m in POSITION_METRICS)
+FORWARD_METRIC_NAMES = tuple(m.name for m in FORWARD_METRICS)
+
+AttributeValue = str | bool | int | float
+
+
+def _frozen_array(a: Any, dtype) -> np.ndarray:
+    arr = np.array(a, dtype=dtype, copy=True)
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True)
+class LoopTrace:
+    """One forward of a looped model, reduced to what the probes measured.
+
+    Arrays are read-only numpy; per-iteration arrays have length `iterations`.
+    """
+
+    # identity
+    trace_id: str  # 32 lowercase hex chars (OTel trace id)
+    span_id: str  # 16 lowercase hex chars (OTel span id)
+    run_id: str
+    model_id: str
+    step: int  # decode step in generation, optimizer step in training, else the forward index
+    start_ns: int  # wall clock, ns since the epoch
+    end_ns: int
+    # shape and budget
+    batch: int
+    seq_len: int
+    n_loops: int  # requested
+    iterations: int  # executed (≤ n_loops when every position halted early)
+    exit_policy: str  # "act" | "fixed" | "kl" | "latent" | "unknown"
+    detail: str  # one of DETAIL_LEVELS
+    iteration_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)  # name → (iterations,)
+    position_metrics: Mapping[str, np.ndarray] = field(default_factory=dict)  # name → (batch, seq, iterations)
+    forward_metrics: Mapping[str, float] = field(default_factory=dict)
+    expert_load: np.ndarray | None = None  # (iterations, n_experts) tokens routed per expert
+    position_iterations: np.ndarray | None = None  # (batch, seq) iterations used by each position
+    token_ids: np.ndarray | None = None  # (batch, seq)
+    token_text: tuple[tuple[str, ...], ...] | None = None  # (batch, seq) where a tokenizer is known
+    attributes: Mapping[str, AttributeValue] = field(default_factory=dict)  # request id, endpoint, user…
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if len(self.trace_id) != 32 or len(self.span_id) != 16:
+            raise ValueError("trace_id must be 32 hex chars and span_id 16 hex chars (OTel ids)")
+        if self.detail not in DETAIL_LEVELS:
+            raise ValueError(f"detail must be one of {DETAIL_LEVELS}, got {self.detail!r}")
+        if self.iterations < 0 or self.n_loops < 0:
+            raise ValueError("iterations and n_loops must be non-negative")
+        it = {}
+        for name, values in self.iteration_metrics.items():
+            if name not in ITERATION_METRIC_NAMES:
+                raise ValueError(f"unknown iteration metric {name!r}; declare it in records.ITERATION_METRICS")
+            arr = _frozen_array(values, np.float64)
+            if arr.shape != (self.iterations,):
+                raise ValueError(f"iteration metric {name!r} has shape {arr.shape}, expected ({self.iterations},)")
+            it[name] = arr
+        set_(self, "iteration_metrics", it)
+        pos = {}
+        for name, values in self.position_metrics.items():
+            if name not in POSITION_METRIC_NAMES:
+                raise ValueError(f"unknown position metric {name!r}; declare it in records.POSITION_METRICS")
+            arr = _frozen_array(values, np.float32)
+            if arr.shape != (self.batch, self.seq_len, self.iterations):
+                raise ValueError(
+                    f"position metric {name!r} has shape {arr.shape}, "
+                    f"expected ({self.batch}, {self.seq_len}, {self.iterations})"
+                )
+            pos[name] = arr
+        set_(self, "position_metrics", pos)
+        fwd = {}
+        for name, value in self.forward_metrics.items():
+            if name not in FORWARD_METRIC_NAMES:
+                raise ValueError(f"unknown forward metric {name!r}; declare it in records.FORWARD_METRICS")
+            fwd[name] = float(value)
+        set_(self, "forward_metrics", fwd)
+        if self.expert_load is not None:
+            load = _frozen_array(self.expert_load, np.int64)
+            if load.ndim != 2 or load.shape[0] != self.iterations:
+                raise ValueError(f"expert_load has shape {load.shape}, expected ({self.iterations}, n_experts)")
+            set_(self, "expert_load", load)
+        for name in ("position_iterations", "token_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                arr = _frozen_array(value, np.int64)
+                if arr.shape != (self.batch, self.seq_len):
+                    raise ValueError(f"{name} has shape {arr.shape}, expected ({self.batch}, {self.seq_len})")
+                set_(self, name, arr)
+        if self.token_text is not None:
+            set_(self, "token_text", tuple(tuple(str(t) for t in row) for row in self.token_text))
+        for key, value in self.attributes.items():
+            if not isinstance(value, (str, bool, int, float)):
+                raise TypeError(f"attribute {key!r} must be str, bool, int or float, got {type(value).__name__}")
+        set_(self, "attributes", dict(self.attributes))
+
+    @property
+    def n_experts(self) -> int:
+        return 0 if self.expert_load is None else int(self.expert_load.shape[1])
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e6
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (lists instead of arrays, NaN as None); `from_dict` inverts it."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, np.ndarray):
+                return plain(v.tolist())
+            if isinstance(v, float) and not math.isfinite(v):
+                return None if math.isnan(v) else v
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, Mapping):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoopTrace":
+        def arr(v: Any) -> Any:
+            return None if v is None else np.array(v, dtype=np.float64)
+
+        kwargs = dict(data)
+        kwargs["iteration_metrics"] = {k: arr(v) for k, v in data.get("iteration_metrics", {}).items()}
+        kwargs["position_metrics"] = {k: arr(v) for k, v in data.get("position_metrics", {}).items()}
+        kwargs["forward_metrics"] = {
+            k: (math.nan if v is None else v) for k, v in data.get("forward_metrics", {}).items()
+        }
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
