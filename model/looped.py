@@ -1,0 +1,551 @@
+"""The instrumented reference looped transformer, in reading order.
+
+Numerically the OpenMythos architecture (open-mythos 0.5.0, `open_mythos/main.py`): Prelude →
+recurrent block looped `n_loops` times with LTI injection `h = A⊙h + B⊙e + block(h, e)`, depth-wise
+LoRA and ACT halting → Coda → RMSNorm → head tied to the embedding. Module and parameter names are
+those of OpenMythos, so weights move between the two with a plain `load_state_dict`.
+
+What differs, and why:
+- every site a probe needs is a TransformerLens `HookPoint`; the ones inside the loop are
+  `LoopHookPoint`s that know their iteration, and `run_with_cache` keeps every iteration;
+- the MoE dispatch sorts token→expert assignments once and runs each expert on a contiguous slice
+  (OpenMythos builds a boolean mask per expert per top-k slot and syncs on `mask.any()`);
+- attention uses `scaled_dot_product_attention` (fused kernel, native GQA, no K/V expansion);
+- exit policies beyond ACT (`fixed`, `kl`, `latent`) chosen per forward; exited positions keep
+  their state frozen while the others continue.
+
+This module is not: the config (`config.py`), parameter/FLOP counting (`variants.py`) or any
+probe (`mythos_probe`). With no hook attached the forward does no tensor work beyond the model's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from mythos_probe.hooks import IterationCache, LoopClock, LoopHookPoint
+from mythos_probe.model.config import LoopedConfig
+
+EXIT_POLICIES = ("act", "fixed", "kl", "latent")
+DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
+
+
+# ---------------------------------------------------------------------------------------------
+# Norm and RoPE
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fused kernel; same formula as OpenMythos: x * rsqrt(mean(x²) + eps) * weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def precompute_rope_freqs(dim: int, max_len: int, theta: float) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return torch.polar(torch.ones_like(angles), angles)  # (max_len, dim/2) complex64
+
+
+def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # (B, T, H, d/2)
+    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(-2).to(x.dtype)
+
+
+def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
+    """q (B, H, T, d), k/v (B, Hkv, S, d). Causal with the queries aligned to the end of k."""
+    T, S = q.shape[2], k.shape[2]
+    if not causal or T == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    if T == S:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+    # prefill on top of a cache (OpenMythos cannot do this): query i sees keys ≤ S - T + i
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, enable_gqa=enable_gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+class GQAttention(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.dropout_p = cfg.dropout
+
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if kv_cache is not None:  # same layout as OpenMythos: RoPE'd keys, (B, S, Hkv, d)
+            if cache_key in kv_cache:
+                k = torch.cat([kv_cache[cache_key]["k"], k], dim=1)
+                v = torch.cat([kv_cache[cache_key]["v"], v], dim=1)
+            kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
+        out = _attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal,
+            self.dropout_p if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, d)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLAttention(nn.Module):
+    """Multi-latent attention (DeepSeek-V2): caches the KV latent and the RoPE keys only."""
+
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_rope_dim, self.qk_nope_dim, self.v_dim = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank)
+        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
+        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
+        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.attn_drop = nn.Dropout(cfg.dropout)  # kept for OpenMythos module parity
+
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
+        B, T, _ = x.shape
+        H = self.n_heads
+        c_q = self.q_norm(self.q_down(x))
+        q_nope = self.q_up_nope(c_q).view(B, T, H, self.qk_nope_dim)
+        q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.qk_rope_dim), freqs_cis)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
+
+        kv_raw = self.kv_down(x)
+        c_kv = kv_raw[..., : self.kv_lora_rank]  # (B, T, rank), cached
+        k_rope = kv_raw[..., self.kv_lora_rank :].unsqueeze(2).expand(B, T, H, self.qk_rope_dim)
+        k_rope = apply_rope(k_rope.contiguous(), freqs_cis)  # (B, T, H, rope), cached
+        if kv_cache is not None:
+            if cache_key in kv_cache:
+                c_kv = torch.cat([kv_cache[cache_key]["c_kv"], c_kv], dim=1)
+                k_rope = torch.cat([kv_cache[cache_key]["k_rope"], k_rope], dim=1)
+            kv_cache[cache_key] = {"c_kv": c_kv.detach(), "k_rope": k_rope.detach()}
+        S = c_kv.shape[1]
+        kv = self.kv_up(self.kv_norm(c_kv)).view(B, S, H, self.qk_nope_dim + self.v_dim)
+        k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (B, S, H, nope + rope)
+        v = kv[..., self.qk_nope_dim :]  # (B, S, H, v)
+        p = self.attn_drop.p if self.training else 0.0
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p)  # (B, H, T, v)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU expert and the fine-grained MoE
+# ---------------------------------------------------------------------------------------------
+
+
+class Expert(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MoEFFN(nn.Module):
+    """DeepSeekMoE FFN: top-k routed experts chosen on `logits + router_bias`, gates from the
+    unbiased softmax renormalised over the chosen k (aux-loss-free balancing), plus shared
+    experts that always fire."""
+
+    def __init__(self, cfg: LoopedConfig, clock: LoopClock):
+        super().__init__()
+        self.n_experts, self.n_shared, self.topk = cfg.n_experts, cfg.n_shared_experts, cfg.n_experts_per_tok
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.register_buffer("router_bias", torch.zeros(cfg.n_experts))  # moved outside autograd
+        self.routed_experts = nn.ModuleList(Expert(cfg.dim, cfg.expert_dim) for _ in range(cfg.n_experts))
+        self.shared_experts = nn.ModuleList(
+            Expert(cfg.dim, cfg.expert_dim * cfg.n_experts_per_tok) for _ in range(cfg.n_shared_experts)
+        )
+        self.hook_router_logits = LoopHookPoint(clock)  # (N, E) unbiased, N = B*T
+        self.hook_topk_idx = LoopHookPoint(clock)  # (N, k) chosen experts
+        self.hook_gates = LoopHookPoint(clock)  # (N, k) renormalised gates
+        self.hook_routed_out = LoopHookPoint(clock)  # (N, D)
+        self.hook_shared_out = LoopHookPoint(clock)  # (N, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        logits = self.hook_router_logits(self.router(flat))  # (N, E)
+        topk_idx = self.hook_topk_idx((logits + self.router_bias).topk(self.topk, dim=-1).indices)
+        gates = logits.softmax(dim=-1).gather(-1, topk_idx)
+        gates = self.hook_gates(gates / gates.sum(dim=-1, keepdim=True))  # (N, k)
+
+        # Sorted dispatch: one argsort and one host read of the per-expert counts, then each
+        # expert runs on a contiguous slice (no per-expert boolean masks). Results go back to
+        # (N, k, D) slot order and are summed over k in the order OpenMythos accumulates them.
+        slots = topk_idx.reshape(-1)  # (N*k,)
+        order = slots.argsort(stable=True)
+        counts = torch.bincount(slots, minlength=self.n_experts).tolist()
+        chunks = flat[order // self.topk].split(counts)  # tokens grouped by expert
+        outs = [expert(chunk) for expert, chunk, n in zip(self.routed_experts, chunks, counts) if n]
+        weighted = torch.empty(slots.numel(), D, dtype=flat.dtype, device=flat.device)
+        weighted[order] = torch.cat(outs) * gates.reshape(-1, 1)[order]
+        routed = self.hook_routed_out(weighted.view(-1, self.topk, D).sum(dim=1))  # (N, D)
+        out = routed
+        if self.n_shared:
+            shared = self.shared_experts[0](flat)
+            for expert in self.shared_experts[1:]:
+                shared = shared + expert(flat)
+            out = out + self.hook_shared_out(shared)
+        return out.view(B, T, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer block, depth-wise LoRA, injection, halting
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LoopedConfig, clock: LoopClock | None = None):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+        self.ffn = MoEFFN(cfg, clock) if clock is not None else Expert(cfg.dim, cfg.dense_hidden)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
+        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key))
+        return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
+
+
+class LoRAAdapter(nn.Module):
+    """Depth-wise LoRA (Bae et al. 2024): delta(x, t) = (down(x) ⊙ scale[t]) @ B; loops past the
+    trained range reuse the last scale."""
+
+    def __init__(self, dim: int, rank: int, max_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.B = nn.Parameter(torch.randn(rank, dim) * 0.02)
+        self.scale = nn.Embedding(max_loops, rank)
+
+    def forward(self, x: torch.Tensor, loop_t: int) -> torch.Tensor:
+        s = self.scale.weight[min(loop_t, self.scale.num_embeddings - 1)]  # (rank,)
+        return (self.down(x) * s) @ self.B
+
+
+class LTIInjection(nn.Module):
+    """h_{t+1} = A⊙h_t + B⊙e + out with A = exp(-exp(log_dt + log_A)) ∈ (0, 1): ρ(A) < 1 by
+    construction (Parcae, Prairie et al. 2026)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.ones(dim) * 0.1)
+
+    def get_A(self) -> torch.Tensor:
+        return torch.exp(-torch.exp((self.log_dt + self.log_A).clamp(-20, 20)))
+
+    def forward(self, h, e, transformer_out):
+        return self.get_A() * h + self.B * e + transformer_out
+
+
+class ACTHalting(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.halt = nn.Linear(dim, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.halt(h)).squeeze(-1)  # (B, T)
+
+
+def loop_index_embeddings(n_loops: int, loop_dim: int, dim: int, device, dtype, theta: float = 10000.0):
+    """(n_loops, dim): sinusoidal loop-index signal on the first loop_dim channels, all loops at
+    once (OpenMythos recomputes it every iteration; the values are the same)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=dtype) / loop_dim))
+    angles = torch.arange(n_loops, device=device, dtype=dtype)[:, None] * freqs  # (n, loop_dim/2)
+    emb = torch.zeros(n_loops, dim, device=device, dtype=dtype)
+    emb[:, :loop_dim] = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :loop_dim]
+    return emb
+
+
+# ---------------------------------------------------------------------------------------------
+# The recurrent block
+# ---------------------------------------------------------------------------------------------
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.clock = LoopClock()
+        self.block = TransformerBlock(cfg, self.clock)
+        self.injection = LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim)
+        self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
+        self.norm = RMSNorm(cfg.dim)
+        self.loop_dim = cfg.loop_dim
+        c = self.clock
+        self.hook_state_in = LoopHookPoint(c)  # (B, T, D) h entering iteration t
+        self.hook_block_out = LoopHookPoint(c)  # (B, T, D) transformer block output
+        self.hook_lora_delta = LoopHookPoint(c)  # (B, T, D) depth-wise LoRA delta
+        self.hook_state_out = LoopHookPoint(c)  # (B, T, D) h after injection (exited: frozen)
+        self.hook_halt_prob = LoopHookPoint(c)  # (B, T) p_t
+        self.hook_cum_halt = LoopHookPoint(c)  # (B, T) cumulative p after t
+        self.hook_halted = LoopHookPoint(c)  # (B, T) bool, exited after t (any policy)
+        self.hook_act_weight = LoopHookPoint(c)  # (B, T) ACT weight of h_t in the output
+
+    def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None):
+        """Returns (output state (B, T, D), iterations executed). `lens(h) -> log-probs` is
+        required by the `kl` policy."""
+        cfg = self.cfg
+        B, T, D = h.shape
+        halted = torch.zeros(B, T, device=h.device, dtype=torch.bool)
+        cumulative_p = torch.zeros(B, T, device=h.device)
+        h_out = torch.zeros_like(h) if exit == "act" else None
+        prev_logp = None
+        loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
+        t = 0
+        try:
+            for t in range(n_loops):
+                self.clock.t = t
+                h = self.hook_state_in(h)
+                combined = self.norm(h + loop_emb[t] + e)
+                trans_out = self.hook_block_out(self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}"))
+                trans_out = trans_out + self.hook_lora_delta(self.lora(trans_out, t))
+                h_new = self.injection(h, e, trans_out)
+                if exit in ("kl", "latent"):
+                    h_new = torch.where(halted[..., None], h, h_new)  # exited positions stay frozen
+                h_prev, h = h, self.hook_state_out(h_new)
+
+                p = self.hook_halt_prob(self.act(h))
+                running = (~halted).to(p.dtype)
+                if exit == "act":
+                    # ACT remainder trick, gated so a position contributes once, on its halting step
+                    remainder = (1.0 - cumulative_p).clamp(min=0)
+                    weight = torch.where(cumulative_p + p >= cfg.act_threshold, remainder, p) * running
+                    h_out = h_out + weight.unsqueeze(-1) * h
+                else:
+                    weight = torch.zeros_like(p)
+                cumulative_p = self.hook_cum_halt(cumulative_p + p * running)
+                if exit == "act":
+                    halted = halted | (cumulative_p >= cfg.act_threshold)
+                elif exit == "latent":
+                    residual = (h - h_prev).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
+                    halted = halted | (residual < threshold)
+                elif exit == "kl":
+                    logp = lens(h)  # (B, T, V)
+                    if prev_logp is not None:
+                        kl = (logp.exp() * (logp - prev_logp)).sum(-1)
+                        halted = halted | (kl < threshold)
+                    prev_logp = logp
+                halted = self.hook_halted(halted)
+                self.hook_act_weight(weight)
+                # With a KV cache every loop depth must run so later steps find their keys.
+                if exit != "fixed" and kv_cache is None and bool(halted.all()):
+                    break
+        finally:
+            self.clock.t = None
+        return (h_out if exit == "act" else h), t + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopedTransformer(HookedRootModule):
+    """Prelude → recurrent block × n_loops → Coda → norm → tied head, with hook points at every
+    site a probe needs. Same module tree and parameter names as `open_mythos.main.OpenMythos`."""
+
+    def __init__(self, cfg: LoopedConfig):
+        super().__init__()
+        if not isinstance(cfg, LoopedConfig):
+            raise TypeError(
+                f"LoopedTransformer takes a LoopedConfig, got {type(cfg).__name__}; "
+                "convert a MythosConfig with LoopedConfig.from_mythos_config(cfg)"
+            )
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.register_buffer("freqs_cis", precompute_rope_freqs(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
+        self.register_buffer(
+            "freqs_cis_mla", precompute_rope_freqs(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
+        )
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # weight tying
+        self.hook_embed = HookPoint()  # (B, T, D) token embeddings
+        self.hook_encoded = HookPoint()  # (B, T, D) prelude output e, injected every iteration
+        self.hook_coda_in = HookPoint()  # (B, T, D) loop output entering the coda
+        self.hook_logits = HookPoint()  # (B, T, V)
+        self._init_weights()
+        self.setup()  # TransformerLens: names every HookPoint after its module path
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: torch.Tensor, n_loops, start_pos: int, exit: str) -> int:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        if start_pos < 0 or start_pos + input_ids.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(
+                f"positions {start_pos}..{start_pos + input_ids.shape[1] - 1} exceed max_seq_len={self.cfg.max_seq_len}"
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
+        if exit not in EXIT_POLICIES:
+            raise ValueError(f"exit must be one of {EXIT_POLICIES}, got {exit!r}")
+        n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
+        return n_loops
+
+    def _rope(self, start_pos: int, T: int) -> torch.Tensor:
+        table = self.freqs_cis_mla if self.cfg.attn_type == "mla" else self.freqs_cis
+        return table[start_pos : start_pos + T]
+
+    def coda_lens(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Log-probabilities (B, P, V) if the loop of the current (or last) forward stopped with
+        state h: coda → norm → head, on `positions` (seq indices) or all. Reads the forward's KV
+        cache without writing it."""
+        ctx = self.last_forward
+        x = h
+        scratch = dict(ctx["kv_cache"]) if ctx["kv_cache"] is not None else None  # writes go to the copy
+        for i, layer in enumerate(self.coda):
+            x = layer(x, ctx["freqs_cis"], ctx["causal"], scratch, f"coda_{i}")
+        if positions is not None:
+            x = x[:, positions]
+        return F.log_softmax(self.head(self.norm(x)).float(), dim=-1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        n_loops: Optional[int] = None,
+        kv_cache: Optional[dict] = None,
+        start_pos: int = 0,
+        exit: str = "act",
+        exit_threshold: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, V). `exit`: "act" (OpenMythos behaviour), "fixed" (exactly n_loops,
+        output the last state), "kl" (a position stops when KL between successive coda-lens
+        distributions < threshold), "latent" (relative residual < threshold)."""
+        n_loops = self._check_inputs(input_ids, n_loops, start_pos, exit)
+        threshold = DEFAULT_EXIT_THRESHOLDS.get(exit) if exit_threshold is None else exit_threshold
+        T = input_ids.shape[1]
+        freqs_cis = self._rope(start_pos, T)
+        causal = T > 1
+        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit)
+        x = self.hook_embed(self.embed(input_ids))
+        for i, layer in enumerate(self.prelude):
+            x = layer(x, freqs_cis, causal, kv_cache, f"prelude_{i}")
+        e = self.hook_encoded(x)
+        lens = self.coda_lens if exit == "kl" else None
+        x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
+        self.last_forward["iterations"] = iterations
+        x = self.hook_coda_in(x)
+        for i, layer in enumerate(self.coda):
+            x = layer(x, freqs_cis, causal, kv_cache, f"coda_{i}")
+        return self.hook_logits(self.head(self.norm(x)))
+
+    # -- caching every iteration ---------------------------------------------------------
+
+    def run_with_cache(self, *args, names_filter=None, **kwargs):
+        """(logits, IterationCache): `cache["site", t]` for every loop iteration t."""
+        if names_filter is None:
+            keep = lambda name: True  # noqa: E731
+        elif isinstance(names_filter, str):
+            keep = lambda name: name == names_filter  # noqa: E731
+        elif callable(names_filter):
+            keep = names_filter
+        else:
+            wanted = set(names_filter)
+            keep = lambda name: name in wanted  # noqa: E731
+        cache = IterationCache()
+        hook = cache.caching_hook()
+        with self.hooks(fwd_hooks=[(name, hook) for name in self.hook_dict if keep(name)]):
+            logits = self(*args, **kwargs)
+        return logits, cache
+
+    # -- generation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 64,
+        n_loops: int = 8,
+        temperature: float = 1.0,
+        top_k: int = 50,
+        exit: str = "act",
+        exit_threshold: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        """KV-cached decoding as OpenMythos: the prompt once, then one token per step.
+        temperature=0 decodes greedily."""
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if input_ids.shape[1] + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(
+                f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={self.cfg.max_seq_len}"
+            )
+        kv_cache: dict = {}
+        prompt_len = input_ids.shape[1]
+        for step in range(max_new_tokens):
+            cur, start = (input_ids, 0) if step == 0 else (input_ids[:, -1:], prompt_len + step - 1)
+            logits = self(cur, n_loops=n_loops, kv_cache=kv_cache, start_pos=start, exit=exit,
+                          exit_threshold=exit_threshold)[:, -1, :]
+            if temperature == 0:
+                next_tok = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    v, _ = logits.topk(min(top_k, logits.shape[-1]))
+                    logits = logits.masked_fill(logits < v[:, -1:], float("-inf"))
+                next_tok = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            input_ids = torch.cat([input_ids, next_tok], dim=1)
+        return input_ids
+
+    # -- interop with OpenMythos -----------------------------------------------------------
+
+    @classmethod
+    def from_open_mythos(cls, om_model: nn.Module) -> "LoopedTransformer":
+        """Our model with the same weights (and device and dtype) as an `OpenMythos` model."""
+        if not hasattr(om_model, "cfg") or not hasattr(om_model, "recurrent"):
+            raise TypeError("from_open_mythos expects an open_mythos.main.OpenMythos model")
+        ref = next(om_model.parameters())
+        model = cls(LoopedConfig.from_mythos_config(om_model.cfg)).to(ref.device)
+        for p in model.parameters():  # not Module.to(dtype): it would cast the complex RoPE tables
+            p.data = p.data.to(ref.dtype)
+        model.load_state_dict(om_model.state_dict())
+        return model.train(om_model.training)
+
+    def to_open_mythos_state_dict(self) -> dict[str, torch.Tensor]:
+        """A state dict `OpenMythos(cfg.to_mythos_config()).load_state_dict` accepts as is."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+

@@ -1,0 +1,105 @@
+"""Exit policies: fixed runs exactly n_loops; latent and kl stop a position when its criterion
+falls below the threshold and keep its state frozen while others continue."""
+
+import pytest
+import torch
+
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(3)
+    m = LoopedTransformer(LoopedConfig.variant("tiny-mla")).eval()
+    with torch.no_grad():
+        m.recurrent.act.halt.bias.fill_(1.0)  # ACT alone would halt everything at iteration 2
+    return m
+
+
+ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def test_fixed_runs_exactly_n_loops_and_reads_out_the_last_state(model):
+    logits, cache = model.run_with_cache(ids, n_loops=6, exit="fixed")
+    assert model.last_forward["iterations"] == 6
+    assert cache.iterations("recurrent.hook_state_out") == 6
+    torch.testing.assert_close(cache["hook_coda_in"], cache["recurrent.hook_state_out", 5])
+    lens = model.coda_lens(cache["recurrent.hook_state_out", 5])
+    torch.testing.assert_close(logits.log_softmax(-1), lens)
+
+
+def _relative_residuals(states):
+    return (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)  # (n-1, B, T)
+
+
+def test_latent_exit_freezes_positions_below_the_threshold(model):
+    _, free = model.run_with_cache(ids, n_loops=8, exit="fixed")
+    residuals = _relative_residuals(torch.cat([free["recurrent.hook_state_in", 0][None],
+                                               free.stack("recurrent.hook_state_out")]))
+    threshold = float(residuals[3].median())  # about half the positions exit at iteration 3
+    _, cache = model.run_with_cache(ids, n_loops=8, exit="latent", exit_threshold=threshold)
+    states = cache.stack("recurrent.hook_state_out")
+    halted = cache.stack("recurrent.hook_halted")
+    assert 0 < halted[-1].float().mean() < 1 or model.last_forward["iterations"] < 8
+    first = halted.float().argmax(0)  # first iteration each position was exited
+    for b in range(2):
+        for p in range(10):
+            if halted[-1, b, p]:
+                t = int(first[b, p])
+                for later in range(t + 1, states.shape[0]):
+                    assert torch.equal(states[later, b, p], states[t, b, p])  # frozen
+    # the positions that exited first are exactly those under the threshold at that iteration
+    in_and_out = torch.cat([cache["recurrent.hook_state_in", 0][None], states])
+    r = _relative_residuals(in_and_out)
+    assert torch.equal(halted[0], r[0] < threshold)
+
+
+def test_kl_exit_uses_successive_coda_lens_distributions(model):
+    _, cache = model.run_with_cache(ids, n_loops=5, exit="kl", exit_threshold=1e-2)
+    states = cache.stack("recurrent.hook_state_out")
+    halted = cache.stack("recurrent.hook_halted")
+    assert not halted[0].any()  # no previous distribution at the first iteration
+    lens = [model.coda_lens(states[t]) for t in range(2)]
+    kl = (lens[1].exp() * (lens[1] - lens[0])).sum(-1)
+    assert torch.equal(halted[1], kl < 1e-2)
+
+
+def test_early_exit_does_not_break_with_a_kv_cache(model):
+    model(ids, n_loops=6, exit="act", kv_cache={})
+    assert model.last_forward["iterations"] == 6
+    model(ids, n_loops=6, exit="act")
+    assert model.last_forward["iterations"] == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(exit="sometimes"), "exit must be one of"),
+        (dict(n_loops=0), "n_loops must be a positive integer"),
+        (dict(n_loops=2.5), "n_loops must be a positive integer"),
+        (dict(start_pos=200), "max_seq_len"),
+    ],
+)
+def test_bad_forward_arguments_get_clear_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(ids, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.tensor([[1, 2, 300]]), "vocab_size=256"),
+        (torch.tensor([[-1, 2]]), "vocab_size"),
+        (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (torch.tensor([1, 2, 3]), r"\(batch, seq\)"),
+        (torch.tensor([[1.0, 2.0]]), "integer token ids"),
+    ],
+)
+def test_bad_token_ids_get_clear_errors(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        model(bad)
+
+
+def test_generate_refuses_to_run_past_max_seq_len(model):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(ids, max_new_tokens=200)
