@@ -6,12 +6,12 @@ lazily so that `mythos_probe.collectors` and `mythos_probe.dashboards` never imp
 
 from mythos_probe.records import SCHEMA_VERSION, LoopTrace
 
-__all__ = ["attach", "LoopSpec", "LoopTrace", "SCHEMA_VERSION"]
+__all__ = ["attach", "LoopSpec", "Recorder", "LoopTrace", "SCHEMA_VERSION"]
 
 
 def __getattr__(name: str):
-    if name in ("attach", "LoopSpec"):
-        from mythos_probe import attach as _attach_module
+    if name in ("attach", "LoopSpec", "Recorder"):
+        from mythos_probe import recorder
 
-        return getattr(_attach_module, name)
+        return getattr(recorder, name)
     raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")

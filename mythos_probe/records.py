@@ -42,8 +42,8 @@ def _m(name: str, description: str, source: str) -> Metric:
     return Metric(name, description, source)
 
 
-# Per iteration: one float per loop iteration executed, averaged over the positions still running
-# unless the description says otherwise. NaN where a metric is undefined (t = 0 for step metrics,
+# Per iteration: one float per loop iteration executed, averaged over all positions unless the
+# description says otherwise (positions frozen by an exit policy count with a zero step). NaN where a metric is undefined (t = 0 for step metrics,
 # or the probe that makes it was not enabled).
 ITERATION_METRICS: tuple[Metric, ...] = (
     # convergence
@@ -59,7 +59,7 @@ ITERATION_METRICS: tuple[Metric, ...] = (
     _m("norm_inject", "mean ‖B⊙e‖", "open_mythos LTIInjection"),
     _m("norm_block", "mean ‖block output (with LoRA)‖", "open_mythos LTIInjection"),
     _m("jacobian_sigma_max", "σ_max(∂h_{t+1}/∂h_t) by power iteration (opt-in)", "Prairie et al. 2026 §3"),
-    _m("nonfinite_fraction", "share of state entries that are NaN or ±Inf", "mythos-probe"),
+    _m("nonfinite_fraction", "share of positions whose state holds a NaN or ±Inf", "mythos-probe"),
     # halting
     _m("halt_prob", "mean ACT halting probability p_t", "Graves 2016 §2"),
     _m("cum_halt", "mean cumulative halting probability", "Graves 2016 §2"),
@@ -96,7 +96,12 @@ POSITION_METRICS: tuple[Metric, ...] = (
     _m("halt_prob", "ACT halting probability p_t", "Graves 2016 §2"),
     _m("cum_halt", "cumulative halting probability", "Graves 2016 §2"),
     _m("act_weight", "ACT weight of h_t in the output", "Graves 2016 eq. 7"),
-    _m("lens_kl_final", "KL(p_T ‖ p_t) (NaN where the position was not sampled)", "nostalgebraist 2020"),
+    # coda lens, NaN where the position was not sampled by the lens probe
+    _m("lens_kl_final", "KL(p_T ‖ p_t) to the model's output distribution", "nostalgebraist 2020"),
+    _m("lens_kl_prev", "KL(p_t ‖ p_{t−1}) between successive iterations", "Geiping et al. 2025 §7"),
+    _m("lens_entropy", "entropy of p_t", "Belrose et al. 2023"),
+    _m("lens_argmax", "token id of argmax p_t", "Belrose et al. 2023"),
+    _m("lens_top1_agree", "1 when argmax p_t equals the model's output argmax", "Belrose et al. 2023"),
 )
 
 # One value per forward.

@@ -1,0 +1,444 @@
+"""Adapters: find the loop in a model and feed a `ForwardCollector` the same per-iteration tensors,
+whatever the model is.
+
+Three kinds of model, one event stream (`begin`, `encoded`, `iteration`, `end`):
+1. our `LoopedTransformer`, through its TransformerLens hook points;
+2. an unmodified `open_mythos.main.OpenMythos`, through torch module hooks on its recurrent block,
+   router, shared experts, LoRA adapter, injection and halting head. What it does not expose (the
+   chosen experts, gates, cumulative halting, the halted mask, the ACT weights) is re-derived
+   exactly as `MoEFFN.forward` and `RecurrentBlock.forward` compute it;
+3. a user's own looped model described by a `LoopSpec`.
+
+Every hook detaches what it keeps and returns None, so probes never change outputs or gradients.
+This module is not: the metric formulas (`metrics/`) or the trace building (`collector.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mythos_probe.metrics.halting import act_step
+from mythos_probe.model.config import LoopedConfig
+
+
+@dataclass
+class IterationTensors:
+    """What one loop iteration did (detached; None where the model does not have it)."""
+
+    state_in: torch.Tensor  # (B, T, D)
+    state_out: torch.Tensor  # (B, T, D)
+    block_out: Optional[torch.Tensor] = None  # (B, T, D) before the LoRA delta
+    lora_delta: Optional[torch.Tensor] = None  # (B, T, D)
+    halt_prob: Optional[torch.Tensor] = None  # (B, T)
+    cum_halt: Optional[torch.Tensor] = None  # (B, T)
+    halted: Optional[torch.Tensor] = None  # (B, T) bool: exited after this iteration
+    act_weight: Optional[torch.Tensor] = None  # (B, T)
+    router_logits: Optional[torch.Tensor] = None  # (N, E) unbiased
+    topk_idx: Optional[torch.Tensor] = None  # (N, k)
+    shared_out: Optional[torch.Tensor] = None  # (N, D)
+    routed_out: Optional[torch.Tensor] = None  # (N, D)
+
+
+@dataclass
+class ForwardContext:
+    """What a forward is about, known when it starts."""
+
+    token_ids: torch.Tensor  # (B, T)
+    n_loops: int
+    exit_policy: str
+    cfg: Optional[LoopedConfig]
+    past_len: int = 0  # tokens already in the KV cache
+    cache_id: Optional[int] = None  # id() of the KV cache: decode steps of one request share it
+    injection_A: Optional[torch.Tensor] = None  # (D,) diagonal of Ā
+    injection_B: Optional[torch.Tensor] = None  # (D,)
+    router_bias: Optional[torch.Tensor] = None  # (E,)
+    lens: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (state, positions) → log-probs
+    step_fn: Optional[Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]]] = None  # Jacobian
+
+
+class _Hooks:
+    """Removable handles, removed together (also when a forward raised)."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def add(self, handle) -> None:
+        self.handles.append(handle)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _args(args, kwargs, index: int, name: str, default=None):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else default
+
+
+class _Adapter:
+    def __init__(self, model: torch.nn.Module, collector) -> None:
+        self.model = model
+        self.collector = collector
+        self.hooks = _Hooks()
+        self.active = False  # inside a recorded forward
+        self.paused = False  # while a probe re-runs parts of the model (lens, Jacobian)
+
+    def detach(self) -> None:
+        self.hooks.remove()
+
+    def _forward_hooks(self, begin: Callable[[tuple, dict], ForwardContext | None]) -> None:
+        def pre(module, args, kwargs):
+            if self.paused or self.active:
+                return None
+            ctx = begin(args, kwargs)
+            self.active = ctx is not None and self.collector.begin(ctx)
+            return None
+
+        def post(module, args, kwargs, output):
+            if self.active and not self.paused:
+                self.active = False
+                if output is None:  # the forward raised: nothing half-built is kept
+                    self.collector.abort()
+                else:
+                    self.before_end()
+                    self.collector.end(output.detach() if isinstance(output, torch.Tensor) else output)
+            return None
+
+        self.hooks.add(self.model.register_forward_pre_hook(pre, with_kwargs=True))
+        self.hooks.add(self.model.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def before_end(self) -> None:
+        """Complete anything pending before the forward's trace is built."""
+
+    def pause(self):
+        adapter = self
+
+        class _Paused:
+            def __enter__(self):
+                adapter.paused = True
+
+            def __exit__(self, *exc):
+                adapter.paused = False
+
+        return _Paused()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. our LoopedTransformer
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopedTransformerAdapter(_Adapter):
+    SITES = {
+        "recurrent.hook_state_in": "state_in", "recurrent.hook_block_out": "block_out",
+        "recurrent.hook_lora_delta": "lora_delta", "recurrent.hook_state_out": "state_out",
+        "recurrent.hook_halt_prob": "halt_prob", "recurrent.hook_cum_halt": "cum_halt",
+        "recurrent.hook_halted": "halted", "recurrent.block.ffn.hook_router_logits": "router_logits",
+        "recurrent.block.ffn.hook_topk_idx": "topk_idx", "recurrent.block.ffn.hook_shared_out": "shared_out",
+        "recurrent.block.ffn.hook_routed_out": "routed_out",
+    }
+
+    def __init__(self, model, collector) -> None:
+        super().__init__(model, collector)
+        self.parts: dict[str, torch.Tensor] = {}
+        self._forward_hooks(self._begin)
+        hook_dict = model.hook_dict
+        for site, field in self.SITES.items():
+            self.hooks.add(hook_dict[site].register_forward_hook(self._keep(field)))
+        self.hooks.add(hook_dict["hook_encoded"].register_forward_hook(self._on_encoded))
+        # the ACT weight is the last site of an iteration: the iteration is complete there
+        self.hooks.add(hook_dict["recurrent.hook_act_weight"].register_forward_hook(self._on_last))
+
+    def _begin(self, args, kwargs) -> ForwardContext:
+        m = self.model
+        kv_cache = _args(args, kwargs, 2, "kv_cache")
+        rec = m.recurrent
+        return ForwardContext(
+            token_ids=_args(args, kwargs, 0, "input_ids"),
+            n_loops=_args(args, kwargs, 1, "n_loops") or m.cfg.max_loop_iters,
+            exit_policy=_args(args, kwargs, 4, "exit", "act"),
+            cfg=m.cfg,
+            past_len=int(_args(args, kwargs, 3, "start_pos", 0) or 0),
+            cache_id=None if kv_cache is None else id(kv_cache),
+            injection_A=rec.injection.get_A().detach(),
+            injection_B=rec.injection.B.detach(),
+            router_bias=rec.block.ffn.router_bias.detach(),
+            lens=self._lens,
+            step_fn=self._step_fn,
+        )
+
+    def _keep(self, field: str):
+        def hook(module, args, output):
+            if self.active and not self.paused:
+                self.parts[field] = output.detach()
+
+        return hook
+
+    def _on_encoded(self, module, args, output):
+        if self.active and not self.paused:
+            self.collector.encoded(output.detach())
+
+    def _on_last(self, module, args, output):
+        if self.active and not self.paused:
+            parts, self.parts = self.parts, {}
+            self.collector.iteration(IterationTensors(act_weight=output.detach(), **parts))
+
+    def _lens(self, state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with self.pause():
+            return self.model.coda_lens(state, positions)
+
+    def _step_fn(self, e: torch.Tensor, t: int):
+        rec = self.model.recurrent
+        ctx = self.model.last_forward
+        from mythos_probe.model.looped import loop_index_embeddings
+
+        emb = loop_index_embeddings(t + 1, rec.loop_dim, e.shape[-1], e.device, e.dtype)[t]
+
+        def step(h):
+            with self.pause():
+                out = rec.block(rec.norm(h + emb + e), ctx["freqs_cis"], ctx["causal"], None)
+                out = out + rec.lora(out, t)
+                return rec.injection(h, e, out)
+
+        return step
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. unmodified OpenMythos
+# ---------------------------------------------------------------------------------------------
+
+
+def is_open_mythos(model: torch.nn.Module) -> bool:
+    return type(model).__module__.startswith("open_mythos") and hasattr(model, "recurrent")
+
+
+class OpenMythosAdapter(_Adapter):
+    def __init__(self, model, collector) -> None:
+        super().__init__(model, collector)
+        rec = model.recurrent
+        ffn = rec.block.ffn
+        self.threshold = float(model.cfg.act_threshold)
+        self.topk = int(ffn.topk)
+        self._forward_hooks(self._begin)
+        self.hooks.add(rec.register_forward_pre_hook(self._on_loop_start, with_kwargs=True))
+        self.hooks.add(ffn.router.register_forward_hook(self._keep("router_logits")))
+        for shared in ffn.shared_experts:
+            self.hooks.add(shared.register_forward_hook(self._on_shared))
+        self.hooks.add(ffn.register_forward_hook(self._on_ffn))
+        self.hooks.add(rec.block.register_forward_hook(self._keep("block_out")))
+        self.hooks.add(rec.lora.register_forward_hook(self._keep("lora_delta")))
+        self.hooks.add(rec.injection.register_forward_hook(self._on_injection))
+        self.hooks.add(rec.act.register_forward_hook(self._on_halt))
+        self.parts: dict[str, torch.Tensor] = {}
+        self.loop_ctx: dict[str, Any] = {}
+
+    def _begin(self, args, kwargs) -> ForwardContext:
+        m = self.model
+        ids = _args(args, kwargs, 0, "input_ids")
+        kv_cache = _args(args, kwargs, 2, "kv_cache")
+        self.loop_ctx = {"start_pos": int(_args(args, kwargs, 3, "start_pos", 0) or 0), "kv_cache": kv_cache}
+        return ForwardContext(
+            token_ids=ids,
+            n_loops=_args(args, kwargs, 1, "n_loops") or m.cfg.max_loop_iters,  # as OpenMythos: `or`
+            exit_policy="act",
+            cfg=LoopedConfig.from_mythos_config(m.cfg),
+            past_len=self.loop_ctx["start_pos"],
+            cache_id=None if kv_cache is None else id(kv_cache),
+            injection_A=m.recurrent.injection.get_A().detach(),
+            injection_B=m.recurrent.injection.B.detach(),
+            router_bias=m.recurrent.block.ffn.router_bias.detach(),
+            lens=self._lens,
+            step_fn=self._step_fn,
+        )
+
+    def _on_loop_start(self, module, args, kwargs):
+        if not self.active or self.paused:
+            return None
+        h, e = args[0], args[1]
+        self.loop_ctx.update(freqs_cis=_args(args, kwargs, 2, "freqs_cis"), mask=_args(args, kwargs, 3, "mask"))
+        B, T = h.shape[:2]
+        self.cumulative = torch.zeros(B, T, device=h.device)
+        self.halted = torch.zeros(B, T, device=h.device, dtype=torch.bool)
+        self.collector.encoded(e.detach())
+        return None
+
+    def _keep(self, field: str):
+        def hook(module, args, output):
+            if self.active and not self.paused:
+                self.parts[field] = output.detach()
+
+        return hook
+
+    def _on_shared(self, module, args, output):
+        if self.active and not self.paused:
+            prev = self.parts.get("shared_out")
+            self.parts["shared_out"] = output.detach() if prev is None else prev + output.detach()
+
+    def _on_ffn(self, module, args, output):
+        if not self.active or self.paused:
+            return
+        # re-derive the routing exactly as MoEFFN.forward: top-k on logits + router_bias
+        logits = self.parts["router_logits"]
+        self.parts["topk_idx"] = (logits + module.router_bias).topk(self.topk, dim=-1).indices
+        flat_out = output.detach().reshape(-1, output.shape[-1])
+        shared = self.parts.get("shared_out")
+        self.parts["routed_out"] = flat_out if shared is None else flat_out - shared
+
+    def _on_injection(self, module, args, output):
+        if self.active and not self.paused:
+            self.parts["state_in"] = args[0].detach()
+            self.parts["state_out"] = output.detach()
+
+    def _on_halt(self, module, args, output):
+        if not self.active or self.paused:
+            return
+        p = output.detach()
+        weight, self.cumulative, self.halted = act_step(p, self.cumulative, self.halted, self.threshold)
+        parts, self.parts = self.parts, {}
+        self.collector.iteration(IterationTensors(
+            halt_prob=p, cum_halt=self.cumulative, halted=self.halted, act_weight=weight, **parts,
+        ))
+
+    def _lens(self, state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        ctx = self.loop_ctx
+        kv = ctx["kv_cache"]
+        scratch = dict(kv) if kv is not None else None  # read the cache, never write it
+        with self.pause():
+            x = state
+            for i, layer in enumerate(m.coda):
+                x = layer(x, ctx["freqs_cis"], ctx["mask"], scratch, cache_key=f"coda_{i}")
+            return F.log_softmax(m.head(m.norm(x[:, positions])).float(), dim=-1)
+
+    def _step_fn(self, e: torch.Tensor, t: int):
+        from open_mythos.main import loop_index_embedding
+
+        rec = self.model.recurrent
+        ctx = self.loop_ctx
+
+        def step(h):
+            with self.pause():
+                out = rec.block(rec.norm(loop_index_embedding(h, t, rec.loop_dim) + e), ctx["freqs_cis"], ctx["mask"])
+                out = out + rec.lora(out, t)
+                return rec.injection(h, e, out)
+
+        return step
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a user's own looped model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Where the loop is in your own model, for `attach(model, spec=LoopSpec(...))`.
+
+    step: path of the submodule called once per loop iteration, h_{t+1} = step(h_t, ...).
+    state_arg: where h_t is among the step's inputs (position or keyword name).
+    output_index: when the step returns a tuple, the index of h_{t+1}.
+    injection: path of a submodule whose output is the injected input e (optional).
+    halting: path of a submodule returning per-position halting probabilities (B, T) (optional).
+    act_threshold: with `halting`, the cumulative probability at which a position halts.
+    router: path of a submodule returning router logits (N, E) (optional); needs top_k.
+    readout: state (B, T, D) → logits (B, T, V), for the coda lens (optional).
+    """
+
+    step: str
+    state_arg: int | str = 0
+    output_index: Optional[int] = None
+    injection: Optional[str] = None
+    halting: Optional[str] = None
+    act_threshold: float = 0.99
+    router: Optional[str] = None
+    top_k: Optional[int] = None
+    readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def resolve(self, model: torch.nn.Module, path: str) -> torch.nn.Module:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            names = [n for n, _ in model.named_modules() if n][:20]
+            raise ValueError(f"LoopSpec: {type(model).__name__} has no submodule {path!r}; its submodules include {names}") from None
+
+
+class SpecAdapter(_Adapter):
+    """Parts that arrive between one call of the step and the next (router logits inside the step,
+    a halting head after it) belong to the same iteration; it is complete when the next step
+    starts or the forward ends."""
+
+    def __init__(self, model, collector, spec: LoopSpec) -> None:
+        super().__init__(model, collector)
+        if spec.router is not None and not spec.top_k:
+            raise ValueError("LoopSpec.router needs top_k (experts chosen per token)")
+        self.spec = spec
+        step = spec.resolve(model, spec.step)
+        self._forward_hooks(self._begin)
+        self.hooks.add(step.register_forward_pre_hook(lambda *a: self._complete()))
+        self.hooks.add(step.register_forward_hook(self._on_step, with_kwargs=True))
+        for path, field in ((spec.injection, "e"), (spec.halting, "halt_prob"), (spec.router, "router_logits")):
+            if path:
+                self.hooks.add(spec.resolve(model, path).register_forward_hook(self._keep(field)))
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def _begin(self, args, kwargs) -> ForwardContext:
+        ids = _args(args, kwargs, 0, "input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise ValueError("LoopSpec models must take (batch, seq) token ids as their first argument")
+        self.parts, self.cumulative, self.halted, self.encoded = {}, None, None, False
+        return ForwardContext(token_ids=ids, n_loops=0, exit_policy="unknown", cfg=None,
+                              lens=self._lens if self.spec.readout else None)
+
+    def _keep(self, field: str):
+        def hook(module, args, output):
+            if self.active and not self.paused:
+                if field == "e":
+                    if not self.encoded:  # the injection may run every iteration: e is the same
+                        self.collector.encoded(output.detach())
+                        self.encoded = True
+                else:
+                    self.parts[field] = output.detach()
+
+        return hook
+
+    def _on_step(self, module, args, kwargs, output):
+        if not self.active or self.paused:
+            return
+        arg = self.spec.state_arg
+        h_in = kwargs[arg] if isinstance(arg, str) else args[arg]
+        h_out = output[self.spec.output_index] if self.spec.output_index is not None else output
+        if not isinstance(h_out, torch.Tensor) or h_out.shape != h_in.shape:
+            raise ValueError(
+                f"LoopSpec.step {self.spec.step!r} must map a state (B, T, D) to a state of the same shape; "
+                "set output_index when it returns a tuple"
+            )
+        self.parts["state_in"], self.parts["state_out"] = h_in.detach(), h_out.detach()
+
+    def _complete(self) -> None:
+        if not self.active or self.paused or "state_out" not in self.parts:
+            return
+        parts, self.parts = self.parts, {}
+        it = IterationTensors(state_in=parts["state_in"], state_out=parts["state_out"])
+        if "router_logits" in parts:
+            logits = parts["router_logits"].reshape(-1, parts["router_logits"].shape[-1])
+            it.router_logits, it.topk_idx = logits, logits.topk(self.spec.top_k, dim=-1).indices
+        if "halt_prob" in parts:
+            p = parts["halt_prob"].reshape(it.state_out.shape[:2])
+            if self.cumulative is None:
+                self.cumulative = torch.zeros_like(p)
+                self.halted = torch.zeros_like(p, dtype=torch.bool)
+            weight, self.cumulative, self.halted = act_step(p, self.cumulative, self.halted, self.spec.act_threshold)
+            it.halt_prob, it.cum_halt, it.halted, it.act_weight = p, self.cumulative, self.halted, weight
+        self.collector.iteration(it)
+
+    before_end = _complete
+
+    def _lens(self, state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        with self.pause():
+            return F.log_softmax(self.spec.readout(state)[:, positions].float(), dim=-1)
