@@ -1,0 +1,95 @@
+"""Versioned, append-only schema migrations for the DuckDB store, recorded in the database.
+
+In the style of simonw/llm: each migration has a name, is recorded in `_migrations` when applied,
+and is safe to run twice (`IF NOT EXISTS`). The list is `m001_tables` followed by one
+`add_column:<table>.<metric>` migration per metric in `records.py`, so a metric added there
+becomes a new migration that older stores pick up on their next read-write open. The schema
+version of a store is the number of migrations it has applied; a store holding a migration this
+code does not know was written by a newer mythos-probe and is refused.
+
+This module is not: the table layout (`schema`) or the connection handling (`store`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from mythos_probe.collectors.schema import BASE_COLUMNS, METRIC_COLUMNS, quote
+
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    sql: tuple[str, ...]
+
+
+class SchemaError(RuntimeError):
+    """The store's schema version cannot be used by this mythos-probe."""
+
+
+def _create(table: str) -> str:
+    cols = ", ".join(f"{quote(c)} {t}" for c, t in BASE_COLUMNS[table])
+    return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration("m001_tables", tuple(_create(t) for t in BASE_COLUMNS)),
+    *(
+        Migration(f"add_column:{table}.{col}", (f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote(col)} {typ}",))
+        for table, cols in METRIC_COLUMNS.items()
+        for col, typ in cols
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_LEDGER = "CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP DEFAULT now())"
+
+
+def applied(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Names of the migrations recorded in the store, oldest first ([] for an empty database)."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = '_migrations' AND table_schema = 'main'"
+    ).fetchone()[0]
+    if not exists:
+        return []
+    return [row[0] for row in con.execute("SELECT name FROM _migrations ORDER BY applied_at, rowid").fetchall()]
+
+
+def check(con: duckdb.DuckDBPyConnection, path: str, writable: bool) -> int:
+    """The store's schema version; raises SchemaError when it is newer, or older and read-only."""
+    done = applied(con)
+    known = {m.name for m in MIGRATIONS}
+    unknown = [name for name in done if name not in known]
+    if unknown:
+        raise SchemaError(
+            f"store {path} has schema version {len(done)}, newer than this mythos-probe's {SCHEMA_VERSION} "
+            f"(unknown migrations: {', '.join(unknown[:3])}{'…' if len(unknown) > 3 else ''}); upgrade mythos-probe"
+        )
+    if not writable and len(done) < SCHEMA_VERSION:
+        raise SchemaError(
+            f"store {path} has schema version {len(done)}, older than this mythos-probe's {SCHEMA_VERSION}; "
+            f"open it once read-write (e.g. `mythos-probe serve --store {path}`) to migrate it"
+        )
+    return len(done)
+
+
+def migrate(con: duckdb.DuckDBPyConnection, path: str, upto: int | None = None) -> int:
+    """Apply every migration not yet recorded (the first `upto` only, for tests); returns the version."""
+    check(con, path, writable=True)
+    con.execute(_LEDGER)
+    done = set(applied(con))
+    for migration in MIGRATIONS[:upto]:
+        if migration.name in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in migration.sql:
+                con.execute(statement)
+            con.execute("INSERT INTO _migrations (name) VALUES (?)", [migration.name])
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    return len(applied(con))

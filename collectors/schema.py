@@ -1,0 +1,89 @@
+"""The DuckDB table layout of the store, derived from the metric tuples in `records.py`.
+
+Each table is an ordered list of (column, DuckDB type): fixed identity columns, then one column
+per metric, named exactly as the metric (quoted, so case is kept: `rho_A`). Metric columns are
+nullable: NULL means the probe that makes the metric did not run; NaN means it ran and the value
+is undefined (t = 0 for step metrics). `start_time` is UTC without a zone.
+
+This module is not: the migrations that create the tables (`migrations`) or the code that fills
+them (`rows`, `store`).
+"""
+
+from __future__ import annotations
+
+from mythos_probe.records import FORWARD_METRIC_NAMES, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
+
+Columns = tuple[tuple[str, str], ...]
+
+BASE_COLUMNS: dict[str, Columns] = {
+    "spans": (
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("parent_span_id", "VARCHAR"),
+        ("name", "VARCHAR"),
+        ("kind", "VARCHAR"),
+        ("start_ns", "BIGINT"),
+        ("end_ns", "BIGINT"),
+        ("status_code", "VARCHAR"),
+        ("status_message", "VARCHAR"),
+        ("resource", "JSON"),
+        ("attributes", "JSON"),
+    ),
+    "forwards": (
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("run_id", "VARCHAR"),
+        ("model_id", "VARCHAR"),
+        ("step", "BIGINT"),
+        ("start_ns", "BIGINT"),
+        ("end_ns", "BIGINT"),
+        ("start_time", "TIMESTAMP"),
+        ("duration_ms", "DOUBLE"),
+        ("batch", "INTEGER"),
+        ("seq_len", "INTEGER"),
+        ("tokens", "BIGINT"),
+        ("n_loops", "INTEGER"),
+        ("iterations", "INTEGER"),
+        ("exit_policy", "VARCHAR"),
+        ("detail", "VARCHAR"),
+        ("n_experts", "INTEGER"),
+        ("schema_version", "INTEGER"),
+        ("attributes", "JSON"),
+    ),
+    "iterations": (
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("iteration", "INTEGER"),
+    ),
+    "positions": (
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("batch_index", "INTEGER"),
+        ("position", "INTEGER"),
+        ("iteration", "INTEGER"),
+        ("token_id", "BIGINT"),
+        ("token_text", "VARCHAR"),
+        ("iterations_used", "INTEGER"),
+    ),
+    "experts": (
+        ("trace_id", "VARCHAR"),
+        ("span_id", "VARCHAR"),
+        ("iteration", "INTEGER"),
+        ("expert", "INTEGER"),
+        ("load", "BIGINT"),
+    ),
+}
+
+# Positions hold batch × seq × iterations rows per forward: REAL halves their size, and the
+# record keeps them as float32 anyway.
+METRIC_COLUMNS: dict[str, Columns] = {
+    "forwards": tuple((name, "DOUBLE") for name in FORWARD_METRIC_NAMES),
+    "iterations": tuple((name, "DOUBLE") for name in ITERATION_METRIC_NAMES),
+    "positions": tuple((name, "REAL") for name in POSITION_METRIC_NAMES),
+}
+
+TABLES: dict[str, Columns] = {table: cols + METRIC_COLUMNS.get(table, ()) for table, cols in BASE_COLUMNS.items()}
+
+
+def quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'

@@ -1,0 +1,66 @@
+"""`mythos-probe serve`: the single writer of a store — OTLP receiver plus the live dashboard.
+
+Remote workers export OTLP/HTTP to `--host:--port` (127.0.0.1:4318 by default; any other address
+needs `--token`). The dashboard runs in the same process, reading the same `Store`, on
+127.0.0.1:`--dashboard-port`: it has no authentication of its own, so it never leaves loopback.
+
+This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_probe.dashboards`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from mythos_probe.collectors.receiver import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Receiver
+from mythos_probe.collectors.store import Store
+
+HELP = "receive OTLP from remote workers, write the store, host the dashboard"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", required=True, help="DuckDB file to write (created when missing)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address for OTLP/HTTP (default %(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="OTLP/HTTP port; 0 picks a free one")
+    parser.add_argument("--token", default=None, help="ingest token senders pass as `Authorization: Bearer`")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger requests get 413")
+    parser.add_argument("--dashboard-port", type=int, default=8050, help="dashboard port on 127.0.0.1")
+    parser.add_argument("--no-dashboard", action="store_true", help="only receive and store")
+
+
+def _dashboard(store: Store):
+    try:
+        from mythos_probe.dashboards.app import create_app
+    except ImportError as exc:
+        raise SystemExit(
+            f"the dashboard is not available ({exc}); install mythos-probe[dashboard] or pass --no-dashboard"
+        ) from None
+    return create_app(store, live=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    with Store(args.store) as store:
+        receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
+        app = None if args.no_dashboard else _dashboard(store)
+        receiver.start()
+        # Tests and scripts read this line to learn the port when --port 0.
+        print(f"mythos-probe serve: OTLP/HTTP on {receiver.endpoint}/v1/traces, store {store.path}", flush=True)
+        try:
+            if app is None:
+                stop = threading.Event()
+                signal.signal(signal.SIGTERM, lambda *_: stop.set())
+                stop.wait()
+            else:
+                print(f"mythos-probe serve: dashboard on http://127.0.0.1:{args.dashboard_port}", flush=True)
+                app.run(host="127.0.0.1", port=args.dashboard_port, debug=False)
+        finally:
+            receiver.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=HELP)
+    configure(parser)
+    sys.exit(run(parser.parse_args()))

@@ -1,0 +1,157 @@
+"""`Store`: the one place that opens the DuckDB file, migrates it, ingests and queries it.
+
+DuckDB allows one read-write process or many read-only ones. A `Store` is shared by every thread
+of its process: each `query` runs on its own cursor, and writes are serialised by a lock so the
+dedupe check and the inserts of one batch form one transaction. Ingest goes through Arrow tables
+(`rows`), never row by row; SQL values travel only as parameters.
+
+Idempotence: a forward is identified by (trace_id, span_id). A batch only inserts forwards (and
+raw spans) whose key the store does not hold yet, so a span delivered twice, by a retrying
+exporter or a replay, stays once.
+
+This module is not: the layout (`schema`), the migrations (`migrations`) or the row building
+(`rows`).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from mythos_probe.collectors import migrations
+from mythos_probe.collectors.migrations import SchemaError
+from mythos_probe.collectors.rows import spans_table, trace_span_row, trace_tables
+from mythos_probe.records import LoopTrace
+
+__all__ = ["Store", "StoreError", "StoreLockedError", "SchemaError"]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened: missing, not a DuckDB file, or unreadable."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store for writing."""
+
+
+_NEW_KEYS = """
+SELECT DISTINCT k.trace_id, k.span_id FROM _keys k
+WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
+"""
+
+
+class Store:
+    """A mythos-probe DuckDB store. `Store(path)` creates or migrates it; see `open_read_only`."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise StoreError(f"no store at {self.path}: nothing has been recorded there yet")
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if "lock" in str(exc).lower():
+                raise StoreLockedError(
+                    f"store {self.path} is held by a writer process ({exc}). Open the live store through the "
+                    "`mythos-probe serve` dashboard, or stop the writer and retry"
+                ) from None
+            raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None
+        except duckdb.Error as exc:
+            raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None
+        try:
+            if read_only:
+                self.schema_version = migrations.check(self._con, str(self.path), writable=False)
+            else:
+                self.schema_version = migrations.migrate(self._con, str(self.path))
+        except BaseException:
+            self._con.close()
+            raise
+        self._cursor_lock = threading.Lock()
+        self._write_lock = threading.Lock()
+
+    @classmethod
+    def open_read_only(cls, path: str | Path) -> "Store":
+        return cls(path, read_only=True)
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._con.close()
+
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        # DuckDB connections are not thread-safe; a cursor is a connection of its own.
+        with self._cursor_lock:
+            return self._con.cursor()
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
+        """Run `sql` with `params` on a fresh cursor; safe from any thread."""
+        cur = self._cursor()
+        try:
+            return cur.execute(sql, params).df()
+        finally:
+            cur.close()
+
+    def write_traces(self, traces: Iterable[LoopTrace], resource: Mapping[str, Any] | None = None) -> int:
+        """Store `traces` with their raw span rows; returns the number of new forwards."""
+        traces = list(traces)
+        return self.write(traces, [trace_span_row(t, resource) for t in traces])
+
+    def write(self, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]]) -> int:
+        """Store decoded forwards and raw span rows in one transaction, skipping known keys."""
+        if self.read_only:
+            raise StoreError(f"store {self.path} is open read-only")
+        with self._write_lock:
+            cur = self._cursor()
+            try:
+                cur.execute("BEGIN TRANSACTION")
+                try:
+                    new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept))
+                    self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
+                    cur.execute("COMMIT")
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+            finally:
+                cur.close()
+        return new
+
+    @staticmethod
+    def _insert_new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any], build) -> int:
+        if not items:
+            return 0
+
+        def key(item: Any) -> tuple[str, str]:
+            return (item["trace_id"], item["span_id"]) if isinstance(item, Mapping) else (item.trace_id, item.span_id)
+
+        keys = pa.table({"trace_id": [key(i)[0] for i in items], "span_id": [key(i)[1] for i in items]})
+        cur.register("_keys", keys)
+        try:
+            fresh = set(map(tuple, cur.execute(_NEW_KEYS.format(table=key_table)).fetchall()))
+        finally:
+            cur.unregister("_keys")
+        kept, seen = [], set()
+        for item in items:
+            k = key(item)
+            if k in fresh and k not in seen:  # first copy within the batch wins
+                seen.add(k)
+                kept.append(item)
+        if not kept:
+            return 0
+        for table, arrow in build(kept).items():
+            if arrow.num_rows:
+                cur.register("_batch", arrow)
+                try:
+                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+                finally:
+                    cur.unregister("_batch")
+        return len(kept)

@@ -1,0 +1,115 @@
+import os
+import subprocess
+import sys
+
+import duckdb
+import pytest
+
+from mythos_probe.collectors import migrations
+from mythos_probe.collectors.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaError
+from mythos_probe.collectors.schema import BASE_COLUMNS, TABLES
+from mythos_probe.collectors.spans import trace_to_attributes
+from mythos_probe.collectors.store import Store, StoreError, StoreLockedError
+from mythos_probe.records import FORWARD_METRIC_NAMES, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
+from tests.collectors.factory import make_trace
+
+
+def columns(store_or_con, table):
+    con = store_or_con
+    rows = con.execute(
+        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table],
+    ).fetchall()
+    return tuple(rows)
+
+
+def test_tables_and_span_attributes_agree_with_records(store):
+    for table, metrics, typ in (
+        ("forwards", FORWARD_METRIC_NAMES, "DOUBLE"),
+        ("iterations", ITERATION_METRIC_NAMES, "DOUBLE"),
+        ("positions", POSITION_METRIC_NAMES, "FLOAT"),
+    ):
+        cols = dict(store.query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [table]
+        ).itertuples(index=False))
+        assert {m: cols.get(m) for m in metrics} == {m: typ for m in metrics}
+        assert not set(metrics) & {c for c, _ in BASE_COLUMNS[table]}  # no metric shadows an identity column
+    attrs = trace_to_attributes(make_trace(0))
+    assert {k.removeprefix("recurrent_depth.iteration.") for k in attrs if k.startswith("recurrent_depth.iteration.")} == set(ITERATION_METRIC_NAMES)
+    assert {k.removeprefix("recurrent_depth.forward.") for k in attrs if k.startswith("recurrent_depth.forward.")} == set(FORWARD_METRIC_NAMES)
+    assert {k.removeprefix("recurrent_depth.position.") for k in attrs if k.startswith("recurrent_depth.position.")} == set(POSITION_METRIC_NAMES) | {"shape", "iterations_used"}
+
+
+def schema_snapshot(con):
+    return {t: columns(con, t) for t in TABLES}
+
+
+def test_migrate_from_empty_and_from_every_earlier_version_gives_the_same_schema(tmp_path):
+    fresh = duckdb.connect(str(tmp_path / "fresh.duckdb"))
+    assert migrations.migrate(fresh, "fresh") == SCHEMA_VERSION == len(MIGRATIONS)
+    want = schema_snapshot(fresh)
+    assert migrations.migrate(fresh, "fresh") == SCHEMA_VERSION  # twice is harmless
+    for upto in range(1, SCHEMA_VERSION):
+        con = duckdb.connect()
+        assert migrations.migrate(con, "old", upto=upto) == upto
+        assert migrations.migrate(con, "old") == SCHEMA_VERSION
+        assert schema_snapshot(con) == want, upto
+        assert [r[0] for r in con.execute("SELECT name FROM _migrations ORDER BY applied_at, rowid").fetchall()] == [
+            m.name for m in MIGRATIONS
+        ]
+
+
+def test_older_store_is_migrated_on_read_write_open_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, str(path), upto=1)
+    con.execute("INSERT INTO forwards (trace_id, span_id, run_id) VALUES ('a', 'b', 'r')")
+    con.close()
+    with pytest.raises(SchemaError, match=f"version 1, older .* {SCHEMA_VERSION}"):
+        Store.open_read_only(path)
+    with Store(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.query("SELECT run_id, rho_A IS NULL AS absent FROM forwards").to_dict("records") == [{"run_id": "r", "absent": True}]
+
+
+def test_newer_store_is_refused_naming_both_versions(tmp_path):
+    path = tmp_path / "new.duckdb"
+    Store(path).close()
+    con = duckdb.connect(str(path))
+    con.execute("INSERT INTO _migrations (name) VALUES ('m999_from_the_future')")
+    con.close()
+    for open_ in (Store, Store.open_read_only):
+        with pytest.raises(SchemaError, match=f"version {SCHEMA_VERSION + 1}, newer than this mythos-probe's {SCHEMA_VERSION}"):
+            open_(path)
+
+
+def test_a_file_that_is_not_duckdb_is_refused_and_left_untouched(tmp_path):
+    path = tmp_path / "notes.duckdb"
+    payload = b"this is somebody's notes, not a database\n" * 100
+    path.write_bytes(payload)
+    for open_ in (Store, Store.open_read_only):
+        with pytest.raises(StoreError, match="not a readable DuckDB store"):
+            open_(path)
+    assert path.read_bytes() == payload
+
+
+def test_read_only_open_of_a_missing_file_says_so(tmp_path):
+    with pytest.raises(StoreError, match="no store at"):
+        Store.open_read_only(tmp_path / "nope.duckdb")
+    assert not (tmp_path / "nope.duckdb").exists()
+
+
+def test_read_only_open_while_another_process_writes_points_to_serve(tmp_path):
+    path = tmp_path / "held.duckdb"
+    Store(path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from mythos_probe.collectors.store import Store; s = Store({str(path)!r}); print('held', flush=True); input()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StoreLockedError, match="serve"):
+            Store.open_read_only(path)
+    finally:
+        holder.kill()
+        holder.wait()
