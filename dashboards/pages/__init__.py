@@ -1,0 +1,8 @@
+"""The dashboard's pages, in navigation order. Each module defines `PATH`, `TITLE`, `layout()`,
+plain `update(...)` functions and `register(app, store)` for its own callbacks; component ids are
+prefixed by the module name.
+"""
+
+from mythos_probe.dashboards.pages import cost, experts, forward, forwards, halting, lens, loops, spectral
+
+PAGES = (forwards, forward, loops, halting, spectral, experts, cost, lens)

@@ -1,0 +1,96 @@
+"""The Dash application: the shell (header, navigation, trace-id box, filter bar, live tick) and
+routing to the pages. `create_app(store, live=...)` is what `mythos-probe serve` and
+`mythos-probe dashboard` call.
+
+This module is not a view (see `pages/`), runs no SQL (`queries.py`) and does not open stores
+(`cli.py`, `collectors.serve`). It imports no torch: the dashboard process never needs the model.
+"""
+
+from __future__ import annotations
+
+import re
+
+import dash
+from dash import Input, Output, State, dcc, html
+
+from mythos_probe.dashboards import filters
+from mythos_probe.dashboards.components import message, trace_from_search
+from mythos_probe.dashboards.pages import PAGES
+from mythos_probe.dashboards.theme import CSS
+
+LIVE_INTERVAL_MS = 2000
+_HEX = re.compile(r"[0-9a-f]{1,32}")
+
+
+def normalize_trace_id(text: str | None) -> str | None:
+    """A pasted trace id as stored: 32 lowercase hex chars. Jaeger shows ids without leading zeros
+    and some tools prefix `0x`, so both are accepted."""
+    value = (text or "").strip().lower().removeprefix("0x")
+    return value.zfill(32) if _HEX.fullmatch(value) else None
+
+
+def _shell(live: bool) -> html.Div:
+    nav = [dcc.Link(p.TITLE, href=p.PATH, id=f"app-nav-{p.__name__.rsplit('.', 1)[1]}") for p in PAGES]
+    return html.Div(
+        [
+            dcc.Location(id="app-url", refresh="callback-nav"),
+            dcc.Interval(id="app-interval", interval=LIVE_INTERVAL_MS, disabled=not live),
+            html.Div(
+                [
+                    html.H1("mythos-probe"),
+                    html.Span("live", className="mp-live") if live else None,
+                    html.Nav(nav, className="mp-nav"),
+                    html.Div(
+                        [dcc.Input(id="app-trace-input", placeholder="paste a trace id (Phoenix, Jaeger…)", debounce=True),
+                         html.Button("Open", id="app-trace-open")],
+                        className="mp-open",
+                    ),
+                ],
+                className="mp-header",
+            ),
+            filters.layout(),
+            html.Div(id="app-page", className="mp-page"),
+        ]
+    )
+
+
+def route(pathname: str | None, problem: str | None = None):
+    if problem:
+        return message(problem, "error")
+    page = next((p for p in PAGES if p.PATH == (pathname or "/")), None)
+    return page.layout() if page else message(f"No page at {pathname}.", "error")
+
+
+def open_trace(_clicks, _submits, text):
+    trace_id = normalize_trace_id(text)
+    if trace_id is None:
+        return dash.no_update, message("A trace id is up to 32 hexadecimal characters.", "error") if text else ""
+    return f"/forward?trace={trace_id}", ""
+
+
+def nav_hrefs(search: str | None) -> list[str]:
+    """Navigation links keep the selected forward (`?trace=`) so every view refers to the same one."""
+    trace_id = trace_from_search(search)
+    return [p.PATH + (f"?trace={trace_id}" if trace_id else "") for p in PAGES]
+
+
+def create_app(store, live: bool = False, *, problem: str | None = None) -> dash.Dash:
+    """The dashboard over `store` (a `collectors.store.Store`). With `live`, views refresh every
+    two seconds. With `store=None`, every page shows `problem` (why no store could be opened)."""
+    app = dash.Dash(__name__, title="mythos-probe", update_title=None, suppress_callback_exceptions=True)
+    app.index_string = app.index_string.replace("{%css%}", "{%css%}<style>" + CSS + "</style>")
+    app.layout = html.Div([_shell(live), html.Div(id="app-trace-message")])
+    if store is None:
+        problem = problem or "No store is open."
+    else:
+        filters.register(app, store)
+        for page in PAGES:
+            page.register(app, store)
+    app.callback(Output("app-page", "children"), Input("app-url", "pathname"))(lambda path: route(path, problem))
+    app.callback([Output(f"app-nav-{p.__name__.rsplit('.', 1)[1]}", "href") for p in PAGES], Input("app-url", "search"))(nav_hrefs)
+    app.callback(
+        Output("app-url", "href"), Output("app-trace-message", "children"),
+        Input("app-trace-open", "n_clicks"), Input("app-trace-input", "n_submit"), State("app-trace-input", "value"),
+        prevent_initial_call=True,
+    )(open_trace)
+    return app

@@ -1,0 +1,47 @@
+"""`mythos-probe dashboard FILE`: open a DuckDB store read-only and serve the dashboard on it.
+
+When the file cannot be opened (missing, held by a writer such as `mythos-probe serve`, written by
+a newer mythos-probe) the dashboard still starts and says why in the page. This module is not the
+live dashboard, which `mythos-probe serve` hosts next to its writer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "open a DuckDB store read-only in the dashboard"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="DuckDB store written by mythos-probe (a notebook recorder or serve)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8050, help="port (default: 8050)")
+
+
+def open_store(path: str):
+    """(store, None) or (None, message saying why the file cannot be shown)."""
+    from mythos_probe.collectors.store import SchemaError, Store, StoreError
+
+    try:
+        return Store.open_read_only(path), None
+    except (StoreError, SchemaError) as exc:
+        return None, f"Cannot show this store: {exc}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from werkzeug.serving import make_server
+
+    from mythos_probe.dashboards.app import create_app
+
+    store, problem = open_store(args.file)
+    if problem:
+        print(f"mythos-probe dashboard: {problem}", file=sys.stderr)
+    server = make_server(args.host, args.port, create_app(store, problem=problem).server, threaded=True)
+    print(f"mythos-probe dashboard: http://{args.host}:{server.server_port}/  (Ctrl+C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        if store is not None:
+            store.close()
+    return 0

@@ -1,0 +1,46 @@
+"""Cost page (`/cost`): loop iterations and estimated FLOPs per group of the chosen grouping
+(endpoint, user, model, run …) and over time. FLOPs are the probes' estimate (`flops`), not a
+measurement.
+"""
+
+from __future__ import annotations
+
+from dash import Output, html
+
+from mythos_probe.dashboards import queries
+from mythos_probe.dashboards.components import bars, empty_figure, figure, graph, lines, no_data, table, view_callback
+
+PATH = "/cost"
+TITLE = "Cost"
+COLUMNS = {"grp": "group", "forwards": "forwards", "tokens": "tokens", "token_iterations": "token-iterations",
+           "flops": "estimated FLOPs", "flops_saved": "loop FLOPs saved", "mean_ms": "mean ms"}
+
+
+def layout() -> html.Div:
+    return html.Div(
+        [
+            html.H2(TITLE + " (pick an attribute such as endpoint or user under “Group by”)"),
+            html.Div(id="cost-message"),
+            html.Div([graph("cost-flops"), graph("cost-iterations"), graph("cost-time")], className="mp-grid"),
+            html.Div(id="cost-table"),
+        ]
+    )
+
+
+def update(store, sel: queries.Selection, _search):
+    groups = queries.cost_by_group(store, sel)
+    if groups.empty:
+        empty = empty_figure("Cost")
+        return no_data(store), empty, empty, empty, ""
+    flops = bars(figure("Estimated FLOPs by group", "group", "FLOPs"), groups, "grp", "flops")
+    iters = bars(figure("Loop iterations (token-iterations) by group", "group", "token-iterations"),
+                 groups, "grp", "token_iterations")
+    over_time = lines(figure("Estimated FLOPs over time", "time (UTC)", "FLOPs per bucket"),
+                      queries.cost_over_time(store, sel), "t", "flops")
+    return "", flops, iters, over_time, table(groups, COLUMNS, "cost-rows", links=())
+
+
+def register(app, store) -> None:
+    outputs = [Output("cost-message", "children"), Output("cost-flops", "figure"),
+               Output("cost-iterations", "figure"), Output("cost-time", "figure"), Output("cost-table", "children")]
+    view_callback(app, store, outputs, [], update)

@@ -1,0 +1,118 @@
+"""Page callbacks called as plain functions: messages for empty stores, unknown trace ids and
+failing queries; the heatmap's cells and halting marks; and the import boundary (no torch)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+
+from mythos_probe.dashboards import app as dashboard_app
+from mythos_probe.dashboards.components import guarded
+from mythos_probe.dashboards.pages import PAGES, forward, forwards, lens
+from mythos_probe.dashboards.queries import Selection
+
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("lens_kl_prev",)}
+
+
+def _args(page):
+    return PAGE_ARGS.get(page.__name__.rsplit(".", 1)[1], ())
+
+
+def _text(component) -> str:
+    return str(component.children) if hasattr(component, "children") else str(component)
+
+
+def test_every_view_explains_an_empty_store(empty_store):
+    for page in PAGES:
+        out = page.update(empty_store, Selection(), "", *_args(page))
+        assert "no forwards yet" in _text(out[0]), page.__name__
+
+
+def test_every_view_renders_the_stored_forwards(store):
+    for page in PAGES:
+        out = page.update(store, Selection(group="attr:endpoint"), "", *_args(page))
+        assert "mp-error" not in str(out[0]), page.__name__
+
+
+def test_filters_matching_nothing_say_so(store):
+    out = forwards.update(store, Selection(models=("no-such-model",)), "")
+    assert _text(out[0]) == "No forwards match the filters."
+
+
+def test_unknown_trace_id_is_a_message(store):
+    out = forward.update(store, Selection(), "?trace=" + "f" * 32, "rel_residual", 0)
+    assert "No forward with trace id" in _text(out[0])
+
+
+def test_forward_heatmap_cells_and_halting_marks(store, traces):
+    t = traces[5]
+    out = forward.update(store, Selection(), f"?trace={t.trace_id}", "rel_residual", 1)
+    heat = out[4]
+    z = np.array(heat.data[0].z, dtype=float)
+    np.testing.assert_allclose(z, np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
+    assert list(heat.data[0].y) == [f"{p} {w}" for p, w in enumerate(t.token_text[1])]
+    assert list(heat.data[1].x) == list(t.position_iterations[1] - 1)
+    assert out[3] == 1 and out[2] == [0, 1]
+
+
+def test_lens_follows_the_selected_forward(store, traces):
+    t = traces[2]
+    out = lens.update(store, Selection(), f"?trace={t.trace_id}", "rel_residual")
+    assert t.trace_id[:8] in out[1].layout.title.text
+    assert len(out[3].data[0].x) == 13
+
+
+def test_a_failing_query_becomes_a_message_not_a_traceback():
+    def update(*_):
+        raise RuntimeError("database file vanished\nlong detail")
+
+    out = guarded(update, 3)()
+    assert "database file vanished" in str(out[0]) and "long detail" not in str(out[0])
+    assert len(out) == 3
+
+
+def test_pasted_trace_ids_are_normalized():
+    assert dashboard_app.normalize_trace_id("  0xABC ") == "0" * 29 + "abc"
+    assert dashboard_app.normalize_trace_id("not-hex") is None
+    assert dashboard_app.normalize_trace_id("a" * 33) is None
+    href, note = dashboard_app.open_trace(1, None, "abc")
+    assert href == "/forward?trace=" + "0" * 29 + "abc" and note == ""
+
+
+def test_navigation_keeps_the_selected_forward():
+    hrefs = dashboard_app.nav_hrefs("?trace=" + "a" * 32)
+    assert all(h.endswith("?trace=" + "a" * 32) for h in hrefs)
+    assert dashboard_app.nav_hrefs("") == [p.PATH for p in PAGES]
+
+
+def test_the_dashboard_never_imports_torch(tmp_path):
+    script = f"""
+import sys
+from mythos_probe.collectors.store import Store
+from mythos_probe.dashboards.app import create_app, route
+from mythos_probe.dashboards.pages import PAGES
+from mythos_probe.dashboards.queries import Selection
+from tests.dashboards.conftest import make_traces
+from tests.dashboards.test_pages import _args
+store = Store({str(tmp_path / "s.duckdb")!r})
+store.write_traces(make_traces())
+create_app(store, live=True)
+for page in PAGES:
+    route(page.PATH)
+    page.update(store, Selection(), "", *_args(page))
+loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+assert not loaded, loaded
+print("ok")
+"""
+    # A fresh interpreter: this test process may have imported torch for other reasons.
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=_repo_root())
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+def _repo_root() -> str:
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parents[2])
