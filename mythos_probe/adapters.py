@@ -102,11 +102,12 @@ class _Adapter:
 
         def post(module, args, kwargs, output):
             if self.active and not self.paused:
-                self.active = False
                 if output is None:  # the forward raised: nothing half-built is kept
+                    self.active = False
                     self.collector.abort()
                 else:
                     self.before_end()
+                    self.active = False
                     self.collector.end(output.detach() if isinstance(output, torch.Tensor) else output)
             return None
 
@@ -219,13 +220,18 @@ def is_open_mythos(model: torch.nn.Module) -> bool:
 
 
 class OpenMythosAdapter(_Adapter):
+    """Forward boundaries are the embedding (start) and the head (end): `OpenMythos.generate`
+    calls `self.forward` directly, which bypasses hooks on the root module. Loop arguments
+    (n_loops, KV cache) are read when the recurrent block starts."""
+
     def __init__(self, model, collector) -> None:
         super().__init__(model, collector)
         rec = model.recurrent
         ffn = rec.block.ffn
         self.threshold = float(model.cfg.act_threshold)
         self.topk = int(ffn.topk)
-        self._forward_hooks(self._begin)
+        self.hooks.add(model.embed.register_forward_pre_hook(self._on_embed))
+        self.hooks.add(model.head.register_forward_hook(self._on_head))
         self.hooks.add(rec.register_forward_pre_hook(self._on_loop_start, with_kwargs=True))
         self.hooks.add(ffn.router.register_forward_hook(self._keep("router_logits")))
         for shared in ffn.shared_experts:
@@ -238,30 +244,46 @@ class OpenMythosAdapter(_Adapter):
         self.parts: dict[str, torch.Tensor] = {}
         self.loop_ctx: dict[str, Any] = {}
 
-    def _begin(self, args, kwargs) -> ForwardContext:
+    def _on_embed(self, module, args):
+        if self.paused:
+            return
+        if self.active:  # the previous forward raised before reaching the head
+            self.collector.abort()
         m = self.model
-        ids = _args(args, kwargs, 0, "input_ids")
-        kv_cache = _args(args, kwargs, 2, "kv_cache")
-        self.loop_ctx = {"start_pos": int(_args(args, kwargs, 3, "start_pos", 0) or 0), "kv_cache": kv_cache}
-        return ForwardContext(
-            token_ids=ids,
-            n_loops=_args(args, kwargs, 1, "n_loops") or m.cfg.max_loop_iters,  # as OpenMythos: `or`
-            exit_policy="act",
+        self.parts = {}
+        self.ctx = ForwardContext(
+            token_ids=args[0], n_loops=m.cfg.max_loop_iters, exit_policy="act",
             cfg=LoopedConfig.from_mythos_config(m.cfg),
-            past_len=self.loop_ctx["start_pos"],
-            cache_id=None if kv_cache is None else id(kv_cache),
             injection_A=m.recurrent.injection.get_A().detach(),
             injection_B=m.recurrent.injection.B.detach(),
             router_bias=m.recurrent.block.ffn.router_bias.detach(),
-            lens=self._lens,
-            step_fn=self._step_fn,
+            lens=self._lens, step_fn=self._step_fn,
         )
+        self.active = self.collector.begin(self.ctx)
+
+    def _on_head(self, module, args, output):
+        if self.active and not self.paused:
+            self.active = False
+            self.collector.end(output.detach())
 
     def _on_loop_start(self, module, args, kwargs):
         if not self.active or self.paused:
             return None
         h, e = args[0], args[1]
-        self.loop_ctx.update(freqs_cis=_args(args, kwargs, 2, "freqs_cis"), mask=_args(args, kwargs, 3, "mask"))
+        n_loops = _args(args, kwargs, 4, "n_loops")
+        kv_cache = _args(args, kwargs, 5, "kv_cache")
+        self.loop_ctx = dict(freqs_cis=_args(args, kwargs, 2, "freqs_cis"), mask=_args(args, kwargs, 3, "mask"),
+                             kv_cache=kv_cache)
+        ctx = self.ctx
+        ctx.n_loops = n_loops or self.model.cfg.max_loop_iters  # as OpenMythos: `n_loops or max_loop_iters`
+        if kv_cache is not None:
+            ctx.cache_id = id(kv_cache)
+            T = h.shape[1]
+            # the prelude has already appended this forward's keys; the loop's first key has not
+            if "prelude_0" in kv_cache:
+                ctx.past_len = next(iter(kv_cache["prelude_0"].values())).shape[1] - T
+            elif "recurrent_loop_0" in kv_cache:
+                ctx.past_len = next(iter(kv_cache["recurrent_loop_0"].values())).shape[1]
         B, T = h.shape[:2]
         self.cumulative = torch.zeros(B, T, device=h.device)
         self.halted = torch.zeros(B, T, device=h.device, dtype=torch.bool)
