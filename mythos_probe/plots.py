@@ -1,0 +1,250 @@
+"""Notebook figures of recorded `LoopTrace`s: `rec.plot.<figure>()` returns a plotly `go.Figure`,
+which Jupyter renders inline.
+
+Figures: `convergence_heatmap` (a metric per position and iteration, with each position's halting
+step), `convergence` (per-iteration residual, forwards overlaid), `halting_curves`,
+`expert_heatmap`, `spectral`, `coda_lens` and `whatif` (the early-exit Pareto plot of
+`mythos_probe.whatif`). Iterations are 0-based loop indices t, as in the records.
+
+This module is not: the metric formulas (`mythos_probe.metrics`), the DataFrames (`frames.py`)
+or the dashboard (`dashboards/`, which reads the store and never imports this). It only reads
+trace arrays; nothing here re-computes a metric.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from mythos_probe.records import LoopTrace
+
+_LOG_METRICS = {"rel_residual", "cos_step", "lens_kl_final", "lens_kl_prev", "state_norm"}
+_UNITS = {
+    "rel_residual": "‖h_t − h_{t−1}‖ / ‖h_t‖ (ratio)",
+    "cos_step": "1 − cos(h_t, h_{t−1})",
+    "state_norm": "‖h_t‖ (L2 norm)",
+    "halt_prob": "halting probability p_t",
+    "cum_halt": "cumulative halting probability",
+    "act_weight": "ACT weight of h_t",
+    "lens_kl_final": "KL(p_T ‖ p_t) (nats)",
+    "lens_kl_prev": "KL(p_t ‖ p_{t−1}) (nats)",
+    "lens_entropy": "lens entropy (nats)",
+    "lens_argmax": "lens argmax (token id)",
+    "lens_top1_agree": "lens top-1 = final (0/1)",
+}
+_ITERATION_AXIS = "loop iteration t (0-based)"
+
+
+class Plots:
+    """Figures over a list of traces (what `Recorder.plot` returns)."""
+
+    def __init__(self, traces: Sequence[LoopTrace]) -> None:
+        if not traces:
+            raise ValueError("no traces to plot: run the model inside `with attach(model) as rec:` first")
+        self.traces = list(traces)
+
+    def _trace(self, index: int) -> LoopTrace:
+        try:
+            return self.traces[index]
+        except IndexError:
+            raise IndexError(f"trace {index} out of range: {len(self.traces)} traces recorded") from None
+
+    def _iteration_metric(self, trace: LoopTrace, name: str, probe: str) -> np.ndarray:
+        values = trace.iteration_metrics.get(name)
+        if values is None or not np.isfinite(values).any():
+            raise ValueError(f"trace has no {name!r}: attach with probes including {probe!r}")
+        return values
+
+    # -- convergence ---------------------------------------------------------------------------
+
+    def convergence_heatmap(self, trace: int = -1, metric: str = "rel_residual", batch_index: int = 0) -> go.Figure:
+        """`metric` per position (rows) and iteration (columns) for one sequence of one forward;
+        a log colour scale for residual-like metrics; ✕ marks each position's last iteration
+        (`position_iterations` − 1, where it halted)."""
+        tr = self._trace(trace)
+        if tr.detail != "positions":
+            raise ValueError(
+                "the convergence heatmap needs per-position metrics: attach(model, detail='positions')"
+            )
+        if metric not in tr.position_metrics:
+            raise ValueError(f"no position metric {metric!r} in this trace; recorded: {sorted(tr.position_metrics)}")
+        if not 0 <= batch_index < tr.batch:
+            raise IndexError(f"batch_index {batch_index} out of range for batch {tr.batch}")
+        z = tr.position_metrics[metric][batch_index].astype(np.float64)  # (T, I)
+        log = metric in _LOG_METRICS
+        positions = np.arange(tr.seq_len)
+        labels = [str(p) for p in positions]
+        if tr.token_text is not None:
+            labels = [f"{p}: {text!r}" for p, text in zip(positions, tr.token_text[batch_index])]
+        elif tr.token_ids is not None:
+            labels = [f"{p}: #{tok}" for p, tok in zip(positions, tr.token_ids[batch_index])]
+        unit = _UNITS.get(metric, metric)
+        colour = z
+        colorbar = dict(title=unit)
+        if log:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                colour = np.where(z > 0, np.log10(z), np.nan)
+            finite = colour[np.isfinite(colour)]
+            if finite.size:
+                ticks = np.arange(np.floor(finite.min()), np.ceil(finite.max()) + 1)
+                colorbar.update(title=f"{unit}, log scale", tickvals=ticks, ticktext=[f"1e{int(k)}" for k in ticks])
+        fig = go.Figure(go.Heatmap(
+            z=colour, x=np.arange(tr.iterations), y=labels, customdata=z, colorscale="Viridis",
+            colorbar=colorbar, hovertemplate="position %{y}<br>t=%{x}<br>" + metric + "=%{customdata:.3g}<extra></extra>",
+        ))
+        if tr.position_iterations is not None:
+            last = tr.position_iterations[batch_index] - 1
+            fig.add_trace(go.Scatter(
+                x=last, y=labels, mode="markers", name="halting step",
+                marker=dict(symbol="x", size=9, color="crimson", line=dict(width=1, color="white")),
+                hovertemplate="position %{y}<br>last iteration %{x}<extra></extra>",
+            ))
+        fig.update_layout(title=f"{metric} by position and iteration (step {tr.step}, batch index {batch_index})",
+                          legend=dict(orientation="h", y=-0.15))
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1)
+        fig.update_yaxes(title_text="position (token index)", autorange="reversed", type="category")
+        return fig
+
+    def convergence(self, metric: str = "rel_residual") -> go.Figure:
+        """Per-iteration `metric` (mean over positions), one line per recorded forward."""
+        fig = go.Figure()
+        for i, tr in enumerate(self.traces):
+            values = tr.iteration_metrics.get(metric)
+            if values is None:
+                continue
+            fig.add_trace(go.Scatter(x=np.arange(tr.iterations), y=values, mode="lines+markers",
+                                     name=f"forward {i} (step {tr.step})"))
+        if not fig.data:
+            raise ValueError(f"no trace has {metric!r}: attach with probes including 'convergence'")
+        fig.update_layout(title=f"{metric} per iteration", showlegend=len(fig.data) <= 20)
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1)
+        fig.update_yaxes(title_text=_UNITS.get(metric, metric) + ", mean over positions",
+                         type="log" if metric in _LOG_METRICS else "linear")
+        return fig
+
+    # -- halting -------------------------------------------------------------------------------
+
+    def halting_curves(self) -> go.Figure:
+        """Left: share of positions finished after iteration t (from `exit_count`, all forwards
+        pooled) and the mean cumulative halting probability. Right: histogram of iterations used."""
+        width = max(tr.iterations for tr in self.traces)
+        exits = np.zeros(width)
+        cum, cum_tokens = np.zeros(width), np.zeros(width)
+        for tr in self.traces:
+            count = tr.iteration_metrics.get("exit_count")
+            if count is not None:
+                exits[: tr.iterations] += count
+            halt = tr.iteration_metrics.get("cum_halt")
+            if halt is not None:
+                tokens = tr.batch * tr.seq_len
+                cum[: tr.iterations] += np.nan_to_num(halt) * tokens
+                cum_tokens[: tr.iterations] += tokens
+        if exits.sum() == 0:
+            raise ValueError("no trace has exit counts: record forwards with attach(model)")
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("halting by iteration", "iterations used per position"))
+        t = np.arange(width)
+        fig.add_trace(go.Scatter(x=t, y=np.cumsum(exits) / exits.sum(), mode="lines+markers",
+                                 name="finished (share of positions)"), row=1, col=1)
+        if cum_tokens.any():
+            with np.errstate(invalid="ignore"):
+                fig.add_trace(go.Scatter(x=t, y=cum / cum_tokens, mode="lines+markers", line=dict(dash="dash"),
+                                         name="mean cumulative halting probability"), row=1, col=1)
+        fig.add_trace(go.Bar(x=t + 1, y=exits, name="positions", showlegend=False), row=1, col=2)
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1, row=1, col=1)
+        fig.update_yaxes(title_text="share of positions / probability", range=[0, 1.05], row=1, col=1)
+        fig.update_xaxes(title_text="iterations used (count)", dtick=1, row=1, col=2)
+        fig.update_yaxes(title_text="positions (count)", row=1, col=2)
+        fig.update_layout(title=f"Halting over {len(self.traces)} forward(s)", legend=dict(orientation="h", y=-0.2))
+        return fig
+
+    # -- experts -------------------------------------------------------------------------------
+
+    def expert_heatmap(self, trace: int = -1) -> go.Figure:
+        """Tokens routed to each expert (rows) at each iteration (columns) of one forward."""
+        tr = self._trace(trace)
+        if tr.expert_load is None:
+            raise ValueError("trace has no expert loads: attach with probes including 'experts' on a MoE model")
+        load = tr.expert_load.T  # (E, I)
+        fig = go.Figure(go.Heatmap(
+            z=load, x=np.arange(tr.iterations), y=np.arange(tr.n_experts), colorscale="Blues",
+            colorbar=dict(title="tokens routed (count)"),
+            hovertemplate="expert %{y}<br>t=%{x}<br>%{z} tokens<extra></extra>",
+        ))
+        fig.update_layout(title=f"Expert load by iteration (step {tr.step})")
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1)
+        fig.update_yaxes(title_text="routed expert (index)", dtick=1)
+        return fig
+
+    # -- spectral ------------------------------------------------------------------------------
+
+    def spectral(self, trace: int = -1) -> go.Figure:
+        """Per iteration of one forward: ‖h_t‖ and the growth ratio ‖h_t‖/‖h_{t−1}‖, with ρ(Ā) and
+        1 as references. With several forwards, a second row follows ρ(Ā), the last state norm and
+        the largest growth ratio over the recorded steps."""
+        tr = self._trace(trace)
+        norm = self._iteration_metric(tr, "state_norm", "spectral")
+        growth = self._iteration_metric(tr, "growth_ratio", "spectral")
+        rho = tr.forward_metrics.get("rho_A")
+        several = len(self.traces) > 1
+        fig = make_subplots(rows=2 if several else 1, cols=2, subplot_titles=(
+            "state norm per iteration", "growth ratio per iteration",
+            *(("ρ(Ā) and growth over forwards", "state norm over forwards") if several else ())))
+        t = np.arange(tr.iterations)
+        fig.add_trace(go.Scatter(x=t, y=norm, mode="lines+markers", name="‖h_t‖"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=t, y=growth, mode="lines+markers", name="‖h_t‖/‖h_{t−1}‖"), row=1, col=2)
+        fig.add_hline(y=1.0, line=dict(color="grey", dash="dot", width=1), row=1, col=2)
+        if rho is not None and np.isfinite(rho):
+            fig.add_hline(y=rho, line=dict(color="firebrick", dash="dash", width=1), row=1, col=2,
+                          annotation_text=f"ρ(Ā) = {rho:.3f}")
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1, row=1)
+        fig.update_yaxes(title_text="‖h_t‖ (L2 norm, mean over positions)", row=1, col=1)
+        fig.update_yaxes(title_text="growth ratio (× per iteration)", row=1, col=2)
+        if several:
+            steps = np.array([other.step for other in self.traces])
+            x, label = (steps, "step") if np.all(np.diff(steps) > 0) else (np.arange(len(steps)), "forward (recorded order)")
+
+            def series(fn):
+                return np.array([fn(other) for other in self.traces], dtype=np.float64)
+
+            nan = np.full(1, np.nan)
+            fig.add_trace(go.Scatter(x=x, y=series(lambda o: o.forward_metrics.get("rho_A", np.nan)),
+                                     mode="lines+markers", name="ρ(Ā)"), row=2, col=1)
+            fig.add_trace(go.Scatter(
+                x=x, y=series(lambda o: np.nanmax(o.iteration_metrics.get("growth_ratio", nan))),
+                mode="lines+markers", name="max growth ratio"), row=2, col=1)
+            fig.add_trace(go.Scatter(x=x, y=series(lambda o: o.iteration_metrics.get("state_norm", nan)[-1]),
+                                     mode="lines+markers", name="last ‖h_t‖"), row=2, col=2)
+            fig.update_xaxes(title_text=label, row=2)
+            fig.update_yaxes(title_text="ratio (spectral radius / growth)", row=2, col=1)
+            fig.update_yaxes(title_text="‖h_T‖ (L2 norm)", row=2, col=2)
+        fig.update_layout(title="Spectral stability of the loop", legend=dict(orientation="h", y=-0.15))
+        return fig
+
+    # -- coda lens -----------------------------------------------------------------------------
+
+    def coda_lens(self, trace: int = -1) -> go.Figure:
+        """Coda lens over iterations of one forward: KL(p_T ‖ p_t) to the output distribution (log
+        scale) and the share of sampled positions whose lens argmax is already the final one."""
+        tr = self._trace(trace)
+        kl = self._iteration_metric(tr, "lens_kl_final", "lens")
+        agree = self._iteration_metric(tr, "lens_top1_agree", "lens")
+        t = np.arange(tr.iterations)
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("KL to the final distribution", "top-1 agreement"))
+        fig.add_trace(go.Scatter(x=t, y=kl, mode="lines+markers", name="KL(p_T ‖ p_t)"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=t, y=agree, mode="lines+markers", name="top-1 = final"), row=1, col=2)
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1)
+        fig.update_yaxes(title_text="KL (nats, log scale)", type="log", row=1, col=1)
+        fig.update_yaxes(title_text="share of lens positions", range=[0, 1.05], tickformat=".0%", row=1, col=2)
+        fig.update_layout(title=f"Coda lens (step {tr.step})", legend=dict(orientation="h", y=-0.2))
+        return fig
+
+    # -- early exit ----------------------------------------------------------------------------
+
+    def whatif(self, thresholds: Mapping[str, Iterable[float]] | None = None, min_agreement: float = 0.99) -> go.Figure:
+        """The early-exit what-if of these traces (`mythos_probe.whatif.evaluate`) as a Pareto plot."""
+        from mythos_probe import whatif
+
+        return whatif.pareto_figure(whatif.evaluate(self.traces, thresholds), min_agreement)

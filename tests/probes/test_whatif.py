@@ -1,0 +1,230 @@
+"""Early-exit what-if: every criterion replayed per lens-sampled position agrees with a hand-worked
+example, with a plain-loop replay on random traces, and with the coda lens recomputed from a
+cached forward of a tiny LoopedTransformer."""
+
+import math
+import secrets
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mythos_probe import whatif
+from mythos_probe.records import LoopTrace
+
+NAN = math.nan
+
+
+def make_trace(position_metrics, detail="positions", **fields):
+    """A LoopTrace holding the given (B, T, I) position metrics, built directly."""
+    B, T, I = np.shape(next(iter(position_metrics.values())))
+    defaults = dict(
+        trace_id=secrets.token_hex(16), span_id=secrets.token_hex(8), run_id="run", model_id="m", step=0,
+        start_ns=0, end_ns=1, batch=B, seq_len=T, n_loops=I, iterations=I, exit_policy="fixed", detail=detail,
+    )
+    return LoopTrace(position_metrics=position_metrics, **{**defaults, **fields})
+
+
+def hand_trace():
+    """Positions 0 and 1 sampled by the lens, position 2 not (NaN lens metrics)."""
+    rows = {  # position 0, position 1
+        "cum_halt": [[0.3, 0.6, 0.95, 1.0], [0.1, 0.2, 0.3, 0.4]],
+        "lens_kl_prev": [[NAN, 0.5, 0.05, 0.001], [NAN, 0.002, 0.3, 0.0005]],
+        "rel_residual": [[1.0, 0.2, 0.05, 0.01], [0.9, 0.5, 0.4, 0.3]],
+        "cos_step": [[0.5, 0.1, 0.01, 0.001], [0.4, 0.3, 0.2, 0.1]],
+        "lens_entropy": [[3.0, 2.0, 1.95, 1.949], [2.0, 2.5, 2.45, 2.44]],
+        "lens_argmax": [[5, 7, 7, 7], [3, 3, 9, 9]],
+        "lens_top1_agree": [[0, 1, 1, 1], [0, 0, 1, 1]],
+    }
+    lens = {"lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"}
+    third = {name: [NAN] * 4 if name in lens else [0.5] * 4 for name in rows}
+    return make_trace({name: np.array([values + [third[name]]]) for name, values in rows.items()})
+
+
+# (criterion, threshold) → iterations used by positions 0 and 1, and their agreement at exit
+HAND = {
+    ("act", 0.9): ((3, 4), (1, 1)),
+    ("act", 0.25): ((1, 3), (0, 1)),
+    ("kl", 0.01): ((4, 2), (1, 0)),
+    ("rel_residual", 0.1): ((3, 4), (1, 1)),
+    ("cos_step", 0.25): ((2, 3), (1, 1)),
+    ("entropy", 0.1): ((3, 3), (1, 1)),
+    ("entropy", 0.02): ((4, 4), (1, 1)),
+    ("argmax_stable", 1): ((3, 2), (1, 0)),
+    ("argmax_stable", 2): ((4, 4), (1, 1)),
+}
+
+
+def test_each_criterion_exits_at_the_first_iteration_it_fires():
+    thresholds = {}
+    for criterion, th in HAND:
+        thresholds.setdefault(criterion, []).append(th)
+    table = whatif.evaluate([hand_trace()], thresholds).set_index(["criterion", "threshold"])
+    assert len(table) == len(HAND)
+    for (criterion, th), (used, agree) in HAND.items():
+        row = table.loc[(criterion, th)]
+        assert row["positions"] == 2  # the unsampled position is left out
+        assert row["mean_iterations"] == pytest.approx(np.mean(used))
+        assert row["iterations_saved"] == pytest.approx(1 - sum(used) / 8)
+        assert row["agreement"] == pytest.approx(np.mean(agree))
+
+
+def test_position_exits_name_each_sampled_position():
+    df = whatif.exits([hand_trace()], "kl", 0.01)
+    assert df["position"].tolist() == [0, 1]
+    assert df["exit_iteration"].tolist() == [3, 1]
+    assert df["iterations_used"].tolist() == [4, 2]
+    assert df["iterations_run"].tolist() == [4, 4]
+    assert df["agrees"].tolist() == [True, False]
+
+
+def random_trace(rng, B, T, I, sampled):
+    lens_mask = np.where(sampled[..., None], 1.0, np.nan)  # (B, T, 1)
+    metrics = {
+        "cum_halt": np.cumsum(rng.uniform(0, 0.4, (B, T, I)), axis=-1),
+        "rel_residual": rng.uniform(0, 0.3, (B, T, I)),
+        "cos_step": rng.uniform(0, 0.05, (B, T, I)),
+        "lens_kl_prev": rng.uniform(0, 0.1, (B, T, I)) * lens_mask,
+        "lens_entropy": rng.uniform(1, 1.2, (B, T, I)) * lens_mask,
+        "lens_argmax": rng.integers(0, 2, (B, T, I)) * lens_mask,
+        "lens_top1_agree": rng.integers(0, 2, (B, T, I)) * lens_mask,
+    }
+    metrics["lens_kl_prev"][..., 0] = np.nan
+    return make_trace(metrics)
+
+
+def loop_replay(traces, criterion, threshold):
+    """The what-if written as the definition reads, one position and one iteration at a time."""
+    used, agree, total = [], [], 0
+    for tr in traces:
+        m = {k: v.astype(float) for k, v in tr.position_metrics.items()}
+        for b in range(tr.batch):
+            for p in range(tr.seq_len):
+                if math.isnan(m["lens_argmax"][b, p, 0]):
+                    continue
+                exit_at = tr.iterations - 1
+                for t in range(tr.iterations):
+                    if criterion == "act":
+                        fired = m["cum_halt"][b, p, t] >= threshold
+                    elif criterion == "kl":
+                        fired = m["lens_kl_prev"][b, p, t] < threshold
+                    elif criterion in ("rel_residual", "cos_step"):
+                        fired = m[criterion][b, p, t] < threshold
+                    elif criterion == "entropy":
+                        fired = t > 0 and abs(m["lens_entropy"][b, p, t] - m["lens_entropy"][b, p, t - 1]) < threshold
+                    else:
+                        k = int(threshold)
+                        fired = t >= k and all(m["lens_argmax"][b, p, t - j] == m["lens_argmax"][b, p, t] for j in range(1, k + 1))
+                    if fired:
+                        exit_at = t
+                        break
+                used.append(exit_at + 1)
+                agree.append(m["lens_top1_agree"][b, p, exit_at])
+                total += tr.iterations
+    return np.mean(used), 1 - sum(used) / total, np.mean(agree), len(used)
+
+
+def test_table_matches_a_plain_loop_replay_on_random_traces():
+    rng = np.random.default_rng(0)
+    traces = [
+        random_trace(rng, 2, 5, 5, rng.random((2, 5)) < 0.6),
+        random_trace(rng, 1, 4, 3, np.array([[True, False, True, True]])),
+    ]
+    thresholds = {
+        "act": [0.3, 0.6, 0.9], "kl": [0.01, 0.05], "rel_residual": [0.05, 0.2], "cos_step": [0.01, 0.03],
+        "entropy": [0.02, 0.1], "argmax_stable": [1, 2, 3, 4],
+    }
+    table = whatif.evaluate(traces, thresholds)
+    assert list(table.columns) == whatif.COLUMNS
+    assert len(table) == sum(len(v) for v in thresholds.values())
+    for row in table.itertuples():
+        expected = loop_replay(traces, row.criterion, row.threshold)
+        assert (row.mean_iterations, row.iterations_saved, row.agreement) == pytest.approx(expected[:3])
+        assert row.positions == expected[3]
+
+
+def test_missing_lens_metrics_raise_with_the_attach_hint():
+    summary = make_trace({"rel_residual": np.zeros((1, 2, 3))}, detail="summary")
+    no_lens = make_trace({"rel_residual": np.zeros((1, 2, 3))})
+    for traces in ([summary], [no_lens]):
+        with pytest.raises(ValueError, match=r"detail='positions'.*'lens'"):
+            whatif.evaluate(traces)
+    with pytest.raises(ValueError, match="no traces"):
+        whatif.evaluate([])
+
+
+def test_criteria_without_their_metric_are_left_out_or_refused():
+    tr = hand_trace()
+    without_halting = make_trace({k: v for k, v in tr.position_metrics.items() if k != "cum_halt"})
+    assert "act" not in set(whatif.evaluate([without_halting])["criterion"])
+    with pytest.raises(ValueError, match="cum_halt"):
+        whatif.evaluate([without_halting], {"act": [0.5]})
+
+
+def table_of(rows):
+    return pd.DataFrame(rows, columns=whatif.COLUMNS)
+
+
+def test_recommend_picks_the_largest_saving_at_the_agreement_floor():
+    table = table_of([
+        ("kl", 0.1, 1.0, 0.75, 0.90, 10),
+        ("kl", 0.01, 2.0, 0.50, 0.99, 10),
+        ("act", 0.9, 2.0, 0.50, 1.00, 10),  # same saving, higher agreement: preferred
+        ("rel_residual", 0.5, 3.0, 0.25, 1.00, 10),
+    ])
+    best = whatif.recommend(table, min_agreement=0.99)
+    assert (best["criterion"], best["threshold"]) == ("act", 0.9)
+    assert whatif.recommend(table, min_agreement=0.9)["criterion"] == "kl"
+    with pytest.raises(ValueError, match=r"no exit criterion keeps agreement ≥ 1\.5.*act at threshold 0\.9"):
+        whatif.recommend(table, min_agreement=1.5)
+
+
+def test_pareto_figure_draws_the_undominated_rows_and_the_recommendation():
+    table = table_of([
+        ("kl", 0.1, 1.0, 0.75, 0.90, 10),
+        ("kl", 0.01, 2.0, 0.50, 0.99, 10),
+        ("act", 0.5, 2.0, 0.50, 0.80, 10),  # dominated by kl 0.01
+        ("act", 0.9, 3.0, 0.25, 1.00, 10),
+    ])
+    front = whatif.pareto_front(table)
+    assert list(zip(front["criterion"], front["threshold"])) == [("act", 0.9), ("kl", 0.01), ("kl", 0.1)]
+    fig = whatif.pareto_figure(table, min_agreement=0.95)
+    names = [t.name for t in fig.data]
+    assert names[:2] == ["kl", "act"] and "Pareto front" in names
+    star = fig.data[-1]
+    assert star.name.startswith("recommended: kl") and (star.x[0], star.y[0]) == (0.5, 0.99)
+    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+
+
+def test_end_to_end_kl_exit_matches_the_coda_lens_of_a_cached_forward():
+    from mythos_probe import attach
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with attach(model, probes=["convergence", "halting", "lens"], detail="positions", lens_positions="all") as rec:
+            model(ids, n_loops=5, exit="fixed")
+        # independent: the lens recomputed from the cached states of the same forward
+        logits, cache = model.run_with_cache(ids, n_loops=5, exit="fixed")
+        logp = torch.stack([model.coda_lens(s) for s in cache.stack("recurrent.hook_state_out")])  # (I, B, T, V)
+    kl_prev = (logp[1:].exp() * (logp[1:] - logp[:-1])).sum(-1)  # (I-1, B, T)
+    agree = logp.argmax(-1) == logits.argmax(-1)
+    # thresholds midway between neighbouring observed values (float noise cannot flip a comparison)
+    values = kl_prev.flatten().sort().values
+    thresholds = [float(values[i] + values[i + 1]) / 2 for i in (0, len(values) // 4, len(values) // 2, 3 * len(values) // 4)]
+    thresholds.append(float(values[-1]) * 2)
+    table = whatif.evaluate(rec.traces, {"kl": thresholds}).set_index("threshold")
+    for th in thresholds:
+        fired = torch.cat([torch.zeros_like(kl_prev[:1], dtype=torch.bool), kl_prev < th])  # (I, B, T)
+        exit_at = torch.where(fired.any(0), fired.float().argmax(0), torch.full_like(fired[0], 4, dtype=torch.long))
+        agree_at = agree.gather(0, exit_at[None])[0]
+        assert table.loc[th, "positions"] == 16
+        assert table.loc[th, "mean_iterations"] == pytest.approx((exit_at + 1).float().mean().item())
+        assert table.loc[th, "agreement"] == pytest.approx(agree_at.float().mean().item())
+    assert (table["mean_iterations"] % 1 != 0).any()  # some threshold splits the positions
+    full = whatif.evaluate(rec.traces)
+    assert set(full["criterion"]) == set(whatif.CRITERIA)
+    assert full["iterations_saved"].between(0, 1).all() and full["agreement"].between(0, 1).all()
