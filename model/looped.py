@@ -64,6 +64,11 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
     """q (B, H, T, d), k/v (B, Hkv, S, d). Causal with the queries aligned to the end of k."""
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        # MLA: a value dim below the query dim sends SDPA to its slow generic path; zero-padding v to the
+        # query dim keeps the fused kernel (the padded channels come out zero and are dropped)
+        return _attend(q, k, F.pad(v, (0, q.shape[-1] - dv)), causal, dropout_p, enable_gqa)[..., :dv]
     T, S = q.shape[2], k.shape[2]
     if not causal or T == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
