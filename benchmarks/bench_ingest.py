@@ -24,7 +24,7 @@ def main() -> None:
             start = time.perf_counter()
             store.write_traces(traces)
             arrow_s = time.perf_counter() - start
-        sample = positions_table(traces[:1]).slice(0, 2_000).to_pylist()
+        sample = positions_table(traces[:1], 1).slice(0, 2_000).to_pylist()
         with Store(Path(tmp) / "rows.duckdb") as store:
             cols = [c for c, _ in TABLES["positions"]]
             sql = f"INSERT INTO positions ({', '.join(repr(c).replace(chr(39), chr(34)) for c in cols)}) VALUES ({', '.join('?' * len(cols))})"

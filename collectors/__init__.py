@@ -3,6 +3,6 @@
 Modules: `spans` (encoder/decoder, `emit`), `histograms` (OTel metrics), `schema` and
 `migrations` (table layout), `rows` (Arrow batches), `store` (`Store`, the one DuckDB opener),
 `exporter` (`DuckDBSpanExporter`, OTLP exporters, `BoundedSpanProcessor`, `tracer_provider`),
-`receiver` (OTLP/HTTP), `serve` and `export_cli` (CLI subcommands). Nothing here imports torch;
+`sinks` (`otlp_sink`, `store_sink` for `attach(on_trace=...)`), `receiver` (OTLP/HTTP), `serve` and `export_cli` (CLI subcommands). Nothing here imports torch;
 import the submodule you need (this package imports nothing eagerly).
 """

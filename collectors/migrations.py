@@ -3,7 +3,8 @@
 In the style of simonw/llm: each migration has a name, is recorded in `_migrations` when applied,
 and is safe to run twice (`IF NOT EXISTS`). The list is `m001_tables` followed by one
 `add_column:<table>.<metric>` migration per metric in `records.py`, so a metric added there
-becomes a new migration that older stores pick up on their next read-write open. The schema
+becomes a new migration that older stores pick up on their next read-write open; named migrations
+written since follow (`m002_forward_id`: the store-local key described in `schema`). The schema
 version of a store is the number of migrations it has applied; a store holding a migration this
 code does not know was written by a newer mythos-probe and is refused.
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mythos_probe.collectors.schema import BASE_COLUMNS, METRIC_COLUMNS, quote
+from mythos_probe.collectors.schema import BASE_COLUMNS, KEYED_TABLES, METRIC_COLUMNS, quote
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,19 @@ def _create(table: str) -> str:
     return f"CREATE TABLE IF NOT EXISTS {table} ({cols})"
 
 
+# Existing forwards are numbered by rowid (insertion order), continuing after any id already set, and
+# their child rows take the id by key; both halves skip rows that have one, so a rerun is harmless.
+_FORWARD_ID = (
+    *(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS forward_id BIGINT" for table in KEYED_TABLES),
+    "UPDATE forwards SET forward_id = n.id FROM (SELECT rowid AS r, (SELECT coalesce(max(forward_id), 0) FROM forwards)"
+    " + row_number() OVER (ORDER BY rowid) AS id FROM forwards WHERE forward_id IS NULL) n WHERE forwards.rowid = n.r",
+    *(
+        f"UPDATE {table} SET forward_id = f.forward_id FROM forwards f WHERE {table}.forward_id IS NULL"
+        f" AND {table}.trace_id = f.trace_id AND {table}.span_id = f.span_id"
+        for table in KEYED_TABLES[1:]
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("m001_tables", tuple(_create(t) for t in BASE_COLUMNS)),
     *(
@@ -41,6 +55,7 @@ MIGRATIONS: tuple[Migration, ...] = (
         for table, cols in METRIC_COLUMNS.items()
         for col, typ in cols
     ),
+    Migration("m002_forward_id", _FORWARD_ID),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -3,7 +3,8 @@
 Every table is built column by column with numpy (repeat/tile/ravel), never row by row: the
 positions table alone holds batch × seq × iterations rows per forward. Per-forward strings
 (trace and span ids, token text) become dictionary arrays, so a million-row batch carries each
-id once. A metric missing from a record is NULL in its rows; NaN values stay NaN.
+id once. A metric missing from a record is NULL in its rows; NaN values stay NaN. The store
+numbers the forwards of a batch (`forward_id`, see `schema`) and passes the first number in.
 
 This module is not: the table layout (`schema`), the span encoding (`spans`) or the database
 writes (`store`).
@@ -44,11 +45,20 @@ def arrow_schema(table: str) -> pa.Schema:
 
 
 def json_value(value: Any) -> Any:
-    """JSON has no NaN or ±Inf: they become null in the JSON columns (the typed columns keep them)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    """JSON has no NaN or ±Inf: they become null in the JSON columns (the typed columns keep them).
+
+    Arrays (lists, tuples, numpy arrays from the receiver) are flat in OTel; their elements are
+    checked inline rather than by a call per element, since a span carries dozens of them.
+    """
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
+        return [
+            json_value(v) if isinstance(v, (list, tuple)) else None if type(v) is float and not math.isfinite(v) else v
+            for v in value
+        ]
     return value
 
 
@@ -109,8 +119,9 @@ def spans_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(list(rows), schema=arrow_schema("spans"))
 
 
-def forwards_table(traces: Sequence[LoopTrace]) -> pa.Table:
-    cols: dict[str, list] = {
+def forwards_table(traces: Sequence[LoopTrace], first_forward_id: int) -> pa.Table:
+    cols: dict[str, Any] = {
+        "forward_id": np.arange(first_forward_id, first_forward_id + len(traces), dtype=np.int64),
         "trace_id": [t.trace_id for t in traces],
         "span_id": [t.span_id for t in traces],
         "run_id": [t.run_id for t in traces],
@@ -150,9 +161,10 @@ class _Columns:
         self.text_index: list[np.ndarray] = []
         self.n = 0
 
-    def add_ids(self, trace: LoopTrace, n: int) -> None:
+    def add_ids(self, trace: LoopTrace, forward_id: int, n: int) -> None:
         self.id_index.append(np.full(n, len(self.traces), dtype=np.int32))
         self.traces.append(trace)
+        self.add("forward_id", np.full(n, forward_id, dtype=np.int64), n)
         self.n += n
 
     def add(self, name: str, values: np.ndarray | None, n: int) -> None:
@@ -192,27 +204,27 @@ class _Columns:
         return pa.Table.from_arrays([arrays[f.name] for f in fields], schema=pa.schema(fields))
 
 
-def iterations_table(traces: Iterable[LoopTrace]) -> pa.Table:
+def iterations_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
     cols = _Columns("iterations")
-    for t in traces:
+    for forward_id, t in enumerate(traces, first_forward_id):
         n = t.iterations
-        cols.add_ids(t, n)
+        cols.add_ids(t, forward_id, n)
         cols.add("iteration", np.arange(n), n)
         for name in ITERATION_METRIC_NAMES:
             cols.add(name, t.iteration_metrics.get(name), n)
     return cols.table()
 
 
-def positions_table(traces: Iterable[LoopTrace]) -> pa.Table:
+def positions_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
     """batch × seq × iterations rows per forward at detail="positions", in C order (b, s, t)."""
     cols = _Columns("positions")
-    for t in traces:
+    for forward_id, t in enumerate(traces, first_forward_id):
         if t.detail != "positions":
             continue
         b, s, it = t.batch, t.seq_len, t.iterations
         n = b * s * it
         per_position = np.arange(b * s).repeat(it)  # row → flat (b, s) index
-        cols.add_ids(t, n)
+        cols.add_ids(t, forward_id, n)
         cols.add("batch_index", per_position // s, n)
         cols.add("position", per_position % s, n)
         cols.add("iteration", np.tile(np.arange(it), b * s), n)
@@ -230,26 +242,26 @@ def positions_table(traces: Iterable[LoopTrace]) -> pa.Table:
     return cols.table()
 
 
-def experts_table(traces: Iterable[LoopTrace]) -> pa.Table:
+def experts_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
     cols = _Columns("experts")
-    for t in traces:
+    for forward_id, t in enumerate(traces, first_forward_id):
         if t.expert_load is None:
             continue
         it, e = t.expert_load.shape
-        cols.add_ids(t, it * e)
+        cols.add_ids(t, forward_id, it * e)
         cols.add("iteration", np.arange(it).repeat(e), it * e)
         cols.add("expert", np.tile(np.arange(e), it), it * e)
         cols.add("load", t.expert_load.ravel(), it * e)
     return cols.table()
 
 
-def trace_tables(traces: Sequence[LoopTrace]) -> dict[str, pa.Table]:
-    """The forwards/iterations/positions/experts tables for `traces`."""
+def trace_tables(traces: Sequence[LoopTrace], first_forward_id: int) -> dict[str, pa.Table]:
+    """The forwards/iterations/positions/experts tables for `traces`, numbered from `first_forward_id`."""
     return {
-        "forwards": forwards_table(traces),
-        "iterations": iterations_table(traces),
-        "positions": positions_table(traces),
-        "experts": experts_table(traces),
+        "forwards": forwards_table(traces, first_forward_id),
+        "iterations": iterations_table(traces, first_forward_id),
+        "positions": positions_table(traces, first_forward_id),
+        "experts": experts_table(traces, first_forward_id),
     }
 
 

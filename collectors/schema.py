@@ -5,6 +5,11 @@ per metric, named exactly as the metric (quoted, so case is kept: `rho_A`). Metr
 nullable: NULL means the probe that makes the metric did not run; NaN means it ran and the value
 is undefined (t = 0 for step metrics). `start_time` is UTC without a zone.
 
+`forward_id` is a store-local integer key that the store assigns in insertion order: a forward's
+rows are then contiguous in every table, so DuckDB's per-row-group min/max (zone maps) skip all
+but one or two row groups when a view reads one forward. It is not part of the record and
+differs between two stores holding the same forwards; (trace_id, span_id) is the identity.
+
 This module is not: the migrations that create the tables (`migrations`) or the code that fills
 them (`rows`, `store`).
 """
@@ -82,7 +87,13 @@ METRIC_COLUMNS: dict[str, Columns] = {
     "positions": tuple((name, "REAL") for name in POSITION_METRIC_NAMES),
 }
 
-TABLES: dict[str, Columns] = {table: cols + METRIC_COLUMNS.get(table, ()) for table, cols in BASE_COLUMNS.items()}
+FORWARD_ID: Columns = (("forward_id", "BIGINT"),)
+KEYED_TABLES = ("forwards", "iterations", "positions", "experts")
+
+TABLES: dict[str, Columns] = {
+    table: cols + METRIC_COLUMNS.get(table, ()) + (FORWARD_ID if table in KEYED_TABLES else ())
+    for table, cols in BASE_COLUMNS.items()
+}
 
 
 def quote(identifier: str) -> str:

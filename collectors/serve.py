@@ -3,6 +3,8 @@
 Remote workers export OTLP/HTTP to `--host:--port` (127.0.0.1:4318 by default; any other address
 needs `--token`). The dashboard runs in the same process, reading the same `Store`, on
 127.0.0.1:`--dashboard-port`: it has no authentication of its own, so it never leaves loopback.
+Either port may be 0 (a free one); the two startup lines name the ports bound. SIGTERM or Ctrl+C
+stops both servers and closes the store.
 
 This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_probe.dashboards`).
 """
@@ -30,32 +32,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dashboard", action="store_true", help="only receive and store")
 
 
-def _dashboard(store: Store):
+def _dashboard(store: Store, port: int):
+    """The live dashboard's WSGI server, bound (so port 0 resolves) but not yet serving."""
     try:
+        from werkzeug.serving import make_server
+
         from mythos_probe.dashboards.app import create_app
     except ImportError as exc:
         raise SystemExit(
             f"the dashboard is not available ({exc}); install mythos-probe[dashboard] or pass --no-dashboard"
         ) from None
-    return create_app(store, live=True)
+    return make_server("127.0.0.1", port, create_app(store, live=True).server, threaded=True)
 
 
 def run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Store(args.store) as store:
         receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
-        app = None if args.no_dashboard else _dashboard(store)
+        dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()
-        # Tests and scripts read this line to learn the port when --port 0.
+        # Tests and scripts read these lines to learn the ports when they were given as 0.
         print(f"mythos-probe serve: OTLP/HTTP on {receiver.endpoint}/v1/traces, store {store.path}", flush=True)
+        if dashboard is not None:
+            threading.Thread(target=dashboard.serve_forever, name="dashboard", daemon=True).start()
+            print(f"mythos-probe serve: dashboard on http://127.0.0.1:{dashboard.server_port}", flush=True)
         try:
-            if app is None:
-                stop = threading.Event()
-                signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                stop.wait()
-            else:
-                print(f"mythos-probe serve: dashboard on http://127.0.0.1:{args.dashboard_port}", flush=True)
-                app.run(host="127.0.0.1", port=args.dashboard_port, debug=False)
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
         finally:
+            if dashboard is not None:
+                dashboard.shutdown()
             receiver.stop()
     return 0
 

@@ -168,7 +168,11 @@ def attributes_to_trace(
     if ATTR_TOKEN_TEXT in attrs:
         flat = list(attrs[ATTR_TOKEN_TEXT])
         token_text = tuple(tuple(flat[b * seq_len : (b + 1) * seq_len]) for b in range(batch))
-    user = {key[len(PREFIX_USER) :]: value for key, value in attrs.items() if key.startswith(PREFIX_USER)}
+    user = {
+        key[len(PREFIX_USER) :]: value.tolist() if isinstance(value, np.ndarray) else value
+        for key, value in attrs.items()
+        if key.startswith(PREFIX_USER)
+    }
     return LoopTrace(
         trace_id=trace_id,
         span_id=span_id,

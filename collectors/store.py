@@ -7,7 +7,8 @@ dedupe check and the inserts of one batch form one transaction. Ingest goes thro
 
 Idempotence: a forward is identified by (trace_id, span_id). A batch only inserts forwards (and
 raw spans) whose key the store does not hold yet, so a span delivered twice, by a retrying
-exporter or a replay, stays once.
+exporter or a replay, stays once. New forwards are numbered (`forward_id`, see `schema`) after
+the largest number stored, inside the same transaction.
 
 This module is not: the layout (`schema`), the migrations (`migrations`) or the row building
 (`rows`).
@@ -115,7 +116,8 @@ class Store:
             try:
                 cur.execute("BEGIN TRANSACTION")
                 try:
-                    new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept))
+                    first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
+                    new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept, first))
                     self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
                     cur.execute("COMMIT")
                 except BaseException:

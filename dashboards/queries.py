@@ -160,24 +160,32 @@ def newest_trace(store, sel: Selection) -> str | None:
     return None if df.empty else str(df["trace_id"].iloc[0])
 
 
+# The forward `forward` shows, as its store-local integer key: a join on it lets DuckDB skip every
+# row group of the child table whose forward_id range misses it, instead of scanning the table.
+_ONE_FORWARD = "one AS (SELECT forward_id FROM forwards WHERE trace_id = ? ORDER BY start_time LIMIT 1)"
+
+
 def position_grid(store, trace_id: str, batch_index: int, metric: str) -> pd.DataFrame:
     """Long-form position × iteration values of one forward's batch row, with token text."""
     col = metric_column(metric, POSITION_METRIC_NAMES)
     return store.query(
-        f"SELECT position, iteration, {col} AS value, token_text, iterations_used FROM positions"
-        " WHERE trace_id = ? AND batch_index = ? ORDER BY position, iteration",
+        f"WITH {_ONE_FORWARD} SELECT position, iteration, {col} AS value, token_text, iterations_used"
+        " FROM positions p JOIN one USING (forward_id) WHERE p.batch_index = ? ORDER BY position, iteration",
         [trace_id, batch_index],
     )
 
 
 def forward_iterations(store, trace_id: str, metrics: tuple[str, ...]) -> pd.DataFrame:
     cols = ", ".join(metric_column(m, ITERATION_METRIC_NAMES) for m in metrics)
-    return store.query(f"SELECT iteration, {cols} FROM iterations WHERE trace_id = ? ORDER BY iteration", [trace_id])
+    return store.query(
+        f"WITH {_ONE_FORWARD} SELECT iteration, {cols} FROM iterations JOIN one USING (forward_id) ORDER BY iteration",
+        [trace_id],
+    )
 
 
 # --- loops and halting ----------------------------------------------------------------------------
 
-_ITER_JOIN = "FROM iterations i JOIN sel f ON i.trace_id = f.trace_id AND i.span_id = f.span_id"
+_ITER_JOIN = "FROM iterations i JOIN sel f ON i.forward_id = f.forward_id"
 
 
 def tokens_by_iterations_used(store, sel: Selection) -> pd.DataFrame:
@@ -268,7 +276,7 @@ def expert_load(store, sel: Selection) -> pd.DataFrame:
         sel,
         "SELECT e.iteration, e.expert, sum(e.load) AS load,"
         " sum(e.load) / sum(sum(e.load)) OVER (PARTITION BY e.iteration) AS share"
-        " FROM experts e JOIN sel f ON e.trace_id = f.trace_id AND e.span_id = f.span_id"
+        " FROM experts e JOIN sel f ON e.forward_id = f.forward_id"
         " GROUP BY e.iteration, e.expert ORDER BY e.iteration, e.expert",
     )
 

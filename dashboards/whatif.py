@@ -33,7 +33,7 @@ def early_exit(store, sel: Selection, criterion: str, thresholds=THRESHOLDS) -> 
         store,
         sel,
         f", per AS (SELECT list(i.{col} ORDER BY i.iteration) AS c, list(i.lens_top1_agree ORDER BY i.iteration) AS agree"
-        "   FROM iterations i JOIN sel f ON i.trace_id = f.trace_id AND i.span_id = f.span_id GROUP BY i.trace_id, i.span_id),"
+        "   FROM iterations i JOIN sel f ON i.forward_id = f.forward_id GROUP BY i.forward_id),"
         " th AS (SELECT unnest(CAST(? AS DOUBLE[])) AS threshold),"
         # A NaN/NULL criterion (t = 0 for step metrics) never triggers an exit.
         " exits AS (SELECT th.threshold, len(per.c) AS n, per.agree,"

@@ -113,3 +113,21 @@ def test_read_only_open_while_another_process_writes_points_to_serve(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_forward_id_migration_numbers_stored_forwards_in_insertion_order_and_keys_their_rows(tmp_path):
+    path = tmp_path / "before_forward_id.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, str(path), upto=SCHEMA_VERSION - 1)
+    for trace_id in ("ff", "00", "aa"):  # insertion order, not key order, decides the numbers
+        con.execute("INSERT INTO forwards (trace_id, span_id) VALUES (?, 's')", [trace_id])
+        con.execute("INSERT INTO positions (trace_id, span_id, position) SELECT ?, 's', range FROM range(3)", [trace_id])
+    con.close()
+    with Store(path) as store:
+        assert store.query("SELECT trace_id, forward_id FROM forwards ORDER BY forward_id").values.tolist() == [
+            ["ff", 1], ["00", 2], ["aa", 3]
+        ]
+        keyed = store.query("SELECT trace_id, list(DISTINCT forward_id) AS ids FROM positions GROUP BY trace_id ORDER BY trace_id")
+        assert [(t, list(ids)) for t, ids in keyed.values.tolist()] == [("00", [2]), ("aa", [3]), ("ff", [1])]
+        store.write_traces([make_trace(0)])
+        assert store.query("SELECT max(forward_id) AS m FROM forwards").m[0] == 4
