@@ -23,7 +23,7 @@ from mythos_probe.dashboards.queries import Selection
 from tests.dashboards.factory import BASE_NS, synthetic_trace
 
 ENDPOINTS = ("/chat", "/code", "/search", "/summarize")
-PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("lens_kl_prev",)}
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",)}
 
 
 def build(path: Path, n_forwards: int, batch_size: int = 200) -> None:

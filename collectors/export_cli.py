@@ -1,4 +1,4 @@
-"""`mythos-probe export`: a store → partitioned Parquet.
+"""`mythos-probe export`: a store → partitioned Parquet, or replayed over OTLP.
 
 `--parquet DIR` writes one Hive-partitioned dataset per table (`DIR/<table>/date=…/model_id=…/`)
 through DuckDB's COPY, which DuckDB, Spark, ClickHouse and Polars read back with Hive
@@ -6,21 +6,36 @@ partitioning. Child tables get their forward's date and model by a join, so ever
 partitions the same way; spans that are not forwards (per-iteration children) have no forward
 row and land under `date=NULL/model_id=NULL`.
 
-This module is not: the store (`store`) or the span encoding (`spans`).
+`--otlp ENDPOINT` replays every stored forward as the span `spans.emit` makes of it, under the
+resource it arrived with, to an OTLP endpoint (`mythos-probe serve`, a Collector, Phoenix…), so a
+store recorded offline can be loaded into a live backend. The `LoopTrace` is rebuilt from the typed
+tables (they keep NaN and ±Inf, which JSON cannot) as span attributes and decoded by
+`spans.attributes_to_trace`, the receiver's own decoder. Spans other than forwards are not
+replayed. Settings other than the endpoint resolve as in `exporter.otlp_exporter`.
+
+This module is not: the store (`store`), the span encoding (`spans`) or the transport (`exporter`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+from mythos_probe.collectors import spans
 from mythos_probe.collectors.schema import TABLES
-from mythos_probe.collectors.store import Store
+from mythos_probe.collectors.store import SchemaError, Store, StoreError
+from mythos_probe.records import FORWARD_METRIC_NAMES, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
 HELP = "export a store to partitioned Parquet or over OTLP"
 
-_PARTITION = "strftime(f.start_time, '%Y-%m-%d') AS date, f.model_id AS model_id"
+# Forwards rebuilt and sent per round: bounds memory (a 256-position forward is ~1 MB of
+# attribute lists) and keeps every round far below the exporter queue and request size limits.
+CHUNK = 32
 
 
 def export_parquet(store: Store, out: str | Path) -> dict[str, Path]:
@@ -44,15 +59,172 @@ def export_parquet(store: Store, out: str | Path) -> dict[str, Path]:
     return folders
 
 
+_NULLABLE = {
+    "forwards": FORWARD_METRIC_NAMES,
+    "iterations": ITERATION_METRIC_NAMES,
+    "positions": (*POSITION_METRIC_NAMES, "token_id", "token_text", "iterations_used"),
+}
+
+
+def _present(store: Store, table: str, columns: tuple[str, ...], lo: int, hi: int) -> dict[int, set[str]]:
+    """Per forward, which of `columns` hold values: NULL means the record lacked the field, while
+    pandas would show NULL and NaN alike."""
+    counts = ", ".join(f'count("{c}") AS "{c}"' for c in columns)
+    df = store.query(f"SELECT forward_id, {counts} FROM {table} WHERE forward_id BETWEEN ? AND ? GROUP BY forward_id", [lo, hi])
+    return {int(row["forward_id"]): {c for c in columns if row[c] > 0} for _, row in df.iterrows()}
+
+
+def stored_traces(store: Store, chunk: int = CHUNK) -> Iterator[list[tuple[str, LoopTrace]]]:
+    """Every stored forward as (its resource as JSON, its `LoopTrace`), in store order, `chunk`
+    forwards per list."""
+    ids = store.query("SELECT forward_id FROM forwards ORDER BY forward_id")["forward_id"].tolist()
+    for start in range(0, len(ids), chunk):
+        lo, hi = ids[start], ids[min(start + chunk, len(ids)) - 1]
+        between = "WHERE forward_id BETWEEN ? AND ?"
+        forwards = store.query(
+            "SELECT f.*, CAST(f.attributes AS VARCHAR) AS user, coalesce(CAST(s.resource AS VARCHAR), '{}') AS resource"
+            f" FROM forwards f LEFT JOIN spans s USING (trace_id, span_id) {between.replace('forward_id', 'f.forward_id')}"
+            " ORDER BY f.forward_id", [lo, hi])
+        tables = {
+            "iterations": store.query(f"SELECT * FROM iterations {between} ORDER BY forward_id, iteration", [lo, hi]),
+            "positions": store.query(
+                f"SELECT * FROM positions {between} ORDER BY forward_id, batch_index, position, iteration", [lo, hi]),
+            "experts": store.query(f"SELECT * FROM experts {between} ORDER BY forward_id, iteration, expert", [lo, hi]),
+        }
+        rows = {name: dict(tuple(df.groupby("forward_id"))) for name, df in tables.items()}
+        present = {table: _present(store, table, columns, lo, hi) for table, columns in _NULLABLE.items()}
+        out = []
+        for f in forwards.to_dict("records"):
+            fid = f["forward_id"]
+            attrs = _attributes(f, {t: p.get(fid, set()) for t, p in present.items()},
+                                *(rows[t].get(fid) for t in ("iterations", "positions", "experts")))
+            out.append((f["resource"], spans.attributes_to_trace(attrs, f["trace_id"], f["span_id"], f["start_ns"], f["end_ns"])))
+        yield out
+
+
+def _attributes(f: dict, present: dict[str, set[str]], iterations, positions, experts) -> dict:
+    """One stored forward as the span attributes `spans.trace_to_attributes` would give its record;
+    `present`: table → the columns that hold values for this forward."""
+    attrs = {
+        spans.ATTR_RUN_ID: f["run_id"], spans.ATTR_MODEL_ID: f["model_id"], spans.ATTR_STEP: f["step"],
+        spans.ATTR_BATCH: f["batch"], spans.ATTR_SEQ_LEN: f["seq_len"], spans.ATTR_N_LOOPS: f["n_loops"],
+        spans.ATTR_ITERATIONS: f["iterations"], spans.ATTR_EXIT_POLICY: f["exit_policy"],
+        spans.ATTR_DETAIL: f["detail"], spans.ATTR_SCHEMA_VERSION: f["schema_version"],
+    }
+    for name in present["iterations"]:
+        attrs[spans.ITERATION_ATTRS[name]] = iterations[name].to_numpy()
+    for name in present["forwards"]:
+        attrs[spans.FORWARD_ATTRS[name]] = f[name]
+    metrics = [m for m in POSITION_METRIC_NAMES if m in present["positions"]]
+    if metrics:
+        attrs[spans.ATTR_POSITION_SHAPE] = [f["batch"], f["seq_len"], f["iterations"]]
+        for name in metrics:
+            attrs[spans.POSITION_ATTRS[name]] = positions[name].to_numpy()
+    if positions is not None:
+        first = positions[positions["iteration"] == 0]  # one row per (batch_index, position)
+        for column, key in (("token_id", spans.ATTR_TOKEN_IDS), ("iterations_used", spans.ATTR_POSITION_ITERATIONS),
+                            ("token_text", spans.ATTR_TOKEN_TEXT)):
+            if column in present["positions"]:
+                attrs[key] = first[column].tolist()
+    if f["n_experts"]:
+        attrs[spans.ATTR_EXPERT_COUNT] = f["n_experts"]
+        attrs[spans.ATTR_EXPERT_LOAD] = [] if experts is None else experts["load"].tolist()
+    for key, value in json.loads(f["user"]).items():
+        # The JSON column holds NaN and ±Inf as null; NaN writes back to the same null.
+        attrs[spans.PREFIX_USER + key] = float("nan") if value is None else value
+    return attrs
+
+
+@dataclass
+class Replay:
+    """What `export_otlp` sent: forwards stored, spans delivered and spans not delivered."""
+
+    forwards: int
+    delivered: int = 0
+    not_delivered: int = 0
+
+
+class _Sender:
+    """One resource's tracer provider, on a `BoundedSpanProcessor` exporting to the endpoint."""
+
+    def __init__(self, resource: str, endpoint: str) -> None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        from mythos_probe.collectors.exporter import BoundedSpanProcessor, otlp_exporter
+
+        self.processor = BoundedSpanProcessor(otlp_exporter(endpoint))
+        # Resource(...) rather than exporter.tracer_provider's Resource.create(...): the span keeps
+        # the resource it was stored with, not this process's service name and SDK version.
+        self.provider = TracerProvider(resource=Resource(json.loads(resource)),
+                                       id_generator=spans.LoopTraceIdGenerator(), span_limits=spans.SPAN_LIMITS)
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("mythos_probe")
+
+
+def export_otlp(store: Store, endpoint: str, progress: bool = True) -> Replay:
+    """Emits every stored forward to `endpoint`, `CHUNK` at a time, waiting for each round to be
+    exported (so nothing is dropped for a full queue). Stops at the first round of which no span
+    got through, counting the rest as not delivered: an endpoint that is down fails every one."""
+    from tqdm import tqdm
+
+    result = Replay(forwards=int(store.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0]))
+    senders: dict[str, _Sender] = {}
+    bar = tqdm(total=result.forwards, unit="forward", desc="export", disable=not progress, file=sys.stderr)
+    try:
+        for chunk in stored_traces(store):
+            if not _send(chunk, senders, endpoint, result):
+                break
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+        for sender in senders.values():
+            sender.provider.shutdown()
+    result.not_delivered = result.forwards - result.delivered
+    return result
+
+
+def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpoint: str, result: Replay) -> bool:
+    """Emits one round and waits for it; False when none of its spans was delivered."""
+    before = sum(s.processor.exported_spans for s in senders.values())
+    for resource, trace in items:
+        if resource not in senders:
+            senders[resource] = _Sender(resource, endpoint)
+        spans.emit(senders[resource].tracer, trace)
+    for sender in senders.values():
+        sender.processor.force_flush()
+    delivered = sum(s.processor.exported_spans for s in senders.values()) - before
+    result.delivered += delivered
+    return delivered > 0
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="DuckDB store to read (opened read-only)")
     parser.add_argument("--parquet", metavar="DIR", help="write partitioned Parquet under DIR")
+    parser.add_argument("--otlp", metavar="ENDPOINT",
+                        help="replay every forward over OTLP/HTTP to ENDPOINT (base URL, e.g. http://127.0.0.1:4318)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.parquet:
-        raise SystemExit("nothing to do: pass --parquet DIR")
-    with Store.open_read_only(args.store) as store:
-        folders = export_parquet(store, args.parquet)
-    print(json.dumps({t: str(p) for t, p in folders.items()}))
+    if not (args.parquet or args.otlp):
+        raise SystemExit("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
+    try:
+        store = Store.open_read_only(args.store)
+    except (StoreError, SchemaError) as exc:
+        print(f"mythos-probe export: {exc}", file=sys.stderr)
+        return 2
+    with store:
+        if args.parquet:
+            folders = export_parquet(store, args.parquet)
+            print(json.dumps({t: str(p) for t, p in folders.items()}))
+        if args.otlp:
+            t0 = time.perf_counter()
+            replay = export_otlp(store, args.otlp)
+            print(f"replayed {replay.forwards:,} forwards to {args.otlp} in {time.perf_counter() - t0:.1f} s: "
+                  f"{replay.delivered:,} spans delivered, {replay.not_delivered:,} not delivered")
+            if replay.not_delivered:
+                print(f"mythos-probe export: {replay.not_delivered:,} of {replay.forwards:,} spans were not delivered "
+                      f"to {args.otlp}: is an OTLP receiver (e.g. `mythos-probe serve`) listening there?",
+                      file=sys.stderr)
+                return 1
     return 0

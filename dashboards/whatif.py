@@ -1,46 +1,106 @@
-"""Early-exit what-if from stored iteration metrics, in SQL: what a threshold exit would have saved.
+"""Early-exit what-if in SQL: `mythos_probe.whatif.evaluate` run by DuckDB over the store's
+`positions` table, so that the dashboard replays millions of position rows without loading them.
 
-For each threshold τ on a per-iteration criterion (`lens_kl_prev` or `rel_residual`), every
-forward is replayed as if it had stopped at the first iteration whose criterion fell below τ
-(or ran to its last iteration). Per threshold we report the share of executed iterations saved
-and the coda-lens top-1 agreement with the final answer at the exit iteration.
+Same replay, same result: every lens-sampled position (finite `lens_argmax`) exits at the first
+iteration where a criterion fires, else at the forward's last iteration; the criteria, their
+default thresholds and the columns come from `mythos_probe.whatif` (numpy and pandas only, no
+torch), and `tests/dashboards/test_whatif_sql.py` holds both equal row for row. A criterion whose
+input metric some sampled position lacks (NULL: the probe did not run) is left out, as there.
 
-This is a forward-level approximation built only from per-iteration means (the stored summary).
-It is not `mythos_probe.whatif`, which replays per-position exits from full detail; once that
-exists, the lens page can call it instead of `early_exit` with the same result columns.
+Why it stays linear in the rows rather than positions × iterations × thresholds: each criterion
+is a score that fires below τ (kl, rel_residual, cos_step, entropy) or at and above τ (act,
+argmax_stable). A position exits at iteration t for exactly the thresholds between its score at
+t and its most extreme score before t, (s_t, min_{<t} s] or (max_{<t} s, s_t], and at its last
+iteration for all thresholds that never fired. So one pass of window functions gives each row its
+interval, and each (position, threshold) pair meets exactly one row in an interval join.
+
+This module is not: the replay over `LoopTrace`s (`mythos_probe.whatif`) nor the figure (the
+page draws `mythos_probe.whatif.pareto_figure` of this table).
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Iterable, Mapping
+
 import pandas as pd
 
-from mythos_probe.dashboards.queries import Selection, metric_column, select
-from mythos_probe.records import ITERATION_METRIC_NAMES
+from mythos_probe.dashboards.queries import Selection, select
+from mythos_probe.whatif import INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
 
-CRITERIA = ("lens_kl_prev", "rel_residual")
-THRESHOLDS = tuple(float(x) for x in np.logspace(-4, 0, 13))
+# Score per criterion, over the `steps` rows below, and whether it fires below τ or at/above it.
+# NaN scores never fire (DuckDB orders NaN above every number, so they become NULL first).
+_SCORES = {
+    "act": ("cum_halt", "at_least"),
+    "kl": ("lens_kl_prev", "below"),
+    "rel_residual": ("rel_residual", "below"),
+    "cos_step": ("cos_step", "below"),
+    "entropy": ("entropy_change", "below"),
+    "argmax_stable": ("run", "at_least"),
+}
+
+_ROWS = f"""
+, lens AS (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
+    p.lens_top1_agree AS agree, {", ".join(f'p."{col}"' for col in sorted(set(INPUTS.values())))},
+    abs(CAST(p.lens_entropy AS DOUBLE) - lag(CAST(p.lens_entropy AS DOUBLE)) OVER w) AS entropy_change,
+    p.iteration = 0 OR p.lens_argmax <> lag(p.lens_argmax) OVER w AS changed
+  FROM positions p JOIN sel f USING (forward_id)
+  WHERE isfinite(p.lens_argmax)
+  WINDOW w AS (PARTITION BY p.forward_id, p.batch_index, p.position ORDER BY p.iteration)),
+runs AS (SELECT *, iteration - max(CASE WHEN changed THEN iteration END) OVER (w ROWS UNBOUNDED PRECEDING) AS run
+  FROM lens WINDOW w AS (PARTITION BY forward_id, batch_index, position ORDER BY iteration)),
+steps AS (SELECT *, {{befores}} FROM runs
+  WINDOW before AS (PARTITION BY forward_id, batch_index, position ORDER BY iteration
+                    ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)),
+exits AS ({{exits}}),
+th AS (SELECT unnest(CAST(? AS VARCHAR[])) AS criterion, unnest(CAST(? AS INTEGER[])) AS k,
+              unnest(CAST(? AS DOUBLE[])) AS threshold),
+avail AS (SELECT {", ".join(f'bool_and("{col}" IS NOT NULL) AS "{c}"' for c, col in INPUTS.items())} FROM lens),
+ok AS (UNPIVOT avail ON COLUMNS(*) INTO NAME criterion VALUE available),
+total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0)
+SELECT th.criterion, th.threshold, avg(e.iteration + 1) AS mean_iterations,
+  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved, avg(e.agree) AS agreement,
+  count(*) AS positions
+FROM th JOIN ok USING (criterion) JOIN exits e ON e.criterion = th.criterion
+  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total
+WHERE ok.available
+GROUP BY th.criterion, th.k, th.threshold ORDER BY list_position(?, th.criterion), th.k
+"""
 
 
-def early_exit(store, sel: Selection, criterion: str, thresholds=THRESHOLDS) -> pd.DataFrame:
-    """One row per threshold: forwards replayed, share of iterations saved, top-1 agreement at exit."""
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown exit criterion {criterion!r}")
-    col = metric_column(criterion, ITERATION_METRIC_NAMES)
-    # One list per forward, then the thresholds against 10k short lists rather than a
-    # thresholds × iterations-rows cross join: ~5× faster on a 10,000-forward store.
-    return select(
-        store,
-        sel,
-        f", per AS (SELECT list(i.{col} ORDER BY i.iteration) AS c, list(i.lens_top1_agree ORDER BY i.iteration) AS agree"
-        "   FROM iterations i JOIN sel f ON i.forward_id = f.forward_id GROUP BY i.forward_id),"
-        " th AS (SELECT unnest(CAST(? AS DOUBLE[])) AS threshold),"
-        # A NaN/NULL criterion (t = 0 for step metrics) never triggers an exit.
-        " exits AS (SELECT th.threshold, len(per.c) AS n, per.agree,"
-        "   coalesce(list_position(list_transform(per.c, lambda x: coalesce(x < th.threshold, false)), true) - 1,"
-        "            len(per.c) - 1) AS exit_at FROM th CROSS JOIN per)"
-        " SELECT threshold, count(*) AS forwards, avg((n - 1 - exit_at) / n) AS saved_share,"
-        "   avg(exit_at + 1) AS mean_iterations, avg(list_extract(agree, exit_at + 1)) AS agreement"
-        " FROM exits GROUP BY threshold ORDER BY threshold",
-        [list(thresholds)],
-    )
+def _score(column: str) -> str:
+    return f"nullif(CAST({column} AS DOUBLE), 'nan')"
+
+
+def _sql() -> str:
+    befores, exits = [], []
+    for criterion, (column, fires) in _SCORES.items():
+        score = _score(column)
+        extreme = "min" if fires == "below" else "max"
+        befores.append(f"{extreme}({score}) OVER before AS {criterion}_before")
+        last = "iteration = n - 1"
+        if fires == "below":  # exits at t for τ in (s_t, min before]; the last row takes every τ ≤ min before
+            lo, hi = f"CASE WHEN {last} THEN '-inf' ELSE {score} END", f"coalesce({criterion}_before, 'inf')"
+        else:  # exits at t for τ in (max before, s_t]; the last row takes every τ > max before
+            lo, hi = f"coalesce({criterion}_before, '-inf')", f"CASE WHEN {last} THEN 'inf' ELSE {score} END"
+        exits.append(
+            f"SELECT '{criterion}' AS criterion, iteration, agree, CAST({lo} AS DOUBLE) AS lo, CAST({hi} AS DOUBLE) AS hi"
+            f" FROM steps WHERE lo < hi"
+        )
+    return _ROWS.format(befores=", ".join(befores), exits=" UNION ALL ".join(exits))
+
+
+_SQL = _sql()
+
+
+def evaluate(store, sel: Selection, thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
+    """`mythos_probe.whatif.evaluate` over the selected forwards' stored positions: one row per
+    (criterion, threshold) with mean_iterations, iterations_saved, agreement and positions;
+    empty when no selected forward has per-position lens metrics."""
+    chosen = DEFAULT_THRESHOLDS if thresholds is None else thresholds
+    unknown = sorted(set(chosen) - set(CRITERIA))
+    if unknown:
+        raise ValueError(f"unknown exit criteria {unknown}; choose from {CRITERIA}")
+    rows = [(c, k, float(t)) for c in CRITERIA if c in chosen for k, t in enumerate(chosen[c])]
+    names, ks, values = (list(col) for col in zip(*rows)) if rows else ([], [], [])
+    df = select(store, sel, _SQL, [names, ks, values, list(CRITERIA)])
+    return df.astype({"positions": "int64"})[COLUMNS]

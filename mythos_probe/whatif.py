@@ -50,7 +50,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[float, ...]] = {
     "argmax_stable": (1, 2, 3, 4),  # k iterations
 }
 
-_INPUT = {
+INPUTS = {
     "act": "cum_halt", "kl": "lens_kl_prev", "rel_residual": "rel_residual", "cos_step": "cos_step",
     "entropy": "lens_entropy", "argmax_stable": "lens_argmax",
 }
@@ -74,9 +74,9 @@ class _Positions:
                     f"trace {t.span_id} has detail={t.detail!r} and position metrics "
                     f"{sorted(t.position_metrics)}"
                 )
-        self.available = tuple(c for c in CRITERIA if all(_INPUT[c] in t.position_metrics for t in traces))
+        self.available = tuple(c for c in CRITERIA if all(INPUTS[c] in t.position_metrics for t in traces))
         width = max(t.iterations for t in traces)
-        names = sorted({_INPUT[c] for c in self.available} | {"lens_top1_agree"})
+        names = sorted({INPUTS[c] for c in self.available} | {"lens_top1_agree"})
         parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
         n, keys = [], []
         for t in traces:
@@ -95,7 +95,7 @@ class _Positions:
 
     def fires(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P, I) bool: criterion fired at iteration t for threshold k (NaN never fires)."""
-        x = self.metrics[_INPUT[criterion]]
+        x = self.metrics[INPUTS[criterion]]
         th = thresholds[:, None, None]
         with np.errstate(invalid="ignore"):
             if criterion == "act":
@@ -150,7 +150,7 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
         missing = sorted(set(thresholds) & set(CRITERIA) - set(pos.available))
         if missing:
             raise ValueError(
-                f"criteria {missing} need position metrics {[_INPUT[c] for c in missing]}, which these traces "
+                f"criteria {missing} need position metrics {[INPUTS[c] for c in missing]}, which these traces "
                 "lack: attach with the 'convergence' and 'halting' probes and detail='positions'"
             )
     rows = []

@@ -45,6 +45,10 @@ def synthetic_trace(
     cum_halt = np.minimum(np.cumsum(halt, axis=-1), 1.0)
     kl_final = rel * 4.0
     kl_final[..., -1] = 0.0
+    # The coda lens samples the last position of each row (attach's default lens_positions="last").
+    lens = np.full((batch, seq_len, 1), np.nan)
+    lens[:, -1] = 1.0
+    lens_agree = (kl_final < 0.05) * lens  # (B, S, T)
     agree = (kl_final < 0.05).mean(axis=(0, 1))
     agree[-1] = 1.0
 
@@ -110,6 +114,10 @@ def synthetic_trace(
             "halt_prob": halt,
             "cum_halt": cum_halt,
             "lens_kl_final": kl_final,
+            "lens_kl_prev": np.concatenate([np.full((batch, seq_len, 1), np.nan), np.abs(np.diff(kl_final, axis=-1))], -1) * lens,
+            "lens_entropy": (1.0 + kl_final) * lens,
+            "lens_argmax": np.where(lens_agree == 1, token_ids[..., None], -1) * lens,
+            "lens_top1_agree": lens_agree,
         },
         forward_metrics=forward_metrics,
         expert_load=load,

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mythos_probe.dashboards import cli, whatif
+from mythos_probe import whatif as replay
+from mythos_probe.dashboards import cli
 from mythos_probe.dashboards.app import create_app
 from tests.dashboards.conftest import DIVERGED, Served
 from tests.dashboards.factory import BASE_NS, synthetic_trace
@@ -246,14 +247,11 @@ def test_lens_page_shows_kl_heatmap_and_the_early_exit_pareto(browser, site, tra
     np.testing.assert_allclose(np.asarray(heat["data"][0]["z"])[:, :-1],
                                np.log10(newest.position_metrics["lens_kl_final"][0][:, :-1]), rtol=1e-5)
     fig = read_graph(browser, "lens-pareto", "saved vs agreement")
-    saved, agree = [], []
-    for threshold in whatif.THRESHOLDS:  # independent replay of "exit at the first value below τ"
-        exit_at = [next((k for k, c in enumerate(t.iteration_metrics["lens_kl_prev"]) if c < threshold), t.iterations - 1)
-                   for t in traces]
-        saved.append(np.mean([(t.iterations - 1 - k) / t.iterations for t, k in zip(traces, exit_at)]))
-        agree.append(np.mean([t.iteration_metrics["lens_top1_agree"][k] for t, k in zip(traces, exit_at)]))
-    np.testing.assert_allclose(fig["data"][0]["x"], saved)
-    np.testing.assert_allclose(fig["data"][0]["y"], agree)
+    expected = replay.evaluate(traces)  # the replay over the traces themselves, not the store
+    for drawn in fig["data"][: expected["criterion"].nunique()]:
+        rows = expected[expected["criterion"] == drawn["name"]]
+        np.testing.assert_allclose(drawn["x"], rows["iterations_saved"])
+        np.testing.assert_allclose(drawn["y"], rows["agreement"])
     wait_text(browser, "lens-whatif", "top-1 agreement at exit")
     screenshot(browser, "lens")
     no_console_errors(browser)

@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 
+from mythos_probe import whatif as replay
 from mythos_probe.dashboards import app as dashboard_app
 from mythos_probe.dashboards.components import guarded
 from mythos_probe.dashboards.pages import PAGES, forward, forwards, lens
 from mythos_probe.dashboards.queries import Selection
 
-PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("lens_kl_prev",)}
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",)}
 
 
 def _args(page):
@@ -61,7 +62,10 @@ def test_lens_follows_the_selected_forward(store, traces):
     t = traces[2]
     out = lens.update(store, Selection(), f"?trace={t.trace_id}", "rel_residual")
     assert t.trace_id[:8] in out[1].layout.title.text
-    assert len(out[3].data[0].x) == 13
+    criteria = replay.evaluate(traces)["criterion"].unique().tolist()
+    assert [d.name for d in out[3].data][: len(criteria)] == criteria
+    assert len(out[3].data[0].x) == len(replay.DEFAULT_THRESHOLDS[criteria[0]])
+    assert "lens-whatif-table" in str(out[4])
 
 
 def test_a_failing_query_becomes_a_message_not_a_traceback():

@@ -98,23 +98,6 @@ def test_position_grid_of_one_forward(store, traces):
         queries.position_grid(store, t.trace_id, 0, "rel_residual; DROP TABLE forwards")
 
 
-def test_early_exit_whatif_matches_a_numpy_replay(store, traces):
-    thresholds = (1e-3, 0.03, 0.3)
-    df = whatif.early_exit(store, Selection(), "lens_kl_prev", thresholds)
-    for threshold, row in zip(thresholds, df.itertuples()):
-        saved, agree = [], []
-        for t in traces:
-            c = t.iteration_metrics["lens_kl_prev"]
-            hits = np.flatnonzero(c < threshold)  # NaN never compares below
-            exit_at = hits[0] if len(hits) else t.iterations - 1
-            saved.append((t.iterations - 1 - exit_at) / t.iterations)
-            agree.append(t.iteration_metrics["lens_top1_agree"][exit_at])
-        assert row.threshold == pytest.approx(threshold)
-        assert row.saved_share == pytest.approx(np.mean(saved))
-        assert row.agreement == pytest.approx(np.mean(agree))
-    assert df["saved_share"].is_monotonic_increasing
-
-
 def test_non_finite_values_do_not_hide_the_finite_ones(store, traces):
     # The diverged forward's state norm is +Inf from its divergence on; the curves keep the rest.
     df = queries.iteration_means(store, Selection(runs=(traces[DIVERGED].run_id,)), ("state_norm",))
