@@ -1,6 +1,7 @@
 """`mythos-probe demo`: the main job. Loads the shipped trained looped model, runs a workload of
-mixed difficulty (k-hop binding chains) with probes at the positions level, stores every forward
-in the embedded DuckDB store and serves the dashboard on it.
+mixed difficulty (modular arithmetic chains of k steps) with probes at the positions level,
+stores every forward in the embedded DuckDB store, together with the run the probes recorded
+while the model trained, and serves the dashboard on it.
 
 A second run appends to the same store (a new run id); a file that is not a mythos-probe store
 is refused with a message, never overwritten. `--no-serve` prints a summary instead: accuracy and
@@ -42,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"mythos-probe demo: {exc}\nChoose another file with --store PATH.", file=sys.stderr)
         return 2
     try:
-        traces, hops = record_workload(args.requests, args.batch, args.seed)
-        store.write_traces(traces)
-        print(summary(traces, hops))
-        print(f"stored {len(traces)} forwards in {args.store}")
+        from mythos_probe.trained import load_training_traces
+
+        traces, shadows, outcomes = record_workload(args.requests, args.batch, args.seed)
+        training = load_training_traces()  # same ids every run: stored once (the store dedupes)
+        store.write_traces(training + traces + shadows)
+        print(summary(traces, shadows, outcomes))
+        print(f"stored {len(traces)} served and {len(shadows)} full-depth forwards, and {len(training)} "
+              f"recorded training steps, in {args.store}")
         if args.no_serve:
             return 0
         return serve(store, args.host, args.port)
@@ -54,60 +59,63 @@ def run(args: argparse.Namespace) -> int:
 
 
 def record_workload(requests: int, batch: int, seed: int):
-    """Run the workload with probes attached; returns (traces, hops of each trace)."""
+    """Run the workload with probes attached. Returns (served traces, full-depth shadow traces,
+    (k, accuracy) per request): each request runs with ACT, as served, and once more at full
+    depth (`exit="fixed"`), the baseline an early-exit policy must agree with."""
     import torch
     from tqdm import tqdm
 
     import mythos_probe
     from mythos_probe.collector import DEFAULT_PROBES
-    from mythos_probe.tasks import HopsTask, decode
+    from mythos_probe.tasks import ChainTask, decode
     from mythos_probe.trained import load_metadata, load_trained_model
 
     model, _ = load_trained_model()
-    meta = load_metadata()
-    train_hops = int(meta.get("settings", {}).get("max_train_hops", 4))
-    task = HopsTask(seed=1000 + seed)  # held out from training
+    train_steps = int(load_metadata()["settings"]["train_steps"])
+    task = ChainTask(seed=1000 + seed)  # held out from training
     run_id = time.strftime("demo-%Y%m%d-%H%M%S")
-    hop_levels = list(range(1, min(task.max_hops, train_hops + 2) + 1))  # seen in training, and two beyond
+    lengths = list(range(1, train_steps + 3))  # chain lengths seen in training, and two beyond
     users = ["ana", "bo", "chen", "dia"]
-    traces, hops = [], []
+    traces, shadows, outcomes = [], [], []
     with torch.no_grad():
         for i in tqdm(range(requests), desc="demo workload", unit="request", file=sys.stderr):
-            k = hop_levels[i % len(hop_levels)]
-            b = task.batch(batch, hops=k)
+            k = lengths[i % len(lengths)]
+            b = task.batch(batch, k)
             attributes = {
-                "endpoint": "/easy" if k <= 2 else "/medium" if k <= train_hops else "/hard",
+                "endpoint": "/easy" if k <= 3 else "/medium" if k <= train_steps else "/hard",
                 "user": users[i % len(users)],
                 "request_id": f"req-{seed}-{i:04d}",
-                "hops": k,
+                "chain_steps": k,
             }
             with mythos_probe.attach(model, probes=[*DEFAULT_PROBES, "lens"], detail="positions",
-                                     attributes=attributes, run_id=run_id, model_id="hops-demo",
+                                     attributes=attributes, run_id=run_id, model_id="chains",
                                      token_text=lambda t: decode([t])) as rec:
-                logits = model(b.input_ids)
-            trace = rec.traces[0]
-            correct = (logits[:, -1].argmax(-1) == b.answers).float().mean().item()
-            traces.append(trace)
-            hops.append((k, correct))
-    return traces, hops
+                logits = model(b.input_ids, n_loops=2 * model.cfg.max_loop_iters)  # ACT decides the depth
+                # a shadow run at full depth: the baseline the early-exit what-if compares against
+                model(b.input_ids, n_loops=2 * model.cfg.max_loop_iters, exit="fixed")
+            served, shadow = rec.traces
+            traces.append(served)
+            shadows.append(shadow)
+            outcomes.append((k, (logits[:, -1].argmax(-1) == b.answers).float().mean().item()))
+    return traces, shadows, outcomes
 
 
-def summary(traces, hops) -> str:
+def summary(traces, shadows, outcomes) -> str:
     import numpy as np
 
     from mythos_probe import whatif
 
-    lines = ["hops  requests  accuracy  iterations used (answer position)  iterations run"]
+    lines = ["chain steps  requests  accuracy  iterations used (answer)  iterations run"]
     by_k: dict[int, list] = {}
-    for trace, (k, correct) in zip(traces, hops):
-        by_k.setdefault(k, []).append((trace, correct))
+    for trace, (k, acc) in zip(traces, outcomes):
+        by_k.setdefault(k, []).append((trace, acc))
     for k in sorted(by_k):
         rows = by_k[k]
         used = np.mean([t.position_iterations[:, -1].mean() for t, _ in rows])
         run = np.mean([t.iterations for t, _ in rows])
-        acc = np.mean([c for _, c in rows])
-        lines.append(f"{k:>4}  {len(rows):>8}  {acc:>8.1%}  {used:>33.2f}  {run:>14.2f}")
-    table = whatif.evaluate(traces)
+        acc = np.mean([a for _, a in rows])
+        lines.append(f"{k:>11}  {len(rows):>8}  {acc:>8.1%}  {used:>24.2f}  {run:>14.2f}")
+    table = whatif.evaluate(shadows)
     try:
         best = whatif.recommend(table, min_agreement=0.99)
         lines.append(

@@ -1,0 +1,59 @@
+"""`mythos-probe demo`: headless summary, a second run reusing the store, a foreign file refused
+untouched, and the served dashboard answering on the printed URL."""
+
+import re
+import subprocess
+import sys
+import urllib.request
+
+import duckdb
+
+from mythos_probe.cli import main
+
+
+def test_headless_runs_twice_on_one_store(tmp_path, capsys):
+    store = tmp_path / "demo.duckdb"
+    assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "best early-exit policy" in out or "no early-exit policy" in out
+    assert re.search(r"^\s+1\s+1\s+100\.0%", out, re.M)  # one request of one step, solved
+    assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
+    con = duckdb.connect(str(store), read_only=True)
+    runs = dict(con.execute("SELECT run_id, count(*) FROM forwards GROUP BY run_id").fetchall())
+    con.close()
+    training = runs.pop("training")
+    assert training > 10  # the shipped training run, stored once although written twice
+    assert sum(runs.values()) == 16  # 4 served + 4 full-depth shadow forwards per run
+
+
+def test_a_foreign_file_is_refused_and_left_untouched(tmp_path, capsys):
+    foreign = tmp_path / "notes.duckdb"
+    foreign.write_bytes(b"these are my notes, not a database")
+    assert main(["demo", "--no-serve", "--store", str(foreign), "--requests", "1"]) == 2
+    assert "--store" in capsys.readouterr().err
+    assert foreign.read_bytes() == b"these are my notes, not a database"
+
+
+def test_bad_sizes_are_refused(capsys):
+    assert main(["demo", "--no-serve", "--requests", "0"]) == 2
+    assert "at least 1" in capsys.readouterr().err
+
+
+def test_serves_the_dashboard_on_the_printed_url(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mythos_probe.cli", "demo", "--store", str(tmp_path / "d.duckdb"),
+         "--requests", "2", "--batch", "2", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        url = None
+        for line in proc.stdout:
+            if line.startswith("dashboard: "):
+                url = line.split()[1]
+                break
+        assert url and url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert response.status == 200 and b"mythos-probe" in response.read()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
