@@ -4,7 +4,9 @@ Targets (issue 3): summary ≤ 1.03×, positions ≤ 1.15×, coda lens on the la
 For comparison, the same model with naive per-iteration torch hooks that call `.item()` (what a
 notebook usually does) and with nnsight capturing one tensor per iteration (`tracer.iter`).
 Configurations are timed interleaved, round-robin, and the median is reported, so a background
-load affects all of them alike.
+load affects all of them alike; CPU time (both threads) is printed beside wall time because it
+is less sensitive to other tenants of the machine. `--dim` scales the model: the probes cost
+O(D) per position and iteration, the loop O(D²).
 
     .venv/bin/python benchmarks/bench_probes.py [--rounds 7] [--batch 4] [--seq 256]
 """
@@ -62,10 +64,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--loops", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=256, help="model width (bench preset: 256)")
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+    cfg = LoopedConfig.variant("bench")
+    model = LoopedTransformer(cfg.replace(dim=args.dim, expert_dim=args.dim // 2)).eval()
     with torch.no_grad():
         model.recurrent.act.halt.bias.fill_(-20.0)  # every loop runs in every configuration
     ids = torch.randint(0, model.cfg.vocab_size, (args.batch, args.seq))
@@ -95,21 +99,25 @@ def main() -> None:
     except ImportError:
         print("nnsight not installed (pip install nnsight): skipped")
 
-    samples = {name: [] for name in configs}
+    wall = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
     with torch.no_grad():
         for fn in configs.values():
             fn()  # warm-up
         for _ in range(args.rounds):
             for name, fn in configs.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                samples[name].append(time.perf_counter() - t0)
-    base = statistics.median(samples["plain forward"])
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    base_wall = statistics.median(wall["plain forward"])
+    base_cpu = statistics.median(cpu["plain forward"])
     print(f"B={args.batch} T={args.seq} dim={model.cfg.dim} experts={model.cfg.n_experts} loops={n} "
           f"threads={torch.get_num_threads()} rounds={args.rounds}")
-    for name, s in samples.items():
-        med = statistics.median(s)
-        print(f"  {name:<45} {med * 1e3:8.1f} ms   {med / base:5.3f}×")
+    print(f"  {'':<45} {'wall':>10}   {'ratio':>6}   {'CPU time':>10}   {'ratio':>6}")
+    for name in configs:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"  {name:<45} {w * 1e3:8.1f} ms   {w / base_wall:5.3f}×   {c * 1e3:8.1f} ms   {c / base_cpu:5.3f}×")
 
 
 if __name__ == "__main__":

@@ -62,14 +62,18 @@ def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(-2).to(x.dtype)
 
 
-def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
-    """q (B, H, T, d), k/v (B, Hkv, S, d). Causal with the queries aligned to the end of k."""
+def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False, q_abs=None) -> torch.Tensor:
+    """q (B, H, T, d), k/v (B, Hkv, S, d). Causal with the queries aligned to the end of k, or,
+    with `q_abs`, query i at absolute position q_abs[i] (it sees keys 0..q_abs[i])."""
     dv = v.shape[-1]
     if dv < q.shape[-1]:
         # MLA: a value dim below the query dim sends SDPA to its slow generic path; zero-padding v to the
         # query dim keeps the fused kernel (the padded channels come out zero and are dropped)
-        return _attend(q, k, F.pad(v, (0, q.shape[-1] - dv)), causal, dropout_p, enable_gqa)[..., :dv]
+        return _attend(q, k, F.pad(v, (0, q.shape[-1] - dv)), causal, dropout_p, enable_gqa, q_abs)[..., :dv]
     T, S = q.shape[2], k.shape[2]
+    if q_abs is not None and causal:
+        allowed = torch.arange(S, device=q.device)[None, :] <= q_abs[:, None]  # (T, S)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, enable_gqa=enable_gqa)
     if not causal or T == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
     if T == S:
@@ -94,9 +98,12 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None):
+        """With `q_index` (sequence indices), only those queries are computed: keys and values
+        still cover every position (the coda lens reads a few positions of a full sequence)."""
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), freqs_cis)
+        xq, fq = (x, freqs_cis) if q_index is None else (x[:, q_index], freqs_cis[q_index])
+        q = apply_rope(self.wq(xq).view(B, xq.shape[1], self.n_heads, self.head_dim), fq)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         if kv_cache is not None:  # same layout as OpenMythos: RoPE'd keys, (B, S, Hkv, d)
@@ -104,11 +111,12 @@ class GQAttention(nn.Module):
                 k = torch.cat([kv_cache[cache_key]["k"], k], dim=1)
                 v = torch.cat([kv_cache[cache_key]["v"], v], dim=1)
             kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
+        q_abs = None if q_index is None else k.shape[1] - T + q_index
         out = _attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal,
-            self.dropout_p if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, d)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+            self.dropout_p if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads, q_abs=q_abs,
+        )  # (B, H, Tq, d)
+        return self.wo(out.transpose(1, 2).reshape(B, q.shape[1], -1))
 
 
 class MLAttention(nn.Module):
@@ -129,12 +137,14 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.attn_drop = nn.Dropout(cfg.dropout)  # kept for OpenMythos module parity
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None):
         B, T, _ = x.shape
         H = self.n_heads
-        c_q = self.q_norm(self.q_down(x))
-        q_nope = self.q_up_nope(c_q).view(B, T, H, self.qk_nope_dim)
-        q_rope = apply_rope(self.q_up_rope(c_q).view(B, T, H, self.qk_rope_dim), freqs_cis)
+        xq, fq = (x, freqs_cis) if q_index is None else (x[:, q_index], freqs_cis[q_index])
+        Tq = xq.shape[1]
+        c_q = self.q_norm(self.q_down(xq))
+        q_nope = self.q_up_nope(c_q).view(B, Tq, H, self.qk_nope_dim)
+        q_rope = apply_rope(self.q_up_rope(c_q).view(B, Tq, H, self.qk_rope_dim), fq)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
 
         kv_raw = self.kv_down(x)
@@ -151,8 +161,9 @@ class MLAttention(nn.Module):
         k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (B, S, H, nope + rope)
         v = kv[..., self.qk_nope_dim :]  # (B, S, H, v)
         p = self.attn_drop.p if self.training else 0.0
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p)  # (B, H, T, v)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        q_abs = None if q_index is None else S - T + q_index
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p, q_abs=q_abs)  # (B, H, Tq, v)
+        return self.wo(out.transpose(1, 2).reshape(B, Tq, -1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,8 +244,10 @@ class TransformerBlock(nn.Module):
         self.ffn = MoEFFN(cfg, clock) if clock is not None else Expert(cfg.dim, cfg.dense_hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default"):
-        x = x + self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key))
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None):
+        """With `q_index`, the output covers only those sequence positions."""
+        attn = self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key, q_index)
+        x = (x if q_index is None else x[:, q_index]) + self.resid_drop(attn)
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -442,9 +455,12 @@ class LoopedTransformer(HookedRootModule):
         ctx = self.last_forward
         x = h
         scratch = dict(ctx["kv_cache"]) if ctx["kv_cache"] is not None else None  # writes go to the copy
+        last = len(self.coda) - 1
         for i, layer in enumerate(self.coda):
-            x = layer(x, ctx["freqs_cis"], ctx["causal"], scratch, f"coda_{i}")
-        if positions is not None:
+            # the last layer only needs the sampled positions' queries: their keys see every position
+            q_index = positions if i == last else None
+            x = layer(x, ctx["freqs_cis"], ctx["causal"], scratch, f"coda_{i}", q_index)
+        if positions is not None and last < 0:
             x = x[:, positions]
         return F.log_softmax(self.head(self.norm(x)).float(), dim=-1)
 

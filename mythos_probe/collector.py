@@ -22,17 +22,14 @@ import torch
 
 from mythos_probe.adapters import ForwardContext, IterationTensors
 from mythos_probe.metrics import convergence, experts, halting, lens, spectral
-from mythos_probe.records import LoopTrace
+from mythos_probe.metrics.cost import forward_cost
+from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
 PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian")
 DEFAULT_PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost")
 OPT_IN_PROBES = ("lens", "jacobian")  # each re-runs part of the model per iteration
 
 _NAN = float("nan")
-
-
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    return x.float().mean()
 
 
 @dataclass
@@ -78,25 +75,24 @@ class Pending:
 
 @dataclass
 class _Forward:
+    """What the loop left for the end of the forward: per-position maps (B, T) per iteration and
+    the small per-iteration tensors the reductions need. Reductions run once, at the end."""
+
     ctx: ForwardContext
     start_ns: int
     e: Optional[torch.Tensor] = None
-    scalars: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    positions: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    maps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name → [(B, T)] per iteration
+    scalars: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name → [()] per iteration
     states: list[torch.Tensor] = field(default_factory=list)
-    halted: list[torch.Tensor] = field(default_factory=list)
-    cum_halt: list[torch.Tensor] = field(default_factory=list)
-    loads: list[torch.Tensor] = field(default_factory=list)
+    samples: list[torch.Tensor] = field(default_factory=list)  # (B, P, D) positions for token correlation
+    halting: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    routing: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     lens_logp: list[torch.Tensor] = field(default_factory=list)
-    prev_delta: Optional[torch.Tensor] = None
-    prev_chosen: Optional[torch.Tensor] = None
+    prev: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (h, ‖h‖, Δ) of t − 1
     iterations: int = 0
 
-    def put(self, name: str, value: torch.Tensor) -> None:
-        self.scalars.setdefault(name, []).append(value)
-
-    def put_position(self, name: str, value: torch.Tensor) -> None:
-        self.positions.setdefault(name, []).append(value)
+    def put(self, store: dict, name: str, value: torch.Tensor) -> None:
+        store.setdefault(name, []).append(value)
 
 
 class ForwardCollector:
@@ -147,90 +143,70 @@ class ForwardCollector:
             self.fwd.e = e
 
     def iteration(self, it: IterationTensors) -> None:
+        """Per-position maps only: every mean, share and ratio is taken once per forward, in
+        `end`, over all iterations at once (fewer, larger kernels; no per-iteration reductions)."""
         f = self.fwd
         if f is None:
             return
         t = f.iterations
         f.iterations += 1
         p = self.probes
-        positions = self.detail == "positions"
+        maps = f.maps
         h, hp = it.state_out.float(), it.state_in.float()
-        delta = h - hp
-        norm_h = h.norm(dim=-1)  # (B, T), reused by several metrics
-        norm_hp = hp.norm(dim=-1)
+        norm_h = h.norm(dim=-1)  # (B, T)
+        prev = f.prev
+        # the state entering t is the state that left t − 1: reuse its norm instead of recomputing
+        same = prev is not None and prev[0].data_ptr() == hp.data_ptr() and prev[0].shape == hp.shape
+        norm_hp = prev[1] if same else hp.norm(dim=-1)
+        if "convergence" in p or "spectral" in p:
+            f.put(maps, "norm_h", norm_h)
+            f.put(maps, "norm_hp", norm_hp)
         if "convergence" in p:
-            rel = delta.norm(dim=-1) / norm_h.clamp_min(convergence.EPS)
-            cos = 1.0 - (h * hp).sum(-1) / (norm_h * norm_hp).clamp_min(convergence.EPS)
-            f.put("rel_residual", rel.mean())
-            f.put("cos_step", cos.mean())
-            f.put("step_orthogonality", _NAN_T(h) if f.prev_delta is None
-                  else convergence.step_orthogonality(delta, f.prev_delta).mean())
-            f.put("token_correlation", convergence.token_correlation(h, self.correlation_positions))
-            f.prev_delta = delta
+            delta = h - hp
+            f.put(maps, "norm_delta", delta.norm(dim=-1))
+            f.put(maps, "dot_h_hp", torch.linalg.vecdot(h, hp))  # fused: no (B, T, D) temporary
+            if prev is not None and prev[2] is not None:
+                f.put(maps, "dot_delta", torch.linalg.vecdot(delta, prev[2]))
             f.states.append(h)
-            if positions:
-                f.put_position("rel_residual", rel)
-                f.put_position("cos_step", cos)
-        if "spectral" in p:
-            f.put("state_norm", norm_h.mean())
-            f.put("growth_ratio", (norm_h / norm_hp.clamp_min(convergence.EPS)).mean())
-            f.put("nonfinite_fraction", (~torch.isfinite(norm_h)).float().mean())
-            ctx = f.ctx
-            if ctx.injection_A is not None:
-                f.put("norm_decay", (ctx.injection_A * hp).norm(dim=-1).mean())
-                if f.e is not None:
-                    f.put("norm_inject", (ctx.injection_B * f.e.float()).norm(dim=-1).mean())
-            if it.block_out is not None:
-                block = it.block_out if it.lora_delta is None else it.block_out + it.lora_delta
-                f.put("norm_block", block.float().norm(dim=-1).mean())
-            if positions:
-                f.put_position("state_norm", norm_h)
-        if "lora" in p and it.lora_delta is not None and it.block_out is not None:
-            f.put("lora_rel_norm", (it.lora_delta.float().norm(dim=-1)
-                                    / it.block_out.float().norm(dim=-1).clamp_min(convergence.EPS)).mean())
-        if "halting" in p and it.halt_prob is not None:
-            prob = it.halt_prob.float()
-            low, high = halting.saturation(prob)
-            f.put("halt_prob", prob.mean())
-            f.put("cum_halt", _mean(it.cum_halt))
-            f.put("halted_fraction", _mean(it.halted))
-            f.put("act_weight", _mean(it.act_weight))
-            f.put("halt_low_share", low)
-            f.put("halt_high_share", high)
-            if positions:
-                f.put_position("halt_prob", prob)
-                f.put_position("cum_halt", it.cum_halt.float())
-                f.put_position("act_weight", it.act_weight.float())
+            f.samples.append(h[:, self._correlation_index(h)])
+        else:
+            delta = None
+        f.prev = (h, norm_h, delta)
+        if "spectral" in p and f.ctx.injection_A is not None:
+            f.put(maps, "norm_decay", (f.ctx.injection_A * hp).norm(dim=-1))
+        if ("spectral" in p or "lora" in p) and it.block_out is not None:
+            # ‖block + lora‖ from ‖block‖, ‖lora‖ and their dot product: no sum tensor is built
+            # (no cancellation either: the LoRA delta is small next to the block output)
+            block = it.block_out.float()
+            f.put(maps, "norm_block_raw", block.norm(dim=-1))
+            if it.lora_delta is not None:
+                lora = it.lora_delta.float()
+                f.put(maps, "norm_lora", lora.norm(dim=-1))
+                f.put(maps, "dot_block_lora", torch.linalg.vecdot(block, lora))
         if it.halted is not None:
-            f.halted.append(it.halted)
-            if it.cum_halt is not None:
-                f.cum_halt.append(it.cum_halt.float())
+            f.put(f.halting, "halted", it.halted)
+        if "halting" in p and it.halt_prob is not None:
+            f.put(f.halting, "halt_prob", it.halt_prob)
+            f.put(f.halting, "cum_halt", it.cum_halt)
+            f.put(f.halting, "act_weight", it.act_weight)
         if "experts" in p and it.topk_idx is not None:
-            self._experts(f, it)
+            f.put(f.routing, "topk_idx", it.topk_idx)
+            if it.router_logits is not None:
+                f.put(f.routing, "router_logits", it.router_logits)
+            if it.shared_out is not None and it.routed_out is not None:
+                f.put(f.routing, "norm_shared", it.shared_out.float().norm(dim=-1))
+                f.put(f.routing, "norm_routed", it.routed_out.float().norm(dim=-1))
         if "lens" in p and f.ctx.lens is not None:
             with _rng_untouched(h.device), torch.no_grad():
                 f.lens_logp.append(f.ctx.lens(it.state_out, self._lens_index(h)))
         if "jacobian" in p and f.ctx.step_fn is not None and f.e is not None:
             with _rng_untouched(h.device):
                 step = f.ctx.step_fn(f.e[:1], t)
-                f.put("jacobian_sigma_max", spectral.jacobian_sigma_max(step, it.state_in[:1]))
+                f.put(f.scalars, "jacobian_sigma_max", spectral.jacobian_sigma_max(step, it.state_in[:1]))
 
-    def _experts(self, f: _Forward, it: IterationTensors) -> None:
-        idx = it.topk_idx
-        k = idx.shape[-1]
-        E = it.router_logits.shape[-1] if it.router_logits is not None else int(f.ctx.cfg.n_experts)
-        chosen = experts.choice_mask(idx, E)
-        load = experts.load(idx, E)
-        f.loads.append(load)
-        for name, value in experts.balance(load).items():
-            f.put(name, value)
-        if it.router_logits is not None:
-            f.put("routing_entropy", experts.routing_entropy(it.router_logits))
-            f.put("bias_changed_share", experts.bias_changed_share(it.router_logits, chosen, k))
-        f.put("topk_overlap", _NAN_T(load) if f.prev_chosen is None else experts.topk_overlap(chosen, f.prev_chosen, k))
-        f.prev_chosen = chosen
-        if it.shared_out is not None and it.routed_out is not None:
-            f.put("shared_routed_ratio", experts.shared_routed_ratio(it.shared_out.float(), it.routed_out.float()))
+    def _correlation_index(self, h: torch.Tensor) -> torch.Tensor:
+        T = h.shape[1]
+        return torch.linspace(0, T - 1, min(T, self.correlation_positions), device=h.device).round().long().unique()
 
     def _lens_index(self, h: torch.Tensor) -> torch.Tensor:
         T = h.shape[1]
@@ -248,6 +224,94 @@ class ForwardCollector:
         ctx = f.ctx
         B, T = ctx.token_ids.shape
         I = f.iterations
+        per_position: dict[str, torch.Tensor] = {}  # name → (I, B, T), averaged into iteration metrics
+        iteration: dict[str, torch.Tensor] = {}  # name → (I,)
+        forward: dict[str, torch.Tensor] = {}
+        m = {name: torch.stack(values) for name, values in f.maps.items() if len(values) == I}
+        nan = torch.full((1,), _NAN, device=f.states[0].device if f.states else None)
+
+        if "norm_delta" in m:
+            per_position["rel_residual"] = convergence.rel_residual(m["norm_delta"], m["norm_h"])
+            per_position["cos_step"] = convergence.cos_step(m["dot_h_hp"], m["norm_h"], m["norm_hp"])
+            per_position["dist_to_final"] = convergence.dist_to_final(f.states)
+            if len(f.maps.get("dot_delta", ())) == I - 1 and I > 1:
+                ortho = convergence.step_orthogonality(torch.stack(f.maps["dot_delta"]), m["norm_delta"][1:],
+                                                       m["norm_delta"][:-1])
+                iteration["step_orthogonality"] = torch.cat([nan, ortho.mean(dim=(1, 2))])
+            else:
+                iteration["step_orthogonality"] = nan.expand(I)
+            iteration["token_correlation"] = convergence.token_correlation(torch.stack(f.samples))
+        if "spectral" in self.probes and "norm_h" in m:
+            per_position["state_norm"] = m["norm_h"]
+            per_position["growth_ratio"] = spectral.growth_ratio(m["norm_h"], m["norm_hp"])
+            iteration["nonfinite_fraction"] = spectral.nonfinite(m["norm_h"]).float().mean(dim=(1, 2))
+            if "norm_decay" in m:
+                per_position["norm_decay"] = m["norm_decay"]
+            if "norm_block_raw" in m:
+                squared = m["norm_block_raw"].square()
+                if "norm_lora" in m:
+                    squared = squared + m["norm_lora"].square() + 2 * m["dot_block_lora"]
+                per_position["norm_block"] = squared.clamp_min(0).sqrt()
+            if ctx.injection_B is not None and f.e is not None:  # e does not change across iterations
+                iteration["norm_inject"] = (ctx.injection_B * f.e.float()).norm(dim=-1).mean().expand(I)
+        if "lora" in self.probes and "norm_lora" in m:
+            per_position["lora_rel_norm"] = m["norm_lora"] / m["norm_block_raw"].clamp_min(convergence.EPS)
+        halt = {name: torch.stack(values) for name, values in f.halting.items() if len(values) == I}
+        if "halt_prob" in halt:
+            prob = halt["halt_prob"].float()
+            low, high = halting.saturation(prob)
+            per_position["halt_prob"] = prob
+            per_position["cum_halt"] = halt["cum_halt"].float()
+            per_position["act_weight"] = halt["act_weight"].float()
+            per_position["halted_fraction"] = halt["halted"].float()
+            per_position["halt_low_share"] = low.float()
+            per_position["halt_high_share"] = high.float()
+        route = {name: torch.stack(values) for name, values in f.routing.items() if len(values) == I}
+        expert_load = None
+        if "topk_idx" in route:
+            idx = route["topk_idx"]  # (I, N, k)
+            k = idx.shape[-1]
+            E = route["router_logits"].shape[-1] if "router_logits" in route else int(ctx.cfg.n_experts)
+            chosen = experts.choice_mask(idx, E)  # (I, N, E)
+            expert_load = experts.load(chosen)  # (I, E)
+            iteration.update(experts.balance(expert_load))
+            if "router_logits" in route:
+                iteration["routing_entropy"] = experts.routing_entropy(route["router_logits"])
+                iteration["bias_changed_share"] = experts.bias_changed_share(route["router_logits"], chosen, k)
+            iteration["topk_overlap"] = torch.cat([nan, experts.topk_overlap(chosen[1:], chosen[:-1], k)])
+            if "norm_shared" in route:
+                iteration["shared_routed_ratio"] = experts.shared_routed_ratio(route["norm_shared"], route["norm_routed"])
+        for name, values in f.scalars.items():
+            if len(values) == I:
+                iteration[name] = torch.stack([v.reshape(()) for v in values])
+
+        positions_out = self.detail == "positions"
+        for name, values in per_position.items():
+            iteration[name] = values.float().mean(dim=(1, 2))
+        if f.lens_logp and isinstance(logits, torch.Tensor):
+            lens_iteration, lens_positions = self._lens_summary(f, logits)
+            iteration.update(lens_iteration)
+            if positions_out:
+                per_position.update(lens_positions)
+
+        if "halted" in halt:
+            used = halting.iterations_used(halt["halted"])
+        else:
+            used = torch.full((B, T), I, dtype=torch.long, device=ctx.token_ids.device)
+        iteration["exit_count"] = torch.zeros(I, device=used.device).index_add_(
+            0, (used - 1).reshape(-1), torch.ones(used.numel(), device=used.device))
+        forward["mean_iterations"] = used.float().mean()
+        forward["reached_last_share"] = (used == I).float().mean()
+        if "halted" in halt:
+            forward["halted_first_share"] = halt["halted"][0].float().mean()
+            if "cum_halt" in halt and ctx.exit_policy in ("act", "unknown"):
+                ponder_cost, remainder = halting.ponder(halt["cum_halt"].float(), used)
+                forward["ponder_cost"] = ponder_cost.mean()
+                forward["remainder_mass"] = remainder.mean()
+        if ctx.injection_A is not None and "spectral" in self.probes:
+            forward["rho_A"], forward["mean_contraction"] = spectral.injection_spectrum(ctx.injection_A)
+
+        # one flat buffer: a single device-to-host copy per forward, when the traces are read
         layout: list[tuple[str, str, tuple[int, ...]]] = []
         parts: list[torch.Tensor] = []
 
@@ -255,38 +319,18 @@ class ForwardCollector:
             layout.append((kind, name, tuple(value.shape)))
             parts.append(value.reshape(-1).float())
 
-        if f.states and "convergence" in self.probes:
-            dist = convergence.dist_to_final(torch.stack(f.states))  # (I, B, T)
-            f.scalars["dist_to_final"] = list(dist.mean(dim=(1, 2)))
-        if f.lens_logp and isinstance(logits, torch.Tensor):
-            self._lens_summary(f, logits)
-        for name, values in f.scalars.items():
-            if len(values) == I:
-                add("iteration", name, torch.stack([v.float().reshape(()) for v in values]))
-        for name, values in f.positions.items():
-            add("position", name, torch.stack(values))
-        if f.loads:
-            add("expert_load", "expert_load", torch.stack(f.loads))
-        if f.halted:
-            halted = torch.stack(f.halted)  # (I, B, T)
-            used = halting.iterations_used(halted)
-        else:
-            halted, used = None, torch.full((B, T), I, device=parts[0].device if parts else None, dtype=torch.long)
+        for name, value in iteration.items():
+            if name in ITERATION_METRIC_NAMES:
+                add("iteration", name, value)
+        if positions_out:
+            for name, value in per_position.items():
+                if name in POSITION_METRIC_NAMES:
+                    add("position", name, value)
+        if expert_load is not None:
+            add("expert_load", "expert_load", expert_load)
         add("used", "used", used)
-        add("iteration", "exit_count",
-            torch.zeros(I, device=used.device).index_add_(0, (used - 1).reshape(-1), torch.ones(used.numel(), device=used.device)))
-        add("forward", "mean_iterations", used.float().mean())
-        add("forward", "reached_last_share", (used == I).float().mean())
-        if halted is not None and ctx.exit_policy in ("act", "unknown") and f.cum_halt:
-            ponder_cost, remainder = halting.ponder(torch.stack(f.cum_halt), used)
-            add("forward", "ponder_cost", ponder_cost.mean())
-            add("forward", "remainder_mass", remainder.mean())
-        if halted is not None:
-            add("forward", "halted_first_share", halted[0].float().mean())
-        if ctx.injection_A is not None and "spectral" in self.probes:
-            rho, contraction = spectral.injection_spectrum(ctx.injection_A)
-            add("forward", "rho_A", rho)
-            add("forward", "mean_contraction", contraction)
+        for name, value in forward.items():
+            add("forward", name, value)
 
         trace_id, step = self._identity(ctx)
         meta: dict[str, Any] = dict(
@@ -296,42 +340,40 @@ class ForwardCollector:
             attributes=dict(self.attributes),
         )
         if self.token_text is not None:
-            ids = meta["token_ids"].tolist()
-            meta["token_text"] = [[self.token_text(i) for i in row] for row in ids]
+            meta["token_text"] = [[self.token_text(i) for i in row] for row in meta["token_ids"].tolist()]
         meta["token_ids"] = meta["token_ids"].numpy()
         if "cost" in self.probes and ctx.cfg is not None:
             cfg, n_loops, past = ctx.cfg, int(ctx.n_loops or I), ctx.past_len
-            from mythos_probe.metrics.cost import forward_cost
 
             meta["cost_fn"] = lambda iterations: forward_cost(cfg, B, T, iterations, n_loops, past)
         self.emit(Pending(torch.cat(parts), layout, meta))
 
-    def _lens_summary(self, f: _Forward, logits: torch.Tensor) -> None:
+    def _lens_summary(self, f: _Forward, logits: torch.Tensor):
+        """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions)."""
         idx = self._lens_index(logits)
         final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output
         stack = torch.stack(f.lens_logp)  # (I, B, P, V)
+        I = stack.shape[0]
         top_final = final.argmax(-1)  # (B, P)
-        kl_final = lens.kl(final[None], stack)  # (I, B, P)
-        kl_prev = lens.kl(stack[1:], stack[:-1])
-        f.scalars["lens_kl_final"] = list(kl_final.mean(dim=(1, 2)))
-        f.scalars["lens_kl_prev"] = [_NAN_T(stack)] + list(kl_prev.mean(dim=(1, 2)))
-        f.scalars["lens_entropy"] = list(lens.entropy(stack).mean(dim=(1, 2)))
-        f.scalars["lens_top1_agree"] = list((stack.argmax(-1) == top_final).float().mean(dim=(1, 2)))
-        f.scalars["lens_final_rank"] = list(lens.rank_of(stack, top_final.expand(stack.shape[:-1])).mean(dim=(1, 2)))
-        if self.detail == "positions":
-            B, T = logits.shape[:2]
-            argmax = stack.argmax(-1)
-            per_position = {
-                "lens_kl_final": kl_final,
-                "lens_kl_prev": torch.cat([torch.full_like(kl_final[:1], _NAN), kl_prev]),
-                "lens_entropy": lens.entropy(stack),
-                "lens_argmax": argmax.float(),
-                "lens_top1_agree": (argmax == top_final).float(),
-            }
-            for name, values in per_position.items():  # (I, B, P) → (I, B, T), NaN off the lens
-                full = torch.full((len(f.lens_logp), B, T), _NAN, device=logits.device)
-                full[:, :, idx] = values
-                f.positions[name] = list(full)
+        argmax = stack.argmax(-1)
+        nan = torch.full_like(stack[:1, ..., 0], _NAN)
+        sampled = {
+            "lens_kl_final": lens.kl(final[None], stack),
+            "lens_kl_prev": torch.cat([nan, lens.kl(stack[1:], stack[:-1])]),
+            "lens_entropy": lens.entropy(stack),
+            "lens_argmax": argmax.float(),
+            "lens_top1_agree": (argmax == top_final).float(),
+            "lens_final_rank": lens.rank_of(stack, top_final.expand(stack.shape[:-1])),
+        }  # each (I, B, P)
+        iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
+        iteration["lens_kl_prev"] = torch.cat([nan.reshape(-1)[:1], sampled["lens_kl_prev"][1:].mean(dim=(1, 2))])
+        B, T = logits.shape[:2]
+        positions = {}
+        for name in ("lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"):
+            full = torch.full((I, B, T), _NAN, device=logits.device)
+            full[:, :, idx] = sampled[name]
+            positions[name] = full
+        return iteration, positions
 
     def _identity(self, ctx: ForwardContext) -> tuple[str, int]:
         """Decode steps of one request (one KV cache) share a trace id; every forward is a span."""
@@ -345,10 +387,6 @@ class ForwardCollector:
             return trace_id, steps
         step = self.step_counter()
         return secrets.token_hex(16), self.forwards_seen - 1 if step is None else step
-
-
-def _NAN_T(like: torch.Tensor) -> torch.Tensor:
-    return torch.full((), _NAN, device=like.device)
 
 
 class _rng_untouched:

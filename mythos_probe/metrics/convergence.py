@@ -15,35 +15,40 @@ import torch
 EPS = 1e-12
 
 
-def rel_residual(h: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
-    """‖h_t − h_{t−1}‖ / ‖h_t‖ per position: (B, T, D) → (B, T)."""
-    return (h - h_prev).norm(dim=-1) / h.norm(dim=-1).clamp_min(EPS)
+# The loop keeps per-position norms and dot products (one pass over the state each); the ratios
+# below combine them once per forward. Δ_t = h_t − h_{t−1} is computed exactly, never as
+# ‖h‖² + ‖h_prev‖² − 2 h·h_prev, which cancels catastrophically once the state has converged.
 
 
-def cos_step(h: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
-    """1 − cos(h_t, h_{t−1}) per position: (B, T)."""
-    return 1.0 - torch.nn.functional.cosine_similarity(h, h_prev, dim=-1, eps=EPS)
+def rel_residual(norm_delta: torch.Tensor, norm_h: torch.Tensor) -> torch.Tensor:
+    """‖h_t − h_{t−1}‖ / ‖h_t‖ from per-position norms."""
+    return norm_delta / norm_h.clamp_min(EPS)
 
 
-def dist_to_final(states: torch.Tensor) -> torch.Tensor:
-    """‖h_t − h_T‖ / ‖h_T‖ for every t: (I, B, T, D) → (I, B, T)."""
+def cos_step(dot_h_hprev: torch.Tensor, norm_h: torch.Tensor, norm_hprev: torch.Tensor) -> torch.Tensor:
+    """1 − cos(h_t, h_{t−1}) from the per-position dot product and norms."""
+    return 1.0 - dot_h_hprev / (norm_h * norm_hprev).clamp_min(EPS)
+
+
+def step_orthogonality(dot_delta: torch.Tensor, norm_delta: torch.Tensor, norm_delta_prev: torch.Tensor) -> torch.Tensor:
+    """cos(Δ_t, Δ_{t−1}) from the per-position dot product and norms of successive steps."""
+    return dot_delta / (norm_delta * norm_delta_prev).clamp_min(EPS)
+
+
+def dist_to_final(states: list[torch.Tensor]) -> torch.Tensor:
+    """‖h_t − h_T‖ / ‖h_T‖ for every t: I states (B, T, D) → (I, B, T)."""
     final = states[-1]
-    return (states - final).norm(dim=-1) / final.norm(dim=-1).clamp_min(EPS)
+    norm_final = final.norm(dim=-1).clamp_min(EPS)
+    return torch.stack([(h - final).norm(dim=-1) / norm_final for h in states])
 
 
-def step_orthogonality(delta: torch.Tensor, delta_prev: torch.Tensor) -> torch.Tensor:
-    """cos(Δ_t, Δ_{t−1}) per position with Δ_t = h_t − h_{t−1}: (B, T)."""
-    return torch.nn.functional.cosine_similarity(delta, delta_prev, dim=-1, eps=EPS)
-
-
-def token_correlation(h: torch.Tensor, max_positions: int = 32) -> torch.Tensor:
-    """Mean pairwise cosine between (up to `max_positions`, evenly spaced) positions of each
-    sequence, averaged over the batch: (B, T, D) → scalar. NaN for a single position."""
-    T = h.shape[1]
-    if T < 2:
-        return torch.full((), float("nan"), device=h.device)
-    idx = torch.linspace(0, T - 1, min(T, max_positions), device=h.device).round().long().unique()
-    x = torch.nn.functional.normalize(h[:, idx].float(), dim=-1, eps=EPS)  # (B, P, D)
-    gram = x @ x.transpose(1, 2)  # (B, P, P)
-    P = x.shape[1]
-    return (gram.sum(dim=(1, 2)) - gram.diagonal(dim1=1, dim2=2).sum(-1)).mean() / (P * (P - 1))
+def token_correlation(samples: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine between the sampled positions of each sequence, averaged over the
+    batch: (..., B, P, D) → (...). NaN for a single position."""
+    P = samples.shape[-2]
+    if P < 2:
+        return torch.full(samples.shape[:-3], float("nan"), device=samples.device)
+    x = torch.nn.functional.normalize(samples.float(), dim=-1, eps=EPS)
+    gram = x @ x.transpose(-1, -2)  # (..., B, P, P)
+    off = gram.sum(dim=(-2, -1)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return off.mean(-1) / (P * (P - 1))

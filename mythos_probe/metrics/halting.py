@@ -22,8 +22,8 @@ def act_step(p: torch.Tensor, cumulative: torch.Tensor, halted: torch.Tensor, th
 
 
 def saturation(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(share of p < 0.01, share of p > 0.99)."""
-    return (p < 0.01).float().mean(), (p > 0.99).float().mean()
+    """Per-position flags (p < 0.01, p > 0.99); their means are the saturation shares."""
+    return p < 0.01, p > 0.99
 
 
 def iterations_used(halted: torch.Tensor) -> torch.Tensor:

@@ -21,19 +21,14 @@ def injection_spectrum(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return A.max(), A.mean()
 
 
-def norms(x: torch.Tensor) -> torch.Tensor:
-    """Per-position L2 norm: (..., D) → (...)."""
-    return x.norm(dim=-1)
+def growth_ratio(norm_h: torch.Tensor, norm_hprev: torch.Tensor) -> torch.Tensor:
+    """‖h_t‖ / ‖h_{t−1}‖ from per-position norms."""
+    return norm_h / norm_hprev.clamp_min(1e-12)
 
 
-def growth_ratio(h: torch.Tensor, h_prev: torch.Tensor) -> torch.Tensor:
-    """‖h_t‖ / ‖h_{t−1}‖ per position."""
-    return h.norm(dim=-1) / h_prev.norm(dim=-1).clamp_min(1e-12)
-
-
-def nonfinite_fraction(h: torch.Tensor) -> torch.Tensor:
-    """Share of entries that are NaN or ±Inf (a divergence flag)."""
-    return (~torch.isfinite(h)).float().mean()
+def nonfinite(norm_h: torch.Tensor) -> torch.Tensor:
+    """Positions whose state holds a NaN or ±Inf: exactly those whose norm is not finite."""
+    return ~torch.isfinite(norm_h)
 
 
 def jacobian_sigma_max(step: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,

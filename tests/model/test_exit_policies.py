@@ -103,3 +103,22 @@ def test_bad_token_ids_get_clear_errors(model, bad, message):
 def test_generate_refuses_to_run_past_max_seq_len(model):
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(ids, max_new_tokens=200)
+
+
+@pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
+def test_coda_lens_on_a_few_positions_equals_the_full_lens_there(variant):
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig.variant(variant).replace(coda_layers=2)).eval()
+    positions = torch.tensor([0, 3, 9])
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=3, names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 1]
+        torch.testing.assert_close(m.coda_lens(h, positions), m.coda_lens(h)[:, positions], atol=1e-5, rtol=1e-5)
+        kv: dict = {}
+        m(ids, n_loops=3, kv_cache=kv)  # then one decode step: the lens reads the cache, never writes it
+        keys = {k: v["k"].shape if "k" in v else v["c_kv"].shape for k, v in kv.items()}
+        _, cache = m.run_with_cache(ids[:, :1], n_loops=3, kv_cache=kv, start_pos=10,
+                                    names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 2]
+        torch.testing.assert_close(m.coda_lens(h, torch.tensor([0])), m.coda_lens(h), atol=1e-5, rtol=1e-5)
+        assert kv["coda_0"][next(iter(kv["coda_0"]))].shape[1] == 11 == next(iter(keys.values()))[1] + 1
