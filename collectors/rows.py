@@ -111,7 +111,7 @@ def trace_span_row(trace: LoopTrace, resource: Mapping[str, Any] | None = None) 
         status_code="UNSET",
         status_message=None,
         resource=resource or {},
-        attributes=trace_to_attributes(trace),
+        attributes=trace_to_attributes(trace, positions=False),  # span_row would drop them anyway
     )
 
 

@@ -90,8 +90,10 @@ POSITION_LEVEL_ATTRS = frozenset(
 SPAN_LIMITS = SpanLimits(max_span_attributes=4096, max_attribute_length=None)
 
 
-def trace_to_attributes(trace: LoopTrace) -> dict[str, Any]:
-    """Every field of `trace` as OTel attribute values (str, bool, int, float or lists of one)."""
+def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, Any]:
+    """Every field of `trace` as OTel attribute values (str, bool, int, float or lists of one);
+    `positions=False` leaves out the per-position arrays (the raw `spans` rows never keep them,
+    and turning them into lists is most of the encoding time)."""
     tokens = trace.batch * trace.seq_len
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "text_completion",
@@ -114,7 +116,7 @@ def trace_to_attributes(trace: LoopTrace) -> dict[str, Any]:
         attrs[ITERATION_ATTRS[name]] = values.tolist()
     for name, value in trace.forward_metrics.items():
         attrs[FORWARD_ATTRS[name]] = float(value)
-    if trace.position_metrics:
+    if positions and trace.position_metrics:
         attrs[ATTR_POSITION_SHAPE] = [trace.batch, trace.seq_len, trace.iterations]
         for name, values in trace.position_metrics.items():
             # float32 → float64 is exact, so the decoder's cast back restores the same bits.
