@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 import torch
 

@@ -88,6 +88,7 @@ class _Adapter:
         self.hooks = _Hooks()
         self.active = False  # inside a recorded forward
         self.paused = False  # while a probe re-runs parts of the model (lens, Jacobian)
+        self.parts: dict[str, torch.Tensor] = {}  # what the current iteration has produced so far
 
     def detach(self) -> None:
         self.hooks.remove()
@@ -113,6 +114,14 @@ class _Adapter:
 
         self.hooks.add(self.model.register_forward_pre_hook(pre, with_kwargs=True))
         self.hooks.add(self.model.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def _keep(self, field: str):
+        """A forward hook keeping the detached output as `self.parts[field]`."""
+        def hook(module, args, output):
+            if self.active and not self.paused:
+                self.parts[field] = output.detach()
+
+        return hook
 
     def before_end(self) -> None:
         """Complete anything pending before the forward's trace is built."""
@@ -147,7 +156,6 @@ class LoopedTransformerAdapter(_Adapter):
 
     def __init__(self, model, collector) -> None:
         super().__init__(model, collector)
-        self.parts: dict[str, torch.Tensor] = {}
         self._forward_hooks(self._begin)
         hook_dict = model.hook_dict
         for site, field in self.SITES.items():
@@ -173,13 +181,6 @@ class LoopedTransformerAdapter(_Adapter):
             lens=self._lens,
             step_fn=self._step_fn,
         )
-
-    def _keep(self, field: str):
-        def hook(module, args, output):
-            if self.active and not self.paused:
-                self.parts[field] = output.detach()
-
-        return hook
 
     def _on_encoded(self, module, args, output):
         if self.active and not self.paused:
@@ -241,7 +242,6 @@ class OpenMythosAdapter(_Adapter):
         self.hooks.add(rec.lora.register_forward_hook(self._keep("lora_delta")))
         self.hooks.add(rec.injection.register_forward_hook(self._on_injection))
         self.hooks.add(rec.act.register_forward_hook(self._on_halt))
-        self.parts: dict[str, torch.Tensor] = {}
         self.loop_ctx: dict[str, Any] = {}
 
     def _on_embed(self, module, args):
@@ -289,13 +289,6 @@ class OpenMythosAdapter(_Adapter):
         self.halted = torch.zeros(B, T, device=h.device, dtype=torch.bool)
         self.collector.encoded(e.detach())
         return None
-
-    def _keep(self, field: str):
-        def hook(module, args, output):
-            if self.active and not self.paused:
-                self.parts[field] = output.detach()
-
-        return hook
 
     def _on_shared(self, module, args, output):
         if self.active and not self.paused:
@@ -407,7 +400,6 @@ class SpecAdapter(_Adapter):
         for path, field in ((spec.injection, "e"), (spec.halting, "halt_prob"), (spec.router, "router_logits")):
             if path:
                 self.hooks.add(spec.resolve(model, path).register_forward_hook(self._keep(field)))
-        self.parts: dict[str, torch.Tensor] = {}
 
     def _begin(self, args, kwargs) -> ForwardContext:
         ids = _args(args, kwargs, 0, "input_ids")

@@ -18,7 +18,7 @@ from mythos_probe.collectors.exporter import BoundedSpanProcessor, otlp_exporter
 from mythos_probe.collectors.receiver import Receiver
 from mythos_probe.collectors.spans import emit
 from mythos_probe.collectors.store import Store
-from tests.collectors.conftest import TABLE_KEYS, table
+from tests.collectors.conftest import table
 from tests.collectors.factory import make_trace
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mythos_probe.dashboards import queries, whatif
+from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.queries import Selection
 from tests.dashboards.conftest import DIVERGED
 
