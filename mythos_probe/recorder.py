@@ -1,5 +1,5 @@
-"""`attach(model, ...)` and the `Recorder` it yields: the notebook entry point. A context
-and yields a `Recorder` holding one `LoopTrace` per forward.
+"""`attach(model, ...)` and the `Recorder` it yields: the notebook entry point. A context manager
+that hooks a looped model and yields a `Recorder` holding one `LoopTrace` per forward.
 
     with mythos_probe.attach(model, detail="positions", attributes={"endpoint": "chat"}) as rec:
         model(ids)
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -169,7 +170,7 @@ def attach(
     collector = ForwardCollector(
         probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
         emit=recorder._add, attributes=attributes,
-        run_id=run_id or time.strftime("run-%Y%m%d-%H%M%S-") + hashlib.sha1(str(time.time_ns()).encode()).hexdigest()[:4],
+        run_id=run_id or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2),
         model_id=model_id or _model_id(model),
         step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
         token_text=token_text,
