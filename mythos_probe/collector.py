@@ -228,7 +228,7 @@ class ForwardCollector:
         iteration: dict[str, torch.Tensor] = {}  # name → (I,)
         forward: dict[str, torch.Tensor] = {}
         m = {name: torch.stack(values) for name, values in f.maps.items() if len(values) == I}
-        nan = torch.full((1,), _NAN, device=f.states[0].device if f.states else None)
+        nan = torch.full((1,), _NAN, device=ctx.token_ids.device)
 
         if "norm_delta" in m:
             per_position["rel_residual"] = convergence.rel_residual(m["norm_delta"], m["norm_h"])
@@ -389,17 +389,7 @@ class ForwardCollector:
         return secrets.token_hex(16), self.forwards_seen - 1 if step is None else step
 
 
-class _rng_untouched:
+def _rng_untouched(device: torch.device):
     """Run a probe that calls model modules without moving the RNG streams (dropout in training
     would otherwise draw numbers and change the model's own later dropout masks)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.devices = [device] if device.type == "cuda" else []
-
-    def __enter__(self):
-        self._fork = torch.random.fork_rng(devices=self.devices)
-        self._fork.__enter__()
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
-
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
