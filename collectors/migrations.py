@@ -4,7 +4,8 @@ In the style of simonw/llm: each migration has a name, is recorded in `_migratio
 and is safe to run twice (`IF NOT EXISTS`). The list is `m001_tables` followed by one
 `add_column:<table>.<metric>` migration per metric in `records.py`, so a metric added there
 becomes a new migration that older stores pick up on their next read-write open; named migrations
-written since follow (`m002_forward_id`: the store-local key described in `schema`). The schema
+written since follow (`m002_forward_id`: the store-local key described in `schema`;
+`m003_loop_kind_rank`: the fields of record version 2). The schema
 version of a store is the number of migrations it has applied; a store holding a migration this
 code does not know was written by a newer mythos-probe and is refused.
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mythos_probe.collectors.schema import BASE_COLUMNS, KEYED_TABLES, METRIC_COLUMNS, quote
+from mythos_probe.collectors.schema import BASE_COLUMNS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         for col, typ in cols
     ),
     Migration("m002_forward_id", _FORWARD_ID),
+    Migration(
+        "m003_loop_kind_rank",
+        tuple(
+            f"ALTER TABLE forwards ADD COLUMN IF NOT EXISTS {quote(c)} {t} DEFAULT {default}"
+            for c, t, default in RECORD_V2_COLUMNS
+        ),
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from mythos_probe.collectors.schema import TABLES
+from mythos_probe.collectors.schema import RECORD_V2_COLUMNS, TABLES
 from mythos_probe.collectors.spans import (
     FORWARD_SPAN_NAME,
     POSITION_LEVEL_ATTRS,
@@ -141,6 +141,7 @@ def forwards_table(traces: Sequence[LoopTrace], first_forward_id: int) -> pa.Tab
         "n_experts": [t.n_experts for t in traces],
         "schema_version": [t.schema_version for t in traces],
         "attributes": [to_json(t.attributes) for t in traces],
+        **{col: [getattr(t, col) for t in traces] for col, _, _ in RECORD_V2_COLUMNS},
     }
     for name in FORWARD_METRIC_NAMES:
         cols[name] = [t.forward_metrics.get(name) for t in traces]

@@ -90,8 +90,25 @@ METRIC_COLUMNS: dict[str, Columns] = {
 FORWARD_ID: Columns = (("forward_id", "BIGINT"),)
 KEYED_TABLES = ("forwards", "iterations", "positions", "experts")
 
+# Record version 2's fields (loop name, forward kind, rank family), added by migration
+# `m003_loop_kind_rank` with defaults, so forwards stored before it read as a single-process,
+# single-loop, served forward. (column, type, default as SQL)
+RECORD_V2_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("loop_name", "VARCHAR", "'loop'"),
+    ("kind", "VARCHAR", "'served'"),
+    ("rank", "INTEGER", "0"),
+    ("local_rank", "INTEGER", "0"),
+    ("world_size", "INTEGER", "1"),
+    ("host", "VARCHAR", "''"),
+    ("pid", "BIGINT", "0"),
+    ("job_id", "VARCHAR", "''"),
+)
+
 TABLES: dict[str, Columns] = {
-    table: cols + METRIC_COLUMNS.get(table, ()) + (FORWARD_ID if table in KEYED_TABLES else ())
+    table: cols
+    + METRIC_COLUMNS.get(table, ())
+    + (FORWARD_ID if table in KEYED_TABLES else ())
+    + (tuple((c, t) for c, t, _ in RECORD_V2_COLUMNS) if table == "forwards" else ())
     for table, cols in BASE_COLUMNS.items()
 }
 

@@ -62,6 +62,18 @@ ATTR_ITERATIONS = NS + "iterations"
 ATTR_EXIT_POLICY = NS + "exit_policy"
 ATTR_DETAIL = NS + "detail"
 ATTR_SCHEMA_VERSION = NS + "schema_version"
+ATTR_LOOP_NAME = NS + "loop_name"
+ATTR_KIND = NS + "kind"
+# The rank family travels on every span (not only on the resource) so that one span alone rebuilds
+# its record; absent on a version-1 span, where the record's defaults apply.
+RANK_ATTRS = {
+    "rank": (NS + "rank.index", int),
+    "local_rank": (NS + "rank.local_index", int),
+    "world_size": (NS + "rank.world_size", int),
+    "host": (NS + "rank.host", str),
+    "pid": (NS + "rank.pid", int),
+    "job_id": (NS + "rank.job_id", str),
+}
 ATTR_POSITION_SHAPE = NS + "position.shape"
 ATTR_POSITION_ITERATIONS = NS + "position.iterations_used"
 ATTR_TOKEN_IDS = NS + "token_ids"
@@ -111,6 +123,9 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, A
         ATTR_EXIT_POLICY: trace.exit_policy,
         ATTR_DETAIL: trace.detail,
         ATTR_SCHEMA_VERSION: int(trace.schema_version),
+        ATTR_LOOP_NAME: trace.loop_name,
+        ATTR_KIND: trace.kind,
+        **{key: getattr(trace, field) for field, (key, _) in RANK_ATTRS.items()},
     }
     for name, values in trace.iteration_metrics.items():
         attrs[ITERATION_ATTRS[name]] = values.tolist()
@@ -198,6 +213,9 @@ def attributes_to_trace(
         token_text=token_text,
         attributes=user,
         schema_version=int(attrs[ATTR_SCHEMA_VERSION]),
+        loop_name=str(attrs.get(ATTR_LOOP_NAME, "loop")),
+        kind=str(attrs.get(ATTR_KIND, "served")),
+        **{field: cast(attrs[key]) for field, (key, cast) in RANK_ATTRS.items() if key in attrs},
     )
 
 

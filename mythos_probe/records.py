@@ -24,8 +24,15 @@ from typing import Any, Mapping
 
 import numpy as np
 
-SCHEMA_VERSION = 1
-"""Bumped when a field or metric changes meaning; stores record it per row."""
+SCHEMA_VERSION = 2
+"""Bumped when a field or metric changes meaning; stores record it per row.
+
+1: the first record. 2: adds `loop_name`, `kind` and the rank family (`rank`, `local_rank`,
+`world_size`, `host`, `pid`, `job_id`); a version-1 record reads as their defaults."""
+
+FORWARD_KINDS = ("served", "shadow", "training")
+"""`served`: a forward the user's traffic ran. `shadow`: a full-depth baseline run beside it for the
+what-if. `training`: a forward of an optimizer step. Dashboards show `served` by default."""
 
 DETAIL_LEVELS = ("summary", "positions")
 """`summary`: per-iteration scalars only. `positions`: also batch × seq × iteration arrays."""
@@ -162,6 +169,17 @@ class LoopTrace:
     token_text: tuple[tuple[str, ...], ...] | None = None  # (batch, seq) where a tokenizer is known
     attributes: Mapping[str, AttributeValue] = field(default_factory=dict)  # request id, endpoint, user…
     schema_version: int = SCHEMA_VERSION
+    # which loop of the model: one trace per loop per forward, so nested loops (HRM's high and
+    # low cycles) share the forward's trace_id and differ in span_id and loop_name
+    loop_name: str = "loop"
+    kind: str = "served"  # one of FORWARD_KINDS
+    # where it ran: the torch.distributed rank family; the defaults describe a single process
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    host: str = ""
+    pid: int = 0
+    job_id: str = ""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -171,6 +189,14 @@ class LoopTrace:
             raise ValueError(f"detail must be one of {DETAIL_LEVELS}, got {self.detail!r}")
         if self.iterations < 0 or self.n_loops < 0:
             raise ValueError("iterations and n_loops must be non-negative")
+        if self.kind not in FORWARD_KINDS:
+            raise ValueError(f"kind must be one of {FORWARD_KINDS}, got {self.kind!r}")
+        if not self.loop_name:
+            raise ValueError("loop_name must be a non-empty string")
+        if not 0 <= self.rank < self.world_size or not 0 <= self.local_rank < self.world_size:
+            raise ValueError(
+                f"rank {self.rank} and local_rank {self.local_rank} must lie in [0, world_size={self.world_size})"
+            )
         it = {}
         for name, values in self.iteration_metrics.items():
             if name not in ITERATION_METRIC_NAMES:

@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_read_only_open_while_another_process_writes_points_to_serve(tmp_path):
 def test_forward_id_migration_numbers_stored_forwards_in_insertion_order_and_keys_their_rows(tmp_path):
     path = tmp_path / "before_forward_id.duckdb"
     con = duckdb.connect(str(path))
-    migrations.migrate(con, str(path), upto=SCHEMA_VERSION - 1)
+    migrations.migrate(con, str(path), upto=_index("m002_forward_id"))
     for trace_id in ("ff", "00", "aa"):  # insertion order, not key order, decides the numbers
         con.execute("INSERT INTO forwards (trace_id, span_id) VALUES (?, 's')", [trace_id])
         con.execute("INSERT INTO positions (trace_id, span_id, position) SELECT ?, 's', range FROM range(3)", [trace_id])
@@ -131,3 +132,29 @@ def test_forward_id_migration_numbers_stored_forwards_in_insertion_order_and_key
         assert [(t, list(ids)) for t, ids in keyed.values.tolist()] == [("00", [2]), ("aa", [3]), ("ff", [1])]
         store.write_traces([make_trace(0)])
         assert store.query("SELECT max(forward_id) AS m FROM forwards").m[0] == 4
+
+
+def _index(name: str) -> int:
+    return [m.name for m in migrations.MIGRATIONS].index(name)
+
+
+def test_record_v2_migration_gives_forwards_stored_before_it_the_single_process_served_defaults(tmp_path):
+    path = tmp_path / "before_v2.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, str(path), upto=_index("m003_loop_kind_rank"))
+    con.execute("INSERT INTO forwards (trace_id, span_id, forward_id) VALUES ('aa', 's', 1)")
+    con.close()
+    with Store(path) as store:
+        row = store.query("SELECT loop_name, kind, rank, local_rank, world_size, host, pid, job_id FROM forwards")
+        assert row.values.tolist() == [["loop", "served", 0, 0, 1, "", 0, ""]]
+
+
+def test_record_v2_fields_reach_their_own_store_columns(tmp_path):
+    trace = dataclasses.replace(
+        make_trace(0), loop_name="low", kind="shadow", rank=1, local_rank=1, world_size=2, host="node-7",
+        pid=4242, job_id="job-9",
+    )
+    with Store(tmp_path / "v2.duckdb") as store:
+        store.write_traces([trace])
+        row = store.query("SELECT loop_name, kind, rank, local_rank, world_size, host, pid, job_id FROM forwards")
+    assert row.values.tolist() == [["low", "shadow", 1, 1, 2, "node-7", 4242, "job-9"]]

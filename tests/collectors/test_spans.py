@@ -89,3 +89,46 @@ def test_iteration_metric_attributes_have_one_value_per_iteration():
     attrs = trace_to_attributes(trace)
     for name in ITERATION_METRIC_NAMES:
         assert len(attrs[f"recurrent_depth.iteration.{name}"]) == trace.iterations
+
+
+def test_record_v2_fields_travel_under_their_literal_attribute_names():
+    import dataclasses
+
+    trace = dataclasses.replace(
+        make_trace(3), loop_name="high", kind="training", rank=3, local_rank=1, world_size=4, host="h1",
+        pid=99, job_id="slurm-12",
+    )
+    attrs = trace_to_attributes(trace)
+    assert {k: attrs[k] for k in attrs if k.startswith("recurrent_depth.rank.") or k in (
+        "recurrent_depth.loop_name", "recurrent_depth.kind", "recurrent_depth.schema_version")} == {
+        "recurrent_depth.loop_name": "high",
+        "recurrent_depth.kind": "training",
+        "recurrent_depth.schema_version": 2,
+        "recurrent_depth.rank.index": 3,
+        "recurrent_depth.rank.local_index": 1,
+        "recurrent_depth.rank.world_size": 4,
+        "recurrent_depth.rank.host": "h1",
+        "recurrent_depth.rank.pid": 99,
+        "recurrent_depth.rank.job_id": "slurm-12",
+    }
+    assert traces_equal(trace, roundtrip(trace))
+
+
+def test_a_version_1_span_reads_as_a_single_process_served_forward_of_the_default_loop():
+    attrs = {k: v for k, v in trace_to_attributes(make_trace(4)).items()
+             if k not in ("recurrent_depth.loop_name", "recurrent_depth.kind") and not k.startswith("recurrent_depth.rank.")}
+    attrs["recurrent_depth.schema_version"] = 1
+    back = attributes_to_trace(attrs, "a" * 32, "b" * 16, 1, 2)
+    assert (back.loop_name, back.kind, back.rank, back.world_size, back.host, back.schema_version) == (
+        "loop", "served", 0, 1, "", 1)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("kind", "replay", "kind must be one of"), ("loop_name", "", "loop_name"), ("rank", 2, "world_size=1")],
+)
+def test_record_refuses_an_unknown_kind_an_empty_loop_name_and_a_rank_outside_the_world(field, value, message):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(make_trace(0), **{field: value})
