@@ -12,7 +12,8 @@
   The SDK's `BatchSpanProcessor` also drops on overflow, but only counts drops when its internal
   metrics are switched on by an environment variable; we need a count to query and test.
 - `tracer_provider(*processors)`: a TracerProvider with `LoopTraceIdGenerator` (span ids equal
-  the LoopTrace's) and explicit `SPAN_LIMITS` (nothing dropped from a full record).
+  the LoopTrace's), explicit `SPAN_LIMITS` (nothing dropped from a full record) and the process's
+  resource: `host.name`, `process.pid` and `recurrent_depth.rank.*` (`process_resource`).
 
 This module is not: the span encoding (`spans`), the OTLP receiver (`receiver`) or metrics
 (`histograms`).
@@ -31,8 +32,9 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from mythos_probe.collectors.rows import decode_span
-from mythos_probe.collectors.spans import SPAN_LIMITS, LoopTraceIdGenerator
+from mythos_probe.collectors.spans import RANK_ATTRS, SPAN_LIMITS, LoopTraceIdGenerator
 from mythos_probe.collectors.store import Store
+from mythos_probe.distributed import Where, where
 
 logger = logging.getLogger(__name__)
 
@@ -191,10 +193,21 @@ class BoundedSpanProcessor(SpanProcessor):
         self.exporter.shutdown()
 
 
+def process_resource(w: Where | None = None) -> dict[str, str | int]:
+    """This process's resource attributes: OTel's `host.name` and `process.pid`, and the rest of
+    the rank family under the span attributes' names (`recurrent_depth.rank.index`, …), so a
+    backend can group the spans of one rank by resource."""
+    fields = (w or where()).fields()
+    attrs: dict[str, str | int] = {"host.name": fields.pop("host"), "process.pid": fields.pop("pid")}
+    attrs.update({RANK_ATTRS[field][0]: value for field, value in fields.items()})
+    return attrs
+
+
 def tracer_provider(*processors: SpanProcessor, service_name: str = "mythos-probe") -> TracerProvider:
-    """A TracerProvider for `spans.emit`: record ids, explicit limits, the given processors."""
+    """A TracerProvider for `spans.emit`: record ids, explicit limits, this process's resource
+    (`process_resource`), the given processors."""
     provider = TracerProvider(
-        resource=Resource.create({"service.name": service_name}),
+        resource=Resource.create({"service.name": service_name, **process_resource()}),
         id_generator=LoopTraceIdGenerator(),
         span_limits=SPAN_LIMITS,
     )

@@ -28,6 +28,7 @@ from mythos_probe.adapters import (
     is_open_mythos,
 )
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
+from mythos_probe.distributed import Where, job_run_id, where as distributed_where
 from mythos_probe.records import DETAIL_LEVELS, LoopTrace
 
 __all__ = ["attach", "LoopSpec", "Recorder"]
@@ -39,12 +40,14 @@ class Recorder:
     """What `attach` yields. Traces are built lazily: the device-to-host copy of a forward's
     metrics happens when `traces` is read, not inside the model's forward."""
 
-    def __init__(self, on_trace: Iterable[Callable[[LoopTrace], None]] = ()) -> None:
+    def __init__(self, on_trace: Iterable[Callable[[LoopTrace], None]] = (), where: Optional[Where] = None) -> None:
         self._pending: list[Pending] = []
         self._traces: list[LoopTrace] = []
         self._on_trace = list(on_trace)
+        self._where = (where or Where()).fields()  # the rank family every trace is tagged with
 
     def _add(self, pending: Pending) -> None:
+        pending.meta.update(self._where)
         self._pending.append(pending)
         if self._on_trace or len(self._pending) >= 256:  # bound device memory held
             self._flush()
@@ -87,6 +90,15 @@ class Recorder:
         with Store(path) as store:
             store.write_traces(self.traces)
         return str(path)
+
+    def to_parquet(self, folder: str) -> list[str]:
+        """Write the traces as one new file set of a Parquet store folder (created when missing;
+        other writers may write the same folder); returns the files written."""
+        from mythos_probe.collectors.parquet_store import ParquetWriter
+
+        with ParquetWriter(folder) as writer:
+            writer.write_traces(self.traces)
+        return [str(p) for p in writer.files]
 
 
 def _model_id(model: torch.nn.Module) -> str:
@@ -139,6 +151,8 @@ def attach(
     detail: "summary" (per-iteration scalars) or "positions" (also batch × seq × iteration).
     attributes: tags on every trace (request id, endpoint, user…): str, int, float or bool.
     sample_every: record 1 forward in N; the others run with hooks that return at once.
+    run_id: default `run-<job id>` under a launcher (torchrun, SLURM…), the same on every rank of
+        the job; else a fresh id. Traces carry the rank family read from `mythos_probe.distributed`.
     optimizer: in training, traces carry its step count (probes run on detached tensors and
         leave gradients bit-identical).
     token_text: token id → text, to label positions.
@@ -166,11 +180,12 @@ def attach(
     if optimizer is not None:
         step_handle = optimizer.register_step_post_hook(lambda *a: steps.__setitem__("n", steps["n"] + 1))
 
-    recorder = Recorder(on_trace)
+    where = distributed_where()
+    recorder = Recorder(on_trace, where)
     collector = ForwardCollector(
         probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
         emit=recorder._add, attributes=attributes,
-        run_id=run_id or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2),
+        run_id=run_id or job_run_id(where) or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2),
         model_id=model_id or _model_id(model),
         step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
         token_text=token_text,
