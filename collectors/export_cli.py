@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mythos_probe.collectors import spans
+from mythos_probe.collectors.parquet_store import open_read_only
 from mythos_probe.collectors.schema import TABLES
 from mythos_probe.collectors.store import SchemaError, Store, StoreError
 from mythos_probe.records import FORWARD_METRIC_NAMES, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
@@ -110,6 +111,7 @@ def _attributes(f: dict, present: dict[str, set[str]], iterations, positions, ex
         spans.ATTR_BATCH: f["batch"], spans.ATTR_SEQ_LEN: f["seq_len"], spans.ATTR_N_LOOPS: f["n_loops"],
         spans.ATTR_ITERATIONS: f["iterations"], spans.ATTR_EXIT_POLICY: f["exit_policy"],
         spans.ATTR_DETAIL: f["detail"], spans.ATTR_SCHEMA_VERSION: f["schema_version"],
+        **{name: f[field] for field, (name, _) in spans.RANK_ATTRS.items()},
     }
     for name in present["iterations"]:
         attrs[spans.ITERATION_ATTRS[name]] = iterations[name].to_numpy()
@@ -199,7 +201,7 @@ def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="DuckDB store to read (opened read-only)")
+    parser.add_argument("store", help="DuckDB store file or Parquet store folder to read (opened read-only)")
     parser.add_argument("--parquet", metavar="DIR", help="write partitioned Parquet under DIR")
     parser.add_argument("--otlp", metavar="ENDPOINT",
                         help="replay every forward over OTLP/HTTP to ENDPOINT (base URL, e.g. http://127.0.0.1:4318)")
@@ -209,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.parquet or args.otlp):
         raise SystemExit("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
     try:
-        store = Store.open_read_only(args.store)
+        store = open_read_only(args.store)
     except (StoreError, SchemaError) as exc:
         print(f"mythos-probe export: {exc}", file=sys.stderr)
         return 2

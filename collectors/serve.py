@@ -17,13 +17,17 @@ import sys
 import threading
 
 from mythos_probe.collectors.receiver import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Receiver
+from mythos_probe.collectors.parquet_store import ParquetStore
 from mythos_probe.collectors.store import Store
 
 HELP = "receive OTLP from remote workers, write the store, host the dashboard"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", required=True, help="DuckDB file to write (created when missing)")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--store", help="DuckDB file to write (created when missing)")
+    target.add_argument("--parquet", metavar="DIR",
+                        help="Parquet store folder to add to (created when missing; other writers may share it)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address for OTLP/HTTP (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="OTLP/HTTP port; 0 picks a free one")
     parser.add_argument("--token", default=None, help="ingest token senders pass as `Authorization: Bearer`")
@@ -48,7 +52,7 @@ def _dashboard(store: Store, port: int):
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Store(args.store) as store:
+    with (Store(args.store) if args.store else ParquetStore(args.parquet)) as store:
         receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
         dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()

@@ -1,4 +1,5 @@
-"""`mythos-probe dashboard FILE`: open a DuckDB store read-only and serve the dashboard on it.
+"""`mythos-probe dashboard FILE`: open a store (a DuckDB file or a Parquet folder) read-only and
+serve the dashboard on it.
 
 When the file cannot be opened (missing, held by a writer such as `mythos-probe serve`, written by
 a newer mythos-probe) the dashboard still starts and says why in the page. This module is not the
@@ -10,21 +11,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "open a DuckDB store read-only in the dashboard"
+HELP = "open a store (DuckDB file or Parquet folder) read-only in the dashboard"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", help="DuckDB store written by mythos-probe (a notebook recorder or serve)")
+    parser.add_argument("file", help="DuckDB store file or Parquet store folder written by mythos-probe "
+                        "(a notebook recorder or serve)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050)")
 
 
 def open_store(path: str):
     """(store, None) or (None, message saying why the file cannot be shown)."""
-    from mythos_probe.collectors.store import SchemaError, Store, StoreError
+    from mythos_probe.collectors.parquet_store import open_read_only
+    from mythos_probe.collectors.store import SchemaError, StoreError
 
     try:
-        return Store.open_read_only(path), None
+        return open_read_only(path), None
     except (StoreError, SchemaError) as exc:
         return None, f"Cannot show this store: {exc}"
 
