@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from mythos_probe.collectors.ranks import CROSS_RANK
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
 
 # Time windows are relative to the newest forward in the store, not to the wall clock, so that an
@@ -305,3 +306,9 @@ def cost_over_time(store, sel: Selection, buckets: int = 60) -> pd.DataFrame:
         " FROM sel GROUP BY ALL ORDER BY t, grp",
         [buckets],
     )
+
+
+def cross_rank(store, sel: Selection) -> pd.DataFrame:
+    """Per (run_id, loop_name, step, expert): expert load summed over ranks, and the step's slowest
+    rank in iterations and time (columns in `collectors.ranks`)."""
+    return select(store, sel, CROSS_RANK)

@@ -215,7 +215,8 @@ class LoopedTransformerAdapter(_Adapter):
 
 
 def is_open_mythos(model: torch.nn.Module) -> bool:
-    return type(model).__module__.startswith("open_mythos") and hasattr(model, "recurrent")
+    # the MRO, not the class alone: FSDP2's fully_shard swaps in a subclass defined by torch
+    return any(c.__module__.startswith("open_mythos") for c in type(model).__mro__) and hasattr(model, "recurrent")
 
 
 class OpenMythosAdapter(_Adapter):

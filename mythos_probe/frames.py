@@ -90,3 +90,19 @@ def experts(traces: Sequence[LoopTrace]) -> pd.DataFrame:
 
 def _concat(parts: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+
+
+def cross_rank(source) -> pd.DataFrame:
+    """The cross-rank join by (run_id, loop_name, step): expert loads summed over ranks, the
+    slowest rank's iterations and time (`collectors.ranks.CROSS_RANK` documents the columns), run
+    in SQL on `source`: a store (`Store`, `ParquetStore`) or `LoopTrace`s, loaded into an
+    in-memory store first."""
+    from mythos_probe.collectors.ranks import CROSS_RANK
+
+    if hasattr(source, "query"):
+        return source.query("WITH sel AS (SELECT * FROM forwards) " + CROSS_RANK)
+    from mythos_probe.collectors.store import Store
+
+    with Store(":memory:") as store:
+        store.write_traces(source)
+        return store.query("WITH sel AS (SELECT * FROM forwards) " + CROSS_RANK)
