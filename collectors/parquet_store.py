@@ -190,7 +190,7 @@ class ParquetStore:
         with self._write_lock:
             traces = self._new("forwards", traces, lambda t: (t.trace_id, t.span_id))
             span_rows = self._new("spans", span_rows, lambda r: (r["trace_id"], r["span_id"]))
-            tables = trace_tables(traces, 0) if traces else {}
+            tables = {name: arrow for name, arrow in (trace_tables(traces, 0) if traces else {}).items() if arrow.num_rows}
             if traces:  # store-local numbering 0..n-1 → the writer-independent hash
                 ids = forward_ids([t.trace_id for t in traces], [t.span_id for t in traces])
                 for name, arrow in tables.items():
@@ -202,7 +202,7 @@ class ParquetStore:
             # children and spans first, forwards last: a visible forward has all its rows
             order = [*_CHILD_TABLES, "spans", "forwards"]
             for name in order:
-                if name in tables and tables[name].num_rows:
+                if name in tables:
                     self._write_table(name, tables[name], tables.get("forwards"))
             self._sequence += 1
         return len(traces)

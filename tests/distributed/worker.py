@@ -113,7 +113,7 @@ def main() -> None:
     rank = dist.get_rank()
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(100 + rank))
     shared = job_run_id(where())
-    report = {"rank": rank, "pid": os.getpid(), "run_id": shared, "configs": {}}
+    report = {"rank": rank, "pid": os.getpid(), "job": os.environ["TORCHELASTIC_RUN_ID"], "configs": {}}
     with otlp_sink(args.endpoint) as sink:
         for config in CONFIGS:
             wrapper, kind = config.split("-")
