@@ -19,7 +19,7 @@ from mythos_probe.records import (
     LoopTrace,
 )
 
-_KEYS = ["trace_id", "span_id", "run_id", "model_id", "step"]
+_KEYS = ["trace_id", "span_id", "run_id", "model_id", "step", "rank"]
 
 
 def forwards(traces: Sequence[LoopTrace]) -> pd.DataFrame:
@@ -32,6 +32,7 @@ def forwards(traces: Sequence[LoopTrace]) -> pd.DataFrame:
             batch=t.batch, seq_len=t.seq_len, tokens=t.batch * t.seq_len, n_loops=t.n_loops,
             iterations=t.iterations, exit_policy=t.exit_policy, detail=t.detail, n_experts=t.n_experts,
         )
+        row.update(local_rank=t.local_rank, world_size=t.world_size, host=t.host, pid=t.pid, job_id=t.job_id)
         row.update({m: t.forward_metrics.get(m, np.nan) for m in FORWARD_METRIC_NAMES})
         row.update({f"attr.{k}": v for k, v in t.attributes.items()})
         rows.append(row)

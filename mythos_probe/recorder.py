@@ -94,11 +94,11 @@ class Recorder:
     def to_parquet(self, folder: str) -> list[str]:
         """Write the traces as one new file set of a Parquet store folder (created when missing;
         other writers may write the same folder); returns the files written."""
-        from mythos_probe.collectors.parquet_store import ParquetWriter
+        from mythos_probe.collectors.parquet_store import ParquetStore
 
-        with ParquetWriter(folder) as writer:
-            writer.write_traces(self.traces)
-        return [str(p) for p in writer.files]
+        with ParquetStore(folder) as store:
+            store.write_traces(self.traces)
+        return [str(p) for p in store.files]
 
 
 def _model_id(model: torch.nn.Module) -> str:
@@ -173,6 +173,8 @@ def attach(
     for key, value in attributes.items():
         if not isinstance(value, (str, bool, int, float)):
             raise TypeError(f"attribute {key!r} must be str, int, float or bool, got {type(value).__name__}")
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # DDP runs the wrapped module's forward; FSDP2 shards in place
     make_adapter = _adapter_for(model, spec)
 
     steps = {"n": 0}

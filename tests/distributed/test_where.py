@@ -61,6 +61,29 @@ def test_attach_tags_every_trace_and_shares_the_job_run_id(monkeypatch):
     with mythos_probe.attach(model, run_id="mine") as rec:
         model(ids, n_loops=2)
     assert rec.traces[0].run_id == "mine" and rec.traces[0].rank == 3
+    forwards, experts = rec.frame("forwards"), rec.frame("experts")
+    assert forwards[["rank", "local_rank", "world_size", "job_id"]].values.tolist() == [[3, 1, 4, "5f0c-uuid"]]
+    assert set(experts["rank"]) == {3}
+
+
+def test_to_parquet_holds_what_to_duckdb_holds(tmp_path):
+    from mythos_probe.collectors.parquet_store import ParquetStore
+    from mythos_probe.collectors.store import Store
+
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(1))
+    with mythos_probe.attach(model, detail="positions") as rec:
+        model(ids, n_loops=3)
+        model(ids[:1], n_loops=2)
+    files = rec.to_parquet(str(tmp_path / "pq"))
+    assert files and all(f.endswith(".parquet") for f in files)
+    rec.to_duckdb(str(tmp_path / "s.duckdb"))
+    with ParquetStore.open_read_only(tmp_path / "pq") as pq, Store.open_read_only(tmp_path / "s.duckdb") as db:
+        for table in ("forwards", "iterations", "positions", "experts"):
+            sql = f"SELECT * EXCLUDE (forward_id) FROM {table} ORDER BY ALL"
+            assert pq.query(sql).equals(db.query(sql)), table
+        want = sum(t.batch * t.seq_len * t.iterations for t in rec.traces)
+        assert want > 0 and pq.query("SELECT count(*) AS n FROM positions")["n"].iloc[0] == want
 
 
 def test_resource_attributes_use_otel_names_and_the_rank_family():

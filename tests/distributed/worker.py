@@ -78,13 +78,12 @@ def train(model, wrapper: str, ids: torch.Tensor, probes: dict | None):
     if probes is None:
         steps()
         return net, grads, None
-    inner = net.module if wrapper == "ddp" else net
-    with mythos_probe.attach(inner, optimizer=opt, **probes) as rec:
+    with mythos_probe.attach(net, optimizer=opt, **probes) as rec:  # DDP or FSDP2, as wrapped
         steps()
     return net, grads, rec.traces
 
 
-def collectives(net, inner, ids: torch.Tensor, wrapper: str) -> list[int]:
+def collectives(net, ids: torch.Tensor, wrapper: str) -> list[int]:
     """c10d operations the profiler sees during one forward, without then with probes, after a
     warm-up forward; FSDP2 is resharded before each so that every forward all-gathers."""
     from torch.profiler import ProfilerActivity, profile
@@ -95,7 +94,7 @@ def collectives(net, inner, ids: torch.Tensor, wrapper: str) -> list[int]:
             net.reshard()
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             if probed:
-                with mythos_probe.attach(inner):
+                with mythos_probe.attach(net):
                     net(ids, n_loops=3)
             else:
                 net(ids, n_loops=3)
@@ -123,13 +122,12 @@ def main() -> None:
             run_id = None if config == CONFIGS[0] else f"{shared}-{config}"
             net, probed, traces = train(build(kind), wrapper, ids, {"run_id": run_id, "on_trace": [sink],
                                                                      "attributes": {"config": config}})
-            inner = net.module if wrapper == "ddp" else net
             report["configs"][config] = {
                 "grads_equal": [all(same(a, b) for a, b in zip(x, y)) for x, y in zip(plain, probed)],
                 "n_grads": len(probed[0]),
                 "traces": [{"trace_id": t.trace_id, "span_id": t.span_id, "run_id": t.run_id, "step": t.step,
                             "iterations": t.iterations, "expert_load": t.expert_load.sum(0).tolist()} for t in traces],
-                "collectives": collectives(net, inner, ids, wrapper),
+                "collectives": collectives(net, ids, wrapper),
             }
         assert sink.flush(), "spans were still queued after 30 s"
         report["failed_spans"] = sink.failed_spans + sink.dropped_spans
