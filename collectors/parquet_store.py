@@ -9,7 +9,9 @@ Polars read it as they are:
 
 Every writing process is a writer with its own id (host, pid, random suffix); each `write` adds one
 file set (one file per table and date) and never touches another writer's files, so writers need
-no lock and no server. A file is written under `DIR/.tmp-<writer>/` and moved into place with an
+no lock and no server. Every file set costs the readers a listing and a footer read per query, so
+a long-lived writer (`serve --parquet`) passes `flush_seconds` and buffers its writes into one file
+set per interval (at most `MAX_BUFFERED` forwards; a crash loses what is buffered). A file is written under `DIR/.tmp-<writer>/` and moved into place with an
 atomic rename: a reader sees a whole file or none. Within a file set the forwards are renamed in
 last, so a reader that sees a forward also sees its iterations, positions and experts.
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -52,9 +55,13 @@ from mythos_probe.records import LoopTrace
 
 __all__ = ["ParquetStore", "open_read_only"]
 
+logger = logging.getLogger(__name__)
+
 MARKER = "mythos-probe.json"
 LAYOUT_VERSION = 1
 _CHILD_TABLES = ("iterations", "positions", "experts")
+# With `flush_seconds`, a full buffer is written at once: bounds the memory held between flushes.
+MAX_BUFFERED = 4096
 
 
 def open_read_only(path: str | Path):
@@ -92,7 +99,7 @@ class ParquetStore:
     """A Parquet store folder. `ParquetStore(dir)` creates it when missing and writes into it;
     `ParquetStore.open_read_only(dir)` only reads. Both answer `query` like `Store`."""
 
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False, flush_seconds: float | None = None) -> None:
         self.path = Path(path)
         self.read_only = read_only
         self.files: list[Path] = []  # written by this writer, in order
@@ -132,6 +139,13 @@ class ParquetStore:
             self._sequence = 0
             self._keys = {table: set(map(tuple, self.query(f"SELECT trace_id, span_id FROM {table}").to_numpy()))
                           for table in ("forwards", "spans")}
+            self._buffer: tuple[list[LoopTrace], list[Mapping[str, Any]]] = ([], [])
+            self._flush_seconds = flush_seconds
+            self._closing = threading.Event()
+            if flush_seconds is not None:
+                self._flusher = threading.Thread(target=self._flush_every, args=(flush_seconds,),
+                                                 name="parquet-store-flush", daemon=True)
+                self._flusher.start()
 
     @classmethod
     def open_read_only(cls, path: str | Path) -> "ParquetStore":
@@ -145,6 +159,10 @@ class ParquetStore:
 
     def close(self) -> None:
         if not self.read_only:
+            self._closing.set()
+            if self._flush_seconds is not None:
+                self._flusher.join()
+            self.flush()
             shutil.rmtree(self._tmp, ignore_errors=True)
         self._con.close()
 
@@ -184,28 +202,49 @@ class ParquetStore:
         return self.write(traces, [trace_span_row(t, resource) for t in traces])
 
     def write(self, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]]) -> int:
-        """Store decoded forwards and raw span rows as one file set, skipping known keys."""
+        """Store decoded forwards and raw span rows, skipping known keys: as one file set now, or
+        with `flush_seconds`, buffered into the next one. Returns the number of new forwards."""
         if self.read_only:
             raise StoreError(f"Parquet store {self.path} is open read-only")
         with self._write_lock:
             traces = self._new("forwards", traces, lambda t: (t.trace_id, t.span_id))
-            span_rows = self._new("spans", span_rows, lambda r: (r["trace_id"], r["span_id"]))
-            tables = {name: arrow for name, arrow in (trace_tables(traces, 0) if traces else {}).items() if arrow.num_rows}
-            if traces:  # store-local numbering 0..n-1 → the writer-independent hash
-                ids = forward_ids([t.trace_id for t in traces], [t.span_id for t in traces])
-                for name, arrow in tables.items():
-                    local = arrow.column("forward_id").to_numpy()
-                    tables[name] = arrow.set_column(arrow.schema.get_field_index("forward_id"), "forward_id",
-                                                    pa.array(ids[local], pa.int64()))
-            if span_rows:
-                tables["spans"] = spans_table(span_rows)
-            # children and spans first, forwards last: a visible forward has all its rows
-            order = [*_CHILD_TABLES, "spans", "forwards"]
-            for name in order:
-                if name in tables:
-                    self._write_table(name, tables[name], tables.get("forwards"))
-            self._sequence += 1
+            self._buffer[0].extend(traces)
+            self._buffer[1].extend(self._new("spans", span_rows, lambda r: (r["trace_id"], r["span_id"])))
+            if self._flush_seconds is None or len(self._buffer[0]) >= MAX_BUFFERED:
+                self._write_buffer()
         return len(traces)
+
+    def flush(self) -> None:
+        """Write what is buffered as one file set."""
+        with self._write_lock:
+            self._write_buffer()
+
+    def _flush_every(self, seconds: float) -> None:
+        while not self._closing.wait(seconds):
+            try:
+                self.flush()
+            except Exception:  # kept buffered: the next flush retries
+                logger.exception("could not write buffered traces to %s", self.path)
+
+    def _write_buffer(self) -> None:
+        traces, span_rows = self._buffer
+        if not (traces or span_rows):
+            return
+        tables = {name: arrow for name, arrow in (trace_tables(traces, 0) if traces else {}).items() if arrow.num_rows}
+        if traces:  # store-local numbering 0..n-1 → the writer-independent hash
+            ids = forward_ids([t.trace_id for t in traces], [t.span_id for t in traces])
+            for name, arrow in tables.items():
+                local = arrow.column("forward_id").to_numpy()
+                tables[name] = arrow.set_column(arrow.schema.get_field_index("forward_id"), "forward_id",
+                                                pa.array(ids[local], pa.int64()))
+        if span_rows:
+            tables["spans"] = spans_table(span_rows)
+        # children and spans first, forwards last: a visible forward has all its rows
+        for name in [*_CHILD_TABLES, "spans", "forwards"]:
+            if name in tables:
+                self._write_table(name, tables[name], tables.get("forwards"))
+        self._sequence += 1
+        self._buffer = ([], [])
 
     def _new(self, table: str, items: Sequence[Any], key) -> list[Any]:
         kept = []

@@ -6,6 +6,9 @@ needs `--token`). The dashboard runs in the same process, reading the same `Stor
 Either port may be 0 (a free one); the two startup lines name the ports bound. SIGTERM or Ctrl+C
 stops both servers and closes the store.
 
+With `--parquet DIR` it writes a Parquet store folder instead (`parquet_store`), buffering what
+arrives into one file set every few seconds; other writers may add to the same folder.
+
 This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_probe.dashboards`).
 """
 
@@ -21,6 +24,8 @@ from mythos_probe.collectors.parquet_store import ParquetStore
 from mythos_probe.collectors.store import Store
 
 HELP = "receive OTLP from remote workers, write the store, host the dashboard"
+# `--parquet`: one file set per interval rather than per OTLP request (readers pay per file)
+PARQUET_FLUSH_SECONDS = 5.0
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +57,7 @@ def _dashboard(store: Store, port: int):
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with (Store(args.store) if args.store else ParquetStore(args.parquet)) as store:
+    with (Store(args.store) if args.store else ParquetStore(args.parquet, flush_seconds=PARQUET_FLUSH_SECONDS)) as store:
         receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
         dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()

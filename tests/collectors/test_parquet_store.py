@@ -171,3 +171,21 @@ def test_export_and_dashboard_cli_read_the_folder(folders, tmp_path):
     opened, problem = open_store(str(folder))
     assert problem is None and opened.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0] == 24
     opened.close()
+
+
+def test_a_buffering_writer_adds_one_file_set_per_flush_and_flushes_on_close(tmp_path):
+    traces = make_traces()
+    writer = ParquetStore(tmp_path / "pq", flush_seconds=3600)
+    reader = ParquetStore.open_read_only(tmp_path / "pq")
+    count = lambda: int(reader.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0])  # noqa: E731
+    files = lambda: len(list((tmp_path / "pq" / "forwards").glob("date=*/*.parquet")))  # noqa: E731
+    for t in traces[:4]:
+        assert writer.write_traces([t]) == 1
+    assert (count(), files()) == (0, 0)
+    writer.flush()
+    assert (count(), files()) == (4, 1)
+    assert writer.write_traces(traces[:4]) == 0
+    writer.write_traces(traces[4:6])
+    writer.close()
+    assert (count(), files()) == (6, 2)
+    reader.close()
