@@ -168,8 +168,11 @@ def test_export_and_dashboard_cli_read_the_folder(folders, tmp_path):
     assert result.returncode == 0, result.stderr
     exported = pq.read_table(out / "forwards", partitioning="hive").to_pandas()
     assert sorted(exported["trace_id"]) == sorted(t.trace_id for t in make_traces())
+    from mythos_probe.dashboards.app import create_app
+
     opened, problem = open_store(str(folder))
     assert problem is None and opened.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0] == 24
+    create_app(opened)  # every page registers its callbacks on the folder
     opened.close()
 
 

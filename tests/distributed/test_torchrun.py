@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mythos_probe import frames
+from mythos_probe.collectors.export_cli import stored_traces
 from mythos_probe.collectors.parquet_store import ParquetStore
 from mythos_probe.dashboards import queries
 
@@ -67,6 +68,11 @@ def test_every_rank_trace_is_stored_once_and_tagged(job):
         assert (row.host, row.pid, row.job_id) == (socket.gethostname(), reports[rank]["pid"], job_id)
         # attach's default run id is the job's on both ranks; the others extend it
         assert row.run_id == f"run-{job_id}" + ("" if config == CONFIGS[0] else f"-{config}")
+    # `mythos-probe export --otlp` rebuilds each record from the store with its rank family
+    replayed = {(t.trace_id, t.span_id): (t.rank, t.local_rank, t.world_size, t.host, t.pid, t.job_id)
+                for chunk in stored_traces(store) for _, t in chunk}
+    assert replayed == {(r.trace_id, r.span_id): (r.rank, r.local_rank, r.world_size, r.host, r.pid, r.job_id)
+                        for r in forwards.itertuples()}
     resources = store.query("SELECT DISTINCT json_extract(resource, '$.\"process.pid\"')::BIGINT AS pid,"
                             " json_extract_string(resource, '$.\"host.name\"') AS host,"
                             " json_extract(resource, '$.\"recurrent_depth.rank.index\"')::INTEGER AS rank,"
