@@ -177,7 +177,8 @@ class ParquetStore:
             if any((self.path / table).glob("*/*.parquet")):
                 glob = _sql_literal(str(self.path / table / "*" / "*.parquet"))
                 source = f"read_parquet({glob}, hive_partitioning = true, union_by_name = true)"
-                columns = [c for c, _ in TABLES[table]]
+                # a column no file has yet (a metric added after the folder was written) reads as NULL
+                columns = self._con.execute(f"DESCRIBE SELECT * FROM {source}").df()["column_name"].tolist()
                 self._bound.add(table)
             else:
                 source, columns = "(SELECT 1 WHERE FALSE)", []

@@ -192,3 +192,16 @@ def test_a_buffering_writer_adds_one_file_set_per_flush_and_flushes_on_close(tmp
     writer.close()
     assert (count(), files()) == (6, 2)
     reader.close()
+
+
+def test_a_folder_written_before_a_column_existed_reads_it_as_null(tmp_path):
+    import duckdb
+
+    with ParquetStore(tmp_path / "pq") as w:
+        w.write_traces(make_traces()[:2])
+    for path in (tmp_path / "pq" / "forwards").glob("date=*/*.parquet"):  # as an older writer left it
+        duckdb.sql(f"COPY (SELECT * EXCLUDE (rho_A) FROM read_parquet('{path}')) TO '{path}.old' (FORMAT parquet)")
+        path.with_suffix(".parquet.old").rename(path)
+    with ParquetStore.open_read_only(tmp_path / "pq") as r:
+        df = r.query('SELECT count(*) AS n, count("rho_A") AS rho FROM forwards')
+        assert (df["n"].iloc[0], df["rho"].iloc[0]) == (2, 0)
