@@ -130,7 +130,6 @@ class ParquetStore:
         self._write_lock = threading.Lock()
         self._bound: set[str] = set()  # tables whose view reads files (the others are empty so far)
         self._refresh_views()
-        self.schema_version = LAYOUT_VERSION
         if not read_only:
             writer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
             self.writer = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in writer)
