@@ -1,5 +1,5 @@
 """Two CPU ranks under torchrun (gloo): DDP and FSDP2 around our LoopedTransformer and around an
-unmodified OpenMythos, probes exporting OTLP to one `mythos-probe serve --parquet`. The store holds
+unmodified OpenMythos, probes exporting OTLP to a `mythos-probe serve --store` and a `serve --parquet`. The store holds
 every rank's traces once, tagged with its rank, host, pid and job; the cross-rank join equals the
 sums computed from each rank's own traces; gradients with and without probes are bit-identical on
 both ranks; and the probes add no collective to a forward."""
@@ -18,7 +18,7 @@ import pytest
 
 from mythos_probe import frames
 from mythos_probe.collectors.export_cli import stored_traces
-from mythos_probe.collectors.parquet_store import ParquetStore
+from mythos_probe.collectors.parquet_store import open_read_only
 from mythos_probe.dashboards import queries
 
 pytest.importorskip("open_mythos.main", reason="open-mythos is installed by scripts/bootstrap.sh")
@@ -29,26 +29,37 @@ CONFIGS = ("ddp-looped", "fsdp-looped", "ddp-openmythos", "fsdp-openmythos")
 STEPS = 2
 
 
+def _serve(args: list[str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "mythos_probe.cli", "serve", *args, "--port", "0", "--no-dashboard"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    line = proc.stdout.readline()
+    return proc, "http://" + line.split("http://", 1)[1].split("/v1/traces")[0]
+
+
 @pytest.fixture(scope="module")
-def job(tmp_path_factory):
-    """(store the ranks fed, {rank: what that rank measured})."""
+def launch(tmp_path_factory):
+    """(folder holding both stores the ranks fed, {rank: what that rank measured})."""
     tmp = tmp_path_factory.mktemp("torchrun")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "mythos_probe.cli", "serve", "--parquet", str(tmp / "store"), "--port", "0",
-         "--no-dashboard"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    serves = [_serve(["--store", str(tmp / "store.duckdb")]), _serve(["--parquet", str(tmp / "store")])]
     try:
-        line = serve.stdout.readline()
-        endpoint = "http://" + line.split("http://", 1)[1].split("/v1/traces")[0]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        endpoints = [arg for _, endpoint in serves for arg in ("--endpoint", endpoint)]
         run = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(WORKER),
-             "--endpoint", endpoint, "--out", str(tmp)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+             *endpoints, "--out", str(tmp)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     finally:
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=60) == 0
-    reports = {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)}
-    with ParquetStore.open_read_only(tmp / "store") as store:
+        for proc, _ in serves:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=60) for proc, _ in serves] == [0, 0]
+    return tmp, {r: json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+@pytest.fixture(params=["duckdb", "parquet"])
+def job(launch, request):
+    """(one of the two stores one `serve` each wrote from the same OTLP, the ranks' reports)."""
+    tmp, reports = launch
+    with open_read_only(tmp / ("store.duckdb" if request.param == "duckdb" else "store")) as store:
         yield store, reports
 
 
@@ -101,16 +112,16 @@ def test_cross_rank_join_equals_the_sum_over_each_rank_traces(job):
     assert set(only.run_id) == {f"run-{reports[0]['job']}"}
 
 
-def test_gradients_with_and_without_probes_are_bit_identical_on_every_rank(job):
-    _, reports = job
+def test_gradients_with_and_without_probes_are_bit_identical_on_every_rank(launch):
+    _, reports = launch
     for rank, rep in reports.items():
         for config, v in rep["configs"].items():
             assert v["grads_equal"] == [True] * STEPS, (rank, config)
             assert v["n_grads"] > 0
 
 
-def test_probes_add_no_collective_to_a_forward(job):
-    _, reports = job
+def test_probes_add_no_collective_to_a_forward(launch):
+    _, reports = launch
     for rank, rep in reports.items():
         for config, v in rep["configs"].items():
             plain, probed = v["collectives"]

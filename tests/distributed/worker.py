@@ -3,7 +3,7 @@
 For each wrapper (DDP, FSDP2 `fully_shard`) around each model (our LoopedTransformer, an unmodified
 `open_mythos.main.OpenMythos`), with the same weights on every rank and different data per rank:
 trains `STEPS` optimizer steps without probes, then the same from the same weights with probes
-exporting OTLP to `--endpoint`; compares the gradients of every step bit for bit; counts the
+exporting OTLP to every `--endpoint`; compares the gradients of every step bit for bit; counts the
 collectives (c10d ops seen by the profiler) of one forward with and without probes. Writes what
 it measured, straight from its own traces and tensors, to `--out/rank<r>.json` for the test to
 check against the store.
@@ -105,7 +105,7 @@ def collectives(net, ids: torch.Tensor, wrapper: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--endpoint", required=True)
+    parser.add_argument("--endpoint", action="append", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -113,14 +113,15 @@ def main() -> None:
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(100 + rank))
     shared = job_run_id(where())
     report = {"rank": rank, "pid": os.getpid(), "job": os.environ["TORCHELASTIC_RUN_ID"], "configs": {}}
-    with otlp_sink(args.endpoint) as sink:
+    sinks = [otlp_sink(endpoint) for endpoint in args.endpoint]
+    try:
         for config in CONFIGS:
             wrapper, kind = config.split("-")
             _, plain, _ = train(build(kind), wrapper, ids, None)
             # the first config keeps attach's default run id (shared through the job id); the
             # others name theirs after it, still without any message between ranks
             run_id = None if config == CONFIGS[0] else f"{shared}-{config}"
-            net, probed, traces = train(build(kind), wrapper, ids, {"run_id": run_id, "on_trace": [sink],
+            net, probed, traces = train(build(kind), wrapper, ids, {"run_id": run_id, "on_trace": sinks,
                                                                      "attributes": {"config": config}})
             report["configs"][config] = {
                 "grads_equal": [all(same(a, b) for a, b in zip(x, y)) for x, y in zip(plain, probed)],
@@ -129,8 +130,11 @@ def main() -> None:
                             "iterations": t.iterations, "expert_load": t.expert_load.sum(0).tolist()} for t in traces],
                 "collectives": collectives(net, ids, wrapper),
             }
-        assert sink.flush(), "spans were still queued after 30 s"
-        report["failed_spans"] = sink.failed_spans + sink.dropped_spans
+        assert all(sink.flush() for sink in sinks), "spans were still queued after 30 s"
+        report["failed_spans"] = sum(sink.failed_spans + sink.dropped_spans for sink in sinks)
+    finally:
+        for sink in sinks:
+            sink.close()
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
 
