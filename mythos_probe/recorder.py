@@ -102,12 +102,14 @@ class Recorder:
 
 
 def _model_id(model: torch.nn.Module) -> str:
+    # FSDP2 swaps the class for a subclass torch makes (FSDP<Name>): name the model's own class
+    name = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed")).__name__
     cfg = getattr(model, "cfg", None)
     if cfg is None:
-        return type(model).__name__
+        return name
     fields = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg)
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return f"{type(model).__name__}-{digest}"
+    return f"{name}-{digest}"
 
 
 def _adapter_for(model: torch.nn.Module, spec: Optional[LoopSpec]):

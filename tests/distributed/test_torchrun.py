@@ -79,6 +79,11 @@ def test_every_rank_trace_is_stored_once_and_tagged(job):
         assert (row.host, row.pid, row.job_id) == (socket.gethostname(), reports[rank]["pid"], job_id)
         # attach's default run id is the job's on both ranks; the others extend it
         assert row.run_id == f"run-{job_id}" + ("" if config == CONFIGS[0] else f"-{config}")
+    models = store.query("SELECT DISTINCT json_extract_string(attributes, '$.config') AS config, model_id FROM forwards")
+    by_config = dict(zip(models.config, models.model_id))
+    assert len(models) == len(CONFIGS)  # one model id per config, whatever the wrapper
+    for kind, cls in (("looped", "LoopedTransformer-"), ("openmythos", "OpenMythos")):
+        assert by_config[f"ddp-{kind}"] == by_config[f"fsdp-{kind}"] and by_config[f"ddp-{kind}"].startswith(cls)
     # `mythos-probe export --otlp` rebuilds each record from the store with its rank family
     replayed = {(t.trace_id, t.span_id): (t.rank, t.local_rank, t.world_size, t.host, t.pid, t.job_id)
                 for chunk in stored_traces(store) for _, t in chunk}
