@@ -4,16 +4,18 @@ read through DuckDB with the same tables (and so the same queries) as the DuckDB
 Layout, Hive-partitioned by the forward's UTC date so that DuckDB, Spark, ClickHouse, Trino and
 Polars read it as they are:
 
-    DIR/mythos-probe.json                          marks the folder, with its layout version
-    DIR/<table>/date=YYYY-MM-DD/<writer>-<n>.parquet   table ∈ forwards, iterations, positions, experts, spans
+    DIR/mythos-probe.json                                marks the folder, with its layout version
+    DIR/<table>/date=YYYY-MM-DD/<writer>-<n>-<i>.parquet   table: forwards, iterations, positions, experts, spans
 
 Every writing process is a writer with its own id (host, pid, random suffix); each `write` adds one
 file set (one file per table and date) and never touches another writer's files, so writers need
 no lock and no server. Every file set costs the readers a listing and a footer read per query, so
 a long-lived writer (`serve --parquet`) passes `flush_seconds` and buffers its writes into one file
-set per interval (at most `MAX_BUFFERED` forwards; a crash loses what is buffered). A file is written under `DIR/.tmp-<writer>/` and moved into place with an
-atomic rename: a reader sees a whole file or none. Within a file set the forwards are renamed in
-last, so a reader that sees a forward also sees its iterations, positions and experts.
+set per interval (at most `MAX_BUFFERED` forwards; a crash loses what is buffered). A file is
+written under `DIR/.tmp-<writer>/` and moved into place with an atomic rename: a reader sees a
+whole file or none (a crashed writer leaves its `.tmp-` folder, which readers never list). Within
+a file set the forwards are renamed in last, so a reader that sees a forward also sees its
+iterations, positions and experts.
 
 `forward_id` (the key the dashboard joins on) must be unique across writers that never talk:
 it is a 63-bit hash of (trace_id, span_id), and each file is sorted by it so a one-forward lookup
@@ -21,9 +23,10 @@ reads one row group. A writer skips forwards and spans whose key the folder alre
 opened or that it wrote since (a span delivered twice stays once); two writers given the same
 forward at the same moment would both keep it.
 
-Reading is DuckDB in memory: one view per table over `read_parquet(DIR/<table>/**/*.parquet)`,
+Reading is DuckDB in memory: one view per table over `read_parquet(DIR/<table>/*/*.parquet)`,
 re-globbed at every query, casting columns to the store's types (`schema.TABLES`). It never writes
-the folder. Compaction (many small files into few) is `mythos-probe export DIR --parquet OUT`.
+the folder. `mythos-probe export DIR --parquet OUT` copies a folder into one file per table, date
+and model, for other engines.
 
 This module is not: the DuckDB store (`store`), the row building (`rows`) or the layout of the
 tables (`schema`).
@@ -262,7 +265,8 @@ class ParquetStore:
             # the partition date is the forward's: children join the batch's forwards for it
             if table in _CHILD_TABLES:
                 cur.register("_forwards", forwards)
-                date = "(SELECT strftime(f.start_time, '%Y-%m-%d') FROM _forwards f WHERE f.forward_id = _batch.forward_id)"
+                date = ("(SELECT strftime(f.start_time, '%Y-%m-%d') FROM _forwards f"
+                        " WHERE f.forward_id = _batch.forward_id)")
             elif table == "forwards":
                 date = "strftime(start_time, '%Y-%m-%d')"
             else:
