@@ -173,6 +173,8 @@ class _Loop:
             raise ValueError(f"LoopSpec.state_in={arg!r} picks a {type(h_in).__name__} from the start's inputs, "
                              "not the state tensor; name the argument that carries the state")
         self.parts["in"] = h_in.detach()
+        if "e" in self.parts:  # the injection entering this iteration; the module may run again before it completes
+            self.parts["e_in"] = self.parts["e"]
         inj = self.spec.injection
         if inj is not None and inj.mode == "argument" and inj.arg is not None:
             self.parts["e_arg"] = (kwargs[inj.arg] if isinstance(inj.arg, str) else args[inj.arg]).detach()
@@ -197,7 +199,7 @@ class _Loop:
         h, h_in = parts["out"], parts["in"]
         inj = spec.injection
         mode = None if inj is None else inj.mode
-        e_module = parts.get("e")
+        e_module = parts.get("e_in")
         if e_module is not None:
             e_module = select(e_module, None).detach()
         h_prev = self.prev
@@ -243,7 +245,7 @@ class _Loop:
     def _check_state(self, h, h_prev, h_in, e_module, t) -> None:
         spec = self.spec
         if h.shape != h_prev.shape:
-            field = "init" if t == 0 else "state"
+            field = "init" if t == 0 and spec.init is not None else "state"
             raise ValueError(f"LoopSpec.{field}: loop {spec.name!r} iteration {t} ends with a state of shape "
                              f"{tuple(h.shape)} but the previous state has shape {tuple(h_prev.shape)}; "
                              "the end state must keep one shape (check state= / init=)")
