@@ -48,7 +48,7 @@ each gives one `LoopTrace` per forward carrying its `loop_name`, and they share 
 Adding a preset: write the `LoopSpec`s for the model class in `presets.py`, then a test that
 steps the model's loop by hand and compares every metric (`tests/probes/test_spec_*.py`).
 
-This module is not: the hooks that read these boundaries (`adapters.SpecAdapter`) or the
+This module is not: the hooks that read these boundaries (`spec_adapter.SpecAdapter`) or the
 presets (`presets.py`).
 """
 

@@ -18,6 +18,7 @@ reductions (`collector.py`).
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from typing import Any, Callable, Optional
 
@@ -31,7 +32,8 @@ from mythos_probe.metrics.halting import act_step
 
 
 class _Wrapped:
-    """A method replaced on one instance for the duration of `attach`; `remove` restores it."""
+    """A method replaced on one instance for the duration of `attach`; `remove` restores it.
+    `on_end` gets the output, or None when the method raised (and the exception goes on)."""
 
     def __init__(self, owner: torch.nn.Module, name: str, on_start, on_end) -> None:
         self.owner, self.name = owner, name
@@ -39,8 +41,11 @@ class _Wrapped:
 
         def wrapper(*args, **kwargs):
             on_start(args, kwargs)
-            output = original(*args, **kwargs)
-            on_end(output)
+            output = None
+            try:
+                output = original(*args, **kwargs)
+            finally:
+                on_end(output)
             return output
 
         setattr(owner, name, wrapper)
@@ -181,7 +186,7 @@ class _Loop:
         self.call = (args, kwargs)
 
     def on_end(self, output) -> None:
-        if not self._live() or "in" not in self.parts:
+        if output is None or not self._live() or "in" not in self.parts:
             return
         self.fired.add("end")
         h = select(output, self.spec.state)
@@ -437,11 +442,22 @@ class SpecAdapter(_Adapter):
         except Exception:
             self.hooks.remove()
             raise
+        self.generation: Optional[list] = None  # [trace id, forwards so far] inside a generate() call
+        if callable(getattr(model, "generate", None)):
+            self.hooks.add(_Wrapped(model, "generate", self._generate_start, self._generate_end))
         self.hooks.add(model.register_forward_pre_hook(self._pre, with_kwargs=True))
         self.hooks.add(model.register_forward_hook(self._post, with_kwargs=True, always_call=True))
         embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
         looped = [m for loop in self.loops for m in loop.looped_modules]
         self.other_params = _params([model]) - _params(embeddings) - _params(looped)
+
+    def _generate_start(self, args, kwargs) -> None:
+        """The forwards of one `generate` call are its decode steps: one trace id, steps 0, 1, …
+        (with or without a KV cache)."""
+        self.generation = [secrets.token_hex(16), 0]
+
+    def _generate_end(self, output) -> None:
+        self.generation = None
 
     def _pre(self, module, args, kwargs):
         if self.paused or self.active:
@@ -471,10 +487,15 @@ class SpecAdapter(_Adapter):
             contexts.append(ctx)
             began.append(loop.collector.begin(ctx))
         self.active = any(began)
-        if self.active and len(self.loops) > 1:
+        if self.active and self.generation is not None:
+            trace_id, step = self.generation
+            self.generation[1] += 1
+        elif self.active and len(self.loops) > 1:
             trace_id, step = self.loops[0].collector._identity(contexts[0])
-            for ctx in contexts:
-                ctx.trace_id, ctx.step = trace_id, step
+        else:
+            return None
+        for ctx in contexts:
+            ctx.trace_id, ctx.step = trace_id, step
         return None
 
     def _post(self, module, args, kwargs, output):

@@ -171,4 +171,4 @@ class Capture:
 
 def no_hooks(model: nn.Module) -> bool:
     return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()) and \
-        not any(k in vars(m) for m in model.modules() for k in ("core_block_forward",))
+        not any(k in vars(m) for m in model.modules() for k in ("core_block_forward", "generate"))

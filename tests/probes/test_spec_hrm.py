@@ -81,13 +81,17 @@ def test_generate_decode_steps_share_one_trace_id_and_hooks_go(hrm, tmp_path):
         hrm.generate(ids, max_new_tokens=3, do_sample=False)
         first = len(rec.traces)
         hrm.generate(ids, max_new_tokens=2, do_sample=False)
+        second = len(rec.traces)
+        hrm.generate(ids, max_new_tokens=2, do_sample=False, use_cache=False)  # no KV cache to tell steps by
     assert first == 6  # 3 forwards × 2 loops
-    one, two = rec.traces[:first], rec.traces[first:]
-    assert len({t.trace_id for t in one}) == 1 and len({t.trace_id for t in two}) == 1
-    assert one[0].trace_id != two[0].trace_id
+    one, two, three = rec.traces[:first], rec.traces[first:second], rec.traces[second:]
+    for call in (one, two, three):
+        assert len({t.trace_id for t in call}) == 1
+    assert len({one[0].trace_id, two[0].trace_id, three[0].trace_id}) == 3
+    assert [t.step for t in three if t.loop_name == "L"] == [0, 1]
     assert [t.step for t in one if t.loop_name == "H"] == [0, 1, 2]
     assert no_hooks(hrm)
     path = rec.to_duckdb(str(tmp_path / "hrm.duckdb"))
     with duckdb.connect(path, read_only=True) as db:
         rows = db.execute("select loop_name, count(*) from forwards group by 1 order by 1").fetchall()
-    assert rows == [("H", 5), ("L", 5)]
+    assert rows == [("H", 7), ("L", 7)]
