@@ -118,7 +118,9 @@ class Halting:
 class Router:
     """One routed layer of the loop. `bias` (an attribute of the router module) is added to the
     scores for the top-k choice only, as aux-loss-free balancing does; `top_k` is a number or
-    the name of the router's attribute holding it."""
+    the name of the router's attribute holding it. With several routers in a loop, an iteration's
+    expert load counts expert e's tokens over all of them (tokens × routed layers × k in total),
+    and the routing entropy averages over every router's tokens."""
 
     module: str
     top_k: Union[int, str]
