@@ -55,3 +55,21 @@ def test_the_declared_rule_gives_the_models_exit_step(rule, threshold):
     (trace,) = rec.traces
     assert len(np.unique(used.numpy())) > 1  # positions exit at different steps
     np.testing.assert_array_equal(trace.position_iterations, used.numpy())
+
+
+def test_after_the_first_forward_the_spec_path_adds_no_host_sync():
+    """The declaration checks read values on the first forward only; the same sync counter as
+    test_no_host_sync then sees the model's own syncs and nothing more."""
+    from tests.probes.test_no_host_sync import SyncCounter
+
+    model = Halter("act", 0.9).eval()
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="act", threshold=0.9))
+    with torch.no_grad():
+        with SyncCounter() as plain:
+            model(ids)
+        with mythos_probe.attach(model, spec=spec, probes=["convergence", "spectral", "halting", "lens"]) as rec:
+            model(ids)
+            with SyncCounter() as probed:
+                model(ids)
+        assert len(rec.traces) == 2
+    assert probed.syncs == plain.syncs
