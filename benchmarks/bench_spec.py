@@ -100,7 +100,8 @@ def main() -> None:
     med = statistics.median
     print(f"B={args.batch} T={args.seq} dim={args.dim} threads={torch.get_num_threads()} rounds={args.rounds} "
           "(default probes, summary detail)")
-    print(f"  {'':<40} {'plain CPU':>10} {'probed CPU':>11} {'ratio (min)':>12} {'ratio (median)':>15} {'wall (median)':>14}")
+    print(f"  {'':<40} {'plain CPU':>10} {'probed CPU':>11} {'ratio (min)':>12} {'ratio (median)':>15} "
+          f"{'wall (median)':>14}")
     for name, t in times.items():
         plain, probed = min(t["plain_cpu"]), min(t["probed_cpu"])
         print(f"  {name:<40} {plain * 1e3:8.1f}ms {probed * 1e3:9.1f}ms {probed / plain:11.3f}× "

@@ -146,7 +146,7 @@ class LoopSpec:
     method: Optional[str] = None
     state: Selector = None  # h_t among what the end returns
     state_in: Union[int, str] = 0  # the incoming state among the start's arguments
-    init: Union[None, str, Callable[[torch.nn.Module], torch.Tensor]] = None  # h_{−1}: module path or model → tensor
+    init: Union[None, str, Callable[[torch.nn.Module], torch.Tensor]] = None  # h_{−1}: a module path or model → h
     injection: Optional[Injection] = None
     halting: Optional[Halting] = None
     routers: tuple[Router, ...] = ()
@@ -156,18 +156,21 @@ class LoopSpec:
     name: str = "loop"
 
     def __post_init__(self):
-        given = [f for f in ("step", "method") if getattr(self, f)] + (["first/last"] if self.first or self.last else [])
+        given = [f for f in ("step", "method") if getattr(self, f)]
+        given += ["first/last"] if self.first or self.last else []
         if len(given) != 1:
             raise ValueError("LoopSpec: declare exactly one of step=, first= and last=, or method= "
                              f"(where an iteration starts and ends); got {given or 'none'}")
         if (self.first is None) != (self.last is None):
             raise ValueError("LoopSpec: first= and last= go together (the first and last module of one pass)")
-        if self.method and "." not in self.method and not self.method.isidentifier():
-            raise ValueError(f"LoopSpec.method must be 'path.to.module.method_name' or a root method name, got {self.method!r}")
+        if self.method and not all(part.isidentifier() for part in self.method.split(".")):
+            raise ValueError("LoopSpec.method must be 'path.to.module.method_name' or a method of the model, "
+                             f"got {self.method!r}")
         if isinstance(self.injection, str) or isinstance(self.halting, str):
             raise TypeError("LoopSpec.injection and .halting take Injection(...) and Halting(...), not a path string")
         if isinstance(self.routers, Router):
             raise TypeError("LoopSpec.routers is a tuple of Router(...), one per routed layer")
+        object.__setattr__(self, "routers", tuple(self.routers))  # a list works too; stored hashable
 
 
 def resolve(model: torch.nn.Module, path: str, field: str) -> torch.nn.Module:

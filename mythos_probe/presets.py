@@ -60,7 +60,8 @@ def inkling2_loop(model) -> tuple[LoopSpec, ...]:
     routers = tuple(Router(f"{p}layers.{i}.mlp.gate", top_k="top_k", scoring=cfg.scoring_func, select=0,
                            bias="e_score_correction_bias", indices=2) for i in range(start, end))
     return (LoopSpec(first=f"{p}layers.{start}", last=f"{p}layers.{end - 1}", injection=Injection("restart"),
-                     routers=routers, readout=_head(model, f"{p}norm", "lm_head", "logit_softcap"), logits="logits"),)
+                     routers=routers, readout=_head(model, f"{p}norm", "lm_head", "logit_softcap"),
+                     logits="logits"),)
 
 
 def raven(model) -> tuple[LoopSpec, ...]:
@@ -69,7 +70,8 @@ def raven(model) -> tuple[LoopSpec, ...]:
     (x, block_idx). The state starts from `initialize_state` (random). The lens reads through
     `ln_f` and the head (the coda needs the forward's rotary table and mask)."""
     return (LoopSpec(method="core_block_forward", state=0, injection=Injection("argument", arg=1),
-                     readout=("transformer.ln_f", "lm_head"), looped=("transformer.adapter", "transformer.core_block")),)
+                     readout=("transformer.ln_f", "lm_head"),
+                     looped=("transformer.adapter", "transformer.core_block")),)
 
 
 def ouro(model) -> tuple[LoopSpec, ...]:
