@@ -7,7 +7,8 @@ Three kinds of model, one event stream (`begin`, `encoded`, `iteration`, `end`):
    router, shared experts, LoRA adapter, injection and halting head. What it does not expose (the
    chosen experts, gates, cumulative halting, the halted mask, the ACT weights) is re-derived
    exactly as `MoEFFN.forward` and `RecurrentBlock.forward` compute it;
-3. any other looped model described by `LoopSpec`s (`loopspec.py`; presets in `presets.py`).
+3. any other looped model described by `LoopSpec`s (`loopspec.py`), recorded by
+   `spec_adapter.SpecAdapter` on this module's base class; presets in `presets.py`.
 
 Every hook detaches what it keeps and returns None, so probes never change outputs or gradients.
 This module is not: the metric formulas (`metrics/`) or the trace building (`collector.py`).

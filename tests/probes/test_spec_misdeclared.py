@@ -142,3 +142,8 @@ def test_hooks_that_never_fire_are_named():
     with pytest.warns(UserWarning, match=r"LoopSpec.step: loop 'loop' \(unused\) never ran"):
         rec = run(model, LoopSpec(step="unused"))
     assert rec.traces == []
+
+
+def test_a_model_without_a_preset_is_told_which_classes_need_no_spec():
+    with pytest.raises(TypeError, match=r"spec=LoopSpec\(step=.*mythos_probe.presets.*HrmTextForCausalLM.*OuroForCausalLM"):
+        mythos_probe.attach(nn.Linear(3, 3)).__enter__()
