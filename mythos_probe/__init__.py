@@ -1,17 +1,22 @@
 """mythos-probe: make the loop of a looped transformer visible.
 
-Public names: `attach`, `LoopSpec`, `records.LoopTrace`, `SCHEMA_VERSION`. They are imported
+Public names: `attach`, `LoopSpec` (with `Injection`, `Halting`, `Router`), `records.LoopTrace`,
+`SCHEMA_VERSION`. They are imported
 lazily so that `mythos_probe.collectors` and `mythos_probe.dashboards` never import torch.
 """
 
 from mythos_probe.records import SCHEMA_VERSION, LoopTrace
 
-__all__ = ["attach", "LoopSpec", "Recorder", "LoopTrace", "SCHEMA_VERSION"]
+__all__ = ["attach", "LoopSpec", "Injection", "Halting", "Router", "Recorder", "LoopTrace", "SCHEMA_VERSION"]
 
 
 def __getattr__(name: str):
-    if name in ("attach", "LoopSpec", "Recorder"):
+    if name in ("attach", "Recorder"):
         from mythos_probe import recorder
 
         return getattr(recorder, name)
+    if name in ("LoopSpec", "Injection", "Halting", "Router"):
+        from mythos_probe import loopspec
+
+        return getattr(loopspec, name)
     raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")

@@ -7,7 +7,8 @@ Three kinds of model, one event stream (`begin`, `encoded`, `iteration`, `end`):
    router, shared experts, LoRA adapter, injection and halting head. What it does not expose (the
    chosen experts, gates, cumulative halting, the halted mask, the ACT weights) is re-derived
    exactly as `MoEFFN.forward` and `RecurrentBlock.forward` compute it;
-3. a user's own looped model described by a `LoopSpec`.
+3. any other looped model described by `LoopSpec`s (`loopspec.py`), recorded by
+   `spec_adapter.SpecAdapter` on this module's base class; presets in `presets.py`.
 
 Every hook detaches what it keeps and returns None, so probes never change outputs or gradients.
 This module is not: the metric formulas (`metrics/`) or the trace building (`collector.py`).
@@ -41,6 +42,7 @@ class IterationTensors:
     topk_idx: Optional[torch.Tensor] = None  # (N, k)
     shared_out: Optional[torch.Tensor] = None  # (N, D)
     routed_out: Optional[torch.Tensor] = None  # (N, D)
+    injection: Optional[torch.Tensor] = None  # (B, T, D) e entering this iteration (LoopSpec models)
 
 
 @dataclass
@@ -57,6 +59,10 @@ class ForwardContext:
     injection_B: Optional[torch.Tensor] = None  # (D,)
     lens: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (state, positions) → log-probs
     step_fn: Optional[Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]]] = None  # Jacobian
+    loop_name: str = "loop"
+    trace_id: Optional[str] = None  # set for nested loops: every loop of a forward shares it
+    step: Optional[int] = None
+    cost_fn: Optional[Callable[[int], tuple[float, float]]] = None  # iterations → (FLOPs, saved), without a cfg
 
 
 class _Hooks:
@@ -344,113 +350,3 @@ class OpenMythosAdapter(_Adapter):
         return step
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. a user's own looped model
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoopSpec:
-    """Where the loop is in your own model, for `attach(model, spec=LoopSpec(...))`.
-
-    step: path of the submodule called once per loop iteration, h_{t+1} = step(h_t, ...).
-    state_arg: where h_t is among the step's inputs (position or keyword name).
-    output_index: when the step returns a tuple, the index of h_{t+1}.
-    injection: path of a submodule whose output is the injected input e (optional).
-    halting: path of a submodule returning per-position halting probabilities (B, T) (optional).
-    act_threshold: with `halting`, the cumulative probability at which a position halts.
-    router: path of a submodule returning router logits (N, E) (optional); needs top_k.
-    readout: state (B, T, D) → logits (B, T, V), for the coda lens (optional).
-    """
-
-    step: str
-    state_arg: int | str = 0
-    output_index: Optional[int] = None
-    injection: Optional[str] = None
-    halting: Optional[str] = None
-    act_threshold: float = 0.99
-    router: Optional[str] = None
-    top_k: Optional[int] = None
-    readout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-
-    def resolve(self, model: torch.nn.Module, path: str) -> torch.nn.Module:
-        try:
-            return model.get_submodule(path)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n][:20]
-            raise ValueError(f"LoopSpec: {type(model).__name__} has no submodule {path!r}; its submodules include {names}") from None
-
-
-class SpecAdapter(_Adapter):
-    """Parts that arrive between one call of the step and the next (router logits inside the step,
-    a halting head after it) belong to the same iteration; it is complete when the next step
-    starts or the forward ends."""
-
-    def __init__(self, model, collector, spec: LoopSpec) -> None:
-        super().__init__(model, collector)
-        if spec.router is not None and not spec.top_k:
-            raise ValueError("LoopSpec.router needs top_k (experts chosen per token)")
-        self.spec = spec
-        step = spec.resolve(model, spec.step)
-        self._forward_hooks(self._begin)
-        self.hooks.add(step.register_forward_pre_hook(lambda *a: self._complete()))
-        self.hooks.add(step.register_forward_hook(self._on_step, with_kwargs=True))
-        for path, field in ((spec.injection, "e"), (spec.halting, "halt_prob"), (spec.router, "router_logits")):
-            if path:
-                self.hooks.add(spec.resolve(model, path).register_forward_hook(self._keep(field)))
-
-    def _begin(self, args, kwargs) -> ForwardContext:
-        ids = _args(args, kwargs, 0, "input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise ValueError("LoopSpec models must take (batch, seq) token ids as their first argument")
-        self.parts, self.cumulative, self.halted, self.encoded = {}, None, None, False
-        return ForwardContext(token_ids=ids, n_loops=0, exit_policy="unknown", cfg=None,
-                              lens=self._lens if self.spec.readout else None)
-
-    def _keep(self, field: str):
-        def hook(module, args, output):
-            if self.active and not self.paused:
-                if field == "e":
-                    if not self.encoded:  # the injection may run every iteration: e is the same
-                        self.collector.encoded(output.detach())
-                        self.encoded = True
-                else:
-                    self.parts[field] = output.detach()
-
-        return hook
-
-    def _on_step(self, module, args, kwargs, output):
-        if not self.active or self.paused:
-            return
-        arg = self.spec.state_arg
-        h_in = kwargs[arg] if isinstance(arg, str) else args[arg]
-        h_out = output[self.spec.output_index] if self.spec.output_index is not None else output
-        if not isinstance(h_out, torch.Tensor) or h_out.shape != h_in.shape:
-            raise ValueError(
-                f"LoopSpec.step {self.spec.step!r} must map a state (B, T, D) to a state of the same shape; "
-                "set output_index when it returns a tuple"
-            )
-        self.parts["state_in"], self.parts["state_out"] = h_in.detach(), h_out.detach()
-
-    def _complete(self) -> None:
-        if not self.active or self.paused or "state_out" not in self.parts:
-            return
-        parts, self.parts = self.parts, {}
-        it = IterationTensors(state_in=parts["state_in"], state_out=parts["state_out"])
-        if "router_logits" in parts:
-            logits = parts["router_logits"].reshape(-1, parts["router_logits"].shape[-1])
-            it.router_logits, it.topk_idx = logits, logits.topk(self.spec.top_k, dim=-1).indices
-        if "halt_prob" in parts:
-            p = parts["halt_prob"].reshape(it.state_out.shape[:2])
-            if self.cumulative is None:
-                self.cumulative = torch.zeros_like(p)
-                self.halted = torch.zeros_like(p, dtype=torch.bool)
-            weight, self.cumulative, self.halted = act_step(p, self.cumulative, self.halted, self.spec.act_threshold)
-            it.halt_prob, it.cum_halt, it.halted, it.act_weight = p, self.cumulative, self.halted, weight
-        self.collector.iteration(it)
-
-    before_end = _complete
-
-    def _lens(self, state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        with self.pause():
-            return F.log_softmax(self.spec.readout(state)[:, positions].float(), dim=-1)

@@ -174,6 +174,8 @@ class ForwardCollector:
         f.prev = (h, norm_h, delta)
         if "spectral" in p and f.ctx.injection_A is not None:
             f.put(maps, "norm_decay", (f.ctx.injection_A * hp).norm(dim=-1))
+        if "spectral" in p and it.injection is not None:  # a LoopSpec's e, which may change per iteration
+            f.put(maps, "norm_e", it.injection.float().norm(dim=-1))
         if ("spectral" in p or "lora" in p) and it.block_out is not None:
             # ‖block + lora‖ from ‖block‖, ‖lora‖ and their dot product: no sum tensor is built
             # (no cancellation either: the LoRA delta is small next to the block output)
@@ -252,7 +254,9 @@ class ForwardCollector:
                 if "norm_lora" in m:
                     squared = squared + m["norm_lora"].square() + 2 * m["dot_block_lora"]
                 per_position["norm_block"] = squared.clamp_min(0).sqrt()
-            if ctx.injection_B is not None and f.e is not None:  # e does not change across iterations
+            if "norm_e" in m:
+                iteration["norm_inject"] = m["norm_e"].mean(dim=(1, 2))
+            elif ctx.injection_B is not None and f.e is not None:  # e does not change across iterations
                 iteration["norm_inject"] = (ctx.injection_B * f.e.float()).norm(dim=-1).mean().expand(I)
         if "lora" in self.probes and "norm_lora" in m:
             per_position["lora_rel_norm"] = m["norm_lora"] / m["norm_block_raw"].clamp_min(convergence.EPS)
@@ -337,7 +341,7 @@ class ForwardCollector:
             trace_id=trace_id, span_id=secrets.token_hex(8), run_id=self.run_id, model_id=self.model_id,
             step=step, start_ns=f.start_ns, end_ns=end_ns, batch=B, seq_len=T, n_loops=int(ctx.n_loops or I),
             iterations=I, exit_policy=ctx.exit_policy, detail=self.detail, token_ids=ctx.token_ids.detach().cpu(),
-            attributes=dict(self.attributes),
+            attributes=dict(self.attributes), loop_name=ctx.loop_name,
         )
         if self.token_text is not None:
             meta["token_text"] = [[self.token_text(i) for i in row] for row in meta["token_ids"].tolist()]
@@ -346,6 +350,8 @@ class ForwardCollector:
             cfg, n_loops, past = ctx.cfg, int(ctx.n_loops or I), ctx.past_len
 
             meta["cost_fn"] = lambda iterations: forward_cost(cfg, B, T, iterations, n_loops, past)
+        elif "cost" in self.probes and ctx.cost_fn is not None:
+            meta["cost_fn"] = ctx.cost_fn
         self.emit(Pending(torch.cat(parts), layout, meta))
 
     def _lens_summary(self, f: _Forward, logits: torch.Tensor):
@@ -377,6 +383,8 @@ class ForwardCollector:
 
     def _identity(self, ctx: ForwardContext) -> tuple[str, int]:
         """Decode steps of one request (one KV cache) share a trace id; every forward is a span."""
+        if ctx.trace_id is not None:  # nested loops of one forward share the identity of the first
+            return ctx.trace_id, ctx.step
         if ctx.cache_id is not None:
             trace_id, steps = self.requests.get(ctx.cache_id, (None, 0))
             if trace_id is None or ctx.past_len == 0:

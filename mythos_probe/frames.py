@@ -19,7 +19,7 @@ from mythos_probe.records import (
     LoopTrace,
 )
 
-_KEYS = ["trace_id", "span_id", "run_id", "model_id", "step", "rank"]
+_KEYS = ["trace_id", "span_id", "run_id", "model_id", "loop_name", "kind", "step", "rank"]
 
 
 def forwards(traces: Sequence[LoopTrace]) -> pd.DataFrame:

@@ -16,22 +16,18 @@ import json
 import secrets
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from mythos_probe.adapters import (
-    LoopSpec,
-    LoopedTransformerAdapter,
-    OpenMythosAdapter,
-    SpecAdapter,
-    is_open_mythos,
-)
+from mythos_probe.adapters import LoopedTransformerAdapter, OpenMythosAdapter, is_open_mythos
+from mythos_probe.loopspec import LoopSpec
+from mythos_probe.spec_adapter import SpecAdapter
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
 from mythos_probe.distributed import Where, job_run_id, where as distributed_where
 from mythos_probe.records import DETAIL_LEVELS, LoopTrace
 
-__all__ = ["attach", "LoopSpec", "Recorder"]
+__all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: mythos_probe.loopspec
 
 FRAME_KINDS = ("iterations", "positions", "experts", "forwards")
 
@@ -112,21 +108,29 @@ def _model_id(model: torch.nn.Module) -> str:
     return f"{name}-{digest}"
 
 
-def _adapter_for(model: torch.nn.Module, spec: Optional[LoopSpec]):
+def _adapter_for(model: torch.nn.Module, spec: LoopSpec | Sequence[LoopSpec] | None):
+    """A function collector factory → adapter: the built-in adapters take one collector, a
+    `LoopSpec` model one per declared loop."""
+    from mythos_probe import presets
     from mythos_probe.model.looped import LoopedTransformer
 
-    if spec is not None:
-        return lambda collector: SpecAdapter(model, collector, spec)
-    if isinstance(model, LoopedTransformer):
-        return lambda collector: LoopedTransformerAdapter(model, collector)
-    if is_open_mythos(model):
-        return lambda collector: OpenMythosAdapter(model, collector)
-    raise TypeError(
-        f"mythos_probe.attach does not know where the loop is in {type(model).__name__}. "
-        "Describe it: attach(model, spec=LoopSpec(step='<submodule run once per iteration>', "
-        "halting=..., router=..., readout=...)); supported without a spec: "
-        "mythos_probe.model.LoopedTransformer and open_mythos.main.OpenMythos."
-    )
+    if spec is None:
+        if isinstance(model, LoopedTransformer):
+            return lambda new: LoopedTransformerAdapter(model, new())
+        if is_open_mythos(model):
+            return lambda new: OpenMythosAdapter(model, new())
+        spec = presets.find(model)
+    if spec is None:
+        raise TypeError(
+            f"mythos_probe.attach does not know where the loop is in {type(model).__name__}. "
+            "Describe it: attach(model, spec=LoopSpec(step='<submodule run once per iteration>', "
+            "halting=Halting(...), routers=(Router(...),), readout=...)), starting from a preset in "
+            f"mythos_probe.presets if one is close; supported without a spec: {', '.join(presets.names())}."
+        )
+    specs = (spec,) if isinstance(spec, LoopSpec) else tuple(spec)
+    if not specs or not all(isinstance(s, LoopSpec) for s in specs):
+        raise TypeError("spec= takes a LoopSpec or a sequence of LoopSpecs (one per nested loop)")
+    return lambda new: SpecAdapter(model, new, specs)
 
 
 @contextmanager
@@ -135,7 +139,7 @@ def attach(
     probes: Iterable[str] | None = None,
     detail: str = "summary",
     *,
-    spec: Optional[LoopSpec] = None,
+    spec: LoopSpec | Sequence[LoopSpec] | None = None,
     attributes: Optional[dict[str, Any]] = None,
     sample_every: int = 1,
     lens_positions: str | list[int] = "last",
@@ -186,15 +190,23 @@ def attach(
 
     where = distributed_where()
     recorder = Recorder(on_trace, where)
-    collector = ForwardCollector(
-        probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
-        emit=recorder._add, attributes=attributes,
-        run_id=run_id or job_run_id(where) or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2),
-        model_id=model_id or _model_id(model),
-        step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
-        token_text=token_text,
-    )
-    adapter = make_adapter(collector)
+    run_id = run_id or job_run_id(where) or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+    model_id = model_id or _model_id(model)
+
+    def new_collector() -> ForwardCollector:
+        return ForwardCollector(
+            probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
+            emit=recorder._add, attributes=attributes, run_id=run_id, model_id=model_id,
+            step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
+            token_text=token_text,
+        )
+
+    try:
+        adapter = make_adapter(new_collector)
+    except BaseException:
+        if step_handle is not None:
+            step_handle.remove()
+        raise
     try:
         yield recorder
     finally:

@@ -19,3 +19,11 @@ def forward_cost(cfg: LoopedConfig, batch: int, seq_len: int, iterations: int, n
     once = forward_flops(cfg, batch, seq_len, 0, past_len)
     saved = 0.0 if full == once else (full - flops) / (full - once)
     return flops, saved
+
+
+def param_cost(tokens: int, iterations: int, loop_params: int, other_params: int) -> tuple[float, float]:
+    """(FLOPs, 0.0) for a model described by a `LoopSpec`, which has no config to count from:
+    2 FLOPs per parameter per token (Kaplan et al. 2020 §2.1, attention over the context left
+    out), the looped parameters once per iteration. The model declares no loop budget, so no
+    share is saved against one."""
+    return 2.0 * tokens * (other_params + iterations * loop_params), 0.0
