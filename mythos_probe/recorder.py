@@ -28,7 +28,7 @@ from mythos_probe.adapters import (
     is_open_mythos,
 )
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
-from mythos_probe.records import DETAIL_LEVELS, LoopTrace
+from mythos_probe.records import DETAIL_LEVELS, FORWARD_KINDS, LoopTrace
 
 __all__ = ["attach", "LoopSpec", "Recorder"]
 
@@ -127,6 +127,7 @@ def attach(
     lens_positions: str | list[int] = "last",
     run_id: Optional[str] = None,
     model_id: Optional[str] = None,
+    kind: Optional[str] = None,
     optimizer: Optional[torch.optim.Optimizer] = None,
     token_text: Optional[Callable[[int], str]] = None,
     on_trace: Iterable[Callable[[LoopTrace], None]] = (),
@@ -141,6 +142,9 @@ def attach(
     sample_every: record 1 forward in N; the others run with hooks that return at once.
     optimizer: in training, traces carry its step count (probes run on detached tensors and
         leave gradients bit-identical).
+    kind: the forward kind stored with each trace (`FORWARD_KINDS`); by default "training" for
+        a forward run in training mode with gradients enabled, else "served". Full-depth
+        comparison forwards pass "shadow", so that dashboards can leave them out of served traffic.
     token_text: token id → text, to label positions.
     on_trace: callbacks receiving each trace as soon as it is built (for exporters).
     """
@@ -159,6 +163,8 @@ def attach(
     for key, value in attributes.items():
         if not isinstance(value, (str, bool, int, float)):
             raise TypeError(f"attribute {key!r} must be str, int, float or bool, got {type(value).__name__}")
+    if kind is not None and kind not in FORWARD_KINDS:
+        raise ValueError(f"kind must be one of {FORWARD_KINDS} or None (decided per forward), got {kind!r}")
     make_adapter = _adapter_for(model, spec)
 
     steps = {"n": 0}
@@ -167,9 +173,15 @@ def attach(
         step_handle = optimizer.register_step_post_hook(lambda *a: steps.__setitem__("n", steps["n"] + 1))
 
     recorder = Recorder(on_trace)
+
+    def emit(pending: Pending) -> None:
+        # Emitted from the model's forward hook, so the mode and grad state are the forward's own.
+        pending.meta["kind"] = kind or ("training" if model.training and torch.is_grad_enabled() else "served")
+        recorder._add(pending)
+
     collector = ForwardCollector(
         probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
-        emit=recorder._add, attributes=attributes,
+        emit=emit, attributes=attributes,
         run_id=run_id or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2),
         model_id=model_id or _model_id(model),
         step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
