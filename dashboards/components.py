@@ -11,12 +11,13 @@ import logging
 import math
 from urllib.parse import parse_qs, quote
 
+import dash_ag_grid as dag
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, dcc, html, no_update
+from dash import MATCH, Input, Output, State, dcc, html, no_update
 
-from mythos_probe.dashboards import filters, queries
+from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.theme import LAYOUT
 
 log = logging.getLogger("mythos_probe.dashboards")
@@ -59,8 +60,20 @@ def empty_figure(title: str, text: str = "No data for this selection") -> go.Fig
     return figure(title, "", "", xaxis=hidden, yaxis=hidden, annotations=[note])
 
 
+def loading(child, id_: str | None = None) -> dcc.Loading:
+    """A spinner over `child` while a callback that writes into it runs (shown after 150 ms, so
+    quick updates don't flicker)."""
+    return dcc.Loading(child, id=id_ or f"{getattr(child, 'id', 'area')}-loading", type="circle", delay_show=150,
+                       overlay_style={"visibility": "visible", "opacity": 0.45})
+
+
 def graph(id_: str) -> html.Div:
-    return html.Div(dcc.Graph(id=id_, config={"displaylogo": False}), className="mp-card")
+    return html.Div(loading(dcc.Graph(id=id_, config={"displaylogo": False})), className="mp-card")
+
+
+def area(id_: str, **kw) -> dcc.Loading:
+    """A container for a table or text that a view callback fills, with its loading spinner."""
+    return loading(html.Div(id=id_, **kw))
 
 
 def lines(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", **trace) -> go.Figure:
@@ -77,31 +90,127 @@ def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp") -
     return fig
 
 
+def band(fig: go.Figure, df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str,
+         customdata=None, hover: str = "") -> go.Figure:
+    """A p10–p90 band with its median line: three traces of one point per bucket."""
+    fill = _transparent(color)
+    fig.add_trace(go.Scatter(x=df["x"], y=df[low], mode="lines", line={"width": 0}, showlegend=False,
+                             hoverinfo="skip", legendgroup=name))
+    fig.add_trace(go.Scatter(x=df["x"], y=df[high], mode="lines", line={"width": 0}, fill="tonexty", fillcolor=fill,
+                             showlegend=False, hoverinfo="skip", legendgroup=name))
+    fig.add_trace(go.Scatter(x=df["x"], y=df[mid], mode="lines+markers", name=name, legendgroup=name,
+                             line={"color": color}, marker={"size": 4}, customdata=customdata, hovertemplate=hover or None))
+    return fig
+
+
+def _transparent(color: str, alpha: float = 0.22) -> str:
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+# What a clickable point stands for, as its customdata[0]: a trace id opens that forward; a
+# "run|from|to" range opens the forwards list filtered to it.
+def range_ref(run: str, lo: pd.Timestamp, hi: pd.Timestamp) -> str:
+    return f"{run}|{lo:%Y-%m-%d %H:%M:%S.%f}|{hi:%Y-%m-%d %H:%M:%S.%f}"
+
+
+def click_target(click: dict | None, search: str | None) -> str | None:
+    """The URL a click on a chart point opens, from its customdata; None when the point stands
+    for no forwards."""
+    points = (click or {}).get("points") or []
+    data = points[0].get("customdata") if points else None
+    ref = data[0] if isinstance(data, list) and data else data
+    if not isinstance(ref, str):
+        return None
+    if "|" in ref:
+        run, lo, hi = ref.split("|")
+        return "/" + urlstate.with_values(search, run=(run,), from_=lo, to=hi, trace=None)
+    return "/forward" + urlstate.with_values(search, trace=ref)
+
+
+def zoom_range(relayout: dict | None, search: str | None) -> str | None:
+    """The URL after a selection on a time axis: the absolute range becomes the From/To filter
+    (a double click, which resets the axis, clears it). None for anything else."""
+    relayout = relayout or {}
+    if "xaxis.range[0]" in relayout and isinstance(relayout["xaxis.range[0]"], str):
+        lo, hi = sorted((relayout["xaxis.range[0]"], relayout["xaxis.range[1]"]))
+        return urlstate.with_values(search, from_=lo[:23], to=hi[:23])
+    if relayout.get("xaxis.autorange") and (urlstate.parse(search)[0]["from"] or urlstate.parse(search)[0]["to"]):
+        return urlstate.with_values(search, from_=None, to=None)
+    return None
+
+
+def register_chart_links(app, graph_id: str, time_axis: bool = False) -> None:
+    """Clicking a point of `graph_id` that stands for forwards opens them; with `time_axis`,
+    selecting a range on it sets the time filter (zoom to range)."""
+    app.callback(Output("app-url", "href", allow_duplicate=True), Input(graph_id, "clickData"),
+                 State("app-url", "search"), prevent_initial_call=True)(
+        lambda click, search: click_target(click, search) or no_update)
+    if time_axis:
+        app.callback(Output("app-url", "search", allow_duplicate=True), Input(graph_id, "relayoutData"),
+                     State("app-url", "search"), prevent_initial_call=True)(
+            lambda relayout, search: zoom_range(relayout, search) or no_update)
+
+
 def forward_href(trace_id: str) -> str:
     return f"/forward?trace={quote(trace_id)}"
 
 
-def _cell(value, column: str, links: frozenset[str]):
-    if column in links and isinstance(value, str):
-        return html.Td(dcc.Link(value, href=forward_href(value), className="mp-mono"))
-    if isinstance(value, pd.Timestamp):
-        return html.Td(value.strftime("%Y-%m-%d %H:%M:%S"))
-    if isinstance(value, (float, np.floating)):
-        text = "–" if math.isnan(value) else f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-        return html.Td(text, className="mp-num")
-    if isinstance(value, (int, np.integer)):
-        return html.Td(f"{value:,}", className="mp-num")
-    return html.Td("–" if value is None or value is pd.NA else str(value))
+# Cell formats for grid columns: d3-format in the browser, so sorting still sees the numbers.
+FORMATS = {
+    "number": "d3.format(',.4~g')(params.value)",
+    "integer": "d3.format(',d')(params.value)",
+    "percent": "d3.format('.1%')(params.value)",
+}
 
 
-def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str, ...] = ("trace_id",)) -> html.Table:
-    """An HTML table of `columns` (name → header); trace ids link to their forward page."""
-    link_set = frozenset(links)
-    head = html.Thead(html.Tr([html.Th(label) for label in columns.values()]))
-    body = html.Tbody(
-        [html.Tr([_cell(row[c], c, link_set) for c in columns]) for row in df[list(columns)].to_dict("records")]
+def grid_columns(columns: dict[str, str], links: tuple[str, ...] = ("trace_id",),
+                 formats: dict[str, str] | None = None) -> list[dict]:
+    """ag-grid column definitions: trace ids rendered as links to their forward (the value stays
+    the plain id, for sorting, filtering and CSV), formatted numbers right-aligned."""
+    defs = []
+    for field, header in columns.items():
+        col = {"field": field, "headerName": header}
+        if field in links:
+            col.update(cellRenderer="TraceLink", cellClass="mp-mono")
+        fmt = (formats or {}).get(field)
+        if fmt:
+            col.update(valueFormatter={"function": f"params.value == null ? '–' : {FORMATS[fmt]}"}, type="rightAligned")
+        defs.append(col)
+    return defs
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """Rows for a grid: timestamps as UTC text, NaN and NULL as null."""
+    out = df.copy()
+    for column in out.columns:
+        if pd.api.types.is_datetime64_any_dtype(out[column]):
+            out[column] = out[column].dt.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3]
+    return out.astype(object).where(out.notna(), None).to_dict("records")
+
+
+def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str, ...] = ("trace_id",),
+          formats: dict[str, str] | None = None) -> html.Div:
+    """A sortable, filterable grid of `columns` (name → header) with a CSV download of all its
+    rows. For small, already aggregated frames: every row travels to the browser (the forwards
+    list pages on the server instead)."""
+    grid = dag.AgGrid(
+        id={"type": "grid", "name": id_},
+        rowData=records(df[list(columns)]),
+        columnDefs=grid_columns(columns, links, formats),
+        defaultColDef={"sortable": True, "filter": True, "resizable": True},
+        columnSize="autoSize",
+        csvExportParams={"fileName": f"{id_}.csv"},
+        dashGridOptions={"domLayout": "autoHeight", "suppressCellFocus": True},
     )
-    return html.Table([head, body], id=id_, className="mp-table")
+    button = html.Button("Download CSV", id={"type": "csv", "name": id_}, className="mp-csv")
+    return html.Div([button, grid], id=id_, className="mp-table-card")
+
+
+def register_csv(app) -> None:
+    """Every `table`'s CSV button exports its grid's rows (all of them: the grid holds them all)."""
+    app.callback(Output({"type": "grid", "name": MATCH}, "exportDataAsCsv"),
+                 Input({"type": "csv", "name": MATCH}, "n_clicks"), prevent_initial_call=True)(lambda _n: True)
 
 
 def stat(label: str, value: str) -> html.Div:
@@ -177,20 +286,25 @@ def trace_from_search(search: str | None) -> str | None:
     return values[0].strip() if values else None
 
 
-def view_callback(app, store, outputs: list, page_inputs: list, update) -> None:
-    """Register a view's one update callback: filter bar, live tick, URL query and the page's own
-    controls in; `update(store, selection, search, *page_values)` returns the outputs, message first."""
-    n_filters = len(filters.INPUTS)
+def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update) -> None:
+    """Register a view's one update callback. It reads the whole state from the URL (filters and
+    the page's own controls, `urlstate.KEYS`), so a link reproduces the view;
+    `update(store, selection, search, *page_values)` returns the outputs, message first."""
 
-    def callback(*values):
-        sel = filters.selection(*values[:n_filters])
-        search = values[n_filters + 1]
-        return update(store, sel, search, *values[n_filters + 2 :])
+    def callback(_tick, search):
+        state, problems = urlstate.parse(search)
+        try:
+            sel = filters.selection(state)
+        except ValueError as exc:
+            return (message(str(exc), "error"), *([no_update] * (len(outputs) - 1)))
+        out = update(store, sel, search, *(state[k] for k in page_keys))
+        if problems:
+            warning = message("Ignored in this link: " + "; ".join(problems) + ".", "error")
+            return (html.Div([warning, out[0]]), *out[1:])
+        return out
 
     callback.__name__ = f"{update.__module__}.{update.__name__}"
-    app.callback(outputs, [*filters.INPUTS, Input("app-interval", "n_intervals"), Input("app-url", "search"), *page_inputs])(
-        guarded(callback, len(outputs))
-    )
+    app.callback(outputs, [Input("app-interval", "n_intervals"), Input("app-url", "search")])(guarded(callback, len(outputs)))
 
 
 def no_data(store) -> html.Div:

@@ -7,24 +7,26 @@ from __future__ import annotations
 from dash import Output, html
 
 from mythos_probe.dashboards import queries
-from mythos_probe.dashboards.components import bars, empty_figure, figure, graph, no_data, table, view_callback
+from mythos_probe.dashboards.components import area, bars, empty_figure, figure, graph, no_data, table, view_callback
 
 PATH = "/loops"
 TITLE = "Loop distribution"
 SAVED_COLUMNS = {
     "grp": "group", "forwards": "forwards", "tokens": "tokens", "iterations_per_token": "iterations / token",
-    "max_per_token": "maximum (n_loops)", "saved_share": "loop compute saved",
+    "max_per_token": "n_loops per token (mean)", "max_n_loops": "n_loops (largest)", "saved_share": "loop compute saved",
 }
+SAVED_FORMATS = {"forwards": "integer", "tokens": "integer", "iterations_per_token": "number", "max_per_token": "number",
+                 "max_n_loops": "integer", "saved_share": "percent"}
 
 
-def layout() -> html.Div:
+def layout(_state=None) -> html.Div:
     return html.Div(
         [
             html.H2(TITLE),
             html.Div(id="loops-message"),
             html.Div([graph("loops-tokens"), graph("loops-forwards")], className="mp-grid"),
             html.H2("Compute saved relative to the maximum"),
-            html.Div(id="loops-saved"),
+            area("loops-saved"),
         ]
     )
 
@@ -39,11 +41,11 @@ def update(store, sel: queries.Selection, _search):
         figure("Iterations executed per forward", "iterations executed", "forwards", xaxis={"dtick": 1}),
         queries.forwards_by_iterations(store, sel), "iterations", "forwards",
     )
-    saved = table(queries.compute_saved(store, sel), SAVED_COLUMNS, "loops-saved-table", links=())
+    saved = table(queries.compute_saved(store, sel), SAVED_COLUMNS, "loops-saved-table", links=(), formats=SAVED_FORMATS)
     return "", per_token, per_forward, saved
 
 
 def register(app, store) -> None:
     outputs = [Output("loops-message", "children"), Output("loops-tokens", "figure"),
                Output("loops-forwards", "figure"), Output("loops-saved", "children")]
-    view_callback(app, store, outputs, [], update)
+    view_callback(app, store, outputs, (), update)

@@ -50,12 +50,12 @@ def test_unknown_trace_id_is_a_message(store):
 def test_forward_heatmap_cells_and_halting_marks(store, traces):
     t = traces[5]
     out = forward.update(store, Selection(), f"?trace={t.trace_id}", "rel_residual", 1)
-    heat = out[4]
+    heat = out[3]
     z = np.array(heat.data[0].z, dtype=float)
     np.testing.assert_allclose(z, np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
     assert list(heat.data[0].y) == [f"{p} {w}" for p, w in enumerate(t.token_text[1])]
     assert list(heat.data[1].x) == list(t.position_iterations[1] - 1)
-    assert out[3] == 1 and out[2] == [0, 1]
+    assert out[2] == [0, 1]
 
 
 def test_lens_follows_the_selected_forward(store, traces):
@@ -85,9 +85,9 @@ def test_pasted_trace_ids_are_normalized():
     assert href == "/forward?trace=" + "0" * 29 + "abc" and note == ""
 
 
-def test_navigation_keeps_the_selected_forward():
-    hrefs = dashboard_app.nav_hrefs("?trace=" + "a" * 32)
-    assert all(h.endswith("?trace=" + "a" * 32) for h in hrefs)
+def test_navigation_keeps_the_selected_forward_and_filters():
+    hrefs = dashboard_app.nav_hrefs("?kind=all&run=run-a&trace=" + "a" * 32)
+    assert all(h.endswith("?run=run-a&kind=all&trace=" + "a" * 32) for h in hrefs)
     assert dashboard_app.nav_hrefs("") == [p.PATH for p in PAGES]
 
 
