@@ -48,17 +48,21 @@ def _shell(live: bool) -> html.Div:
                 ],
                 className="mp-header",
             ),
-            filters.layout(urlstate.parse("")[0]),
-            html.Div(id="app-page", className="mp-page"),
+            html.Div(id="app-page"),
         ]
     )
 
 
-def route(pathname: str | None, problem: str | None = None, search: str | None = None):
+def route(pathname: str | None, problem: str | None = None, search: str | None = None, store=None):
     if problem:
         return message(problem, "error")
     page = next((p for p in PAGES if p.PATH == (pathname or "/")), None)
-    return page.layout(urlstate.parse(search)[0]) if page else message(f"No page at {pathname}.", "error")
+    if page is None:
+        return message(f"No page at {pathname}.", "error")
+    # The filter bar is built with the page, both from the URL: every control starts with the
+    # link's value, so nothing is written back over the link before the controls have it.
+    state = urlstate.parse(search)[0]
+    return [filters.layout(state, store), html.Div(page.layout(state), className="mp-page")]
 
 
 def open_trace(_clicks, _submits, text, search: str | None = None):
@@ -102,7 +106,7 @@ def create_app(store, live: bool = False, *, problem: str | None = None) -> dash
             page.register(app, store)
     register_csv(app)
     app.callback(Output("app-page", "children"), Input("app-url", "pathname"), State("app-url", "search"))(
-        lambda path, search: route(path, problem, search))
+        lambda path, search: route(path, problem, search, store))
     app.callback([Output(f"app-nav-{p.__name__.rsplit('.', 1)[1]}", "href") for p in PAGES], Input("app-url", "search"))(nav_hrefs)
 
     @app.callback(Output("app-url", "search"), Output({"type": "ctl", "key": ALL}, "value"),

@@ -60,10 +60,12 @@ def empty_figure(title: str, text: str = "No data for this selection") -> go.Fig
     return figure(title, "", "", xaxis=hidden, yaxis=hidden, annotations=[note])
 
 
-def loading(child, id_: str | None = None) -> dcc.Loading:
-    """A spinner over `child` while a callback that writes into it runs (shown after 150 ms, so
-    quick updates don't flicker)."""
-    return dcc.Loading(child, id=id_ or f"{getattr(child, 'id', 'area')}-loading", type="circle", delay_show=150,
+LOADING_DELAY_MS = 150  # quick updates don't flicker a spinner
+
+
+def loading(child) -> dcc.Loading:
+    """A spinner over `child` while a callback that writes into it runs."""
+    return dcc.Loading(child, type="circle", delay_show=LOADING_DELAY_MS,
                        overlay_style={"visibility": "visible", "opacity": 0.45})
 
 

@@ -37,16 +37,24 @@ def _dropdown(key: str, state: dict, **kw) -> dcc.Dropdown:
     return dcc.Dropdown(id=control_id(key), value=list(value) if isinstance(value, tuple) else value, **kw)
 
 
-def layout(state: dict) -> html.Div:
+def layout(state: dict, store=None) -> html.Div:
+    """The bar with every control set from `state`. Its dropdowns start with their options (from
+    `store`; without one, the state's own values): a dropdown drops a value missing from its
+    options, which would write the link's filter away."""
     window = [{"label": WINDOW_LABELS[k], "value": k} for k in queries.WINDOWS]
+    if store is not None:
+        opts = dict(zip([k for k, _ in DISTINCT] + ["attr", "val", "group"], options(store, state["attr"])))
+    else:
+        opts = {k: list(state[k]) for k, _ in DISTINCT} | {"attr": [state["attr"]] if state["attr"] else [],
+                                                           "val": list(state["val"]), "group": BUILT_IN_GROUPS}
     return html.Div(
         [
             _field("Forward kind", _dropdown("kind", state, options=KIND_OPTIONS, clearable=False)),
-            _field("Model", _dropdown("model", state, multi=True, placeholder="all models")),
-            _field("Run", _dropdown("run", state, multi=True, placeholder="all runs")),
-            _field("Loop", _dropdown("loop", state, multi=True, placeholder="all loops")),
-            _field("Rank", _dropdown("rank", state, multi=True, placeholder="all ranks")),
-            _field("Exit policy", _dropdown("policy", state, multi=True, placeholder="any policy")),
+            _field("Model", _dropdown("model", state, options=opts["model"], multi=True, placeholder="all models")),
+            _field("Run", _dropdown("run", state, options=opts["run"], multi=True, placeholder="all runs")),
+            _field("Loop", _dropdown("loop", state, options=opts["loop"], multi=True, placeholder="all loops")),
+            _field("Rank", _dropdown("rank", state, options=opts["rank"], multi=True, placeholder="all ranks")),
+            _field("Exit policy", _dropdown("policy", state, options=opts["policy"], multi=True, placeholder="any policy")),
             _field("Iterations from", dcc.Input(id=control_id("imin"), type="number", min=0, step=1, value=state["imin"],
                                                 debounce=True, placeholder="any")),
             _field("Iterations to", dcc.Input(id=control_id("imax"), type="number", min=0, step=1, value=state["imax"],
@@ -54,9 +62,9 @@ def layout(state: dict) -> html.Div:
             _field("Time (to newest forward)", _dropdown("window", state, options=window, clearable=False)),
             _field("From (UTC)", dcc.Input(id=control_id("from"), value=state["from"], debounce=True, placeholder=TIME_FORMAT)),
             _field("To (UTC)", dcc.Input(id=control_id("to"), value=state["to"], debounce=True, placeholder=TIME_FORMAT)),
-            _field("Attribute", _dropdown("attr", state, placeholder="e.g. endpoint")),
-            _field("Attribute value", _dropdown("val", state, multi=True, placeholder="any value")),
-            _field("Group by", _dropdown("group", state, options=BUILT_IN_GROUPS, clearable=False)),
+            _field("Attribute", _dropdown("attr", state, options=opts["attr"], placeholder="e.g. endpoint")),
+            _field("Attribute value", _dropdown("val", state, options=opts["val"], multi=True, placeholder="any value")),
+            _field("Group by", _dropdown("group", state, options=opts["group"], clearable=False)),
         ],
         className="mp-filters",
     )
@@ -105,10 +113,12 @@ def options(store, attribute: str | None) -> list[list]:
 
 
 def register(app, store) -> None:
-    # Refreshed on every live tick so that new models, runs and endpoints become selectable.
+    # Refreshed on every live tick so that new models, runs and endpoints become selectable, and
+    # when the attribute changes (its values).
     targets = [key for key, _ in DISTINCT] + ["attr", "val", "group"]
     app.callback(
         [Output(control_id(k), "options") for k in targets],
         Input("app-interval", "n_intervals"),
         Input(control_id("attr"), "value"),
+        prevent_initial_call=True,
     )(lambda _n, attribute: options(store, attribute))

@@ -63,7 +63,7 @@ def _over(title: str, xlabel: str, ylabel: str, bands, points, stat: str, thresh
         custom = list(zip(refs, part["forwards"], part[f"{stat}_p10"], part[f"{stat}_p90"]))
         band(fig, part, str(run), f"{stat}_p10", f"{stat}_p50", f"{stat}_p90", colors[k % len(colors)], custom, _HOVER)
     if len(points):
-        fig.add_trace(go.Scattergl(
+        fig.add_trace(go.Scatter(  # few points (capped), so SVG: it also draws without WebGL
             x=points["x"], y=points[stat], mode="markers", name="diverged",
             marker={"color": "#e11d48", "size": 10, "symbol": "x"},
             customdata=points[["trace_id", "model_id", "endpoint"]].to_numpy(), hovertemplate=_POINT_HOVER,

@@ -4,35 +4,12 @@ server, checked against the traces themselves."""
 
 from __future__ import annotations
 
-import dataclasses
-
-import numpy as np
 import pandas as pd
 import pytest
 
-from mythos_probe.collectors.store import Store
 from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.queries import Selection
-from tests.dashboards.factory import BASE_NS, synthetic_trace
-
-KINDS = ("served", "served", "shadow", "training")
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory):
-    """16 forwards a minute apart: every kind, two loops, two ranks, two exit policies."""
-    rng = np.random.default_rng(11)
-    traces = []
-    for i in range(16):
-        t = synthetic_trace(rng, run_id=f"run-{i % 2}", step=i, start_ns=BASE_NS + i * 60 * 10**9, n_loops=4 + i % 3,
-                            attributes={"endpoint": ("/chat", "/code")[i % 2], "user": f"u{i % 3}"})
-        traces.append(dataclasses.replace(t, kind=KINDS[i % 4], loop_name=("outer", "inner")[i % 2 == 0 and i % 8 == 0],
-                                          rank=i % 2, world_size=2, exit_policy=("act", "fixed")[i % 3 == 0]))
-    store = Store(tmp_path_factory.mktemp("mixed") / "mixed.duckdb")
-    store.write_traces(traces)
-    yield store, traces
-    store.close()
-
+from tests.dashboards.factory import BASE_NS
 
 def _ids(df) -> set:
     return set(df["trace_id"])
