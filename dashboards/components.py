@@ -113,17 +113,25 @@ def _transparent(color: str, alpha: float = 0.22) -> str:
 # What a clickable point stands for, as its customdata[0]: a trace id opens that forward; a
 # "run|from|to" range opens the forwards list filtered to it.
 def range_ref(run: str, lo: pd.Timestamp, hi: pd.Timestamp) -> str:
-    return f"{run}|{lo:%Y-%m-%d %H:%M:%S.%f}|{hi:%Y-%m-%d %H:%M:%S.%f}"
+    def text(t: pd.Timestamp) -> str:  # microseconds kept, trailing zeros dropped
+        return f"{t:%Y-%m-%d %H:%M:%S.%f}".rstrip("0").rstrip(".")
+
+    return f"{run}|{text(lo)}|{text(hi)}"
 
 
 def click_target(click: dict | None, search: str | None) -> str | None:
     """The URL a click on a chart point opens, from its customdata; None when the point stands
     for no forwards."""
-    points = (click or {}).get("points") or []
-    data = points[0].get("customdata") if points else None
-    ref = data[0] if isinstance(data, list) and data else data
-    if not isinstance(ref, str):
+    refs = []
+    for point in (click or {}).get("points") or []:
+        data = point.get("customdata")
+        ref = data[0] if isinstance(data, list) and data else data
+        if isinstance(ref, str):
+            refs.append(ref)
+    if not refs:
         return None
+    # A click can hit several traces at one x: a single forward's marker wins over a bucket.
+    ref = next((r for r in refs if "|" not in r), refs[0])
     if "|" in ref:
         run, lo, hi = ref.split("|")
         return "/" + urlstate.with_values(search, run=(run,), from_=lo, to=hi, trace=None)
@@ -134,8 +142,10 @@ def zoom_range(relayout: dict | None, search: str | None) -> str | None:
     """The URL after a selection on a time axis: the absolute range becomes the From/To filter
     (a double click, which resets the axis, clears it). None for anything else."""
     relayout = relayout or {}
-    if "xaxis.range[0]" in relayout and isinstance(relayout["xaxis.range[0]"], str):
-        lo, hi = sorted((relayout["xaxis.range[0]"], relayout["xaxis.range[1]"]))
+    # A drag reports the two ends separately, Plotly.relayout calls may report the pair.
+    ends = relayout.get("xaxis.range") or [relayout.get("xaxis.range[0]"), relayout.get("xaxis.range[1]")]
+    if all(isinstance(end, str) for end in ends):  # a date axis reports text, a step axis numbers
+        lo, hi = sorted(ends)
         return urlstate.with_values(search, from_=lo[:23], to=hi[:23])
     if relayout.get("xaxis.autorange") and (urlstate.parse(search)[0]["from"] or urlstate.parse(search)[0]["to"]):
         return urlstate.with_values(search, from_=None, to=None)

@@ -56,18 +56,19 @@ def layout(state: dict | None = None) -> html.Div:
 
 def _over(title: str, xlabel: str, ylabel: str, bands, points, stat: str, threshold: float | None) -> go.Figure:
     shapes = [hline(threshold, "#e11d48")] if threshold is not None else []
-    fig = figure(title, xlabel, ylabel, shapes=shapes, hovermode="closest")
-    colors = LAYOUT["colorway"]
-    for k, (run, part) in enumerate(bands.groupby("run_id", sort=True)):
-        refs = [range_ref(run, lo, hi) for lo, hi in zip(part["t_lo"], part["t_hi"])]
-        custom = list(zip(refs, part["forwards"], part[f"{stat}_p10"], part[f"{stat}_p90"]))
-        band(fig, part, str(run), f"{stat}_p10", f"{stat}_p50", f"{stat}_p90", colors[k % len(colors)], custom, _HOVER)
+    # Hover (and click) takes every run's bucket and any diverged marker at the x under the mouse.
+    fig = figure(title, xlabel, ylabel, shapes=shapes, hovermode="x")
     if len(points):
         fig.add_trace(go.Scatter(  # few points (capped), so SVG: it also draws without WebGL
             x=points["x"], y=points[stat], mode="markers", name="diverged",
             marker={"color": "#e11d48", "size": 10, "symbol": "x"},
             customdata=points[["trace_id", "model_id", "endpoint"]].to_numpy(), hovertemplate=_POINT_HOVER,
         ))
+    colors = LAYOUT["colorway"]
+    for k, (run, part) in enumerate(bands.groupby("run_id", sort=True)):
+        refs = [range_ref(run, lo, hi) for lo, hi in zip(part["t_lo"], part["t_hi"])]
+        custom = list(zip(refs, part["forwards"], part[f"{stat}_p10"], part[f"{stat}_p90"]))
+        band(fig, part, str(run), f"{stat}_p10", f"{stat}_p50", f"{stat}_p90", colors[k % len(colors)], custom, _HOVER)
     return fig
 
 

@@ -67,7 +67,7 @@ def wait_text(browser, element_id: str, text: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     def ready(driver):
-        found = driver.find_elements(By.ID, element_id)
+        found = driver.find_elements(By.XPATH, f"//*[@id='{element_id}']")
         return found[0].text if found and text in found[0].text else False
 
     return WebDriverWait(browser, WAIT_S).until(ready, f"#{element_id} never showed {text!r}")
