@@ -251,6 +251,27 @@ def position_grid(store, trace_id: str, batch_index: int, metric: str) -> pd.Dat
     )
 
 
+def position_means(store, sel: Selection, metric: str, per_group: int = 500, groups: int = 2) -> pd.DataFrame:
+    """Position × iteration mean of a position metric over the newest `per_group` selected
+    forwards of each of the first `groups` groups (batch rows pooled), with the mean iterations
+    used per position and how many forwards each cell averages."""
+    col = metric_column(metric, POSITION_METRIC_NAMES)
+    return select(
+        store,
+        sel,
+        ", ranked AS (SELECT forward_id, grp, row_number() OVER (PARTITION BY grp ORDER BY start_time DESC) AS k,"
+        " dense_rank() OVER (ORDER BY grp) AS g FROM sel),"
+        " pick AS (SELECT forward_id, grp FROM ranked WHERE k <= ? AND g <= ?)"
+        f" SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"
+        " avg(p.iterations_used) AS used, count(DISTINCT p.forward_id) AS forwards"
+        " FROM positions p JOIN pick USING (forward_id)"
+        # the newest forwards have neighbouring ids: the range lets DuckDB skip the other row groups
+        " WHERE p.forward_id BETWEEN (SELECT min(forward_id) FROM pick) AND (SELECT max(forward_id) FROM pick)"
+        " GROUP BY ALL ORDER BY pick.grp, p.position, p.iteration",
+        [per_group, groups],
+    )
+
+
 def forward_iterations(store, trace_id: str, metrics: tuple[str, ...]) -> pd.DataFrame:
     cols = ", ".join(metric_column(m, ITERATION_METRIC_NAMES) for m in metrics)
     return store.query(

@@ -14,7 +14,7 @@ from mythos_probe.dashboards.components import guarded
 from mythos_probe.dashboards.pages import PAGES, forward, forwards, lens
 from mythos_probe.dashboards.queries import Selection
 
-PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",)}
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",), "convergence": ("rel_residual",)}
 
 
 def _args(page):

@@ -124,3 +124,15 @@ def test_non_finite_values_do_not_hide_the_finite_ones(store, traces):
     np.testing.assert_allclose(df["state_norm"], expected)
     bands = queries.spectral_bands(store, Selection(), "step")
     assert np.isfinite(bands["growth_p90"]).all()  # NaN at t = 0 would otherwise win max()
+
+
+def test_position_means_average_every_selected_forward_per_group(store, traces):
+    df = queries.position_means(store, Selection(group="model"), "rel_residual")
+    for model in ("mythos-small", "mythos-tiny"):
+        mine = np.concatenate([t.position_metrics["rel_residual"] for t in traces if t.model_id == model])  # (B·n, S, T)
+        got = df[df["grp"] == model].pivot(index="position", columns="iteration", values="value").to_numpy()
+        np.testing.assert_allclose(got, mine.mean(axis=0), rtol=1e-5)
+        used = np.concatenate([t.position_iterations for t in traces if t.model_id == model]).mean(axis=0)
+        np.testing.assert_allclose(df[df["grp"] == model].groupby("position")["used"].first(), used)
+    newest = queries.position_means(store, Selection(), "rel_residual", per_group=3)
+    assert newest["forwards"].max() == 3
