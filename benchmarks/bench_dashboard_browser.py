@@ -130,6 +130,7 @@ def nav(page: str) -> str:
 # forward page: a light page, so that what is timed is the destination.
 PAGE_VIEWS = [
     ("Runs & forwards (page)", "/forward", nav("forwards"), None),
+    ("Convergence across forwards (page)", "/forward", nav("convergence"), None),
     ("Loop distribution (page)", "/forward", nav("loops"), None),
     ("Halting (page)", "/forward", nav("halting"), None),
     ("Spectral (page, over step)", "/forward", nav("spectral"), None),

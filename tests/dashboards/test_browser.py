@@ -292,6 +292,16 @@ def test_lens_page_shows_kl_heatmap_and_the_early_exit_pareto(browser, site, tra
     no_console_errors(browser)
 
 
+def test_convergence_compares_two_runs_on_one_scale(browser, site, traces):
+    browser.get(site + "/convergence?group=run&run=run-a&run=run-c")
+    sides = [read_graph(browser, "convergence-a", "run-a"), read_graph(browser, "convergence-b", "run-c")]
+    for fig, run in zip(sides, ("run-a", "run-c")):
+        mine = np.concatenate([t.position_metrics["rel_residual"] for t in traces if t.run_id == run])
+        z = np.asarray(fig["data"][0]["z"], dtype=float)
+        np.testing.assert_allclose(z[:, : mine.shape[-1]], np.log10(mine.mean(axis=0)), rtol=1e-5)
+    screenshot(browser, "convergence")
+
+
 def test_live_mode_shows_forwards_written_after_page_load(browser, empty_store):
     served = Served(create_app(empty_store, live=True))
     try:
