@@ -47,12 +47,14 @@ let sawWork = false;
 function ready() {
   if (performance.now() - t0 > 60000) return done(-2);
   const loading = document.querySelector('[data-dash-is-loading="true"]');
-  sawWork = sawWork || !!loading || graphs().some(g => before.get(g) !== g.data);
+  const changed = !changedSelector || (firstRow() !== null && firstRow() !== rowBefore);
+  sawWork = sawWork || !!loading || graphs().some(g => before.get(g) !== g.data) || (changedSelector && changed);
   const gs = graphs();
-  const fresh = gs.length > 0 && gs.every(g => g._fullLayout && g.data && before.get(g) !== g.data);
+  // an empty dcc.Graph has a blank plot already: a view's figure always carries a title
+  const fresh = gs.length > 0 && gs.every(g => g._fullLayout && g.layout && g.layout.title && g.layout.title.text
+                                             && before.get(g) !== g.data);
   const rowsOk = [...document.querySelectorAll('#app-page .ag-root')].every(
     r => r.querySelector('.ag-row') || r.querySelector('.ag-overlay-no-rows-center'));
-  const changed = !changedSelector || (firstRow() !== null && firstRow() !== rowBefore);
   if (!loading && sawWork && (fresh || gs.length === 0) && rowsOk && changed) {
     requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - t0)));
   } else {
@@ -77,11 +79,19 @@ def start_dashboard(python: str, cwd: str, store: Path) -> tuple[subprocess.Pope
     return proc, f"http://127.0.0.1:{port}"
 
 
-def peak_rss_mib(pid: int) -> float:
+def _status(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def peak_rss_mib(pid: int) -> float:
+    return _status(pid, "VmHWM")
+
+
+def rss_mib(pid: int) -> float:
+    return _status(pid, "VmRSS")
 
 
 def chromium():
@@ -139,12 +149,12 @@ PAGE_VIEWS = [
     ("Coda lens & what-if (page)", "/forward", nav("lens"), None),
     ("Forward detail (page)", "/loops", nav("forward"), None),
 ]
-_RADIO = "[id='{\"key\":\"x\",\"type\":\"ctl\"}'] input[value='{}']"
+_RADIO = "[id='{{\"key\":\"x\",\"type\":\"ctl\"}}'] input[value='{}']"
 INTERACTIONS = [
     ("Spectral over time", "/spectral", _RADIO.format("time"), None),
     ("Spectral over time, grouped by run", "/spectral?group=run", _RADIO.format("time"), None),
     ("Spectral back to step", "/spectral?x=time", _RADIO.format("step"), None),
-    ("Forwards grid: sort by ms", "/", "#forwards-list .ag-header-cell[col-id='duration_ms'] .ag-header-cell-label",
+    ("Forwards grid: sort by start", "/", "#forwards-list .ag-header-cell[col-id='start_time'] .ag-header-cell-label",
      "#forwards-list .ag-row[row-index='0']"),
 ]
 
@@ -154,8 +164,9 @@ def link_interactions(driver, base: str) -> list[tuple[str, float]]:
     (cached replay after the first), forward kind and grouping, timed like a click."""
     out = []
     for name, start, query in (
-        ("What-if criterion switch (first)", "/lens", "?criterion=rel_residual"),
-        ("What-if criterion switch (cached)", "/lens?criterion=rel_residual", "?criterion=kl"),
+        ("What-if criterion switch", "/lens", "?criterion=rel_residual"),
+        ("What-if threshold range (new replay)", "/lens", "?tmin=0.0001&tmax=1"),
+        ("What-if same range again (cached)", "/lens", "?tmin=0.0001&tmax=1"),
         ("Forward kind → every kind (loops)", "/loops", "?kind=all"),
         ("Group by endpoint (halting)", "/halting", "?group=attr%3Aendpoint"),
     ):
@@ -202,6 +213,7 @@ def main() -> None:
                 if other and (name, start, click, changed) in PAGE_VIEWS:
                     theirs.append(measure(driver, other[1] + start, click, changed))
             rows.append((name, mine, theirs))
+            print(f"  {name}: {', '.join(f'{t:.2f}' for t in mine)} s; dashboard RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
         for _ in range(args.repeats):
             for name, seconds in link_interactions(driver, base):
                 found = next((r for r in rows if r[0] == name), None)

@@ -256,20 +256,27 @@ def position_means(store, sel: Selection, metric: str, per_group: int = 500, gro
     forwards of each of the first `groups` groups (batch rows pooled), with the mean iterations
     used per position and how many forwards each cell averages."""
     col = metric_column(metric, POSITION_METRIC_NAMES)
-    return select(
+    picked = select(
         store,
         sel,
         ", ranked AS (SELECT forward_id, grp, row_number() OVER (PARTITION BY grp ORDER BY start_time DESC) AS k,"
-        " dense_rank() OVER (ORDER BY grp) AS g FROM sel),"
-        " pick AS (SELECT forward_id, grp FROM ranked WHERE k <= ? AND g <= ?)"
-        f" SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"
-        " avg(p.iterations_used) AS used, count(DISTINCT p.forward_id) AS forwards"
-        " FROM positions p JOIN pick USING (forward_id)"
-        # the newest forwards have neighbouring ids: the range lets DuckDB skip the other row groups
-        " WHERE p.forward_id BETWEEN (SELECT min(forward_id) FROM pick) AND (SELECT max(forward_id) FROM pick)"
-        " GROUP BY ALL ORDER BY pick.grp, p.position, p.iteration",
+        " dense_rank() OVER (ORDER BY grp) AS g FROM sel WHERE detail = 'positions')"
+        " SELECT forward_id, grp FROM ranked WHERE k <= ? AND g <= ?",
         [per_group, groups],
     )
+    if picked.empty:
+        return pd.DataFrame(columns=["grp", "position", "iteration", "value", "used", "forwards"])
+    # The ids as constants: DuckDB then reads only the row groups of positions holding them
+    # (forwards are stored in arrival order, so the newest ones sit together).
+    ids = picked["forward_id"].to_numpy()
+    df = store.query(
+        f"SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"
+        " avg(p.iterations_used) AS used"
+        " FROM positions p JOIN (SELECT unnest(?) AS forward_id, unnest(?) AS grp) pick USING (forward_id)"
+        " WHERE p.forward_id BETWEEN ? AND ? GROUP BY ALL ORDER BY pick.grp, p.position, p.iteration",
+        [ids.tolist(), picked["grp"].tolist(), int(ids.min()), int(ids.max())],
+    )
+    return df.assign(forwards=df["grp"].map(picked["grp"].value_counts()))
 
 
 def forward_iterations(store, trace_id: str, metrics: tuple[str, ...]) -> pd.DataFrame:

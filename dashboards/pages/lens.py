@@ -8,6 +8,7 @@ thresholds of one criterion as a table.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 
@@ -25,6 +26,7 @@ from mythos_probe.dashboards.urlstate import control_id
 
 PATH = "/lens"
 TITLE = "Coda lens & early exit"
+log = logging.getLogger("mythos_probe.dashboards")
 RANGE_STEPS = 12  # thresholds replayed across a user-given range
 CACHE_SIZE = 32
 WHATIF_COLUMNS = {"threshold": "threshold", "mean_iterations": "iterations at exit",
@@ -140,7 +142,17 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
     return "", heat, agreement, pareto(exits, target), html.Div([recommendation(exits, target), listed])
 
 
+def prewarm(store) -> None:
+    """Replay the default selection once, so that the first visit to the page finds it cached."""
+    try:
+        cached_evaluate(store, queries.Selection(), None)
+    except Exception:  # noqa: BLE001 — the page will run the replay itself and report any error
+        log.warning("what-if prewarm failed; the lens page will replay on first visit", exc_info=True)
+
+
 def register(app, store) -> None:
+    # In the background: the replay reads every lens-sampled position (seconds on a large store).
+    threading.Thread(target=prewarm, args=(store,), name="whatif-prewarm", daemon=True).start()
     outputs = [Output("lens-message", "children"), Output("lens-heatmap", "figure"),
                Output("lens-agreement", "figure"), Output("lens-pareto", "figure"), Output("lens-whatif", "children")]
     view_callback(app, store, outputs, ("criterion", "target", "tmin", "tmax"), update)
