@@ -85,11 +85,33 @@ def lines(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", 
     return fig
 
 
-def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp") -> go.Figure:
+def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", links=None) -> go.Figure:
+    """One bar series per group. With `links(group value, x value)` → URL, a click on a bar opens
+    the forwards it counts."""
     for name, part in df.groupby(group, sort=True):
-        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name)))
+        custom = [[links(name, v)] for v in part[x]] if links else None
+        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name), customdata=custom))
     fig.layout.barmode = "group"
     return fig
+
+
+def group_filter(group: str, value) -> dict:
+    """The filter that keeps one group of a grouping, as `urlstate` values."""
+    if group == "none":
+        return {}
+    if group.startswith("attr:"):
+        return {"attr": group[5:], "val": (str(value),)}
+    if group == "kind":
+        return {"kind": str(value)}
+    if group == "rank":
+        return {"rank": (int(value),)}
+    key = {"model": "model", "run": "run", "loop": "loop", "policy": "policy"}[group]
+    return {key: (str(value),)}
+
+
+def forwards_link(search: str | None, group: str, value, **values) -> str:
+    """The forwards list of one group (of the current grouping), narrowed by `values`."""
+    return "/" + urlstate.with_values(search, trace=None, **group_filter(group, value), **values)
 
 
 def band(fig: go.Figure, df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str,
@@ -111,7 +133,7 @@ def _transparent(color: str, alpha: float = 0.22) -> str:
 
 
 # What a clickable point stands for, as its customdata[0]: a trace id opens that forward; a
-# "run|from|to" range opens the forwards list filtered to it.
+# "run|from|to" range opens the forwards list filtered to it; a path ("/?…") is opened as is.
 def range_ref(run: str, lo: pd.Timestamp, hi: pd.Timestamp) -> str:
     def text(t: pd.Timestamp) -> str:  # microseconds kept, trailing zeros dropped
         return f"{t:%Y-%m-%d %H:%M:%S.%f}".rstrip("0").rstrip(".")
@@ -131,7 +153,9 @@ def click_target(click: dict | None, search: str | None) -> str | None:
     if not refs:
         return None
     # A click can hit several traces at one x: a single forward's marker wins over a bucket.
-    ref = next((r for r in refs if "|" not in r), refs[0])
+    ref = next((r for r in refs if "|" not in r and not r.startswith("/")), refs[0])
+    if ref.startswith("/"):  # a ready link (a bar's forwards)
+        return ref
     if "|" in ref:
         run, lo, hi = ref.split("|")
         return "/" + urlstate.with_values(search, run=(run,), from_=lo, to=hi, trace=None)

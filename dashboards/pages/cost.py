@@ -8,7 +8,10 @@ from __future__ import annotations
 from dash import Output, html
 
 from mythos_probe.dashboards import queries
-from mythos_probe.dashboards.components import area, bars, empty_figure, figure, graph, lines, no_data, table, view_callback
+from mythos_probe.dashboards.components import (
+    area, bars, empty_figure, figure, forwards_link, graph, lines, no_data, register_chart_links, table,
+    view_callback,
+)
 
 PATH = "/cost"
 TITLE = "Cost"
@@ -29,12 +32,13 @@ def layout(_state=None) -> html.Div:
     )
 
 
-def update(store, sel: queries.Selection, _search):
+def update(store, sel: queries.Selection, search):
     groups = queries.cost_by_group(store, sel)
     if groups.empty:
         empty = empty_figure("Cost")
         return no_data(store), empty, empty, empty, ""
-    flops = bars(figure("Estimated FLOPs by group", "group", "FLOPs"), groups, "grp", "flops")
+    flops = bars(figure("Estimated FLOPs by group", "group", "FLOPs"), groups, "grp", "flops",
+                 links=lambda group, _x: forwards_link(search, sel.group, group))
     iters = bars(figure("Loop iterations (token-iterations) by group", "group", "token-iterations"),
                  groups, "grp", "token_iterations")
     over_time = lines(figure("Estimated FLOPs over time", "time (UTC)", "FLOPs per bucket"),
@@ -43,6 +47,8 @@ def update(store, sel: queries.Selection, _search):
 
 
 def register(app, store) -> None:
+    register_chart_links(app, "cost-flops")
+    register_chart_links(app, "cost-time", time_axis=True)
     outputs = [Output("cost-message", "children"), Output("cost-flops", "figure"),
                Output("cost-iterations", "figure"), Output("cost-time", "figure"), Output("cost-table", "children")]
     view_callback(app, store, outputs, (), update)

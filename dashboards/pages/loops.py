@@ -7,7 +7,9 @@ from __future__ import annotations
 from dash import Output, html
 
 from mythos_probe.dashboards import queries
-from mythos_probe.dashboards.components import area, bars, empty_figure, figure, graph, no_data, table, view_callback
+from mythos_probe.dashboards.components import (
+    area, bars, empty_figure, figure, forwards_link, graph, no_data, register_chart_links, table, view_callback,
+)
 
 PATH = "/loops"
 TITLE = "Loop distribution"
@@ -31,7 +33,7 @@ def layout(_state=None) -> html.Div:
     )
 
 
-def update(store, sel: queries.Selection, _search):
+def update(store, sel: queries.Selection, search):
     tokens = queries.tokens_by_iterations_used(store, sel)
     if tokens.empty:
         empty = empty_figure("Iterations used")
@@ -40,12 +42,14 @@ def update(store, sel: queries.Selection, _search):
     per_forward = bars(
         figure("Iterations executed per forward", "iterations executed", "forwards", xaxis={"dtick": 1}),
         queries.forwards_by_iterations(store, sel), "iterations", "forwards",
+        links=lambda group, n: forwards_link(search, sel.group, group, imin=int(n), imax=int(n)),
     )
     saved = table(queries.compute_saved(store, sel), SAVED_COLUMNS, "loops-saved-table", links=(), formats=SAVED_FORMATS)
     return "", per_token, per_forward, saved
 
 
 def register(app, store) -> None:
+    register_chart_links(app, "loops-forwards")
     outputs = [Output("loops-message", "children"), Output("loops-tokens", "figure"),
                Output("loops-forwards", "figure"), Output("loops-saved", "children")]
     view_callback(app, store, outputs, (), update)

@@ -131,8 +131,9 @@ def test_csv_downloads_hold_what_sql_says(browser, site, store, tmp_path):
     assert runs["tokens"].astype(int).to_dict() == want["tokens"].to_dict()
 
 
-def _click_point(browser, graph_id: str, trace_name: str, index: int) -> None:
-    """A real mouse click on point `index` of the trace named `trace_name`."""
+def _click_point(browser, graph_id: str, trace_name: str, index: int, height: float = 1.0) -> None:
+    """A real mouse click on point `index` of the trace named `trace_name` (for a bar, at
+    `height` × its value)."""
     from selenium.webdriver.common.action_chains import ActionChains
 
     xy = browser.execute_script("""
@@ -140,9 +141,9 @@ def _click_point(browser, graph_id: str, trace_name: str, index: int) -> None:
         const k = gd.data.findIndex(t => t.name === arguments[1]);
         const t = gd._fullData[k], L = gd._fullLayout, box = gd.getBoundingClientRect();
         const xa = L[t.xaxis === 'x' ? 'xaxis' : 'xaxis' + t.xaxis.slice(1)], ya = L.yaxis;
-        const x = xa.d2p(t.x[arguments[2]]) + xa._offset, y = ya.d2p(t.y[arguments[2]]) + ya._offset;
+        const x = xa.d2p(t.x[arguments[2]]) + xa._offset, y = ya.d2p(t.y[arguments[2]] * arguments[3]) + ya._offset;
         return [x - box.width / 2, y - box.height / 2];
-    """, graph_id, trace_name, index)
+    """, graph_id, trace_name, index, height)
     plot = browser.find_element("css selector", f"#{graph_id} .js-plotly-plot")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", plot)
     ActionChains(browser).move_to_element_with_offset(plot, int(xy[0]), int(xy[1])).pause(0.3).click().perform()
@@ -167,6 +168,18 @@ def test_chart_points_open_their_forwards(browser, site, traces):
     inside = [t for t in traces if t.run_id == "run-a" and lo <= pd.Timestamp(t.start_ns, unit="ns") <= hi]
     rows = grid_rows(browser, "forwards-list", len(inside))
     assert {r["trace_id"] for r in rows} == {t.trace_id for t in inside}
+
+
+def test_a_bar_opens_the_forwards_it_counts(browser, site, traces):
+    browser.get(site + "/loops")
+    fig = read_graph(browser, "loops-forwards", "per forward")
+    bars = fig["data"][0]
+    k = list(bars["x"]).index(6)  # forwards that ran 6 iterations
+    _click_point(browser, "loops-forwards", "all", k, height=0.5)
+    wait_url(browser, "imin=6")
+    assert query(browser) == {"imin": ["6"], "imax": ["6"]}
+    rows = grid_rows(browser, "forwards-list", int(np.asarray(bars["y"])[k]))
+    assert {r["trace_id"] for r in rows} == {t.trace_id for t in traces if t.iterations == 6}
 
 
 def test_selecting_a_range_on_a_time_chart_sets_the_time_filter(browser, site, traces):

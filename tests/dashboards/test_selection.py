@@ -85,3 +85,20 @@ def test_url_state_round_trips_and_names_what_it_cannot_read():
         filters.selection(urlstate.parse("?from=yesterday-ish")[0])
     with pytest.raises(ValueError, match="swap"):
         filters.selection(urlstate.parse("?from=2026-01-02&to=2026-01-01")[0])
+
+
+def test_a_click_opens_the_forward_or_the_forwards_it_stands_for():
+    from mythos_probe.dashboards.components import click_target, forwards_link, group_filter
+
+    def click(*refs):
+        return {"points": [{"customdata": [r, 3]} for r in refs]}
+
+    assert click_target(click("ab" * 16), "?run=r") == "/forward?run=r&trace=" + "ab" * 16
+    assert click_target(click("r|2026-01-01 00:00:00|2026-01-01 00:05:00"), "?x=time") == (
+        "/?run=r&from=2026-01-01+00%3A00%3A00&to=2026-01-01+00%3A05%3A00&x=time")
+    # a forward's marker under the same x as a bucket wins
+    assert click_target(click("r|a|b", "cd" * 16), "").endswith("trace=" + "cd" * 16)
+    assert click_target({"points": [{"x": 1}]}, "") is None
+    assert group_filter("attr:endpoint", "/chat") == {"attr": "endpoint", "val": ("/chat",)}
+    assert group_filter("rank", "3") == {"rank": (3,)} and group_filter("none", "all") == {}
+    assert forwards_link("?trace=" + "a" * 32, "kind", "shadow", imin=4, imax=4) == "/?kind=shadow&imin=4&imax=4"
