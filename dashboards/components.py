@@ -7,6 +7,7 @@ This module is not a page and runs no SQL; it only shapes already-queried frames
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from urllib.parse import parse_qs, quote
@@ -253,9 +254,16 @@ def stat(label: str, value: str) -> html.Div:
     return html.Div([html.B(value), html.Span(label)], className="mp-stat")
 
 
-def position_heatmap(df: pd.DataFrame, metric: str, title: str) -> go.Figure:
+def who(row) -> str:
+    """A forward's tooltip lines: trace id, model and endpoint (from a `queries.forward` row)."""
+    attributes = json.loads(row["attributes_text"] or "{}")
+    return f"trace {row['trace_id']}<br>model {row['model_id']}<br>endpoint {attributes.get('endpoint', '–')}<br>"
+
+
+def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "") -> go.Figure:
     """Position × iteration heatmap of one batch row, token text on the y axis and each position's
-    halting step (last iteration used) marked. `df` is `queries.position_grid` output."""
+    halting step (last iteration used) marked. `df` is `queries.position_grid` output; `about`
+    (see `who`) heads each tooltip."""
     positions = np.sort(df["position"].unique())
     n_iter = int(df["iteration"].max()) + 1
     raw = np.full((len(positions), n_iter), np.nan)
@@ -281,7 +289,7 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str) -> go.Figure:
             customdata=raw,
             colorscale="Viridis",
             colorbar=colorbar,
-            hovertemplate="position %{y}<br>iteration %{x}<br>" + metric + " %{customdata:.3g}<extra></extra>",
+            hovertemplate=about + "position %{y}<br>iteration %{x}<br>" + metric + " %{customdata:.3g}<extra></extra>",
             name=metric,
         )
     )

@@ -14,6 +14,7 @@ from dash import Output, dcc, html
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
     area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, stat, trace_from_search, view_callback,
+    who,
 )
 from mythos_probe.dashboards.urlstate import control_id
 from mythos_probe.records import POSITION_METRIC_NAMES
@@ -82,7 +83,7 @@ def update(store, sel: queries.Selection, search, metric, batch_index):
     if grid.empty:
         heat = empty_figure("Per-position convergence", "This forward was recorded without per-position detail")
     else:
-        heat = position_heatmap(grid, metric, f"{metric} by position and iteration (batch row {batch_index})")
+        heat = position_heatmap(grid, metric, f"{metric} by position and iteration (batch row {batch_index})", who(row))
     per_it = queries.forward_iterations(store, trace_id, LINE_METRICS).melt("iteration", var_name="grp")
     its = lines(figure("Per-iteration summary", "iteration", "value"), per_it, "iteration", "value")
     return note, summary(row), batches, heat, its

@@ -19,7 +19,7 @@ from mythos_probe import whatif as replay
 from mythos_probe.dashboards import queries, whatif
 from mythos_probe.dashboards.components import (
     area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, table, trace_from_search,
-    view_callback,
+    view_callback, who,
 )
 from mythos_probe.dashboards.theme import LAYOUT
 from mythos_probe.dashboards.urlstate import control_id
@@ -123,7 +123,9 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
     if grid.empty or grid["value"].isna().all():
         heat = empty_figure("KL to final", "No per-position lens values for this forward")
     else:
-        heat = position_heatmap(grid, "lens_kl_final", f"KL to final, forward {trace_id[:8]}… (batch row 0)")
+        row = queries.forward(store, trace_id)
+        about = who(row.iloc[0]) if len(row) else ""
+        heat = position_heatmap(grid, "lens_kl_final", f"KL to final, forward {trace_id[:8]}… (batch row 0)", about)
     agreement = lines(figure("Top-1 agreement with the final answer", "iteration", "share agreeing"),
                       per_it, "iteration", "lens_top1_agree")
     target = 0.99 if target is None else target

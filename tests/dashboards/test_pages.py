@@ -55,6 +55,8 @@ def test_forward_heatmap_cells_and_halting_marks(store, traces):
     np.testing.assert_allclose(z, np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
     assert list(heat.data[0].y) == [f"{p} {w}" for p, w in enumerate(t.token_text[1])]
     assert list(heat.data[1].x) == list(t.position_iterations[1] - 1)
+    tooltip = heat.data[0].hovertemplate
+    assert all(s in tooltip for s in (t.trace_id, t.model_id, t.attributes["endpoint"]))
     assert out[2] == [0, 1]
 
 
