@@ -55,8 +55,9 @@ function ready() {
                                              && before.get(g) !== g.data);
   const rowsOk = [...document.querySelectorAll('#app-page .ag-root')].every(
     r => r.querySelector('.ag-row') || r.querySelector('.ag-overlay-no-rows-center'));
-  // a page of grids only (runs & forwards) is drawn once a grid shows rows
-  const content = fresh || (gs.length === 0 && !!document.querySelector('#app-page .ag-row'));
+  // a page of tables only (runs & forwards) is drawn once a table shows rows (a grid's, or an
+  // HTML table's for a baseline without grids)
+  const content = fresh || (gs.length === 0 && !!document.querySelector('#app-page .ag-row, #app-page tbody tr'));
   if (!loading && sawWork && content && rowsOk && changed) {
     requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now() - t0)));
   } else {
@@ -111,7 +112,7 @@ def chromium():
     return driver, profile
 
 
-def settle(driver, url: str, selector: str = "#app-page .js-plotly-plot, #app-page .ag-root") -> None:
+def settle(driver, url: str, selector: str = "#app-page .js-plotly-plot, #app-page .ag-root, #app-page tbody tr") -> None:
     """Open `url` and wait for the page to finish its own callbacks."""
     driver.get(url)
     deadline = time.time() + 90

@@ -9,7 +9,6 @@ bucket's forwards.
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
 from dash import Output, dcc, html
 
 from mythos_probe.dashboards import queries
@@ -54,22 +53,23 @@ def layout(state: dict | None = None) -> html.Div:
     )
 
 
-def _over(title: str, xlabel: str, ylabel: str, bands, points, stat: str, threshold: float | None) -> go.Figure:
+def _over(title: str, xlabel: str, ylabel: str, bands, points, stat: str, threshold: float | None) -> dict:
+    """The figure as a plain dict: its traces skip plotly.py's validation (see `band`)."""
     shapes = [hline(threshold, "#e11d48")] if threshold is not None else []
     # Hover (and click) takes every run's bucket and any diverged marker at the x under the mouse.
-    fig = figure(title, xlabel, ylabel, shapes=shapes, hovermode="x")
-    if len(points):
-        fig.add_trace(go.Scatter(  # few points (capped), so SVG: it also draws without WebGL
-            x=points["x"], y=points[stat], mode="markers", name="diverged",
-            marker={"color": "#e11d48", "size": 10, "symbol": "x"},
-            customdata=points[["trace_id", "model_id", "endpoint"]].to_numpy(), hovertemplate=_POINT_HOVER,
-        ))
+    layout = figure(title, xlabel, ylabel, shapes=shapes, hovermode="x").layout.to_plotly_json()
+    traces = []
+    if len(points):  # few points (capped), so SVG: it also draws without WebGL
+        traces.append({"type": "scatter", "x": points["x"].to_numpy(), "y": points[stat].to_numpy(), "mode": "markers",
+                       "name": "diverged", "marker": {"color": "#e11d48", "size": 10, "symbol": "x"},
+                       "customdata": points[["trace_id", "model_id", "endpoint"]].to_numpy(),
+                       "hovertemplate": _POINT_HOVER})
     colors = LAYOUT["colorway"]
     for k, (run, part) in enumerate(bands.groupby("run_id", sort=True)):
         refs = [range_ref(run, lo, hi) for lo, hi in zip(part["t_lo"], part["t_hi"])]
         custom = list(zip(refs, part["forwards"], part[f"{stat}_p10"], part[f"{stat}_p90"]))
-        band(fig, part, str(run), f"{stat}_p10", f"{stat}_p50", f"{stat}_p90", colors[k % len(colors)], custom, _HOVER)
-    return fig
+        traces += band(part, str(run), f"{stat}_p10", f"{stat}_p50", f"{stat}_p90", colors[k % len(colors)], custom, _HOVER)
+    return {"data": traces, "layout": layout}
 
 
 def update(store, sel: queries.Selection, _search, x):
