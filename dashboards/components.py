@@ -1,7 +1,10 @@
-"""Building blocks shared by the pages: messages, figures, tables, the position heatmap and the
-guard that turns a failing callback into a message in the page.
+"""Building blocks shared by the pages: messages, figures and p10–p90 bands, ag-grid tables with
+their CSV button, loading spinners, the position heatmap, chart links (a click opens the forwards
+a point stands for; a range selected on a time axis sets the time filter), the view callback that
+reads its state from the URL, and the guard that turns a failing callback into a message.
 
-This module is not a page and runs no SQL; it only shapes already-queried frames for display.
+This module is not a page and runs no SQL of its own (it shapes already-queried frames; `no_data`
+asks the store whether it is empty).
 """
 
 from __future__ import annotations
@@ -9,8 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
-from urllib.parse import parse_qs, quote
 
 import dash_ag_grid as dag
 import numpy as np
@@ -191,10 +192,6 @@ def register_chart_links(app, graph_id: str, time_axis: bool = False) -> None:
             lambda relayout, search: zoom_range(relayout, search) or no_update)
 
 
-def forward_href(trace_id: str) -> str:
-    return f"/forward?trace={quote(trace_id)}"
-
-
 # Cell formats for grid columns: d3-format in the browser, so sorting still sees the numbers.
 FORMATS = {
     "number": "d3.format(',.4~g')(params.value)",
@@ -328,29 +325,30 @@ def guarded(fn, n_outputs: int):
 
 def trace_from_search(search: str | None) -> str | None:
     """The `trace` query parameter of the page URL, if any."""
-    values = parse_qs((search or "").lstrip("?")).get("trace")
-    return values[0].strip() if values else None
+    return urlstate.parse(search)[0]["trace"]
 
 
-def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update) -> None:
+def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update, states: tuple = ()) -> None:
     """Register a view's one update callback. It reads the whole state from the URL (filters and
     the page's own controls, `urlstate.KEYS`), so a link reproduces the view;
-    `update(store, selection, search, *page_values)` returns the outputs, message first."""
+    `update(store, selection, search, *page_values, *state_values)` returns the outputs, message
+    first."""
 
-    def callback(_tick, search):
+    def callback(_tick, search, *state_values):
         state, problems = urlstate.parse(search)
         try:
             sel = filters.selection(state)
         except ValueError as exc:
             return (message(str(exc), "error"), *([no_update] * (len(outputs) - 1)))
-        out = update(store, sel, search, *(state[k] for k in page_keys))
+        out = update(store, sel, search, *(state[k] for k in page_keys), *state_values)
         if problems:
             warning = message("Ignored in this link: " + "; ".join(problems) + ".", "error")
             return (html.Div([warning, out[0]]), *out[1:])
         return out
 
     callback.__name__ = f"{update.__module__}.{update.__name__}"
-    app.callback(outputs, [Input("app-interval", "n_intervals"), Input("app-url", "search")])(guarded(callback, len(outputs)))
+    app.callback(outputs, [Input("app-interval", "n_intervals"), Input("app-url", "search"), *states])(
+        guarded(callback, len(outputs)))
 
 
 def no_data(store) -> html.Div:

@@ -148,7 +148,7 @@ def totals(store, sel: Selection) -> pd.DataFrame:
         "SELECT count(*) AS forwards, count(DISTINCT run_id) AS runs, coalesce(sum(tokens), 0) AS tokens,"
         " avg(duration_ms) AS mean_ms, quantile_cont(duration_ms, 0.95) AS p95_ms,"
         " avg(iterations) AS mean_iterations, sum(mean_iterations * batch * seq_len) / sum(batch * seq_len)"
-        " AS iterations_per_token FROM sel",
+        " AS iterations_per_token, max(start_time) AS last FROM sel",
     )
 
 

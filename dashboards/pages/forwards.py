@@ -7,7 +7,7 @@ is the `forward` page.
 from __future__ import annotations
 
 import dash_ag_grid as dag
-from dash import Input, Output, State, dcc, html
+from dash import Input, Output, State, dcc, html, no_update
 
 from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.components import area, grid_columns, no_data, records, stat, table, view_callback
@@ -45,6 +45,7 @@ def layout(_state=None) -> html.Div:
             html.Button("Download CSV (all matching rows)", id="forwards-csv", className="mp-csv"),
             dcc.Download(id="forwards-download"),
             area("forwards-list"),
+            dcc.Store(id="forwards-shown"),
         ]
     )
 
@@ -67,10 +68,10 @@ def list_grid(keys: list[str]) -> dag.AgGrid:
     )
 
 
-def update(store, sel: queries.Selection, _search):
+def update(store, sel: queries.Selection, search, shown=None):
     t = queries.totals(store, sel).iloc[0]
     if t["forwards"] == 0:
-        return no_data(store), [], "", ""
+        return no_data(store), [], "", "", None
     stats = [
         stat("forwards", f"{int(t['forwards']):,}"),
         stat("runs", f"{int(t['runs']):,}"),
@@ -80,7 +81,11 @@ def update(store, sel: queries.Selection, _search):
         stat("iterations / token", f"{t['iterations_per_token']:.2f}"),
     ]
     runs = table(queries.runs(store, sel), RUN_COLUMNS, "forwards-runs-table", links=(), formats=RUN_FORMATS)
-    return "", stats, runs, list_grid(queries.attribute_keys(store))
+    # A new grid (back to its first page and default order) only when the filters or the rows
+    # changed: a live tick with nothing new keeps the user's page, sort and grid filters.
+    now = [search or "", int(t["forwards"]), str(t["last"])]
+    grid = no_update if shown == now else list_grid(queries.attribute_keys(store))
+    return "", stats, runs, grid, now
 
 
 def rows(store, search: str | None, request: dict | None) -> dict:
@@ -104,8 +109,8 @@ def csv(store, search: str | None, sort: list | None, filter_model: dict | None)
 
 def register(app, store) -> None:
     outputs = [Output("forwards-message", "children"), Output("forwards-stats", "children"),
-               Output("forwards-runs", "children"), Output("forwards-list", "children")]
-    view_callback(app, store, outputs, (), update)
+               Output("forwards-runs", "children"), Output("forwards-list", "children"), Output("forwards-shown", "data")]
+    view_callback(app, store, outputs, (), update, (State("forwards-shown", "data"),))
     app.callback(Output("forwards-grid", "getRowsResponse"), Input("forwards-grid", "getRowsRequest"),
                  State("app-url", "search"))(lambda request, search: rows(store, search, request))
     app.callback(Output("forwards-download", "data"), Input("forwards-csv", "n_clicks"), State("app-url", "search"),
