@@ -126,8 +126,9 @@ def band(df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str,
     return [
         {**edge, "y": df[low].to_numpy()},
         {**edge, "y": df[high].to_numpy(), "fill": "tonexty", "fillcolor": _transparent(color)},
-        {"type": "scatter", "x": x, "y": df[mid].to_numpy(), "mode": "lines+markers", "name": name, "legendgroup": name,
-         "line": {"color": color}, "marker": {"size": 4}, "customdata": customdata, "hovertemplate": hover or None},
+        # lines only: a marker per bucket is an SVG node each, and hover and click work on the line
+        {"type": "scatter", "x": x, "y": df[mid].to_numpy(), "mode": "lines", "name": name, "legendgroup": name,
+         "line": {"color": color}, "customdata": customdata, "hovertemplate": hover or None},
     ]
 
 

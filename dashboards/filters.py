@@ -70,6 +70,14 @@ def layout(state: dict, store=None) -> html.Div:
     )
 
 
+def time_range(low: str | None, high: str | None, names: tuple[str, str] = ("From", "To")):
+    """(start, end) of an absolute range typed as text; ValueError saying what to write."""
+    start, end = _time(low, names[0]), _time(high, names[1])
+    if start is not None and end is not None and start > end:
+        raise ValueError(f"{names[0]} ({start}) is after {names[1]} ({end}): swap them")
+    return start, end
+
+
 def _time(text: str | None, name: str) -> pd.Timestamp | None:
     if not text:
         return None
@@ -83,9 +91,7 @@ def _time(text: str | None, name: str) -> pd.Timestamp | None:
 def selection(state: dict) -> Selection:
     """The `Selection` a URL state asks for; a bad time or an inverted range raises ValueError
     saying what to write instead."""
-    start, end = _time(state["from"], "From"), _time(state["to"], "To")
-    if start is not None and end is not None and start > end:
-        raise ValueError(f"From ({start}) is after To ({end}): swap them")
+    start, end = time_range(state["from"], state["to"])
     return Selection(
         models=tuple(state["model"]),
         runs=tuple(state["run"]),

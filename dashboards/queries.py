@@ -350,7 +350,7 @@ def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataF
     return select(store, sel, f"SELECT f.grp, i.iteration, {cols} {_ITER_JOIN} GROUP BY ALL ORDER BY f.grp, i.iteration")
 
 
-def spectral_bands(store, sel: Selection, x: str, buckets: int = 120) -> pd.DataFrame:
+def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataFrame:
     """ρ(Ā) and each forward's peak growth ratio per run, over training step or time cut into
     about `buckets` equal buckets: p10 / p50 / p90 over the forwards in each bucket, their count
     and time span (`t_lo`, `t_hi`), and where the bucket's forwards lie on x (their mean). A

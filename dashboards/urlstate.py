@@ -50,6 +50,8 @@ KEYS: dict[str, Key] = {
     "target": Key(0.99, cast=float),  # lens: agreement target
     "tmin": Key(None, cast=float),  # lens: threshold range of the chosen criterion
     "tmax": Key(None, cast=float),
+    "from2": Key(None),  # convergence: a second time range to compare against
+    "to2": Key(None),
 }
 
 

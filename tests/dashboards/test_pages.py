@@ -122,3 +122,22 @@ def _repo_root() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[2])
+
+
+def test_convergence_compares_two_time_ranges_on_one_scale(store, traces):
+    import pandas as pd
+
+    from mythos_probe.dashboards.pages import convergence
+
+    out = convergence.update(store, Selection(), "", "rel_residual", "2026-01-01 00:00", "2026-01-01 01:00")
+    early = [t for t in traces if pd.Timestamp(t.start_ns, unit="ns") <= pd.Timestamp("2026-01-01 01:00")]
+    for fig, subset in ((out[1], traces), (out[2], early)):
+        # forwards of 6 and 8 iterations: each cell averages the forwards that reached it
+        padded = [np.pad(t.position_metrics["rel_residual"], ((0, 0), (0, 0), (0, 8 - t.iterations)), constant_values=np.nan)
+                  for t in subset]
+        mean = np.nanmean(np.concatenate(padded), axis=0)
+        np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), np.log10(mean), rtol=1e-5)
+        assert f"over {len(subset)} forwards" in fig.layout.title.text
+    assert (out[1].data[0].zmin, out[1].data[0].zmax) == (out[2].data[0].zmin, out[2].data[0].zmax)
+    bad = convergence.update(store, Selection(), "", "rel_residual", "2026-01-02", "2026-01-01")
+    assert "swap them" in str(bad[0])
