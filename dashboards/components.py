@@ -209,7 +209,7 @@ def grid_columns(columns: dict[str, str], links: tuple[str, ...] = ("trace_id",)
     for field, header in columns.items():
         col = {"field": field, "headerName": header}
         if field in links:
-            col.update(cellRenderer="TraceLink", cellClass="mp-mono")
+            col.update(cellRenderer="TraceLink", cellClass="mp-mono", minWidth=290)  # 32 hex chars, untruncated
         fmt = (formats or {}).get(field)
         if fmt:
             col.update(valueFormatter={"function": f"params.value == null ? '–' : {FORMATS[fmt]}"}, type="rightAligned")

@@ -52,6 +52,7 @@ table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums
 .mp-controls input { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }
 .mp-csv { margin: 0 0 6px; padding: 4px 10px; font-size: 13px; cursor: pointer; }
 .mp-table-card { margin-bottom: 12px; }
+.mp-table-card .ag-center-cols-viewport { min-height: unset !important; }  /* autoHeight grids: no blank band */
 @media (max-width: 1100px) { .mp-filters { grid-template-columns: repeat(4, minmax(120px, 1fr)); } }
 @media (prefers-color-scheme: dark) {
   body { background: #0d1117; color: #e6edf3; }
@@ -65,5 +66,6 @@ table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums
   .js-plotly-plot .main-svg text { fill: #c9d1d9 !important; }
   .js-plotly-plot .gridlayer path, .js-plotly-plot .zerolinelayer path { stroke: #30363d !important; }
   .Select-control, .Select-menu-outer, .dash-dropdown { background: #0d1117 !important; color: #e6edf3 !important; }
+  .mp-filters [class*="placeholder"], .mp-controls [class*="placeholder"], input::placeholder { color: #8b949e !important; }
 }
 """

@@ -218,3 +218,21 @@ def test_loading_spinners_appear_while_a_view_updates(browser, store, monkeypatc
         assert any("halting" in s for s in seen), seen
     finally:
         served.close()
+
+
+def test_dark_theme_follows_the_system_setting(browser, site):
+    dark = {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}
+    browser.execute_cdp_cmd("Emulation.setEmulatedMedia", dark)
+    try:
+        browser.get(site + "/loops")
+        read_graph(browser, "loops-tokens", "per token")
+        grid_rows(browser, "loops-saved-table")
+        background = browser.execute_script("return getComputedStyle(document.body).backgroundColor")
+        r, g, b = (int(v) for v in background[background.index("(") + 1 : -1].split(",")[:3])
+        assert max(r, g, b) < 60, background
+        assert browser.execute_script("return document.documentElement.dataset.agThemeMode") == "dark"
+        text = browser.execute_script(
+            "return getComputedStyle(document.querySelector('#loops-tokens .main-svg text')).fill")
+        assert int(text[text.index("(") + 1 :].split(",")[0]) > 150, text  # light chart text on the dark card
+    finally:
+        browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
