@@ -141,3 +141,15 @@ def test_convergence_compares_two_time_ranges_on_one_scale(store, traces):
     assert (out[1].data[0].zmin, out[1].data[0].zmax) == (out[2].data[0].zmin, out[2].data[0].zmax)
     bad = convergence.update(store, Selection(), "", "rel_residual", "2026-01-02", "2026-01-01")
     assert "swap them" in str(bad[0])
+
+
+def test_whatif_target_and_threshold_range(store, traces):
+    out = lens.update(store, Selection(), "", "kl", 0.5, 0.001, 1.0)
+    table_rows = out[4].children[1].children[1].rowData  # the criterion's thresholds, as the grid holds them
+    np.testing.assert_allclose([r["threshold"] for r in table_rows], np.geomspace(0.001, 1.0, lens.RANGE_STEPS))
+    expected = replay.evaluate(traces, {"kl": np.geomspace(0.001, 1.0, lens.RANGE_STEPS)})
+    kl = expected[expected["criterion"] == "kl"]
+    np.testing.assert_allclose([r["agreement"] for r in table_rows], kl["agreement"])
+    assert "target ≥ 50.0%" in str(out[4].children[0])
+    for bad in ((0.5, 1.0, 0.1), (1.5, None, None)):
+        assert "mp-error" in str(lens.update(store, Selection(), "", "kl", *bad)[0])
