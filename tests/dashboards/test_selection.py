@@ -102,3 +102,18 @@ def test_a_click_opens_the_forward_or_the_forwards_it_stands_for():
     assert group_filter("attr:endpoint", "/chat") == {"attr": "endpoint", "val": ("/chat",)}
     assert group_filter("rank", "3") == {"rank": (3,)} and group_filter("none", "all") == {}
     assert forwards_link("?trace=" + "a" * 32, "kind", "shadow", imin=4, imax=4) == "/?kind=shadow&imin=4&imax=4"
+
+
+def test_sync_moves_values_between_the_url_and_the_controls():
+    from dash import no_update
+
+    from mythos_probe.dashboards.app import sync_controls
+
+    keys = ["kind", "run", "imin"]
+    # the URL changed (a link, the back button): the controls take its values
+    search, values = sync_controls("?run=a&run=b&kind=all", ["served", [], None], keys, from_url=True)
+    assert search is no_update and values == ["all", ["a", "b"], no_update]
+    # a control changed: the URL takes it, other keys kept; defaults stay out of the link
+    search, values = sync_controls("?trace=" + "f" * 32, ["served", ["a"], 3], keys, from_url=False)
+    assert search == "?run=a&imin=3&trace=" + "f" * 32 and values == [no_update] * 3
+    assert sync_controls("?run=a", ["served", ["a"], None], keys, from_url=False)[0] is no_update
