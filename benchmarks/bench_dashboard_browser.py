@@ -68,6 +68,36 @@ requestAnimationFrame(ready);
 """
 
 
+# Resolves with ms from the start of navigation (a typed URL or a shared link) to the page drawn.
+_LOADED = """
+const done = arguments[arguments.length - 1];
+function ready() {
+  if (performance.now() > 60000) return done(-2);
+  const gs = [...document.querySelectorAll('#app-page .js-plotly-plot')];
+  const drawn = gs.length > 0 ? gs.every(g => g.layout && g.layout.title && g.layout.title.text)
+                              : !!document.querySelector('#app-page .ag-row, #app-page tbody tr');
+  if (drawn && !document.querySelector('[data-dash-is-loading="true"]')) {
+    requestAnimationFrame(() => requestAnimationFrame(() => done(performance.now())));
+  } else {
+    requestAnimationFrame(ready);
+  }
+}
+ready();
+"""
+
+
+def full_load(driver, url: str) -> float:
+    driver.get("about:blank")
+    driver.get(url)
+    ms = driver.execute_async_script(_LOADED)
+    if ms < 0:
+        raise RuntimeError(f"{url} never drawn in 60 s")
+    return ms / 1000
+
+
+LOADS = [("Spectral (link opened, over time)", "/spectral?x=time"), ("Runs & forwards (link opened)", "/")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -221,6 +251,12 @@ def main() -> None:
                         print(f"  baseline: {exc}")
             rows.append((name, mine, theirs))
             print(f"  {name}: {', '.join(f'{t:.2f}' for t in mine)} s; dashboard RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
+        for name, path in LOADS:
+            mine = [full_load(driver, base + path) for _ in range(args.repeats)]
+            # the baseline only where a link means the same view there (an older one may ignore the query)
+            same = other and "?" not in path
+            rows.append((name, mine, [full_load(driver, other[1] + path) for _ in range(args.repeats)] if same else []))
+            print(f"  {name}: {', '.join(f'{t:.2f}' for t in mine)} s", flush=True)
         for k in range(args.repeats):
             for name, seconds in link_interactions(driver, base, k):
                 found = next((r for r in rows if r[0] == name), None)
