@@ -17,7 +17,7 @@ import dash_ag_grid as dag
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import MATCH, Input, Output, State, dcc, html, no_update
+from dash import MATCH, ClientsideFunction, Input, Output, State, dcc, html, no_update
 
 from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.theme import LAYOUT
@@ -72,7 +72,16 @@ def loading(child) -> dcc.Loading:
 
 
 def graph(id_: str) -> html.Div:
-    return html.Div(loading(dcc.Graph(id=id_, config={"displaylogo": False})), className="mp-card")
+    """A chart card with its spinner and a CSV download of the numbers it draws."""
+    return html.Div(
+        [
+            loading(dcc.Graph(id=id_, config={"displaylogo": False})),
+            html.Button("CSV", id={"type": "chart-csv", "graph": id_}, className="mp-csv mp-chart-csv",
+                        title="download the numbers this chart draws"),
+            dcc.Download(id={"type": "chart-download", "graph": id_}),
+        ],
+        className="mp-card",
+    )
 
 
 def area(id_: str, **kw) -> dcc.Loading:
@@ -245,9 +254,17 @@ def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str,
 
 
 def register_csv(app) -> None:
-    """Every `table`'s CSV button exports its grid's rows (all of them: the grid holds them all)."""
+    """Every `table`'s CSV button exports its grid's rows (all of them: the grid holds them all);
+    every chart's CSV button downloads the points it draws (in the browser: assets/chart_csv.js)."""
     app.callback(Output({"type": "grid", "name": MATCH}, "exportDataAsCsv"),
                  Input({"type": "csv", "name": MATCH}, "n_clicks"), prevent_initial_call=True)(lambda _n: True)
+    app.clientside_callback(
+        ClientsideFunction(namespace="mp", function_name="chartCsv"),
+        Output({"type": "chart-download", "graph": MATCH}, "data"),
+        Input({"type": "chart-csv", "graph": MATCH}, "n_clicks"),
+        State({"type": "chart-csv", "graph": MATCH}, "id"),
+        prevent_initial_call=True,
+    )
 
 
 def stat(label: str, value: str) -> html.Div:

@@ -14,6 +14,7 @@ LAYOUT = {
     "xaxis": _AXIS,
     "yaxis": _AXIS,
     "margin": {"l": 60, "r": 20, "t": 45, "b": 45},
+    "modebar": {"bgcolor": "rgba(128,128,128,0.12)", "color": "#8b949e", "activecolor": "#58a6ff"},  # light and dark
     "height": 340,
 }
 
@@ -52,6 +53,8 @@ table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums
 .mp-controls input { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }
 .mp-csv { margin: 0 0 6px; padding: 4px 10px; font-size: 13px; cursor: pointer; }
 .mp-table-card { margin-bottom: 12px; }
+.mp-card { position: relative; }
+.mp-chart-csv { position: absolute; left: 8px; bottom: 4px; margin: 0; padding: 1px 6px; font-size: 11px; opacity: 0.7; z-index: 2; }
 .mp-table-card .ag-center-cols-viewport { min-height: unset !important; }  /* autoHeight grids: no blank band */
 @media (max-width: 1100px) { .mp-filters { grid-template-columns: repeat(4, minmax(120px, 1fr)); } }
 @media (prefers-color-scheme: dark) {

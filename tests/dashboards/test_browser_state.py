@@ -236,3 +236,17 @@ def test_dark_theme_follows_the_system_setting(browser, site):
         assert int(text[text.index("(") + 1 :].split(",")[0]) > 150, text  # light chart text on the dark card
     finally:
         browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+def test_a_chart_downloads_the_numbers_it_draws(browser, site, store, tmp_path):
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(tmp_path)})
+    browser.get(site + "/loops?group=model")
+    read_graph(browser, "loops-tokens", "per token")
+    by_id(browser, '{"graph":"loops-tokens","type":"chart-csv"}').click()
+    got = _downloaded(tmp_path, "loops-tokens.csv")
+    want = store.query(
+        "SELECT f.model_id AS series, i.iteration + 1 AS x, sum(i.exit_count) AS y FROM iterations i"
+        " JOIN forwards f USING (forward_id) WHERE f.kind = 'served' GROUP BY ALL HAVING sum(i.exit_count) > 0"
+        " ORDER BY series, x")
+    assert got[["series", "x"]].values.tolist() == want[["series", "x"]].values.tolist()
+    np.testing.assert_allclose(got["y"], want["y"])
