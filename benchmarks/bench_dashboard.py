@@ -11,6 +11,7 @@ Run from the repository root:  .venv/bin/python -m benchmarks.bench_dashboard [-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -23,7 +24,12 @@ from mythos_probe.dashboards.queries import Selection
 from tests.dashboards.factory import BASE_NS, synthetic_trace
 
 ENDPOINTS = ("/chat", "/code", "/search", "/summarize")
-PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",)}
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("time",), "lens": ("kl",), "convergence": ("rel_residual",)}
+
+
+def kind(i: int) -> str:
+    """A serving mix: one forward in ten a full-depth shadow, one in twenty a training forward."""
+    return "shadow" if i % 10 == 9 else "training" if i % 20 == 3 else "served"
 
 
 def build(path: Path, n_forwards: int, batch_size: int = 200) -> None:
@@ -31,12 +37,12 @@ def build(path: Path, n_forwards: int, batch_size: int = 200) -> None:
     with Store(path) as store:
         for start in range(0, n_forwards, batch_size):
             store.write_traces(
-                synthetic_trace(
+                dataclasses.replace(synthetic_trace(
                     rng, run_id=f"run-{i % 5}", model_id=("mythos-1b", "mythos-3b")[i % 2], step=i // 5,
                     start_ns=BASE_NS + i * 10**9, n_loops=16, seq_len=256, n_experts=16,
                     attributes={"endpoint": ENDPOINTS[i % 4], "user": f"user-{i % 10}", "request_id": f"req-{i}"},
                     diverged_at=5 if i % 997 == 0 else -1,
-                )
+                ), kind=kind(i), rank=i % 4, local_rank=i % 4, world_size=4)
                 for i in range(start, min(start + batch_size, n_forwards))
             )
             print(f"\rwrote {min(start + batch_size, n_forwards):,} / {n_forwards:,} forwards", end="", flush=True)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import re
 
 import dash
-from dash import Input, Output, State, dcc, html
+from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
-from mythos_probe.dashboards import filters
-from mythos_probe.dashboards.components import message, trace_from_search
+from mythos_probe.dashboards import filters, urlstate
+from mythos_probe.dashboards.components import message, register_csv
 from mythos_probe.dashboards.pages import PAGES
 from mythos_probe.dashboards.theme import CSS
 
@@ -48,30 +48,48 @@ def _shell(live: bool) -> html.Div:
                 ],
                 className="mp-header",
             ),
-            filters.layout(),
-            html.Div(id="app-page", className="mp-page"),
+            html.Div(id="app-page"),
         ]
     )
 
 
-def route(pathname: str | None, problem: str | None = None):
+def route(pathname: str | None, problem: str | None = None, search: str | None = None, store=None):
     if problem:
         return message(problem, "error")
     page = next((p for p in PAGES if p.PATH == (pathname or "/")), None)
-    return page.layout() if page else message(f"No page at {pathname}.", "error")
+    if page is None:
+        return message(f"No page at {pathname}.", "error")
+    # The filter bar is built with the page, both from the URL: every control starts with the
+    # link's value, so nothing is written back over the link before the controls have it.
+    state = urlstate.parse(search)[0]
+    return [filters.layout(state, store), html.Div(page.layout(state), className="mp-page")]
 
 
-def open_trace(_clicks, _submits, text):
+def open_trace(_clicks, _submits, text, search: str | None = None):
     trace_id = normalize_trace_id(text)
     if trace_id is None:
         return dash.no_update, message("A trace id is up to 32 hexadecimal characters.", "error") if text else ""
-    return f"/forward?trace={trace_id}", ""
+    return "/forward" + urlstate.with_values(search, trace=trace_id), ""
 
 
 def nav_hrefs(search: str | None) -> list[str]:
-    """Navigation links keep the selected forward (`?trace=`) so every view refers to the same one."""
-    trace_id = trace_from_search(search)
-    return [p.PATH + (f"?trace={trace_id}" if trace_id else "") for p in PAGES]
+    """Navigation links keep the whole state (filters, selected forward) so every view refers to
+    the same forwards."""
+    query = urlstate.encode(urlstate.parse(search)[0])
+    return [p.PATH + query for p in PAGES]
+
+
+def sync_controls(search: str | None, values: list, keys: list[str], from_url: bool):
+    """The URL and the controls on the page agree: after the URL changed (a link, the back
+    button, a chart selection) the controls take its values; after a control changed the URL
+    takes the controls' values (a history entry, so back undoes it). Returns (search, values)."""
+    state, _ = urlstate.parse(search)
+    if from_url:
+        shown = [list(state[k]) if urlstate.KEYS[k].multi else state[k] for k in keys]
+        return no_update, [no_update if v == w else v for v, w in zip(shown, values)]
+    state.update({k: tuple(v or ()) if urlstate.KEYS[k].multi else v for k, v in zip(keys, values)})
+    wanted = urlstate.encode(state)
+    return (no_update if wanted == urlstate.encode(urlstate.parse(search)[0]) else wanted), [no_update] * len(keys)
 
 
 def create_app(store, live: bool = False, *, problem: str | None = None) -> dash.Dash:
@@ -86,11 +104,20 @@ def create_app(store, live: bool = False, *, problem: str | None = None) -> dash
         filters.register(app, store)
         for page in PAGES:
             page.register(app, store)
-    app.callback(Output("app-page", "children"), Input("app-url", "pathname"))(lambda path: route(path, problem))
+    register_csv(app)
+    app.callback(Output("app-page", "children"), Input("app-url", "pathname"), State("app-url", "search"))(
+        lambda path, search: route(path, problem, search, store))
     app.callback([Output(f"app-nav-{p.__name__.rsplit('.', 1)[1]}", "href") for p in PAGES], Input("app-url", "search"))(nav_hrefs)
+
+    @app.callback(Output("app-url", "search"), Output({"type": "ctl", "key": ALL}, "value"),
+                  Input("app-url", "search"), Input({"type": "ctl", "key": ALL}, "value"))
+    def sync(search, values):
+        keys = [item["id"]["key"] for item in ctx.inputs_list[1]]
+        return sync_controls(search, values, keys, from_url=ctx.triggered_id in (None, "app-url"))
+
     app.callback(
-        Output("app-url", "href"), Output("app-trace-message", "children"),
+        Output("app-url", "href", allow_duplicate=True), Output("app-trace-message", "children"),
         Input("app-trace-open", "n_clicks"), Input("app-trace-input", "n_submit"), State("app-trace-input", "value"),
-        prevent_initial_call=True,
+        State("app-url", "search"), prevent_initial_call=True,
     )(open_trace)
     return app

@@ -12,6 +12,10 @@ import argparse
 import sys
 
 HELP = "open a store (DuckDB file or Parquet folder) read-only in the dashboard"
+# DuckDB keeps scanned pages cached up to its memory limit (80 % of RAM by default): on a 10,000-
+# forward store the what-if replay alone grew the process past 800 MiB. Capped, it evicts and
+# spills instead, at about the same speed (measured: 1.5 s → 1.3 s, peak 820 → 380 MiB).
+DUCKDB_MEMORY_LIMIT = "160MB"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from mythos_probe.dashboards.app import create_app
 
     store, problem = open_store(args.file)
+    if store is not None:
+        store.query(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     if problem:
         print(f"mythos-probe dashboard: {problem}", file=sys.stderr)
     server = make_server(args.host, args.port, create_app(store, problem=problem).server, threaded=True)

@@ -1,22 +1,25 @@
-"""Building blocks shared by the pages: messages, figures, tables, the position heatmap and the
-guard that turns a failing callback into a message in the page.
+"""Building blocks shared by the pages: messages, figures and p10–p90 bands, ag-grid tables with
+their CSV button, loading spinners, the position heatmap, chart links (a click opens the forwards
+a point stands for; a range selected on a time axis sets the time filter), the view callback that
+reads its state from the URL, and the guard that turns a failing callback into a message.
 
-This module is not a page and runs no SQL; it only shapes already-queried frames for display.
+This module is not a page and runs no SQL of its own (it shapes already-queried frames; `no_data`
+asks the store whether it is empty).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
-import math
-from urllib.parse import parse_qs, quote
 
+import dash_ag_grid as dag
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from dash import Input, dcc, html, no_update
+from dash import MATCH, ClientsideFunction, Input, Output, State, dcc, html, no_update
 
-from mythos_probe.dashboards import filters, queries
+from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.theme import LAYOUT
 
 log = logging.getLogger("mythos_probe.dashboards")
@@ -59,8 +62,31 @@ def empty_figure(title: str, text: str = "No data for this selection") -> go.Fig
     return figure(title, "", "", xaxis=hidden, yaxis=hidden, annotations=[note])
 
 
+LOADING_DELAY_MS = 150  # quick updates don't flicker a spinner
+
+
+def loading(child) -> dcc.Loading:
+    """A spinner over `child` while a callback that writes into it runs."""
+    return dcc.Loading(child, type="circle", delay_show=LOADING_DELAY_MS,
+                       overlay_style={"visibility": "visible", "opacity": 0.45})
+
+
 def graph(id_: str) -> html.Div:
-    return html.Div(dcc.Graph(id=id_, config={"displaylogo": False}), className="mp-card")
+    """A chart card with its spinner and a CSV download of the numbers it draws."""
+    return html.Div(
+        [
+            loading(dcc.Graph(id=id_, config={"displaylogo": False})),
+            html.Button("CSV", id={"type": "chart-csv", "graph": id_}, className="mp-csv mp-chart-csv",
+                        title="download the numbers this chart draws"),
+            dcc.Download(id={"type": "chart-download", "graph": id_}),
+        ],
+        className="mp-card",
+    )
+
+
+def area(id_: str, **kw) -> dcc.Loading:
+    """A container for a table or text that a view callback fills, with its loading spinner."""
+    return loading(html.Div(id=id_, **kw))
 
 
 def lines(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", **trace) -> go.Figure:
@@ -70,47 +96,191 @@ def lines(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", 
     return fig
 
 
-def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp") -> go.Figure:
+def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", links=None) -> go.Figure:
+    """One bar series per group. With `links(group value, x value)` → URL, a click on a bar opens
+    the forwards it counts."""
     for name, part in df.groupby(group, sort=True):
-        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name)))
+        custom = [[links(name, v)] for v in part[x]] if links else None
+        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name), customdata=custom))
     fig.layout.barmode = "group"
     return fig
 
 
-def forward_href(trace_id: str) -> str:
-    return f"/forward?trace={quote(trace_id)}"
+def group_filter(group: str, value) -> dict:
+    """The filter that keeps one group of a grouping, as `urlstate` values."""
+    if group == "none":
+        return {}
+    if group.startswith("attr:"):
+        return {"attr": group[5:], "val": (str(value),)}
+    if group == "kind":
+        return {"kind": str(value)}
+    if group == "rank":
+        return {"rank": (int(value),)}
+    key = {"model": "model", "run": "run", "loop": "loop", "policy": "policy"}[group]
+    return {key: (str(value),)}
 
 
-def _cell(value, column: str, links: frozenset[str]):
-    if column in links and isinstance(value, str):
-        return html.Td(dcc.Link(value, href=forward_href(value), className="mp-mono"))
-    if isinstance(value, pd.Timestamp):
-        return html.Td(value.strftime("%Y-%m-%d %H:%M:%S"))
-    if isinstance(value, (float, np.floating)):
-        text = "–" if math.isnan(value) else f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-        return html.Td(text, className="mp-num")
-    if isinstance(value, (int, np.integer)):
-        return html.Td(f"{value:,}", className="mp-num")
-    return html.Td("–" if value is None or value is pd.NA else str(value))
+def forwards_link(search: str | None, group: str, value, **values) -> str:
+    """The forwards list of one group (of the current grouping), narrowed by `values`."""
+    return "/" + urlstate.with_values(search, trace=None, **group_filter(group, value), **values)
 
 
-def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str, ...] = ("trace_id",)) -> html.Table:
-    """An HTML table of `columns` (name → header); trace ids link to their forward page."""
-    link_set = frozenset(links)
-    head = html.Thead(html.Tr([html.Th(label) for label in columns.values()]))
-    body = html.Tbody(
-        [html.Tr([_cell(row[c], c, link_set) for c in columns]) for row in df[list(columns)].to_dict("records")]
+def band(df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str, customdata=None,
+         hover: str = "") -> list[dict]:
+    """A p10–p90 band with its median line: three traces of one point per bucket, as plain dicts
+    (plotly.py's validation of a few thousand band points costs more than the query)."""
+    x = df["x"].to_numpy()
+    edge = {"type": "scatter", "x": x, "mode": "lines", "line": {"width": 0}, "showlegend": False,
+            "hoverinfo": "skip", "legendgroup": name}
+    return [
+        {**edge, "y": df[low].to_numpy()},
+        {**edge, "y": df[high].to_numpy(), "fill": "tonexty", "fillcolor": _transparent(color)},
+        # lines only: a marker per bucket is an SVG node each, and hover and click work on the line
+        {"type": "scatter", "x": x, "y": df[mid].to_numpy(), "mode": "lines", "name": name, "legendgroup": name,
+         "line": {"color": color}, "customdata": customdata, "hovertemplate": hover or None},
+    ]
+
+
+def _transparent(color: str, alpha: float = 0.22) -> str:
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+# What a clickable point stands for, as its customdata[0]: a trace id opens that forward; a
+# "run|from|to" range opens the forwards list filtered to it; a path ("/?…") is opened as is.
+def range_ref(run: str, lo: pd.Timestamp, hi: pd.Timestamp) -> str:
+    def text(t: pd.Timestamp) -> str:  # microseconds kept, trailing zeros dropped
+        return f"{t:%Y-%m-%d %H:%M:%S.%f}".rstrip("0").rstrip(".")
+
+    return f"{run}|{text(lo)}|{text(hi)}"
+
+
+def click_target(click: dict | None, search: str | None) -> str | None:
+    """The URL a click on a chart point opens, from its customdata; None when the point stands
+    for no forwards."""
+    refs = []
+    for point in (click or {}).get("points") or []:
+        data = point.get("customdata")
+        ref = data[0] if isinstance(data, list) and data else data
+        if isinstance(ref, str):
+            refs.append(ref)
+    if not refs:
+        return None
+    # A click can hit several traces at one x: a single forward's marker wins over a bucket.
+    ref = next((r for r in refs if "|" not in r and not r.startswith("/")), refs[0])
+    if ref.startswith("/"):  # a ready link (a bar's forwards)
+        return ref
+    if "|" in ref:
+        run, lo, hi = ref.split("|")
+        return "/" + urlstate.with_values(search, run=(run,), from_=lo, to=hi, trace=None)
+    return "/forward" + urlstate.with_values(search, trace=ref)
+
+
+def zoom_range(relayout: dict | None, search: str | None) -> str | None:
+    """The URL after a selection on a time axis: the absolute range becomes the From/To filter
+    (a double click, which resets the axis, clears it). None for anything else."""
+    relayout = relayout or {}
+    # A drag reports the two ends separately, Plotly.relayout calls may report the pair.
+    ends = relayout.get("xaxis.range") or [relayout.get("xaxis.range[0]"), relayout.get("xaxis.range[1]")]
+    if all(isinstance(end, str) for end in ends):  # a date axis reports text, a step axis numbers
+        lo, hi = sorted(ends)
+        return urlstate.with_values(search, from_=lo[:23], to=hi[:23])
+    if relayout.get("xaxis.autorange") and (urlstate.parse(search)[0]["from"] or urlstate.parse(search)[0]["to"]):
+        return urlstate.with_values(search, from_=None, to=None)
+    return None
+
+
+def register_chart_links(app, graph_id: str, time_axis: bool = False) -> None:
+    """Clicking a point of `graph_id` that stands for forwards opens them; with `time_axis`,
+    selecting a range on it sets the time filter (zoom to range)."""
+    app.callback(Output("app-url", "href", allow_duplicate=True), Input(graph_id, "clickData"),
+                 State("app-url", "search"), prevent_initial_call=True)(
+        lambda click, search: click_target(click, search) or no_update)
+    if time_axis:
+        app.callback(Output("app-url", "search", allow_duplicate=True), Input(graph_id, "relayoutData"),
+                     State("app-url", "search"), prevent_initial_call=True)(
+            lambda relayout, search: zoom_range(relayout, search) or no_update)
+
+
+# Cell formats for grid columns: d3-format in the browser, so sorting still sees the numbers.
+FORMATS = {
+    "number": "d3.format(',.4~g')(params.value)",
+    "integer": "d3.format(',d')(params.value)",
+    "percent": "d3.format('.1%')(params.value)",
+}
+
+
+def grid_columns(columns: dict[str, str], links: tuple[str, ...] = ("trace_id",),
+                 formats: dict[str, str] | None = None) -> list[dict]:
+    """ag-grid column definitions: trace ids rendered as links to their forward (the value stays
+    the plain id, for sorting, filtering and CSV), formatted numbers right-aligned."""
+    defs = []
+    for field, header in columns.items():
+        col = {"field": field, "headerName": header}
+        if field in links:
+            col.update(cellRenderer="TraceLink", cellClass="mp-mono", minWidth=290)  # 32 hex chars, untruncated
+        fmt = (formats or {}).get(field)
+        if fmt:
+            col.update(valueFormatter={"function": f"params.value == null ? '–' : {FORMATS[fmt]}"}, type="rightAligned")
+        defs.append(col)
+    return defs
+
+
+def records(df: pd.DataFrame) -> list[dict]:
+    """Rows for a grid: timestamps as UTC text, NaN and NULL as null."""
+    out = df.copy()
+    for column in out.columns:
+        if pd.api.types.is_datetime64_any_dtype(out[column]):
+            out[column] = out[column].dt.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3]
+    return out.astype(object).where(out.notna(), None).to_dict("records")
+
+
+def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str, ...] = ("trace_id",),
+          formats: dict[str, str] | None = None) -> html.Div:
+    """A sortable, filterable grid of `columns` (name → header) with a CSV download of all its
+    rows. For small, already aggregated frames: every row travels to the browser (the forwards
+    list pages on the server instead)."""
+    grid = dag.AgGrid(
+        id={"type": "grid", "name": id_},
+        rowData=records(df[list(columns)]),
+        columnDefs=grid_columns(columns, links, formats),
+        defaultColDef={"sortable": True, "filter": True, "resizable": True},
+        columnSize="autoSize",
+        csvExportParams={"fileName": f"{id_}.csv"},
+        dashGridOptions={"domLayout": "autoHeight", "suppressCellFocus": True},
     )
-    return html.Table([head, body], id=id_, className="mp-table")
+    button = html.Button("Download CSV", id={"type": "csv", "name": id_}, className="mp-csv")
+    return html.Div([button, grid], id=id_, className="mp-table-card")
+
+
+def register_csv(app) -> None:
+    """Every `table`'s CSV button exports its grid's rows (all of them: the grid holds them all);
+    every chart's CSV button downloads the points it draws (in the browser: assets/chart_csv.js)."""
+    app.callback(Output({"type": "grid", "name": MATCH}, "exportDataAsCsv"),
+                 Input({"type": "csv", "name": MATCH}, "n_clicks"), prevent_initial_call=True)(lambda _n: True)
+    app.clientside_callback(
+        ClientsideFunction(namespace="mp", function_name="chartCsv"),
+        Output({"type": "chart-download", "graph": MATCH}, "data"),
+        Input({"type": "chart-csv", "graph": MATCH}, "n_clicks"),
+        State({"type": "chart-csv", "graph": MATCH}, "id"),
+        prevent_initial_call=True,
+    )
 
 
 def stat(label: str, value: str) -> html.Div:
     return html.Div([html.B(value), html.Span(label)], className="mp-stat")
 
 
-def position_heatmap(df: pd.DataFrame, metric: str, title: str) -> go.Figure:
+def who(row) -> str:
+    """A forward's tooltip lines: trace id, model and endpoint (from a `queries.forward` row)."""
+    attributes = json.loads(row["attributes_text"] or "{}")
+    return f"trace {row['trace_id']}<br>model {row['model_id']}<br>endpoint {attributes.get('endpoint', '–')}<br>"
+
+
+def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "") -> go.Figure:
     """Position × iteration heatmap of one batch row, token text on the y axis and each position's
-    halting step (last iteration used) marked. `df` is `queries.position_grid` output."""
+    halting step (last iteration used) marked. `df` is `queries.position_grid` output; `about`
+    (see `who`) heads each tooltip."""
     positions = np.sort(df["position"].unique())
     n_iter = int(df["iteration"].max()) + 1
     raw = np.full((len(positions), n_iter), np.nan)
@@ -136,7 +306,7 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str) -> go.Figure:
             customdata=raw,
             colorscale="Viridis",
             colorbar=colorbar,
-            hovertemplate="position %{y}<br>iteration %{x}<br>" + metric + " %{customdata:.3g}<extra></extra>",
+            hovertemplate=about + "position %{y}<br>iteration %{x}<br>" + metric + " %{customdata:.3g}<extra></extra>",
             name=metric,
         )
     )
@@ -173,24 +343,30 @@ def guarded(fn, n_outputs: int):
 
 def trace_from_search(search: str | None) -> str | None:
     """The `trace` query parameter of the page URL, if any."""
-    values = parse_qs((search or "").lstrip("?")).get("trace")
-    return values[0].strip() if values else None
+    return urlstate.parse(search)[0]["trace"]
 
 
-def view_callback(app, store, outputs: list, page_inputs: list, update) -> None:
-    """Register a view's one update callback: filter bar, live tick, URL query and the page's own
-    controls in; `update(store, selection, search, *page_values)` returns the outputs, message first."""
-    n_filters = len(filters.INPUTS)
+def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update, states: tuple = ()) -> None:
+    """Register a view's one update callback. It reads the whole state from the URL (filters and
+    the page's own controls, `urlstate.KEYS`), so a link reproduces the view;
+    `update(store, selection, search, *page_values, *state_values)` returns the outputs, message
+    first."""
 
-    def callback(*values):
-        sel = filters.selection(*values[:n_filters])
-        search = values[n_filters + 1]
-        return update(store, sel, search, *values[n_filters + 2 :])
+    def callback(_tick, search, *state_values):
+        state, problems = urlstate.parse(search)
+        try:
+            sel = filters.selection(state)
+        except ValueError as exc:
+            return (message(str(exc), "error"), *([no_update] * (len(outputs) - 1)))
+        out = update(store, sel, search, *(state[k] for k in page_keys), *state_values)
+        if problems:
+            warning = message("Ignored in this link: " + "; ".join(problems) + ".", "error")
+            return (html.Div([warning, out[0]]), *out[1:])
+        return out
 
     callback.__name__ = f"{update.__module__}.{update.__name__}"
-    app.callback(outputs, [*filters.INPUTS, Input("app-interval", "n_intervals"), Input("app-url", "search"), *page_inputs])(
-        guarded(callback, len(outputs))
-    )
+    app.callback(outputs, [Input("app-interval", "n_intervals"), Input("app-url", "search"), *states])(
+        guarded(callback, len(outputs)))
 
 
 def no_data(store) -> html.Div:

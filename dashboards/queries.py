@@ -22,36 +22,61 @@ from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
 # old file opened with `mythos-probe dashboard` shows its last hour rather than nothing.
 WINDOWS = {"all": None, "5m": 300, "1h": 3600, "24h": 86400, "7d": 7 * 86400}
 
+# Group-by choices on forward columns; "attr:<key>" groups by a user attribute.
+GROUP_COLUMNS = {"model": "f.model_id", "run": "f.run_id", "kind": "f.kind", "loop": "f.loop_name",
+                 "rank": "CAST(f.rank AS VARCHAR)", "policy": "f.exit_policy"}
+
+
 @dataclass(frozen=True)
 class Selection:
-    """Which forwards a view aggregates, and how it groups them."""
+    """Which forwards a view aggregates, and how it groups them. By default served forwards
+    only: full-depth shadows and training forwards would skew every serving figure."""
 
     models: tuple[str, ...] = ()
     runs: tuple[str, ...] = ()
     window: str = "all"
     attribute: str | None = None  # user attribute key filtered on
     values: tuple[str, ...] = ()  # accepted values of `attribute`
-    group: str = "none"  # "none" | "model" | "run" | "attr:<key>"
+    group: str = "none"  # "none" | a GROUP_COLUMNS key | "attr:<key>"
+    kinds: tuple[str, ...] = ("served",)  # () for every kind
+    loops: tuple[str, ...] = ()
+    ranks: tuple[int, ...] = ()
+    policies: tuple[str, ...] = ()
+    min_iterations: int | None = None  # iterations executed by the forward, inclusive
+    max_iterations: int | None = None
+    start: pd.Timestamp | None = None  # absolute range on start_time (UTC), inclusive
+    end: pd.Timestamp | None = None
 
     def cte(self) -> tuple[str, list]:
         """`sel` CTE: filtered forwards plus a `grp` column; with its parameters in order."""
         params: list = []
-        if self.group == "model":
-            grp = "f.model_id"
-        elif self.group == "run":
-            grp = "f.run_id"
+        if self.group in GROUP_COLUMNS:
+            grp = GROUP_COLUMNS[self.group]
         elif self.group.startswith("attr:"):
             grp = "coalesce(json_extract_string(f.attributes, ?), '(unset)')"
             params.append(_json_path(self.group[5:]))
-        else:
+        elif self.group == "none":
             grp = "'all'"
+        else:
+            raise ValueError(f"cannot group by {self.group!r}; choose none, {', '.join(GROUP_COLUMNS)} or attr:<key>")
         where = ["TRUE"]
-        if self.models:
-            where.append("list_contains(?, f.model_id)")
-            params.append(list(self.models))
-        if self.runs:
-            where.append("list_contains(?, f.run_id)")
-            params.append(list(self.runs))
+        for column, accepted in (("model_id", self.models), ("run_id", self.runs), ("kind", self.kinds),
+                                 ("loop_name", self.loops), ("rank", self.ranks), ("exit_policy", self.policies)):
+            if accepted:
+                where.append(f"list_contains(?, f.{column})")
+                params.append(list(accepted))
+        if self.min_iterations is not None:
+            where.append("f.iterations >= ?")
+            params.append(int(self.min_iterations))
+        if self.max_iterations is not None:
+            where.append("f.iterations <= ?")
+            params.append(int(self.max_iterations))
+        if self.start is not None:
+            where.append("f.start_time >= ?")
+            params.append(self.start.to_pydatetime())
+        if self.end is not None:
+            where.append("f.start_time <= ?")
+            params.append(self.end.to_pydatetime())
         seconds = WINDOWS.get(self.window)
         if seconds is not None:
             where.append("f.start_time >= (SELECT max(start_time) FROM forwards) - to_seconds(?)")
@@ -88,8 +113,11 @@ def select(store, sel: Selection, body: str, params: list | tuple = ()) -> pd.Da
 # --- store-wide lists for the filter bar -------------------------------------------------------
 
 
-def distinct_values(store, column: str) -> list[str]:
-    if column not in ("model_id", "run_id"):
+FILTER_COLUMNS = ("model_id", "run_id", "kind", "loop_name", "rank", "exit_policy")
+
+
+def distinct_values(store, column: str) -> list:
+    if column not in FILTER_COLUMNS:
         raise ValueError(f"not a filter column: {column!r}")
     return store.query(f"SELECT DISTINCT {column} AS v FROM forwards ORDER BY v")["v"].tolist()
 
@@ -121,7 +149,7 @@ def totals(store, sel: Selection) -> pd.DataFrame:
         "SELECT count(*) AS forwards, count(DISTINCT run_id) AS runs, coalesce(sum(tokens), 0) AS tokens,"
         " avg(duration_ms) AS mean_ms, quantile_cont(duration_ms, 0.95) AS p95_ms,"
         " avg(iterations) AS mean_iterations, sum(mean_iterations * batch * seq_len) / sum(batch * seq_len)"
-        " AS iterations_per_token FROM sel",
+        " AS iterations_per_token, max(start_time) AS last FROM sel",
     )
 
 
@@ -136,15 +164,63 @@ def runs(store, sel: Selection) -> pd.DataFrame:
     )
 
 
-def forwards(store, sel: Selection, limit: int = 100) -> pd.DataFrame:
-    return select(
-        store,
-        sel,
-        "SELECT start_time, trace_id, run_id, model_id, step, tokens, duration_ms, iterations, n_loops,"
-        " mean_iterations, CAST(attributes AS VARCHAR) AS attributes FROM sel"
-        " ORDER BY start_time DESC, trace_id LIMIT ?",
-        [limit],
-    )
+# The forwards list: forward columns a user sorts and filters on, then one column per user
+# attribute ("attr__<key>"); ag-grid's text and number filter types map to SQL conditions.
+LIST_COLUMNS = ("start_time", "trace_id", "run_id", "model_id", "kind", "loop_name", "rank", "step", "tokens",
+                "duration_ms", "iterations", "n_loops", "exit_policy", "mean_iterations")
+ATTRIBUTE_PREFIX = "attr__"
+_TEXT_FILTERS = {"contains": ("contains({c}, ?)", "{v}"), "notContains": ("NOT contains({c}, ?)", "{v}"),
+                 "equals": ("{c} = ?", "{v}"), "notEqual": ("{c} <> ?", "{v}"),
+                 "startsWith": ("starts_with({c}, ?)", "{v}"), "endsWith": ("ends_with({c}, ?)", "{v}")}
+_NUMBER_FILTERS = {"equals": "=", "notEqual": "<>", "greaterThan": ">", "greaterThanOrEqual": ">=",
+                   "lessThan": "<", "lessThanOrEqual": "<="}
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _list_sql(sel: Selection, keys: list[str], sort: list[dict], filters: dict) -> tuple[str, list]:
+    """The selected forwards as list rows, filtered and sorted as the grid asks; (body, params)."""
+    attrs = [f"json_extract_string(attributes, ?) AS {_quote(ATTRIBUTE_PREFIX + k)}" for k in keys]
+    params: list = [_json_path(k) for k in keys]
+    known = set(LIST_COLUMNS) | {ATTRIBUTE_PREFIX + k for k in keys}
+    where = ["TRUE"]
+    for column, spec in (filters or {}).items():
+        if column not in known:
+            raise ValueError(f"cannot filter the forwards list on {column!r}")
+        c, kind, op = _quote(column), spec.get("filterType"), spec.get("type")
+        if kind == "text" and op in _TEXT_FILTERS:
+            where.append(_TEXT_FILTERS[op][0].format(c=f"CAST({c} AS VARCHAR)"))
+            params.append(str(spec.get("filter", "")))
+        elif kind == "number" and op in _NUMBER_FILTERS:
+            where.append(f"{c} {_NUMBER_FILTERS[op]} ?")
+            params.append(float(spec["filter"]))
+        elif kind == "number" and op == "inRange":
+            where.append(f"{c} BETWEEN ? AND ?")
+            params += [float(spec["filter"]), float(spec["filterTo"])]
+        else:
+            raise ValueError(f"unsupported filter {kind}/{op} on {column!r}")
+    order = []
+    for item in sort or ():
+        if item.get("colId") not in known or item.get("sort") not in ("asc", "desc"):
+            raise ValueError(f"cannot sort the forwards list by {item!r}")
+        order.append(f"{_quote(item['colId'])} {item['sort'].upper()} NULLS LAST")
+    order += ["start_time DESC", "trace_id"]  # a stable order under paging
+    cols = ", ".join(LIST_COLUMNS + tuple(attrs))
+    body = f"SELECT * FROM (SELECT {cols} FROM sel) t WHERE {' AND '.join(where)} ORDER BY {', '.join(order)}"
+    return body, params
+
+
+def forward_list(store, sel: Selection, keys: list[str], sort: list[dict] | None = None, filters: dict | None = None,
+                 offset: int = 0, limit: int | None = 100) -> tuple[pd.DataFrame, int]:
+    """(one page of list rows, rows matching in all): the forwards list paged on the server.
+    `limit=None` returns every matching row (the CSV download)."""
+    body, params = _list_sql(sel, keys, sort or [], filters or {})
+    total = int(select(store, sel, f"SELECT count(*) AS n FROM ({body})", params)["n"].iloc[0])
+    if limit is None:
+        return select(store, sel, body, params), total
+    return select(store, sel, body + " LIMIT ? OFFSET ?", [*params, int(limit), int(offset)]), total
 
 
 def forward(store, trace_id: str) -> pd.DataFrame:
@@ -174,6 +250,34 @@ def position_grid(store, trace_id: str, batch_index: int, metric: str) -> pd.Dat
         " FROM positions p JOIN one USING (forward_id) WHERE p.batch_index = ? ORDER BY position, iteration",
         [trace_id, batch_index],
     )
+
+
+def position_means(store, sel: Selection, metric: str, per_group: int = 500, groups: int = 2) -> pd.DataFrame:
+    """Position × iteration mean of a position metric over the newest `per_group` selected
+    forwards of each of the first `groups` groups (batch rows pooled), with the mean iterations
+    used per position and how many forwards each cell averages."""
+    col = metric_column(metric, POSITION_METRIC_NAMES)
+    picked = select(
+        store,
+        sel,
+        ", ranked AS (SELECT forward_id, grp, row_number() OVER (PARTITION BY grp ORDER BY start_time DESC) AS k,"
+        " dense_rank() OVER (ORDER BY grp) AS g FROM sel WHERE detail = 'positions')"
+        " SELECT forward_id, grp FROM ranked WHERE k <= ? AND g <= ?",
+        [per_group, groups],
+    )
+    if picked.empty:
+        return pd.DataFrame(columns=["grp", "position", "iteration", "value", "used", "forwards"])
+    # The ids as constants: DuckDB then reads only the row groups of positions holding them
+    # (forwards are stored in arrival order, so the newest ones sit together).
+    ids = picked["forward_id"].to_numpy()
+    df = store.query(
+        f"SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"
+        " avg(p.iterations_used) AS used"
+        " FROM positions p JOIN (SELECT unnest(?) AS forward_id, unnest(?) AS grp) pick USING (forward_id)"
+        " WHERE p.forward_id BETWEEN ? AND ? GROUP BY ALL ORDER BY pick.grp, p.position, p.iteration",
+        [ids.tolist(), picked["grp"].tolist(), int(ids.min()), int(ids.max())],
+    )
+    return df.assign(forwards=df["grp"].map(picked["grp"].value_counts()))
 
 
 def forward_iterations(store, trace_id: str, metrics: tuple[str, ...]) -> pd.DataFrame:
@@ -210,7 +314,7 @@ def compute_saved(store, sel: Selection) -> pd.DataFrame:
         sel,
         "SELECT grp, count(*) AS forwards, sum(batch * seq_len) AS tokens,"
         " sum(mean_iterations * batch * seq_len) / sum(batch * seq_len) AS iterations_per_token,"
-        " sum(n_loops * batch * seq_len) / sum(batch * seq_len) AS max_per_token,"
+        " sum(n_loops * batch * seq_len) / sum(batch * seq_len) AS max_per_token, max(n_loops) AS max_n_loops,"
         " 1 - sum(mean_iterations * batch * seq_len) / sum(n_loops * batch * seq_len) AS saved_share"
         " FROM sel GROUP BY grp ORDER BY grp",
     )
@@ -247,16 +351,41 @@ def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataF
     return select(store, sel, f"SELECT f.grp, i.iteration, {cols} {_ITER_JOIN} GROUP BY ALL ORDER BY f.grp, i.iteration")
 
 
-def spectral_over_steps(store, sel: Selection, x: str) -> pd.DataFrame:
-    """Per run and step (or second of wall clock): ρ(Ā), peak state norm and growth, divergences."""
-    xcol = {"step": "f.step", "time": "date_trunc('second', f.start_time)"}[x]
+def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataFrame:
+    """ρ(Ā) and each forward's peak growth ratio per run, over training step or time cut into
+    about `buckets` equal buckets: p10 / p50 / p90 over the forwards in each bucket, their count
+    and time span (`t_lo`, `t_hi`), and where the bucket's forwards lie on x (their mean). A
+    chart then draws a few hundred points per run however many forwards there are."""
+    xcol = {"step": "CAST(f.step AS DOUBLE)", "time": "CAST(epoch_us(f.start_time) AS DOUBLE)"}[x]
+    min_width = 1.0 if x == "step" else 1e6  # a step, a second
     return select(
         store,
         sel,
-        f"SELECT f.run_id, {xcol} AS x, avg({finite('f.rho_A')}) AS rho_A, max({finite('i.state_norm')}) AS state_norm,"
-        f" max({finite('i.growth_ratio')}) AS growth_ratio, count(DISTINCT f.trace_id) AS forwards,"
-        " count(DISTINCT CASE WHEN f.diverged_at >= 0 THEN f.trace_id END) AS diverged"
-        f" {_ITER_JOIN} GROUP BY ALL ORDER BY f.run_id, x",
+        f""", per AS (SELECT f.run_id, {xcol} AS x, f.start_time, {finite('f.rho_A')} AS rho,
+                  max({finite('i.growth_ratio')}) AS growth
+           {_ITER_JOIN} GROUP BY f.forward_id, f.run_id, f.step, f.start_time, f.rho_A),
+        span AS (SELECT min(x) AS lo, greatest((max(x) - min(x)) / ?, ?) AS width FROM per),
+        b AS (SELECT per.*, floor((x - lo) / width) AS bucket FROM per, span)
+        SELECT run_id, bucket, avg(x) AS x, count(*) AS forwards, min(start_time) AS t_lo, max(start_time) AS t_hi,
+          quantile_cont(rho, 0.1) AS rho_p10, quantile_cont(rho, 0.5) AS rho_p50, quantile_cont(rho, 0.9) AS rho_p90,
+          quantile_cont(growth, 0.1) AS growth_p10, quantile_cont(growth, 0.5) AS growth_p50,
+          quantile_cont(growth, 0.9) AS growth_p90
+        FROM b GROUP BY run_id, bucket ORDER BY run_id, bucket""",
+        [buckets, min_width],
+    )
+
+
+def diverged_points(store, sel: Selection, x: str, limit: int = 2000) -> pd.DataFrame:
+    """The diverged forwards (`diverged_at` ≥ 0) as points: x, ρ(Ā), peak growth and what their
+    tooltip names (trace id, model, endpoint). The newest `limit` of them, so the chart stays small."""
+    xcol = {"step": "f.step", "time": "f.start_time"}[x]
+    return select(
+        store,
+        sel,
+        f"SELECT f.trace_id, f.run_id, f.model_id, coalesce(json_extract_string(f.attributes, '$.endpoint'), '–') AS endpoint,"
+        f" {xcol} AS x, {finite('f.rho_A')} AS rho, max({finite('i.growth_ratio')}) AS growth"
+        f" {_ITER_JOIN} WHERE f.diverged_at >= 0 GROUP BY ALL ORDER BY max(f.start_time) DESC LIMIT ?",
+        [limit],
     )
 
 

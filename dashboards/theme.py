@@ -6,13 +6,15 @@ _AXIS = {"gridcolor": "#ebf0f8", "linecolor": "#ebf0f8", "zerolinecolor": "#ebf0
 # per figure in plotly.py (a view draws four), the empty "none" template ~1 ms.
 LAYOUT = {
     "template": "none",
-    "paper_bgcolor": "white",
-    "plot_bgcolor": "white",
+    # Transparent, so that the card behind the chart (light or dark, see CSS) shows through.
+    "paper_bgcolor": "rgba(0,0,0,0)",
+    "plot_bgcolor": "rgba(0,0,0,0)",
     "font": {"color": "#2a3f5f"},
     "colorway": ["#636efa", "#EF553B", "#00cc96", "#ab63fa", "#FFA15A", "#19d3f3", "#FF6692", "#B6E880"],
     "xaxis": _AXIS,
     "yaxis": _AXIS,
     "margin": {"l": 60, "r": 20, "t": 45, "b": 45},
+    "modebar": {"bgcolor": "rgba(128,128,128,0.12)", "color": "#8b949e", "activecolor": "#58a6ff"},  # light and dark
     "height": 340,
 }
 
@@ -26,7 +28,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
 .mp-open { margin-left: auto; display: flex; gap: 6px; flex-shrink: 0; }
 .mp-open .dash-input-container { width: 320px; }
 .mp-open input { width: 100%; font-family: monospace; padding: 4px 6px; }
-.mp-filters { display: grid; grid-template-columns: repeat(6, minmax(140px, 1fr)); gap: 10px; padding: 10px 20px; background: #fff; border-bottom: 1px solid #e5e7eb; }
+.mp-filters { display: grid; grid-template-columns: repeat(7, minmax(120px, 1fr)); gap: 10px; padding: 10px 20px; background: #fff; border-bottom: 1px solid #e5e7eb; }
 .mp-filters label { font-size: 12px; color: #57606a; }
 .mp-page { padding: 12px 20px 40px; }
 .mp-page h2 { font-size: 17px; margin: 6px 0 10px; }
@@ -47,4 +49,26 @@ table.mp-table th, table.mp-table td { border-bottom: 1px solid #eaecef; padding
 table.mp-table th { background: #f3f4f6; }
 table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mp-mono { font-family: monospace; }
+.mp-filters input { width: 100%; box-sizing: border-box; padding: 6px; border: 1px solid #ccc; border-radius: 4px; }
+.mp-controls input { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }
+.mp-csv { margin: 0 0 6px; padding: 4px 10px; font-size: 13px; cursor: pointer; }
+.mp-table-card { margin-bottom: 12px; }
+.mp-card { position: relative; }
+.mp-chart-csv { position: absolute; left: 8px; bottom: 4px; margin: 0; padding: 1px 6px; font-size: 11px; opacity: 0.7; z-index: 2; }
+.mp-table-card .ag-center-cols-viewport { min-height: unset !important; }  /* autoHeight grids: no blank band */
+@media (max-width: 1100px) { .mp-filters { grid-template-columns: repeat(4, minmax(120px, 1fr)); } }
+@media (prefers-color-scheme: dark) {
+  body { background: #0d1117; color: #e6edf3; }
+  .mp-filters, .mp-card, .mp-stat { background: #161b22; border-color: #30363d; }
+  .mp-filters label, .mp-stat span { color: #8b949e; }
+  .mp-info { background: #0c2d6b; border-color: #1f6feb; }
+  .mp-error { background: #3d1214; border-color: #f85149; }
+  .mp-filters input, .mp-controls input, .mp-open input, .mp-csv { background: #0d1117; color: #e6edf3; border-color: #30363d; }
+  a { color: #58a6ff; }
+  /* plotly writes text and grid colours inline; the dark theme overrides them here */
+  .js-plotly-plot .main-svg text { fill: #c9d1d9 !important; }
+  .js-plotly-plot .gridlayer path, .js-plotly-plot .zerolinelayer path { stroke: #30363d !important; }
+  .Select-control, .Select-menu-outer, .dash-dropdown { background: #0d1117 !important; color: #e6edf3 !important; }
+  .mp-filters [class*="placeholder"], .mp-controls [class*="placeholder"], input::placeholder { color: #8b949e !important; }
+}
 """

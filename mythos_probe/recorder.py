@@ -25,7 +25,7 @@ from mythos_probe.loopspec import LoopSpec
 from mythos_probe.spec_adapter import SpecAdapter
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
 from mythos_probe.distributed import Where, job_run_id, where as distributed_where
-from mythos_probe.records import DETAIL_LEVELS, LoopTrace
+from mythos_probe.records import DETAIL_LEVELS, FORWARD_KINDS, LoopTrace
 
 __all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: mythos_probe.loopspec
 
@@ -145,6 +145,7 @@ def attach(
     lens_positions: str | list[int] = "last",
     run_id: Optional[str] = None,
     model_id: Optional[str] = None,
+    kind: Optional[str] = None,
     optimizer: Optional[torch.optim.Optimizer] = None,
     token_text: Optional[Callable[[int], str]] = None,
     on_trace: Iterable[Callable[[LoopTrace], None]] = (),
@@ -161,6 +162,9 @@ def attach(
         the job; else a fresh id. Traces carry the rank family read from `mythos_probe.distributed`.
     optimizer: in training, traces carry its step count (probes run on detached tensors and
         leave gradients bit-identical).
+    kind: the forward kind stored with each trace (`FORWARD_KINDS`); by default "training" for
+        a forward run in training mode with gradients enabled, else "served". Full-depth
+        comparison forwards pass "shadow", so that dashboards can leave them out of served traffic.
     token_text: token id → text, to label positions.
     on_trace: callbacks receiving each trace as soon as it is built (for exporters).
     """
@@ -181,6 +185,8 @@ def attach(
             raise TypeError(f"attribute {key!r} must be str, int, float or bool, got {type(value).__name__}")
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # DDP runs the wrapped module's forward; FSDP2 shards in place
+    if kind is not None and kind not in FORWARD_KINDS:
+        raise ValueError(f"kind must be one of {FORWARD_KINDS} or None (decided per forward), got {kind!r}")
     make_adapter = _adapter_for(model, spec)
 
     steps = {"n": 0}
@@ -193,10 +199,15 @@ def attach(
     run_id = run_id or job_run_id(where) or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     model_id = model_id or _model_id(model)
 
+    def emit(pending: Pending) -> None:
+        # Emitted from the model's forward hook, so the mode and grad state are the forward's own.
+        pending.meta["kind"] = kind or ("training" if model.training and torch.is_grad_enabled() else "served")
+        recorder._add(pending)
+
     def new_collector() -> ForwardCollector:
         return ForwardCollector(
             probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
-            emit=recorder._add, attributes=attributes, run_id=run_id, model_id=model_id,
+            emit=emit, attributes=attributes, run_id=run_id, model_id=model_id,
             step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),
             token_text=token_text,
         )

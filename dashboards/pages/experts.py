@@ -5,6 +5,7 @@ choice changes between successive iterations.
 
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from dash import Output, html
 
@@ -15,7 +16,7 @@ PATH = "/experts"
 TITLE = "Experts"
 
 
-def layout() -> html.Div:
+def layout(_state=None) -> html.Div:
     return html.Div(
         [
             html.H2(TITLE),
@@ -39,9 +40,15 @@ def update(store, sel: queries.Selection, _search):
         note = message("These forwards carry no expert loads (a dense model, or routing probes off).")
     else:
         grid = load.pivot(index="expert", columns="iteration", values="share")  # already aggregated in SQL
-        heat = figure("Share of routed tokens per expert", "iteration", "expert")
-        heat.add_trace(go.Heatmap(z=grid.to_numpy(), x=grid.columns.tolist(), y=grid.index.tolist(),
-                                  colorscale="Blues", colorbar={"title": {"text": "share"}}, name="load share"))
+        # Relative to the balanced share 1/E on a fixed scale centred on 1: a balanced router is
+        # a flat white map, not a checkerboard stretched over the data's own min–max.
+        relative = grid.to_numpy() * len(grid.index)
+        heat = figure("Expert load relative to the balanced share 1/E", "iteration", "expert")
+        heat.add_trace(go.Heatmap(z=relative, x=grid.columns.tolist(), y=grid.index.tolist(), customdata=grid.to_numpy(),
+                                  colorscale="RdBu_r", zmin=0, zmax=max(2.0, float(np.nanmax(relative))), zmid=1,
+                                  colorbar={"title": {"text": "load × E"}}, name="load relative to 1/E",
+                                  hovertemplate="expert %{y}, iteration %{x}<br>load × E %{z:.3f}"
+                                                "<br>share %{customdata:.2%}<extra></extra>"))
         note = ""
     maxvio = lines(figure("MaxVio per iteration", "iteration", "max load / mean − 1"), per_it, "iteration", "expert_max_vio")
     entropy = lines(figure("Routing entropy per iteration", "iteration", "entropy (nats)"), per_it, "iteration", "routing_entropy")
@@ -54,4 +61,4 @@ def register(app, store) -> None:
     outputs = [Output("experts-message", "children"), Output("experts-load", "figure"),
                Output("experts-maxvio", "figure"), Output("experts-entropy", "figure"),
                Output("experts-overlap", "figure")]
-    view_callback(app, store, outputs, [], update)
+    view_callback(app, store, outputs, (), update)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 
-from dash import Input, Output, dcc, html
+from dash import Output, dcc, html
 
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
-    empty_figure, figure, graph, lines, message, no_data, position_heatmap, stat, trace_from_search, view_callback,
+    area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, stat, trace_from_search, view_callback,
+    who,
 )
+from mythos_probe.dashboards.urlstate import control_id
 from mythos_probe.records import POSITION_METRIC_NAMES
 
 PATH = "/forward"
@@ -22,17 +24,18 @@ TITLE = "Forward detail"
 LINE_METRICS = ("rel_residual", "halted_fraction", "lens_top1_agree")
 
 
-def layout() -> html.Div:
+def layout(state: dict | None = None) -> html.Div:
+    state = state or {"metric": "rel_residual", "batch": 0}
     metrics = [{"label": m, "value": m} for m in POSITION_METRIC_NAMES]
     return html.Div(
         [
             html.H2("Forward detail: per-position convergence"),
             html.Div(id="forward-message"),
-            html.Div(id="forward-summary", className="mp-stats"),
+            area("forward-summary", className="mp-stats"),
             html.Div(
                 [
-                    html.Div([html.Label("Metric"), dcc.Dropdown(id="forward-metric", options=metrics, value="rel_residual", clearable=False)]),
-                    html.Div([html.Label("Batch row"), dcc.Dropdown(id="forward-batch", options=[0], value=0, clearable=False)]),
+                    html.Div([html.Label("Metric"), dcc.Dropdown(id=control_id("metric"), options=metrics, value=state["metric"], clearable=False)]),
+                    html.Div([html.Label("Batch row"), dcc.Dropdown(id=control_id("batch"), options=[state["batch"]], value=state["batch"], clearable=False)]),
                 ],
                 className="mp-controls",
             ),
@@ -64,28 +67,30 @@ def update(store, sel: queries.Selection, search, metric, batch_index):
     trace_id = asked or queries.newest_trace(store, sel)
     if trace_id is None:
         empty = empty_figure("Per-position convergence", "")
-        return no_data(store), [], [0], 0, empty, empty
+        return no_data(store), [], [0], empty, empty
     row = queries.forward(store, trace_id)
     if row.empty:
         empty = empty_figure("Per-position convergence", "")
         text = f"No forward with trace id {trace_id!r} in this store."
-        return message(text, "error"), [], [0], 0, empty, empty
+        return message(text, "error"), [], [0], empty, empty
     row = row.iloc[0]
     note = "" if asked else message("Showing the newest forward; open another from the Runs & forwards page.")
     batches = list(range(int(row["batch"])))
-    batch_index = batch_index if batch_index in batches else 0
+    if batch_index not in batches:
+        note = message(f"This forward has batch rows 0–{batches[-1]}; showing row 0.", "error")
+        batch_index = 0
     grid = queries.position_grid(store, trace_id, batch_index, metric)
     if grid.empty:
         heat = empty_figure("Per-position convergence", "This forward was recorded without per-position detail")
     else:
-        heat = position_heatmap(grid, metric, f"{metric} by position and iteration (batch row {batch_index})")
+        heat = position_heatmap(grid, metric, f"{metric} by position and iteration (batch row {batch_index})", who(row))
     per_it = queries.forward_iterations(store, trace_id, LINE_METRICS).melt("iteration", var_name="grp")
     its = lines(figure("Per-iteration summary", "iteration", "value"), per_it, "iteration", "value")
-    return note, summary(row), batches, batch_index, heat, its
+    return note, summary(row), batches, heat, its
 
 
 def register(app, store) -> None:
     outputs = [Output("forward-message", "children"), Output("forward-summary", "children"),
-               Output("forward-batch", "options"), Output("forward-batch", "value"),
+               Output(control_id("batch"), "options"),
                Output("forward-heatmap", "figure"), Output("forward-iterations", "figure")]
-    view_callback(app, store, outputs, [Input("forward-metric", "value"), Input("forward-batch", "value")], update)
+    view_callback(app, store, outputs, ("metric", "batch"), update)

@@ -8,17 +8,19 @@ from __future__ import annotations
 from dash import Output, html
 
 from mythos_probe.dashboards import queries
-from mythos_probe.dashboards.components import bars, empty_figure, figure, graph, lines, no_data, table, view_callback
+from mythos_probe.dashboards.components import area, bars, empty_figure, figure, graph, lines, no_data, table, view_callback
 
 PATH = "/halting"
 TITLE = "Halting"
+SATURATION_FORMATS = {"halted_first_share": "percent", "reached_last_share": "percent", "remainder_mass": "number",
+                      "ponder_cost": "number"}
 SATURATION_COLUMNS = {
     "grp": "group", "halted_first_share": "halted at first iteration", "reached_last_share": "reached last iteration",
     "remainder_mass": "ACT remainder", "ponder_cost": "ponder cost",
 }
 
 
-def layout() -> html.Div:
+def layout(_state=None) -> html.Div:
     return html.Div(
         [
             html.H2(TITLE),
@@ -28,7 +30,7 @@ def layout() -> html.Div:
                 className="mp-grid",
             ),
             html.H2("Saturation per forward"),
-            html.Div(id="halting-saturation-table"),
+            area("halting-saturation-table"),
         ]
     )
 
@@ -39,14 +41,17 @@ def update(store, sel: queries.Selection, _search):
         empty = empty_figure("Halting")
         return no_data(store), empty, empty, empty, empty, ""
     cumulative = lines(figure("Cumulative share of tokens halted", "iteration", "share halted"), df, "iteration", "cumulative_halted")
-    fraction = lines(figure("Halted fraction by iteration (mean per forward)", "iteration", "halted fraction"), df, "iteration", "halted_fraction")
+    # Each point: of a forward's positions, the share that had stopped by the end of that
+    # iteration, averaged over forwards. It rises to 1 at the last iteration by construction.
+    fraction = lines(figure("Share of positions done by each iteration (mean over forwards)", "iteration",
+                            "share of positions done", yaxis={"range": [0, 1.02]}), df, "iteration", "halted_fraction")
     steps = bars(figure("Halt-step histogram", "halting iteration", "tokens"), df, "iteration", "exits")
     low = df.assign(grp=df["grp"] + " · p<0.01")
     high = df.assign(grp=df["grp"] + " · p>0.99")
     saturation = figure("Halting-probability saturation", "iteration", "share of positions")
     lines(saturation, low, "iteration", "halt_low_share", line={"dash": "dot"})
     lines(saturation, high, "iteration", "halt_high_share")
-    sat_table = table(queries.saturation(store, sel), SATURATION_COLUMNS, "halting-saturation-rows", links=())
+    sat_table = table(queries.saturation(store, sel), SATURATION_COLUMNS, "halting-saturation-rows", links=(), formats=SATURATION_FORMATS)
     return "", cumulative, fraction, steps, saturation, sat_table
 
 
@@ -54,4 +59,4 @@ def register(app, store) -> None:
     outputs = [Output("halting-message", "children"), Output("halting-cumulative", "figure"),
                Output("halting-fraction", "figure"), Output("halting-steps", "figure"),
                Output("halting-saturation", "figure"), Output("halting-saturation-table", "children")]
-    view_callback(app, store, outputs, [], update)
+    view_callback(app, store, outputs, (), update)

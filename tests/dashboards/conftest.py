@@ -54,6 +54,31 @@ def store(traces, tmp_path_factory):
     s.close()
 
 
+KINDS = ("served", "served", "shadow", "training")
+
+
+def make_mixed_traces() -> list:
+    """16 forwards a minute apart: every forward kind, two loops, two ranks, two exit policies."""
+    rng = np.random.default_rng(11)
+    traces = []
+    for i in range(16):
+        t = synthetic_trace(rng, run_id=f"run-{i % 2}", step=i, start_ns=BASE_NS + i * MINUTE_NS, n_loops=4 + i % 3,
+                            attributes={"endpoint": ENDPOINTS[i % 2], "user": USERS[i % 3]})
+        traces.append(dataclasses.replace(t, kind=KINDS[i % 4], loop_name="inner" if i % 8 == 0 else "outer",
+                                          rank=i % 2, world_size=2, exit_policy="fixed" if i % 3 == 0 else "act"))
+    return traces
+
+
+@pytest.fixture(scope="session")
+def mixed(tmp_path_factory):
+    """(store, traces) of `make_mixed_traces`."""
+    traces = make_mixed_traces()
+    s = Store(tmp_path_factory.mktemp("mixed") / "mixed.duckdb")
+    s.write_traces(traces)
+    yield s, traces
+    s.close()
+
+
 @pytest.fixture()
 def empty_store(tmp_path):
     s = Store(tmp_path / "empty.duckdb")

@@ -67,10 +67,21 @@ def wait_text(browser, element_id: str, text: str) -> str:
     from selenium.webdriver.support.ui import WebDriverWait
 
     def ready(driver):
-        found = driver.find_elements(By.ID, element_id)
+        found = driver.find_elements(By.XPATH, f"//*[@id='{element_id}']")
         return found[0].text if found and text in found[0].text else False
 
     return WebDriverWait(browser, WAIT_S).until(ready, f"#{element_id} never showed {text!r}")
+
+
+def ctl(key: str) -> str:
+    """The DOM id Dash gives the control of URL key `key` (its dict id, keys sorted)."""
+    return json.dumps({"key": key, "type": "ctl"}, separators=(",", ":"))
+
+
+def by_id(browser, element_id: str):
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.XPATH, f"//*[@id='{element_id}']")
 
 
 def choose(browser, dropdown_id: str, label: str) -> None:
@@ -79,13 +90,35 @@ def choose(browser, dropdown_id: str, label: str) -> None:
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser.find_element(By.ID, dropdown_id).click()
+    by_id(browser, dropdown_id).click()
     option = WebDriverWait(browser, WAIT_S).until(
         lambda d: next((o for o in d.find_elements(By.CSS_SELECTOR, "[role=option]") if o.text == label), False),
         f"{dropdown_id} never offered {label!r}",
     )
     option.click()
     browser.switch_to.active_element.send_keys(Keys.ESCAPE)
+
+
+_GRID_ROWS = """
+const rows = [...document.querySelectorAll('#' + arguments[0] + ' .ag-center-cols-container .ag-row')];
+rows.sort((a, b) => +a.getAttribute('row-index') - +b.getAttribute('row-index'));
+return rows.map(r => [...r.querySelectorAll('.ag-cell')].sort((a, b) => a.getBoundingClientRect().left - b.getBoundingClientRect().left)
+  .map(c => [c.getAttribute('col-id'), c.innerText]));
+"""
+
+
+def grid_rows(browser, container_id: str, count: int | None = None) -> list[dict]:
+    """The rows an ag-grid inside `container_id` shows (column id → text), once it shows any (or,
+    with `count`, exactly that many)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def ready(driver):
+        rows = driver.execute_script(_GRID_ROWS, container_id)
+        if not rows or not all(r and all(text for _, text in r[:1]) for r in rows):
+            return False
+        return [dict(r) for r in rows] if count is None or len(rows) == count else False
+
+    return WebDriverWait(browser, WAIT_S).until(ready, f"grid in #{container_id} never showed {count or 'any'} rows")
 
 
 def screenshot(browser, name: str) -> None:
@@ -120,18 +153,20 @@ def test_runs_page_counts_forwards_and_filters_by_run(browser, site, traces):
     browser.get(site + "/")
     wait_text(browser, "forwards-stats", "forwards")
     assert first_stat(browser) == str(len(traces))
-    runs = browser.find_elements(By.CSS_SELECTOR, "#forwards-runs-table tbody tr")
-    assert sorted(r.text.split()[0] for r in runs) == ["run-a", "run-b", "run-c"]
+    runs = grid_rows(browser, "forwards-runs-table", 3)
+    assert sorted(r["run_id"] for r in runs) == ["run-a", "run-b", "run-c"]
+    grid_rows(browser, "forwards-list", min(len(traces), 50))
     screenshot(browser, "runs")
-    choose(browser, "filters-run", "run-b")
+    choose(browser, ctl("run"), "run-b")
     wanted = [t for t in traces if t.run_id == "run-b"]
     wait_text(browser, "forwards-stats", f"{len(wanted)}\nforwards")
-    rows = browser.find_elements(By.CSS_SELECTOR, "#forwards-list-table tbody tr")
-    assert len(rows) == len(wanted) and all("run-b" in r.text for r in rows)
+    rows = grid_rows(browser, "forwards-list", len(wanted))
+    assert all(r["run_id"] == "run-b" for r in rows)
     newest = max(wanted, key=lambda t: t.start_ns)
-    rows[0].find_element(By.TAG_NAME, "a").click()  # selecting a forward opens its detail
+    assert rows[0]["trace_id"] == newest.trace_id  # newest first
+    browser.find_element(By.CSS_SELECTOR, "#forwards-list .ag-row[row-index='0'] a").click()  # opens its detail
     wait_text(browser, "forward-summary", newest.trace_id)
-    assert browser.current_url.endswith(f"/forward?trace={newest.trace_id}")
+    assert browser.current_url.endswith(f"/forward?run=run-b&trace={newest.trace_id}")
     no_console_errors(browser)
 
 
@@ -162,7 +197,7 @@ def test_forward_heatmap_shows_positions_iterations_and_halting(browser, site, t
     assert heat["y"] == [f"{p} {w}" for p, w in enumerate(t.token_text[0])]
     assert list(marks["x"]) == list(t.position_iterations[0] - 1)
     screenshot(browser, "forward")
-    choose(browser, "forward-batch", "1")
+    choose(browser, ctl("batch"), "1")
     fig = read_graph(browser, "forward-heatmap", "batch row 1")
     np.testing.assert_allclose(fig["data"][0]["z"], np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
     no_console_errors(browser)
@@ -182,7 +217,7 @@ def test_loop_distribution_counts_tokens_and_follows_the_model_filter(browser, s
     assert (list(bar["x"]), list(bar["y"])) == histogram(traces)
     wait_text(browser, "loops-saved", "loop compute saved")
     screenshot(browser, "loops")
-    choose(browser, "filters-model", "mythos-small")
+    choose(browser, ctl("model"), "mythos-small")
     fig = read_graph(browser, "loops-tokens", "per token", changed_from=fig)
     bar = fig["data"][0]
     assert (list(bar["x"]), list(bar["y"])) == histogram([t for t in traces if t.model_id == "mythos-small"])
@@ -206,8 +241,8 @@ def test_spectral_view_marks_the_diverged_forward(browser, site, traces):
     browser.get(site + "/spectral")
     fig = read_graph(browser, "spectral-rho", "ρ(Ā)")
     assert fig["xaxis"] == "step"
-    assert sorted(d["name"] for d in fig["data"]) == ["diverged", "run-a", "run-b", "run-c"]
-    marker = next(d for d in fig["data"] if d["name"] == "diverged")
+    assert sorted({d.get("name") for d in fig["data"] if d.get("name")}) == ["diverged", "run-a", "run-b", "run-c"]
+    marker = next(d for d in fig["data"] if d.get("name") == "diverged")
     assert list(marker["x"]) == [bad.step]
     wait_text(browser, "spectral-divergences", bad.trace_id)
     read_graph(browser, "spectral-growth", "Growth ratio")
@@ -216,12 +251,12 @@ def test_spectral_view_marks_the_diverged_forward(browser, site, traces):
 
 def test_expert_heatmap_shows_load_shares(browser, site, traces):
     browser.get(site + "/experts")
-    fig = read_graph(browser, "experts-load", "per expert")
+    fig = read_graph(browser, "experts-load", "balanced share")
     load = np.zeros((8, 4))
     for t in traces:
         load[: t.iterations] += t.expert_load
     share = (load / load.sum(axis=1, keepdims=True)).T  # expert × iteration
-    np.testing.assert_allclose(fig["data"][0]["z"], share)
+    np.testing.assert_allclose(fig["data"][0]["z"], share * 4)  # relative to 1/E
     assert (fig["xaxis"], fig["yaxis"]) == ("iteration", "expert")
     read_graph(browser, "experts-overlap", "Top-k overlap")
     screenshot(browser, "experts")
@@ -231,7 +266,7 @@ def test_cost_grouped_by_endpoint(browser, site, traces):
     browser.get(site + "/cost")
     before = read_graph(browser, "cost-flops", "FLOPs by group")
     assert [d["name"] for d in before["data"]] == ["all"]
-    choose(browser, "filters-group", "endpoint")
+    choose(browser, ctl("group"), "endpoint")
     fig = read_graph(browser, "cost-flops", "FLOPs by group", changed_from=before)
     by_endpoint = {d["name"]: float(np.asarray(d["y"])[0]) for d in fig["data"]}
     expected = {e: sum(t.forward_metrics["flops"] for t in traces if t.attributes["endpoint"] == e) for e in ("/chat", "/code")}
@@ -255,6 +290,16 @@ def test_lens_page_shows_kl_heatmap_and_the_early_exit_pareto(browser, site, tra
     wait_text(browser, "lens-whatif", "top-1 agreement at exit")
     screenshot(browser, "lens")
     no_console_errors(browser)
+
+
+def test_convergence_compares_two_runs_on_one_scale(browser, site, traces):
+    browser.get(site + "/convergence?group=run&run=run-a&run=run-c")
+    sides = [read_graph(browser, "convergence-a", "run-a"), read_graph(browser, "convergence-b", "run-c")]
+    for fig, run in zip(sides, ("run-a", "run-c")):
+        mine = np.concatenate([t.position_metrics["rel_residual"] for t in traces if t.run_id == run])
+        z = np.asarray(fig["data"][0]["z"], dtype=float)
+        np.testing.assert_allclose(z[:, : mine.shape[-1]], np.log10(mine.mean(axis=0)), rtol=1e-5)
+    screenshot(browser, "convergence")
 
 
 def test_live_mode_shows_forwards_written_after_page_load(browser, empty_store):

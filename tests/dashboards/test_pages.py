@@ -14,7 +14,7 @@ from mythos_probe.dashboards.components import guarded
 from mythos_probe.dashboards.pages import PAGES, forward, forwards, lens
 from mythos_probe.dashboards.queries import Selection
 
-PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",)}
+PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("step",), "lens": ("kl",), "convergence": ("rel_residual",)}
 
 
 def _args(page):
@@ -50,12 +50,14 @@ def test_unknown_trace_id_is_a_message(store):
 def test_forward_heatmap_cells_and_halting_marks(store, traces):
     t = traces[5]
     out = forward.update(store, Selection(), f"?trace={t.trace_id}", "rel_residual", 1)
-    heat = out[4]
+    heat = out[3]
     z = np.array(heat.data[0].z, dtype=float)
     np.testing.assert_allclose(z, np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
     assert list(heat.data[0].y) == [f"{p} {w}" for p, w in enumerate(t.token_text[1])]
     assert list(heat.data[1].x) == list(t.position_iterations[1] - 1)
-    assert out[3] == 1 and out[2] == [0, 1]
+    tooltip = heat.data[0].hovertemplate
+    assert all(s in tooltip for s in (t.trace_id, t.model_id, t.attributes["endpoint"]))
+    assert out[2] == [0, 1]
 
 
 def test_lens_follows_the_selected_forward(store, traces):
@@ -85,9 +87,9 @@ def test_pasted_trace_ids_are_normalized():
     assert href == "/forward?trace=" + "0" * 29 + "abc" and note == ""
 
 
-def test_navigation_keeps_the_selected_forward():
-    hrefs = dashboard_app.nav_hrefs("?trace=" + "a" * 32)
-    assert all(h.endswith("?trace=" + "a" * 32) for h in hrefs)
+def test_navigation_keeps_the_selected_forward_and_filters():
+    hrefs = dashboard_app.nav_hrefs("?kind=all&run=run-a&trace=" + "a" * 32)
+    assert all(h.endswith("?run=run-a&kind=all&trace=" + "a" * 32) for h in hrefs)
     assert dashboard_app.nav_hrefs("") == [p.PATH for p in PAGES]
 
 
@@ -120,3 +122,34 @@ def _repo_root() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[2])
+
+
+def test_convergence_compares_two_time_ranges_on_one_scale(store, traces):
+    import pandas as pd
+
+    from mythos_probe.dashboards.pages import convergence
+
+    out = convergence.update(store, Selection(), "", "rel_residual", "2026-01-01 00:00", "2026-01-01 01:00")
+    early = [t for t in traces if pd.Timestamp(t.start_ns, unit="ns") <= pd.Timestamp("2026-01-01 01:00")]
+    for fig, subset in ((out[1], traces), (out[2], early)):
+        # forwards of 6 and 8 iterations: each cell averages the forwards that reached it
+        padded = [np.pad(t.position_metrics["rel_residual"], ((0, 0), (0, 0), (0, 8 - t.iterations)), constant_values=np.nan)
+                  for t in subset]
+        mean = np.nanmean(np.concatenate(padded), axis=0)
+        np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), np.log10(mean), rtol=1e-5)
+        assert f"over {len(subset)} forwards" in fig.layout.title.text
+    assert (out[1].data[0].zmin, out[1].data[0].zmax) == (out[2].data[0].zmin, out[2].data[0].zmax)
+    bad = convergence.update(store, Selection(), "", "rel_residual", "2026-01-02", "2026-01-01")
+    assert "swap them" in str(bad[0])
+
+
+def test_whatif_target_and_threshold_range(store, traces):
+    out = lens.update(store, Selection(), "", "kl", 0.5, 0.001, 1.0)
+    table_rows = out[4].children[1].children[1].rowData  # the criterion's thresholds, as the grid holds them
+    np.testing.assert_allclose([r["threshold"] for r in table_rows], np.geomspace(0.001, 1.0, lens.RANGE_STEPS))
+    expected = replay.evaluate(traces, {"kl": np.geomspace(0.001, 1.0, lens.RANGE_STEPS)})
+    kl = expected[expected["criterion"] == "kl"]
+    np.testing.assert_allclose([r["agreement"] for r in table_rows], kl["agreement"])
+    assert "target ≥ 50.0%" in str(out[4].children[0])
+    for bad in ((0.5, 1.0, 0.1), (1.5, None, None)):
+        assert "mp-error" in str(lens.update(store, Selection(), "", "kl", *bad)[0])

@@ -83,9 +83,27 @@ def test_iteration_means_skip_undefined_values(store, traces):
 def test_divergences_list_the_diverged_forward(store, traces):
     df = queries.divergences(store, Selection())
     assert df["trace_id"].tolist() == [traces[DIVERGED].trace_id]
-    steps = queries.spectral_over_steps(store, Selection(), "step")
-    bad = steps[steps["diverged"] > 0]
-    assert list(zip(bad["run_id"], bad["x"])) == [(traces[DIVERGED].run_id, traces[DIVERGED].step)]
+    points = queries.diverged_points(store, Selection(), "step")
+    bad = traces[DIVERGED]
+    assert points[["trace_id", "run_id", "x", "endpoint"]].values.tolist() == [
+        [bad.trace_id, bad.run_id, bad.step, bad.attributes["endpoint"]]]
+
+
+def test_spectral_bands_are_quantiles_over_equal_step_buckets(store, traces):
+    bands = queries.spectral_bands(store, Selection(), "step", buckets=2)
+    steps = np.array([t.step for t in traces])
+    width = (steps.max() - steps.min()) / 2
+    for run in ("run-a", "run-b", "run-c"):
+        mine = [t for t in traces if t.run_id == run]
+        bucket = np.floor((np.array([t.step for t in mine]) - steps.min()) / width)
+        rho = np.array([t.forward_metrics["rho_A"] for t in mine])
+        growth = np.array([np.nanmax(t.iteration_metrics["growth_ratio"]) for t in mine])
+        got = bands[bands["run_id"] == run]
+        assert got["bucket"].tolist() == sorted(set(bucket))
+        for q, name in ((0.1, "p10"), (0.5, "p50"), (0.9, "p90")):
+            np.testing.assert_allclose(got[f"rho_{name}"], [np.quantile(rho[bucket == b], q) for b in got["bucket"]])
+            np.testing.assert_allclose(got[f"growth_{name}"], [np.quantile(growth[bucket == b], q) for b in got["bucket"]])
+        assert got["forwards"].tolist() == [int((bucket == b).sum()) for b in got["bucket"]]
 
 
 def test_position_grid_of_one_forward(store, traces):
@@ -104,5 +122,17 @@ def test_non_finite_values_do_not_hide_the_finite_ones(store, traces):
     mine = np.array([t.iteration_metrics["state_norm"] for t in traces if t.run_id == traces[DIVERGED].run_id])
     expected = [col[np.isfinite(col)].mean() for col in mine.T]
     np.testing.assert_allclose(df["state_norm"], expected)
-    steps = queries.spectral_over_steps(store, Selection(), "step")
-    assert np.isfinite(steps["growth_ratio"]).all()  # NaN at t = 0 would otherwise win max()
+    bands = queries.spectral_bands(store, Selection(), "step")
+    assert np.isfinite(bands["growth_p90"]).all()  # NaN at t = 0 would otherwise win max()
+
+
+def test_position_means_average_every_selected_forward_per_group(store, traces):
+    df = queries.position_means(store, Selection(group="model"), "rel_residual")
+    for model in ("mythos-small", "mythos-tiny"):
+        mine = np.concatenate([t.position_metrics["rel_residual"] for t in traces if t.model_id == model])  # (B·n, S, T)
+        got = df[df["grp"] == model].pivot(index="position", columns="iteration", values="value").to_numpy()
+        np.testing.assert_allclose(got, mine.mean(axis=0), rtol=1e-5)
+        used = np.concatenate([t.position_iterations for t in traces if t.model_id == model]).mean(axis=0)
+        np.testing.assert_allclose(df[df["grp"] == model].groupby("position")["used"].first(), used)
+    newest = queries.position_means(store, Selection(), "rel_residual", per_group=3)
+    assert newest["forwards"].max() == 3

@@ -1,0 +1,34 @@
+// "CSV" under a chart: the numbers the chart draws (already aggregated on the server), one row
+// per point — series, x, y (and z for heatmaps) — as a file download. Runs in the browser from
+// the drawn figure, so the file is exactly what the chart shows.
+window.dash_clientside = Object.assign({}, window.dash_clientside, {
+  mp: {
+    chartCsv: function (clicks, id) {
+      if (!clicks) return window.dash_clientside.no_update;
+      var gd = document.querySelector("#" + CSS.escape(id.graph) + " .js-plotly-plot");
+      if (!gd || !gd._fullData) return window.dash_clientside.no_update;
+      var cell = function (v) {
+        var s = v == null ? "" : String(v);
+        return /[",\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
+      };
+      var rows = [["series", "x", "y", "z"]];
+      // _fullData: the traces as drawn, with typed arrays decoded (gd.data keeps them base64)
+      gd._fullData.forEach(function (t, k) {
+        if (t.hoverinfo === "skip") return;  // band edges: their values are in the median's tooltip
+        var name = t.name || "trace " + k;
+        if (t.z) {
+          var z = Array.from(t.z, function (r) { return Array.from(r); });
+          z.forEach(function (row, i) {
+            row.forEach(function (v, j) {
+              rows.push([name, t.x ? t.x[j] : j, t.y ? t.y[i] : i, v]);
+            });
+          });
+        } else if (t.x) {
+          Array.from(t.x).forEach(function (x, i) { rows.push([name, x, t.y ? t.y[i] : "", ""]); });
+        }
+      });
+      var text = rows.map(function (r) { return r.map(cell).join(","); }).join("\n") + "\n";
+      return {content: text, filename: id.graph + ".csv", base64: false};
+    },
+  },
+});
