@@ -20,6 +20,8 @@ probe (`mythos_probe`). With no hook attached the forward does no tensor work be
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -561,11 +563,13 @@ class LoopedTransformer(HookedRootModule):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def _check_inputs(self, input_ids: torch.Tensor, n_loops, start_pos: int, exit: str) -> int:
+    def _check_inputs(self, input_ids: torch.Tensor, n_loops, start_pos: int, exit: str, exit_threshold) -> int:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (0 sequences): give at least one sequence")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids is empty: give at least one token")
         if start_pos < 0 or start_pos + input_ids.shape[1] > self.cfg.max_seq_len:
@@ -576,6 +580,19 @@ class LoopedTransformer(HookedRootModule):
             raise ValueError(f"token ids must lie in [0, vocab_size={self.cfg.vocab_size})")
         if exit not in EXIT_POLICIES:
             raise ValueError(f"exit must be one of {EXIT_POLICIES}, got {exit!r}")
+        if exit_threshold is not None:
+            if exit == "fixed":
+                raise ValueError("exit='fixed' runs every loop and takes no exit_threshold: drop it, or choose "
+                                 "exit='kl' or exit='latent'")
+            if exit == "act":
+                raise ValueError("exit='act' halts at the config's act_threshold and takes no exit_threshold: "
+                                 "drop it, or set it with model.cfg.replace(act_threshold=...)")
+            if isinstance(exit_threshold, bool) or not isinstance(exit_threshold, numbers.Real):
+                raise ValueError(f"exit_threshold must be a number, got {type(exit_threshold).__name__} "
+                                 f"{exit_threshold!r}")
+            if math.isnan(exit_threshold) or exit_threshold < 0:
+                raise ValueError(f"exit_threshold must be a non-negative number (the {exit} criterion stops a "
+                                 f"position below it), got {exit_threshold!r}; default {DEFAULT_EXIT_THRESHOLDS[exit]}")
         n_loops = self.cfg.max_loop_iters if n_loops is None else n_loops
         if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
             raise ValueError(f"n_loops must be a positive integer, got {n_loops!r}")
@@ -618,7 +635,7 @@ class LoopedTransformer(HookedRootModule):
         """Logits (B, T, V). `exit`: "act" (OpenMythos behaviour), "fixed" (exactly n_loops,
         output the last state), "kl" (a position stops when KL between successive coda-lens
         distributions < threshold), "latent" (relative residual < threshold)."""
-        n_loops = self._check_inputs(input_ids, n_loops, start_pos, exit)
+        n_loops = self._check_inputs(input_ids, n_loops, start_pos, exit, exit_threshold)
         threshold = DEFAULT_EXIT_THRESHOLDS.get(exit) if exit_threshold is None else exit_threshold
         T = input_ids.shape[1]
         freqs_cis = self._rope(start_pos, T)
