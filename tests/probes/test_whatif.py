@@ -163,7 +163,8 @@ def test_criteria_without_their_metric_are_left_out_or_refused():
 
 
 def table_of(rows):
-    return pd.DataFrame(rows, columns=whatif.COLUMNS)
+    columns = [c for c in whatif.COLUMNS if c != "flops_saved"]
+    return pd.DataFrame(rows, columns=columns).assign(flops_saved=np.nan)[whatif.COLUMNS]
 
 
 def test_recommend_picks_the_largest_saving_at_the_agreement_floor():
