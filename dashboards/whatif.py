@@ -1,8 +1,10 @@
 """Early-exit what-if in SQL: `mythos_probe.whatif.evaluate` run by DuckDB over the store's
 `positions` table, so that the dashboard replays millions of position rows without loading them.
 
-Same replay, same result: every lens-sampled position (finite `lens_argmax`) exits at the first
-iteration where a criterion fires, else at the forward's last iteration; the criteria, their
+Same replay, same result: every lens-sampled position (finite `lens_argmax`) of a full-depth
+forward (`exit_policy = 'fixed'`, the demo's `kind = 'shadow'` forwards; the served ACT forwards
+are no baseline) exits at the first iteration where a criterion fires, else at the forward's last
+iteration, and FLOPs saved are iterations saved × the loop's share of those forwards' FLOPs; the criteria, their
 default thresholds and the columns come from `mythos_probe.whatif` (numpy and pandas only, no
 torch), and `tests/dashboards/test_whatif_sql.py` holds both equal row for row. A criterion whose
 input metric some sampled position lacks (NULL: the probe did not run) is left out, as there.
@@ -44,7 +46,7 @@ _ROWS = f"""
     abs(CAST(p.lens_entropy AS DOUBLE) - lag(CAST(p.lens_entropy AS DOUBLE)) OVER w) AS entropy_change,
     p.iteration = 0 OR p.lens_argmax <> lag(p.lens_argmax) OVER w AS changed
   FROM positions p JOIN sel f USING (forward_id)
-  WHERE isfinite(p.lens_argmax)
+  WHERE isfinite(p.lens_argmax) AND f.exit_policy = 'fixed'
   WINDOW w AS (PARTITION BY p.forward_id, p.batch_index, p.position ORDER BY p.iteration)),
 runs AS (SELECT *, iteration - max(CASE WHEN changed THEN iteration END) OVER (w ROWS UNBOUNDED PRECEDING) AS run
   FROM lens WINDOW w AS (PARTITION BY forward_id, batch_index, position ORDER BY iteration)),
@@ -56,12 +58,16 @@ th AS (SELECT unnest(CAST(? AS VARCHAR[])) AS criterion, unnest(CAST(? AS INTEGE
               unnest(CAST(? AS DOUBLE[])) AS threshold),
 avail AS (SELECT {", ".join(f'bool_and("{col}" IS NOT NULL) AS "{c}"' for c, col in INPUTS.items())} FROM lens),
 ok AS (UNPIVOT avail ON COLUMNS(*) INTO NAME criterion VALUE available),
-total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0)
+total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0),
+share AS (SELECT CASE WHEN count(*) = count(f.loop_flops) AND count(*) = count(f.flops)
+                 THEN sum(f.loop_flops) / sum(f.flops) ELSE 'nan' END AS s
+  FROM sel f WHERE f.forward_id IN (SELECT forward_id FROM lens))
 SELECT th.criterion, th.threshold, avg(e.iteration + 1) AS mean_iterations,
-  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved, avg(e.agree) AS agreement,
+  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved,
+  (1 - sum(e.iteration + 1) / any_value(total.n)) * any_value(share.s) AS flops_saved, avg(e.agree) AS agreement,
   count(*) AS positions
 FROM th JOIN ok USING (criterion) JOIN exits e ON e.criterion = th.criterion
-  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total
+  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total CROSS JOIN share
 WHERE ok.available
 GROUP BY th.criterion, th.k, th.threshold ORDER BY list_position(?, th.criterion), th.k
 """
@@ -93,9 +99,9 @@ _SQL = _sql()
 
 
 def evaluate(store, sel: Selection, thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
-    """`mythos_probe.whatif.evaluate` over the selected forwards' stored positions: one row per
-    (criterion, threshold) with mean_iterations, iterations_saved, agreement and positions;
-    empty when no selected forward has per-position lens metrics."""
+    """`mythos_probe.whatif.evaluate` over the selected full-depth forwards' stored positions: one
+    row per (criterion, threshold) with mean_iterations, iterations_saved, flops_saved, agreement
+    and positions; empty when no selected full-depth forward has per-position lens metrics."""
     chosen = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     unknown = sorted(set(chosen) - set(CRITERIA))
     if unknown:

@@ -2,6 +2,7 @@
 example, with a plain-loop replay on random traces, and with the coda lens recomputed from a
 cached forward of a tiny LoopedTransformer."""
 
+import dataclasses
 import math
 import secrets
 
@@ -229,3 +230,53 @@ def test_end_to_end_kl_exit_matches_the_coda_lens_of_a_cached_forward():
     full = whatif.evaluate(rec.traces)
     assert set(full["criterion"]) == set(whatif.CRITERIA)
     assert full["iterations_saved"].between(0, 1).all() and full["agreement"].between(0, 1).all()
+
+
+def test_forwards_that_stopped_early_are_no_baseline():
+    trace = hand_trace()
+    served = dataclasses.replace(trace, exit_policy="act", span_id="f" * 16)
+    with pytest.raises(ValueError, match="exit='fixed'.*kind='shadow'"):
+        whatif.evaluate([served])
+    pd.testing.assert_frame_equal(whatif.evaluate([trace, served]), whatif.evaluate([trace]))
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_verify_reports_what_a_hand_run_policy_measures(policy):
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+    from mythos_probe.model.variants import forward_flops
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
+    threshold = {"latent": 0.2, "kl": 1e-3}[policy]
+    model.recurrent.compact_below = 2.0  # compact at every iteration after the first, however many run
+    report = whatif.verify(model, ids, policy, threshold, n_loops=6, repeats=1)
+    with torch.no_grad():  # by hand: the policy's exits, its output and the full-depth output
+        _, cache = model.run_with_cache(ids, n_loops=6, exit=policy, exit_threshold=threshold)
+        halted = cache.stack("recurrent.hook_halted")
+        out = model(ids, n_loops=6, exit=policy, exit_threshold=threshold)
+        full = model(ids, n_loops=6, exit="fixed")
+    used = [next((t + 1 for t in range(halted.shape[0]) if halted[t, b, p]), halted.shape[0])
+            for b in range(3) for p in range(10)]
+    assert report["iterations_saved"] == pytest.approx(1 - sum(used) / (30 * 6))
+    assert 0 < report["iterations_saved"] < 1  # the threshold splits the positions
+    assert report["agreement"] == pytest.approx((out.argmax(-1) == full.argmax(-1)).float().mean().item())
+    # compacted: the loop ran exactly the rows still running at each iteration
+    running = 30 + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
+    expected = 1 - forward_flops(model.cfg, 3, 10, running) / forward_flops(model.cfg, 3, 10, 30 * 6)
+    assert report["flops_saved"] == pytest.approx(expected)
+    assert report["predicted_iterations_saved"] == pytest.approx(report["iterations_saved"], abs=0.15)
+    assert report["time_fixed_s"] > 0 and report["time_policy_s"] > 0
+
+
+def test_verify_refuses_what_the_model_cannot_run():
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        whatif.verify(model, ids, "entropy", 0.1)
+    with pytest.raises(ValueError, match="act_threshold"):
+        whatif.verify(model, ids, "act", 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        whatif.verify(model, ids, "kl", -1.0)
