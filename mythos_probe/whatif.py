@@ -224,6 +224,17 @@ def recommend(table: pd.DataFrame, min_agreement: float = 0.99) -> pd.Series:
     return ok.sort_values(["iterations_saved", "agreement"], ascending=False, kind="stable").iloc[0]
 
 
+def describe(best: pd.Series) -> str:
+    """The one sentence the demo, the dashboard and the notebooks print for a `recommend`ed row,
+    naming the baseline it was measured against."""
+    flops = "" if np.isnan(best["flops_saved"]) else f" ({best['flops_saved']:.1%} of the forward's FLOPs)"
+    return (
+        f"exit on {best['criterion']} at threshold {best['threshold']:.3g}: saves {best['iterations_saved']:.1%} "
+        f"of loop iterations{flops} and keeps the full-depth prediction on {best['agreement']:.1%} of "
+        f"{int(best['positions']):,} positions (baseline: full-depth shadow forwards, exit='fixed')"
+    )
+
+
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     """Rows no other row beats on both iterations_saved and agreement, by increasing saving."""
     ranked = table.sort_values(["iterations_saved", "agreement"], ascending=[False, False], kind="stable")

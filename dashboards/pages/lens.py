@@ -21,10 +21,12 @@ PATH = "/lens"
 TITLE = "Coda lens & early exit"
 MIN_AGREEMENT = 0.99
 WHATIF_COLUMNS = {"threshold": "threshold", "mean_iterations": "iterations at exit",
-                  "iterations_saved": "iterations saved", "agreement": "top-1 agreement at exit",
+                  "iterations_saved": "iterations saved", "flops_saved": "FLOPs saved",
+                  "agreement": "top-1 agreement at exit",
                   "positions": "positions"}
-NO_POSITIONS = ("No per-position lens metrics in the selected forwards: the what-if replays positions the coda "
-                "lens sampled. Record with attach(model, probes=[..., 'lens'], detail='positions').")
+NO_POSITIONS = ("No per-position lens metrics in the selected full-depth forwards: the what-if replays positions "
+                "the coda lens sampled in forwards run with exit='fixed' (shadow runs beside the served ones). "
+                "Record with attach(model, probes=[..., 'lens'], detail='positions').")
 
 
 def layout() -> html.Div:
@@ -48,11 +50,7 @@ def recommendation(exits) -> html.Div | str:
         best = replay.recommend(exits, MIN_AGREEMENT)
     except ValueError as exc:
         return message(str(exc))
-    return message(
-        f"Recommended: exit on {best['criterion']} at threshold {best['threshold']:.3g}. It saves "
-        f"{best['iterations_saved']:.1%} of the loop iterations and keeps the full-depth prediction on "
-        f"{best['agreement']:.1%} of {int(best['positions']):,} positions (≥ {MIN_AGREEMENT:.0%})."
-    )
+    return message(f"Recommended at ≥ {MIN_AGREEMENT:.0%} agreement: {replay.describe(best)}.")
 
 
 def pareto(exits):
