@@ -230,8 +230,10 @@ class MoEFFN(nn.Module):
         counts = torch.bincount(slots, minlength=self.n_experts).tolist()
         chunks = flat[order // self.topk].split(counts)  # tokens grouped by expert
         outs = [expert(chunk) for expert, chunk, n in zip(self.routed_experts, chunks, counts) if n]
-        weighted = torch.empty(slots.numel(), D, dtype=flat.dtype, device=flat.device)
-        weighted[order] = torch.cat(outs) * gates.reshape(-1, 1)[order]
+        expert_out = torch.cat(outs) * gates.reshape(-1, 1)[order]
+        # the experts' dtype, not the input's: under autocast they compute in bf16 from fp32 inputs
+        weighted = torch.empty(slots.numel(), D, dtype=expert_out.dtype, device=flat.device)
+        weighted[order] = expert_out
         routed = self.hook_routed_out(weighted.view(-1, self.topk, D).sum(dim=1))  # (N, D)
         out = routed
         if self.n_shared:
@@ -306,12 +308,13 @@ class ACTHalting(nn.Module):
 
 def loop_index_embeddings(n_loops: int, loop_dim: int, dim: int, device, dtype, theta: float = 10000.0):
     """(n_loops, dim): sinusoidal loop-index signal on the first loop_dim channels, all loops at
-    once (OpenMythos recomputes it every iteration; the values are the same)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=dtype) / loop_dim))
-    angles = torch.arange(n_loops, device=device, dtype=dtype)[:, None] * freqs  # (n, loop_dim/2)
-    emb = torch.zeros(n_loops, dim, device=device, dtype=dtype)
+    once (OpenMythos recomputes it every iteration; the values are the same). Computed in float32
+    and cast: in bf16 the angles themselves would round (steps of 1/16 near loop 16)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, loop_dim, 2, device=device, dtype=torch.float32) / loop_dim))
+    angles = torch.arange(n_loops, device=device, dtype=torch.float32)[:, None] * freqs  # (n, loop_dim/2)
+    emb = torch.zeros(n_loops, dim, device=device, dtype=torch.float32)
     emb[:, :loop_dim] = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, :loop_dim]
-    return emb
+    return emb.to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,6 +560,18 @@ class LoopedTransformer(HookedRootModule):
         self._init_weights()
         self.setup()  # TransformerLens: names every HookPoint after its module path
 
+    def _apply(self, fn, recurse=True):
+        # The RoPE tables stay complex64 on the model's device: a dtype cast such as
+        # model.to(torch.bfloat16) would drop their imaginary part (torch casts complex buffers too).
+        tables = {name: self._buffers.pop(name) for name in ("freqs_cis", "freqs_cis_mla")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.embed.weight.device
+            for name, table in tables.items():
+                self._buffers[name] = table.to(device)
+        return self
+
     def _init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -721,9 +736,7 @@ class LoopedTransformer(HookedRootModule):
         if not hasattr(om_model, "cfg") or not hasattr(om_model, "recurrent"):
             raise TypeError("from_open_mythos expects an open_mythos.main.OpenMythos model")
         ref = next(om_model.parameters())
-        model = cls(LoopedConfig.from_mythos_config(om_model.cfg)).to(ref.device)
-        for p in model.parameters():  # not Module.to(dtype): it would cast the complex RoPE tables
-            p.data = p.data.to(ref.dtype)
+        model = cls(LoopedConfig.from_mythos_config(om_model.cfg)).to(ref.device, ref.dtype)  # RoPE tables stay complex
         model.load_state_dict(om_model.state_dict())
         return model.train(om_model.training)
 
