@@ -49,12 +49,13 @@ def test_bf16_model_and_autocast_stay_near_float32(models, run):
         assert torch.isfinite(m16(ids, n_loops=4, **run).float()).all()
 
 
-def test_probes_record_finite_metrics_on_a_bf16_model(models):
-    _, m16 = models
+def test_probes_record_finite_metrics_on_a_bf16_model():
+    torch.manual_seed(0)
+    m16 = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval().to(torch.bfloat16)
     with torch.no_grad(), mythos_probe.attach(m16, probes=PROBES, detail="positions", lens_positions="all") as rec:
-        for run in RUNS:
-            m16(ids, n_loops=4, **run)
-    assert len(rec.traces) == len(RUNS)
+        m16(ids, n_loops=3, exit="fixed")
+        m16(ids, n_loops=3, exit="kl", exit_threshold=1e-3)
+    assert len(rec.traces) == 2
     for trace in rec.traces:
         for name in ("rel_residual", "state_norm", "cum_halt", "expert_cv", "lens_kl_final", "lora_rel_norm"):
             assert np.isfinite(trace.iteration_metrics[name]).all(), name
