@@ -52,7 +52,8 @@ def test_bf16_model_and_autocast_stay_near_float32(models, run):
 def test_probes_record_finite_metrics_on_a_bf16_model():
     torch.manual_seed(0)
     m16 = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval().to(torch.bfloat16)
-    with torch.no_grad(), mythos_probe.attach(m16, probes=PROBES, detail="positions", lens_positions="all") as rec:
+    probes = [p for p in PROBES if p != "jacobian"]  # opt-in, and seconds of bf16 autograd on a CPU
+    with torch.no_grad(), mythos_probe.attach(m16, probes=probes, detail="positions", lens_positions="all") as rec:
         m16(ids, n_loops=3, exit="fixed")
         m16(ids, n_loops=3, exit="kl", exit_threshold=1e-3)
     assert len(rec.traces) == 2
