@@ -357,6 +357,7 @@ class RecurrentBlock(nn.Module):
         self.loop_dim = cfg.loop_dim
         self.compact_below = self.COMPACT_BELOW
         self.row_iterations = 0  # rows that ran the block's FFN, summed over the last forward's iterations
+        self.lens_rows = 0  # kl: rows the coda lens read out (coda queries + head), summed likewise
         c = self.clock
         self.hook_state_in = LoopHookPoint(c)  # (B, T, D) h entering iteration t
         self.hook_block_out = LoopHookPoint(c)  # (B, T, D) transformer block output
@@ -385,7 +386,7 @@ class RecurrentBlock(nn.Module):
             exit != "fixed" and self.compact_below > 0 and not torch.is_grad_enabled() and not self.training
             and (exit != "act" or kv_cache is None) and not self._hooked()
         )
-        self.row_iterations = 0
+        self.row_iterations = self.lens_rows = 0
         t = 0
         try:
             for t in range(n_loops):
@@ -444,6 +445,7 @@ class RecurrentBlock(nn.Module):
             halted = halted | (residual < threshold)
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
+            self.lens_rows += h.shape[0] * h.shape[1]
             if s.prev_logp is not None:
                 kl = (logp.exp() * (logp - s.prev_logp)).sum(-1)
                 halted = halted | (kl < threshold)
@@ -502,7 +504,9 @@ class RecurrentBlock(nn.Module):
         if exit == "latent":
             stop = (h_new - h_act).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-12) < threshold
         else:
-            logp = lens(s.h, q_index, live)[keep]  # (Na, V)
+            logp = lens(s.h, q_index, live)  # (Bl, Tq, V)
+            self.lens_rows += logp.shape[0] * logp.shape[1]
+            logp = logp[keep]  # (Na, V)
             V = logp.shape[-1]
             if s.prev_logp is None:
                 stop = torch.zeros_like(idx, dtype=torch.bool)
@@ -665,6 +669,7 @@ class LoopedTransformer(HookedRootModule):
         x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
         self.last_forward["iterations"] = iterations
         self.last_forward["row_iterations"] = self.recurrent.row_iterations  # rows that ran the FFN, Σ over iterations
+        self.last_forward["lens_rows"] = self.recurrent.lens_rows  # kl: rows the coda lens read out
         x = self.hook_coda_in(x)
         for i, layer in enumerate(self.coda):
             x = layer(x, freqs_cis, causal, kv_cache, f"coda_{i}")

@@ -293,7 +293,8 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     Returns predicted_{iterations_saved, flops_saved, agreement} from a probed full-depth forward
     (coda lens on every position) and the measured iterations_saved (positions × iterations,
     from the policy's exits), flops_saved (executed: the rows the loop really ran, the model's
-    `row_iterations`), time_saved, agreement (output argmax equal to full depth's, every position),
+    `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`; the replay's
+    prediction counts the loop only), time_saved, agreement (output argmax equal to full depth's, every position),
     with time_fixed_s and time_policy_s, and cpu_time_saved.
     """
     import time
@@ -302,7 +303,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
 
     from mythos_probe import attach
     from mythos_probe.model.looped import LoopedTransformer
-    from mythos_probe.model.variants import forward_flops
+    from mythos_probe.model.variants import forward_flops, lens_flops_per_row
 
     if not isinstance(model, LoopedTransformer):
         raise TypeError(f"verify runs exit policies of a mythos_probe.model.LoopedTransformer, got {type(model).__name__}")
@@ -338,10 +339,11 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
         fixed_times, policy_times = [], []
         for _ in range(repeats):
             policy_times.append(timed(run))
-            rows = model.last_forward["row_iterations"]
+            rows, lens_rows = model.last_forward["row_iterations"], model.last_forward["lens_rows"]
             fixed_times.append(timed(dict(n_loops=n_loops, exit=BASELINE)))
     out, full = policy_times[-1][2], fixed_times[-1][2]
-    executed = forward_flops(model.cfg, B, T, rows)
+    # kl also reads the coda lens out on the running positions every iteration: executed too
+    executed = forward_flops(model.cfg, B, T, rows) + lens_rows * lens_flops_per_row(model.cfg, T)
     full_flops = forward_flops(model.cfg, B, T, B * T * n_loops)
     t_fixed, t_policy = min(t[0] for t in fixed_times), min(t[0] for t in policy_times)
     cpu_fixed, cpu_policy = min(t[1] for t in fixed_times), min(t[1] for t in policy_times)
