@@ -2,8 +2,8 @@
 `positions` table, so that the dashboard replays millions of position rows without loading them.
 
 Same replay, same result: every lens-sampled position (finite `lens_argmax`) of a full-depth
-forward (`exit_policy = 'fixed'`, the demo's `kind = 'shadow'` forwards; the served ACT forwards
-are no baseline) exits at the first iteration where a criterion fires, else at the forward's last
+forward (`exit_policy = 'fixed'`, the demo's `kind = 'shadow'` forwards; when the selection has
+none, the served ones, and the `baseline` column says "served") exits at the first iteration where a criterion fires, else at the forward's last
 iteration, and FLOPs saved are iterations saved × the loop's share of those forwards' FLOPs; the criteria, their
 default thresholds and the columns come from `mythos_probe.whatif` (numpy and pandas only, no
 torch), and `tests/dashboards/test_whatif_sql.py` holds both equal row for row. A criterion whose
@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from mythos_probe.dashboards.queries import Selection, select
-from mythos_probe.whatif import INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
+from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
 
 # Score per criterion, over the `steps` rows below, and whether it fires below τ or at/above it.
 # NaN scores never fire (DuckDB orders NaN above every number, so they become NULL first).
@@ -41,12 +41,14 @@ _SCORES = {
 }
 
 _ROWS = f"""
-, lens AS (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
+, baseline AS (SELECT count(*) > 0 AS has_full FROM positions p JOIN sel f USING (forward_id)
+  WHERE f.exit_policy = 'fixed' AND isfinite(p.lens_argmax)),
+lens AS (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
     p.lens_top1_agree AS agree, {", ".join(f'p."{col}"' for col in sorted(set(INPUTS.values())))},
     abs(CAST(p.lens_entropy AS DOUBLE) - lag(CAST(p.lens_entropy AS DOUBLE)) OVER w) AS entropy_change,
     p.iteration = 0 OR p.lens_argmax <> lag(p.lens_argmax) OVER w AS changed
   FROM positions p JOIN sel f USING (forward_id)
-  WHERE isfinite(p.lens_argmax) AND f.exit_policy = 'fixed'
+  WHERE isfinite(p.lens_argmax) AND (f.exit_policy = 'fixed' OR NOT (SELECT has_full FROM baseline))
   WINDOW w AS (PARTITION BY p.forward_id, p.batch_index, p.position ORDER BY p.iteration)),
 runs AS (SELECT *, iteration - max(CASE WHEN changed THEN iteration END) OVER (w ROWS UNBOUNDED PRECEDING) AS run
   FROM lens WINDOW w AS (PARTITION BY forward_id, batch_index, position ORDER BY iteration)),
@@ -65,9 +67,10 @@ share AS (SELECT CASE WHEN count(*) = count(f.loop_flops) AND count(*) = count(f
 SELECT th.criterion, th.threshold, avg(e.iteration + 1) AS mean_iterations,
   1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved,
   (1 - sum(e.iteration + 1) / any_value(total.n)) * any_value(share.s) AS flops_saved, avg(e.agree) AS agreement,
-  count(*) AS positions
+  count(*) AS positions,
+  CASE WHEN any_value(baseline.has_full) THEN '{BASELINES[0]}' ELSE '{BASELINES[1]}' END AS baseline
 FROM th JOIN ok USING (criterion) JOIN exits e ON e.criterion = th.criterion
-  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total CROSS JOIN share
+  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total CROSS JOIN share CROSS JOIN baseline
 WHERE ok.available
 GROUP BY th.criterion, th.k, th.threshold ORDER BY list_position(?, th.criterion), th.k
 """

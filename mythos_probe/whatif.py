@@ -21,8 +21,10 @@ the lens metrics and are left out. Criteria, each evaluated over a range of thre
   consistency; the "patience" criterion of Zhou et al. 2020, "BERT Loses Patience").
 
 The baseline is a full-depth forward, `exit="fixed"` (the demo runs one beside each served
-request and tags it `kind="shadow"`): only those are replayed, since a forward that stopped early
-(ACT) would make "agreement with full depth" mean agreement with itself. A criterion that never
+request and tags it `kind="shadow"`): when any is given, only those are replayed, since a forward
+that stopped early (ACT) makes "agreement with full depth" mean agreement with its own, shallower
+output. Without one, the served forwards are replayed with a warning and every row says so in its
+`baseline` column ("served", not "full depth"). A criterion that never
 fires exits at the last executed iteration. Per position: exit iteration t_exit, iterations used
 t_exit + 1, and agreement = `lens_top1_agree[t_exit]` (the lens argmax at the exit iteration equals
 the full-depth output argmax). Iterations saved are relative to running every iteration the
@@ -43,6 +45,8 @@ pandas only at import (`verify` imports torch when called).
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -66,9 +70,16 @@ INPUTS = {
 }
 _LENS = ("lens_argmax", "lens_top1_agree")
 
-COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "flops_saved", "agreement", "positions"]
+COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "flops_saved", "agreement", "positions",
+           "baseline"]
 
-BASELINE = "fixed"  # the exit policy of a full-depth forward, the only one the replay compares against
+BASELINE = "fixed"  # the exit policy of a full-depth forward, the baseline the replay compares against
+BASELINES = ("full depth", "served")  # the `baseline` column: full-depth forwards, or (none given) the served ones
+NO_FULL_DEPTH = (
+    "no full-depth forward (exit='fixed') among the traces: agreement is measured against the served forwards' own "
+    "outputs, not full depth. Run a shadow forward at full depth beside each served one, e.g. model(ids, "
+    "exit='fixed'), tagged kind='shadow'"
+)
 
 # The model's exit policies and the replay criterion each one runs.
 POLICY_CRITERIA = {"act": "act", "kl": "kl", "latent": "rel_residual"}
@@ -81,13 +92,6 @@ class _Positions:
     def __init__(self, traces: Sequence[LoopTrace]) -> None:
         if not traces:
             raise ValueError("no traces: record forwards with attach(model, probes=[..., 'lens'], detail='positions')")
-        traces = [t for t in traces if t.exit_policy == BASELINE]
-        if not traces:
-            raise ValueError(
-                "no full-depth forward among these traces: the what-if compares against forwards run with "
-                "exit='fixed' (run one beside each served forward, e.g. model(ids, exit='fixed'), and tag its "
-                "trace kind='shadow'); an ACT forward that stopped early is no full-depth baseline"
-            )
         for t in traces:
             if t.detail != "positions" or any(m not in t.position_metrics for m in _LENS):
                 raise ValueError(
@@ -96,6 +100,12 @@ class _Positions:
                     f"trace {t.span_id} has detail={t.detail!r} and position metrics "
                     f"{sorted(t.position_metrics)}"
                 )
+        full = [t for t in traces if t.exit_policy == BASELINE and np.isfinite(t.position_metrics["lens_argmax"]).any()]
+        self.baseline = BASELINES[0] if full else BASELINES[1]
+        if full:
+            traces = full
+        else:
+            warnings.warn(NO_FULL_DEPTH, stacklevel=3)
         self.available = tuple(c for c in CRITERIA if all(INPUTS[c] in t.position_metrics for t in traces))
         width = max(t.iterations for t in traces)
         names = sorted({INPUTS[c] for c in self.available} | {"lens_top1_agree"})
@@ -164,9 +174,10 @@ def _thresholds(criteria: Iterable[str], thresholds: Mapping[str, Iterable[float
 
 def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
     """One row per (criterion, threshold) over the full-depth (`exit="fixed"`) traces, the others
-    left out: mean_iterations used per position, iterations_saved (share of the executed
+    left out (none given: all, with a warning; see `baseline`): mean_iterations used per position, iterations_saved (share of the executed
     iterations, summed over positions), flops_saved (share of the forwards' FLOPs), agreement
-    (share of positions whose prediction at exit equals the full-depth one), positions replayed.
+    (share of positions whose prediction at exit equals the baseline's), positions replayed and
+    baseline ("full depth", or "served" when no full-depth forward was given).
 
     thresholds: criterion → values (for `argmax_stable`, k); default `DEFAULT_THRESHOLDS`.
     Criteria whose input metric was not recorded (`act` needs the "halting" probe, `rel_residual`
@@ -189,7 +200,7 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
         rows.append(pd.DataFrame({
             "criterion": criterion, "threshold": th, "mean_iterations": used.mean(-1),
             "iterations_saved": saved, "flops_saved": saved * pos.loop_share,
-            "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1],
+            "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1], "baseline": pos.baseline,
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
 
@@ -230,9 +241,15 @@ def describe(best: pd.Series) -> str:
     flops = "" if np.isnan(best["flops_saved"]) else f" ({best['flops_saved']:.1%} of the forward's FLOPs)"
     return (
         f"exit on {best['criterion']} at threshold {best['threshold']:.3g}: saves {best['iterations_saved']:.1%} "
-        f"of loop iterations{flops} and keeps the full-depth prediction on {best['agreement']:.1%} of "
-        f"{int(best['positions']):,} positions (baseline: full-depth shadow forwards, exit='fixed')"
+        f"of loop iterations{flops} and keeps the baseline's prediction on {best['agreement']:.1%} of "
+        f"{int(best['positions']):,} positions ({_BASELINE_TEXT[best['baseline']]})"
     )
+
+
+_BASELINE_TEXT = {
+    "full depth": "baseline: full-depth shadow forwards, exit='fixed'",
+    "served": "baseline: the served forwards' own outputs, NOT full depth: record exit='fixed' shadow forwards",
+}
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:

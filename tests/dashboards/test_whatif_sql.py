@@ -87,6 +87,16 @@ def test_sql_table_equals_the_replay_over_traces(tmp_path):
     np.testing.assert_allclose(want["flops_saved"], want["iterations_saved"] * share, rtol=1e-12)
 
 
+def test_without_full_depth_forwards_both_replay_the_served_ones_and_say_so(tmp_path):
+    served = [lens_trace(seed, 4, exit_policy="act") for seed in range(3)]
+    with stored(tmp_path, served) as store:
+        got = whatif.evaluate(store, Selection())
+    with pytest.warns(UserWarning, match="no full-depth forward"):
+        want = replay.evaluate(served)
+    assert (got["baseline"] == "served").all()
+    assert_same_table(got, want)
+
+
 def test_flops_saved_is_nan_when_a_forward_lacks_the_cost_probe(tmp_path):
     traces = [lens_trace(0, 5), lens_trace(1, 6, flops=False)]
     with stored(tmp_path, traces) as store:

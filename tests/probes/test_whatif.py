@@ -164,8 +164,8 @@ def test_criteria_without_their_metric_are_left_out_or_refused():
 
 
 def table_of(rows):
-    columns = [c for c in whatif.COLUMNS if c != "flops_saved"]
-    return pd.DataFrame(rows, columns=columns).assign(flops_saved=np.nan)[whatif.COLUMNS]
+    columns = [c for c in whatif.COLUMNS if c not in ("flops_saved", "baseline")]
+    return pd.DataFrame(rows, columns=columns).assign(flops_saved=np.nan, baseline="full depth")[whatif.COLUMNS]
 
 
 def test_recommend_picks_the_largest_saving_at_the_agreement_floor():
@@ -235,9 +235,14 @@ def test_end_to_end_kl_exit_matches_the_coda_lens_of_a_cached_forward():
 def test_forwards_that_stopped_early_are_no_baseline():
     trace = hand_trace()
     served = dataclasses.replace(trace, exit_policy="act", span_id="f" * 16)
-    with pytest.raises(ValueError, match="exit='fixed'.*kind='shadow'"):
-        whatif.evaluate([served])
-    pd.testing.assert_frame_equal(whatif.evaluate([trace, served]), whatif.evaluate([trace]))
+    both = whatif.evaluate([trace, served])  # the full-depth forward only
+    pd.testing.assert_frame_equal(both, whatif.evaluate([trace]))
+    assert (both["baseline"] == "full depth").all()
+    assert "baseline: full-depth shadow forwards" in whatif.describe(both.iloc[0])
+    with pytest.warns(UserWarning, match="no full-depth forward.*kind='shadow'"):
+        alone = whatif.evaluate([served])  # none given: the served forwards, and every row says so
+    assert (alone["baseline"] == "served").all()
+    assert "NOT full depth" in whatif.describe(alone.iloc[0])
 
 
 @pytest.mark.parametrize("policy", ["latent", "kl"])
