@@ -329,7 +329,8 @@ class RecurrentBlock(nn.Module):
     - `kl` / `latent`: an exited position is frozen, so it only needs its keys and values (the
       others attend to it, and a KV cache stores them): its Q projection, attention, MoE, shared
       experts, LoRA, halting head and lens are skipped. A sequence with no running position
-      leaves the iteration (in decode: a batch row whose token exited).
+      leaves the iteration (in decode: a batch row whose token exited). The halting head, read
+      only by hooks under these policies, is not run at all.
     - `act`: a halted position keeps updating (OpenMythos: its state still feeds the others'
       attention and the cache), so only a sequence whose every position halted can leave, and only
       without a KV cache (a cache needs every later loop depth of every row).
@@ -480,8 +481,10 @@ class RecurrentBlock(nn.Module):
         if q_index is not None and q_index.numel() == T:
             q_index = None
         # with a cache every row writes its keys and values; without one only live rows need them
-        rows = live if kv_cache is not None else None
-        h_kv, e_kv = (s.h, e) if rows is not None else (s.h[live], e[live])
+        # (no gathers at all when every sequence is live)
+        rows = live if kv_cache is not None and live.numel() < B else None
+        every = kv_cache is not None or live.numel() == B
+        h_kv, e_kv = (s.h, e) if every else (s.h[live], e[live])
         combined = self.norm(h_kv + emb + e_kv)
         blk = self.block
         attn = blk.attn(blk.attn_norm(combined), freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", q_index, rows)
@@ -499,8 +502,7 @@ class RecurrentBlock(nn.Module):
         h_act = flat_h[idx]
         h_new = self.injection(h_act, e.reshape(B * T, D)[idx], x)
         s.h = flat_h.index_copy(0, idx, h_new).view(B, T, D)
-        p = self.act(h_new)
-        s.cumulative_p = s.cumulative_p.reshape(-1).index_add(0, idx, p.float()).view(B, T)
+        # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
             stop = (h_new - h_act).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-12) < threshold
         else:
