@@ -12,7 +12,10 @@ What differs, and why:
   (OpenMythos builds a boolean mask per expert per top-k slot and syncs on `mask.any()`);
 - attention uses `scaled_dot_product_attention` (fused kernel, native GQA, no K/V expansion);
 - exit policies beyond ACT (`fixed`, `kl`, `latent`) chosen per forward; exited positions keep
-  their state frozen while the others continue.
+  their state frozen while the others continue, and stop costing compute: at inference the loop
+  gathers the rows still running, computes them and scatters them back (`RecurrentBlock`);
+- bfloat16 runs (`model.to(torch.bfloat16)` or autocast): the RoPE tables stay complex64, the ACT
+  sums float32.
 
 This module is not: the config (`config.py`), parameter/FLOP counting (`variants.py`) or any
 probe (`mythos_probe`). With no hook attached the forward does no tensor work beyond the model's.
