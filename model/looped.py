@@ -344,9 +344,9 @@ class RecurrentBlock(nn.Module):
     """
 
     # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time; masked / compacted
-    # time of one iteration at 97/95/90/80/60/30 % running): shipped model B=256 1.01/1.02/1.01/
-    # 1.06/1.18/1.69, B=16 0.92/0.95/0.98/0.98/1.03/1.16; dim-256 B=16 T=64 1.00/0.90/1.06/1.08/
-    # 1.25/1.46. Break-even lies between 90 % and 80 % running: compact below 85 %.
+    # time of one iteration at 97/95/90/80/60/30 % running): shipped model B=256 0.99/1.01/1.03/
+    # 1.08/1.23/1.61, B=16 0.98/0.98/1.00/1.03/1.09/1.23; dim-256 B=16 T=64 1.01/1.02/1.05/1.12/
+    # 1.22/1.63. Break-even lies near 90 % running on every shape: compact below 85 %.
     COMPACT_BELOW = 0.85
 
     def __init__(self, cfg: LoopedConfig):
