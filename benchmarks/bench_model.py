@@ -3,6 +3,8 @@
 Both models share the same weights; ratios come from one run (absolute times on shared machines
 mean little). Shape from the model issue: B=4, T=256, 32 experts, top-2, 8 loops, CPU.
 The halting head is biased so no position halts early: both models run all 8 loops.
+Also the forward's FLOP rate as a fraction of the GEMM rate measured in the same run, float32
+and bf16 (CPU time, so that other jobs on a shared machine barely move it).
 
     .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--threads N]
 """
@@ -24,6 +26,41 @@ def timed(fn, repeats: int) -> float:
         fn()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def cpu_timed(fn, repeats: int) -> float:
+    """Fastest CPU time (this process, all threads) of `repeats` runs: others' load barely moves it."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        samples.append(time.process_time() - t0)
+    return min(samples)
+
+
+def gemm_rate(dtype: torch.dtype, repeats: int) -> float:
+    """FLOP/s of a plain matmul of the model's typical shape (tokens × dim @ dim × 4·dim)."""
+    a, b = torch.randn(1024, 256, dtype=dtype), torch.randn(256, 1024, dtype=dtype)
+    return 2 * 1024 * 256 * 1024 * 8 / cpu_timed(lambda: [a @ b for _ in range(8)], repeats)
+
+
+def gemm_fraction(model, ids, loops: int, repeats: int) -> None:
+    """FLOP rate of the forward (Kaplan count, `variants.forward_flops`) as a fraction of the GEMM
+    rate measured in the same run, float32 and bf16 (a bf16 copy of the model)."""
+    import copy
+
+    from mythos_probe.model.variants import forward_flops
+
+    B, T = ids.shape
+    flops = forward_flops(model.cfg, B, T, B * T * loops)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        with torch.no_grad():
+            seconds = cpu_timed(lambda: m(ids, n_loops=loops, exit="fixed"), repeats)
+        rate, peak = flops / seconds, gemm_rate(dtype, repeats)
+        print(f"  {str(dtype)[6:]:>8}: forward {rate / 1e9:6.1f} GFLOP/s, GEMM {peak / 1e9:6.1f} GFLOP/s, "
+              f"fraction {rate / peak:.2f} (CPU time)")
 
 
 def main() -> None:
@@ -72,6 +109,7 @@ def main() -> None:
 
         print(f"[{attn}] B={args.batch} T={args.seq} experts={cfg.n_experts} top-{cfg.n_experts_per_tok} "
               f"loops={args.loops} threads={torch.get_num_threads()}  max|Δlogits|={diff:.2e}")
+        gemm_fraction(ours, ids, args.loops, args.repeats)
         print(f"  forward: OpenMythos {t_om * 1e3:8.1f} ms   ours {t_ours * 1e3:8.1f} ms   speed-up {t_om / t_ours:5.2f}×")
         print(f"  decode : OpenMythos {tps_om:8.1f} tok/s ours {tps_ours:8.1f} tok/s speed-up {tps_ours / tps_om:5.2f}×")
 

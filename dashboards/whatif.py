@@ -1,8 +1,10 @@
 """Early-exit what-if in SQL: `mythos_probe.whatif.evaluate` run by DuckDB over the store's
 `positions` table, so that the dashboard replays millions of position rows without loading them.
 
-Same replay, same result: every lens-sampled position (finite `lens_argmax`) exits at the first
-iteration where a criterion fires, else at the forward's last iteration; the criteria, their
+Same replay, same result: every lens-sampled position (finite `lens_argmax`) of a full-depth
+forward (`exit_policy = 'fixed'`, the demo's `kind = 'shadow'` forwards; when the selection has
+none, the served ones, and the `baseline` column says "served") exits at the first iteration where a criterion fires, else at the forward's last
+iteration, and FLOPs saved are iterations saved × the loop's share of those forwards' FLOPs; the criteria, their
 default thresholds and the columns come from `mythos_probe.whatif` (numpy and pandas only, no
 torch), and `tests/dashboards/test_whatif_sql.py` holds both equal row for row. A criterion whose
 input metric some sampled position lacks (NULL: the probe did not run) is left out, as there.
@@ -20,12 +22,13 @@ page draws `mythos_probe.whatif.pareto_figure` of this table).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Mapping
 
 import pandas as pd
 
 from mythos_probe.dashboards.queries import Selection, select
-from mythos_probe.whatif import INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
+from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
 
 # Score per criterion, over the `steps` rows below, and whether it fires below τ or at/above it.
 # NaN scores never fire (DuckDB orders NaN above every number, so they become NULL first).
@@ -39,12 +42,14 @@ _SCORES = {
 }
 
 _ROWS = f"""
-, lens AS (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
+, baseline AS (SELECT count(*) > 0 AS has_full FROM positions p JOIN sel f USING (forward_id)
+  WHERE f.exit_policy = 'fixed' AND isfinite(p.lens_argmax)),
+lens AS (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
     p.lens_top1_agree AS agree, {", ".join(f'p."{col}"' for col in sorted(set(INPUTS.values())))},
     abs(CAST(p.lens_entropy AS DOUBLE) - lag(CAST(p.lens_entropy AS DOUBLE)) OVER w) AS entropy_change,
     p.iteration = 0 OR p.lens_argmax <> lag(p.lens_argmax) OVER w AS changed
   FROM positions p JOIN sel f USING (forward_id)
-  WHERE isfinite(p.lens_argmax)
+  WHERE isfinite(p.lens_argmax) AND (f.exit_policy = 'fixed' OR NOT (SELECT has_full FROM baseline))
   WINDOW w AS (PARTITION BY p.forward_id, p.batch_index, p.position ORDER BY p.iteration)),
 runs AS (SELECT *, iteration - max(CASE WHEN changed THEN iteration END) OVER (w ROWS UNBOUNDED PRECEDING) AS run
   FROM lens WINDOW w AS (PARTITION BY forward_id, batch_index, position ORDER BY iteration)),
@@ -56,12 +61,17 @@ th AS (SELECT unnest(CAST(? AS VARCHAR[])) AS criterion, unnest(CAST(? AS INTEGE
               unnest(CAST(? AS DOUBLE[])) AS threshold),
 avail AS (SELECT {", ".join(f'bool_and("{col}" IS NOT NULL) AS "{c}"' for c, col in INPUTS.items())} FROM lens),
 ok AS (UNPIVOT avail ON COLUMNS(*) INTO NAME criterion VALUE available),
-total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0)
+total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0),
+share AS (SELECT CASE WHEN count(*) = count(f.loop_flops) AND count(*) = count(f.flops)
+                 THEN sum(f.loop_flops) / sum(f.flops) ELSE 'nan' END AS s
+  FROM sel f WHERE f.forward_id IN (SELECT forward_id FROM lens))
 SELECT th.criterion, th.threshold, avg(e.iteration + 1) AS mean_iterations,
-  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved, avg(e.agree) AS agreement,
-  count(*) AS positions
+  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved,
+  (1 - sum(e.iteration + 1) / any_value(total.n)) * any_value(share.s) AS flops_saved, avg(e.agree) AS agreement,
+  count(*) AS positions,
+  CASE WHEN any_value(baseline.has_full) THEN '{BASELINES[0]}' ELSE '{BASELINES[1]}' END AS baseline
 FROM th JOIN ok USING (criterion) JOIN exits e ON e.criterion = th.criterion
-  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total
+  AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total CROSS JOIN share CROSS JOIN baseline
 WHERE ok.available
 GROUP BY th.criterion, th.k, th.threshold ORDER BY list_position(?, th.criterion), th.k
 """
@@ -93,13 +103,17 @@ _SQL = _sql()
 
 
 def evaluate(store, sel: Selection, thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
-    """`mythos_probe.whatif.evaluate` over the selected forwards' stored positions: one row per
-    (criterion, threshold) with mean_iterations, iterations_saved, agreement and positions;
-    empty when no selected forward has per-position lens metrics."""
+    """`mythos_probe.whatif.evaluate` over the selected full-depth forwards' stored positions: one
+    row per (criterion, threshold) with mean_iterations, iterations_saved, flops_saved, agreement
+    and positions; empty when no selected full-depth forward has per-position lens metrics."""
     chosen = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     unknown = sorted(set(chosen) - set(CRITERIA))
     if unknown:
         raise ValueError(f"unknown exit criteria {unknown}; choose from {CRITERIA}")
+    if sel.kinds and "shadow" not in sel.kinds:
+        # The baseline is the full-depth shadow run beside the selected traffic: a selection of
+        # served forwards (every page's default) still replays the shadows recorded with them.
+        sel = dataclasses.replace(sel, kinds=(*sel.kinds, "shadow"))
     rows = [(c, k, float(t)) for c in CRITERIA if c in chosen for k, t in enumerate(chosen[c])]
     names, ks, values = (list(col) for col in zip(*rows)) if rows else ([], [], [])
     df = select(store, sel, _SQL, [names, ks, values, list(CRITERIA)])

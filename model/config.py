@@ -35,7 +35,7 @@ class LoopedConfig:
     n_shared_experts: int = 2  # always-on experts
     n_experts_per_tok: int = 4  # top-k routed
     expert_dim: int = 512  # hidden size of one routed expert (shared ones are k× wider)
-    act_threshold: float = 0.99  # ACT: cumulative halting probability at which a position stops
+    act_threshold: float = 0.99  # ACT: cumulative halting probability at which a position stops (> 1: rarely/never)
     rope_theta: float = 500000.0
     lora_rank: int = 16  # depth-wise LoRA rank
     max_output_tokens: int = 4096
@@ -82,8 +82,10 @@ class LoopedConfig:
                 f"LoopedConfig.dim={self.dim} gives a loop-index embedding width dim//8={self.dim // 8}, "
                 "which must be even and at least 2: use a dim that is a multiple of 16"
             )
-        if not 0.0 < self.act_threshold <= 1.0:
-            raise ValueError(f"LoopedConfig.act_threshold must be in (0, 1], got {self.act_threshold!r}")
+        # Above 1 is valid, as in OpenMythos: a common way to turn ACT off (the cumulative
+        # probability is a plain sum, so it may still pass a threshold of 1.5 after many loops).
+        if not self.act_threshold > 0.0:
+            raise ValueError(f"LoopedConfig.act_threshold must be a positive number, got {self.act_threshold!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoopedConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.rope_theta <= 0:

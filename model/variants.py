@@ -77,6 +77,16 @@ def forward_flops(cfg: LoopedConfig, batch: int, seq_len: int, loop_token_iterat
     return float(once + loop)
 
 
+def lens_flops_per_row(cfg: LoopedConfig, seq_len: int, past_len: int = 0) -> float:
+    """FLOPs of one coda-lens readout of one position (coda → norm → head, attending to the mean
+    causal context), the price the `kl` exit policy pays per running position per iteration."""
+    once = lambda **layers: count_parameters(cfg.replace(**layers)).once_active  # noqa: E731
+    coda = once() - once(coda_layers=0)
+    norm_head = once(prelude_layers=0, coda_layers=0)
+    mean_keys = past_len + (seq_len + 1) / 2
+    return float(2 * (coda + norm_head) + _attention_flops_per_key(cfg) * mean_keys * cfg.coda_layers)
+
+
 def _human(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= scale:

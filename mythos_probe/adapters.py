@@ -62,7 +62,7 @@ class ForwardContext:
     loop_name: str = "loop"
     trace_id: Optional[str] = None  # set for nested loops: every loop of a forward shares it
     step: Optional[int] = None
-    cost_fn: Optional[Callable[[int], tuple[float, float]]] = None  # iterations → (FLOPs, saved), without a cfg
+    cost_fn: Optional[Callable[..., dict[str, float]]] = None  # (iterations, used) → cost metrics, without a cfg
 
 
 class _Hooks:

@@ -66,7 +66,7 @@ class Pending:
             forward["diverged_at"] = float(bad[0]) if bad.size else -1.0
         cost = meta.pop("cost_fn", None)
         if cost is not None:
-            forward["flops"], forward["flops_saved"] = cost(meta["iterations"])
+            forward.update(cost(meta["iterations"], used))
         return LoopTrace(
             iteration_metrics=iteration, position_metrics=position, forward_metrics=forward,
             expert_load=expert_load, position_iterations=used, **meta,
@@ -216,6 +216,10 @@ class ForwardCollector:
             return torch.tensor([T - 1], device=h.device)
         if self.lens_positions == "all":
             return torch.arange(T, device=h.device)
+        bad = [p for p in self.lens_positions if not -T <= p < T]
+        if bad:  # p % T would silently read another position
+            raise ValueError(f"lens_positions {bad} are out of range for a sequence of {T} tokens: "
+                             f"give indices in [-{T}, {T - 1}], or lens_positions='all' or 'last'")
         return torch.tensor([p % T for p in self.lens_positions], device=h.device)
 
     def end(self, logits: Any) -> None:
@@ -349,7 +353,7 @@ class ForwardCollector:
         if "cost" in self.probes and ctx.cfg is not None:
             cfg, n_loops, past = ctx.cfg, int(ctx.n_loops or I), ctx.past_len
 
-            meta["cost_fn"] = lambda iterations: forward_cost(cfg, B, T, iterations, n_loops, past)
+            meta["cost_fn"] = lambda iterations, used: forward_cost(cfg, B, T, iterations, n_loops, past, used)
         elif "cost" in self.probes and ctx.cost_fn is not None:
             meta["cost_fn"] = ctx.cost_fn
         self.emit(Pending(torch.cat(parts), layout, meta))

@@ -4,9 +4,12 @@ stores every forward in the embedded DuckDB store, together with the run the pro
 while the model trained, and serves the dashboard on it.
 
 A second run appends to the same store (a new run id); a file that is not a mythos-probe store
-is refused with a message, never overwritten. `--no-serve` prints a summary instead: accuracy and
-iterations used by difficulty, and the compute the best early-exit policy would save at ≥ 99 %
-agreement with the full-depth answer.
+is refused with a message, never overwritten. Each request runs as served (ACT) and once more at
+full depth (`exit="fixed"`, stored with `kind="shadow"`): the baseline of the early-exit what-if.
+The summary prints accuracy and iterations used by difficulty, the what-if's recommendation at
+≥ 99 % agreement with full depth (the same sentence the dashboard shows, `whatif.describe`), and
+the best policy the model can run (`kl` or `latent`) run for real (`whatif.verify`): measured
+time, FLOPs and agreement next to the prediction.
 
 This module is not: the model, the probes or the dashboard; it only wires them together.
 """
@@ -49,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         training = load_training_traces()  # same ids every run: stored once (the store dedupes)
         store.write_traces(training + traces + shadows)
         print(summary(traces, shadows, outcomes))
+        print(measured_saving(shadows, args.batch, args.seed))
         print(f"stored {len(traces)} served and {len(shadows)} full-depth forwards, and {len(training)} "
               f"recorded training steps, in {args.store}")
         if args.no_serve:
@@ -61,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
 def record_workload(requests: int, batch: int, seed: int):
     """Run the workload with probes attached. Returns (served traces, full-depth shadow traces,
     (k, accuracy) per request): each request runs with ACT, as served, and once more at full
-    depth (`exit="fixed"`), the baseline an early-exit policy must agree with."""
+    depth (`exit="fixed"`, its trace tagged `kind="shadow"`), the baseline an early-exit policy
+    must agree with."""
+    import dataclasses
+
     import torch
     from tqdm import tqdm
 
@@ -95,7 +102,7 @@ def record_workload(requests: int, batch: int, seed: int):
                 model(b.input_ids, n_loops=2 * model.cfg.max_loop_iters, exit="fixed")
             served, shadow = rec.traces
             traces.append(served)
-            shadows.append(shadow)
+            shadows.append(dataclasses.replace(shadow, kind="shadow"))
             outcomes.append((k, (logits[:, -1].argmax(-1) == b.answers).float().mean().item()))
     return traces, shadows, outcomes
 
@@ -117,14 +124,41 @@ def summary(traces, shadows, outcomes) -> str:
         lines.append(f"{k:>11}  {len(rows):>8}  {acc:>8.1%}  {used:>24.2f}  {run:>14.2f}")
     table = whatif.evaluate(shadows)
     try:
-        best = whatif.recommend(table, min_agreement=0.99)
-        lines.append(
-            f"best early-exit policy at ≥99% agreement: {best['criterion']} (threshold {best['threshold']:g}) "
-            f"saves {best['iterations_saved']:.1%} of loop iterations at {best['agreement']:.1%} agreement"
-        )
+        lines.append(f"what-if at ≥99% agreement: {whatif.describe(whatif.recommend(table, MIN_AGREEMENT))}")
     except ValueError as exc:
         lines.append(f"no early-exit policy reaches 99% agreement: {exc}")
     return "\n".join(lines)
+
+
+MIN_AGREEMENT = 0.99
+
+
+def measured_saving(shadows, batch: int, seed: int) -> str:
+    """The best policy the model runs with a threshold (`kl`, `latent`), recommended by the
+    what-if on the shadow forwards, run for real on a held-out batch of the longest trained chains
+    beside a full-depth run of it."""
+    from mythos_probe import whatif
+    from mythos_probe.tasks import ChainTask
+    from mythos_probe.trained import load_metadata, load_trained_model
+
+    model, _ = load_trained_model()
+    steps = int(load_metadata()["settings"]["train_steps"])
+    runnable = {c: p for p, c in whatif.POLICY_CRITERIA.items() if p != "act"}  # act: the served policy
+    table = whatif.evaluate(shadows)
+    try:
+        best = whatif.recommend(table[table["criterion"].isin(runnable)], MIN_AGREEMENT)
+    except ValueError as exc:
+        return f"no policy the model runs reaches 99% agreement: {exc}"
+    inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
+    r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]),
+                      n_loops=2 * model.cfg.max_loop_iters)
+    return (
+        f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {batch} chains of {steps} steps, "
+        f"against exit='fixed'): {r['time_saved']:.1%} of the time saved, {r['flops_saved']:.1%} of the FLOPs "
+        f"executed, {r['iterations_saved']:.1%} of loop iterations, agreement {r['agreement']:.1%} "
+        f"(predicted: {r['predicted_flops_saved']:.1%} of FLOPs, {r['predicted_iterations_saved']:.1%} of iterations, "
+        f"agreement {r['predicted_agreement']:.1%})"
+    )
 
 
 def serve(store, host: str, port: int) -> int:

@@ -482,7 +482,7 @@ class SpecAdapter(_Adapter):
                 cache_id=None if cache is None else id(cache), loop_name=spec.name,
                 lens=loop.lens if spec.readout is not None else None,
                 step_fn=loop.step_fn if jacobian_ok and past_len == 0 else None,
-                cost_fn=(lambda n, lp=loop_params, o=other: param_cost(B * T, n, lp, o)) if loop_params else None,
+                cost_fn=(lambda n, used, lp=loop_params, o=other: param_cost(B * T, n, lp, o, used)) if loop_params else None,
             )
             contexts.append(ctx)
             began.append(loop.collector.begin(ctx))

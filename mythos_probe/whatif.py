@@ -20,19 +20,33 @@ the lens metrics and are left out. Criteria, each evaluated over a range of thre
 - `argmax_stable`: the lens argmax unchanged over the last k iterations, k = 1..4 (prediction
   consistency; the "patience" criterion of Zhou et al. 2020, "BERT Loses Patience").
 
-A criterion that never fires exits at the last executed iteration. Per position: exit iteration
-t_exit, iterations used t_exit + 1, and agreement = `lens_top1_agree[t_exit]` (the lens argmax at
-the exit iteration equals the model's actual output argmax). Iterations saved are relative to
-running every iteration the forward executed (`LoopTrace.iterations`), summed over positions.
+The baseline is a full-depth forward, `exit="fixed"` (the demo runs one beside each served
+request and tags it `kind="shadow"`): when any is given, only those are replayed, since a forward
+that stopped early (ACT) makes "agreement with full depth" mean agreement with its own, shallower
+output. Without one, the served forwards are replayed with a warning and every row says so in its
+`baseline` column ("served", not "full depth"). A criterion that never
+fires exits at the last executed iteration. Per position: exit iteration t_exit, iterations used
+t_exit + 1, and agreement = `lens_top1_agree[t_exit]` (the lens argmax at the exit iteration equals
+the full-depth output argmax). Iterations saved are relative to running every iteration the
+forward executed (`LoopTrace.iterations`), summed over positions. FLOPs saved = iterations saved ×
+the loop's share of the replayed forwards' FLOPs (cost probe `loop_flops` / `flops`; NaN without
+it): the share of the whole forward's compute a compacted loop would save, the sampled positions
+standing for all.
+
+`verify` runs a policy for real next to the replay's prediction: measured time, executed FLOPs
+and agreement with a full-depth run of the same inputs.
 
 This module is not: an exit policy the model runs (`model/looped.py` has `exit="kl"/"latent"`)
-nor the forward-level SQL approximation of the dashboard (`dashboards/whatif.py`). All criteria
-and thresholds are evaluated at once with numpy over (thresholds × positions × iterations).
+nor the SQL form of the replay (`dashboards/whatif.py`, equal row for row). All criteria and
+thresholds are evaluated at once with numpy over (thresholds × positions × iterations); numpy and
+pandas only at import (`verify` imports torch when called).
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Mapping, Sequence
+
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -56,7 +70,19 @@ INPUTS = {
 }
 _LENS = ("lens_argmax", "lens_top1_agree")
 
-COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "agreement", "positions"]
+COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "flops_saved", "agreement", "positions",
+           "baseline"]
+
+BASELINE = "fixed"  # the exit policy of a full-depth forward, the baseline the replay compares against
+BASELINES = ("full depth", "served")  # the `baseline` column: full-depth forwards, or (none given) the served ones
+NO_FULL_DEPTH = (
+    "no full-depth forward (exit='fixed') among the traces: agreement is measured against the served forwards' own "
+    "outputs, not full depth. Run a shadow forward at full depth beside each served one, e.g. model(ids, "
+    "exit='fixed'), tagged kind='shadow'"
+)
+
+# The model's exit policies and the replay criterion each one runs.
+POLICY_CRITERIA = {"act": "act", "kl": "kl", "latent": "rel_residual"}
 
 
 class _Positions:
@@ -74,14 +100,23 @@ class _Positions:
                     f"trace {t.span_id} has detail={t.detail!r} and position metrics "
                     f"{sorted(t.position_metrics)}"
                 )
+        full = [t for t in traces if t.exit_policy == BASELINE and np.isfinite(t.position_metrics["lens_argmax"]).any()]
+        self.baseline = BASELINES[0] if full else BASELINES[1]
+        if full:
+            traces = full
+        else:
+            warnings.warn(NO_FULL_DEPTH, stacklevel=3)
         self.available = tuple(c for c in CRITERIA if all(INPUTS[c] in t.position_metrics for t in traces))
         width = max(t.iterations for t in traces)
         names = sorted({INPUTS[c] for c in self.available} | {"lens_top1_agree"})
         parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
-        n, keys = [], []
+        n, keys, loop_flops, flops = [], [], [], []
         for t in traces:
             sampled = np.isfinite(t.position_metrics["lens_argmax"][..., 0])  # (B, T)
             b, p = np.nonzero(sampled)
+            if b.size:
+                loop_flops.append(t.forward_metrics.get("loop_flops", np.nan))
+                flops.append(t.forward_metrics.get("flops", np.nan))
             for m in names:
                 values = t.position_metrics[m][b, p].astype(np.float64)  # (P_t, I_t)
                 parts[m].append(np.pad(values, ((0, 0), (0, width - t.iterations)), constant_values=np.nan))
@@ -92,6 +127,7 @@ class _Positions:
         self.keys = pd.concat(keys, ignore_index=True)
         if self.n.size == 0:
             raise ValueError("the lens sampled no positions in these traces")
+        self.loop_share = float(np.sum(loop_flops) / np.sum(flops))  # NaN when the cost probe was off
 
     def fires(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P, I) bool: criterion fired at iteration t for threshold k (NaN never fires)."""
@@ -137,9 +173,11 @@ def _thresholds(criteria: Iterable[str], thresholds: Mapping[str, Iterable[float
 
 
 def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
-    """One row per (criterion, threshold): mean_iterations used per position, iterations_saved
-    (share of the executed iterations, summed over positions), agreement (share of positions whose
-    prediction at exit equals the full-depth one), positions replayed.
+    """One row per (criterion, threshold) over the full-depth (`exit="fixed"`) traces, the others
+    left out (none given: all, with a warning; see `baseline`): mean_iterations used per position, iterations_saved (share of the executed
+    iterations, summed over positions), flops_saved (share of the forwards' FLOPs), agreement
+    (share of positions whose prediction at exit equals the baseline's), positions replayed and
+    baseline ("full depth", or "served" when no full-depth forward was given).
 
     thresholds: criterion → values (for `argmax_stable`, k); default `DEFAULT_THRESHOLDS`.
     Criteria whose input metric was not recorded (`act` needs the "halting" probe, `rel_residual`
@@ -158,10 +196,11 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
     for criterion, th in _thresholds(pos.available, thresholds).items():
         exit_at = pos.exits(criterion, th)  # (K, P)
         used = exit_at + 1
+        saved = 1.0 - used.sum(-1) / total
         rows.append(pd.DataFrame({
             "criterion": criterion, "threshold": th, "mean_iterations": used.mean(-1),
-            "iterations_saved": 1.0 - used.sum(-1) / total, "agreement": pos.agreement(exit_at).mean(-1),
-            "positions": used.shape[1],
+            "iterations_saved": saved, "flops_saved": saved * pos.loop_share,
+            "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1], "baseline": pos.baseline,
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
 
@@ -194,6 +233,23 @@ def recommend(table: pd.DataFrame, min_agreement: float = 0.99) -> pd.Series:
             f"{int(best['positions'])} positions. Lower min_agreement or record more forwards."
         )
     return ok.sort_values(["iterations_saved", "agreement"], ascending=False, kind="stable").iloc[0]
+
+
+def describe(best: pd.Series) -> str:
+    """The one sentence the demo, the dashboard and the notebooks print for a `recommend`ed row,
+    naming the baseline it was measured against."""
+    flops = "" if np.isnan(best["flops_saved"]) else f" ({best['flops_saved']:.1%} of the forward's FLOPs)"
+    return (
+        f"exit on {best['criterion']} at threshold {best['threshold']:.3g}: saves {best['iterations_saved']:.1%} "
+        f"of loop iterations{flops} and keeps the baseline's prediction on {best['agreement']:.1%} of "
+        f"{int(best['positions']):,} positions ({_BASELINE_TEXT[best['baseline']]})"
+    )
+
+
+_BASELINE_TEXT = {
+    "full depth": "baseline: full-depth shadow forwards, exit='fixed'",
+    "served": "baseline: the served forwards' own outputs, NOT full depth: record exit='fixed' shadow forwards",
+}
 
 
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
@@ -239,3 +295,84 @@ def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
     fig.update_xaxes(title_text="loop iterations saved (share of executed iterations)", tickformat=".0%")
     fig.update_yaxes(title_text="top-1 agreement with the full-depth prediction (share of positions)", tickformat=".0%")
     return fig
+
+
+def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: int | None = None,
+           repeats: int = 3) -> pd.Series:
+    """Run exit `policy` at `threshold` for real on `inputs` (a (B, T) token batch) beside a
+    full-depth run, and set it next to the replay's prediction for the same forward.
+
+    model: a `mythos_probe.model.LoopedTransformer` (it runs the policies). policy: "kl",
+    "latent" (replayed as `rel_residual`) or "act" (threshold: the config's `act_threshold`).
+    Timings are the fastest of `repeats` runs of each, interleaved (policy, then full depth): the
+    run least disturbed by other work on the machine. Wall time is what a caller waits; CPU time
+    (this process, all threads) is what the forward cost, and barely moves with others' load.
+    Returns predicted_{iterations_saved, flops_saved, agreement} from a probed full-depth forward
+    (coda lens on every position) and the measured iterations_saved (positions × iterations,
+    from the policy's exits), flops_saved (executed: the rows the loop really ran, the model's
+    `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`; the replay's
+    prediction counts the loop only), time_saved, agreement (output argmax equal to full depth's, every position),
+    with time_fixed_s and time_policy_s, and cpu_time_saved.
+    """
+    import time
+
+    import torch
+
+    from mythos_probe import attach
+    from mythos_probe.model.looped import LoopedTransformer
+    from mythos_probe.model.variants import forward_flops, lens_flops_per_row
+
+    if not isinstance(model, LoopedTransformer):
+        raise TypeError(f"verify runs exit policies of a mythos_probe.model.LoopedTransformer, got {type(model).__name__}")
+    if policy not in POLICY_CRITERIA:
+        raise ValueError(f"policy must be one of {tuple(POLICY_CRITERIA)}, got {policy!r}")
+    if policy == "act" and threshold is not None:
+        raise ValueError("policy 'act' halts at model.cfg.act_threshold: pass threshold=None")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
+    criterion = POLICY_CRITERIA[policy]
+    replay_threshold = model.cfg.act_threshold if policy == "act" else threshold
+    run = dict(n_loops=n_loops, exit=policy, exit_threshold=threshold)
+    B, T = inputs.shape
+    sync = torch.cuda.synchronize if inputs.is_cuda else (lambda: None)
+
+    def timed(kwargs) -> tuple[float, float, torch.Tensor]:
+        sync()
+        start, cpu = time.perf_counter(), time.process_time()
+        out = model(inputs, **kwargs)
+        sync()
+        return time.perf_counter() - start, time.process_time() - cpu, out
+
+    with torch.no_grad():
+        model(inputs, **run)  # validates the options before anything is recorded (and warms up)
+        with attach(model, probes=["convergence", "halting", "cost", "lens"], detail="positions",
+                    lens_positions="all") as rec:
+            model(inputs, n_loops=n_loops, exit=BASELINE)
+        predicted = evaluate(rec.traces, {criterion: [replay_threshold]}).iloc[0]
+        _, cache = model.run_with_cache(inputs, names_filter="recurrent.hook_halted", **run)
+        halted = cache.stack("recurrent.hook_halted")  # (I, B, T); a hooked forward exits the same positions
+        used = torch.where(halted.any(0), halted.float().argmax(0) + 1, halted.shape[0]).sum().item()
+        fixed_times, policy_times = [], []
+        for _ in range(repeats):
+            policy_times.append(timed(run))
+            rows, lens_rows = model.last_forward["row_iterations"], model.last_forward["lens_rows"]
+            fixed_times.append(timed(dict(n_loops=n_loops, exit=BASELINE)))
+    out, full = policy_times[-1][2], fixed_times[-1][2]
+    # kl also reads the coda lens out on the running positions every iteration: executed too
+    executed = forward_flops(model.cfg, B, T, rows) + lens_rows * lens_flops_per_row(model.cfg, T)
+    full_flops = forward_flops(model.cfg, B, T, B * T * n_loops)
+    t_fixed, t_policy = min(t[0] for t in fixed_times), min(t[0] for t in policy_times)
+    cpu_fixed, cpu_policy = min(t[1] for t in fixed_times), min(t[1] for t in policy_times)
+    return pd.Series({
+        "policy": policy, "threshold": replay_threshold, "criterion": criterion,
+        "predicted_iterations_saved": float(predicted["iterations_saved"]),
+        "predicted_flops_saved": float(predicted["flops_saved"]),
+        "predicted_agreement": float(predicted["agreement"]),
+        "iterations_saved": 1.0 - used / (B * T * n_loops),
+        "flops_saved": 1.0 - executed / full_flops,
+        "time_saved": 1.0 - t_policy / t_fixed,
+        "cpu_time_saved": 1.0 - cpu_policy / cpu_fixed,
+        "agreement": float((out.argmax(-1) == full.argmax(-1)).float().mean()),
+        "time_fixed_s": t_fixed, "time_policy_s": t_policy,
+    })

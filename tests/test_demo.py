@@ -15,12 +15,16 @@ def test_headless_runs_twice_on_one_store(tmp_path, capsys):
     store = tmp_path / "demo.duckdb"
     assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
     out = capsys.readouterr().out
-    assert "best early-exit policy" in out or "no early-exit policy" in out
+    assert "what-if at ≥99% agreement: exit on" in out or "no early-exit policy" in out
+    assert "baseline: full-depth shadow forwards" in out or "no early-exit policy" in out
+    assert "run for real" in out or "no policy the model runs" in out
     assert re.search(r"^\s+1\s+1\s+100\.0%", out, re.M)  # one request of one step, solved
     assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
     con = duckdb.connect(str(store), read_only=True)
     runs = dict(con.execute("SELECT run_id, count(*) FROM forwards GROUP BY run_id").fetchall())
+    kinds = dict(con.execute("SELECT kind, count(*) FROM forwards WHERE run_id <> 'training' GROUP BY kind").fetchall())
     con.close()
+    assert kinds == {"served": 8, "shadow": 8}
     training = runs.pop("training")
     assert training > 10  # the shipped training run, stored once although written twice
     assert sum(runs.values()) == 16  # 4 served + 4 full-depth shadow forwards per run
@@ -57,3 +61,19 @@ def test_serves_the_dashboard_on_the_printed_url(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_demo_and_dashboard_give_one_what_if_answer(tmp_path, capsys):
+    """The dashboard's SQL replay over the whole store (served and shadow forwards) recommends
+    the sentence the demo printed: both replay the full-depth shadow forwards only."""
+    from mythos_probe import whatif as replay
+    from mythos_probe.collectors.store import Store
+    from mythos_probe.dashboards import whatif
+    from mythos_probe.dashboards.queries import Selection
+
+    store = tmp_path / "demo.duckdb"
+    assert main(["demo", "--no-serve", "--store", str(store), "--requests", "6", "--batch", "4"]) == 0
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("what-if at"))
+    with Store(store) as s:
+        table = whatif.evaluate(s, Selection())
+    assert printed == f"what-if at ≥99% agreement: {replay.describe(replay.recommend(table, 0.99))}"

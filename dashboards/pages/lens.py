@@ -30,12 +30,14 @@ log = logging.getLogger("mythos_probe.dashboards")
 RANGE_STEPS = 12  # thresholds replayed across a user-given range
 CACHE_SIZE = 32
 WHATIF_COLUMNS = {"threshold": "threshold", "mean_iterations": "iterations at exit",
-                  "iterations_saved": "iterations saved", "agreement": "top-1 agreement at exit",
+                  "iterations_saved": "iterations saved", "flops_saved": "FLOPs saved",
+                  "agreement": "top-1 agreement at exit",
                   "positions": "positions"}
 WHATIF_FORMATS = {"threshold": "number", "mean_iterations": "number", "iterations_saved": "percent",
-                  "agreement": "percent", "positions": "integer"}
-NO_POSITIONS = ("No per-position lens metrics in the selected forwards: the what-if replays positions the coda "
-                "lens sampled. Record with attach(model, probes=[..., 'lens'], detail='positions').")
+                  "flops_saved": "percent", "agreement": "percent", "positions": "integer"}
+NO_POSITIONS = ("No per-position lens metrics in the selected full-depth forwards: the what-if replays positions "
+                "the coda lens sampled in forwards run with exit='fixed' (shadow runs beside the served ones). "
+                "Record with attach(model, probes=[..., 'lens'], detail='positions').")
 
 
 def layout(state: dict | None = None) -> html.Div:
@@ -100,11 +102,7 @@ def recommendation(exits, target: float) -> html.Div | str:
         best = replay.recommend(exits, target)
     except ValueError as exc:
         return message(str(exc))
-    return message(
-        f"Recommended: exit on {best['criterion']} at threshold {best['threshold']:.3g}. It saves "
-        f"{best['iterations_saved']:.1%} of the loop iterations and keeps the full-depth prediction on "
-        f"{best['agreement']:.1%} of {int(best['positions']):,} positions (target ≥ {target:.1%})."
-    )
+    return message(f"Recommended at ≥ {target:.1%} agreement: {replay.describe(best)}.")
 
 
 def pareto(exits, target: float):

@@ -150,6 +150,6 @@ def test_whatif_target_and_threshold_range(store, traces):
     expected = replay.evaluate(traces, {"kl": np.geomspace(0.001, 1.0, lens.RANGE_STEPS)})
     kl = expected[expected["criterion"] == "kl"]
     np.testing.assert_allclose([r["agreement"] for r in table_rows], kl["agreement"])
-    assert "target ≥ 50.0%" in str(out[4].children[0])
+    assert "Recommended at ≥ 50.0% agreement" in str(out[4].children[0])
     for bad in ((0.5, 1.0, 0.1), (1.5, None, None)):
         assert "mp-error" in str(lens.update(store, Selection(), "", "kl", *bad)[0])

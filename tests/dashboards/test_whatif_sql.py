@@ -18,7 +18,8 @@ from mythos_probe.records import LoopTrace
 NAN = np.nan
 
 
-def lens_trace(seed: int, iterations: int, model_id: str = "m", drop: tuple[str, ...] = ()) -> LoopTrace:
+def lens_trace(seed: int, iterations: int, model_id: str = "m", drop: tuple[str, ...] = (),
+               exit_policy: str = "fixed", flops: bool = True) -> LoopTrace:
     """2 × 6 positions, about half sampled by the lens; metrics drawn from a few values so that
     argmax runs, equal scores and thresholds equal to recorded values all occur, and NaN."""
     rng = np.random.default_rng(seed)
@@ -40,8 +41,9 @@ def lens_trace(seed: int, iterations: int, model_id: str = "m", drop: tuple[str,
     metrics["cum_halt"][:, -1, I // 2:] = NAN  # a diverged state: NaN never fires
     return LoopTrace(
         trace_id=f"{seed + 1:032x}", span_id=f"{seed + 1:016x}", run_id="r", model_id=model_id, step=seed,
-        start_ns=seed, end_ns=seed + 1, batch=B, seq_len=T, n_loops=8, iterations=I, exit_policy="fixed",
+        start_ns=seed, end_ns=seed + 1, batch=B, seq_len=T, n_loops=8, iterations=I, exit_policy=exit_policy,
         detail="positions", position_metrics={k: v for k, v in metrics.items() if k not in drop},
+        forward_metrics={"flops": 1000.0 + 100 * I, "loop_flops": 100.0 * I} if flops else {},
     )
 
 
@@ -71,13 +73,36 @@ def assert_same_table(got: pd.DataFrame, want: pd.DataFrame) -> None:
 
 def test_sql_table_equals_the_replay_over_traces(tmp_path):
     traces = [lens_trace(seed, iterations) for seed, iterations in enumerate([5, 8, 1, 6, 8, 3])]
+    served = [lens_trace(10 + seed, 3, exit_policy="act") for seed in range(2)]  # no baseline: left out by both
     th = thresholds_on_values(traces)
-    with stored(tmp_path, traces) as store:
+    with stored(tmp_path, traces + served) as store:
         got = whatif.evaluate(store, Selection(), th)
-    want = replay.evaluate(traces, th)
+    want = replay.evaluate(traces + served, th)
     assert set(want["criterion"]) == set(replay.CRITERIA)
     assert want["mean_iterations"].nunique() > 10 and want["agreement"].nunique() > 5  # the thresholds split positions
     assert_same_table(got, want)
+    assert_same_table(want, replay.evaluate(traces, th))
+    # FLOPs saved: iterations saved × the loop's share of the replayed forwards' FLOPs, by hand
+    share = sum(100.0 * t.iterations for t in traces) / sum(1000.0 + 100 * t.iterations for t in traces)
+    np.testing.assert_allclose(want["flops_saved"], want["iterations_saved"] * share, rtol=1e-12)
+
+
+def test_without_full_depth_forwards_both_replay_the_served_ones_and_say_so(tmp_path):
+    served = [lens_trace(seed, 4, exit_policy="act") for seed in range(3)]
+    with stored(tmp_path, served) as store:
+        got = whatif.evaluate(store, Selection())
+    with pytest.warns(UserWarning, match="no full-depth forward"):
+        want = replay.evaluate(served)
+    assert (got["baseline"] == "served").all()
+    assert_same_table(got, want)
+
+
+def test_flops_saved_is_nan_when_a_forward_lacks_the_cost_probe(tmp_path):
+    traces = [lens_trace(0, 5), lens_trace(1, 6, flops=False)]
+    with stored(tmp_path, traces) as store:
+        got = whatif.evaluate(store, Selection())
+    assert got["flops_saved"].isna().all()
+    assert_same_table(got, replay.evaluate(traces))
 
 
 def test_default_thresholds_and_a_filter_select_the_same_forwards(tmp_path):

@@ -78,6 +78,12 @@ def test_early_exit_does_not_break_with_a_kv_cache(model):
         (dict(n_loops=0), "n_loops must be a positive integer"),
         (dict(n_loops=2.5), "n_loops must be a positive integer"),
         (dict(start_pos=200), "max_seq_len"),
+        (dict(exit="latent", exit_threshold=-0.1), "non-negative number"),
+        (dict(exit="kl", exit_threshold=float("nan")), "non-negative number"),
+        (dict(exit="kl", exit_threshold="1e-3"), "must be a number"),
+        (dict(exit="latent", exit_threshold=True), "must be a number"),
+        (dict(exit="fixed", exit_threshold=1e-3), "takes no exit_threshold"),
+        (dict(exit="act", exit_threshold=0.5), "act_threshold"),
     ],
 )
 def test_bad_forward_arguments_get_clear_errors(model, kwargs, message):
@@ -91,6 +97,7 @@ def test_bad_forward_arguments_get_clear_errors(model, kwargs, message):
         (torch.tensor([[1, 2, 300]]), "vocab_size=256"),
         (torch.tensor([[-1, 2]]), "vocab_size"),
         (torch.zeros(1, 0, dtype=torch.long), "empty"),
+        (torch.zeros(0, 4, dtype=torch.long), "empty batch"),
         (torch.tensor([1, 2, 3]), r"\(batch, seq\)"),
         (torch.tensor([[1.0, 2.0]]), "integer token ids"),
     ],
@@ -122,3 +129,12 @@ def test_coda_lens_on_a_few_positions_equals_the_full_lens_there(variant):
         h = cache["recurrent.hook_state_out", 2]
         torch.testing.assert_close(m.coda_lens(h, torch.tensor([0])), m.coda_lens(h), atol=1e-5, rtol=1e-5)
         assert kv["coda_0"][next(iter(kv["coda_0"]))].shape[1] == 11 == next(iter(keys.values()))[1] + 1
+
+
+@pytest.mark.parametrize("positions", [[10], [-11], [0, 12]])
+def test_lens_positions_out_of_range_are_refused_not_wrapped(model, positions):
+    import mythos_probe
+
+    with pytest.raises(ValueError, match="out of range for a sequence of 10 tokens"):
+        with mythos_probe.attach(model, probes=["lens"], lens_positions=positions):
+            model(ids, n_loops=2)

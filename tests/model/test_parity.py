@@ -89,3 +89,22 @@ def test_generate_matches_open_mythos_token_for_token():
     torch.manual_seed(7)
     got = ours.generate(prompt, max_new_tokens=6, n_loops=3, top_k=5)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("act_threshold", [1.5, 1e9])  # above 1: ACT late or off, valid in OpenMythos
+def test_an_act_threshold_above_one_converts_with_identical_logits(act_threshold):
+    cfg = LoopedConfig.variant("tiny-gqa").to_mythos_config()
+    cfg.act_threshold = act_threshold
+    torch.manual_seed(1)
+    om = open_mythos.OpenMythos(cfg).eval()
+    with torch.no_grad():
+        om.recurrent.act.halt.bias.fill_(0.0)  # p ≈ 0.5: a threshold of 1.5 halts after about 3 loops
+    ours = LoopedTransformer.from_open_mythos(om).eval()
+    assert ours.cfg.act_threshold == act_threshold
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    calls, handle = count_loop_runs(om)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, n_loops=6), om(ids, n_loops=6), atol=TOL, rtol=0)
+    handle.remove()
+    assert ours.last_forward["iterations"] == len(calls)
+    assert len(calls) == 6 if act_threshold > 6 else 2 < len(calls) < 6

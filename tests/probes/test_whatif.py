@@ -2,6 +2,7 @@
 example, with a plain-loop replay on random traces, and with the coda lens recomputed from a
 cached forward of a tiny LoopedTransformer."""
 
+import dataclasses
 import math
 import secrets
 
@@ -163,7 +164,8 @@ def test_criteria_without_their_metric_are_left_out_or_refused():
 
 
 def table_of(rows):
-    return pd.DataFrame(rows, columns=whatif.COLUMNS)
+    columns = [c for c in whatif.COLUMNS if c not in ("flops_saved", "baseline")]
+    return pd.DataFrame(rows, columns=columns).assign(flops_saved=np.nan, baseline="full depth")[whatif.COLUMNS]
 
 
 def test_recommend_picks_the_largest_saving_at_the_agreement_floor():
@@ -228,3 +230,69 @@ def test_end_to_end_kl_exit_matches_the_coda_lens_of_a_cached_forward():
     full = whatif.evaluate(rec.traces)
     assert set(full["criterion"]) == set(whatif.CRITERIA)
     assert full["iterations_saved"].between(0, 1).all() and full["agreement"].between(0, 1).all()
+
+
+def test_forwards_that_stopped_early_are_no_baseline():
+    trace = hand_trace()
+    served = dataclasses.replace(trace, exit_policy="act", span_id="f" * 16)
+    both = whatif.evaluate([trace, served])  # the full-depth forward only
+    pd.testing.assert_frame_equal(both, whatif.evaluate([trace]))
+    assert (both["baseline"] == "full depth").all()
+    assert "baseline: full-depth shadow forwards" in whatif.describe(both.iloc[0])
+    with pytest.warns(UserWarning, match="no full-depth forward.*kind='shadow'"):
+        alone = whatif.evaluate([served])  # none given: the served forwards, and every row says so
+    assert (alone["baseline"] == "served").all()
+    assert "NOT full depth" in whatif.describe(alone.iloc[0])
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_verify_reports_what_a_hand_run_policy_measures(policy):
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+    from mythos_probe.model.variants import forward_flops
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
+    threshold = {"latent": 0.2, "kl": 1e-3}[policy]
+    model.recurrent.compact_below = 2.0  # compact at every iteration after the first, however many run
+    report = whatif.verify(model, ids, policy, threshold, n_loops=6, repeats=1)
+    with torch.no_grad():  # by hand: the policy's exits, its output and the full-depth output
+        _, cache = model.run_with_cache(ids, n_loops=6, exit=policy, exit_threshold=threshold)
+        halted = cache.stack("recurrent.hook_halted")
+        out = model(ids, n_loops=6, exit=policy, exit_threshold=threshold)
+        full = model(ids, n_loops=6, exit="fixed")
+    used = [next((t + 1 for t in range(halted.shape[0]) if halted[t, b, p]), halted.shape[0])
+            for b in range(3) for p in range(10)]
+    assert report["iterations_saved"] == pytest.approx(1 - sum(used) / (30 * 6))
+    assert 0 < report["iterations_saved"] < 1  # the threshold splits the positions
+    assert report["agreement"] == pytest.approx((out.argmax(-1) == full.argmax(-1)).float().mean().item())
+    # compacted: the loop ran exactly the rows still running at each iteration, and kl read the
+    # lens out on the live sequences' still-running positions (all of them at the first iteration)
+    running = 30 + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
+    executed = forward_flops(model.cfg, 3, 10, running)
+    if policy == "kl":
+        lens_rows = 30
+        for t in range(halted.shape[0] - 1):
+            active = ~halted[t]
+            live = active.any(1)
+            lens_rows += int(live.sum()) * int(active[live].any(0).sum())
+        coda_head = sum(p.numel() for p in [*model.coda.parameters(), *model.norm.parameters()]) + model.head.weight.numel()
+        per_key = 2 * 4 * 2 * 16  # 2·H·(d_qk + d_v) for tiny-gqa's 4 heads of 16
+        executed += lens_rows * (2 * coda_head + per_key * (10 + 1) / 2)
+    expected = 1 - executed / forward_flops(model.cfg, 3, 10, 30 * 6)
+    assert report["flops_saved"] == pytest.approx(expected)
+    assert report["predicted_iterations_saved"] == pytest.approx(report["iterations_saved"], abs=0.15)
+    assert report["time_fixed_s"] > 0 and report["time_policy_s"] > 0
+
+
+def test_verify_refuses_what_the_model_cannot_run():
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="policy must be one of"):
+        whatif.verify(model, ids, "entropy", 0.1)
+    with pytest.raises(ValueError, match="act_threshold"):
+        whatif.verify(model, ids, "act", 0.5)
+    with pytest.raises(ValueError, match="non-negative"):
+        whatif.verify(model, ids, "kl", -1.0)

@@ -1,0 +1,136 @@
+"""What early exit saves for real: iterations, FLOPs and wall time per exit policy against
+`exit="fixed"`, interleaved in one run, on the shipped trained model (chains of 8 steps, budget 16)
+and on a random dim-256 model (the `bench` preset), at batch 1, 16 and 256.
+
+Each policy runs at the threshold the what-if recommends (≥ 99 % agreement with full depth on a
+calibration batch of full-depth forwards; where none reaches it, the most agreeing threshold, and
+the line says so); `act` runs at the config's act_threshold. Figures come from
+`mythos_probe.whatif.verify`: FLOPs are those the loop really executed (`row_iterations`), time
+is the fastest of interleaved runs, wall and CPU (this process: on a shared machine the CPU
+time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch 16 and 256). `--rule` measures the compaction rule instead: one loop
+iteration, masked against compacted, as the share of running positions falls.
+
+    .venv/bin/python benchmarks/bench_early_exit.py            # short: T=32 on the dim-256 model
+    .venv/bin/python benchmarks/bench_early_exit.py --full     # T=256 on the dim-256 model
+    .venv/bin/python benchmarks/bench_early_exit.py --rule
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from mythos_probe import attach, whatif
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+POLICIES = ("kl", "latent", "act")
+
+
+def thresholds(model, inputs, n_loops) -> dict[str, tuple[float | None, str]]:
+    """Per policy: (threshold, note) from the what-if over full-depth forwards of `inputs`."""
+    with torch.no_grad(), attach(model, probes=["convergence", "halting", "cost", "lens"], detail="positions",
+                                 lens_positions="all") as rec:
+        model(inputs, n_loops=n_loops, exit="fixed")
+    table = whatif.evaluate(rec.traces)
+    out: dict[str, tuple[float | None, str]] = {"act": (None, f"cfg {model.cfg.act_threshold:g}")}
+    for policy in ("kl", "latent"):
+        rows = table[table["criterion"] == whatif.POLICY_CRITERIA[policy]]
+        try:
+            best = whatif.recommend(rows, 0.99)
+            note = "recommended"
+        except ValueError:
+            best = rows.sort_values(["agreement", "iterations_saved"], ascending=False).iloc[0]
+            note = f"none at 99%: best agreement {best['agreement']:.1%}"
+        out[policy] = (float(best["threshold"]), note)
+    return out
+
+
+def report(name, model, inputs_for, batches, n_loops, repeats) -> None:
+    chosen = thresholds(model, inputs_for(16), n_loops)
+    print(f"\n[{name}] n_loops={n_loops} threads={torch.get_num_threads()}  (machine shared: ratios, not absolutes)")
+    print(f"{'batch':>5} {'policy':>7} {'threshold':>10} {'iters saved':>12} {'FLOPs saved':>12} {'time saved':>11} "
+          f"{'CPU saved':>10} {'CPU/FLOPs':>10} {'agree':>7} {'fixed ms':>9}  threshold from")
+    for batch in batches:
+        inputs = inputs_for(batch)
+        for policy in POLICIES:
+            th, note = chosen[policy]
+            r = whatif.verify(model, inputs, policy, th, n_loops=n_loops, repeats=repeats)
+            ratio = r["cpu_time_saved"] / r["flops_saved"] if r["flops_saved"] > 0 else float("nan")
+            print(f"{batch:>5} {policy:>7} {r['threshold']:>10.3g} {r['iterations_saved']:>12.1%} "
+                  f"{r['flops_saved']:>12.1%} {r['time_saved']:>11.1%} {r['cpu_time_saved']:>10.1%} {ratio:>10.2f} "
+                  f"{r['agreement']:>7.1%} {r['time_fixed_s'] * 1e3:>9.1f}  {note}")
+
+
+def rule(repeats: int) -> None:
+    """One iteration of the loop, masked (`_dense_step`) against compacted (`_sparse_step`), with a
+    share of positions running; `latent`, whose exit test is cheap (kl adds the lens to both).
+    One thread and process CPU time, so that the other jobs on a shared machine do not decide it."""
+    from mythos_probe.model.looped import _LoopState
+    from mythos_probe.trained import load_trained_model
+
+    torch.set_num_threads(1)
+    shipped, _ = load_trained_model()
+    torch.manual_seed(0)
+    bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+    print("masked / compacted time of one loop iteration (> 1: compaction pays)")
+    for name, model, B, T in (("shipped", shipped, 256, 9), ("shipped", shipped, 16, 9), ("bench", bench, 16, 64)):
+        D = model.cfg.dim
+        rec = model.recurrent
+        g = torch.Generator().manual_seed(1)
+        h, e = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)
+        freqs, emb = model._rope(0, T), torch.zeros(D)
+        row = []
+        for running in (1.0, 0.97, 0.95, 0.9, 0.8, 0.6, 0.3):
+            halted = torch.rand(B, T, generator=g) >= running
+
+            def dense():
+                rec._dense_step(_LoopState(h, halted, torch.zeros(B, T)), 1, emb, e, freqs, True, None, "latent", 0.0, None)
+
+            def sparse():
+                rec._sparse_step(_LoopState(h, halted, torch.zeros(B, T)), 1, emb, e, freqs, True, None, "latent", 0.0, None)
+
+            times = {dense: [], sparse: []}
+            with torch.no_grad():
+                dense(), sparse()
+                for _ in range(repeats):
+                    for fn in (dense, sparse):
+                        t0 = time.process_time()  # CPU time of this process: others' load barely moves it
+                        fn()
+                        times[fn].append(time.process_time() - t0)
+            row.append(f"{running:.0%}: {min(times[dense]) / min(times[sparse]):.2f}")  # min: least disturbed by load
+        print(f"  {name:<8} B={B:<4} T={T:<3} " + "  ".join(row))
+
+
+def main() -> None:
+    from mythos_probe.tasks import ChainTask
+    from mythos_probe.trained import load_trained_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="T=256 on the dim-256 model (minutes on 2 cores)")
+    ap.add_argument("--rule", action="store_true", help="measure the compaction rule instead")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rule:
+        rule(max(args.repeats, 15))
+        return
+    batches = (1, 16, 256)
+    shipped, _ = load_trained_model()
+    task = ChainTask(seed=3)
+    report("shipped chains model, chains of 8 steps", shipped, lambda b: task.batch(b, 8).input_ids, batches,
+           n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats)
+    torch.manual_seed(0)
+    bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+    seq = 256 if args.full else 32
+    g = torch.Generator().manual_seed(0)
+    report(f"random dim-256 model (bench preset), T={seq}", bench,
+           lambda b: torch.randint(0, bench.cfg.vocab_size, (b, seq), generator=g), batches,
+           n_loops=bench.cfg.max_loop_iters, repeats=args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Exited positions stop costing compute: the compacted loop (`compact_below` above 1, so every
+iteration after the first gathers the running rows) gives the logits of the masked loop
+(`compact_below=0`, every row every iteration) within 1e-6, for each exit policy, GQA and MLA,
+prefill and KV-cached decode, while running fewer rows through the block."""
+
+import pytest
+import torch
+
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+TOL = 1e-6
+ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(5))
+
+
+def make(variant: str) -> LoopedTransformer:
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig.variant(variant)).eval()
+    with torch.no_grad():
+        m.recurrent.injection.log_A.normal_(0, 1)
+        # ACT halts positions at different iterations (and whole sequences before the last one)
+        std, bias = (0.3, -1.5) if variant == "tiny-gqa" else (0.09, -1.0)
+        m.recurrent.act.halt.weight.normal_(0, std)
+        m.recurrent.act.halt.bias.fill_(bias)
+    return m
+
+
+def thresholds(m: LoopedTransformer) -> dict:
+    """Thresholds that stop some positions at iteration 1 or 2, not all (from a full-depth run)."""
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=3, exit="fixed", names_filter="recurrent.hook_state_out")
+        states = cache.stack("recurrent.hook_state_out")
+        residual = (states[2] - states[1]).norm(dim=-1) / states[2].norm(dim=-1)
+        lens = [m.coda_lens(states[t]) for t in (0, 1)]
+    kl = (lens[1].exp() * (lens[1] - lens[0])).sum(-1)
+    return {"act": None, "latent": float(residual.median()), "kl": float(kl.median())}
+
+
+def both(m: LoopedTransformer, run) -> tuple[torch.Tensor, int, torch.Tensor, int]:
+    with torch.no_grad():
+        m.recurrent.compact_below = 0.0
+        masked = run()
+        masked_rows = m.last_forward["row_iterations"]
+        m.recurrent.compact_below = 2.0
+        compact = run()
+        compact_rows = m.last_forward["row_iterations"]
+    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    return masked, masked_rows, compact, compact_rows
+
+
+@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-mla"])
+def model(request):
+    m = make(request.param)
+    return m, thresholds(m)
+
+
+@pytest.mark.parametrize("exit", ["act", "latent", "kl"])
+def test_compacted_prefill_equals_the_masked_loop(model, exit):
+    m, th = model
+    masked, masked_rows, compact, compact_rows = both(m, lambda: m(ids, n_loops=8, exit=exit, exit_threshold=th[exit]))
+    torch.testing.assert_close(compact, masked, atol=TOL, rtol=0)
+    assert compact_rows < masked_rows  # rows really left the loop
+
+
+@pytest.mark.parametrize("exit", ["latent", "kl"])
+def test_compacted_kv_cached_decode_equals_the_masked_loop(model, exit):
+    m, th = model
+
+    def decode():
+        kv: dict = {}
+        outs = [m(ids[:, :8], n_loops=6, exit=exit, exit_threshold=th[exit], kv_cache=kv)]
+        rows = m.last_forward["row_iterations"]
+        for i in range(8, 12):
+            outs.append(m(ids[:, i : i + 1], n_loops=6, exit=exit, exit_threshold=th[exit], kv_cache=kv, start_pos=i))
+            rows += m.last_forward["row_iterations"]
+        m.last_forward["row_iterations"] = rows
+        return torch.cat(outs, dim=1)
+
+    masked, masked_rows, compact, compact_rows = both(m, decode)
+    torch.testing.assert_close(compact, masked, atol=TOL, rtol=0)
+    assert compact_rows < masked_rows
+
+
+def test_act_with_a_kv_cache_runs_every_row(model):
+    """A halted ACT position keeps updating the keys later tokens read: nothing can leave."""
+    m, _ = model
+    masked, masked_rows, compact, compact_rows = both(m, lambda: m(ids, n_loops=6, kv_cache={}))
+    torch.testing.assert_close(compact, masked, atol=0, rtol=0)
+    assert compact_rows == masked_rows == 6 * ids.numel()
+
+
+def test_a_hooked_loop_runs_masked_so_hooks_see_every_position(model):
+    m, th = model
+    with torch.no_grad():
+        m.recurrent.compact_below = 2.0
+        _, cache = m.run_with_cache(ids, n_loops=8, exit="latent", exit_threshold=th["latent"])
+    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    assert m.last_forward["row_iterations"] == m.last_forward["iterations"] * ids.numel()
+    assert cache["recurrent.block.ffn.hook_topk_idx", 3].shape[0] == ids.numel()
+
+
+def test_row_iterations_count_the_positions_still_running(model):
+    """Independent count: per iteration, the positions not yet exited after the one before."""
+    m, th = model
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=8, exit="latent", exit_threshold=th["latent"],
+                                    names_filter="recurrent.hook_halted")
+        halted = cache.stack("recurrent.hook_halted")  # (I, B, T)
+        m.recurrent.compact_below = 2.0
+        m(ids, n_loops=8, exit="latent", exit_threshold=th["latent"])
+    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    running = ids.numel() + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
+    assert m.last_forward["row_iterations"] == running
