@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 
+from mythos_probe.collectors.otlp_decode import Limits
 from mythos_probe.collectors.receiver import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Receiver
 from mythos_probe.collectors.store import Store
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Store(args.store) as store:
-        receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
+        receiver = Receiver(store, args.host, args.port, args.token, Limits(max_body_bytes=args.max_body_bytes))
         dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()
         # Tests and scripts read these lines to learn the ports when they were given as 0.
