@@ -70,6 +70,9 @@ class Store:
                 self.schema_version = migrations.check(self._con, str(self.path), writable=False)
             else:
                 self.schema_version = migrations.migrate(self._con, str(self.path))
+        except duckdb.Error as exc:  # a truncated or damaged file fails on its first read, not on connect
+            self._con.close()
+            raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None
         except BaseException:
             self._con.close()
             raise
