@@ -242,6 +242,7 @@ class Receiver:
         self._server = _Server((host, port), _Handler)
         self._server.receiver = self
         self._thread: threading.Thread | None = None
+        self._serving = False
 
     @property
     def host(self) -> str:
@@ -262,18 +263,21 @@ class Receiver:
             self.rejected_requests += rejected
 
     def start(self) -> "Receiver":
+        self._serving = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-receiver", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        self._serving = True
         self._server.serve_forever()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._serving:  # shutdown() would wait forever for a loop never started
+            self._server.shutdown()
         if self._thread is not None:
             self._thread.join()
+        self._server.server_close()
 
     def __enter__(self) -> "Receiver":
         return self.start()

@@ -6,6 +6,8 @@ needs `--token`). The dashboard runs in the same process, reading the same `Stor
 Either port may be 0 (a free one); the two startup lines name the ports bound. SIGTERM or Ctrl+C
 stops both servers and closes the store. A store that cannot be opened, a port in use or a public
 bind without a token stop it before it serves, with one line on stderr and exit status 2.
+`--prometheus PORT` also serves the loop metrics of every stored forward for Prometheus to scrape
+(`prometheus.LoopMetrics`), on 127.0.0.1 like the dashboard.
 
 This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_probe.dashboards`).
 """
@@ -13,6 +15,7 @@ This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import socket
 import sys
@@ -34,6 +37,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger requests get 413")
     parser.add_argument("--dashboard-port", type=int, default=8050, help="dashboard port on 127.0.0.1")
     parser.add_argument("--no-dashboard", action="store_true", help="only receive and store")
+    parser.add_argument("--prometheus", type=int, metavar="PORT", default=None,
+                        help="serve loop metrics for Prometheus on 127.0.0.1:PORT/metrics (0 picks a free one)")
 
 
 def wsgi_server(app, host: str, port: int, flag: str = "--port"):
@@ -60,29 +65,42 @@ def _dashboard(store: Store, port: int):
     return wsgi_server(create_app(store, live=True).server, "127.0.0.1", port, "--dashboard-port")
 
 
+def _metrics(port: int):
+    from mythos_probe.collectors.prometheus import LoopMetrics
+
+    try:
+        return LoopMetrics(port)
+    except OSError as exc:
+        raise CommandError(f"cannot serve Prometheus metrics on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                           "choose another --prometheus port") from None
+
+
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with Store(args.store) as store:
+    with contextlib.ExitStack() as stack:  # whatever was opened is closed, also when a later step fails
+        store = stack.enter_context(Store(args.store))
+        metrics = None if args.prometheus is None else stack.enter_context(_metrics(args.prometheus))
         try:
-            receiver = Receiver(store, args.host, args.port, args.token, Limits(max_body_bytes=args.max_body_bytes))
+            receiver = Receiver(store, args.host, args.port, args.token, Limits(max_body_bytes=args.max_body_bytes),
+                                on_stored=None if metrics is None else metrics.record)
         except OSError as exc:
             raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose another --port") from None
+        stack.callback(receiver.stop)
         dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()
         # Tests and scripts read these lines to learn the ports when they were given as 0.
         print(f"mythos-probe serve: OTLP/HTTP on {receiver.endpoint}/v1/traces, store {store.path}", flush=True)
         if dashboard is not None:
             threading.Thread(target=dashboard.serve_forever, name="dashboard", daemon=True).start()
+            stack.callback(dashboard.shutdown)
             print(f"mythos-probe serve: dashboard on http://127.0.0.1:{dashboard.port}", flush=True)
+        if metrics is not None:
+            print(f"mythos-probe serve: Prometheus metrics on {metrics.url}", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             pass
-        finally:
-            if dashboard is not None:
-                dashboard.shutdown()
-            receiver.stop()
     return 0
 
 
