@@ -139,6 +139,9 @@ def _doubles(array: ArrayValue, n: int) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=_DOUBLE_RECORD)["value"].copy()
 
 
+_SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
+
+
 class _Values:
     """AnyValue → Python under the request's limits: scalars, lists, dicts, double[] as float64."""
 
@@ -160,7 +163,12 @@ class _Values:
             raise ValueError(f"{where}: values nest deeper than {self.limits.max_depth} levels")
         if len(pairs) > self.limits.max_attributes:
             raise TooLarge(f"{where}: {len(pairs)} attributes, more than the limit of {self.limits.max_attributes}")
-        return {kv.key: self.any(kv.value, f"{where} {kv.key}", depth) for kv in pairs}
+        out = {}
+        for kv in pairs:  # ~80 per forward span, most of them scalars: those are read inline
+            value = kv.value
+            kind = value.WhichOneof("value")
+            out[kv.key] = getattr(value, kind) if kind in _SCALARS else self.any(value, f"{where} {kv.key}", depth)
+        return out
 
     def array(self, array: ArrayValue, where: str, depth: int) -> list | np.ndarray:
         if depth > self.limits.max_depth:
