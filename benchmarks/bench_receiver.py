@@ -1,16 +1,17 @@
 """Spans/s through the OTLP/HTTP receiver with concurrent senders on loopback.
 
 One run, printed figures; not a test. Usage (from the repo root): .venv/bin/python -m benchmarks.bench_receiver
-Each line: 4 senders each posting protobuf requests of `per request` forward spans (batch 1 × 16
-positions, 8 loops) over one keep-alive connection; the clock covers every request answered (200)
-and committed.
+Each line: 4 sender processes (as remote workers are; sender threads would share the receiver's
+GIL) each posting protobuf requests of forward spans (batch 1 × 16 positions, 8 loops) over one
+keep-alive connection; the clock runs from their common start until every request is answered
+(200) and committed.
 """
 
 from __future__ import annotations
 
 import http.client
+import multiprocessing
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -23,8 +24,20 @@ SENDERS = 4
 CASES = (("summary", 20, 100), ("summary", 25, 1), ("positions", 20, 100))  # detail, requests per sender, spans per request
 
 
+def _send(port: int, bodies: list[bytes], start) -> None:
+    start.wait()
+    con = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    for body in bodies:
+        con.request("POST", "/v1/traces", body=body, headers={"Content-Type": "application/x-protobuf"})
+        resp = con.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise SystemExit(f"status {resp.status}")
+    con.close()
+
+
 def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) -> float:
-    """Spans/s for `senders` threads each posting `requests` requests of `per_request` spans."""
+    """Spans/s for `senders` processes each posting `requests` requests of `per_request` spans."""
     base = make_trace(0, batch=1, seq_len=16, n_loops=8, detail=detail)
     bodies = [
         [
@@ -37,24 +50,21 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) ->
         ]
         for k in range(senders)
     ]
-    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store, Receiver(store, port=0) as rx:
-
-        def send(k: int) -> None:
-            con = http.client.HTTPConnection(rx.host, rx.port, timeout=60)
-            for body in bodies[k]:
-                con.request("POST", "/v1/traces", body=body, headers={"Content-Type": "application/x-protobuf"})
-                resp = con.getresponse()
-                resp.read()
-                assert resp.status == 200, resp.status
-            con.close()
-
-        threads = [threading.Thread(target=send, args=(k,)) for k in range(senders)]
-        start = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        elapsed = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store:
+        receiver = Receiver(store, port=0)  # bound, so the forked senders know the port
+        # fork: the senders need only http.client and their bodies, already in memory
+        context = multiprocessing.get_context("fork")
+        start = context.Barrier(senders + 1)
+        procs = [context.Process(target=_send, args=(receiver.port, bodies[k], start)) for k in range(senders)]
+        for proc in procs:
+            proc.start()
+        with receiver:
+            start.wait()
+            t0 = time.perf_counter()
+            for proc in procs:
+                proc.join()
+            elapsed = time.perf_counter() - t0
+        assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
         stored = store.query("SELECT count(*) AS n FROM forwards").n[0]
     total = senders * requests * per_request
     assert stored == total, (stored, total)
