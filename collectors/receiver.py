@@ -117,8 +117,13 @@ class _GroupCommit:
         return job.new
 
     def _commit(self, group: list[_Job]) -> None:
+        traces, rows = [t for j in group for t in j.traces], [r for j in group for r in j.rows]
         try:
-            new = self.store.write_new([t for j in group for t in j.traces], [r for j in group for r in j.rows])
+            if hasattr(self.store, "write_new"):
+                new = self.store.write_new(traces, rows)
+            else:  # a store that dedupes when it flushes (ParquetStore): every forward counts as new
+                self.store.write(traces, rows)
+                new = traces
         except Exception as exc:
             for job in group:
                 job.error, job.done = exc, True
@@ -283,6 +288,7 @@ class Receiver:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         token: str | None = None,
+        *,
         limits: Limits = Limits(),
         on_stored: Callable[[Sequence[LoopTrace]], None] | None = None,
     ) -> None:

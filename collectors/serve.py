@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         store = stack.enter_context(Store(args.store))
         metrics = None if args.prometheus is None else stack.enter_context(_metrics(args.prometheus))
         try:
-            receiver = Receiver(store, args.host, args.port, args.token, Limits(max_body_bytes=args.max_body_bytes),
+            receiver = Receiver(store, args.host, args.port, args.token, limits=Limits(max_body_bytes=args.max_body_bytes),
                                 on_stored=None if metrics is None else metrics.record)
         except OSError as exc:
             raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose another --port") from None
