@@ -26,10 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import duckdb
+
+from mythos_probe.cli import CommandError
 from mythos_probe.collectors import spans
 from mythos_probe.collectors.parquet_store import open_read_only
 from mythos_probe.collectors.schema import TABLES
-from mythos_probe.collectors.store import SchemaError, Store, StoreError
+from mythos_probe.collectors.store import Store
 from mythos_probe.records import FORWARD_METRIC_NAMES, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
 HELP = "export a store to partitioned Parquet or over OTLP"
@@ -209,24 +212,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if not (args.parquet or args.otlp):
-        raise SystemExit("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
-    try:
-        store = open_read_only(args.store)
-    except (StoreError, SchemaError) as exc:
-        print(f"mythos-probe export: {exc}", file=sys.stderr)
-        return 2
-    with store:
-        if args.parquet:
-            folders = export_parquet(store, args.parquet)
-            print(json.dumps({t: str(p) for t, p in folders.items()}))
-        if args.otlp:
-            t0 = time.perf_counter()
-            replay = export_otlp(store, args.otlp)
-            print(f"replayed {replay.forwards:,} forwards to {args.otlp} in {time.perf_counter() - t0:.1f} s: "
-                  f"{replay.delivered:,} spans delivered, {replay.not_delivered:,} not delivered")
-            if replay.not_delivered:
-                print(f"mythos-probe export: {replay.not_delivered:,} of {replay.forwards:,} spans were not delivered "
-                      f"to {args.otlp}: is an OTLP receiver (e.g. `mythos-probe serve`) listening there?",
-                      file=sys.stderr)
-                return 1
+        raise CommandError("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
+    with open_read_only(args.store) as store:
+        try:
+            return _export(store, args)
+        except duckdb.Error as exc:  # a page damaged past the catalog fails only when read
+            raise CommandError(f"{args.store} is not a readable DuckDB store (left untouched): {exc}") from None
+
+
+def _export(store, args: argparse.Namespace) -> int:
+    if args.parquet:
+        folders = export_parquet(store, args.parquet)
+        print(json.dumps({t: str(p) for t, p in folders.items()}))
+    if args.otlp:
+        t0 = time.perf_counter()
+        replay = export_otlp(store, args.otlp)
+        print(f"replayed {replay.forwards:,} forwards to {args.otlp} in {time.perf_counter() - t0:.1f} s: "
+              f"{replay.delivered:,} spans delivered, {replay.not_delivered:,} not delivered")
+        if replay.not_delivered:
+            print(f"mythos-probe export: {replay.not_delivered:,} of {replay.forwards:,} spans were not delivered "
+                  f"to {args.otlp}: is an OTLP receiver (e.g. `mythos-probe serve`) listening there?",
+                  file=sys.stderr)
+            return 1
     return 0

@@ -1,53 +1,56 @@
 """OTLP/HTTP trace receiver: `POST /v1/traces` (protobuf or JSON, optionally gzip) → the store.
 
-The receiver is the store's single writer in `mythos-probe serve`. It decodes each span with
-`rows.decode_span`, the same function the in-process `DuckDBSpanExporter` uses, so a forward
-received over OTLP produces exactly the rows a direct write does.
+The receiver is the store's single writer in `mythos-probe serve`. The body is decoded and checked
+by `otlp_decode` (the same `rows.decode_span` the in-process `DuckDBSpanExporter` uses, so a forward
+received over OTLP produces exactly the rows a direct write does); this module is the HTTP around it.
 
-Every request is answered and the server keeps serving: a body that is truncated, malformed,
-of another content type or not a valid record → 400; larger than `max_body_bytes` (before or
-after gzip) → 413; a missing or wrong `Authorization: Bearer <token>` when a token is set → 401;
-a store failure → 503 (OTLP clients retry on it). A request is acknowledged (200) only after its
-rows are committed. It binds loopback by default; binding any other address needs a token.
+Every request is answered, and the server keeps serving:
+- 200 once the request's rows are committed, all of them in one transaction;
+- 400 for a body that is truncated, malformed or not a consistent record (the message names the
+  span and the field; one bad forward rejects its whole request, nothing of it is stored);
+- 401 for a missing or wrong `Authorization: Bearer <token>` when a token is set;
+- 404 for a path other than /v1/traces, 405 for a method other than POST;
+- 411 without Content-Length or chunked transfer encoding;
+- 413 for a body over `Limits.max_body_bytes` (before or after gzip, with or without chunking) and
+  for counts over the other `Limits` (spans, attributes, array values, rows per request);
+- 415 for a content type other than protobuf or JSON, or a content encoding other than gzip;
+- 503 only when the store itself fails to write (OTLP exporters retry on it);
+- 500 for anything unexpected, logged with an id that the response repeats.
+It binds loopback by default; binding any other address needs a token.
 
-This module is not: the command line (`serve`), the span encoding (`spans`) or gRPC.
+This module is not: the decoder (`otlp_decode`), the command line (`serve`), the span encoding
+(`spans`) or gRPC.
 """
 
 from __future__ import annotations
 
-import base64
 import hmac
 import ipaddress
-import json
 import logging
+import re
+import secrets
 import threading
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable, Sequence
 
-import numpy as np
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
-from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from mythos_probe.collectors.rows import decode_span
+from mythos_probe.collectors import otlp_decode
+from mythos_probe.collectors.otlp_decode import JSON, PROTOBUF, Limits, TooLarge, Unsupported
 from mythos_probe.collectors.store import Store
+from mythos_probe.records import LoopTrace
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4318
-DEFAULT_MAX_BODY_BYTES = 64 * 2**20
-PROTOBUF = "application/x-protobuf"
-JSON = "application/json"
+DEFAULT_MAX_BODY_BYTES = Limits.max_body_bytes
 
 
-class BadRequest(ValueError):
+class _Reject(Exception):
+    """An HTTP-level refusal (auth, path, framing) with its status."""
+
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -62,120 +65,72 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-# A double[] element on the wire: AnyValue field 1 of ArrayValue (0x0a), length 9 (0x09), then
-# double_value, field 4 fixed64 (0x21), and its 8 little-endian bytes. A oneof member is written
-# even when it is 0.0, so an array of n doubles serialises to exactly n such 11-byte records.
-_DOUBLE_RECORD = np.dtype([("head", "S3"), ("value", "<f8")])
+_DIGITS = re.compile(r"[0-9]{1,20}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\r?\n")
 
 
-def _doubles(array: ArrayValue, n: int) -> np.ndarray | None:
-    """The array's n doubles read in one pass over its serialised bytes, or None if it is not
-    exactly n double records. Several times faster than one Python attribute access per element."""
-    raw = array.SerializeToString()
-    if len(raw) != 11 * n or raw[0::11] != b"\x0a" * n or raw[1::11] != b"\x09" * n or raw[2::11] != b"\x21" * n:
-        return None
-    return np.frombuffer(raw, dtype=_DOUBLE_RECORD)["value"].copy()
+class _Job:
+    """One request's decoded forwards and span rows, waiting for a group commit."""
+
+    def __init__(self, traces: list[LoopTrace], rows: list[dict]) -> None:
+        self.traces, self.rows = traces, rows
+        self.done = False
+        self.new: list[LoopTrace] = []
+        self.error: BaseException | None = None
 
 
-def _array(array: ArrayValue) -> list | np.ndarray:
-    values = array.values
-    if not values:
-        return []
-    # OTel arrays are homogeneous: read every element through the first one's field.
-    inner = values[0].WhichOneof("value")
-    if inner == "double_value":
-        doubles = _doubles(array, len(values))
-        if doubles is not None:
-            return doubles
-    if inner in ("array_value", "kvlist_value"):
-        return [any_value(v) for v in values]
-    return [getattr(v, inner) for v in values]
+class _GroupCommit:
+    """Writes the requests that arrive while a write is running together, in one transaction.
 
+    A DuckDB transaction costs about as much for one request as for four (measured in
+    `benchmarks/bench_receiver`), so concurrent senders share it: the first waiting request
+    writes every pending one, and each is answered after that commit. A request stays atomic
+    (all its rows commit or none) and is acknowledged only once committed; a store failure fails
+    every request of the group (503), as it would have failed each alone.
+    """
 
-def any_value(value: AnyValue) -> Any:
-    """An OTLP value as Python: scalars, lists, dicts, and double[] as a float64 numpy array."""
-    kind = value.WhichOneof("value")
-    if kind == "array_value":
-        return _array(value.array_value)
-    if kind == "kvlist_value":
-        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
-    return None if kind is None else getattr(value, kind)
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._cond = threading.Condition()
+        self._pending: list[_Job] = []
+        self._writing = False
 
+    def write(self, traces: list[LoopTrace], rows: list[dict]) -> list[LoopTrace]:
+        """The request's new forwards (not already stored) once committed; raises what the store raised."""
+        job = _Job(traces, rows)
+        with self._cond:
+            self._pending.append(job)
+            while self._writing and not job.done:
+                self._cond.wait()
+            if not job.done:  # no write running: this thread writes everything pending
+                self._writing = True
+                group, self._pending = self._pending, []
+        if not job.done:
+            try:
+                self._commit(group)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+        if job.error is not None:
+            raise job.error
+        return job.new
 
-def _hex(raw: bytes, size: int, what: str) -> str:
-    if len(raw) != size:
-        raise BadRequest(400, f"{what} must be {size} bytes, got {len(raw)}")
-    return raw.hex()
-
-
-def decode_request(request: ExportTraceServiceRequest):
-    """An OTLP export request → (LoopTraces, `spans` rows)."""
-    traces, rows = [], []
-    for resource_spans in request.resource_spans:
-        resource = {kv.key: any_value(kv.value) for kv in resource_spans.resource.attributes}
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                trace, row = decode_span(
-                    trace_id=_hex(span.trace_id, 16, "trace_id"),
-                    span_id=_hex(span.span_id, 8, "span_id"),
-                    parent_span_id=_hex(span.parent_span_id, 8, "parent_span_id") if span.parent_span_id else None,
-                    name=span.name,
-                    kind=Span.SpanKind.Name(span.kind).removeprefix("SPAN_KIND_"),
-                    start_ns=span.start_time_unix_nano,
-                    end_ns=span.end_time_unix_nano,
-                    status_code=Status.StatusCode.Name(span.status.code).removeprefix("STATUS_CODE_"),
-                    status_message=span.status.message,
-                    resource=resource,
-                    attributes={kv.key: any_value(kv.value) for kv in span.attributes},
-                )
-                if trace is not None:
-                    traces.append(trace)
-                rows.append(row)
-    return traces, rows
-
-
-def _hex_ids_to_base64(node: Any) -> None:
-    # OTLP/JSON writes ids as hex; protobuf's JSON mapping expects base64 for bytes fields.
-    if isinstance(node, dict):
-        for key in ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"):
-            if isinstance(node.get(key), str):
-                node[key] = base64.b64encode(bytes.fromhex(node[key])).decode()
-        for value in node.values():
-            _hex_ids_to_base64(value)
-    elif isinstance(node, list):
-        for value in node:
-            _hex_ids_to_base64(value)
-
-
-def parse_body(body: bytes, content_type: str) -> ExportTraceServiceRequest:
-    request = ExportTraceServiceRequest()
-    try:
-        if content_type == PROTOBUF:
-            request.ParseFromString(body)
-        elif content_type == JSON:
-            data = json.loads(body)
-            _hex_ids_to_base64(data)
-            json_format.ParseDict(data, request)
-        else:
-            raise BadRequest(400, f"content type must be {PROTOBUF} or {JSON}, got {content_type or 'none'!r}")
-    except (DecodeError, json_format.ParseError, ValueError, TypeError) as exc:
-        if isinstance(exc, BadRequest):
-            raise
-        raise BadRequest(400, f"malformed OTLP {content_type} body: {exc}") from None
-    return request
-
-
-def _gunzip(body: bytes, limit: int) -> bytes:
-    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = inflater.decompress(body, limit + 1)  # never inflate past the limit (gzip bombs)
-    except zlib.error as exc:
-        raise BadRequest(400, f"bad gzip body: {exc}") from None
-    if len(out) > limit:
-        raise BadRequest(413, f"body inflates past the {limit}-byte limit")
-    if not inflater.eof:
-        raise BadRequest(400, "truncated gzip body")
-    return out
+    def _commit(self, group: list[_Job]) -> None:
+        traces, rows = [t for j in group for t in j.traces], [r for j in group for r in j.rows]
+        try:
+            if hasattr(self.store, "write_new"):
+                new = self.store.write_new(traces, rows)
+            else:  # a store that dedupes when it flushes (ParquetStore): every forward counts as new
+                self.store.write(traces, rows)
+                new = traces
+        except Exception as exc:
+            for job in group:
+                job.error, job.done = exc, True
+            return
+        kept = {id(t) for t in new}
+        for job in group:
+            job.new, job.done = [t for t in job.traces if id(t) in kept], True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -191,6 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if status >= 400 and status != 401:
+            # The body may be unread (413, 411) or only partly read: the connection cannot carry on.
             self.send_header("Connection", "close")
             self.close_connection = True
         self.end_headers()
@@ -202,51 +158,111 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         receiver = self.server.receiver
         try:
-            if self.path.split("?", 1)[0] != "/v1/traces":
-                raise BadRequest(404, "only /v1/traces is served")
-            if receiver.token is not None:
-                given = self.headers.get("Authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {receiver.token}".encode()):
-                    self.close_connection = True
-                    raise BadRequest(401, "missing or wrong bearer token")
-            body = self._read_body(receiver.max_body_bytes)
-            encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
-            if encoding == "gzip":
-                body = _gunzip(body, receiver.max_body_bytes)
-            elif encoding != "identity":
-                raise BadRequest(400, f"unsupported content encoding {encoding!r}")
-            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            request = parse_body(body, content_type)
-            try:
-                traces, rows = decode_request(request)
-            except (KeyError, ValueError, TypeError) as exc:
-                raise BadRequest(400, f"span is not a valid LoopTrace: {exc!r}") from None
-            try:
-                receiver.store.write(traces, rows)
-            except Exception:
-                logger.exception("could not write %d spans", len(rows))
-                raise BadRequest(503, "store write failed; retry") from None
-            receiver.count(spans=len(rows))
-            response = ExportTraceServiceResponse()
-            if content_type == JSON:
-                self._reply(200, json_format.MessageToJson(response).encode(), JSON)
-            else:
-                self._reply(200, response.SerializeToString(), PROTOBUF)
-        except BadRequest as exc:
+            status, body, content_type = self._answer(receiver)
+        except Exception:  # a bug, never the sender's fault: answer, log with an id, keep serving
+            error_id = secrets.token_hex(4)
+            logger.exception("unexpected error %s answering %s", error_id, self.path)
+            status, body, content_type = 500, f"internal error {error_id}; see the receiver's log\n".encode(), "text/plain"
+        if status != 200:
             receiver.count(rejected=1)
-            self._reply(exc.status, (str(exc) + "\n").encode())
+        self._reply(status, body, content_type)
+
+    def _answer(self, receiver: "Receiver") -> tuple[int, bytes, str]:
+        """(status, body, content type) for this request; expected refusals never raise."""
+        try:
+            traces, rows, content_type = self._decode(receiver)
+        except _Reject as exc:
+            return exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+        except TooLarge as exc:
+            return 413, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+        except Unsupported as exc:
+            return 415, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+        except ValueError as exc:
+            return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+        try:
+            new = receiver.writer.write(traces, rows)
+        except Exception:
+            logger.exception("could not write %d spans", len(rows))
+            return 503, b"store write failed; retry\n", "text/plain; charset=utf-8"
+        receiver.count(spans=len(rows))
+        if receiver.on_stored is not None and new:
+            try:
+                receiver.on_stored(new)
+            except Exception:  # the rows are committed: a metrics failure must not make senders retry
+                logger.exception("on_stored failed for %d forwards", len(new))
+        response = ExportTraceServiceResponse()
+        if content_type == JSON:
+            return 200, json_format.MessageToJson(response).encode(), JSON
+        return 200, response.SerializeToString(), PROTOBUF
+
+    def _decode(self, receiver: "Receiver"):
+        limits = receiver.limits
+        if self.path.split("?", 1)[0] != "/v1/traces":
+            raise _Reject(404, "only /v1/traces is served")
+        if receiver.token is not None:
+            given = self.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {receiver.token}".encode()):
+                self.close_connection = True
+                raise _Reject(401, "missing or wrong bearer token")
+        # Checked before reading the body, so a wrong type costs the sender nothing to learn.
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type not in (PROTOBUF, JSON):
+            raise Unsupported(f"content type must be {PROTOBUF} or {JSON}, got {content_type or 'none'!r}")
+        encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+        if encoding not in ("gzip", "identity"):
+            raise Unsupported(f"content encoding must be gzip or identity, got {encoding!r}")
+        body = self._read_body(limits.max_body_bytes)
+        if encoding == "gzip":
+            body = otlp_decode.gunzip(body, limits.max_body_bytes)
+        traces, rows = otlp_decode.decode(otlp_decode.parse(body, content_type, limits), limits)
+        return traces, rows, content_type
 
     def _read_body(self, limit: int) -> bytes:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise BadRequest(400, "Content-Length is required")
+        chunked = self.headers.get("Transfer-Encoding")
+        if chunked is not None:
+            if length is not None:  # RFC 9112 §6.3: a request smuggling vector; refuse rather than guess
+                raise _Reject(400, "send either Content-Length or Transfer-Encoding, not both")
+            if chunked.strip().lower() != "chunked":
+                raise _Reject(400, f"transfer encoding must be chunked, got {chunked!r}")
+            return self._read_chunked(limit)
+        if length is None:
+            raise _Reject(411, "Content-Length or Transfer-Encoding: chunked is required")
+        if not _DIGITS.fullmatch(length.strip()):
+            raise _Reject(400, f"bad Content-Length {length[:40]!r}")
         size = int(length)
         if size > limit:
-            raise BadRequest(413, f"body of {size} bytes exceeds the {limit}-byte limit")
+            raise TooLarge(f"body of {size} bytes exceeds the {limit}-byte limit")
         body = self.rfile.read(size)
         if len(body) != size:
-            raise BadRequest(400, f"truncated body: {len(body)} of {size} bytes")
+            raise _Reject(400, f"truncated body: {len(body)} of {size} bytes")
         return body
+
+    def _read_chunked(self, limit: int) -> bytes:
+        """A chunked body (RFC 9112 §7.1), refused with 413 as soon as it passes `limit`."""
+        parts, size = [], 0
+        while True:
+            line = self.rfile.readline(1024)
+            match = _CHUNK_SIZE.fullmatch(line)
+            if match is None:
+                raise _Reject(400, f"bad chunk size line {line[:40]!r}")
+            n = int(match.group(1), 16)
+            if n == 0:
+                break
+            size += n
+            if size > limit:
+                raise TooLarge(f"chunked body exceeds the {limit}-byte limit")
+            data = self.rfile.read(n)
+            if len(data) != n or self.rfile.readline(3) not in (b"\r\n", b"\n"):
+                raise _Reject(400, "truncated or malformed chunk")
+            parts.append(data)
+        for _ in range(64):  # trailer fields, ignored, up to the empty line that ends the message
+            line = self.rfile.readline(8192)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(parts)
+            if not line:
+                break
+        raise _Reject(400, "chunked body has no end")
 
 
 class _Server(ThreadingHTTPServer):
@@ -254,9 +270,17 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
     receiver: "Receiver"
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Only socket errors reach here (a sender that went away); the handler answers the rest.
+        logger.debug("connection from %s failed", client_address, exc_info=True)
+
 
 class Receiver:
-    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread."""
+    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread.
+
+    `on_stored`, when given, is called with the forwards each request added to the store (never
+    a retried duplicate), e.g. `LoopMetrics.record` for Prometheus.
+    """
 
     def __init__(
         self,
@@ -264,7 +288,9 @@ class Receiver:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         token: str | None = None,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        *,
+        limits: Limits = Limits(),
+        on_stored: Callable[[Sequence[LoopTrace]], None] | None = None,
     ) -> None:
         if not is_loopback(host) and not token:
             raise ValueError(
@@ -272,14 +298,17 @@ class Receiver:
                 "that every sender passes as `Authorization: Bearer <token>`"
             )
         self.store = store
+        self.writer = _GroupCommit(store)
         self.token = token or None
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.on_stored = on_stored
         self.received_spans = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()
         self._server = _Server((host, port), _Handler)
         self._server.receiver = self
         self._thread: threading.Thread | None = None
+        self._serving = False
 
     @property
     def host(self) -> str:
@@ -300,18 +329,21 @@ class Receiver:
             self.rejected_requests += rejected
 
     def start(self) -> "Receiver":
+        self._serving = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-receiver", daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
+        self._serving = True
         self._server.serve_forever()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._serving:  # shutdown() would wait forever for a loop never started
+            self._server.shutdown()
         if self._thread is not None:
             self._thread.join()
+        self._server.server_close()
 
     def __enter__(self) -> "Receiver":
         return self.start()

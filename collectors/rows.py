@@ -22,6 +22,8 @@ import pyarrow as pa
 from mythos_probe.collectors.schema import RECORD_V2_COLUMNS, TABLES
 from mythos_probe.collectors.spans import (
     FORWARD_SPAN_NAME,
+    ATTR_EXPERT_LOAD,
+    ITERATION_ATTRS,
     POSITION_LEVEL_ATTRS,
     attributes_to_trace,
     is_loop_span,
@@ -40,6 +42,9 @@ _ARROW_TYPES = {
 }
 
 
+_TABLE_ATTRS = POSITION_LEVEL_ATTRS | frozenset(ITERATION_ATTRS.values()) | {ATTR_EXPERT_LOAD}
+
+
 def arrow_schema(table: str) -> pa.Schema:
     return pa.schema([(name, _ARROW_TYPES[typ]) for name, typ in TABLES[table]])
 
@@ -51,7 +56,13 @@ def json_value(value: Any) -> Any:
     checked inline rather than by a call per element, since a span carries dozens of them.
     """
     if isinstance(value, np.ndarray):
-        value = value.tolist()
+        if value.dtype.kind == "f":  # the receiver's double[]: replace the non-finite in one pass
+            finite = np.isfinite(value)
+            if not finite.all():
+                boxed = value.astype(object)
+                boxed[~finite] = None
+                return boxed.tolist()
+        return value.tolist()
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
@@ -80,9 +91,11 @@ def span_row(
     resource: Mapping[str, Any],
     attributes: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """One `spans` row. A forward span's per-position arrays are left out: `positions` holds them."""
+    """One `spans` row. A forward span's arrays are left out: the `positions`, `iterations` and
+    `experts` tables hold them, typed and with their NaNs (JSON would null them); encoding them as
+    JSON again was the receiver's largest cost."""
     if name == FORWARD_SPAN_NAME:
-        attributes = {k: v for k, v in attributes.items() if k not in POSITION_LEVEL_ATTRS}
+        attributes = {k: v for k, v in attributes.items() if k not in _TABLE_ATTRS}
     return {
         "trace_id": trace_id,
         "span_id": span_id,
@@ -154,6 +167,8 @@ class _Columns:
 
     def __init__(self, table: str) -> None:
         self.schema = arrow_schema(table)
+        # looked up once: `add` runs once per metric per forward, ~40 times per span
+        self.dtypes = {f.name: f.type.to_pandas_dtype() for f in self.schema}
         self.traces: list[LoopTrace] = []  # one dictionary entry per forward for the id columns
         self.id_index: list[np.ndarray] = []
         self.values: dict[str, list[np.ndarray]] = {}
@@ -169,7 +184,7 @@ class _Columns:
         self.n += n
 
     def add(self, name: str, values: np.ndarray | None, n: int) -> None:
-        dtype = self.schema.field(name).type.to_pandas_dtype()
+        dtype = self.dtypes[name]
         if values is None:
             self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))
             self.masks.setdefault(name, []).append(np.ones(n, dtype=bool))

@@ -4,7 +4,10 @@ Remote workers export OTLP/HTTP to `--host:--port` (127.0.0.1:4318 by default; a
 needs `--token`). The dashboard runs in the same process, reading the same `Store`, on
 127.0.0.1:`--dashboard-port`: it has no authentication of its own, so it never leaves loopback.
 Either port may be 0 (a free one); the two startup lines name the ports bound. SIGTERM or Ctrl+C
-stops both servers and closes the store.
+stops both servers and closes the store. A store that cannot be opened, a port in use or a public
+bind without a token stop it before it serves, with one line on stderr and exit status 2.
+`--prometheus PORT` also serves the loop metrics of every stored forward for Prometheus to scrape
+(`prometheus.LoopMetrics`), on 127.0.0.1 like the dashboard.
 
 With `--parquet DIR` it writes a Parquet store folder instead (`parquet_store`), buffering what
 arrives into one file set every few seconds; other writers may add to the same folder.
@@ -15,10 +18,14 @@ This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
+import socket
 import sys
 import threading
 
+from mythos_probe.cli import CommandError
+from mythos_probe.collectors.otlp_decode import Limits
 from mythos_probe.collectors.receiver import DEFAULT_HOST, DEFAULT_MAX_BODY_BYTES, DEFAULT_PORT, Receiver
 from mythos_probe.collectors.parquet_store import ParquetStore
 from mythos_probe.collectors.store import Store
@@ -39,41 +46,72 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger requests get 413")
     parser.add_argument("--dashboard-port", type=int, default=8050, help="dashboard port on 127.0.0.1")
     parser.add_argument("--no-dashboard", action="store_true", help="only receive and store")
+    parser.add_argument("--prometheus", type=int, metavar="PORT", default=None,
+                        help="serve loop metrics for Prometheus on 127.0.0.1:PORT/metrics (0 picks a free one)")
+
+
+def wsgi_server(app, host: str, port: int, flag: str = "--port"):
+    """A threaded werkzeug server for `app` on host:port, bound (so port 0 resolves) but not yet
+    serving. The socket is bound here: werkzeug would print and `sys.exit` on a port in use."""
+    from werkzeug.serving import make_server
+
+    try:
+        sock = socket.create_server((host, port))
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another {flag}") from None
+    with sock:  # werkzeug serves on a duplicate of the descriptor
+        return make_server(host, port, app, threaded=True, fd=sock.fileno())
 
 
 def _dashboard(store: Store, port: int):
-    """The live dashboard's WSGI server, bound (so port 0 resolves) but not yet serving."""
+    """The live dashboard's WSGI server on 127.0.0.1, bound but not yet serving."""
     try:
-        from werkzeug.serving import make_server
-
         from mythos_probe.dashboards.app import create_app
     except ImportError as exc:
-        raise SystemExit(
+        raise CommandError(
             f"the dashboard is not available ({exc}); install mythos-probe[dashboard] or pass --no-dashboard"
         ) from None
-    return make_server("127.0.0.1", port, create_app(store, live=True).server, threaded=True)
+    return wsgi_server(create_app(store, live=True).server, "127.0.0.1", port, "--dashboard-port")
+
+
+def _metrics(port: int):
+    from mythos_probe.collectors.prometheus import LoopMetrics
+
+    try:
+        return LoopMetrics(port)
+    except OSError as exc:
+        raise CommandError(f"cannot serve Prometheus metrics on 127.0.0.1:{port} ({exc.strerror or exc}); "
+                           "choose another --prometheus port") from None
 
 
 def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with (Store(args.store) if args.store else ParquetStore(args.parquet, flush_seconds=PARQUET_FLUSH_SECONDS)) as store:
-        receiver = Receiver(store, args.host, args.port, args.token, args.max_body_bytes)
+    with contextlib.ExitStack() as stack:  # whatever was opened is closed, also when a later step fails
+        store = stack.enter_context(
+            Store(args.store) if args.store else ParquetStore(args.parquet, flush_seconds=PARQUET_FLUSH_SECONDS)
+        )
+        metrics = None if args.prometheus is None else stack.enter_context(_metrics(args.prometheus))
+        try:
+            receiver = Receiver(store, args.host, args.port, args.token, limits=Limits(max_body_bytes=args.max_body_bytes),
+                                on_stored=None if metrics is None else metrics.record)
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {args.host}:{args.port} ({exc.strerror or exc}); choose another --port") from None
+        stack.callback(receiver.stop)
         dashboard = None if args.no_dashboard else _dashboard(store, args.dashboard_port)
         receiver.start()
         # Tests and scripts read these lines to learn the ports when they were given as 0.
         print(f"mythos-probe serve: OTLP/HTTP on {receiver.endpoint}/v1/traces, store {store.path}", flush=True)
         if dashboard is not None:
             threading.Thread(target=dashboard.serve_forever, name="dashboard", daemon=True).start()
-            print(f"mythos-probe serve: dashboard on http://127.0.0.1:{dashboard.server_port}", flush=True)
+            stack.callback(dashboard.shutdown)
+            print(f"mythos-probe serve: dashboard on http://127.0.0.1:{dashboard.port}", flush=True)
+        if metrics is not None:
+            print(f"mythos-probe serve: Prometheus metrics on {metrics.url}", flush=True)
         try:
             stop.wait()
         except KeyboardInterrupt:
             pass
-        finally:
-            if dashboard is not None:
-                dashboard.shutdown()
-            receiver.stop()
     return 0
 
 

@@ -70,6 +70,9 @@ class Store:
                 self.schema_version = migrations.check(self._con, str(self.path), writable=False)
             else:
                 self.schema_version = migrations.migrate(self._con, str(self.path))
+        except duckdb.Error as exc:  # a truncated or damaged file fails on its first read, not on connect
+            self._con.close()
+            raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None
         except BaseException:
             self._con.close()
             raise
@@ -108,7 +111,12 @@ class Store:
         return self.write(traces, [trace_span_row(t, resource) for t in traces])
 
     def write(self, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]]) -> int:
-        """Store decoded forwards and raw span rows in one transaction, skipping known keys."""
+        """Store decoded forwards and raw span rows in one transaction, skipping known keys;
+        returns the number of new forwards."""
+        return len(self.write_new(traces, span_rows))
+
+    def write_new(self, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]]) -> list[LoopTrace]:
+        """As `write`, returning the forwards that were new (not already stored)."""
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
         with self._write_lock:
@@ -128,9 +136,9 @@ class Store:
         return new
 
     @staticmethod
-    def _insert_new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any], build) -> int:
+    def _insert_new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any], build) -> list:
         if not items:
-            return 0
+            return []
 
         def key(item: Any) -> tuple[str, str]:
             return (item["trace_id"], item["span_id"]) if isinstance(item, Mapping) else (item.trace_id, item.span_id)
@@ -148,7 +156,7 @@ class Store:
                 seen.add(k)
                 kept.append(item)
         if not kept:
-            return 0
+            return []
         for table, arrow in build(kept).items():
             if arrow.num_rows:
                 cur.register("_batch", arrow)
@@ -156,4 +164,4 @@ class Store:
                     cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
                 finally:
                     cur.unregister("_batch")
-        return len(kept)
+        return kept

@@ -9,13 +9,14 @@ This module is not a view (see `pages/`), runs no SQL (`queries.py`) and does no
 from __future__ import annotations
 
 import re
+import threading
 
 import dash
 from dash import ALL, Input, Output, State, ctx, dcc, html, no_update
 
 from mythos_probe.dashboards import filters, urlstate
 from mythos_probe.dashboards.components import message, register_csv
-from mythos_probe.dashboards.pages import PAGES
+from mythos_probe.dashboards.pages import PAGES, lens
 from mythos_probe.dashboards.theme import CSS
 
 LIVE_INTERVAL_MS = 2000
@@ -104,6 +105,11 @@ def create_app(store, live: bool = False, *, problem: str | None = None) -> dash
         filters.register(app, store)
         for page in PAGES:
             page.register(app, store)
+        if not live:
+            # A read-only store does not change: replay the default what-if once in the background so
+            # the first visit finds it cached. A live store's next forward would void that replay, and
+            # its writer may close the store at any time (serve on a port in use), so it runs none.
+            threading.Thread(target=lens.prewarm, args=(store,), name="whatif-prewarm", daemon=True).start()
     register_csv(app)
     app.callback(Output("app-page", "children"), Input("app-url", "pathname"), State("app-url", "search"))(
         lambda path, search: route(path, problem, search, store))

@@ -37,8 +37,7 @@ def open_store(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from werkzeug.serving import make_server
-
+    from mythos_probe.collectors.serve import wsgi_server
     from mythos_probe.dashboards.app import create_app
 
     store, problem = open_store(args.file)
@@ -46,8 +45,13 @@ def run(args: argparse.Namespace) -> int:
         store.query(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     if problem:
         print(f"mythos-probe dashboard: {problem}", file=sys.stderr)
-    server = make_server(args.host, args.port, create_app(store, problem=problem).server, threaded=True)
-    print(f"mythos-probe dashboard: http://{args.host}:{server.server_port}/  (Ctrl+C to stop)", flush=True)
+    try:
+        server = wsgi_server(create_app(store, problem=problem).server, args.host, args.port)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    print(f"mythos-probe dashboard: http://{args.host}:{server.port}/  (Ctrl+C to stop)", flush=True)
     try:
         server.serve_forever()
     finally:

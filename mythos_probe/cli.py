@@ -3,12 +3,17 @@
 
 Subcommand modules are imported only when their subcommand runs (or for `--help`), and must not
 import torch at module level unless they need the model: `serve` and `dashboard` stay light.
+
+Expected failures (a store that cannot be opened or is damaged, a port in use, a refused setting,
+a `CommandError`) print one line, `mythos-probe COMMAND: what went wrong`, and exit with status 2;
+the traceback is shown only with `--debug`. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 SUBCOMMANDS = {
@@ -20,11 +25,25 @@ SUBCOMMANDS = {
 }
 
 
+class CommandError(Exception):
+    """A failure the user can fix, raised by a subcommand: printed as one line, exit status 2."""
+
+
+def _expected() -> tuple[type[BaseException], ...]:
+    # Imported here, after a failure, so that `--help` and `variants` never load DuckDB.
+    import duckdb
+
+    from mythos_probe.collectors.store import SchemaError, StoreError
+
+    return (CommandError, StoreError, SchemaError, duckdb.Error, OSError, ValueError)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mythos-probe",
         description="Observability and interpretability for looped (recurrent-depth) transformers.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -39,10 +58,17 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
+    if args.debug:
+        logging.basicConfig(level=logging.DEBUG)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        if args.debug or not isinstance(exc, _expected()):
+            raise
+        print(f"mythos-probe {args.command}: {exc} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

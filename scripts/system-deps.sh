@@ -1,14 +1,25 @@
 #!/usr/bin/env bash
-# System packages the browser tests need: Debian's chromium and chromium-driver. Installed in CI
-# when missing; elsewhere only when we are root and apt-get exists, otherwise the browser tests
+# System packages some tests need: Debian's chromium and chromium-driver (browser tests) and
+# prometheus (the Prometheus interop test). Each is installed when missing: in CI always (failing
+# when it cannot be); elsewhere only when we are root and apt-get exists, otherwise those tests
 # skip with a reason.
 set -euo pipefail
-if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi
+need_browser=0 need_prometheus=0
+{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || need_browser=1
+command -v prometheus >/dev/null || need_prometheus=1
+if [ $need_browser = 0 ] && [ $need_prometheus = 0 ]; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "mythos-probe: installing chromium and chromium-driver for the browser tests…" >&2
   apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  if [ $need_browser = 1 ]; then
+    echo "mythos-probe: installing chromium and chromium-driver for the browser tests…" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  fi
+  if [ $need_prometheus = 1 ]; then
+    echo "mythos-probe: installing prometheus for the interop test…" >&2
+    # without recommends: the test runs the server binary itself and needs no node exporter
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  fi
 elif [ "${CI:-}" = "true" ]; then
-  echo "chromium and chromium-driver are missing and cannot be installed (need root and apt-get)" >&2
+  echo "chromium, chromium-driver or prometheus is missing and cannot be installed (need root and apt-get)" >&2
   exit 1
 fi

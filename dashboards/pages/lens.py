@@ -143,7 +143,9 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
 
 
 def prewarm(store) -> None:
-    """Replay the default selection once, so that the first visit to the page finds it cached."""
+    """Replay the default selection once, so that the first visit to the page finds it cached
+    (`create_app` runs it in the background for a read-only store: it reads every lens-sampled
+    position, seconds on a large store)."""
     try:
         cached_evaluate(store, queries.Selection(), None)
     except Exception:  # noqa: BLE001 — the page will run the replay itself and report any error
@@ -151,8 +153,6 @@ def prewarm(store) -> None:
 
 
 def register(app, store) -> None:
-    # In the background: the replay reads every lens-sampled position (seconds on a large store).
-    threading.Thread(target=prewarm, args=(store,), name="whatif-prewarm", daemon=True).start()
     outputs = [Output("lens-message", "children"), Output("lens-heatmap", "figure"),
                Output("lens-agreement", "figure"), Output("lens-pareto", "figure"), Output("lens-whatif", "children")]
     view_callback(app, store, outputs, ("criterion", "target", "tmin", "tmax"), update)

@@ -1,0 +1,125 @@
+"""Loop metrics for Prometheus: the OpenTelemetry Prometheus exporter serving `/metrics`.
+
+`LoopMetrics(port)` serves, on 127.0.0.1:port, what most dashboards ask of a looped model:
+- `recurrent_depth_iterations_used` (histogram, per token: loop iterations the token used; the
+  forward's `iterations` for every token when the record has no per-position counts);
+- `recurrent_depth_residual_at_exit` (histogram, per token: `rel_residual` at its exit, see
+  `histograms.residual_at_exit`);
+- `recurrent_depth_forwards_total`, `recurrent_depth_tokens_total` and `recurrent_depth_flops_total`
+  (counters; FLOPs from the record's `flops` forward metric; a forward without it, or with a
+  NaN or negative value, adds 0).
+The histogram buckets are `histograms.VIEWS` (one per loop count, log-spaced residuals).
+
+Labels: `model`, `endpoint` (the record's user attribute `endpoint`, "" when absent), `exit_policy`,
+`loop_name` and `kind`. The label set is bounded: after `max_label_sets` distinct combinations,
+a new one is counted under every label = "other" (and logged once), so a runaway attribute can
+never grow Prometheus's series without bound.
+
+Use it from `mythos-probe serve --prometheus PORT` (each forward the receiver stores, counted
+once even when a sender retries) or in a notebook as an `attach(on_trace=[...])` sink:
+
+    with LoopMetrics(port=9464) as metrics, mythos_probe.attach(model, on_trace=[metrics]):
+        model.generate(...)
+
+This module is not: the OTLP metrics path (`histograms.otlp_metric_reader`) or the receiver.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Iterable
+
+import numpy as np
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from prometheus_client import CollectorRegistry, start_http_server
+
+from mythos_probe.collectors import histograms
+from mythos_probe.records import LoopTrace
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9464  # the OpenTelemetry Prometheus exporter's registered default port
+LABELS = ("model", "endpoint", "exit_policy", "loop_name", "kind")
+OTHER = dict.fromkeys(LABELS, "other")
+
+
+class LoopMetrics:
+    """Loop histograms and counters of the forwards passed to `record`, served for Prometheus."""
+
+    def __init__(self, port: int = DEFAULT_PORT, max_label_sets: int = 200, service_name: str = "mythos-probe") -> None:
+        registry = CollectorRegistry()  # our own: two LoopMetrics in one process never clash
+        self._reader = PrometheusMetricReader(registry=registry)
+        self._provider = histograms.meter_provider(self._reader, service_name=service_name)
+        meter = self._provider.get_meter("mythos_probe")
+        self._iterations = meter.create_histogram(
+            histograms.ITERATIONS_USED, unit="{iteration}", description="loop iterations used per token")
+        self._residual = meter.create_histogram(
+            histograms.RESIDUAL_AT_EXIT, unit="1", description="relative residual at the token's exit")
+        self._forwards = meter.create_counter("recurrent_depth.forwards", unit="{forward}", description="forwards recorded")
+        self._tokens = meter.create_counter("recurrent_depth.tokens", unit="{token}", description="tokens (batch × seq) recorded")
+        self._flops = meter.create_counter("recurrent_depth.flops", unit="{flop}", description="estimated FLOPs of the forwards")
+        self.max_label_sets = max_label_sets
+        self._label_sets: set[tuple[str, ...]] = set()
+        self._lock = threading.Lock()
+        self._server, self._thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/metrics"
+
+    def _labels(self, trace: LoopTrace) -> dict[str, str]:
+        labels = {
+            "model": trace.model_id,
+            "endpoint": str(trace.attributes.get("endpoint", "")),
+            "exit_policy": trace.exit_policy,
+            "loop_name": trace.loop_name,
+            "kind": trace.kind,
+        }
+        key = tuple(labels.values())
+        with self._lock:
+            if key in self._label_sets:
+                return labels
+            if len(self._label_sets) < self.max_label_sets:
+                self._label_sets.add(key)
+                return labels
+            if len(self._label_sets) == self.max_label_sets:
+                logger.warning("more than %d label combinations; further ones are counted as 'other'", self.max_label_sets)
+                self._label_sets.add(tuple(OTHER.values()))
+        return OTHER
+
+    def record(self, traces: Iterable[LoopTrace]) -> None:
+        for trace in traces:
+            labels = self._labels(trace)
+            tokens = trace.batch * trace.seq_len
+            self._forwards.add(1, labels)
+            self._tokens.add(tokens, labels)
+            flops = trace.forward_metrics.get("flops", 0.0)
+            self._flops.add(flops if np.isfinite(flops) and flops > 0 else 0.0, labels)
+            if trace.position_iterations is not None:
+                used = trace.position_iterations.ravel().tolist()
+            else:
+                used = [trace.iterations] * tokens
+            for value in used:  # the OTel API takes one value per call
+                self._iterations.record(value, labels)
+            for value in histograms.residual_at_exit(trace).tolist():
+                self._residual.record(value, labels)
+
+    def __call__(self, trace: LoopTrace) -> None:
+        """A sink for `attach(on_trace=[...])`."""
+        self.record([trace])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._provider.shutdown()
+
+    def __enter__(self) -> "LoopMetrics":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,138 @@
+"""Interop: `mythos-probe serve --prometheus` scraped by a real Prometheus server (Debian's
+`prometheus`, loopback only); the values read back through Prometheus's HTTP query API equal the
+same aggregates computed here from the traces sent."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import numpy as np
+import pytest
+
+from mythos_probe.collectors.histograms import residual_at_exit
+from tests.collectors.factory import make_trace
+from tests.collectors.test_receiver import otlp_body, post
+from tests.conftest import need
+
+pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def traces():
+    """Two models, two endpoints, known FLOPs; one forward without per-position counts."""
+    out = []
+    for i in range(6):
+        t = make_trace(500 + i, detail="positions" if i % 2 else "summary", batch=2, seq_len=3, n_loops=5,
+                       model_id="mythos-a" if i < 4 else "mythos-b")
+        fields = {**t.__dict__, "forward_metrics": {**t.forward_metrics, "flops": 1e9 * (i + 1)},
+                  "attributes": {**t.attributes, "endpoint": "/chat" if i % 3 else "/complete"}}
+        if i == 5:
+            fields["position_iterations"] = None
+        out.append(type(t)(**fields))
+    return out
+
+
+@pytest.fixture
+def serve(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mythos_probe.cli", "serve", "--store", str(tmp_path / "s.duckdb"), "--port", "0",
+         "--no-dashboard", "--prometheus", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        otlp = proc.stdout.readline()
+        metrics = proc.stdout.readline()
+        assert "OTLP/HTTP on http://127.0.0.1:" in otlp and "Prometheus metrics on" in metrics, proc.stderr.read()
+        otlp_port = int(otlp.split("http://127.0.0.1:")[1].split("/")[0])
+        metrics_port = int(metrics.split("http://127.0.0.1:")[1].split("/")[0])
+        yield type("Target", (), {"host": "127.0.0.1", "port": otlp_port}), metrics_port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def prometheus(tmp_path, serve):
+    binary = shutil.which("prometheus")
+    need(binary is not None, "Debian's prometheus is not installed: run scripts/system-deps.sh")
+    _, metrics_port = serve
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: mythos\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+    )
+    port = free_port()
+    log = tmp_path / "prometheus.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):  # bounded: 60 s for a cold start on 2 loaded cores
+            if proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(url + "/-/ready", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        need(proc.poll() is None, f"Prometheus did not start: {log.read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def query(url: str, promql: str) -> dict[tuple, float]:
+    data = get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    assert data["status"] == "success", data
+    return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in data["data"]["result"]}
+
+
+def test_prometheus_scrapes_the_loop_metrics_of_every_stored_forward(serve, prometheus):
+    target, _ = serve
+    sent = traces()
+    body = otlp_body(sent).SerializeToString()
+    assert post(target, body)[0] == 200
+    assert post(target, body)[0] == 200  # a retried request: stored once, counted once
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        got = query(prometheus, "sum(recurrent_depth_forwards_total)")
+        if got and list(got.values())[0] == len(sent):
+            break
+        time.sleep(0.5)
+    assert query(prometheus, "sum(recurrent_depth_forwards_total)") == {(): len(sent)}
+
+    by_model = query(prometheus, "sum by (model) (recurrent_depth_forwards_total)")
+    assert by_model == {(("model", "mythos-a"),): 4, (("model", "mythos-b"),): 2}
+    by_endpoint = query(prometheus, "sum by (endpoint) (recurrent_depth_flops_total)")
+    expected = {}
+    for t in sent:
+        key = (("endpoint", t.attributes["endpoint"]),)
+        expected[key] = expected.get(key, 0.0) + t.forward_metrics["flops"]
+    assert by_endpoint == pytest.approx(expected)
+
+    used = np.concatenate([t.position_iterations.ravel() if t.position_iterations is not None
+                           else np.full(t.batch * t.seq_len, t.iterations) for t in sent])
+    assert query(prometheus, "sum(recurrent_depth_iterations_used_count)") == {(): len(used)}
+    assert query(prometheus, "sum(recurrent_depth_iterations_used_sum)") == {(): float(used.sum())}
+    le2 = query(prometheus, 'sum(recurrent_depth_iterations_used_bucket{le="2"})')
+    assert le2 == {(): float((used <= 2).sum())}
+    residuals = np.concatenate([residual_at_exit(t) for t in sent])
+    assert query(prometheus, "sum(recurrent_depth_residual_at_exit_sum)")[()] == pytest.approx(residuals.sum())
+    assert query(prometheus, "sum(recurrent_depth_tokens_total)") == {(): float(sum(t.batch * t.seq_len for t in sent))}
