@@ -107,13 +107,15 @@ def test_cross_rank_join_equals_the_sum_over_each_rank_traces(job):
                 key = (t["run_id"], t["step"])
                 loads, its, ranks = want.get(key, ([0] * len(t["expert_load"]), 0, 0))
                 want[key] = ([a + b for a, b in zip(loads, t["expert_load"])], max(its, t["iterations"]), ranks + 1)
-    for got in (frames.cross_rank(store), queries.cross_rank(store, queries.Selection())):
+    # training steps are `kind="training"` forwards, which the dashboard shows when asked (served by default)
+    assert queries.cross_rank(store, queries.Selection()).empty
+    for got in (frames.cross_rank(store), queries.cross_rank(store, queries.Selection(kinds=("training",)))):
         assert len(got) == len(want) * len(next(iter(want.values()))[0])
         for (run_id, step), (loads, iterations, ranks) in want.items():
             rows = got[(got.run_id == run_id) & (got.step == step)].sort_values("expert")
             assert rows["load"].tolist() == loads, (run_id, step)
             assert set(rows["iterations_max"]) == {iterations} and set(rows["ranks"]) == {ranks} == {2}
-    only = queries.cross_rank(store, queries.Selection(runs=(f"run-{reports[0]['job']}",)))
+    only = queries.cross_rank(store, queries.Selection(runs=(f"run-{reports[0]['job']}",), kinds=("training",)))
     assert set(only.run_id) == {f"run-{reports[0]['job']}"}
 
 
