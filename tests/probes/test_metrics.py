@@ -52,8 +52,14 @@ def test_convergence_metrics(setup):
     np.testing.assert_allclose(m["rel_residual"], rel.mean((1, 2)), rtol=1e-4)
     np.testing.assert_allclose(m["cos_step"], cos.mean((1, 2)), rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(trace.position_metrics["rel_residual"], rel.transpose(1, 2, 0), rtol=1e-4)
-    dist = np.linalg.norm(h - h[-1], axis=-1) / np.linalg.norm(h[-1], axis=-1)
-    np.testing.assert_allclose(m["dist_to_final"], dist.mean((1, 2)), rtol=1e-4, atol=1e-7)
+    # dist_to_final: at 4 evenly spaced positions of the 12, within the stated bfloat16 bound
+    sample = np.round(np.linspace(0, 11, 4)).astype(int)
+    hs = h[:, :, sample]
+    norm_final = np.linalg.norm(hs[-1], axis=-1)
+    dist = (np.linalg.norm(hs - hs[-1], axis=-1) / norm_final).mean((1, 2))
+    bound = 2.0**-8 * (np.linalg.norm(hs, axis=-1) / norm_final).mean((1, 2))
+    assert (np.abs(m["dist_to_final"] - dist) <= bound + 1e-6).all()
+    assert m["dist_to_final"][-1] == 0
     ortho = (d[1:] * d[:-1]).sum(-1) / (np.linalg.norm(d[1:], axis=-1) * np.linalg.norm(d[:-1], axis=-1))
     assert np.isnan(m["step_orthogonality"][0])
     np.testing.assert_allclose(m["step_orthogonality"][1:], ortho.mean((1, 2)), rtol=1e-4)
