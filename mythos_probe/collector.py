@@ -231,9 +231,10 @@ class ForwardCollector:
         parts = []
         if pos:
             maps = torch.stack(list(pos.values()))  # (M, B, T)
-            parts.append(maps.float().mean(dim=(1, 2)))
-            if self.detail == "positions":
-                f.maps.append((tuple(pos), maps))
+            parts.append(maps.mean(dim=(1, 2)))
+            if self.detail == "positions":  # keep only the maps that are position metrics
+                keep = [j for j, name in enumerate(pos) if name in POSITION_METRIC_NAMES]
+                f.maps.append((tuple(list(pos)[j] for j in keep), maps[keep]))
         if scalars:
             parts.append(torch.stack(list(scalars.values())).float())
         if parts:
