@@ -28,6 +28,7 @@ from mythos_probe.adapters import (
     is_open_mythos,
 )
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
+from mythos_probe.hooks import refuse_compiled
 from mythos_probe.records import DETAIL_LEVELS, LoopTrace
 
 __all__ = ["attach", "LoopSpec", "Recorder"]
@@ -101,6 +102,7 @@ def _model_id(model: torch.nn.Module) -> str:
 def _adapter_for(model: torch.nn.Module, spec: Optional[LoopSpec]):
     from mythos_probe.model.looped import LoopedTransformer
 
+    refuse_compiled(model)  # before dispatch: a compiled wrapper would read as an unknown model
     if spec is not None:
         return lambda collector: SpecAdapter(model, collector, spec)
     if isinstance(model, LoopedTransformer):
