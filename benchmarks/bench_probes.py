@@ -17,6 +17,7 @@ a child process started with MALLOC_MMAP_THRESHOLD_=65536, so glibc gives every 
 (with the default, freed blocks stay resident and later forwards look free). Median of three.
 
     .venv/bin/python benchmarks/bench_probes.py            # dim 256, T=64 and 256, 8 loops
+    .venv/bin/python benchmarks/bench_probes.py --threads 1  # on a machine shared with other jobs
     .venv/bin/python benchmarks/bench_probes.py --full     # dim 256/384/512 × T 64/256 × 8/64 loops
     .venv/bin/python benchmarks/bench_probes.py --compile  # torch.compile of one iteration's reductions
 """
@@ -218,10 +219,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads; 1 on a shared machine, where spinning thread pools distort the timings")
     ap.add_argument("--full", action="store_true", help="dim 256/384/512 × T 64/256 × 8/64 loops")
     ap.add_argument("--compile", action="store_true", help="only: torch.compile of one iteration's reductions")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     if args.memory_child:
         dim, seq, loops, batch = map(int, args.memory_child.split(","))

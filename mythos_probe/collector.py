@@ -168,7 +168,7 @@ class ForwardCollector:
         t = f.iterations
         f.iterations += 1
         p = self.probes
-        h, hp = it.state_out.float(), it.state_in.float()
+        h, hp = _f32(it.state_out), _f32(it.state_in)
         if f.nan is None:
             self._first_iteration(f, h)
         pos: dict[str, torch.Tensor] = {}  # (B, T) per-position values, averaged into the row
@@ -201,13 +201,13 @@ class ForwardCollector:
             if f.ctx.injection_A is not None:
                 pos["norm_decay"] = torch.linalg.vector_norm(f.ctx.injection_A * hp, dim=-1)
         if ("spectral" in p or "lora" in p) and it.block_out is not None:
-            block = it.block_out.float()
+            block = _f32(it.block_out)
             norm_block = torch.linalg.vector_norm(block, dim=-1)
             if it.lora_delta is None:
                 if "spectral" in p:
                     pos["norm_block"] = norm_block
             else:
-                lora = it.lora_delta.float()
+                lora = _f32(it.lora_delta)
                 norm_lora = torch.linalg.vector_norm(lora, dim=-1)
                 if "spectral" in p:
                     # ‖block + lora‖ from the two norms and their dot product: no sum tensor is built
@@ -226,7 +226,7 @@ class ForwardCollector:
         if "jacobian" in p and f.ctx.step_fn is not None and f.e is not None:
             with _rng_untouched(h.device):
                 step = f.ctx.step_fn(f.e[:1], t)
-                scalars["jacobian_sigma_max"] = spectral.jacobian_sigma_max(step, it.state_in[:1]).reshape(())
+                scalars["jacobian_sigma_max"] = spectral.jacobian_sigma_max(step, it.state_in[:1]).float().reshape(())
 
         parts = []
         if pos:
@@ -236,7 +236,7 @@ class ForwardCollector:
                 keep = [j for j, name in enumerate(pos) if name in POSITION_METRIC_NAMES]
                 f.maps.append((tuple(list(pos)[j] for j in keep), maps[keep]))
         if scalars:
-            parts.append(torch.stack(list(scalars.values())).float())
+            parts.append(torch.stack(list(scalars.values())))
         if parts:
             f.rows.append((tuple(pos) + tuple(scalars), torch.cat(parts)))
         if f.ctx.n_loops and f.iterations == f.ctx.n_loops:
@@ -262,16 +262,16 @@ class ForwardCollector:
             f.halted_first = it.halted.float().mean()
         newly, f.halt_iter = halting.first_halt(it.halted, f.halt_iter, t)
         if it.cum_halt is not None:
-            cum = it.cum_halt.float()
+            cum = _f32(it.cum_halt)
             before = torch.zeros_like(cum) if f.cum_prev is None else f.cum_prev
             f.before_last = before if f.before_last is None else torch.where(newly, before, f.before_last)
             f.cum_prev2, f.cum_prev = f.cum_prev, cum
         if "halting" in self.probes and it.halt_prob is not None:
-            prob = it.halt_prob.float()
+            prob = _f32(it.halt_prob)
             low, high = halting.saturation(prob)
             pos["halt_prob"] = prob
-            pos["cum_halt"] = it.cum_halt.float()
-            pos["act_weight"] = it.act_weight.float()
+            pos["cum_halt"] = _f32(it.cum_halt)
+            pos["act_weight"] = _f32(it.act_weight)
             pos["halted_fraction"] = it.halted.float()
             pos["halt_low_share"] = low.float()
             pos["halt_high_share"] = high.float()
@@ -437,6 +437,11 @@ class ForwardCollector:
             return trace_id, steps
         step = self.step_counter()
         return secrets.token_hex(16), self.forwards_seen - 1 if step is None else step
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32; a Python-side check skips the no-op cast (a dispatch per call, per iteration)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def _columns(rows: list[tuple[tuple[str, ...], torch.Tensor]]) -> dict[str, torch.Tensor]:

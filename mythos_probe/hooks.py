@@ -99,12 +99,19 @@ def compiled_modules(model: torch.nn.Module) -> list[str]:
     dynamo = sys.modules.get("torch._dynamo.eval_frame")
     if dynamo is None:  # torch.compile has never run in this process: nothing is compiled
         return []
-    return [
-        name for name, module in model.named_modules()
-        if isinstance(module, dynamo.OptimizedModule)
-        or getattr(module, "_compiled_call_impl", None) is not None
-        or hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable")
-    ]
+
+    def compiled(module: torch.nn.Module) -> bool:
+        return (isinstance(module, dynamo.OptimizedModule) or module._compiled_call_impl is not None
+                or hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"))
+
+    # a plain walk first (attach runs once per recording; named_modules costs ms on a large tree)
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if compiled(module):
+            return [name for name, m in model.named_modules() if compiled(m)]
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return []
 
 
 def refuse_compiled(model: torch.nn.Module) -> None:

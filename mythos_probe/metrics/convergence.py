@@ -67,11 +67,12 @@ def dist_to_final(trail: list[torch.Tensor], final: torch.Tensor) -> torch.Tenso
 
 def token_correlation(samples: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine between the sampled positions of each sequence, averaged over the
-    batch: (..., B, P, D) → (...). NaN for a single position."""
+    batch: (B, P, D) → (). NaN for a single position. With unit vectors x̂_i the sum of all
+    pairwise cosines is ‖Σ_i x̂_i‖² − Σ_i ‖x̂_i‖²: O(P·D) work, no (P, P) Gram matrix."""
     P = samples.shape[-2]
     if P < 2:
-        return torch.full(samples.shape[:-3], float("nan"), device=samples.device)
-    x = torch.nn.functional.normalize(samples.float(), dim=-1, eps=EPS)
-    gram = x @ x.transpose(-1, -2)  # (..., B, P, P)
-    off = gram.sum(dim=(-2, -1)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
-    return off.mean(-1) / (P * (P - 1))
+        return torch.full((), float("nan"), device=samples.device)
+    x = torch.nn.functional.normalize(samples.float(), dim=-1, eps=EPS)  # zero vectors stay 0
+    total = torch.linalg.vector_norm(x.sum(-2), dim=-1).square()  # (B,)
+    diagonal = torch.linalg.vecdot(x, x).sum(-1)  # (B,) P, less any zero vectors
+    return ((total - diagonal) / (P * (P - 1))).mean()
