@@ -12,6 +12,7 @@ notebook-facing recorder (`attach.py`).
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 import warnings
@@ -38,7 +39,8 @@ class Pending:
     """A recorded forward whose numbers still live on the device."""
 
     packed: torch.Tensor  # every metric, flattened, float32
-    layout: list[tuple[str, str, tuple[int, ...]]]  # (kind, name, shape) in packing order
+    # (kind, names, shape) in packing order; "iteration" and "forward" are one table each, a row per name
+    layout: list[tuple[str, tuple[str, ...], tuple[int, ...]]]
     meta: dict[str, Any]
 
     def materialize(self) -> LoopTrace:
@@ -47,16 +49,16 @@ class Pending:
         iteration, position, forward = {}, {}, {}
         expert_load = used = None
         offset = 0
-        for kind, name, shape in self.layout:
-            size = int(np.prod(shape))
+        for kind, names, shape in self.layout:
+            size = math.prod(shape)
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
             if kind == "iteration":
-                iteration[name] = arr.astype(np.float64)
+                iteration.update(zip(names, arr.astype(np.float64)))
             elif kind == "position":
-                position[name] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
+                position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
-                forward[name] = float(arr)
+                forward.update(zip(names, arr.tolist()))
             elif kind == "expert_load":
                 expert_load = np.rint(arr).astype(np.int64)
             elif kind == "used":
@@ -360,26 +362,26 @@ class ForwardCollector:
         if ctx.injection_A is not None and "spectral" in self.probes:
             forward["rho_A"], forward["mean_contraction"] = spectral.injection_spectrum(ctx.injection_A)
 
-        # one flat buffer: a single device-to-host copy per forward, when the traces are read
-        layout: list[tuple[str, str, tuple[int, ...]]] = []
+        # one flat buffer: a single device-to-host copy per forward, when the traces are read;
+        # the iteration and forward metrics go in as one table each (one stack, one layout entry)
+        layout: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
         parts: list[torch.Tensor] = []
 
-        def add(kind: str, name: str, value: torch.Tensor) -> None:
-            layout.append((kind, name, tuple(value.shape)))
+        def add(kind: str, names: tuple[str, ...], value: torch.Tensor) -> None:
+            layout.append((kind, names, tuple(value.shape)))
             parts.append(value.reshape(-1).float())
 
-        for name, value in iteration.items():
-            if name in ITERATION_METRIC_NAMES:
-                add("iteration", name, value)
+        names = tuple(name for name in iteration if name in ITERATION_METRIC_NAMES)
+        if names:
+            add("iteration", names, torch.stack([iteration[name] for name in names]))
         if self.detail == "positions":
             for name, value in {**_columns(f.maps), **lens_positions}.items():
                 if name in POSITION_METRIC_NAMES:
-                    add("position", name, value)
+                    add("position", (name,), value)
         if expert_load is not None:
-            add("expert_load", "expert_load", expert_load)
-        add("used", "used", used)
-        for name, value in forward.items():
-            add("forward", name, value)
+            add("expert_load", ("expert_load",), expert_load)
+        add("used", ("used",), used)
+        add("forward", tuple(forward), torch.stack([value.reshape(()).float() for value in forward.values()]))
 
         trace_id, step = self._identity(ctx)
         meta: dict[str, Any] = dict(
