@@ -216,3 +216,18 @@ def test_cost_counts_iterations_actually_run(setup):
     expected = tokens * (2 * p.once_active + per_key * mean_keys * 2) + tokens * trace.iterations * (2 * p.loop_active + per_key * mean_keys)
     assert trace.forward_metrics["flops"] == pytest.approx(expected)
     assert trace.forward_metrics["flops_saved"] == pytest.approx((6 - trace.iterations) / 6)
+
+
+def test_zero_router_bias_changes_no_choice():
+    """A zero bias leaves the top-k as the unbiased one: the share is 0 (known without a top-k)."""
+    torch.manual_seed(3)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    assert not model.recurrent.block.ffn.router_bias.any()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), mythos_probe.attach(model) as rec:
+        model(ids, n_loops=3, exit="fixed")
+    _, cache = model.run_with_cache(ids, n_loops=3, exit="fixed")
+    logits = np_(cache.stack("recurrent.block.ffn.hook_router_logits"))
+    chosen = np.sort(np_(cache.stack("recurrent.block.ffn.hook_topk_idx")), -1)
+    assert np.array_equal(chosen, np.sort(np.argsort(-logits, -1)[..., :2], -1))  # independent: unbiased top-2
+    assert (rec.traces[0].iteration_metrics["bias_changed_share"] == 0).all()
