@@ -400,24 +400,27 @@ class ForwardCollector:
         self.emit(Pending(torch.cat(parts), layout, meta))
 
     def _lens_summary(self, f: _Forward, logits: torch.Tensor):
-        """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions)."""
+        """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).
+        One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
         idx = f.lens_index
         final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output
-        stack = torch.stack(f.lens_logp)  # (I, B, P, V)
-        I = stack.shape[0]
         top_final = final.argmax(-1)  # (B, P)
-        argmax = stack.argmax(-1)
-        nan = torch.full_like(stack[:1, ..., 0], _NAN)
-        sampled = {
-            "lens_kl_final": lens.kl(final[None], stack),
-            "lens_kl_prev": torch.cat([nan, lens.kl(stack[1:], stack[:-1])]),
-            "lens_entropy": lens.entropy(stack),
-            "lens_argmax": argmax.float(),
-            "lens_top1_agree": (argmax == top_final).float(),
-            "lens_final_rank": lens.rank_of(stack, top_final.expand(stack.shape[:-1])),
-        }  # each (I, B, P)
+        nan = torch.full_like(top_final, _NAN, dtype=torch.float32)
+        columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
+            "lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree", "lens_final_rank")}
+        prev = None
+        for logp in f.lens_logp:
+            argmax = logp.argmax(-1)
+            columns["lens_kl_final"].append(lens.kl(final, logp))
+            columns["lens_kl_prev"].append(nan if prev is None else lens.kl(logp, prev))
+            columns["lens_entropy"].append(lens.entropy(logp))
+            columns["lens_argmax"].append(argmax.float())
+            columns["lens_top1_agree"].append((argmax == top_final).float())
+            columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
+            prev = logp
+        sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
-        iteration["lens_kl_prev"] = torch.cat([nan.reshape(-1)[:1], sampled["lens_kl_prev"][1:].mean(dim=(1, 2))])
+        I = len(f.lens_logp)
         B, T = logits.shape[:2]
         positions = {}
         if self.detail == "positions":
