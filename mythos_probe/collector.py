@@ -3,11 +3,14 @@ forward, packs them into one buffer; `Pending.materialize` makes a `LoopTrace` f
 
 Why this shape: inside the loop nothing is read back (no `.item()`, `.cpu()`, `bool(tensor)`,
 no data-dependent shapes), so on a GPU the probes queue kernels behind the model's and never stall
-it. After the forward every metric is flattened into one float32 tensor: one device-to-host copy
-per forward, made lazily when the traces are read.
+it. Each iteration is reduced when it ends (one row of iteration scalars), and nothing the size of
+a state outlives it except the previous step: probe memory does not grow by a state per iteration
+(dist_to_final keeps a bfloat16 position sample, see `metrics/convergence.py`). What depends only
+on the shapes is computed once per forward. After the forward every metric is flattened into one
+float32 tensor: one device-to-host copy per forward, made lazily when the traces are read.
 
 This module is not: the formulas (`metrics/`), the model plumbing (`adapters.py`) or the
-notebook-facing recorder (`attach.py`).
+notebook-facing recorder (`recorder.py`).
 """
 
 from __future__ import annotations
