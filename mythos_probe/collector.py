@@ -275,8 +275,10 @@ class ForwardCollector:
             prob = _f32(it.halt_prob)
             low, high = halting.saturation(prob)
             pos["halt_prob"] = prob
-            pos["cum_halt"] = _f32(it.cum_halt)
-            pos["act_weight"] = _f32(it.act_weight)
+            if it.cum_halt is not None:  # a LoopSpec exit rule may give p_t without ACT's bookkeeping
+                pos["cum_halt"] = _f32(it.cum_halt)
+            if it.act_weight is not None:
+                pos["act_weight"] = _f32(it.act_weight)
             pos["halted_fraction"] = it.halted.float()
             pos["halt_low_share"] = low.float()
             pos["halt_high_share"] = high.float()
