@@ -57,6 +57,7 @@ class ForwardContext:
     cache_id: Optional[int] = None  # id() of the KV cache: decode steps of one request share it
     injection_A: Optional[torch.Tensor] = None  # (D,) diagonal of Ā
     injection_B: Optional[torch.Tensor] = None  # (D,)
+    router_bias: Optional[torch.Tensor] = None  # (E,) added to the logits for the top-k choice
     lens: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (state, positions) → log-probs
     step_fn: Optional[Callable[[torch.Tensor, int], Callable[[torch.Tensor], torch.Tensor]]] = None  # Jacobian
     loop_name: str = "loop"
@@ -182,6 +183,7 @@ class LoopedTransformerAdapter(_Adapter):
             cache_id=None if kv_cache is None else id(kv_cache),
             injection_A=rec.injection.get_A().detach(),
             injection_B=rec.injection.B.detach(),
+            router_bias=rec.block.ffn.router_bias,
             lens=self._lens,
             step_fn=self._step_fn,
         )
@@ -261,6 +263,7 @@ class OpenMythosAdapter(_Adapter):
             cfg=LoopedConfig.from_mythos_config(m.cfg),
             injection_A=m.recurrent.injection.get_A().detach(),
             injection_B=m.recurrent.injection.B.detach(),
+            router_bias=m.recurrent.block.ffn.router_bias,
             lens=self._lens, step_fn=self._step_fn,
         )
         self.active = self.collector.begin(self.ctx)

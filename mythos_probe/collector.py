@@ -3,17 +3,22 @@ forward, packs them into one buffer; `Pending.materialize` makes a `LoopTrace` f
 
 Why this shape: inside the loop nothing is read back (no `.item()`, `.cpu()`, `bool(tensor)`,
 no data-dependent shapes), so on a GPU the probes queue kernels behind the model's and never stall
-it. After the forward every metric is flattened into one float32 tensor: one device-to-host copy
-per forward, made lazily when the traces are read.
+it. Each iteration is reduced when it ends (one row of iteration scalars), and nothing the size of
+a state outlives it except the previous step: probe memory does not grow by a state per iteration
+(dist_to_final keeps a bfloat16 position sample, see `metrics/convergence.py`). What depends only
+on the shapes is computed once per forward. After the forward every metric is flattened into one
+float32 tensor: one device-to-host copy per forward, made lazily when the traces are read.
 
 This module is not: the formulas (`metrics/`), the model plumbing (`adapters.py`) or the
-notebook-facing recorder (`attach.py`).
+notebook-facing recorder (`recorder.py`).
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -37,7 +42,8 @@ class Pending:
     """A recorded forward whose numbers still live on the device."""
 
     packed: torch.Tensor  # every metric, flattened, float32
-    layout: list[tuple[str, str, tuple[int, ...]]]  # (kind, name, shape) in packing order
+    # (kind, names, shape) in packing order; "iteration" and "forward" are one table each, a row per name
+    layout: list[tuple[str, tuple[str, ...], tuple[int, ...]]]
     meta: dict[str, Any]
 
     def materialize(self) -> LoopTrace:
@@ -46,16 +52,16 @@ class Pending:
         iteration, position, forward = {}, {}, {}
         expert_load = used = None
         offset = 0
-        for kind, name, shape in self.layout:
-            size = int(np.prod(shape))
+        for kind, names, shape in self.layout:
+            size = math.prod(shape)
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
             if kind == "iteration":
-                iteration[name] = arr.astype(np.float64)
+                iteration.update(zip(names, arr.astype(np.float64)))
             elif kind == "position":
-                position[name] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
+                position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
-                forward[name] = float(arr)
+                forward.update(zip(names, arr.tolist()))
             elif kind == "expert_load":
                 expert_load = np.rint(arr).astype(np.int64)
             elif kind == "used":
@@ -75,24 +81,38 @@ class Pending:
 
 @dataclass
 class _Forward:
-    """What the loop left for the end of the forward: per-position maps (B, T) per iteration and
-    the small per-iteration tensors the reductions need. Reductions run once, at the end."""
+    """What the loop keeps between iterations. Everything here is either O(1) in the loop count
+    (the previous step, running halting state) or small per iteration: one row of iteration
+    scalars, the (M, B, T) maps at detail="positions", the expert loads (E,), and the bfloat16
+    sample of the state that dist_to_final needs (1/32 of a state)."""
 
     ctx: ForwardContext
     start_ns: int
     e: Optional[torch.Tensor] = None
-    maps: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name → [(B, T)] per iteration
-    scalars: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # name → [()] per iteration
-    states: list[torch.Tensor] = field(default_factory=list)
-    samples: list[torch.Tensor] = field(default_factory=list)  # (B, P, D) positions for token correlation
-    halting: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    routing: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    lens_logp: list[torch.Tensor] = field(default_factory=list)
-    prev: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None  # (h, ‖h‖, Δ) of t − 1
     iterations: int = 0
-
-    def put(self, store: dict, name: str, value: torch.Tensor) -> None:
-        store.setdefault(name, []).append(value)
+    # computed at the first iteration, once per forward: they depend only on the shapes
+    corr_index: Optional[torch.Tensor] = None
+    dist_index: Optional[torch.Tensor] = None
+    lens_index: Optional[torch.Tensor] = None
+    nan: Optional[torch.Tensor] = None
+    ones: Optional[torch.Tensor] = None  # N·k ones for the expert loads
+    norm_inject: Optional[torch.Tensor] = None  # mean ‖B⊙e‖: e is the same every iteration
+    rows: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)  # (names, (S,)) per iteration
+    maps: list[tuple[tuple[str, ...], torch.Tensor]] = field(default_factory=list)  # (names, (M, B, T)) per iteration
+    loads: list[torch.Tensor] = field(default_factory=list)  # (E,) per iteration
+    trail: list[torch.Tensor] = field(default_factory=list)  # (B, P, D) bfloat16 per iteration
+    final: Optional[torch.Tensor] = None  # (B, P, D) float32 sample of the latest state
+    dist: Optional[torch.Tensor] = None  # (I,) once the last iteration is known
+    lens_logp: list[torch.Tensor] = field(default_factory=list)
+    prev: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (h, ‖h‖) of t − 1
+    prev_delta: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (Δ, ‖Δ‖) of t − 1
+    prev_topk: Optional[torch.Tensor] = None
+    halt_iter: Optional[torch.Tensor] = None  # (B, T) first halting iteration + 1, 0 while running
+    halted_first: Optional[torch.Tensor] = None
+    cum_prev: Optional[torch.Tensor] = None  # cumulative halting after t − 1 ...
+    cum_prev2: Optional[torch.Tensor] = None  # ... and after t − 2
+    before_last: Optional[torch.Tensor] = None  # (B, T) cumulative halting before the halting step
+    bias_zero: bool = False  # the router bias is known to be zero: top-k choices are unbiased
 
 
 class ForwardCollector:
@@ -132,7 +152,7 @@ class ForwardCollector:
         self.forwards_seen += 1
         if index % self.sample_every:
             return False
-        self.fwd = _Forward(ctx=ctx, start_ns=time.time_ns())
+        self.fwd = _Forward(ctx=ctx, start_ns=time.time_ns(), bias_zero=_known_zero(ctx.router_bias))
         return True
 
     def abort(self) -> None:
@@ -143,202 +163,236 @@ class ForwardCollector:
             self.fwd.e = e
 
     def iteration(self, it: IterationTensors) -> None:
-        """Per-position maps only: every mean, share and ratio is taken once per forward, in
-        `end`, over all iterations at once (fewer, larger kernels; no per-iteration reductions)."""
+        """Reduces one iteration to a row of iteration scalars right away (one mean over the
+        stacked per-position maps), so nothing state-sized outlives the iteration but the
+        previous step and the bfloat16 position sample. No host reads: every value stays a
+        device tensor until the forward's single transfer."""
         f = self.fwd
         if f is None:
             return
         t = f.iterations
         f.iterations += 1
         p = self.probes
-        maps = f.maps
-        h, hp = it.state_out.float(), it.state_in.float()
-        norm_h = h.norm(dim=-1)  # (B, T)
+        h, hp = _f32(it.state_out), _f32(it.state_in)
+        if f.nan is None:
+            self._first_iteration(f, h)
+        pos: dict[str, torch.Tensor] = {}  # (B, T) per-position values, averaged into the row
+        scalars: dict[str, torch.Tensor] = {}  # () iteration scalars
+        norm_h = torch.linalg.vector_norm(h, dim=-1)  # (B, T)
         prev = f.prev
         # the state entering t is the state that left t − 1: reuse its norm instead of recomputing
         same = prev is not None and prev[0].data_ptr() == hp.data_ptr() and prev[0].shape == hp.shape
-        norm_hp = prev[1] if same else hp.norm(dim=-1)
-        if "convergence" in p or "spectral" in p:
-            f.put(maps, "norm_h", norm_h)
-            f.put(maps, "norm_hp", norm_hp)
+        norm_hp = prev[1] if same else torch.linalg.vector_norm(hp, dim=-1)
         if "convergence" in p:
-            delta = h - hp
-            f.put(maps, "norm_delta", delta.norm(dim=-1))
-            f.put(maps, "dot_h_hp", torch.linalg.vecdot(h, hp))  # fused: no (B, T, D) temporary
-            if prev is not None and prev[2] is not None:
-                f.put(maps, "dot_delta", torch.linalg.vecdot(delta, prev[2]))
-            f.states.append(h)
-            f.samples.append(h[:, self._correlation_index(h)])
-        else:
-            delta = None
-        f.prev = (h, norm_h, delta)
-        if "spectral" in p and f.ctx.injection_A is not None:
-            f.put(maps, "norm_decay", (f.ctx.injection_A * hp).norm(dim=-1))
-        if "spectral" in p and it.injection is not None:  # a LoopSpec's e, which may change per iteration
-            f.put(maps, "norm_e", it.injection.float().norm(dim=-1))
+            delta = h - hp  # exact: never ‖h‖² + ‖h_prev‖² − 2 h·h_prev, which cancels once converged
+            norm_delta = torch.linalg.vector_norm(delta, dim=-1)
+            pos["rel_residual"] = convergence.rel_residual(norm_delta, norm_h)
+            pos["cos_step"] = convergence.cos_step(torch.linalg.vecdot(h, hp), norm_h, norm_hp)
+            if f.prev_delta is None:
+                scalars["step_orthogonality"] = f.nan
+            else:
+                last, norm_last = f.prev_delta
+                scalars["step_orthogonality"] = convergence.step_orthogonality(
+                    torch.linalg.vecdot(delta, last), norm_delta, norm_last).mean()
+            f.prev_delta = (delta, norm_delta)
+            scalars["token_correlation"] = convergence.token_correlation(h[:, f.corr_index])
+            f.final = h[:, f.dist_index]
+            f.trail.append(f.final.to(torch.bfloat16))
+        f.prev = (h, norm_h)
+        if "spectral" in p:
+            pos["state_norm"] = norm_h
+            pos["growth_ratio"] = spectral.growth_ratio(norm_h, norm_hp)
+            scalars["nonfinite_fraction"] = spectral.nonfinite(norm_h).float().mean()
+            if f.ctx.injection_A is not None:
+                pos["norm_decay"] = torch.linalg.vector_norm(f.ctx.injection_A * hp, dim=-1)
+            if it.injection is not None:  # a LoopSpec's e, which may change per iteration
+                scalars["norm_inject"] = torch.linalg.vector_norm(_f32(it.injection), dim=-1).mean()
         if ("spectral" in p or "lora" in p) and it.block_out is not None:
-            # ‖block + lora‖ from ‖block‖, ‖lora‖ and their dot product: no sum tensor is built
-            # (no cancellation either: the LoRA delta is small next to the block output)
-            block = it.block_out.float()
-            f.put(maps, "norm_block_raw", block.norm(dim=-1))
-            if it.lora_delta is not None:
-                lora = it.lora_delta.float()
-                f.put(maps, "norm_lora", lora.norm(dim=-1))
-                f.put(maps, "dot_block_lora", torch.linalg.vecdot(block, lora))
+            block = _f32(it.block_out)
+            norm_block = torch.linalg.vector_norm(block, dim=-1)
+            if it.lora_delta is None:
+                if "spectral" in p:
+                    pos["norm_block"] = norm_block
+            else:
+                lora = _f32(it.lora_delta)
+                norm_lora = torch.linalg.vector_norm(lora, dim=-1)
+                if "spectral" in p:
+                    # ‖block + lora‖ from the two norms and their dot product: no sum tensor is built
+                    # (no cancellation either: the LoRA delta is small next to the block output)
+                    squared = norm_block.square() + norm_lora.square() + 2 * torch.linalg.vecdot(block, lora)
+                    pos["norm_block"] = squared.clamp_min(0).sqrt()
+                if "lora" in p:
+                    pos["lora_rel_norm"] = norm_lora / norm_block.clamp_min(convergence.EPS)
         if it.halted is not None:
-            f.put(f.halting, "halted", it.halted)
-        if "halting" in p and it.halt_prob is not None:
-            f.put(f.halting, "halt_prob", it.halt_prob)
-            f.put(f.halting, "cum_halt", it.cum_halt)
-            f.put(f.halting, "act_weight", it.act_weight)
+            self._halting(f, it, t, pos)
         if "experts" in p and it.topk_idx is not None:
-            f.put(f.routing, "topk_idx", it.topk_idx)
-            if it.router_logits is not None:
-                f.put(f.routing, "router_logits", it.router_logits)
-            if it.shared_out is not None and it.routed_out is not None:
-                f.put(f.routing, "norm_shared", it.shared_out.float().norm(dim=-1))
-                f.put(f.routing, "norm_routed", it.routed_out.float().norm(dim=-1))
+            self._experts(f, it, scalars)
         if "lens" in p and f.ctx.lens is not None:
             with _rng_untouched(h.device), torch.no_grad():
-                f.lens_logp.append(f.ctx.lens(it.state_out, self._lens_index(h)))
+                f.lens_logp.append(f.ctx.lens(it.state_out, f.lens_index))
         if "jacobian" in p and f.ctx.step_fn is not None and f.e is not None:
             with _rng_untouched(h.device):
                 step = f.ctx.step_fn(f.e[:1], t)
-                f.put(f.scalars, "jacobian_sigma_max", spectral.jacobian_sigma_max(step, it.state_in[:1]))
+                scalars["jacobian_sigma_max"] = spectral.jacobian_sigma_max(step, it.state_in[:1]).float().reshape(())
 
-    def _correlation_index(self, h: torch.Tensor) -> torch.Tensor:
-        T = h.shape[1]
-        return torch.linspace(0, T - 1, min(T, self.correlation_positions), device=h.device).round().long().unique()
+        parts = []
+        if pos:
+            maps = torch.stack(list(pos.values()))  # (M, B, T)
+            parts.append(maps.mean(dim=(1, 2)))
+            if self.detail == "positions":  # keep only the maps that are position metrics
+                keep = [j for j, name in enumerate(pos) if name in POSITION_METRIC_NAMES]
+                f.maps.append((tuple(list(pos)[j] for j in keep), maps[keep]))
+        if scalars:
+            parts.append(torch.stack(list(scalars.values())))
+        if parts:
+            f.rows.append((tuple(pos) + tuple(scalars), torch.cat(parts)))
+        if f.ctx.n_loops and f.iterations == f.ctx.n_loops:
+            self._loop_done(f)  # the last iteration: release the loop-wide state before the coda
 
-    def _lens_index(self, h: torch.Tensor) -> torch.Tensor:
-        T = h.shape[1]
+    def _first_iteration(self, f: _Forward, h: torch.Tensor) -> None:
+        """What depends only on the shapes, computed once per forward instead of per iteration."""
+        T, device = h.shape[1], h.device
+        f.nan = torch.full((), _NAN, device=device)
+        f.corr_index = convergence.evenly_spaced(T, min(T, self.correlation_positions), device)
+        f.dist_index = convergence.evenly_spaced(T, convergence.sample_positions(T), device)
+        if "lens" in self.probes:
+            f.lens_index = self._lens_index(T, device)
+        if f.ctx.injection_B is not None and f.e is not None and "spectral" in self.probes:
+            f.norm_inject = torch.linalg.vector_norm(f.ctx.injection_B * f.e.float(), dim=-1).mean()
+
+    def _halting(self, f: _Forward, it: IterationTensors, t: int, pos: dict[str, torch.Tensor]) -> None:
+        """Exit bookkeeping, streamed: the first halting iteration of each position and the
+        cumulative probability before it (for ponder cost) are updated in place of keeping the
+        per-iteration masks."""
+        if f.halt_iter is None:
+            f.halt_iter = torch.zeros(it.halted.shape, dtype=torch.long, device=it.halted.device)
+            f.halted_first = it.halted.float().mean()
+        newly, f.halt_iter = halting.first_halt(it.halted, f.halt_iter, t)
+        if it.cum_halt is not None:
+            cum = _f32(it.cum_halt)
+            before = torch.zeros_like(cum) if f.cum_prev is None else f.cum_prev
+            f.before_last = before if f.before_last is None else torch.where(newly, before, f.before_last)
+            f.cum_prev2, f.cum_prev = f.cum_prev, cum
+        if "halting" in self.probes and it.halt_prob is not None:
+            prob = _f32(it.halt_prob)
+            low, high = halting.saturation(prob)
+            pos["halt_prob"] = prob
+            if it.cum_halt is not None:  # a LoopSpec exit rule may give p_t without ACT's bookkeeping
+                pos["cum_halt"] = _f32(it.cum_halt)
+            if it.act_weight is not None:
+                pos["act_weight"] = _f32(it.act_weight)
+            pos["halted_fraction"] = it.halted.float()
+            pos["halt_low_share"] = low.float()
+            pos["halt_high_share"] = high.float()
+
+    def _experts(self, f: _Forward, it: IterationTensors, scalars: dict[str, torch.Tensor]) -> None:
+        idx = it.topk_idx  # (N, k)
+        logits = it.router_logits
+        E = logits.shape[-1] if logits is not None else int(f.ctx.cfg.n_experts)
+        if f.ones is None or f.ones.numel() != idx.numel():
+            f.ones = torch.ones(idx.numel(), device=idx.device)
+        f.loads.append(experts.load(idx, E, f.ones))
+        if logits is not None:
+            scalars["routing_entropy"] = experts.routing_entropy(logits)
+            # a zero bias leaves the top-k unchanged: the share is 0 without another top-k
+            scalars["bias_changed_share"] = f.nan.new_zeros(()) if f.bias_zero else experts.bias_changed_share(logits, idx)
+        scalars["topk_overlap"] = f.nan if f.prev_topk is None else experts.topk_overlap(idx, f.prev_topk)
+        f.prev_topk = idx
+        if it.shared_out is not None and it.routed_out is not None:
+            scalars["shared_routed_ratio"] = experts.shared_routed_ratio(it.shared_out, it.routed_out)
+
+    def _loop_done(self, f: _Forward) -> None:
+        """dist_to_final from the sample trail, then drop everything state-sized, so the probes
+        hold nothing through the coda and head (where a plain forward peaks in memory)."""
+        if f.trail and f.dist is None:
+            f.dist = convergence.dist_to_final(f.trail[:-1], f.final)
+        f.trail, f.final, f.prev, f.prev_delta, f.prev_topk = [], None, None, None, None
+
+    def _lens_index(self, T: int, device) -> torch.Tensor:
         if self.lens_positions == "last":
-            return torch.tensor([T - 1], device=h.device)
+            return torch.tensor([T - 1], device=device)
         if self.lens_positions == "all":
-            return torch.arange(T, device=h.device)
+            return torch.arange(T, device=device)
         bad = [p for p in self.lens_positions if not -T <= p < T]
         if bad:  # p % T would silently read another position
             raise ValueError(f"lens_positions {bad} are out of range for a sequence of {T} tokens: "
                              f"give indices in [-{T}, {T - 1}], or lens_positions='all' or 'last'")
-        return torch.tensor([p % T for p in self.lens_positions], device=h.device)
+        return torch.tensor([p % T for p in self.lens_positions], device=device)
 
     def end(self, logits: Any) -> None:
         f, self.fwd = self.fwd, None
-        if f is None or f.iterations == 0:
+        if f is None:
+            return
+        if f.iterations == 0:
+            warnings.warn(
+                "mythos_probe: a recorded forward ran no loop iteration the probes could see, so it has "
+                "no trace. If the looped block is compiled (torch.compile), record with the eager "
+                "module; with a LoopSpec, check that `step` names the submodule called every iteration.",
+                stacklevel=2,
+            )
             return
         end_ns = time.time_ns()
+        self._loop_done(f)
         ctx = f.ctx
         B, T = ctx.token_ids.shape
         I = f.iterations
-        per_position: dict[str, torch.Tensor] = {}  # name → (I, B, T), averaged into iteration metrics
-        iteration: dict[str, torch.Tensor] = {}  # name → (I,)
+        device = f.nan.device
+        iteration = _columns(f.rows)  # name → (I,)
         forward: dict[str, torch.Tensor] = {}
-        m = {name: torch.stack(values) for name, values in f.maps.items() if len(values) == I}
-        nan = torch.full((1,), _NAN, device=ctx.token_ids.device)
-
-        if "norm_delta" in m:
-            per_position["rel_residual"] = convergence.rel_residual(m["norm_delta"], m["norm_h"])
-            per_position["cos_step"] = convergence.cos_step(m["dot_h_hp"], m["norm_h"], m["norm_hp"])
-            per_position["dist_to_final"] = convergence.dist_to_final(f.states)
-            if len(f.maps.get("dot_delta", ())) == I - 1 and I > 1:
-                ortho = convergence.step_orthogonality(torch.stack(f.maps["dot_delta"]), m["norm_delta"][1:],
-                                                       m["norm_delta"][:-1])
-                iteration["step_orthogonality"] = torch.cat([nan, ortho.mean(dim=(1, 2))])
-            else:
-                iteration["step_orthogonality"] = nan.expand(I)
-            iteration["token_correlation"] = convergence.token_correlation(torch.stack(f.samples))
-        if "spectral" in self.probes and "norm_h" in m:
-            per_position["state_norm"] = m["norm_h"]
-            per_position["growth_ratio"] = spectral.growth_ratio(m["norm_h"], m["norm_hp"])
-            iteration["nonfinite_fraction"] = spectral.nonfinite(m["norm_h"]).float().mean(dim=(1, 2))
-            if "norm_decay" in m:
-                per_position["norm_decay"] = m["norm_decay"]
-            if "norm_block_raw" in m:
-                squared = m["norm_block_raw"].square()
-                if "norm_lora" in m:
-                    squared = squared + m["norm_lora"].square() + 2 * m["dot_block_lora"]
-                per_position["norm_block"] = squared.clamp_min(0).sqrt()
-            if "norm_e" in m:
-                iteration["norm_inject"] = m["norm_e"].mean(dim=(1, 2))
-            elif ctx.injection_B is not None and f.e is not None:  # e does not change across iterations
-                iteration["norm_inject"] = (ctx.injection_B * f.e.float()).norm(dim=-1).mean().expand(I)
-        if "lora" in self.probes and "norm_lora" in m:
-            per_position["lora_rel_norm"] = m["norm_lora"] / m["norm_block_raw"].clamp_min(convergence.EPS)
-        halt = {name: torch.stack(values) for name, values in f.halting.items() if len(values) == I}
-        if "halt_prob" in halt:
-            prob = halt["halt_prob"].float()
-            low, high = halting.saturation(prob)
-            per_position["halt_prob"] = prob
-            per_position["cum_halt"] = halt["cum_halt"].float()
-            per_position["act_weight"] = halt["act_weight"].float()
-            per_position["halted_fraction"] = halt["halted"].float()
-            per_position["halt_low_share"] = low.float()
-            per_position["halt_high_share"] = high.float()
-        route = {name: torch.stack(values) for name, values in f.routing.items() if len(values) == I}
+        if f.dist is not None and f.dist.shape[0] == I:  # (more iterations than n_loops: none)
+            iteration["dist_to_final"] = f.dist
+        if f.norm_inject is not None:
+            iteration["norm_inject"] = f.norm_inject.expand(I)
         expert_load = None
-        if "topk_idx" in route:
-            idx = route["topk_idx"]  # (I, N, k)
-            k = idx.shape[-1]
-            E = route["router_logits"].shape[-1] if "router_logits" in route else int(ctx.cfg.n_experts)
-            chosen = experts.choice_mask(idx, E)  # (I, N, E)
-            expert_load = experts.load(chosen)  # (I, E)
+        if len(f.loads) == I:
+            expert_load = torch.stack(f.loads)  # (I, E)
             iteration.update(experts.balance(expert_load))
-            if "router_logits" in route:
-                iteration["routing_entropy"] = experts.routing_entropy(route["router_logits"])
-                iteration["bias_changed_share"] = experts.bias_changed_share(route["router_logits"], chosen, k)
-            iteration["topk_overlap"] = torch.cat([nan, experts.topk_overlap(chosen[1:], chosen[:-1], k)])
-            if "norm_shared" in route:
-                iteration["shared_routed_ratio"] = experts.shared_routed_ratio(route["norm_shared"], route["norm_routed"])
-        for name, values in f.scalars.items():
-            if len(values) == I:
-                iteration[name] = torch.stack([v.reshape(()) for v in values])
-
-        positions_out = self.detail == "positions"
-        for name, values in per_position.items():
-            iteration[name] = values.float().mean(dim=(1, 2))
         if f.lens_logp and isinstance(logits, torch.Tensor):
             lens_iteration, lens_positions = self._lens_summary(f, logits)
             iteration.update(lens_iteration)
-            if positions_out:
-                per_position.update(lens_positions)
-
-        if "halted" in halt:
-            used = halting.iterations_used(halt["halted"])
         else:
-            used = torch.full((B, T), I, dtype=torch.long, device=ctx.token_ids.device)
+            lens_positions = {}
+
+        if f.halt_iter is not None:
+            used = halting.iterations_used(f.halt_iter, I)
+        else:
+            used = torch.full((B, T), I, dtype=torch.long, device=device)
         iteration["exit_count"] = torch.zeros(I, device=used.device).index_add_(
             0, (used - 1).reshape(-1), torch.ones(used.numel(), device=used.device))
         forward["mean_iterations"] = used.float().mean()
         forward["reached_last_share"] = (used == I).float().mean()
-        if "halted" in halt:
-            forward["halted_first_share"] = halt["halted"][0].float().mean()
-            if "cum_halt" in halt and ctx.exit_policy in ("act", "unknown"):
-                ponder_cost, remainder = halting.ponder(halt["cum_halt"].float(), used)
+        if f.halted_first is not None:
+            forward["halted_first_share"] = f.halted_first
+            if f.before_last is not None and ctx.exit_policy in ("act", "unknown"):
+                # positions that never halted used all I iterations: their "before last" is after I − 2
+                never = f.halt_iter == 0
+                fallback = f.cum_prev2 if f.cum_prev2 is not None else torch.zeros_like(f.before_last)
+                ponder_cost, remainder = halting.ponder(used, torch.where(never, fallback, f.before_last))
                 forward["ponder_cost"] = ponder_cost.mean()
                 forward["remainder_mass"] = remainder.mean()
         if ctx.injection_A is not None and "spectral" in self.probes:
             forward["rho_A"], forward["mean_contraction"] = spectral.injection_spectrum(ctx.injection_A)
 
-        # one flat buffer: a single device-to-host copy per forward, when the traces are read
-        layout: list[tuple[str, str, tuple[int, ...]]] = []
+        # one flat buffer: a single device-to-host copy per forward, when the traces are read;
+        # the iteration and forward metrics go in as one table each (one stack, one layout entry)
+        layout: list[tuple[str, tuple[str, ...], tuple[int, ...]]] = []
         parts: list[torch.Tensor] = []
 
-        def add(kind: str, name: str, value: torch.Tensor) -> None:
-            layout.append((kind, name, tuple(value.shape)))
+        def add(kind: str, names: tuple[str, ...], value: torch.Tensor) -> None:
+            layout.append((kind, names, tuple(value.shape)))
             parts.append(value.reshape(-1).float())
 
-        for name, value in iteration.items():
-            if name in ITERATION_METRIC_NAMES:
-                add("iteration", name, value)
-        if positions_out:
-            for name, value in per_position.items():
+        names = tuple(name for name in iteration if name in ITERATION_METRIC_NAMES)
+        if names:
+            add("iteration", names, torch.stack([iteration[name] for name in names]))
+        if self.detail == "positions":
+            for name, value in {**_columns(f.maps), **lens_positions}.items():
                 if name in POSITION_METRIC_NAMES:
-                    add("position", name, value)
+                    add("position", (name,), value)
         if expert_load is not None:
-            add("expert_load", "expert_load", expert_load)
-        add("used", "used", used)
-        for name, value in forward.items():
-            add("forward", name, value)
+            add("expert_load", ("expert_load",), expert_load)
+        add("used", ("used",), used)
+        add("forward", tuple(forward), torch.stack([value.reshape(()).float() for value in forward.values()]))
 
         trace_id, step = self._identity(ctx)
         meta: dict[str, Any] = dict(
@@ -359,30 +413,34 @@ class ForwardCollector:
         self.emit(Pending(torch.cat(parts), layout, meta))
 
     def _lens_summary(self, f: _Forward, logits: torch.Tensor):
-        """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions)."""
-        idx = self._lens_index(logits)
+        """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).
+        One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
+        idx = f.lens_index
         final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output
-        stack = torch.stack(f.lens_logp)  # (I, B, P, V)
-        I = stack.shape[0]
         top_final = final.argmax(-1)  # (B, P)
-        argmax = stack.argmax(-1)
-        nan = torch.full_like(stack[:1, ..., 0], _NAN)
-        sampled = {
-            "lens_kl_final": lens.kl(final[None], stack),
-            "lens_kl_prev": torch.cat([nan, lens.kl(stack[1:], stack[:-1])]),
-            "lens_entropy": lens.entropy(stack),
-            "lens_argmax": argmax.float(),
-            "lens_top1_agree": (argmax == top_final).float(),
-            "lens_final_rank": lens.rank_of(stack, top_final.expand(stack.shape[:-1])),
-        }  # each (I, B, P)
+        nan = torch.full_like(top_final, _NAN, dtype=torch.float32)
+        columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
+            "lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree", "lens_final_rank")}
+        prev = None
+        for logp in f.lens_logp:
+            argmax = logp.argmax(-1)
+            columns["lens_kl_final"].append(lens.kl(final, logp))
+            columns["lens_kl_prev"].append(nan if prev is None else lens.kl(logp, prev))
+            columns["lens_entropy"].append(lens.entropy(logp))
+            columns["lens_argmax"].append(argmax.float())
+            columns["lens_top1_agree"].append((argmax == top_final).float())
+            columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
+            prev = logp
+        sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
-        iteration["lens_kl_prev"] = torch.cat([nan.reshape(-1)[:1], sampled["lens_kl_prev"][1:].mean(dim=(1, 2))])
+        I = len(f.lens_logp)
         B, T = logits.shape[:2]
         positions = {}
-        for name in ("lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"):
-            full = torch.full((I, B, T), _NAN, device=logits.device)
-            full[:, :, idx] = sampled[name]
-            positions[name] = full
+        if self.detail == "positions":
+            for name in ("lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"):
+                full = torch.full((I, B, T), _NAN, device=logits.device)
+                full[:, :, idx] = sampled[name]
+                positions[name] = full
         return iteration, positions
 
     def _identity(self, ctx: ForwardContext) -> tuple[str, int]:
@@ -399,6 +457,30 @@ class ForwardCollector:
             return trace_id, steps
         step = self.step_counter()
         return secrets.token_hex(16), self.forwards_seen - 1 if step is None else step
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x as float32; a Python-side check skips the no-op cast (a dispatch per call, per iteration)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _columns(rows: list[tuple[tuple[str, ...], torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Per-iteration rows (names, (S, ...)) → name → (I, ...). Rows normally share their names
+    (one stack); a name missing from some iteration is dropped rather than misaligned."""
+    if not rows:
+        return {}
+    first = rows[0][0]
+    if all(names == first for names, _ in rows):
+        table = torch.stack([values for _, values in rows])  # (I, S, ...)
+        return {name: table[:, j] for j, name in enumerate(first)}
+    common = set(first).intersection(*(names for names, _ in rows))
+    return {name: torch.stack([values[names.index(name)] for names, values in rows]) for name in first if name in common}
+
+
+def _known_zero(bias: Optional[torch.Tensor]) -> bool:
+    """Whether the router bias is all zeros, read only where that costs no device sync: a CPU
+    tensor is read in place (numpy view, no aten op). On a GPU the share is computed instead."""
+    return bias is not None and bias.device.type == "cpu" and not bias.detach().numpy().any()
 
 
 def _rng_untouched(device: torch.device):

@@ -5,12 +5,16 @@ keeps only its last call. Here a `LoopHookPoint` is a TransformerLens `HookPoint
 the current loop iteration (read from a shared `LoopClock` the model advances once per iteration,
 so hooks pay nothing to learn it), and `IterationCache` keys activations by `(site, iteration)`.
 
+`refuse_compiled` stops probes from being attached where their hooks would not fire: inside code
+compiled by torch.compile.
+
 This module is not: the model (`mythos_probe.model`) or the probes that reduce activations
-(`mythos_probe.probes`). It must stay importable by the model without importing it back.
+(`mythos_probe.collector`). It must stay importable by the model without importing it back.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Callable, Hashable
 
@@ -87,3 +91,41 @@ class IterationCache(Mapping):
             self._store[cache_key(hook)] = x.detach()
 
         return hook
+
+
+def compiled_modules(model: torch.nn.Module) -> list[str]:
+    """Names of `model` (as "") and of its submodules that run compiled by torch.compile:
+    `torch.compile(module)` wrappers, `module.compile()`, or a compiled `forward` attribute."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is None:  # torch.compile has never run in this process: nothing is compiled
+        return []
+
+    def compiled(module: torch.nn.Module) -> bool:
+        return (isinstance(module, dynamo.OptimizedModule) or module._compiled_call_impl is not None
+                or hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"))
+
+    # a plain walk first (attach runs once per recording; named_modules costs ms on a large tree)
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if compiled(module):
+            return [name for name, m in model.named_modules() if compiled(m)]
+        stack.extend(m for m in module._modules.values() if m is not None)
+    return []
+
+
+def refuse_compiled(model: torch.nn.Module) -> None:
+    """Raise when part of `model` is compiled. Hooks registered after torch.compile never fire
+    inside the compiled code (dynamo does not guard on them), and registered before it they are
+    traced into graphs with partial side effects: either way metrics would go missing without a
+    word. (Measured on torch 2.13: 0 of 8 router hook calls, expert metrics None.)"""
+    names = compiled_modules(model)
+    if names:
+        where = ", ".join(f"submodule {n!r}" if n else "the model itself" for n in names)
+        raise RuntimeError(
+            f"mythos_probe.attach: {where} ({type(model).__name__}) runs compiled by torch.compile, and probe "
+            "hooks do not fire inside compiled code, so the loop metrics would be missing. Record with the eager "
+            "modules: attach to an uncompiled model (for `m = torch.compile(module)` the eager module is "
+            "`m._orig_mod`; for `module.compile()` use a copy made before compiling), and compile after the "
+            "`with attach(...)` block."
+        )

@@ -24,6 +24,7 @@ from mythos_probe.adapters import LoopedTransformerAdapter, OpenMythosAdapter, i
 from mythos_probe.loopspec import LoopSpec
 from mythos_probe.spec_adapter import SpecAdapter
 from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
+from mythos_probe.hooks import refuse_compiled
 from mythos_probe.distributed import Where, job_run_id, where as distributed_where
 from mythos_probe.records import DETAIL_LEVELS, FORWARD_KINDS, LoopTrace
 
@@ -114,6 +115,7 @@ def _adapter_for(model: torch.nn.Module, spec: LoopSpec | Sequence[LoopSpec] | N
     from mythos_probe import presets
     from mythos_probe.model.looped import LoopedTransformer
 
+    refuse_compiled(model)  # before dispatch: a compiled wrapper would read as an unknown model
     if spec is None:
         if isinstance(model, LoopedTransformer):
             return lambda new: LoopedTransformerAdapter(model, new())

@@ -56,7 +56,7 @@ ITERATION_METRICS: tuple[Metric, ...] = (
     # convergence
     _m("rel_residual", "‖h_t − h_{t−1}‖ / ‖h_t‖, mean over positions", "Geiping et al. 2025 (Huginn) §6"),
     _m("cos_step", "1 − cos(h_t, h_{t−1}), mean over positions", "Geiping et al. 2025 §6"),
-    _m("dist_to_final", "‖h_t − h_T‖ / ‖h_T‖, mean over positions", "Geiping et al. 2025 §6"),
+    _m("dist_to_final", "‖h_t − h_T‖ / ‖h_T‖, mean over 1 position in 16 (at least 4, evenly spaced, last included) from bfloat16 copies of h_t: error ≤ 2⁻⁸‖h_t‖/‖h_T‖", "Geiping et al. 2025 §6"),
     _m("step_orthogonality", "cos(Δ_t, Δ_{t−1}) with Δ_t = h_t − h_{t−1}", "Geiping et al. 2025 §6 (orbits)"),
     _m("token_correlation", "mean pairwise cosine between sampled positions (rank collapse)", "Dong et al. 2021"),
     # spectral stability

@@ -6,8 +6,8 @@ the router bias measures that strategy's effect (§3). Coefficient of variation 
 routing entropy follow Shazeer et al. 2017 ("Outrageously Large Neural Networks") §4. The
 shared-to-routed output ratio is the DeepSeekMoE split (Dai et al. 2024). Top-k overlap between
 successive iterations measures whether the loop re-uses the same experts for a token.
-All counts are one-hot sums, not bincount, which syncs with the host on CUDA; every function
-takes leading batch dimensions, so all iterations of a forward reduce in one call.
+Per-iteration functions take one iteration's (N, k) ids and (N, E) logits and return a scalar
+tensor; `balance` takes the loads of all iterations (I, E) at once, after the loop.
 """
 
 from __future__ import annotations
@@ -15,15 +15,10 @@ from __future__ import annotations
 import torch
 
 
-def choice_mask(topk_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(..., k) expert ids → (..., E) bool mask of chosen experts."""
-    mask = torch.zeros(*topk_idx.shape[:-1], n_experts, dtype=torch.bool, device=topk_idx.device)
-    return mask.scatter_(-1, topk_idx, True)
-
-
-def load(chosen: torch.Tensor) -> torch.Tensor:
-    """Tokens routed to each expert: chosen masks (..., N, E) → (..., E) float."""
-    return chosen.sum(dim=-2, dtype=torch.float32)
+def load(topk_idx: torch.Tensor, n_experts: int, ones: torch.Tensor) -> torch.Tensor:
+    """Tokens routed to each expert: (N, k) expert ids → (E,) float. `ones` holds N·k ones (made
+    once per forward); a scatter-add, not bincount, which syncs with the host on CUDA."""
+    return torch.zeros(n_experts, device=topk_idx.device).scatter_add_(0, topk_idx.reshape(-1), ones)
 
 
 def balance(load_: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -43,23 +38,27 @@ def balance(load_: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def routing_entropy(router_logits: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the router softmax over tokens: (..., N, E) → (...) nats."""
+    """Mean entropy of the router softmax over tokens: (N, E) → () nats."""
     logp = router_logits.float().log_softmax(-1)
     return -(logp.exp() * logp).sum(-1).mean(-1)
 
 
-def bias_changed_share(router_logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+def bias_changed_share(router_logits: torch.Tensor, topk_idx: torch.Tensor) -> torch.Tensor:
     """Share of chosen (biased) top-k slots that the unbiased top-k would not have picked:
-    (..., N, E) logits and masks → (...)."""
-    unbiased = choice_mask(router_logits.topk(k, dim=-1).indices, router_logits.shape[-1])
-    return (chosen & ~unbiased).sum(dim=(-2, -1), dtype=torch.float32) / (chosen.shape[-2] * k)
+    (N, E) unbiased logits and (N, k) chosen ids → (). A chosen expert is outside the unbiased
+    top-k exactly when its logit is below the k-th largest: one top-k of values, no (N, E) masks."""
+    k = topk_idx.shape[-1]
+    kth = router_logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)
+    return (router_logits.gather(-1, topk_idx) < kth).float().mean()
 
 
-def topk_overlap(chosen: torch.Tensor, chosen_prev: torch.Tensor, k: int) -> torch.Tensor:
-    """|topk_t ∩ topk_{t−1}| / k averaged over tokens: (..., N, E) masks → (...)."""
-    return (chosen & chosen_prev).sum(-1, dtype=torch.float32).mean(-1) / k
+def topk_overlap(topk_idx: torch.Tensor, topk_prev: torch.Tensor) -> torch.Tensor:
+    """|topk_t ∩ topk_{t−1}| / k averaged over tokens, from (N, k) expert ids (distinct per row)."""
+    # the mean over (N, k) of "slot j was also chosen before" is Σ_n |∩_n| / (N·k)
+    return (topk_idx[..., :, None] == topk_prev[..., None, :]).any(-1).float().mean()
 
 
-def shared_routed_ratio(norm_shared: torch.Tensor, norm_routed: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of ‖shared output‖ / ‖routed output‖, from per-token norms (..., N)."""
-    return (norm_shared / norm_routed.clamp_min(1e-12)).mean(-1)
+def shared_routed_ratio(shared_out: torch.Tensor, routed_out: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of ‖shared output‖ / ‖routed output‖: (N, D) outputs → ()."""
+    norm_shared = torch.linalg.vector_norm(shared_out.float(), dim=-1)
+    return (norm_shared / torch.linalg.vector_norm(routed_out.float(), dim=-1).clamp_min(1e-12)).mean()

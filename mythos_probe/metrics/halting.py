@@ -26,22 +26,23 @@ def saturation(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return p < 0.01, p > 0.99
 
 
-def iterations_used(halted: torch.Tensor) -> torch.Tensor:
-    """(I, B, T) halted-after-iteration masks → (B, T) iterations each position used: its first
-    halting iteration + 1, or I when it never halted."""
-    I = halted.shape[0]
-    ever = halted.any(0)
-    first = halted.float().argmax(0)  # first True, 0 when none
-    return torch.where(ever, first + 1, torch.full_like(first, I)).long()
+def first_halt(halted: torch.Tensor, halt_iter: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streaming form of "the iteration each position halted": given the halted mask after
+    iteration t and halt_iter (B, T) (t' + 1 where the position first halted at t', 0 while it
+    runs), returns (newly halted at t, updated halt_iter). O(1) memory in the loop count."""
+    newly = halted & (halt_iter == 0)
+    return newly, torch.where(newly, t + 1, halt_iter)
 
 
-def ponder(cum_halt: torch.Tensor, used: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def iterations_used(halt_iter: torch.Tensor, iterations: int) -> torch.Tensor:
+    """(B, T) iterations each position used: its first halting iteration + 1, or all of them when
+    it never halted."""
+    return torch.where(halt_iter > 0, halt_iter, iterations)
+
+
+def ponder(used: torch.Tensor, before_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position (N + R, R): N iterations used, R = 1 − Σ_{t<N−1} p_t, the remainder given
-    to the last state (Graves 2016 eq. 9–10). cum_halt: (I, B, T); used: (B, T)."""
-    before_last = torch.where(
-        used >= 2,
-        cum_halt.gather(0, (used - 2).clamp(min=0)[None]).squeeze(0),
-        torch.zeros_like(cum_halt[0]),
-    )
+    to the last state (Graves 2016 eq. 9–10). before_last: (B, T) cumulative halting probability
+    after iteration N − 2 (0 when N = 1), kept while the loop runs."""
     remainder = (1.0 - before_last).clamp(min=0)
     return used.to(remainder.dtype) + remainder, remainder
