@@ -53,7 +53,7 @@ import pyarrow as pa
 from mythos_probe.collectors.migrations import SchemaError
 from mythos_probe.collectors.rows import spans_table, trace_span_row, trace_tables
 from mythos_probe.collectors.schema import TABLES, quote
-from mythos_probe.collectors.store import StoreError
+from mythos_probe.collectors.store import Cursors, StoreError
 from mythos_probe.records import LoopTrace
 
 __all__ = ["ParquetStore", "open_read_only"]
@@ -129,7 +129,7 @@ class ParquetStore:
             raise SchemaError(f"{self.path} has Parquet layout version {version}, newer than this mythos-probe "
                               f"reads ({LAYOUT_VERSION}); upgrade mythos-probe")
         self._con = duckdb.connect(":memory:")
-        self._cursor_lock = threading.Lock()
+        self._cursors = Cursors(self._con)
         self._write_lock = threading.Lock()
         self._bound: set[str] = set()  # tables whose view reads files (the others are empty so far)
         self._refresh_views()
@@ -166,7 +166,7 @@ class ParquetStore:
                 self._flusher.join()
             self.flush()
             shutil.rmtree(self._tmp, ignore_errors=True)
-        self._con.close()
+        self._cursors.close()
 
     # reading
 
@@ -188,14 +188,9 @@ class ParquetStore:
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
         """Run `sql` with `params` over the folder as it is now; safe from any thread."""
-        with self._cursor_lock:
-            if len(self._bound) < len(TABLES):
-                self._refresh_views()
-            cur = self._con.cursor()
-        try:
+        refresh = self._refresh_views if len(self._bound) < len(TABLES) else None
+        with self._cursors.cursor(before=refresh) as cur:
             return cur.execute(sql, params).df()
-        finally:
-            cur.close()
 
     # writing
 
@@ -259,8 +254,7 @@ class ParquetStore:
         return kept
 
     def _write_table(self, table: str, arrow: pa.Table, forwards: pa.Table | None) -> None:
-        cur = self._con.cursor()
-        try:
+        with self._cursors.cursor(read=False) as cur:
             cur.register("_batch", arrow)
             # the partition date is the forward's: children join the batch's forwards for it
             if table in _CHILD_TABLES:
@@ -277,8 +271,6 @@ class ParquetStore:
                 f"COPY (SELECT {_casts(table, arrow.column_names)}, {date} AS date FROM _batch{order}) "
                 f"TO {_sql_literal(str(staging))} (FORMAT parquet, PARTITION_BY (date))"
             )
-        finally:
-            cur.close()
         for part in sorted(staging.glob("date=*")):
             for i, staged in enumerate(sorted(part.glob("*.parquet"))):
                 target = self.path / table / part.name / f"{self.writer}-{self._sequence:06d}-{i}.parquet"

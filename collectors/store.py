@@ -17,6 +17,8 @@ This module is not: the layout (`schema`), the migrations (`migrations`) or the 
 from __future__ import annotations
 
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -44,6 +46,52 @@ _NEW_KEYS = """
 SELECT DISTINCT k.trace_id, k.span_id FROM _keys k
 WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
 """
+
+
+class Cursors:
+    """The cursors one DuckDB connection hands to threads (a connection is not thread-safe; a
+    cursor is a connection of its own). `close` interrupts the reads still running, waits for every
+    cursor to return, then closes the connection: DuckDB refuses to close a connection whose
+    cursors are busy ("connection is busy"), which a background reader such as the dashboard's
+    what-if prewarm would otherwise turn into an error at shutdown. Writes are waited for, never
+    interrupted."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self._cond = threading.Condition()
+        self._open: dict[duckdb.DuckDBPyConnection, bool] = {}  # cursor → may be interrupted
+        self._closed = False
+
+    @contextmanager
+    def cursor(self, read: bool = True, before=None):
+        with self._cond:
+            if self._closed:
+                raise StoreError("the store is closed")
+            if before is not None:
+                before()  # under the lock, on the connection itself (e.g. binding views)
+            cur = self.con.cursor()
+            self._open[cur] = read
+        try:
+            yield cur
+        finally:
+            cur.close()
+            with self._cond:
+                del self._open[cur]
+                self._cond.notify_all()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            deadline = time.monotonic() + timeout_s
+            while self._open and time.monotonic() < deadline:
+                # again and again: an interrupt that lands before the cursor's query starts is lost
+                for cur, read in self._open.items():
+                    if read:
+                        cur.interrupt()
+                self._cond.wait(0.05)
+            self.con.close()
 
 
 class Store:
@@ -76,7 +124,7 @@ class Store:
         except BaseException:
             self._con.close()
             raise
-        self._cursor_lock = threading.Lock()
+        self._cursors = Cursors(self._con)
         self._write_lock = threading.Lock()
 
     @classmethod
@@ -90,20 +138,12 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        self._con.close()
-
-    def _cursor(self) -> duckdb.DuckDBPyConnection:
-        # DuckDB connections are not thread-safe; a cursor is a connection of its own.
-        with self._cursor_lock:
-            return self._con.cursor()
+        self._cursors.close()
 
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
         """Run `sql` with `params` on a fresh cursor; safe from any thread."""
-        cur = self._cursor()
-        try:
+        with self._cursors.cursor() as cur:
             return cur.execute(sql, params).df()
-        finally:
-            cur.close()
 
     def write_traces(self, traces: Iterable[LoopTrace], resource: Mapping[str, Any] | None = None) -> int:
         """Store `traces` with their raw span rows; returns the number of new forwards."""
@@ -119,20 +159,16 @@ class Store:
         """As `write`, returning the forwards that were new (not already stored)."""
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
-        with self._write_lock:
-            cur = self._cursor()
+        with self._write_lock, self._cursors.cursor(read=False) as cur:
+            cur.execute("BEGIN TRANSACTION")
             try:
-                cur.execute("BEGIN TRANSACTION")
-                try:
-                    first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
-                    new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept, first))
-                    self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
-                    cur.execute("COMMIT")
-                except BaseException:
-                    cur.execute("ROLLBACK")
-                    raise
-            finally:
-                cur.close()
+                first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
+                new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept, first))
+                self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
+                cur.execute("COMMIT")
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
         return new
 
     @staticmethod

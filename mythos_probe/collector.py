@@ -480,7 +480,8 @@ def _columns(rows: list[tuple[tuple[str, ...], torch.Tensor]]) -> dict[str, torc
 def _known_zero(bias: Optional[torch.Tensor]) -> bool:
     """Whether the router bias is all zeros, read only where that costs no device sync: a CPU
     tensor is read in place (numpy view, no aten op). On a GPU the share is computed instead."""
-    return bias is not None and bias.device.type == "cpu" and not bias.detach().numpy().any()
+    # float() first: numpy has no bfloat16 (a float32 bias is returned as is, no copy)
+    return bias is not None and bias.device.type == "cpu" and not bias.detach().float().numpy().any()
 
 
 def _rng_untouched(device: torch.device):

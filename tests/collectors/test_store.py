@@ -93,3 +93,30 @@ def test_store_reopens_read_only_with_the_rows(tmp_path):
     with Store.open_read_only(path) as ro:
         assert ro.query("SELECT count(*) AS n FROM forwards").n[0] == 1
         assert not math.isnan(ro.schema_version)
+
+
+def test_closing_interrupts_a_running_reader_and_then_refuses_new_ones(tmp_path):
+    import duckdb
+    import pytest
+
+    from mythos_probe.collectors.store import StoreError
+
+    store = Store(tmp_path / "s.duckdb")
+    outcome = {}
+
+    def long_read():
+        try:
+            store.query("SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b")  # hours if not interrupted
+            outcome["read"] = "finished"
+        except (duckdb.InterruptException, duckdb.Error) as exc:
+            outcome["read"] = type(exc).__name__
+
+    reader = threading.Thread(target=long_read)
+    reader.start()
+    while not store._cursors._open:  # the read has its cursor
+        pass
+    store.close()  # interrupts the read rather than failing with "connection is busy"
+    reader.join(timeout=30)
+    assert outcome["read"] == "InterruptException"
+    with pytest.raises(StoreError, match="closed"):
+        store.query("SELECT 1")
