@@ -68,7 +68,7 @@ def rule(repeats: int) -> None:
     share of positions running; `latent`, whose exit test is cheap (kl adds the lens to both).
     One thread and process CPU time, so that the other jobs on a shared machine do not decide it."""
     from mythos_probe.model.looped import _LoopState
-    from mythos_probe.trained import load_trained_model
+    from mythos_probe.demo.checkpoint import load_trained_model
 
     torch.set_num_threads(1)
     shipped, _ = load_trained_model()
@@ -104,8 +104,8 @@ def rule(repeats: int) -> None:
 
 
 def main() -> None:
-    from mythos_probe.tasks import ChainTask
-    from mythos_probe.trained import load_trained_model
+    from mythos_probe.demo.tasks import ChainTask
+    from mythos_probe.demo.checkpoint import load_trained_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="T=256 on the dim-256 model (minutes on 2 cores)")

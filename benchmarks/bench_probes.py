@@ -38,7 +38,7 @@ from contextlib import contextmanager
 import torch
 
 import mythos_probe
-from mythos_probe.collector import DEFAULT_PROBES
+from mythos_probe.probes.reductions import DEFAULT_PROBES
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 PROBED = {

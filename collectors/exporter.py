@@ -34,7 +34,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from mythos_probe.collectors.rows import decode_span
 from mythos_probe.collectors.spans import RANK_ATTRS, SPAN_LIMITS, LoopTraceIdGenerator
 from mythos_probe.collectors.store import Store
-from mythos_probe.distributed import Where, where
+from mythos_probe.probes.distributed import Where, where
 
 logger = logging.getLogger(__name__)
 

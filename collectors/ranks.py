@@ -2,7 +2,7 @@
 
 The probes never communicate inside the forward, so nothing rank-crossing is measured live. Each
 rank's traces carry (run_id, step, rank); ranks of one job share the run id
-(`mythos_probe.distributed`), and a training step is the optimizer's step on every rank. So
+(`mythos_probe.probes.distributed`), and a training step is the optimizer's step on every rank. So
 "expert loads of one step summed over the data-parallel ranks" and "the slowest rank's
 iterations" are a GROUP BY on (run_id, loop_name, step) over the stored forwards.
 

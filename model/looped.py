@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from mythos_probe.hooks import IterationCache, LoopClock, LoopHookPoint
+from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
 from mythos_probe.model.config import LoopedConfig
 
 EXIT_POLICIES = ("act", "fixed", "kl", "latent")

@@ -12,7 +12,7 @@ __all__ = ["attach", "LoopSpec", "Injection", "Halting", "Router", "Recorder", "
 
 def __getattr__(name: str):
     if name in ("attach", "Recorder"):
-        from mythos_probe import recorder
+        from mythos_probe.probes import recorder
 
         return getattr(recorder, name)
     if name in ("LoopSpec", "Injection", "Halting", "Router"):

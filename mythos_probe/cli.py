@@ -17,9 +17,9 @@ import logging
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("mythos_probe.demo", "run the trained model on a mixed workload, store it and serve the dashboard"),
+    "demo": ("mythos_probe.demo.run", "run the trained model on a mixed workload, store it and serve the dashboard"),
     "serve": ("mythos_probe.collectors.serve", "receive OTLP from remote workers, write the store, host the dashboard"),
-    "dashboard": ("mythos_probe.dashboards.cli", "open a DuckDB store read-only in the dashboard"),
+    "dashboard": ("mythos_probe.dashboards.cli", "open a store (DuckDB file or Parquet folder) read-only in the dashboard"),
     "export": ("mythos_probe.collectors.export_cli", "export a store to partitioned Parquet or over OTLP"),
     "variants": ("mythos_probe.model.variants", "list model presets with parameters and FLOPs per token"),
 }

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
-from mythos_probe.adapters import is_open_mythos
+from mythos_probe.probes.adapters import is_open_mythos
 from mythos_probe.records import LoopTrace
 
 __all__ = [
@@ -266,7 +266,7 @@ def compare(
     """(before, after): one recorded forward without, then one with `intervention`, both under
     `attach(model, **attach_kwargs)`. The traces carry the attribute `intervention` ("none" or
     the intervention's label) next to any `attributes` given."""
-    from mythos_probe.recorder import attach
+    from mythos_probe.probes.recorder import attach
 
     traces = []
     for active in (False, True):

@@ -9,7 +9,7 @@ import torch
 
 import mythos_probe
 from mythos_probe.collectors.exporter import process_resource, tracer_provider
-from mythos_probe.distributed import Where, job_run_id, where
+from mythos_probe.probes.distributed import Where, job_run_id, where
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "TORCHELASTIC_RUN_ID": "5f0c-uuid"}

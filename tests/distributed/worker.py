@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import mythos_probe
 from mythos_probe.collectors.sinks import otlp_sink
-from mythos_probe.distributed import job_run_id, where
+from mythos_probe.probes.distributed import job_run_id, where
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 STEPS = 2

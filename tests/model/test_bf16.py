@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mythos_probe
-from mythos_probe.collector import PROBES
+from mythos_probe.probes.reductions import PROBES
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(0))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import mythos_probe
-from mythos_probe.collector import PROBES
+from mythos_probe.probes.reductions import PROBES
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mythos_probe
-from mythos_probe.collector import PROBES
+from mythos_probe.probes.reductions import PROBES
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
 SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item", "equal", "is_nonzero")

@@ -1,4 +1,4 @@
-"""Adapters: find the loop in a model and feed a `ForwardCollector` the same per-iteration tensors,
+"""Adapters: find the loop in a model and feed a `ForwardReducer` the same per-iteration tensors,
 whatever the model is.
 
 Three kinds of model, one event stream (`begin`, `encoded`, `iteration`, `end`):

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"mythos-probe demo: {exc}\nChoose another file with --store PATH.", file=sys.stderr)
         return 2
     try:
-        from mythos_probe.trained import load_training_traces
+        from mythos_probe.demo.checkpoint import load_training_traces
 
         traces, shadows, outcomes = record_workload(args.requests, args.batch, args.seed)
         training = load_training_traces()  # same ids every run: stored once (the store dedupes)
@@ -73,9 +73,9 @@ def record_workload(requests: int, batch: int, seed: int):
     from tqdm import tqdm
 
     import mythos_probe
-    from mythos_probe.collector import DEFAULT_PROBES
-    from mythos_probe.tasks import ChainTask, decode
-    from mythos_probe.trained import load_metadata, load_trained_model
+    from mythos_probe.probes.reductions import DEFAULT_PROBES
+    from mythos_probe.demo.tasks import ChainTask, decode
+    from mythos_probe.demo.checkpoint import load_metadata, load_trained_model
 
     model, _ = load_trained_model()
     train_steps = int(load_metadata()["settings"]["train_steps"])
@@ -138,8 +138,8 @@ def measured_saving(shadows, batch: int, seed: int) -> str:
     what-if on the shadow forwards, run for real on a held-out batch of the longest trained chains
     beside a full-depth run of it."""
     from mythos_probe import whatif
-    from mythos_probe.tasks import ChainTask
-    from mythos_probe.trained import load_metadata, load_trained_model
+    from mythos_probe.demo.tasks import ChainTask
+    from mythos_probe.demo.checkpoint import load_metadata, load_trained_model
 
     model, _ = load_trained_model()
     steps = int(load_metadata()["settings"]["train_steps"])

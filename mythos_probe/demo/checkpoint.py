@@ -1,6 +1,6 @@
 """The shipped trained checkpoint: its files, how they are written, and `load_trained_model()`.
 
-    from mythos_probe.trained import load_trained_model
+    from mythos_probe.demo.checkpoint import load_trained_model
     model, task = load_trained_model()          # LoopedTransformer (eval mode), ChainTask
     batch = task.batch(64, steps=5)
     logits = model(batch.input_ids)              # running value at every position
@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 from mythos_probe.records import LoopTrace
-from mythos_probe.tasks import TASK_VERSION, ChainTask
+from mythos_probe.demo.tasks import TASK_VERSION, ChainTask
 
 CHECKPOINT_DIR = Path(str(resources.files("mythos_probe.model") / "checkpoints"))
 NAME = "chains"

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mythos_probe.adapters import ForwardContext, IterationTensors, _Adapter, _args
+from mythos_probe.probes.adapters import ForwardContext, IterationTensors, _Adapter, _args
 from mythos_probe.loopspec import LoopSpec, resolve, select
 from mythos_probe.metrics.cost import param_cost
 from mythos_probe.metrics.halting import act_step

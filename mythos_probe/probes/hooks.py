@@ -9,7 +9,7 @@ so hooks pay nothing to learn it), and `IterationCache` keys activations by `(si
 compiled by torch.compile.
 
 This module is not: the model (`mythos_probe.model`) or the probes that reduce activations
-(`mythos_probe.collector`). It must stay importable by the model without importing it back.
+(`mythos_probe.probes.reductions`). It must stay importable by the model without importing it back.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ForwardCollector: reduces each loop iteration to metric tensors on the device and, after the
+"""ForwardReducer: reduces each loop iteration to metric tensors on the device and, after the
 forward, packs them into one buffer; `Pending.materialize` makes a `LoopTrace` from it.
 
 Why this shape: inside the loop nothing is read back (no `.item()`, `.cpu()`, `bool(tensor)`,
@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from mythos_probe.adapters import ForwardContext, IterationTensors
+from mythos_probe.probes.adapters import ForwardContext, IterationTensors
 from mythos_probe.metrics import convergence, experts, halting, lens, spectral
 from mythos_probe.metrics.cost import forward_cost
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
@@ -115,7 +115,7 @@ class _Forward:
     bias_zero: bool = False  # the router bias is known to be zero: top-k choices are unbiased
 
 
-class ForwardCollector:
+class ForwardReducer:
     def __init__(
         self,
         probes: tuple[str, ...],

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from mythos_probe.model import LoopedTransformer
-from mythos_probe.tasks import TASK_VERSION, ChainTask
-from mythos_probe.trained import CHECKPOINT_DIR, EVAL_SEED, load_metadata, load_trained_model, load_training_traces
-from mythos_probe.training import accuracy, iterations_used
+from mythos_probe.demo.tasks import TASK_VERSION, ChainTask
+from mythos_probe.demo.checkpoint import CHECKPOINT_DIR, EVAL_SEED, load_metadata, load_trained_model, load_training_traces
+from mythos_probe.demo.training import accuracy, iterations_used
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_checkpoint_ships_as_package_data_with_its_recipe():
         assert (CHECKPOINT_DIR / name).is_file()
     meta = load_metadata()
     assert meta["task_version"] == TASK_VERSION
-    assert meta["command"].startswith("python -m mythos_probe.training")
+    assert meta["command"].startswith("python -m mythos_probe.demo.training")
     assert (CHECKPOINT_DIR / "chains.safetensors").stat().st_size < 5 * 2**20
 
 

@@ -20,12 +20,12 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
-from mythos_probe.adapters import LoopedTransformerAdapter, OpenMythosAdapter, is_open_mythos
+from mythos_probe.probes.adapters import LoopedTransformerAdapter, OpenMythosAdapter, is_open_mythos
 from mythos_probe.loopspec import LoopSpec
-from mythos_probe.spec_adapter import SpecAdapter
-from mythos_probe.collector import DEFAULT_PROBES, PROBES, ForwardCollector, Pending
-from mythos_probe.hooks import refuse_compiled
-from mythos_probe.distributed import Where, job_run_id, where as distributed_where
+from mythos_probe.probes.spec_adapter import SpecAdapter
+from mythos_probe.probes.reductions import DEFAULT_PROBES, PROBES, ForwardReducer, Pending
+from mythos_probe.probes.hooks import refuse_compiled
+from mythos_probe.probes.distributed import Where, job_run_id, where as distributed_where
 from mythos_probe.records import DETAIL_LEVELS, FORWARD_KINDS, LoopTrace
 
 __all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: mythos_probe.loopspec
@@ -161,7 +161,7 @@ def attach(
     attributes: tags on every trace (request id, endpoint, user…): str, int, float or bool.
     sample_every: record 1 forward in N; the others run with hooks that return at once.
     run_id: default `run-<job id>` under a launcher (torchrun, SLURM…), the same on every rank of
-        the job; else a fresh id. Traces carry the rank family read from `mythos_probe.distributed`.
+        the job; else a fresh id. Traces carry the rank family read from `mythos_probe.probes.distributed`.
     optimizer: in training, traces carry its step count (probes run on detached tensors and
         leave gradients bit-identical).
     kind: the forward kind stored with each trace (`FORWARD_KINDS`); by default "training" for
@@ -206,8 +206,8 @@ def attach(
         pending.meta["kind"] = kind or ("training" if model.training and torch.is_grad_enabled() else "served")
         recorder._add(pending)
 
-    def new_collector() -> ForwardCollector:
-        return ForwardCollector(
+    def new_collector() -> ForwardReducer:
+        return ForwardReducer(
             probes=probes, detail=detail, lens_positions=lens_positions, sample_every=sample_every,
             emit=emit, attributes=attributes, run_id=run_id, model_id=model_id,
             step_counter=(lambda: steps["n"]) if optimizer is not None else (lambda: None),

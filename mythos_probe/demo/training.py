@@ -1,7 +1,7 @@
 """Training the small `LoopedTransformer` of the demo on modular chains, and measuring how it uses depth.
 
 `train(cfg, settings)` is the loop as a library function (probes attached, so the run is stored
-with its optimizer steps); `main()` is its CLI (`python -m mythos_probe.training --help`), which
+with its optimizer steps); `main()` is its CLI (`python -m mythos_probe.demo.training --help`), which
 writes the shipped checkpoint, its training traces and its note with the measured tables.
 
 Choices, and why:
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mythos_probe.model import LoopedConfig, LoopedTransformer
-from mythos_probe.tasks import VOCAB, ChainTask
+from mythos_probe.demo.tasks import VOCAB, ChainTask
 
 # The shipped model: MoE (4 routed experts, top-2, one shared) and ACT on, 8 loops at most.
 CHAIN_CONFIG = LoopedConfig(
@@ -203,11 +203,11 @@ def markdown(tables: dict, train_steps: int) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from mythos_probe.trained import CHECKPOINT_DIR, EVAL_SEED, save_checkpoint
+    from mythos_probe.demo.checkpoint import CHECKPOINT_DIR, EVAL_SEED, save_checkpoint
 
     defaults = TrainSettings()
     parser = argparse.ArgumentParser(
-        prog="python -m mythos_probe.training",
+        prog="python -m mythos_probe.demo.training",
         description="Train the demo's looped transformer on modular chains and write the checkpoint "
                     "(chains.safetensors, chains.json, chains.md, chains-training.jsonl.gz).",
     )
@@ -216,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", default=str(CHECKPOINT_DIR), help="checkpoint folder (default: the package's)")
     args = parser.parse_args(argv)
     settings = TrainSettings(**{f: getattr(args, f) for f in asdict(defaults)})
-    command = " ".join(["python -m mythos_probe.training", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
+    command = " ".join(["python -m mythos_probe.demo.training", shlex.join(sys.argv[1:] if argv is None else argv)]).strip()
 
     start = time.perf_counter()
     model, losses, traces = train(CHAIN_CONFIG, settings)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from mythos_probe.tasks import MODULUS, OPS, VOCAB, ChainTask, decode, encode
-from mythos_probe.training import CHAIN_CONFIG, TrainSettings, train
+from mythos_probe.demo.tasks import MODULUS, OPS, VOCAB, ChainTask, decode, encode
+from mythos_probe.demo.training import CHAIN_CONFIG, TrainSettings, train
 
 
 def test_same_seed_same_examples_and_different_seed_different():
