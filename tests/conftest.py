@@ -6,7 +6,10 @@ their real dependency is missing; elsewhere they skip with the printed reason.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
+import urllib.request
 
 import pytest
 
@@ -19,3 +22,15 @@ def need(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI but unavailable: {reason}")
     pytest.skip(reason)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers the interop tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())

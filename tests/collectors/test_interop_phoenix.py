@@ -1,13 +1,10 @@
 """Interop: a LoopTrace exported over OTLP to a real Arize Phoenix (separate venv, loopback only)
 comes back through Phoenix's REST API with every loop attribute intact."""
 
-import json
 import math
 import os
-import socket
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -15,21 +12,10 @@ import pytest
 from mythos_probe.collectors.exporter import BoundedSpanProcessor, otlp_exporter, tracer_provider
 from mythos_probe.collectors.spans import attributes_to_trace, emit, trace_to_attributes
 from tests.collectors.factory import make_trace, traces_equal
-from tests.conftest import need
+from tests.conftest import free_port, get_json, need
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 PHOENIX = Path(__file__).resolve().parents[2] / ".venv-phoenix" / "bin" / "phoenix"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,7 @@
 `prometheus`, loopback only); the values read back through Prometheus's HTTP query API equal the
 same aggregates computed here from the traces sent."""
 
-import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +15,9 @@ import pytest
 from mythos_probe.collectors.histograms import residual_at_exit
 from tests.collectors.factory import make_trace
 from tests.collectors.test_receiver import otlp_body, post
-from tests.conftest import need
+from tests.conftest import free_port, get_json, need
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
 
 
 def traces():

@@ -96,3 +96,13 @@ def test_resource_attributes_use_otel_names_and_the_rank_family():
     attrs = tracer_provider().resource.attributes
     assert attrs["host.name"] == socket.gethostname() and attrs["process.pid"] == os.getpid()
     assert attrs["service.name"] == "mythos-probe" and attrs["recurrent_depth.rank.world_size"] == 1
+
+
+def test_where_has_the_rank_family_of_the_record_with_the_same_defaults():
+    import dataclasses
+
+    from mythos_probe.records import LoopTrace
+
+    record = {f.name: f.default for f in dataclasses.fields(LoopTrace)}
+    assert {f.name: f.default for f in dataclasses.fields(Where)} == {
+        name: record[name] for name in ("rank", "local_rank", "world_size", "host", "pid", "job_id")}
