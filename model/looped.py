@@ -392,28 +392,34 @@ class RecurrentBlock(nn.Module):
         )
         self.row_iterations = self.lens_rows = 0
         t = 0
+        # What is still running, read once per iteration after its step (one host read): it decides
+        # both whether the next step compacts and whether the loop can stop.
+        live, running = None, 1.0
         try:
             for t in range(n_loops):
                 self.clock.t = t
                 args = (t, loop_emb[t], e, freqs_cis, causal, kv_cache, exit, threshold, lens)
-                if may_compact and t > 0:
+                if may_compact and t > 0 and running < self.compact_below:
+                    if exit == "act":
+                        self._act_rows_step(s, live, *args)
+                    else:
+                        self._sparse_step(s, *args)
+                else:
+                    self._dense_step(s, *args)
+                    self.row_iterations += B * T
+                if exit == "fixed" or t == n_loops - 1:
+                    continue
+                if may_compact:
                     if exit == "act":
                         live = (~s.halted).any(1).nonzero().squeeze(1)  # sequences with a running position
                         running = live.numel() / B
                     else:
                         running = float((~s.halted).float().mean())
-                    if running < self.compact_below:
-                        if exit == "act":
-                            self._act_rows_step(s, live, *args)
-                        else:
-                            self._sparse_step(s, *args)
-                        if kv_cache is None and bool(s.halted.all()):
-                            break
-                        continue
-                self._dense_step(s, *args)
-                self.row_iterations += B * T
+                    done = running == 0
+                else:
+                    done = kv_cache is None and bool(s.halted.all())
                 # With a KV cache every loop depth must run so later steps find their keys.
-                if exit != "fixed" and kv_cache is None and bool(s.halted.all()):
+                if done and kv_cache is None:
                     break
         finally:
             self.clock.t = None

@@ -34,3 +34,31 @@ def free_port() -> int:
 def get_json(url: str):
     with urllib.request.urlopen(url, timeout=10) as resp:
         return json.loads(resp.read())
+
+
+class SyncCounter:
+    """Records every aten op that reads a device value on the host (behind .item(), bool(), a
+    data-dependent shape) while active: where a host synchronisation would happen on a GPU."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item", "equal", "is_nonzero")
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode  # torch only for the tests that count
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func.__name__.split(".")[0] in counter.SYNCING:
+                    counter.syncs.append(func.__name__.split(".")[0])
+                return func(*args, **(kwargs or {}))
+
+        self.syncs: list[str] = []
+        self._mode = Mode()
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)

@@ -110,3 +110,23 @@ def test_row_iterations_count_the_positions_still_running(model):
     m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
     running = ids.numel() + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
     assert m.last_forward["row_iterations"] == running
+
+
+@pytest.mark.parametrize("exit, threshold", [("kl", 1e-3), ("kl", 1e-6), ("latent", 1e-2)])
+def test_the_loop_reads_the_host_once_per_iteration_to_compact_and_to_stop(exit, threshold):
+    # One read after each step decides both whether the next step compacts and whether the loop
+    # stops; it read twice before (17 reads against 2 for exit="fixed" over 8 latent iterations).
+    from tests.conftest import SyncCounter
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (4, 16))
+
+    def reads(**kw):
+        with torch.no_grad(), SyncCounter() as counter:
+            model(ids, n_loops=8, **kw)
+        return len(counter.syncs)
+
+    outside_the_loop = reads(exit="fixed")  # the model's own reads, no exit decision
+    policy = reads(exit=exit, exit_threshold=threshold)
+    assert outside_the_loop < policy <= outside_the_loop + model.last_forward["iterations"]

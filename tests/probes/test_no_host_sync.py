@@ -7,25 +7,11 @@ records them during a forward with and without probes; the probes must add none.
 device-to-host copy per forward happens after the forward, when traces are read."""
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import mythos_probe
 from mythos_probe.probes.reductions import PROBES
 from mythos_probe.model import LoopedConfig, LoopedTransformer
-
-SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item", "equal", "is_nonzero")
-
-
-class SyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if name in SYNCING:
-            self.syncs.append(name)
-        return func(*args, **(kwargs or {}))
+from tests.conftest import SyncCounter
 
 
 def count_syncs(model, ids, **attach_kwargs):
