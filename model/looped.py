@@ -36,6 +36,7 @@ from transformer_lens.hook_points import HookPoint
 
 from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
 from mythos_probe.model.config import LoopedConfig
+from mythos_probe.model.queries import Queries, sdpa
 
 EXIT_POLICIES = ("act", "fixed", "kl", "latent")
 DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
@@ -64,29 +65,22 @@ def precompute_rope_freqs(dim: int, max_len: int, theta: float) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))  # (B, T, H, d/2)
-    return torch.view_as_real(xc * freqs_cis[None, :, None, :]).flatten(-2).to(x.dtype)
+    """x (..., T, H, d) with freqs_cis (T, d/2), or x (N, H, d) with freqs_cis (N, d/2)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2))
+    return torch.view_as_real(xc * freqs_cis.unsqueeze(-2)).flatten(-2).to(x.dtype)
 
 
-def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False, q_abs=None) -> torch.Tensor:
-    """q (B, H, T, d), k/v (B, Hkv, S, d). Causal with the queries aligned to the end of k, or,
-    with `q_abs`, query i at absolute position q_abs[i] (it sees keys 0..q_abs[i])."""
-    dv = v.shape[-1]
-    if dv < q.shape[-1]:
-        # MLA: a value dim below the query dim sends SDPA to its slow generic path; zero-padding v to the
-        # query dim keeps the fused kernel (the padded channels come out zero and are dropped)
-        return _attend(q, k, F.pad(v, (0, q.shape[-1] - dv)), causal, dropout_p, enable_gqa, q_abs)[..., :dv]
+def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False) -> torch.Tensor:
+    """Every query of a full sequence: q (B, H, T, d), k/v (B, Hkv, S, d), causal with the queries
+    aligned to the end of k. Selected queries go through `Queries.attend` instead."""
     T, S = q.shape[2], k.shape[2]
-    if q_abs is not None and causal:
-        allowed = torch.arange(S, device=q.device)[None, :] <= q_abs[:, None]  # (T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, enable_gqa=enable_gqa)
     if not causal or T == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, enable_gqa=enable_gqa)
+        return sdpa(q, k, v, None, dropout_p, enable_gqa)
     if T == S:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=enable_gqa)
+        return sdpa(q, k, v, None, dropout_p, enable_gqa, is_causal=True)
     # prefill on top of a cache (OpenMythos cannot do this): query i sees keys ≤ S - T + i
     allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p, enable_gqa=enable_gqa)
+    return sdpa(q, k, v, allowed, dropout_p, enable_gqa)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,30 +98,27 @@ class GQAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.dropout_p = cfg.dropout
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None, rows=None):
-        """With `q_index` (sequence indices) and `rows` (batch indices), only those queries are
-        computed: keys and values still cover every position and row (the coda lens reads a few
-        positions of a full sequence; the loop skips exited positions but caches their keys)."""
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
+        """(B, T, D), or with `queries` only those (N, D): keys and values still cover every
+        position and row of x (the loop skips exited positions but caches their keys; the coda lens
+        reads a few positions of a full sequence)."""
         B, T, _ = x.shape
-        xq = x if rows is None else x[rows]
-        xq, fq = (xq, freqs_cis) if q_index is None else (xq[:, q_index], freqs_cis[q_index])
-        Bq, Tq = xq.shape[:2]
-        q = apply_rope(self.wq(xq).view(Bq, Tq, self.n_heads, self.head_dim), fq)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), freqs_cis)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, d = self.n_heads, self.head_dim
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, d), freqs_cis)
+        v = self.wv(x).view(B, T, self.n_kv_heads, d)
         if kv_cache is not None:  # same layout as OpenMythos: RoPE'd keys, (B, S, Hkv, d)
             if cache_key in kv_cache:
                 k = torch.cat([kv_cache[cache_key]["k"], k], dim=1)
                 v = torch.cat([kv_cache[cache_key]["v"], v], dim=1)
             kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
-        if rows is not None:
-            k, v = k[rows], v[rows]
-        q_abs = None if q_index is None else k.shape[1] - T + q_index
-        out = _attend(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal,
-            self.dropout_p if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads, q_abs=q_abs,
-        )  # (Bq, H, Tq, d)
-        return self.wo(out.transpose(1, 2).reshape(Bq, Tq, self.n_heads * self.head_dim))
+        p, gqa = self.dropout_p if self.training else 0.0, self.n_kv_heads != self.n_heads
+        if queries is None:
+            q = apply_rope(self.wq(x).view(B, T, H, d), freqs_cis)
+            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p, gqa)  # (B, H, T, d)
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * d))
+        q = apply_rope(self.wq(queries.take(x)).view(-1, H, d), freqs_cis[queries.pos])
+        out = queries.attend(q, k, v, k.shape[1] - T, causal, p, gqa)  # (N, H, d)
+        return self.wo(out.reshape(-1, H * d))
 
 
 class MLAttention(nn.Module):
@@ -148,17 +139,16 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.attn_drop = nn.Dropout(cfg.dropout)  # kept for OpenMythos module parity
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None, rows=None):
-        """`q_index` and `rows` as in `GQAttention.forward`."""
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
+        """As `GQAttention.forward`."""
         B, T, _ = x.shape
         H = self.n_heads
-        xq = x if rows is None else x[rows]
-        xq, fq = (xq, freqs_cis) if q_index is None else (xq[:, q_index], freqs_cis[q_index])
-        Bq, Tq = xq.shape[:2]
+        xq, fq = (x, freqs_cis) if queries is None else (queries.take(x), freqs_cis[queries.pos])
+        lead = xq.shape[:-1]  # (B, T) or (N,)
         c_q = self.q_norm(self.q_down(xq))
-        q_nope = self.q_up_nope(c_q).view(Bq, Tq, H, self.qk_nope_dim)
-        q_rope = apply_rope(self.q_up_rope(c_q).view(Bq, Tq, H, self.qk_rope_dim), fq)
-        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, nope + rope)
+        q_nope = self.q_up_nope(c_q).view(*lead, H, self.qk_nope_dim)
+        q_rope = apply_rope(self.q_up_rope(c_q).view(*lead, H, self.qk_rope_dim), fq)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (..., H, nope + rope)
 
         kv_raw = self.kv_down(x)
         c_kv = kv_raw[..., : self.kv_lora_rank]  # (B, T, rank), cached
@@ -169,16 +159,18 @@ class MLAttention(nn.Module):
                 c_kv = torch.cat([kv_cache[cache_key]["c_kv"], c_kv], dim=1)
                 k_rope = torch.cat([kv_cache[cache_key]["k_rope"], k_rope], dim=1)
             kv_cache[cache_key] = {"c_kv": c_kv.detach(), "k_rope": k_rope.detach()}
-        if rows is not None:
-            c_kv, k_rope = c_kv[rows], k_rope[rows]
-        S = c_kv.shape[1]
-        kv = self.kv_up(self.kv_norm(c_kv)).view(Bq, S, H, self.qk_nope_dim + self.v_dim)
-        k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (B, S, H, nope + rope)
-        v = kv[..., self.qk_nope_dim :]  # (B, S, H, v)
+        if queries is not None and not queries.every_row:  # up-project the latents of the live rows only
+            c_kv, k_rope = c_kv[queries.live], k_rope[queries.live]
+        Bk, S = c_kv.shape[:2]
+        kv = self.kv_up(self.kv_norm(c_kv)).view(Bk, S, H, self.qk_nope_dim + self.v_dim)
+        k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (Bk, S, H, nope + rope)
+        v = kv[..., self.qk_nope_dim :]  # (Bk, S, H, v)
         p = self.attn_drop.p if self.training else 0.0
-        q_abs = None if q_index is None else S - T + q_index
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p, q_abs=q_abs)  # (B, H, Tq, v)
-        return self.wo(out.transpose(1, 2).reshape(Bq, Tq, H * self.v_dim))
+        if queries is None:
+            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p)  # (B, H, T, v)
+            return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+        out = queries.attend(q, k, v, S - T, causal, p, False)  # (N, H, v)
+        return self.wo(out.reshape(-1, H * self.v_dim))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +210,9 @@ class MoEFFN(nn.Module):
         self.hook_shared_out = LoopHookPoint(clock)  # (N, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        flat = x.reshape(B * T, D)
+        """x (..., D): (B, T, D) or the compacted loop's running positions (N, D)."""
+        D = x.shape[-1]
+        flat = x.reshape(-1, D)
         logits = self.hook_router_logits(self.router(flat))  # (N, E)
         topk_idx = self.hook_topk_idx((logits + self.router_bias).topk(self.topk, dim=-1).indices)
         gates = logits.softmax(dim=-1).gather(-1, topk_idx)
@@ -244,7 +237,7 @@ class MoEFFN(nn.Module):
             for expert in self.shared_experts[1:]:
                 shared = shared + expert(flat)
             out = out + self.hook_shared_out(shared)
-        return out.view(B, T, D)
+        return out.view(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +254,10 @@ class TransformerBlock(nn.Module):
         self.ffn = MoEFFN(cfg, clock) if clock is not None else Expert(cfg.dim, cfg.dense_hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", q_index=None):
-        """With `q_index`, the output covers only those sequence positions."""
-        attn = self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key, q_index)
-        x = (x if q_index is None else x[:, q_index]) + self.resid_drop(attn)
+    def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
+        """(B, T, D), or with `queries` the output at those positions only (N, D)."""
+        attn = self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key, queries)
+        x = (x if queries is None else queries.take(x)) + self.resid_drop(attn)
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
 
 
@@ -326,28 +319,35 @@ def loop_index_embeddings(n_loops: int, loop_dim: int, dim: int, device, dtype, 
 
 
 class RecurrentBlock(nn.Module):
-    """The loop. Exited positions stop costing compute (`compact_below`): at an iteration where
-    fewer than that share of the rows would run, the heavy work runs on the running rows only.
+    """The loop. Exited positions stop costing compute: at an iteration where few enough positions
+    still run (`compact_share`), the heavy work runs on those only (`model.queries.Queries`).
 
-    - `kl` / `latent`: an exited position is frozen, so it only needs its keys and values (the
-      others attend to it, and a KV cache stores them): its Q projection, attention, MoE, shared
-      experts, LoRA, halting head and lens are skipped. A sequence with no running position
-      leaves the iteration (in decode: a batch row whose token exited). The halting head, read
-      only by hooks under these policies, is not run at all.
+    - `kl` / `latent`: an exited position is frozen, so it only needs its keys and values (later
+      running positions attend to it, and a KV cache stores them): its Q projection, attention,
+      MoE, shared experts, LoRA, halting head and lens are skipped, and positions past the last
+      running one of their row are not touched at all (causal; without a KV cache). A row with no
+      running position leaves the iteration (in decode: a batch row whose token exited). The
+      halting head, read only by hooks under these policies, is not run at all.
     - `act`: a halted position keeps updating (OpenMythos: its state still feeds the others'
-      attention and the cache), so only a sequence whose every position halted can leave, and only
-      without a KV cache (a cache needs every later loop depth of every row).
+      attention and the cache), so only the rows with a running position run, up to their last
+      running position, and only without a KV cache (a cache needs every later loop depth of every
+      row and position).
 
     Outputs equal the masked loop (`compact_below=0`) up to float rounding of the smaller GEMMs.
     Compaction needs an unhooked loop (hooks and probes see every position at full shape, so a
     probed forward runs masked) and runs at inference only (no autograd graph, eval mode).
     """
 
-    # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time; masked / compacted
-    # time of one iteration at 97/95/90/80/60/30 % running): shipped model B=256 0.99/1.01/1.03/
-    # 1.08/1.23/1.61, B=16 0.98/0.98/1.00/1.03/1.09/1.23; dim-256 B=16 T=64 1.01/1.02/1.05/1.12/
-    # 1.22/1.63. Break-even lies near 90 % running on every shape: compact below 85 %.
-    COMPACT_BELOW = 0.85
+    # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time, the host read and
+    # index building included; masked / compacted time of one iteration at 90/80/60/40/20/10 %
+    # running): shipped model B=256 T=9 0.87/0.93/1.06/1.27/1.85/2.69, B=16 T=9 0.84/0.87/0.90/
+    # 0.99/1.10/1.25; dim-256 B=16 T=64 0.99/1.05/1.34/1.82/2.50/2.66. The compacted step has a
+    # fixed cost (host read, indices, packed attention, ~0.5 ms on this CPU), so it pays earlier
+    # the more work a masked step does: below 60 % running from 64K position-channels (B·T·dim)
+    # per step, below 40 % under that (where it never loses on the shapes measured).
+    @staticmethod
+    def compact_share(batch: int, seq_len: int, dim: int) -> float:
+        return 0.6 if batch * seq_len * dim >= 65536 else 0.4
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -359,7 +359,7 @@ class RecurrentBlock(nn.Module):
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
         self.norm = RMSNorm(cfg.dim)
         self.loop_dim = cfg.loop_dim
-        self.compact_below = self.COMPACT_BELOW
+        self.compact_below: Optional[float] = None  # override of `compact_share` (0: never, > 1: always)
         self.row_iterations = 0  # rows that ran the block's FFN, summed over the last forward's iterations
         self.lens_rows = 0  # kl: rows the coda lens read out (coda queries + head), summed likewise
         c = self.clock
@@ -376,8 +376,8 @@ class RecurrentBlock(nn.Module):
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None):
-        """Returns (output state (B, T, D), iterations executed). `lens(h, positions, rows) ->
-        log-probs` is required by the `kl` policy."""
+        """Returns (output state (B, T, D), iterations executed). `lens(h, queries=None) ->
+        log-probs` (the model's `coda_lens`) is required by the `kl` policy."""
         B, T, D = h.shape
         s = _LoopState(
             h=h, halted=torch.zeros(B, T, device=h.device, dtype=torch.bool),
@@ -386,36 +386,39 @@ class RecurrentBlock(nn.Module):
             h_out=torch.zeros_like(h) if exit == "act" else None,
         )
         loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
+        compact_below = self.compact_share(B, T, D) if self.compact_below is None else self.compact_below
         may_compact = (
-            exit != "fixed" and self.compact_below > 0 and not torch.is_grad_enabled() and not self.training
+            exit != "fixed" and compact_below > 0 and not torch.is_grad_enabled() and not self.training
             and (exit != "act" or kv_cache is None) and not self._hooked()
         )
         self.row_iterations = self.lens_rows = 0
         t = 0
-        # What is still running, read once per iteration after its step (one host read): it decides
-        # both whether the next step compacts and whether the loop can stop.
-        live, running = None, 1.0
+        # What is still running, read to the host once per iteration after its step: it decides
+        # whether the loop can stop, whether the next step compacts and, if so, on which rows.
+        queries, share = None, 1.0
         try:
             for t in range(n_loops):
                 self.clock.t = t
                 args = (t, loop_emb[t], e, freqs_cis, causal, kv_cache, exit, threshold, lens)
-                if may_compact and t > 0 and running < self.compact_below:
+                if queries is not None and share < compact_below:
                     if exit == "act":
-                        self._act_rows_step(s, live, *args)
+                        self._act_rows_step(s, queries, *args)
                     else:
-                        self._sparse_step(s, *args)
+                        self._sparse_step(s, queries, *args)
                 else:
                     self._dense_step(s, *args)
                     self.row_iterations += B * T
                 if exit == "fixed" or t == n_loops - 1:
                     continue
                 if may_compact:
-                    if exit == "act":
-                        live = (~s.halted).any(1).nonzero().squeeze(1)  # sequences with a running position
-                        running = live.numel() / B
+                    # copy=True: on the CPU too, so that the read shows as one op (tests count them)
+                    running = (~s.halted).to("cpu", copy=True).numpy()
+                    queries = Queries.from_mask(running, h.device)
+                    if exit == "act":  # the rows still running, up to their last running position
+                        share = queries.live.shape[0] * queries.extent / (B * T)
                     else:
-                        running = float((~s.halted).float().mean())
-                    done = running == 0
+                        share = queries.n / (B * T)
+                    done = queries.n == 0
                 else:
                     done = kv_cache is None and bool(s.halted.all())
                 # With a KV cache every loop depth must run so later steps find their keys.
@@ -464,69 +467,56 @@ class RecurrentBlock(nn.Module):
         self.hook_act_weight(weight)
         s.h = h
 
-    def _act_rows_step(self, s: "_LoopState", live, *args) -> None:
-        """ACT on the sequences `live` only: the others have halted everywhere, and nothing of
-        theirs is read again (no KV cache; attention stays inside a sequence)."""
-        if live.numel() == 0:
+    def _act_rows_step(self, s: "_LoopState", queries: Queries, t, emb, e, freqs_cis, *rest) -> None:
+        """ACT on the rows with a running position, up to the last one (`queries.extent`). A halted
+        position keeps updating only because later positions of its row attend to it: past the
+        last running position nothing reads it again (no KV cache, causal attention), and its
+        weighted output is final."""
+        live, n = queries.live, queries.extent
+        if n == 0:
             return
-        sub = _LoopState(h=s.h[live], halted=s.halted[live], cumulative_p=s.cumulative_p[live], h_out=s.h_out[live])
-        t, emb, e, *rest = args
-        self._dense_step(sub, t, emb, e[live], *rest)
-        s.h = s.h.index_copy(0, live, sub.h)
-        s.h_out = s.h_out.index_copy(0, live, sub.h_out)
-        s.cumulative_p = s.cumulative_p.index_copy(0, live, sub.cumulative_p)
-        s.halted = s.halted.index_copy(0, live, sub.halted)
+        if queries.every_row and n == s.h.shape[1]:
+            sub = s
+        else:
+            sub = _LoopState(h=s.h[live, :n], halted=s.halted[live, :n], cumulative_p=s.cumulative_p[live, :n],
+                             h_out=s.h_out[live, :n])
+        self._dense_step(sub, t, emb, e[live, :n], freqs_cis[:n], *rest)
         self.row_iterations += sub.h.shape[0] * sub.h.shape[1]
+        if sub is not s:  # in place: every state tensor is the loop's own after the first (dense) step
+            s.h[live, :n], s.h_out[live, :n] = sub.h, sub.h_out
+            s.cumulative_p[live, :n], s.halted[live, :n] = sub.cumulative_p, sub.halted
 
-    def _sparse_step(self, s: "_LoopState", t, emb, e, freqs_cis, causal, kv_cache, exit, threshold, lens) -> None:
-        """`kl` / `latent` on the running positions only (gather, compute, scatter back). Keys and
-        values still come from every position of the live sequences, and of every sequence when a
-        KV cache must be filled; queries from the positions some live sequence still runs."""
-        B, T, D = s.h.shape
-        active = ~s.halted
-        live = active.any(1).nonzero().squeeze(1)  # (Bl,) sequences with a running position
-        idx = active.reshape(-1).nonzero().squeeze(1)  # (Na,) running positions, row-major
-        q_index = active[live].any(0).nonzero().squeeze(1) if T > 1 else None  # (Tq,) their union
-        if q_index is not None and q_index.numel() == T:
-            q_index = None
-        # with a cache every row writes its keys and values; without one only live rows need them
-        # (no gathers at all when every sequence is live)
-        rows = live if kv_cache is not None and live.numel() < B else None
-        every = kv_cache is not None or live.numel() == B
-        h_kv, e_kv = (s.h, e) if every else (s.h[live], e[live])
+    def _sparse_step(self, s: "_LoopState", queries: Queries, t, emb, e, freqs_cis, causal, kv_cache, exit,
+                     threshold, lens) -> None:
+        """`kl` / `latent` on the running positions `queries` only (gather, compute, scatter back,
+        in place). Keys and values still come from every position of the rows with a running
+        position up to the last one, and from every row and position when a KV cache must be filled."""
+        if kv_cache is not None:
+            h_kv, e_kv, local = s.h, e, queries
+        else:
+            n = queries.extent
+            h_kv, e_kv, freqs_cis = s.h[queries.live, :n], e[queries.live, :n], freqs_cis[:n]
+            local = queries.within_live()
         combined = self.norm(h_kv + emb + e_kv)
-        blk = self.block
-        attn = blk.attn(blk.attn_norm(combined), freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", q_index, rows)
-        self.row_iterations += idx.numel()
-        if idx.numel() == 0:
-            return  # decode with every token exited: only the cache was written
-        x = combined if rows is None else combined[rows]
-        keep = active[live]
-        if q_index is not None:
-            x, keep = x[:, q_index], keep[:, q_index]
-        x = (x + attn)[keep]  # (Na, D)
-        x = x + blk.ffn(blk.ffn_norm(x)[None])[0]
+        if queries.n == 0:  # decode with every token exited: only the cache is written
+            self.block.attn(self.block.attn_norm(combined), freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", local)
+            return
+        x = self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", local)  # (N, D)
+        self.row_iterations += queries.n
         x = x + self.lora(x, t)
-        flat_h = s.h.reshape(B * T, D)
-        h_act = flat_h[idx]
-        h_new = self.injection(h_act, e.reshape(B * T, D)[idx], x)
-        s.h = flat_h.index_copy(0, idx, h_new).view(B, T, D)
+        h_act = queries.take(s.h)
+        h_new = self.injection(h_act, queries.take(e), x)
+        s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
             stop = (h_new - h_act).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-12) < threshold
         else:
-            logp = lens(s.h, q_index, live)  # (Bl, Tq, V)
-            self.lens_rows += logp.shape[0] * logp.shape[1]
-            logp = logp[keep]  # (Na, V)
-            V = logp.shape[-1]
-            if s.prev_logp is None:
-                stop = torch.zeros_like(idx, dtype=torch.bool)
-                s.prev_logp = logp.new_zeros(B, T, V)
-            else:
-                prev = s.prev_logp.reshape(B * T, V)[idx]
-                stop = (logp.exp() * (logp - prev)).sum(-1) < threshold
-            s.prev_logp = s.prev_logp.reshape(B * T, V).index_copy(0, idx, logp).view(B, T, V)
-        s.halted = s.halted.reshape(-1).index_copy(0, idx, stop).view(B, T)
+            logp = lens(s.h, queries=queries)  # (N, V)
+            self.lens_rows += queries.n
+            prev = queries.take(s.prev_logp)
+            stop = (logp.exp() * (logp - prev)).sum(-1) < threshold
+            s.prev_logp[queries.rows, queries.pos] = logp
+        s.halted[queries.rows, queries.pos] = stop
 
 
 @dataclass
@@ -634,25 +624,32 @@ class LoopedTransformer(HookedRootModule):
         return table[start_pos : start_pos + T]
 
     def coda_lens(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Log-probabilities (B, P, V) if the loop of the current (or last) forward stopped with
-        state h: coda → norm → head, on `positions` (seq indices) or all, and on the batch `rows`
-        of h (and of the cache) or all. Reads the forward's KV cache without writing it."""
+                  queries: Optional[Queries] = None) -> torch.Tensor:
+        """Log-probabilities if the loop of the current (or last) forward stopped with state h:
+        coda → norm → head. Of every position (B, T, V), of `positions` (seq indices) of every row
+        (B, P, V), or of the `queries` (N, V). Reads the forward's KV cache without writing it."""
         ctx = self.last_forward
-        x = h if rows is None else h[rows]
-        cache = ctx["kv_cache"]
-        if cache is not None and rows is not None:
-            cache = {key: {name: t[rows] for name, t in cache[key].items()}
-                     for key in (f"coda_{i}" for i in range(len(self.coda))) if key in cache}
+        B = h.shape[0]
+        if positions is not None:
+            queries = Queries.grid(B, positions)
+        x, cache, freqs = h, ctx["kv_cache"], ctx["freqs_cis"]
+        if queries is not None and not queries.every_row:
+            x = h[queries.live]
+            if cache is not None:
+                cache = {key: {name: t[queries.live] for name, t in cache[key].items()}
+                         for key in (f"coda_{i}" for i in range(len(self.coda))) if key in cache}
+            if cache is None and queries.extent is not None and queries.extent < h.shape[1]:  # later positions feed no query (causal)
+                x, freqs = x[:, : queries.extent], freqs[: queries.extent]
+            queries = queries.within_live()
         scratch = dict(cache) if cache is not None else None  # writes go to the copy
         last = len(self.coda) - 1
         for i, layer in enumerate(self.coda):
-            # the last layer only needs the sampled positions' queries: their keys see every position
-            q_index = positions if i == last else None
-            x = layer(x, ctx["freqs_cis"], ctx["causal"], scratch, f"coda_{i}", q_index)
-        if positions is not None and last < 0:
-            x = x[:, positions]
-        return F.log_softmax(self.head(self.norm(x)).float(), dim=-1)
+            # the last layer only needs the wanted queries: their keys see every earlier position
+            x = layer(x, freqs, ctx["causal"], scratch, f"coda_{i}", queries if i == last else None)
+        if queries is not None and last < 0:
+            x = queries.take(x)
+        logp = F.log_softmax(self.head(self.norm(x)).float(), dim=-1)
+        return logp if positions is None else logp.view(B, positions.numel(), -1)
 
     def forward(
         self,

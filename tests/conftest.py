@@ -38,7 +38,9 @@ def get_json(url: str):
 
 class SyncCounter:
     """Records every aten op that reads a device value on the host (behind .item(), bool(), a
-    data-dependent shape) while active: where a host synchronisation would happen on a GPU."""
+    data-dependent shape, a copy to the CPU) while active: where a host synchronisation would
+    happen on a GPU. On a CPU tensor only an explicit `.to("cpu", copy=True)` reaches the
+    dispatcher as a copy (`.cpu()` returns the tensor itself), which is how the model's loop reads."""
 
     SYNCING = ("_local_scalar_dense", "nonzero", "unique", "masked_select", "item", "equal", "is_nonzero")
 
@@ -49,8 +51,11 @@ class SyncCounter:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                if func.__name__.split(".")[0] in counter.SYNCING:
-                    counter.syncs.append(func.__name__.split(".")[0])
+                name = func.__name__.split(".")[0]
+                if name in counter.SYNCING:
+                    counter.syncs.append(name)
+                elif name == "_to_copy" and str((kwargs or {}).get("device", "")) == "cpu":
+                    counter.syncs.append("copy to host")  # an explicit .to("cpu", copy=True)
                 return func(*args, **(kwargs or {}))
 
         self.syncs: list[str] = []

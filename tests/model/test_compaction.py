@@ -43,7 +43,7 @@ def both(m: LoopedTransformer, run) -> tuple[torch.Tensor, int, torch.Tensor, in
         m.recurrent.compact_below = 2.0
         compact = run()
         compact_rows = m.last_forward["row_iterations"]
-    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    m.recurrent.compact_below = None
     return masked, masked_rows, compact, compact_rows
 
 
@@ -93,7 +93,7 @@ def test_a_hooked_loop_runs_masked_so_hooks_see_every_position(model):
     with torch.no_grad():
         m.recurrent.compact_below = 2.0
         _, cache = m.run_with_cache(ids, n_loops=8, exit="latent", exit_threshold=th["latent"])
-    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    m.recurrent.compact_below = None
     assert m.last_forward["row_iterations"] == m.last_forward["iterations"] * ids.numel()
     assert cache["recurrent.block.ffn.hook_topk_idx", 3].shape[0] == ids.numel()
 
@@ -107,7 +107,7 @@ def test_row_iterations_count_the_positions_still_running(model):
         halted = cache.stack("recurrent.hook_halted")  # (I, B, T)
         m.recurrent.compact_below = 2.0
         m(ids, n_loops=8, exit="latent", exit_threshold=th["latent"])
-    m.recurrent.compact_below = m.recurrent.COMPACT_BELOW
+    m.recurrent.compact_below = None
     running = ids.numel() + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
     assert m.last_forward["row_iterations"] == running
 

@@ -266,16 +266,12 @@ def test_verify_reports_what_a_hand_run_policy_measures(policy):
     assert report["iterations_saved"] == pytest.approx(1 - sum(used) / (30 * 6))
     assert 0 < report["iterations_saved"] < 1  # the threshold splits the positions
     assert report["agreement"] == pytest.approx((out.argmax(-1) == full.argmax(-1)).float().mean().item())
-    # compacted: the loop ran exactly the rows still running at each iteration, and kl read the
-    # lens out on the live sequences' still-running positions (all of them at the first iteration)
+    # compacted: the loop ran exactly the positions still running at each iteration, and kl read
+    # the lens out on those same positions (all of them at the first iteration)
     running = 30 + sum(int((~halted[t]).sum()) for t in range(halted.shape[0] - 1))
     executed = forward_flops(model.cfg, 3, 10, running)
     if policy == "kl":
-        lens_rows = 30
-        for t in range(halted.shape[0] - 1):
-            active = ~halted[t]
-            live = active.any(1)
-            lens_rows += int(live.sum()) * int(active[live].any(0).sum())
+        lens_rows = running
         coda_head = sum(p.numel() for p in [*model.coda.parameters(), *model.norm.parameters()]) + model.head.weight.numel()
         per_key = 2 * 4 * 2 * 16  # 2·H·(d_qk + d_v) for tiny-gqa's 4 heads of 16
         executed += lens_rows * (2 * coda_head + per_key * (10 + 1) / 2)

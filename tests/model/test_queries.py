@@ -1,0 +1,88 @@
+"""`Queries`: the selected (row, position) pairs a compacted layer computes, checked against plain
+full-sequence attention and the full coda lens gathered at the same pairs, and the ACT loop's
+rows counted by hand from a masked run's halting record."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+from mythos_probe.model.queries import Queries
+
+MASK = np.array([[0, 1, 0, 0, 1], [0, 0, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=bool)
+
+
+def test_indices_of_a_mask():
+    q = Queries.from_mask(MASK, torch.device("cpu"))
+    rows, pos = np.nonzero(MASK)
+    assert q.rows.tolist() == rows.tolist() and q.pos.tolist() == pos.tolist()
+    assert q.live.tolist() == [0, 2, 3]
+    assert q.slot.tolist() == [0, 0, 1, 1, 1, 2]
+    assert q.rank.tolist() == [0, 1, 0, 1, 2, 0]
+    assert (q.width, q.extent, q.n, q.n_rows, q.every_row) == (3, 5, 6, 4, False)
+    inner = q.within_live()
+    assert inner.rows.tolist() == [0, 0, 1, 1, 1, 2] and inner.every_row
+
+
+def test_an_empty_mask_selects_nothing():
+    q = Queries.from_mask(np.zeros((2, 3), dtype=bool), torch.device("cpu"))
+    assert (q.n, q.width, q.extent) == (0, 0, 0)
+    out = q.attend(torch.zeros(0, 4, 8), torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), 0, True, 0.0, True)
+    assert out.shape == (0, 4, 8)
+
+
+@pytest.mark.parametrize("past", [0, 3])
+def test_packed_attention_equals_full_causal_attention_at_the_selected_pairs(past):
+    """Independent: plain SDPA over every query with an explicit causal mask, then gathered."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, Hkv, d = 4, 5, 4, 2, 8
+    S = past + T
+    q_all = torch.randn(B, T, H, d, generator=g)
+    k, v = torch.randn(B, S, Hkv, d, generator=g), torch.randn(B, S, Hkv, d, generator=g)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(diagonal=past)
+    full = F.scaled_dot_product_attention(q_all.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=allowed, enable_gqa=True).transpose(1, 2)  # (B, T, H, d)
+    q = Queries.from_mask(MASK, torch.device("cpu"))
+    out = q.attend(q.take(q_all), k, v, past, True, 0.0, True)
+    torch.testing.assert_close(out, full[q.rows, q.pos], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
+def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant):
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig.variant(variant)).eval()
+    ids = torch.randint(0, 256, (4, 5))
+    with torch.no_grad():
+        m(ids, n_loops=2)
+        h = torch.randn(4, 5, m.cfg.dim)
+        q = Queries.from_mask(MASK, torch.device("cpu"))
+        torch.testing.assert_close(m.coda_lens(h, queries=q), m.coda_lens(h)[q.rows, q.pos], atol=1e-5, rtol=1e-5)
+
+
+def test_act_compaction_runs_the_rows_with_a_running_position_up_to_the_last_running_one():
+    """Counted by hand from a masked run's halting record: per iteration after the first, the rows
+    with a running position run positions 0..the last running one of any of them."""
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(8, 256, (4, 12), generator=torch.Generator().manual_seed(5))
+    ids[:, 9:], ids[1, 6:] = 7, 7  # each row ends in token 7, which halts at once; the others run on
+    with torch.no_grad():
+        w = torch.randn(m.cfg.dim)
+        w /= w.norm()
+        m.embed.weight[7] += 3 * w
+        m.recurrent.act.halt.weight.copy_(4 * w)
+        m.recurrent.act.halt.bias.fill_(-2.0)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=8, names_filter="recurrent.hook_halted")
+        halted = cache.stack("recurrent.hook_halted")  # (I, B, T)
+        masked = m(ids, n_loops=8)
+        m.recurrent.compact_below = 2.0
+        compact = m(ids, n_loops=8)
+    m.recurrent.compact_below = None
+    expected = ids.numel()
+    for t in range(halted.shape[0] - 1):
+        rows, positions = np.nonzero((~halted[t]).numpy())
+        expected += len(set(rows)) * (positions.max() + 1 if positions.size else 0)
+    assert m.last_forward["row_iterations"] == expected < halted.shape[0] * ids.numel()
+    torch.testing.assert_close(compact, masked, atol=1e-6, rtol=0)
