@@ -219,18 +219,19 @@ class MoEFFN(nn.Module):
         gates = self.hook_gates(gates / gates.sum(dim=-1, keepdim=True))  # (N, k)
 
         # Sorted dispatch: one argsort and one host read of the per-expert counts, then each
-        # expert runs on a contiguous slice (no per-expert boolean masks). Results go back to
-        # (N, k, D) slot order and are summed over k in the order OpenMythos accumulates them.
+        # expert runs on a contiguous slice (no per-expert boolean masks), and the gated results
+        # are added back onto their tokens (k = 2, OpenMythos's default: the sum of two is the
+        # same in either order; a larger k may round differently in the last bit).
         slots = topk_idx.reshape(-1)  # (N*k,)
         order = slots.argsort(stable=True)
         counts = torch.bincount(slots, minlength=self.n_experts).tolist()
-        chunks = flat[order // self.topk].split(counts)  # tokens grouped by expert
+        token = order // self.topk  # the token of each sorted slot
+        chunks = flat[token].split(counts)  # tokens grouped by expert
         outs = [expert(chunk) for expert, chunk, n in zip(self.routed_experts, chunks, counts) if n]
         expert_out = torch.cat(outs) * gates.reshape(-1, 1)[order]
         # the experts' dtype, not the input's: under autocast they compute in bf16 from fp32 inputs
-        weighted = torch.empty(slots.numel(), D, dtype=expert_out.dtype, device=flat.device)
-        weighted[order] = expert_out
-        routed = self.hook_routed_out(weighted.view(-1, self.topk, D).sum(dim=1))  # (N, D)
+        routed = flat.new_zeros(flat.shape[0], D, dtype=expert_out.dtype).index_add_(0, token, expert_out)
+        routed = self.hook_routed_out(routed)  # (N, D)
         out = routed
         if self.n_shared:
             shared = self.shared_experts[0](flat)
