@@ -302,30 +302,42 @@ _BASELINE_TEXT = {
 }
 
 
+def _axis(table: pd.DataFrame) -> tuple[str, str]:
+    """The saving the figure plots: FLOPs when every row knows them (what `recommend` ranks by),
+    else loop iterations; with its axis title."""
+    if len(table) and table["flops_saved"].notna().all():
+        return "flops_saved", "FLOPs saved (share of the forward's FLOPs, lens readouts paid)"
+    return "iterations_saved", "loop iterations saved (share of executed iterations)"
+
+
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows no other row beats on both iterations_saved and agreement, by increasing saving."""
-    ranked = table.sort_values(["iterations_saved", "agreement"], ascending=[False, False], kind="stable")
+    """Rows no other row beats on both the saving (FLOPs when every row knows them, else
+    iterations) and agreement, by increasing saving."""
+    saved = _axis(table)[0]
+    ranked = table.sort_values([saved, "agreement"], ascending=[False, False], kind="stable")
     best_so_far = ranked["agreement"].cummax().shift(fill_value=-np.inf)
     return ranked[ranked["agreement"] > best_so_far].iloc[::-1]
 
 
 def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
-    """Compute saved against agreement, one marker series per criterion, the Pareto front as a
-    line and, when one qualifies, the `recommend`ed row starred."""
+    """Compute saved (FLOPs when every row knows them, else loop iterations) against agreement,
+    one marker series per criterion, the Pareto front as a line and, when one qualifies, the
+    `recommend`ed row starred."""
     import plotly.graph_objects as go
 
     if table.empty:
         raise ValueError("the what-if table is empty: no criterion could be evaluated")
+    saved, title = _axis(table)
     fig = go.Figure()
     for criterion, rows in table.groupby("criterion", sort=False):
         fig.add_trace(go.Scatter(
-            x=rows["iterations_saved"], y=rows["agreement"], mode="markers", name=criterion,
+            x=rows[saved], y=rows["agreement"], mode="markers", name=criterion,
             customdata=rows[["threshold", "mean_iterations"]].to_numpy(),
             hovertemplate=f"{criterion} τ=%{{customdata[0]:.3g}}<br>saved %{{x:.1%}}, agreement %{{y:.1%}}"
                           "<br>mean iterations %{customdata[1]:.2f}<extra></extra>",
         ))
     front = pareto_front(table)
-    fig.add_trace(go.Scatter(x=front["iterations_saved"], y=front["agreement"], mode="lines",
+    fig.add_trace(go.Scatter(x=front[saved], y=front["agreement"], mode="lines",
                              name="Pareto front", line=dict(color="grey", dash="dot"), hoverinfo="skip"))
     if min_agreement is not None:
         fig.add_hline(y=min_agreement, line=dict(color="firebrick", dash="dash", width=1),
@@ -336,13 +348,13 @@ def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
             best = None
         if best is not None:
             fig.add_trace(go.Scatter(
-                x=[best["iterations_saved"]], y=[best["agreement"]], mode="markers",
+                x=[best[saved]], y=[best["agreement"]], mode="markers",
                 marker=dict(symbol="star", size=16, color="gold", line=dict(color="black", width=1)),
                 name=f"recommended: {best['criterion']} τ={best['threshold']:.3g}",
             ))
     fig.update_layout(title="Early-exit what-if: compute saved vs agreement with full depth",
                       legend_title_text="criterion")
-    fig.update_xaxes(title_text="loop iterations saved (share of executed iterations)", tickformat=".0%")
+    fig.update_xaxes(title_text=title, tickformat=".0%")
     fig.update_yaxes(title_text="top-1 agreement with the full-depth prediction (share of positions)", tickformat=".0%")
     return fig
 

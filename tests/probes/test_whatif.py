@@ -396,3 +396,15 @@ def test_verify_predicts_the_kl_flops_a_real_run_measures():
         assert report["predicted_flops_saved"] == pytest.approx(by_hand, rel=1e-9)
         assert report["predicted_flops_saved"] - 0.02 <= report["flops_saved"] <= report["predicted_flops_saved"] + 1e-12
     assert report["flops_saved"] < report["predicted_flops_saved"] < 0  # 1e-4: a split exit, and the lens costs more
+
+
+def test_pareto_figure_plots_flops_saved_when_every_row_knows_them():
+    table = table_of([
+        ("kl", 1e-5, 1.0, 0.75, 1.00, 10),
+        ("rel_residual", 0.1, 2.0, 0.50, 1.00, 10),
+    ], flops_saved=[-0.10, 0.20], lens_cost=[0.40, 0.0])
+    fig = whatif.pareto_figure(table)
+    assert list(fig.data[0].x) == [-0.10] and list(fig.data[1].x) == [0.20]
+    assert [t for t in fig.data if t.name.startswith("recommended")][0].x[0] == 0.20
+    assert "FLOPs saved" in fig.layout.xaxis.title.text
+    assert list(whatif.pareto_front(table)["criterion"]) == ["rel_residual"]  # kl saves more iterations, fewer FLOPs
