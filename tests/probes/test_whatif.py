@@ -408,3 +408,13 @@ def test_pareto_figure_plots_flops_saved_when_every_row_knows_them():
     assert [t for t in fig.data if t.name.startswith("recommended")][0].x[0] == 0.20
     assert "FLOPs saved" in fig.layout.xaxis.title.text
     assert list(whatif.pareto_front(table)["criterion"]) == ["rel_residual"]  # kl saves more iterations, fewer FLOPs
+
+
+def test_demo_summary_says_to_keep_fixed_when_no_policy_saves_compute():
+    from mythos_probe.demo.run import summary
+
+    free_loop = costed(hand_trace(), 1000.0, 0.0, 10.0)  # skipping iterations saves nothing; the lens costs
+    line = summary([], [free_loop], []).splitlines()[-1]
+    assert line.startswith("what-if at ≥99% agreement: no early-exit policy recommended: no exit criterion with "
+                           "agreement ≥ 0.99 saves compute")
+    assert "Keep exit='fixed'" in line
