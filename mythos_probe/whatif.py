@@ -277,7 +277,7 @@ def _saving(row: pd.Series) -> str:
     text = f"saves {row['iterations_saved']:.1%} of loop iterations"
     if np.isnan(row["flops_saved"]):
         if row["criterion"] in LENS_CRITERIA:
-            return text + " (FLOPs unknown: the coda lens it reads every iteration has no recorded cost)"
+            return text + " (FLOPs saved unknown: no recorded cost for the loop or the coda lens it reads every iteration)"
         return text
     text += f" ({row['flops_saved']:.1%} of the forward's FLOPs"
     if row["criterion"] in LENS_CRITERIA:

@@ -340,7 +340,7 @@ def test_lens_criteria_without_a_lens_cost_give_nan_flops_not_the_loop_alone():
     for criterion in ("kl", "entropy", "argmax_stable"):
         assert np.isnan(table.loc[criterion, "flops_saved"]) and np.isnan(table.loc[criterion, "lens_cost"])
     assert table.loc["rel_residual", "flops_saved"] == pytest.approx(0.5 / 12)  # reads no lens: still known
-    assert "FLOPs unknown: the coda lens" in whatif.describe(rows[rows["criterion"] == "kl"].iloc[0])
+    assert "FLOPs saved unknown: no recorded cost for the loop or the coda lens" in whatif.describe(rows[rows["criterion"] == "kl"].iloc[0])
 
 
 def test_recommend_ranks_by_flops_and_never_recommends_a_policy_that_saves_nothing():
