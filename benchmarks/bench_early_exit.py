@@ -3,9 +3,11 @@
 and on a random dim-256 model (the `bench` preset), at batch 1, 16 and 256.
 
 Each policy runs at the threshold the what-if recommends (≥ 99 % agreement with full depth on a
-calibration batch of full-depth forwards; where none reaches it, the most agreeing threshold, and
-the line says so); `act` runs at the config's act_threshold. Figures come from
-`mythos_probe.whatif.verify`: FLOPs are those the loop really executed (`row_iterations`), time
+calibration batch of full-depth forwards, ranked by FLOPs saved net of the lens readouts `kl`
+pays; where no threshold reaches 99 %, the most agreeing one that saves compute, and the line says
+so); `act` runs at the config's act_threshold. A policy the what-if does not recommend (no
+threshold saves compute) is not timed: its one line says why, and a user keeps exit='fixed'.
+Figures come from `mythos_probe.whatif.verify`: FLOPs are those the loop really executed (`row_iterations`), time
 is the fastest of interleaved runs, wall and CPU (this process: on a shared machine the CPU
 time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch 16 and 256). `--rule` measures the compaction rule instead: one loop
 iteration, masked against compacted, as the share of running positions falls.
@@ -29,7 +31,8 @@ POLICIES = ("kl", "latent", "act")
 
 
 def thresholds(model, inputs, n_loops) -> dict[str, tuple[float | None, str]]:
-    """Per policy: (threshold, note) from the what-if over full-depth forwards of `inputs`."""
+    """Per policy: (threshold, note) from the what-if over full-depth forwards of `inputs`;
+    threshold None and the reason as note for a policy the what-if does not recommend."""
     with torch.no_grad(), attach(model, probes=["convergence", "halting", "cost", "lens"], detail="positions",
                                  lens_positions="all") as rec:
         model(inputs, n_loops=n_loops, exit="fixed")
@@ -37,13 +40,13 @@ def thresholds(model, inputs, n_loops) -> dict[str, tuple[float | None, str]]:
     out: dict[str, tuple[float | None, str]] = {"act": (None, f"cfg {model.cfg.act_threshold:g}")}
     for policy in ("kl", "latent"):
         rows = table[table["criterion"] == whatif.POLICY_CRITERIA[policy]]
+        top = float(rows["agreement"].max())
         try:
-            best = whatif.recommend(rows, 0.99)
-            note = "recommended"
-        except ValueError:
-            best = rows.sort_values(["agreement", "iterations_saved"], ascending=False).iloc[0]
-            note = f"none at 99%: best agreement {best['agreement']:.1%}"
-        out[policy] = (float(best["threshold"]), note)
+            best = whatif.recommend(rows, min(0.99, top))  # below 99 %: the most agreeing rows that save compute
+        except ValueError as exc:  # none of them saves compute
+            out[policy] = (None, f"not recommended: {exc}")
+            continue
+        out[policy] = (float(best["threshold"]), "recommended" if top >= 0.99 else f"none at 99%: best agreement {top:.1%}")
     return out
 
 
@@ -52,9 +55,13 @@ def report(name, model, inputs_for, batches, n_loops, repeats) -> None:
     print(f"\n[{name}] n_loops={n_loops} threads={torch.get_num_threads()}  (machine shared: ratios, not absolutes)")
     print(f"{'batch':>5} {'policy':>7} {'threshold':>10} {'iters saved':>12} {'FLOPs saved':>12} {'time saved':>11} "
           f"{'CPU saved':>10} {'CPU/FLOPs':>10} {'agree':>7} {'fixed ms':>9}  threshold from")
+    timed = [p for p in POLICIES if p == "act" or chosen[p][0] is not None]
+    for policy in POLICIES:
+        if policy not in timed:
+            print(f"{'':>5} {policy:>7} {chosen[policy][1]}")
     for batch in batches:
         inputs = inputs_for(batch)
-        for policy in POLICIES:
+        for policy in timed:
             th, note = chosen[policy]
             r = whatif.verify(model, inputs, policy, th, n_loops=n_loops, repeats=repeats)
             ratio = r["cpu_time_saved"] / r["flops_saved"] if r["flops_saved"] > 0 else float("nan")

@@ -4,7 +4,9 @@
 Same replay, same result: every lens-sampled position (finite `lens_argmax`) of a full-depth
 forward (`exit_policy = 'fixed'`, the demo's `kind = 'shadow'` forwards; when the selection has
 none, the served ones, and the `baseline` column says "served") exits at the first iteration where a criterion fires, else at the forward's last
-iteration, and FLOPs saved are iterations saved × the loop's share of those forwards' FLOPs; the criteria, their
+iteration, and FLOPs saved are iterations saved × the loop's share of those forwards' FLOPs, less,
+for the criteria that read the coda lens (`LENS_CRITERIA`), the lens readouts of the
+position-iterations used (NaN when a forward has no `lens_flops`); the criteria, their
 default thresholds and the columns come from `mythos_probe.whatif` (numpy and pandas only, no
 torch), and `tests/dashboards/test_whatif_sql.py` holds both equal row for row. A criterion whose
 input metric some sampled position lacks (NULL: the probe did not run) is left out, as there.
@@ -28,7 +30,7 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from mythos_probe.dashboards.queries import Selection, select
-from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS
+from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS, LENS_CRITERIA
 
 # Score per criterion, over the `steps` rows below, and whether it fires below τ or at/above it.
 # NaN scores never fire (DuckDB orders NaN above every number, so they become NULL first).
@@ -63,17 +65,23 @@ avail AS (SELECT {", ".join(f'bool_and("{col}" IS NOT NULL) AS "{c}"' for c, col
 ok AS (UNPIVOT avail ON COLUMNS(*) INTO NAME criterion VALUE available),
 total AS (SELECT sum(n) AS n FROM lens WHERE iteration = 0),
 share AS (SELECT CASE WHEN count(*) = count(f.loop_flops) AND count(*) = count(f.flops)
-                 THEN sum(f.loop_flops) / sum(f.flops) ELSE 'nan' END AS s
-  FROM sel f WHERE f.forward_id IN (SELECT forward_id FROM lens))
-SELECT th.criterion, th.threshold, avg(e.iteration + 1) AS mean_iterations,
-  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved,
-  (1 - sum(e.iteration + 1) / any_value(total.n)) * any_value(share.s) AS flops_saved, avg(e.agree) AS agreement,
-  count(*) AS positions,
+                 THEN sum(f.loop_flops) / sum(f.flops) ELSE 'nan' END AS s,
+    CASE WHEN count(*) = count(f.lens_flops) AND count(*) = count(f.flops)
+         THEN sum(f.iterations * f.lens_flops) / sum(f.flops) ELSE 'nan' END AS lens
+  FROM sel f WHERE f.forward_id IN (SELECT forward_id FROM lens)),
+replayed AS (SELECT th.criterion, th.k, th.threshold, avg(e.iteration + 1) AS mean_iterations,
+  1 - sum(e.iteration + 1) / any_value(total.n) AS iterations_saved, avg(e.agree) AS agreement, count(*) AS positions,
+  any_value(share.s) AS loop_share,
+  CASE WHEN th.criterion IN ({", ".join(f"'{c}'" for c in LENS_CRITERIA)}) THEN any_value(share.lens) ELSE 0 END AS lens_share,
   CASE WHEN any_value(baseline.has_full) THEN '{BASELINES[0]}' ELSE '{BASELINES[1]}' END AS baseline
 FROM th JOIN ok USING (criterion) JOIN exits e ON e.criterion = th.criterion
   AND e.lo < th.threshold AND th.threshold <= e.hi CROSS JOIN total CROSS JOIN share CROSS JOIN baseline
 WHERE ok.available
-GROUP BY th.criterion, th.k, th.threshold ORDER BY list_position(?, th.criterion), th.k
+GROUP BY th.criterion, th.k, th.threshold)
+SELECT criterion, threshold, mean_iterations, iterations_saved,
+  iterations_saved * loop_share - lens_share * (1 - iterations_saved) AS flops_saved,
+  lens_share * (1 - iterations_saved) AS lens_cost, agreement, positions, baseline
+FROM replayed ORDER BY list_position(?, criterion), k
 """
 
 
@@ -104,8 +112,9 @@ _SQL = _sql()
 
 def evaluate(store, sel: Selection, thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
     """`mythos_probe.whatif.evaluate` over the selected full-depth forwards' stored positions: one
-    row per (criterion, threshold) with mean_iterations, iterations_saved, flops_saved, agreement
-    and positions; empty when no selected full-depth forward has per-position lens metrics."""
+    row per (criterion, threshold) with mean_iterations, iterations_saved, flops_saved, lens_cost,
+    agreement, positions and baseline; empty when no selected full-depth forward has per-position
+    lens metrics."""
     chosen = DEFAULT_THRESHOLDS if thresholds is None else thresholds
     unknown = sorted(set(chosen) - set(CRITERIA))
     if unknown:

@@ -125,6 +125,8 @@ FORWARD_METRICS: tuple[Metric, ...] = (
     _m("flops_saved", "share of loop FLOPs saved versus running n_loops on every position", "mythos-probe"),
     _m("loop_flops", "the part of flops spent in the loop (executed iterations, every position)", "Kaplan et al. 2020 §2.1"),
     _m("useful_flops", "FLOPs had each position run only the iterations it used", "Kaplan et al. 2020 §2.1"),
+    _m("lens_flops", "FLOPs of one coda-lens readout (coda, norm, head) of every position: the price per iteration "
+       "of an exit policy that reads the lens", "Kaplan et al. 2020 §2.1"),
 )
 
 ITERATION_METRIC_NAMES = tuple(m.name for m in ITERATION_METRICS)

@@ -28,10 +28,19 @@ output. Without one, the served forwards are replayed with a warning and every r
 fires exits at the last executed iteration. Per position: exit iteration t_exit, iterations used
 t_exit + 1, and agreement = `lens_top1_agree[t_exit]` (the lens argmax at the exit iteration equals
 the full-depth output argmax). Iterations saved are relative to running every iteration the
-forward executed (`LoopTrace.iterations`), summed over positions. FLOPs saved = iterations saved ×
-the loop's share of the replayed forwards' FLOPs (cost probe `loop_flops` / `flops`; NaN without
-it): the share of the whole forward's compute a compacted loop would save, the sampled positions
-standing for all.
+forward executed (`LoopTrace.iterations`), summed over positions. FLOPs saved, as a share of the
+replayed forwards' FLOPs (`flops`), the sampled positions standing for all:
+
+    flops_saved = loop_share · iterations_saved − lens_cost,
+    lens_cost   = lens_share · (1 − iterations_saved)  for the criteria in LENS_CRITERIA, else 0,
+
+with loop_share = Σ loop_flops / Σ flops (what a compacted loop saves per iteration skipped) and
+lens_share = Σ iterations · lens_flops / Σ flops (the cost probe's `lens_flops`: one coda-lens
+readout of every position). A policy running `kl`, `entropy` or `argmax_stable` must read the
+lens out on every running position at every iteration it runs, which can cost more than the
+iterations it skips (then flops_saved < 0). NaN without the cost probe; NaN for the lens criteria
+when a replayed forward has no `lens_flops` (a `LoopSpec` model), never a saving that leaves the
+lens out. `recommend` ranks by FLOPs saved and never recommends a row that saves nothing.
 
 `verify` runs a policy for real next to the replay's prediction: measured time, executed FLOPs
 and agreement with a full-depth run of the same inputs.
@@ -69,9 +78,11 @@ INPUTS = {
     "entropy": "lens_entropy", "argmax_stable": "lens_argmax",
 }
 _LENS = ("lens_argmax", "lens_top1_agree")
+# Criteria a policy can only run by reading the coda lens out at every iteration: they pay its FLOPs.
+LENS_CRITERIA = ("kl", "entropy", "argmax_stable")
 
-COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "flops_saved", "agreement", "positions",
-           "baseline"]
+COLUMNS = ["criterion", "threshold", "mean_iterations", "iterations_saved", "flops_saved", "lens_cost", "agreement",
+           "positions", "baseline"]
 
 BASELINE = "fixed"  # the exit policy of a full-depth forward, the baseline the replay compares against
 BASELINES = ("full depth", "served")  # the `baseline` column: full-depth forwards, or (none given) the served ones
@@ -110,12 +121,13 @@ class _Positions:
         width = max(t.iterations for t in traces)
         names = sorted({INPUTS[c] for c in self.available} | {"lens_top1_agree"})
         parts: dict[str, list[np.ndarray]] = {m: [] for m in names}
-        n, keys, loop_flops, flops = [], [], [], []
+        n, keys, loop_flops, lens_flops, flops = [], [], [], [], []
         for t in traces:
             sampled = np.isfinite(t.position_metrics["lens_argmax"][..., 0])  # (B, T)
             b, p = np.nonzero(sampled)
             if b.size:
                 loop_flops.append(t.forward_metrics.get("loop_flops", np.nan))
+                lens_flops.append(t.iterations * t.forward_metrics.get("lens_flops", np.nan))  # a readout per iteration
                 flops.append(t.forward_metrics.get("flops", np.nan))
             for m in names:
                 values = t.position_metrics[m][b, p].astype(np.float64)  # (P_t, I_t)
@@ -128,6 +140,7 @@ class _Positions:
         if self.n.size == 0:
             raise ValueError("the lens sampled no positions in these traces")
         self.loop_share = float(np.sum(loop_flops) / np.sum(flops))  # NaN when the cost probe was off
+        self.lens_share = float(np.sum(lens_flops) / np.sum(flops))  # NaN also when a forward has no lens_flops
 
     def fires(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P, I) bool: criterion fired at iteration t for threshold k (NaN never fires)."""
@@ -175,9 +188,13 @@ def _thresholds(criteria: Iterable[str], thresholds: Mapping[str, Iterable[float
 def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[float]] | None = None) -> pd.DataFrame:
     """One row per (criterion, threshold) over the full-depth (`exit="fixed"`) traces, the others
     left out (none given: all, with a warning; see `baseline`): mean_iterations used per position, iterations_saved (share of the executed
-    iterations, summed over positions), flops_saved (share of the forwards' FLOPs), agreement
-    (share of positions whose prediction at exit equals the baseline's), positions replayed and
-    baseline ("full depth", or "served" when no full-depth forward was given).
+    iterations, summed over positions), flops_saved (share of the forwards' FLOPs, net of the
+    lens readouts the lens criteria need), lens_cost (the share of the forwards' FLOPs those
+    readouts take: 0 for the other criteria), agreement (share of positions whose prediction at
+    exit equals the baseline's), positions replayed and baseline ("full depth", or "served" when
+    no full-depth forward was given). flops_saved and lens_cost are NaN where the cost probe's
+    `loop_flops`/`flops` are missing, and for the lens criteria where `lens_flops` is (module
+    docstring).
 
     thresholds: criterion → values (for `argmax_stable`, k); default `DEFAULT_THRESHOLDS`.
     Criteria whose input metric was not recorded (`act` needs the "halting" probe, `rel_residual`
@@ -197,9 +214,10 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
         exit_at = pos.exits(criterion, th)  # (K, P)
         used = exit_at + 1
         saved = 1.0 - used.sum(-1) / total
+        lens_cost = pos.lens_share * (1.0 - saved) if criterion in LENS_CRITERIA else np.zeros_like(saved)
         rows.append(pd.DataFrame({
             "criterion": criterion, "threshold": th, "mean_iterations": used.mean(-1),
-            "iterations_saved": saved, "flops_saved": saved * pos.loop_share,
+            "iterations_saved": saved, "flops_saved": saved * pos.loop_share - lens_cost, "lens_cost": lens_cost,
             "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1], "baseline": pos.baseline,
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
@@ -219,9 +237,13 @@ def exits(traces: Sequence[LoopTrace], criterion: str, threshold: float) -> pd.D
 
 
 def recommend(table: pd.DataFrame, min_agreement: float = 0.99) -> pd.Series:
-    """The (criterion, threshold) row saving the most iterations with agreement ≥ min_agreement
-    (ties: higher agreement first). Raises ValueError saying how close the best one came when
-    none qualifies."""
+    """The (criterion, threshold) row that saves the most compute with agreement ≥ min_agreement:
+    ranked by flops_saved where it is known, then (only where no such row saves anything) by
+    iterations_saved among the rows whose FLOPs are unknown (no cost probe, or a lens criterion
+    without `lens_flops`); ties: higher agreement first. A row that saves nothing (flops_saved ≤ 0,
+    or unknown and iterations_saved ≤ 0) is never recommended. Raises ValueError saying how close
+    the best row came when none keeps the agreement, and that exit='fixed' is the answer when the
+    rows that keep it save no compute."""
     if table.empty:
         raise ValueError("the what-if table is empty: no criterion could be evaluated")
     ok = table[table["agreement"] >= min_agreement]
@@ -232,17 +254,45 @@ def recommend(table: pd.DataFrame, min_agreement: float = 0.99) -> pd.Series:
             f"{best['criterion']} at threshold {best['threshold']:g}, agrees on {best['agreement']:.1%} of "
             f"{int(best['positions'])} positions. Lower min_agreement or record more forwards."
         )
-    return ok.sort_values(["iterations_saved", "agreement"], ascending=False, kind="stable").iloc[0]
+    known = ok["flops_saved"].notna()
+    # FLOPs first: a row of unknown cost (a lens criterion whose lens cost was not recorded) may
+    # cost more than it saves, so it is only chosen when no row of known cost saves anything.
+    ranked = pd.concat([
+        ok[known].sort_values(["flops_saved", "agreement"], ascending=False, kind="stable"),
+        ok[~known].sort_values(["iterations_saved", "agreement"], ascending=False, kind="stable"),
+    ])
+    saves = ranked[ranked["flops_saved"].gt(0) | (ranked["flops_saved"].isna() & ranked["iterations_saved"].gt(0))]
+    if saves.empty:
+        best = ranked.iloc[0]
+        raise ValueError(
+            f"no exit criterion with agreement ≥ {min_agreement:g} saves compute: the best, {best['criterion']} at "
+            f"threshold {best['threshold']:g}, {_saving(best)}. Keep exit='fixed' (full depth costs less), or lower "
+            "min_agreement."
+        )
+    return saves.iloc[0]
+
+
+def _saving(row: pd.Series) -> str:
+    """What a row saves, in words: FLOPs where known (with the lens readouts where they count)."""
+    text = f"saves {row['iterations_saved']:.1%} of loop iterations"
+    if np.isnan(row["flops_saved"]):
+        if row["criterion"] in LENS_CRITERIA:
+            return text + " (FLOPs saved unknown: no recorded cost for the loop or the coda lens it reads every iteration)"
+        return text
+    text += f" ({row['flops_saved']:.1%} of the forward's FLOPs"
+    if row["criterion"] in LENS_CRITERIA:
+        text += f", net of {row['lens_cost']:.1%} spent reading the coda lens every iteration"
+    return text + ")"
 
 
 def describe(best: pd.Series) -> str:
     """The one sentence the demo, the dashboard and the notebooks print for a `recommend`ed row,
-    naming the baseline it was measured against."""
-    flops = "" if np.isnan(best["flops_saved"]) else f" ({best['flops_saved']:.1%} of the forward's FLOPs)"
+    naming the baseline it was measured against and, for a criterion that reads the coda lens,
+    what the readouts cost."""
     return (
-        f"exit on {best['criterion']} at threshold {best['threshold']:.3g}: saves {best['iterations_saved']:.1%} "
-        f"of loop iterations{flops} and keeps the baseline's prediction on {best['agreement']:.1%} of "
-        f"{int(best['positions']):,} positions ({_BASELINE_TEXT[best['baseline']]})"
+        f"exit on {best['criterion']} at threshold {best['threshold']:.3g}: {_saving(best)} and keeps the "
+        f"baseline's prediction on {best['agreement']:.1%} of {int(best['positions']):,} positions "
+        f"({_BASELINE_TEXT[best['baseline']]})"
     )
 
 
@@ -252,30 +302,42 @@ _BASELINE_TEXT = {
 }
 
 
+def _axis(table: pd.DataFrame) -> tuple[str, str]:
+    """The saving the figure plots: FLOPs when every row knows them (what `recommend` ranks by),
+    else loop iterations; with its axis title."""
+    if len(table) and table["flops_saved"].notna().all():
+        return "flops_saved", "FLOPs saved (share of the forward's FLOPs, lens readouts paid)"
+    return "iterations_saved", "loop iterations saved (share of executed iterations)"
+
+
 def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows no other row beats on both iterations_saved and agreement, by increasing saving."""
-    ranked = table.sort_values(["iterations_saved", "agreement"], ascending=[False, False], kind="stable")
+    """Rows no other row beats on both the saving (FLOPs when every row knows them, else
+    iterations) and agreement, by increasing saving."""
+    saved = _axis(table)[0]
+    ranked = table.sort_values([saved, "agreement"], ascending=[False, False], kind="stable")
     best_so_far = ranked["agreement"].cummax().shift(fill_value=-np.inf)
     return ranked[ranked["agreement"] > best_so_far].iloc[::-1]
 
 
 def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
-    """Compute saved against agreement, one marker series per criterion, the Pareto front as a
-    line and, when one qualifies, the `recommend`ed row starred."""
+    """Compute saved (FLOPs when every row knows them, else loop iterations) against agreement,
+    one marker series per criterion, the Pareto front as a line and, when one qualifies, the
+    `recommend`ed row starred."""
     import plotly.graph_objects as go
 
     if table.empty:
         raise ValueError("the what-if table is empty: no criterion could be evaluated")
+    saved, title = _axis(table)
     fig = go.Figure()
     for criterion, rows in table.groupby("criterion", sort=False):
         fig.add_trace(go.Scatter(
-            x=rows["iterations_saved"], y=rows["agreement"], mode="markers", name=criterion,
+            x=rows[saved], y=rows["agreement"], mode="markers", name=criterion,
             customdata=rows[["threshold", "mean_iterations"]].to_numpy(),
             hovertemplate=f"{criterion} τ=%{{customdata[0]:.3g}}<br>saved %{{x:.1%}}, agreement %{{y:.1%}}"
                           "<br>mean iterations %{customdata[1]:.2f}<extra></extra>",
         ))
     front = pareto_front(table)
-    fig.add_trace(go.Scatter(x=front["iterations_saved"], y=front["agreement"], mode="lines",
+    fig.add_trace(go.Scatter(x=front[saved], y=front["agreement"], mode="lines",
                              name="Pareto front", line=dict(color="grey", dash="dot"), hoverinfo="skip"))
     if min_agreement is not None:
         fig.add_hline(y=min_agreement, line=dict(color="firebrick", dash="dash", width=1),
@@ -286,13 +348,13 @@ def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
             best = None
         if best is not None:
             fig.add_trace(go.Scatter(
-                x=[best["iterations_saved"]], y=[best["agreement"]], mode="markers",
+                x=[best[saved]], y=[best["agreement"]], mode="markers",
                 marker=dict(symbol="star", size=16, color="gold", line=dict(color="black", width=1)),
                 name=f"recommended: {best['criterion']} τ={best['threshold']:.3g}",
             ))
     fig.update_layout(title="Early-exit what-if: compute saved vs agreement with full depth",
                       legend_title_text="criterion")
-    fig.update_xaxes(title_text="loop iterations saved (share of executed iterations)", tickformat=".0%")
+    fig.update_xaxes(title_text=title, tickformat=".0%")
     fig.update_yaxes(title_text="top-1 agreement with the full-depth prediction (share of positions)", tickformat=".0%")
     return fig
 
@@ -310,9 +372,12 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     Returns predicted_{iterations_saved, flops_saved, agreement} from a probed full-depth forward
     (coda lens on every position) and the measured iterations_saved (positions × iterations,
     from the policy's exits), flops_saved (executed: the rows the loop really ran, the model's
-    `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`; the replay's
-    prediction counts the loop only), time_saved, agreement (output argmax equal to full depth's, every position),
-    with time_fixed_s and time_policy_s, and cpu_time_saved.
+    `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`), time_saved,
+    agreement (output argmax equal to full depth's, every position), with time_fixed_s and
+    time_policy_s, and cpu_time_saved. The predicted FLOPs count the loop and, for `kl`, a lens
+    readout per position-iteration used; the measured saving can be a little lower, since the
+    compacted loop reads the lens on the union of running positions of the live rows (a position
+    that exited still reads it while another of its column's positions runs).
     """
     import time
 

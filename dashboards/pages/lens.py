@@ -31,10 +31,10 @@ RANGE_STEPS = 12  # thresholds replayed across a user-given range
 CACHE_SIZE = 32
 WHATIF_COLUMNS = {"threshold": "threshold", "mean_iterations": "iterations at exit",
                   "iterations_saved": "iterations saved", "flops_saved": "FLOPs saved",
-                  "agreement": "top-1 agreement at exit",
+                  "lens_cost": "FLOPs reading the lens", "agreement": "top-1 agreement at exit",
                   "positions": "positions"}
 WHATIF_FORMATS = {"threshold": "number", "mean_iterations": "number", "iterations_saved": "percent",
-                  "flops_saved": "percent", "agreement": "percent", "positions": "integer"}
+                  "flops_saved": "percent", "lens_cost": "percent", "agreement": "percent", "positions": "integer"}
 NO_POSITIONS = ("No per-position lens metrics in the selected full-depth forwards: the what-if replays positions "
                 "the coda lens sampled in forwards run with exit='fixed' (shadow runs beside the served ones). "
                 "Record with attach(model, probes=[..., 'lens'], detail='positions').")

@@ -126,7 +126,7 @@ def summary(traces, shadows, outcomes) -> str:
     try:
         lines.append(f"what-if at ≥99% agreement: {whatif.describe(whatif.recommend(table, MIN_AGREEMENT))}")
     except ValueError as exc:
-        lines.append(f"no early-exit policy reaches 99% agreement: {exc}")
+        lines.append(f"what-if at ≥99% agreement: no early-exit policy recommended: {exc}")  # too few agree, or none saves
     return "\n".join(lines)
 
 
@@ -148,7 +148,7 @@ def measured_saving(shadows, batch: int, seed: int) -> str:
     try:
         best = whatif.recommend(table[table["criterion"].isin(runnable)], MIN_AGREEMENT)
     except ValueError as exc:
-        return f"no policy the model runs reaches 99% agreement: {exc}"
+        return f"not run for real: no policy the model runs is recommended at ≥99% agreement: {exc}"
     inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
     r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]),
                       n_loops=2 * model.cfg.max_loop_iters)

@@ -19,7 +19,7 @@ NAN = np.nan
 
 
 def lens_trace(seed: int, iterations: int, model_id: str = "m", drop: tuple[str, ...] = (),
-               exit_policy: str = "fixed", flops: bool = True) -> LoopTrace:
+               exit_policy: str = "fixed", flops: bool = True, lens_flops: bool = True) -> LoopTrace:
     """2 × 6 positions, about half sampled by the lens; metrics drawn from a few values so that
     argmax runs, equal scores and thresholds equal to recorded values all occur, and NaN."""
     rng = np.random.default_rng(seed)
@@ -43,7 +43,8 @@ def lens_trace(seed: int, iterations: int, model_id: str = "m", drop: tuple[str,
         trace_id=f"{seed + 1:032x}", span_id=f"{seed + 1:016x}", run_id="r", model_id=model_id, step=seed,
         start_ns=seed, end_ns=seed + 1, batch=B, seq_len=T, n_loops=8, iterations=I, exit_policy=exit_policy,
         detail="positions", position_metrics={k: v for k, v in metrics.items() if k not in drop},
-        forward_metrics={"flops": 1000.0 + 100 * I, "loop_flops": 100.0 * I} if flops else {},
+        forward_metrics=({"flops": 1000.0 + 100 * I, "loop_flops": 100.0 * I} if flops else {})
+        | ({"lens_flops": 7.0 + seed} if flops and lens_flops else {}),
     )
 
 
@@ -82,9 +83,16 @@ def test_sql_table_equals_the_replay_over_traces(tmp_path):
     assert want["mean_iterations"].nunique() > 10 and want["agreement"].nunique() > 5  # the thresholds split positions
     assert_same_table(got, want)
     assert_same_table(want, replay.evaluate(traces, th))
-    # FLOPs saved: iterations saved × the loop's share of the replayed forwards' FLOPs, by hand
-    share = sum(100.0 * t.iterations for t in traces) / sum(1000.0 + 100 * t.iterations for t in traces)
-    np.testing.assert_allclose(want["flops_saved"], want["iterations_saved"] * share, rtol=1e-12)
+    # FLOPs saved: iterations saved × the loop's share of the replayed forwards' FLOPs, less for
+    # the lens criteria a readout (7 + seed FLOPs) per position-iteration used, by hand
+    total = sum(1000.0 + 100 * t.iterations for t in traces)
+    share = sum(100.0 * t.iterations for t in traces) / total
+    lens = sum(t.iterations * (7.0 + t.step) for t in traces) / total
+    reads = want["criterion"].isin(["kl", "entropy", "argmax_stable"])
+    assert reads.any() and (~reads).any()
+    cost = np.where(reads, lens * (1 - want["iterations_saved"]), 0.0)
+    np.testing.assert_allclose(want["lens_cost"], cost, rtol=1e-12)
+    np.testing.assert_allclose(want["flops_saved"], want["iterations_saved"] * share - cost, rtol=1e-12, atol=1e-15)
 
 
 def test_without_full_depth_forwards_both_replay_the_served_ones_and_say_so(tmp_path):
@@ -103,6 +111,40 @@ def test_flops_saved_is_nan_when_a_forward_lacks_the_cost_probe(tmp_path):
         got = whatif.evaluate(store, Selection())
     assert got["flops_saved"].isna().all()
     assert_same_table(got, replay.evaluate(traces))
+
+
+def test_lens_criteria_flops_are_nan_when_a_forward_lacks_lens_flops(tmp_path):
+    traces = [lens_trace(0, 5), lens_trace(1, 6, lens_flops=False)]  # e.g. a LoopSpec model's forward
+    with stored(tmp_path, traces) as store:
+        got = whatif.evaluate(store, Selection())
+    reads = got["criterion"].isin(["kl", "entropy", "argmax_stable"])
+    assert got.loc[reads, ["flops_saved", "lens_cost"]].isna().all().all()
+    assert got.loc[~reads, "flops_saved"].notna().all() and (got.loc[~reads, "lens_cost"] == 0).all()
+    assert_same_table(got, replay.evaluate(traces))
+
+
+def test_a_store_written_before_lens_flops_reads_them_as_unknown(tmp_path):
+    """A store from before the `lens_flops` column: its forwards read back NULL, so the lens
+    criteria's FLOPs saved are NaN there too, and a forward written after the migration counts."""
+    import duckdb
+
+    from mythos_probe.collectors import migrations
+
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    migrations.migrate(con, str(path))
+    con.execute('ALTER TABLE forwards DROP COLUMN "lens_flops"')  # as the previous release left it
+    con.execute("DELETE FROM _migrations WHERE name = 'add_column:forwards.lens_flops'")
+    con.close()
+    old = lens_trace(0, 5, lens_flops=False)  # what the previous release recorded
+    with Store(path) as store:
+        store.write_traces([old])
+        assert store.query('SELECT "lens_flops" FROM forwards')["lens_flops"].isna().all()
+        before = whatif.evaluate(store, Selection())
+        assert before.loc[before["criterion"] == "kl", "flops_saved"].isna().all()
+        new = lens_trace(1, 6, model_id="n")
+        store.write_traces([new])
+        assert_same_table(whatif.evaluate(store, Selection(models=("n",))), replay.evaluate([new]))
 
 
 def test_default_thresholds_and_a_filter_select_the_same_forwards(tmp_path):

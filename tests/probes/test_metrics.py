@@ -218,6 +218,23 @@ def test_cost_counts_iterations_actually_run(setup):
     assert trace.forward_metrics["flops_saved"] == pytest.approx((6 - trace.iterations) / 6)
 
 
+def _lens_flops_by_hand(model, positions, mean_keys):
+    """One coda-lens readout counted from the modules: 2 FLOPs per weight of the coda layers, the
+    final norm and the head, and 2·H·(d_qk + d_v) per attended key in each coda layer."""
+    weights = sum(p.numel() for p in [*model.coda.parameters(), *model.norm.parameters()]) + model.head.weight.numel()
+    per_key = 2 * 4 * 2 * 16  # tiny-gqa: 4 heads of 16
+    return positions * (2 * weights + per_key * mean_keys * len(model.coda))
+
+
+def test_cost_counts_one_coda_lens_readout_of_every_position(setup):
+    model, _, _, _, trace = setup
+    from mythos_probe.metrics.cost import forward_cost
+
+    assert trace.forward_metrics["lens_flops"] == pytest.approx(_lens_flops_by_hand(model, 24, (12 + 1) / 2))
+    decode = forward_cost(model.cfg, 2, 1, 3, 6, past_len=12)  # one new token attending to 12 cached ones
+    assert decode["lens_flops"] == pytest.approx(_lens_flops_by_hand(model, 2, 12 + 1))
+
+
 def test_zero_router_bias_changes_no_choice():
     """A zero bias leaves the top-k as the unbiased one: the share is 0 (known without a top-k)."""
     torch.manual_seed(3)

@@ -74,6 +74,8 @@ def test_flops_count_the_looped_parameters_once_per_iteration(hrm):
     tokens = ids.numel()
     assert traces["H"].forward_metrics["flops"] == pytest.approx(2 * tokens * (other + 2 * n(m.H_module)))
     assert traces["L"].forward_metrics["flops"] == pytest.approx(2 * tokens * 6 * n(m.L_module))
+    # a spec names no parameters for its readout: no lens cost rather than a guessed one
+    assert not any("lens_flops" in t.forward_metrics for t in traces.values())
 
 
 def test_generate_decode_steps_share_one_trace_id_and_hooks_go(hrm, tmp_path):

@@ -163,9 +163,10 @@ def test_criteria_without_their_metric_are_left_out_or_refused():
         whatif.evaluate([without_halting], {"act": [0.5]})
 
 
-def table_of(rows):
-    columns = [c for c in whatif.COLUMNS if c not in ("flops_saved", "baseline")]
-    return pd.DataFrame(rows, columns=columns).assign(flops_saved=np.nan, baseline="full depth")[whatif.COLUMNS]
+def table_of(rows, flops_saved=NAN, lens_cost=NAN):
+    columns = [c for c in whatif.COLUMNS if c not in ("flops_saved", "lens_cost", "baseline")]
+    return pd.DataFrame(rows, columns=columns).assign(
+        flops_saved=flops_saved, lens_cost=lens_cost, baseline="full depth")[whatif.COLUMNS]
 
 
 def test_recommend_picks_the_largest_saving_at_the_agreement_floor():
@@ -292,3 +293,124 @@ def test_verify_refuses_what_the_model_cannot_run():
         whatif.verify(model, ids, "act", 0.5)
     with pytest.raises(ValueError, match="non-negative"):
         whatif.verify(model, ids, "kl", -1.0)
+
+
+def costed(trace, flops, loop_flops, lens_flops=None, iterations=None, span="a"):
+    """`trace` cut to its first `iterations`, with the cost probe's forward metrics."""
+    I = iterations or trace.iterations
+    forward = {"flops": flops, "loop_flops": loop_flops} | ({} if lens_flops is None else {"lens_flops": lens_flops})
+    return dataclasses.replace(
+        trace, span_id=span * 16, iterations=I, n_loops=I, forward_metrics=forward,
+        position_metrics={k: v[..., :I] for k, v in trace.position_metrics.items()},
+    )
+
+
+# Two forwards of the hand trace: A runs 4 iterations, B its first 2. Iterations used by positions
+# 0 and 1 of A (from HAND) and of B (worked out from the first two columns of hand_trace).
+TWO = {("kl", 0.01): (4, 2, 2, 2), ("rel_residual", 0.1): (3, 4, 2, 2), ("argmax_stable", 1): (3, 2, 2, 2),
+       ("entropy", 0.1): (3, 3, 2, 2)}
+
+
+def two_forwards(lens_b=60.0):
+    # A: 1000 FLOPs, 400 in the loop, 30 per lens readout; B: 3000, 1600, 60 (or none recorded)
+    return [costed(hand_trace(), 1000.0, 400.0, 30.0), costed(hand_trace(), 3000.0, 1600.0, lens_b, iterations=2, span="b")]
+
+
+def test_flops_saved_pays_for_the_lens_readouts_of_the_lens_criteria():
+    table = whatif.evaluate(two_forwards(), {c: [th] for c, th in TWO}).set_index("criterion")
+    # by hand: loop share (400 + 1600) / 4000 = 0.5; lens share (4 iterations · 30 + 2 · 60) / 4000 = 0.06,
+    # paid on the share of position-iterations a lens policy still runs
+    for (criterion, _), used in TWO.items():
+        saved = 1 - sum(used) / 12  # 2 positions · 4 iterations + 2 · 2
+        lens = 0.06 * (1 - saved) if criterion != "rel_residual" else 0.0
+        row = table.loc[criterion]
+        assert row["iterations_saved"] == pytest.approx(saved)
+        assert row["lens_cost"] == pytest.approx(lens, abs=1e-15)
+        assert row["flops_saved"] == pytest.approx(0.5 * saved - lens)
+    assert table.loc["kl", "flops_saved"] < 0.5 * table.loc["kl", "iterations_saved"]  # the lens is not free
+
+
+def test_lens_criteria_without_a_lens_cost_give_nan_flops_not_the_loop_alone():
+    rows = whatif.evaluate(two_forwards(lens_b=None), {c: [th] for c, th in TWO})
+    table = rows.set_index("criterion")
+    for criterion in ("kl", "entropy", "argmax_stable"):
+        assert np.isnan(table.loc[criterion, "flops_saved"]) and np.isnan(table.loc[criterion, "lens_cost"])
+    assert table.loc["rel_residual", "flops_saved"] == pytest.approx(0.5 / 12)  # reads no lens: still known
+    assert "FLOPs saved unknown: no recorded cost for the loop or the coda lens" in whatif.describe(rows[rows["criterion"] == "kl"].iloc[0])
+
+
+def test_recommend_ranks_by_flops_and_never_recommends_a_policy_that_saves_nothing():
+    table = table_of([
+        ("kl", 1e-5, 1.0, 0.75, 1.00, 10),  # most iterations saved, but its lens readouts eat them
+        ("rel_residual", 0.1, 2.0, 0.50, 1.00, 10),
+        ("act", 0.9, 3.0, 0.25, 0.99, 10),
+    ], flops_saved=[-0.10, 0.20, 0.10], lens_cost=[0.40, 0.0, 0.0])
+    best = whatif.recommend(table)  # the default floor, 0.99
+    assert (best["criterion"], best["threshold"]) == ("rel_residual", 0.1)
+    assert "net of 40.0% spent reading the coda lens" in whatif.describe(table.iloc[0])
+    assert "net of" not in whatif.describe(best) and "20.0% of the forward's FLOPs" in whatif.describe(best)
+    losing = table.assign(flops_saved=[-0.10, 0.0, -0.01])
+    with pytest.raises(ValueError, match=r"agreement ≥ 0\.99 saves compute: the best, rel_residual at threshold 0\.1.*"
+                                         r"Keep exit='fixed'.*lower min_agreement") as err:
+        whatif.recommend(losing)
+    assert "keeps agreement" not in str(err.value)  # not the agreement error: the rows keep it
+    # FLOPs unknown (no cost probe): iterations decide, and a row saving none is never chosen
+    assert whatif.recommend(table.assign(flops_saved=NAN))["criterion"] == "kl"
+    with pytest.raises(ValueError, match="saves compute"):
+        whatif.recommend(table_of([("act", 0.9, 4.0, 0.0, 1.0, 10)]))
+    # a row of unknown cost only when no row of known cost saves: known 0.01 beats unknown 0.75
+    mixed = table.assign(flops_saved=[NAN, 0.01, -0.2])
+    assert whatif.recommend(mixed)["criterion"] == "rel_residual"
+    assert whatif.recommend(mixed.assign(flops_saved=[NAN, 0.0, -0.2]))["criterion"] == "kl"
+
+
+def test_verify_predicts_the_kl_flops_a_real_run_measures():
+    """The prediction counts a lens readout per position-iteration the policy uses; the compacted
+    run reads it on the union of running positions of its live rows, so it measures at most that
+    saving, lower by the readouts of positions that exited while another in their row ran."""
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+    from mythos_probe.model.variants import forward_flops
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    with torch.no_grad():  # a loop that settles at different iterations per position
+        model.recurrent.injection.log_A.normal_(0, 1)
+        model.recurrent.lora.scale.weight.normal_(0, 1)
+    model.recurrent.compact_below = 2.0
+    ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(2))
+    coda_head = sum(p.numel() for p in [*model.coda.parameters(), *model.norm.parameters()]) + model.head.weight.numel()
+    per_row = 2 * coda_head + 2 * 4 * 2 * 16 * (10 + 1) / 2  # tiny-gqa: 4 heads of 16, one coda layer
+    for threshold in (1e-3, 1e-4):
+        report = whatif.verify(model, ids, "kl", threshold, n_loops=8, repeats=1)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(ids, n_loops=8, exit="kl", exit_threshold=threshold)
+        halted = cache.stack("recurrent.hook_halted")  # (I, B, T)
+        used = int(torch.where(halted.any(0), halted.float().argmax(0) + 1, halted.shape[0]).sum())
+        assert report["predicted_iterations_saved"] == report["iterations_saved"] == 1 - used / 240
+        full = forward_flops(model.cfg, 3, 10, 30 * 8)
+        by_hand = 1 - (forward_flops(model.cfg, 3, 10, used) + used * per_row) / full
+        assert report["predicted_flops_saved"] == pytest.approx(by_hand, rel=1e-9)
+        assert report["predicted_flops_saved"] - 0.02 <= report["flops_saved"] <= report["predicted_flops_saved"] + 1e-12
+    assert report["flops_saved"] < report["predicted_flops_saved"] < 0  # 1e-4: a split exit, and the lens costs more
+
+
+def test_pareto_figure_plots_flops_saved_when_every_row_knows_them():
+    table = table_of([
+        ("kl", 1e-5, 1.0, 0.75, 1.00, 10),
+        ("rel_residual", 0.1, 2.0, 0.50, 1.00, 10),
+    ], flops_saved=[-0.10, 0.20], lens_cost=[0.40, 0.0])
+    fig = whatif.pareto_figure(table)
+    assert list(fig.data[0].x) == [-0.10] and list(fig.data[1].x) == [0.20]
+    assert [t for t in fig.data if t.name.startswith("recommended")][0].x[0] == 0.20
+    assert "FLOPs saved" in fig.layout.xaxis.title.text
+    assert list(whatif.pareto_front(table)["criterion"]) == ["rel_residual"]  # kl saves more iterations, fewer FLOPs
+
+
+def test_demo_summary_says_to_keep_fixed_when_no_policy_saves_compute():
+    from mythos_probe.demo.run import summary
+
+    free_loop = costed(hand_trace(), 1000.0, 0.0, 10.0)  # skipping iterations saves nothing; the lens costs
+    line = summary([], [free_loop], []).splitlines()[-1]
+    assert line.startswith("what-if at ≥99% agreement: no early-exit policy recommended: no exit criterion with "
+                           "agreement ≥ 0.99 saves compute")
+    assert "Keep exit='fixed'" in line
