@@ -375,9 +375,8 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`), time_saved,
     agreement (output argmax equal to full depth's, every position), with time_fixed_s and
     time_policy_s, and cpu_time_saved. The predicted FLOPs count the loop and, for `kl`, a lens
-    readout per position-iteration used; the measured saving can be a little lower, since the
-    compacted loop reads the lens on the union of running positions of the live rows (a position
-    that exited still reads it while another of its column's positions runs).
+    readout per position-iteration used, as the compacted loop runs them: the two agree when
+    the loop compacts from its second iteration (a masked iteration runs every row).
     """
     import time
 
