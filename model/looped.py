@@ -388,38 +388,42 @@ class RecurrentBlock(nn.Module):
         )
         loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
         compact_below = self.compact_share(B, T, D) if self.compact_below is None else self.compact_below
+        hooked = self._hooked()
+        halting = exit == "act" or hooked
         may_compact = (
             exit != "fixed" and compact_below > 0 and not torch.is_grad_enabled() and not self.training
-            and (exit != "act" or kv_cache is None) and not self._hooked()
+            and (exit != "act" or kv_cache is None) and not hooked
         )
         self.row_iterations = self.lens_rows = 0
         t = 0
         # What is still running, read to the host once per iteration after its step: it decides
         # whether the loop can stop, whether the next step compacts and, if so, on which rows.
-        queries, share = None, 1.0
+        queries = None  # set when the next step compacts
         try:
             for t in range(n_loops):
                 self.clock.t = t
                 args = (t, loop_emb[t], e, freqs_cis, causal, kv_cache, exit, threshold, lens)
-                if queries is not None and share < compact_below:
+                if queries is not None:
                     if exit == "act":
                         self._act_rows_step(s, queries, *args)
                     else:
                         self._sparse_step(s, queries, *args)
                 else:
-                    self._dense_step(s, *args)
+                    self._dense_step(s, *args, halting=halting)
                     self.row_iterations += B * T
                 if exit == "fixed" or t == n_loops - 1:
                     continue
                 if may_compact:
                     # copy=True: on the CPU too, so that the read shows as one op (tests count them)
                     running = (~s.halted).to("cpu", copy=True).numpy()
-                    queries = Queries.from_mask(running, h.device)
+                    done = not running.any()
                     if exit == "act":  # the rows still running, up to their last running position
-                        share = queries.live.shape[0] * queries.extent / (B * T)
+                        cols = running.any(0)
+                        extent = T - int(cols[::-1].argmax()) if cols.any() else 0
+                        share = running.any(1).sum() * extent / (B * T)
                     else:
-                        share = queries.n / (B * T)
-                    done = queries.n == 0
+                        share = running.mean()
+                    queries = Queries.from_mask(running, h.device) if share < compact_below else None
                 else:
                     done = kv_cache is None and bool(s.halted.all())
                 # With a KV cache every loop depth must run so later steps find their keys.
@@ -429,8 +433,10 @@ class RecurrentBlock(nn.Module):
             self.clock.t = None
         return (s.h_out if exit == "act" else s.h), t + 1
 
-    def _dense_step(self, s: "_LoopState", t, emb, e, freqs_cis, causal, kv_cache, exit, threshold, lens) -> None:
-        """One iteration on every row of `s` (exited positions frozen by `torch.where`)."""
+    def _dense_step(self, s: "_LoopState", t, emb, e, freqs_cis, causal, kv_cache, exit, threshold, lens,
+                    halting: bool = True) -> None:
+        """One iteration on every row of `s` (exited positions frozen by `torch.where`). `halting`:
+        run the halting head, which only ACT and hooks read (an unhooked fixed/kl/latent loop skips it)."""
         cfg = self.cfg
         h = self.hook_state_in(s.h)
         combined = self.norm(h + emb + e)
@@ -441,16 +447,17 @@ class RecurrentBlock(nn.Module):
             h_new = torch.where(s.halted[..., None], h, h_new)  # exited positions stay frozen
         h_prev, h = h, self.hook_state_out(h_new)
 
-        p = self.hook_halt_prob(self.act(h))
-        running = (~s.halted).to(p.dtype)
-        if exit == "act":
-            # ACT remainder trick, gated so a position contributes once, on its halting step
-            remainder = (1.0 - s.cumulative_p).clamp(min=0)
-            weight = torch.where(s.cumulative_p + p >= cfg.act_threshold, remainder, p) * running
-            s.h_out = s.h_out + weight.unsqueeze(-1).to(h.dtype) * h
-        else:
-            weight = torch.zeros_like(p)
-        s.cumulative_p = self.hook_cum_halt(s.cumulative_p + p * running)
+        if halting:
+            p = self.hook_halt_prob(self.act(h))
+            running = (~s.halted).to(p.dtype)
+            if exit == "act":
+                # ACT remainder trick, gated so a position contributes once, on its halting step
+                remainder = (1.0 - s.cumulative_p).clamp(min=0)
+                weight = torch.where(s.cumulative_p + p >= cfg.act_threshold, remainder, p) * running
+                s.h_out = s.h_out + weight.unsqueeze(-1).to(h.dtype) * h
+            else:
+                weight = torch.zeros_like(p)
+            s.cumulative_p = self.hook_cum_halt(s.cumulative_p + p * running)
         halted = s.halted
         if exit == "act":
             halted = halted | (s.cumulative_p >= cfg.act_threshold)
@@ -465,7 +472,8 @@ class RecurrentBlock(nn.Module):
                 halted = halted | (kl < threshold)
             s.prev_logp = logp
         s.halted = self.hook_halted(halted)
-        self.hook_act_weight(weight)
+        if halting:
+            self.hook_act_weight(weight)  # the iteration's last site: probes close the iteration here
         s.h = h
 
     def _act_rows_step(self, s: "_LoopState", queries: Queries, t, emb, e, freqs_cis, *rest) -> None:
