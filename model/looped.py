@@ -399,6 +399,10 @@ class RecurrentBlock(nn.Module):
             exit != "fixed" and compact_below > 0 and not torch.is_grad_enabled() and not self.training
             and (exit != "act" or kv_cache is None) and not hooked
         )
+        # nothing has halted before the first iteration; later the host read below keeps track
+        # (without it, the freeze always runs)
+        s.some_halted = not may_compact
+        s.A = self.injection.get_A() if may_compact else None
         self.row_iterations = self.lens_rows = 0
         t = 0
         # What is still running, read to the host once per iteration after its step: it decides
@@ -421,7 +425,7 @@ class RecurrentBlock(nn.Module):
                 if may_compact:
                     # copy=True: on the CPU too, so that the read shows as one op (tests count them)
                     running = (~s.halted).to("cpu", copy=True).numpy()
-                    done = not running.any()
+                    done, s.some_halted = not running.any(), not running.all()
                     if exit == "act":  # the rows still running, up to their last running position
                         cols = running.any(0)
                         extent = T - int(cols[::-1].argmax()) if cols.any() else 0
@@ -448,7 +452,7 @@ class RecurrentBlock(nn.Module):
         trans_out = self.hook_block_out(self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}"))
         trans_out = trans_out + self.hook_lora_delta(self.lora(trans_out, t))
         h_new = self.injection(h, e, trans_out)
-        if exit in ("kl", "latent"):
+        if exit in ("kl", "latent") and s.some_halted:
             h_new = torch.where(s.halted[..., None], h, h_new)  # exited positions stay frozen
         h_prev, h = h, self.hook_state_out(h_new)
 
@@ -519,7 +523,7 @@ class RecurrentBlock(nn.Module):
         self.row_iterations += queries.n
         x = x + self.lora(x, t)
         h_act = queries.take(s.h)
-        h_new = self.injection(h_act, queries.take(e), x)
+        h_new = s.A * h_act + self.injection.B * queries.take(e) + x  # LTIInjection, its A computed once
         s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
@@ -542,6 +546,8 @@ class _LoopState:
     cumulative_p: torch.Tensor  # (B, T) float32
     h_out: Optional[torch.Tensor] = None  # (B, T, D) ACT's weighted output
     prev_logp: Optional[torch.Tensor] = None  # (B, T, V) kl: the previous lens distribution
+    some_halted: bool = True  # False only when the host read says none has: nothing to freeze
+    A: Optional[torch.Tensor] = None  # (D,) the injection's decay, once per forward for compacted steps
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ class Queries:
     pos: torch.Tensor  # (N,) its sequence index
     live: torch.Tensor  # (L,) the distinct rows, ascending
     slot: torch.Tensor  # (N,) index of rows[i] in live
-    rank: torch.Tensor  # (N,) its place among its row's queries
+    packed: torch.Tensor  # (N,) its place in the (L·width) packed queries: slot·width + rank in its row
+    last: torch.Tensor  # (L, width) sequence index of each packed query (padding: 0, it sees key 0)
+    local: torch.Tensor  # (L,) 0..L-1: the live rows once gathered
     width: int  # most queries in one row
     extent: Optional[int]  # 1 + the last wanted position: later ones feed no wanted query (causal); grid: None
     n_rows: int  # rows of the batch the indices refer to
@@ -51,27 +53,30 @@ class Queries:
         rows, pos = np.nonzero(mask)
         counts = mask.sum(1)
         live = np.flatnonzero(counts)
+        width = int(counts.max(initial=0))
         slot = (np.cumsum(counts > 0) - 1)[rows]
-        rank = np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
-        # one host-to-device copy for all five index vectors
-        packed = torch.from_numpy(np.concatenate([rows, pos, live, slot, rank]).astype(np.int64)).to(device)
-        n, nl = rows.size, live.size
-        r, p, lv, sl, rk = packed.split([n, n, nl, n, n])
-        return cls(r, p, lv, sl, rk, int(counts.max(initial=0)), int(pos.max(initial=-1)) + 1, mask.shape[0])
+        packed = slot * width + np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
+        last = np.zeros(live.size * width, dtype=np.int64)
+        last[packed] = pos
+        # one host-to-device copy for every index vector
+        parts = [rows, pos, live, slot, packed, last, np.arange(live.size)]
+        r, p, lv, sl, pk, la, lo = torch.from_numpy(np.concatenate(parts).astype(np.int64)).to(device).split(
+            [a.size for a in parts])
+        return cls(r, p, lv, sl, pk, la.view(live.size, width), lo, width, int(pos.max(initial=-1)) + 1, mask.shape[0])
 
     @classmethod
     def grid(cls, n_rows: int, positions: torch.Tensor) -> "Queries":
         """`positions` of every row (no host read: shapes only)."""
         W, dev = positions.numel(), positions.device
-        rows = torch.arange(n_rows, device=dev).repeat_interleave(W)
-        rank = torch.arange(W, device=dev).repeat(n_rows)
+        every = torch.arange(n_rows, device=dev)
         # no extent: reading positions.max() would be a host read
-        return cls(rows, positions.repeat(n_rows), torch.arange(n_rows, device=dev), rows, rank, W, None, n_rows)
+        return cls(every.repeat_interleave(W), positions.repeat(n_rows), every, every.repeat_interleave(W),
+                   torch.arange(n_rows * W, device=dev), positions.expand(n_rows, W), every, W, None, n_rows)
 
     def within_live(self) -> "Queries":
         """The same queries indexed into a batch of the live rows only (x[self.live])."""
-        return Queries(self.slot, self.pos, torch.arange(self.live.shape[0], device=self.live.device),
-                       self.slot, self.rank, self.width, self.extent, self.live.shape[0])
+        return Queries(self.slot, self.pos, self.local, self.slot, self.packed, self.last, self.local,
+                       self.width, self.extent, self.live.shape[0])
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """(n_rows, T, ...) → (N, ...): the wanted positions of x."""
@@ -86,16 +91,16 @@ class Queries:
             return q.new_zeros(0, q.shape[1], v.shape[-1])
         if k.shape[0] != self.live.shape[0]:
             k, v = k[self.live], v[self.live]
-        L, S = k.shape[0], k.shape[1]
-        packed = q.new_zeros(L, self.width, *q.shape[1:])
-        packed[self.slot, self.rank] = q
+        L, S, W = k.shape[0], k.shape[1], self.width
+        packed = q.new_zeros(L * W, *q.shape[1:])
+        packed[self.packed] = q
         mask = None
         if causal:
-            last = torch.zeros(L, self.width, dtype=torch.long, device=q.device)  # padded slots: key 0
-            last[self.slot, self.rank] = self.pos + past
+            last = self.last if past == 0 else self.last + past
             mask = (torch.arange(S, device=q.device) <= last[..., None])[:, None]  # (L, 1, W, S)
-        out = sdpa(packed.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout_p, enable_gqa)
-        return out.transpose(1, 2)[self.slot, self.rank]
+        out = sdpa(packed.view(L, W, *q.shape[1:]).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
+                   dropout_p, enable_gqa)  # (L, H, W, dv)
+        return out.transpose(1, 2).reshape(L * W, *out.shape[1:2], out.shape[-1])[self.packed]
 
 
 def sdpa(q, k, v, mask, dropout_p: float, enable_gqa: bool, is_causal: bool = False) -> torch.Tensor:

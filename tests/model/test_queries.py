@@ -19,10 +19,11 @@ def test_indices_of_a_mask():
     assert q.rows.tolist() == rows.tolist() and q.pos.tolist() == pos.tolist()
     assert q.live.tolist() == [0, 2, 3]
     assert q.slot.tolist() == [0, 0, 1, 1, 1, 2]
-    assert q.rank.tolist() == [0, 1, 0, 1, 2, 0]
+    assert q.packed.tolist() == [0, 1, 3, 4, 5, 6]  # row slot · width 3 + rank in the row
+    assert q.last.tolist() == [[1, 4, 0], [0, 1, 2], [3, 0, 0]]  # padding sees key 0
     assert (q.width, q.extent, q.n, q.n_rows, q.every_row) == (3, 5, 6, 4, False)
     inner = q.within_live()
-    assert inner.rows.tolist() == [0, 0, 1, 1, 1, 2] and inner.every_row
+    assert inner.rows.tolist() == [0, 0, 1, 1, 1, 2] and inner.live.tolist() == [0, 1, 2] and inner.every_row
 
 
 def test_an_empty_mask_selects_nothing():
