@@ -7,10 +7,12 @@ calibration batch of full-depth forwards, ranked by FLOPs saved net of the lens 
 pays; where no threshold reaches 99 %, the most agreeing one that saves compute, and the line says
 so); `act` runs at the config's act_threshold. A policy the what-if does not recommend (no
 threshold saves compute) is not timed: its one line says why, and a user keeps exit='fixed'.
-Figures come from `mythos_probe.whatif.verify`: FLOPs are those the loop really executed (`row_iterations`), time
-is the fastest of interleaved runs, wall and CPU (this process: on a shared machine the CPU
-time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch 16 and 256). `--rule` measures the compaction rule instead: one loop
-iteration, masked against compacted, as the share of running positions falls.
+Figures come from `mythos_probe.whatif.verify`: FLOPs are those the loop really executed
+(`row_iterations`, and for `kl` its lens readouts); a time saved is 1 − the median ratio of
+`--repeats` interleaved pairs (policy, full depth), wall and CPU (this process: on a shared
+machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch
+16 and 256). `--rule` measures the compaction rule instead: one loop iteration, masked against
+compacted, as the share of running positions falls.
 
     .venv/bin/python benchmarks/bench_early_exit.py            # short: T=32 on the dim-256 model
     .venv/bin/python benchmarks/bench_early_exit.py --full     # T=256 on the dim-256 model
@@ -94,7 +96,7 @@ def rule(repeats: int) -> None:
             halted = torch.rand(B, T, generator=g) >= running
 
             def state():
-                return _LoopState(h.clone(), halted.clone(), torch.zeros(B, T))
+                return _LoopState(h.clone(), halted.clone(), torch.zeros(B, T), A=rec.injection.get_A())
 
             def dense():
                 rec._dense_step(state(), 1, emb, e, freqs, True, None, "latent", 0.0, None)
@@ -122,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="T=256 on the dim-256 model (minutes on 2 cores)")
     ap.add_argument("--rule", action="store_true", help="measure the compaction rule instead")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9, help="interleaved pairs per figure (default 9)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
