@@ -219,23 +219,18 @@ class MoEFFN(nn.Module):
         gates = self.hook_gates(gates / gates.sum(dim=-1, keepdim=True))  # (N, k)
 
         # Sorted dispatch: one argsort and one host read of the per-expert counts, then each
-        # expert gathers its tokens, runs on them and adds its gated output back onto them (no
-        # per-expert boolean masks, and no full-size copy of the dispatched tokens or outputs:
-        # at B·T in the thousands those passes over memory cost as much as the experts' matmuls).
-        # Per token the k contributions are added in expert order (k = 2, OpenMythos's default:
-        # the same sum in either order; a larger k may round differently in the last bit).
+        # expert runs on a contiguous slice (no per-expert boolean masks), and the gated results
+        # are added back onto their tokens (k = 2, OpenMythos's default: the sum of two is the
+        # same in either order; a larger k may round differently in the last bit).
         slots = topk_idx.reshape(-1)  # (N*k,)
         order = slots.argsort(stable=True)
         counts = torch.bincount(slots, minlength=self.n_experts).tolist()
-        tokens = (order // self.topk).split(counts)  # each expert's tokens
-        weights = gates.reshape(-1)[order].split(counts)
-        routed = None
-        for expert, idx, w, n in zip(self.routed_experts, tokens, weights, counts):
-            if n:
-                out = expert(flat[idx]) * w[:, None]
-                # the experts' dtype, not the input's: under autocast they compute in bf16 from fp32 inputs
-                routed = flat.new_zeros(flat.shape[0], D, dtype=out.dtype) if routed is None else routed
-                routed.index_add_(0, idx, out)
+        token = order // self.topk  # the token of each sorted slot
+        chunks = flat[token].split(counts)  # tokens grouped by expert
+        outs = [expert(chunk) for expert, chunk, n in zip(self.routed_experts, chunks, counts) if n]
+        expert_out = torch.cat(outs) * gates.reshape(-1, 1)[order]
+        # the experts' dtype, not the input's: under autocast they compute in bf16 from fp32 inputs
+        routed = flat.new_zeros(flat.shape[0], D, dtype=expert_out.dtype).index_add_(0, token, expert_out)
         routed = self.hook_routed_out(routed)  # (N, D)
         out = routed
         if self.n_shared:
