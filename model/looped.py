@@ -112,13 +112,17 @@ class GQAttention(nn.Module):
                 v = torch.cat([kv_cache[cache_key]["v"], v], dim=1)
             kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
         p, gqa = self.dropout_p if self.training else 0.0, self.n_kv_heads != self.n_heads
-        if queries is None:
-            q = apply_rope(self.wq(x).view(B, T, H, d), freqs_cis)
-            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p, gqa)  # (B, H, T, d)
-            return self.wo(out.transpose(1, 2).reshape(B, T, H * d))
-        q = apply_rope(self.wq(queries.take(x)).view(-1, H, d), freqs_cis[queries.pos])
-        out = queries.attend(q, k, v, k.shape[1] - T, causal, p, gqa)  # (N, H, d)
-        return self.wo(out.reshape(-1, H * d))
+        if queries is None or not queries.packs(T):  # every position's query, causal attention, then the wanted ones
+            xq = x if queries is None else queries.rows_of(x)
+            q = apply_rope(self.wq(xq).view(*xq.shape[:2], H, d), freqs_cis)
+            if queries is not None:
+                k, v = queries.rows_of(k), queries.rows_of(v)
+            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p, gqa).transpose(1, 2)
+            out = out if queries is None else out[queries.slot, queries.pos]  # (B, T, H, d) or (N, H, d)
+        else:
+            q = apply_rope(self.wq(queries.take(x)).view(-1, H, d), freqs_cis[queries.pos])
+            out = queries.attend(q, k, v, k.shape[1] - T, causal, p, gqa)  # (N, H, d)
+        return self.wo(out.flatten(-2))
 
 
 class MLAttention(nn.Module):
@@ -143,8 +147,12 @@ class MLAttention(nn.Module):
         """As `GQAttention.forward`."""
         B, T, _ = x.shape
         H = self.n_heads
-        xq, fq = (x, freqs_cis) if queries is None else (queries.take(x), freqs_cis[queries.pos])
-        lead = xq.shape[:-1]  # (B, T) or (N,)
+        packed = queries is not None and queries.packs(T)  # else every position's query, then the wanted ones
+        if packed:
+            xq, fq = queries.take(x), freqs_cis[queries.pos]
+        else:
+            xq, fq = (x if queries is None else queries.rows_of(x)), freqs_cis
+        lead = xq.shape[:-1]  # (B or L, T) or (N,)
         c_q = self.q_norm(self.q_down(xq))
         q_nope = self.q_up_nope(c_q).view(*lead, H, self.qk_nope_dim)
         q_rope = apply_rope(self.q_up_rope(c_q).view(*lead, H, self.qk_rope_dim), fq)
@@ -166,11 +174,12 @@ class MLAttention(nn.Module):
         k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (Bk, S, H, nope + rope)
         v = kv[..., self.qk_nope_dim :]  # (Bk, S, H, v)
         p = self.attn_drop.p if self.training else 0.0
-        if queries is None:
-            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p)  # (B, H, T, v)
-            return self.wo(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
-        out = queries.attend(q, k, v, S - T, causal, p, False)  # (N, H, v)
-        return self.wo(out.reshape(-1, H * self.v_dim))
+        if packed:
+            out = queries.attend(q, k, v, S - T, causal, p, False)  # (N, H, v)
+        else:
+            out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p).transpose(1, 2)
+            out = out if queries is None else out[queries.slot, queries.pos]  # (B, T, H, v) or (N, H, v)
+        return self.wo(out.flatten(-2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,14 +350,14 @@ class RecurrentBlock(nn.Module):
 
     # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time, the host read and
     # index building included; masked / compacted time of one iteration at 90/80/60/40/20/10 %
-    # running): shipped model B=256 T=9 0.87/0.93/1.06/1.27/1.85/2.69, B=16 T=9 0.84/0.87/0.90/
-    # 0.99/1.10/1.25; dim-256 B=16 T=64 0.99/1.05/1.34/1.82/2.50/2.66. The compacted step has a
-    # fixed cost (host read, indices, packed attention, ~0.5 ms on this CPU), so it pays earlier
-    # the more work a masked step does: below 60 % running from 64K position-channels (B·T·dim)
-    # per step, below 40 % under that (where it never loses on the shapes measured).
+    # running): shipped model B=256 T=9 1.01/1.13/1.17/1.41/1.79/2.37, B=16 T=9 0.92/0.95/0.97/
+    # 1.04/1.11/1.25; dim-256 B=16 T=64 1.05/1.10/1.34/1.83/2.47/2.92. The compacted step has a
+    # fixed cost (host read, indices, gathers, ~0.5 ms on this CPU), so it pays earlier the more
+    # work a masked step does: below 85 % running from 64K position-channels (B·T·dim) per
+    # step, below 45 % under that.
     @staticmethod
     def compact_share(batch: int, seq_len: int, dim: int) -> float:
-        return 0.6 if batch * seq_len * dim >= 65536 else 0.4
+        return 0.85 if batch * seq_len * dim >= 65536 else 0.45
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -511,10 +520,12 @@ class RecurrentBlock(nn.Module):
             h_kv, e_kv, freqs_cis = s.h[queries.live, :n], e[queries.live, :n], freqs_cis[:n]
             local = queries.within_live()
         combined = self.norm(h_kv + emb + e_kv)
-        if queries.n == 0:  # decode with every token exited: only the cache is written
-            self.block.attn(self.block.attn_norm(combined), freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", local)
-            return
-        x = self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", local)  # (N, D)
+        blk = self.block  # its forward inlined: compaction runs in eval mode, where its dropouts are identities
+        attn = blk.attn(blk.attn_norm(combined), freqs_cis, causal, kv_cache, f"recurrent_loop_{t}", local)  # (N, D)
+        if queries.n == 0:
+            return  # decode with every token exited: only the cache was written
+        x = local.take(combined) + attn
+        x = x + blk.ffn(blk.ffn_norm(x))
         self.row_iterations += queries.n
         x = x + self.lora(x, t)
         h_act = queries.take(s.h)
