@@ -49,15 +49,20 @@ def test_packed_attention_equals_full_causal_attention_at_the_selected_pairs(pas
     torch.testing.assert_close(out, full[q.rows, q.pos], atol=1e-6, rtol=0)
 
 
+SPARSE = np.array([[0, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=bool)
+
+
+@pytest.mark.parametrize("mask", [MASK, SPARSE], ids=["attend-every-position", "packed"])
 @pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
-def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant):
+def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant, mask):
     torch.manual_seed(0)
     m = LoopedTransformer(LoopedConfig.variant(variant)).eval()
     ids = torch.randint(0, 256, (4, 5))
     with torch.no_grad():
         m(ids, n_loops=2)
         h = torch.randn(4, 5, m.cfg.dim)
-        q = Queries.from_mask(MASK, torch.device("cpu"))
+        q = Queries.from_mask(mask, torch.device("cpu"))
+        assert q.packs(5) == (mask is SPARSE)  # width 3 of 5 attends on every position, width 2 packs
         torch.testing.assert_close(m.coda_lens(h, queries=q), m.coda_lens(h)[q.rows, q.pos], atol=1e-5, rtol=1e-5)
 
 
