@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 from mythos_probe.model.queries import Queries
@@ -92,3 +94,24 @@ def test_act_compaction_runs_the_rows_with_a_running_position_up_to_the_last_run
         expected += len(set(rows)) * (positions.max() + 1 if positions.size else 0)
     assert m.last_forward["row_iterations"] == expected < halted.shape[0] * ids.numel()
     torch.testing.assert_close(compact, masked, atol=1e-6, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_any_mask_attends_like_full_causal_attention(data):
+    """Property: for any (B, T) mask and cache length, packed or not, the selected queries get
+    exactly the plain causal attention of their positions."""
+    B, T, past = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 7)), data.draw(st.integers(0, 3))
+    mask = np.array(data.draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T)), dtype=bool).reshape(B, T)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    H, Hkv, d, S = 4, 2, 8, past + T
+    q_all = torch.randn(B, T, H, d, generator=g)
+    k, v = torch.randn(B, S, Hkv, d, generator=g), torch.randn(B, S, Hkv, d, generator=g)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(diagonal=past)
+    full = F.scaled_dot_product_attention(q_all.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=allowed, enable_gqa=True).transpose(1, 2)
+    q = Queries.from_mask(mask, torch.device("cpu"))
+    rows, pos = np.nonzero(mask)
+    assert q.n == rows.size and q.extent == (pos.max() + 1 if pos.size else 0)
+    out = q.attend(q.take(q_all), k, v, past, True, 0.0, True)
+    torch.testing.assert_close(out, full[rows, pos], atol=1e-6, rtol=0)
