@@ -9,7 +9,8 @@ so); `act` runs at the config's act_threshold. A policy the what-if does not rec
 threshold saves compute) is not timed: its one line says why, and a user keeps exit='fixed'.
 Figures come from `mythos_probe.whatif.verify`: FLOPs are those the loop really executed
 (`row_iterations`, and for `kl` its lens readouts); a time saved is 1 − the median ratio of
-`--repeats` interleaved pairs (policy, full depth), wall and CPU (this process: on a shared
+`--repeats` interleaved pairs (policy, full depth), averaged over `--samples` batches (a batch
+runs until its slowest position exits, so one batch is one draw), wall and CPU (this process: on a shared
 machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch
 16 and 256). `--rule` measures the compaction rule instead: one loop iteration, masked against
 compacted, as the share of running positions falls.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import pandas as pd
 import torch
 
 from mythos_probe import attach, whatif
@@ -52,7 +54,7 @@ def thresholds(model, inputs, n_loops) -> dict[str, tuple[float | None, str]]:
     return out
 
 
-def report(name, model, inputs_for, batches, n_loops, repeats) -> None:
+def report(name, model, inputs_for, batches, n_loops, repeats, samples) -> None:
     chosen = thresholds(model, inputs_for(16), n_loops)
     print(f"\n[{name}] n_loops={n_loops} threads={torch.get_num_threads()}  (machine shared: ratios, not absolutes)")
     print(f"{'batch':>5} {'policy':>7} {'threshold':>10} {'iters saved':>12} {'FLOPs saved':>12} {'time saved':>11} "
@@ -62,10 +64,12 @@ def report(name, model, inputs_for, batches, n_loops, repeats) -> None:
         if policy not in timed:
             print(f"{'':>5} {policy:>7} {chosen[policy][1]}")
     for batch in batches:
-        inputs = inputs_for(batch)
+        inputs = [inputs_for(batch) for _ in range(samples)]
         for policy in timed:
             th, note = chosen[policy]
-            r = whatif.verify(model, inputs, policy, th, n_loops=n_loops, repeats=repeats)
+            # a batch runs until its slowest position exits: one batch is one draw, so average several
+            runs = [whatif.verify(model, x, policy, th, n_loops=n_loops, repeats=repeats) for x in inputs]
+            r = pd.DataFrame(runs).mean(numeric_only=True)
             ratio = r["cpu_time_saved"] / r["flops_saved"] if r["flops_saved"] > 0 else float("nan")
             print(f"{batch:>5} {policy:>7} {r['threshold']:>10.3g} {r['iterations_saved']:>12.1%} "
                   f"{r['flops_saved']:>12.1%} {r['time_saved']:>11.1%} {r['cpu_time_saved']:>10.1%} {ratio:>10.2f} "
@@ -125,6 +129,7 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="T=256 on the dim-256 model (minutes on 2 cores)")
     ap.add_argument("--rule", action="store_true", help="measure the compaction rule instead")
     ap.add_argument("--repeats", type=int, default=9, help="interleaved pairs per figure (default 9)")
+    ap.add_argument("--samples", type=int, default=3, help="batches drawn per batch size, figures averaged (default 3)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -136,14 +141,14 @@ def main() -> None:
     shipped, _ = load_trained_model()
     task = ChainTask(seed=3)
     report("shipped chains model, chains of 8 steps", shipped, lambda b: task.batch(b, 8).input_ids, batches,
-           n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats)
+           n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
     torch.manual_seed(0)
     bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
     seq = 256 if args.full else 32
     g = torch.Generator().manual_seed(0)
     report(f"random dim-256 model (bench preset), T={seq}", bench,
            lambda b: torch.randint(0, bench.cfg.vocab_size, (b, seq), generator=g), batches,
-           n_loops=bench.cfg.max_loop_iters, repeats=args.repeats)
+           n_loops=bench.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
 
 
 if __name__ == "__main__":
