@@ -103,7 +103,7 @@ def rule(repeats: int) -> None:
                 return _LoopState(h.clone(), halted.clone(), torch.zeros(B, T), A=rec.injection.get_A())
 
             def dense():
-                rec._dense_step(state(), 1, emb, e, freqs, True, None, "latent", 0.0, None)
+                rec._dense_step(state(), 1, emb, e, freqs, True, None, "latent", 0.0, None, halting=False)
 
             def sparse():  # the host read and index building included: compaction costs them too
                 queries = Queries.from_mask((~halted).to("cpu", copy=True).numpy(), h.device)

@@ -349,15 +349,15 @@ class RecurrentBlock(nn.Module):
     """
 
     # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time, the host read and
-    # index building included; masked / compacted time of one iteration at 90/80/60/40/20/10 %
-    # running): shipped model B=256 T=9 1.01/1.13/1.17/1.41/1.79/2.37, B=16 T=9 0.92/0.95/0.97/
-    # 1.04/1.11/1.25; dim-256 B=16 T=64 1.05/1.10/1.34/1.83/2.47/2.92. The compacted step has a
-    # fixed cost (host read, indices, gathers, ~0.5 ms on this CPU), so it pays earlier the more
-    # work a masked step does: below 85 % running from 64K position-channels (B·T·dim) per
-    # step, below 45 % under that.
+    # index building included, against the unhooked masked step; masked / compacted time of one
+    # iteration at 90/80/60/40/20/10 % running): shipped model B=256 T=9 0.97/1.01/1.18/1.32/
+    # 1.74/2.30, B=16 T=9 0.88/0.91/0.90/1.00/1.06/1.15; dim-256 B=16 T=64 1.00/1.08/1.24/1.63/
+    # 2.13/3.03. The compacted step has a fixed cost (host read, indices, gathers, ~0.5 ms on
+    # this CPU), so it pays earlier the more work a masked step does: below 80 % running from 64K
+    # position-channels (B·T·dim) per step, below 40 % under that.
     @staticmethod
     def compact_share(batch: int, seq_len: int, dim: int) -> float:
-        return 0.85 if batch * seq_len * dim >= 65536 else 0.45
+        return 0.8 if batch * seq_len * dim >= 65536 else 0.4
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
