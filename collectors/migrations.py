@@ -1,13 +1,13 @@
 """Versioned, append-only schema migrations for the DuckDB store, recorded in the database.
 
 In the style of simonw/llm: each migration has a name, is recorded in `_migrations` when applied,
-and is safe to run twice (`IF NOT EXISTS`). The list is `m001_tables` followed by one
-`add_column:<table>.<metric>` migration per metric in `records.py`, so a metric added there
-becomes a new migration that older stores pick up on their next read-write open; named migrations
-written since follow (`m002_forward_id`: the store-local key described in `schema`;
-`m003_loop_kind_rank`: the fields of record version 2). The schema
-version of a store is the number of migrations it has applied; a store holding a migration this
-code does not know was written by a newer mythos-probe and is refused.
+and is safe to run twice (`IF NOT EXISTS`). The list is written out and append-only:
+`m001_tables`, one `add_column:<table>.<metric>` per metric of the first stores, then every later
+change in order (`m002_forward_id`: the store-local key described in `schema`;
+`m003_loop_kind_rank`: the fields of record version 2; `add_column:forwards.lens_flops`). Older
+stores pick new ones up on their next read-write open. A store's version (`STORE_VERSION`, not the
+record's `records.SCHEMA_VERSION`) is the number of migrations it has applied; a store holding a
+migration this code does not know was written by a newer mythos-probe and is refused.
 
 This module is not: the table layout (`schema`) or the connection handling (`store`).
 """
@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import duckdb
 
-from mythos_probe.collectors.schema import BASE_COLUMNS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote
+from mythos_probe.collectors.schema import (
+    BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote,
+)
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,14 @@ _FORWARD_ID = (
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (
+def _add_column(table: str, col: str) -> Migration:
+    typ = dict(METRIC_COLUMNS[table])[col]
+    return Migration(f"add_column:{table}.{col}", (f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote(col)} {typ}",))
+
+
+MIGRATIONS: tuple[Migration, ...] = (  # append only
     Migration("m001_tables", tuple(_create(t) for t in BASE_COLUMNS)),
-    *(
-        Migration(f"add_column:{table}.{col}", (f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {quote(col)} {typ}",))
-        for table, cols in METRIC_COLUMNS.items()
-        for col, typ in cols
-    ),
+    *(_add_column(table, col) for table, cols in FIRST_METRICS.items() for col in cols),
     Migration("m002_forward_id", _FORWARD_ID),
     Migration(
         "m003_loop_kind_rank",
@@ -64,8 +67,10 @@ MIGRATIONS: tuple[Migration, ...] = (
             for c, t, default in RECORD_V2_COLUMNS
         ),
     ),
+    # metrics added since the first stores, in the order of schema.TABLES (a test holds them equal)
+    _add_column("forwards", "lens_flops"),
 )
-SCHEMA_VERSION = len(MIGRATIONS)
+STORE_VERSION = len(MIGRATIONS)  # a store's version: the number of migrations it has applied
 
 _LEDGER = "CREATE TABLE IF NOT EXISTS _migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP DEFAULT now())"
 
@@ -87,12 +92,12 @@ def check(con: duckdb.DuckDBPyConnection, path: str, writable: bool) -> int:
     unknown = [name for name in done if name not in known]
     if unknown:
         raise SchemaError(
-            f"store {path} has schema version {len(done)}, newer than this mythos-probe's {SCHEMA_VERSION} "
+            f"store {path} has schema version {len(done)}, newer than this mythos-probe's {STORE_VERSION} "
             f"(unknown migrations: {', '.join(unknown[:3])}{'…' if len(unknown) > 3 else ''}); upgrade mythos-probe"
         )
-    if not writable and len(done) < SCHEMA_VERSION:
+    if not writable and len(done) < STORE_VERSION:
         raise SchemaError(
-            f"store {path} has schema version {len(done)}, older than this mythos-probe's {SCHEMA_VERSION}; "
+            f"store {path} has schema version {len(done)}, older than this mythos-probe's {STORE_VERSION}; "
             f"open it once read-write (e.g. `mythos-probe serve --store {path}`) to migrate it"
         )
     return len(done)

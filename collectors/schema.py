@@ -104,11 +104,45 @@ RECORD_V2_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("job_id", "VARCHAR", "''"),
 )
 
+# The metric columns of the first stores (migrations `add_column:<table>.<metric>` right after
+# `m001_tables`), written out once from records.py and frozen: renaming or removing a metric later
+# must leave this list alone, or every existing store would hold a migration this code does not
+# know and be refused. Metrics added since come last in TABLES, each with a migration appended to
+# `migrations.MIGRATIONS` (tests/collectors/test_schema_and_migrations.py fails until it has one).
+FIRST_METRICS: dict[str, tuple[str, ...]] = {
+    "forwards": (
+        "rho_A", "mean_contraction", "mean_iterations", "ponder_cost", "remainder_mass",
+        "halted_first_share", "reached_last_share", "diverged_at", "flops", "flops_saved", "loop_flops",
+        "useful_flops",
+    ),
+    "iterations": (
+        "rel_residual", "cos_step", "dist_to_final", "step_orthogonality", "token_correlation", "state_norm",
+        "growth_ratio", "norm_decay", "norm_inject", "norm_block", "jacobian_sigma_max",
+        "nonfinite_fraction", "halt_prob", "cum_halt", "halted_fraction", "act_weight", "halt_low_share",
+        "halt_high_share", "exit_count", "expert_max_vio", "expert_cv", "expert_load_entropy", "expert_dead",
+        "expert_active_ratio", "routing_entropy", "bias_changed_share", "shared_routed_ratio",
+        "topk_overlap", "lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_top1_agree",
+        "lens_final_rank", "lora_rel_norm",
+    ),
+    "positions": (
+        "rel_residual", "cos_step", "state_norm", "halt_prob", "cum_halt", "act_weight", "lens_kl_final",
+        "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree",
+    ),
+}
+
+
+def _metrics(table: str, first: bool) -> Columns:
+    return tuple((c, t) for c, t in METRIC_COLUMNS.get(table, ()) if (c in FIRST_METRICS.get(table, ())) == first)
+
+
+# Column order as a store built by the migrations has it (a parquet export and a DuckDB store
+# then return the same frames).
 TABLES: dict[str, Columns] = {
     table: cols
-    + METRIC_COLUMNS.get(table, ())
+    + _metrics(table, first=True)
     + (FORWARD_ID if table in KEYED_TABLES else ())
     + (tuple((c, t) for c, t, _ in RECORD_V2_COLUMNS) if table == "forwards" else ())
+    + _metrics(table, first=False)
     for table, cols in BASE_COLUMNS.items()
 }
 

@@ -7,7 +7,7 @@ import duckdb
 import pytest
 
 from mythos_probe.collectors import migrations
-from mythos_probe.collectors.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaError
+from mythos_probe.collectors.migrations import MIGRATIONS, STORE_VERSION, SchemaError
 from mythos_probe.collectors.schema import BASE_COLUMNS, TABLES
 from mythos_probe.collectors.spans import trace_to_attributes
 from mythos_probe.collectors.store import Store, StoreError, StoreLockedError
@@ -45,15 +45,34 @@ def schema_snapshot(con):
     return {t: columns(con, t) for t in TABLES}
 
 
+def test_every_metric_column_is_added_by_a_written_migration():
+    """The migrations are a written, append-only list (a renamed metric must not change the names
+    existing stores recorded): a metric added to records.py needs its migration appended."""
+    from mythos_probe.collectors.schema import METRIC_COLUMNS
+
+    from mythos_probe.collectors.schema import FIRST_METRICS, TABLES
+
+    names = [m.name for m in MIGRATIONS]
+    missing = [f"add_column:{t}.{c}" for t, cols in METRIC_COLUMNS.items() for c, _ in cols
+               if f"add_column:{t}.{c}" not in names]
+    assert not missing, f"append a migration to collectors/migrations.MIGRATIONS for {missing}"
+    assert len(names) == len(set(names))
+    # later metrics: migrated after m003, in the order TABLES lists them last
+    later = names[names.index("m003_loop_kind_rank") + 1:]
+    in_tables = [f"add_column:{t}.{c}" for t, cols in TABLES.items() for c, _ in cols
+                 if c in dict(METRIC_COLUMNS.get(t, ())) and c not in FIRST_METRICS.get(t, ())]
+    assert later == in_tables == ["add_column:forwards.lens_flops"]
+
+
 def test_migrate_from_empty_and_from_every_earlier_version_gives_the_same_schema(tmp_path):
     fresh = duckdb.connect(str(tmp_path / "fresh.duckdb"))
-    assert migrations.migrate(fresh, "fresh") == SCHEMA_VERSION == len(MIGRATIONS)
+    assert migrations.migrate(fresh, "fresh") == STORE_VERSION == len(MIGRATIONS)
     want = schema_snapshot(fresh)
-    assert migrations.migrate(fresh, "fresh") == SCHEMA_VERSION  # twice is harmless
-    for upto in range(1, SCHEMA_VERSION):
+    assert migrations.migrate(fresh, "fresh") == STORE_VERSION  # twice is harmless
+    for upto in range(1, STORE_VERSION):
         con = duckdb.connect()
         assert migrations.migrate(con, "old", upto=upto) == upto
-        assert migrations.migrate(con, "old") == SCHEMA_VERSION
+        assert migrations.migrate(con, "old") == STORE_VERSION
         assert schema_snapshot(con) == want, upto
         assert [r[0] for r in con.execute("SELECT name FROM _migrations ORDER BY applied_at, rowid").fetchall()] == [
             m.name for m in MIGRATIONS
@@ -66,10 +85,10 @@ def test_older_store_is_migrated_on_read_write_open_and_keeps_its_rows(tmp_path)
     migrations.migrate(con, str(path), upto=1)
     con.execute("INSERT INTO forwards (trace_id, span_id, run_id) VALUES ('a', 'b', 'r')")
     con.close()
-    with pytest.raises(SchemaError, match=f"version 1, older .* {SCHEMA_VERSION}"):
+    with pytest.raises(SchemaError, match=f"version 1, older .* {STORE_VERSION}"):
         Store.open_read_only(path)
     with Store(path) as store:
-        assert store.schema_version == SCHEMA_VERSION
+        assert store.schema_version == STORE_VERSION
         assert store.query("SELECT run_id, rho_A IS NULL AS absent FROM forwards").to_dict("records") == [{"run_id": "r", "absent": True}]
 
 
@@ -80,7 +99,7 @@ def test_newer_store_is_refused_naming_both_versions(tmp_path):
     con.execute("INSERT INTO _migrations (name) VALUES ('m999_from_the_future')")
     con.close()
     for open_ in (Store, Store.open_read_only):
-        with pytest.raises(SchemaError, match=f"version {SCHEMA_VERSION + 1}, newer than this mythos-probe's {SCHEMA_VERSION}"):
+        with pytest.raises(SchemaError, match=f"version {STORE_VERSION + 1}, newer than this mythos-probe's {STORE_VERSION}"):
             open_(path)
 
 
