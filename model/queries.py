@@ -2,11 +2,13 @@
 
 The compacted loop (`looped.RecurrentBlock`) runs the heavy work of an iteration on the positions
 still running and the coda lens reads a few positions out; both still need keys and values of
-every earlier position of those rows. `Queries` lists the wanted (row, position) pairs, row-major,
-and packs them per row for one masked attention call: row `live[j]` holds its queries in slots
-`0..width-1` of batch entry `j`, padded slots attend to key 0 only and are dropped. Attention then
-costs rows × width × keys instead of rows × every position × keys, and everything after attention
-(MoE, LoRA, injection, lens head) runs on the N wanted rows only, as a flat (N, D) tensor.
+every earlier position of those rows. `Queries` lists the wanted (row, position) pairs, row-major.
+When that at least halves the queries of a row (`packs`), attention packs them per row for one
+masked call: row `live[j]` holds its queries in slots `0..width-1` of batch entry `j`, padded slots
+attend to key 0 only and are dropped, so attention costs rows × width × keys instead of rows ×
+every position × keys. Otherwise the layer attends on every position of the live rows (one plain
+causal call) and keeps the wanted outputs. Everything after attention (MoE, LoRA, injection, lens
+head) runs on the N wanted positions only, as a flat (N, D) tensor.
 
 Built from a host-side boolean mask (`from_mask`: the loop reads its exit mask to the host once per
 iteration and builds every index from it in numpy, so compaction adds no further host reads) or
