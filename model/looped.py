@@ -383,6 +383,11 @@ class RecurrentBlock(nn.Module):
         self.hook_act_weight = LoopHookPoint(c)  # (B, T) ACT weight of h_t in the output
 
     def _hooked(self) -> bool:
+        """Whether a forward hook can see the loop: on one of its modules, or a global module hook
+        (`register_module_forward_hook`), which fires on every module. A watched loop runs masked
+        and with the halting head, so hooks see every position and every site."""
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return True
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None):

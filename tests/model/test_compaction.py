@@ -130,3 +130,24 @@ def test_the_loop_reads_the_host_once_per_iteration_to_compact_and_to_stop(exit,
     outside_the_loop = reads(exit="fixed")  # the model's own reads, no exit decision
     policy = reads(exit=exit, exit_threshold=threshold)
     assert outside_the_loop < policy <= outside_the_loop + model.last_forward["iterations"]
+
+
+def test_a_global_module_hook_also_keeps_the_loop_masked(model):
+    """`register_module_forward_hook` fires on every module: it must see what a hook on the loop sees."""
+    m, th = model
+    seen = []
+
+    def hook(module, args, output):
+        if module is m.recurrent.hook_halt_prob:
+            seen.append(output.shape)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            m.recurrent.compact_below = 2.0
+            m(ids, n_loops=8, exit="latent", exit_threshold=th["latent"])
+    finally:
+        handle.remove()
+        m.recurrent.compact_below = None
+    assert m.last_forward["row_iterations"] == m.last_forward["iterations"] * ids.numel()
+    assert seen == [ids.shape] * m.last_forward["iterations"]
