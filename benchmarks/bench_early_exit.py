@@ -131,17 +131,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=9, help="interleaved pairs per figure (default 9)")
     ap.add_argument("--samples", type=int, default=3, help="batches drawn per batch size, figures averaged (default 3)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256], help="batch sizes (default 1 16 256)")
+    ap.add_argument("--model", choices=("shipped", "bench", "both"), default="both",
+                    help="the shipped trained model, the random dim-256 one, or both (default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.rule:
         rule(max(args.repeats, 15))
         return
-    batches = (1, 16, 256)
-    shipped, _ = load_trained_model()
-    task = ChainTask(seed=3)
-    report("shipped chains model, chains of 8 steps", shipped, lambda b: task.batch(b, 8).input_ids, batches,
-           n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
+    batches = args.batches
+    if args.model != "bench":
+        shipped, _ = load_trained_model()
+        task = ChainTask(seed=3)
+        report("shipped chains model, chains of 8 steps", shipped, lambda b: task.batch(b, 8).input_ids, batches,
+               n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
+    if args.model == "shipped":
+        return
     torch.manual_seed(0)
     bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
     seq = 256 if args.full else 32

@@ -411,7 +411,11 @@ class RecurrentBlock(nn.Module):
         # nothing has halted before the first iteration; later the host read below keeps track
         # (without it, the freeze always runs)
         s.some_halted = not may_compact
-        s.A = self.injection.get_A() if may_compact else None
+        # the injection's decay, once per forward at inference (OpenMythos recomputes it every
+        # iteration; the values are the same). Under autograd the module runs every iteration, so
+        # gradients sum as in OpenMythos and as in a probed run, bit for bit; a hooked loop calls
+        # the module too, so that its hooks fire.
+        s.A = None if hooked or torch.is_grad_enabled() else self.injection.get_A()
         self.row_iterations = self.lens_rows = 0
         t = 0
         # What is still running, read to the host once per iteration after its step: it decides
@@ -460,7 +464,8 @@ class RecurrentBlock(nn.Module):
         combined = self.norm(h + emb + e)
         trans_out = self.hook_block_out(self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}"))
         trans_out = trans_out + self.hook_lora_delta(self.lora(trans_out, t))
-        h_new = self.injection(h, e, trans_out)
+        # LTIInjection.forward, its A computed once per forward when nothing watches the module
+        h_new = self.injection(h, e, trans_out) if s.A is None else s.A * h + self.injection.B * e + trans_out
         if exit in ("kl", "latent") and s.some_halted:
             h_new = torch.where(s.halted[..., None], h, h_new)  # exited positions stay frozen
         h_prev, h = h, self.hook_state_out(h_new)
@@ -506,7 +511,7 @@ class RecurrentBlock(nn.Module):
             sub = s
         else:
             sub = _LoopState(h=s.h[live, :n], halted=s.halted[live, :n], cumulative_p=s.cumulative_p[live, :n],
-                             h_out=s.h_out[live, :n])
+                             h_out=s.h_out[live, :n], A=s.A)
         self._dense_step(sub, t, emb, e[live, :n], freqs_cis[:n], *rest)
         self.row_iterations += sub.h.shape[0] * sub.h.shape[1]
         if sub is not s:  # in place: every state tensor is the loop's own after the first (dense) step
@@ -558,7 +563,7 @@ class _LoopState:
     h_out: Optional[torch.Tensor] = None  # (B, T, D) ACT's weighted output
     prev_logp: Optional[torch.Tensor] = None  # (B, T, V) kl: the previous lens distribution
     some_halted: bool = True  # False only when the host read says none has: nothing to freeze
-    A: Optional[torch.Tensor] = None  # (D,) the injection's decay, once per forward for compacted steps
+    A: Optional[torch.Tensor] = None  # (D,) the injection's decay, once per forward at inference (None: call the module)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,3 +151,20 @@ def test_a_global_module_hook_also_keeps_the_loop_masked(model):
         m.recurrent.compact_below = None
     assert m.last_forward["row_iterations"] == m.last_forward["iterations"] * ids.numel()
     assert seen == [ids.shape] * m.last_forward["iterations"]
+
+
+@pytest.mark.parametrize("exit", ["fixed", "act"])
+def test_a_hook_on_the_injection_module_fires_every_iteration(model, exit):
+    """The loop computes the injection's decay once per forward and inlines the injection; a hook on
+    `recurrent.injection` must still see every iteration, and the output must not change."""
+    m, _ = model
+    calls = []
+    with torch.no_grad():
+        plain = m(ids, n_loops=6, exit=exit)
+        handle = m.recurrent.injection.register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+        try:
+            hooked = m(ids, n_loops=6, exit=exit)
+        finally:
+            handle.remove()
+    assert calls == [(*ids.shape, m.cfg.dim)] * m.last_forward["iterations"]
+    torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-6)
