@@ -7,8 +7,9 @@ calibration batch of full-depth forwards, ranked by FLOPs saved net of the lens 
 pays; where no threshold reaches 99 %, the most agreeing one that saves compute, and the line says
 so); `act` runs at the config's act_threshold. A policy the what-if does not recommend (no
 threshold saves compute) is not timed: its one line says why, and a user keeps exit='fixed'.
-Figures come from `mythos_probe.whatif.verify`: FLOPs are those the loop really executed
-(`row_iterations`, and for `kl` its lens readouts); a time saved is 1 − the median ratio of
+Figures come from `mythos_probe.whatif.verify`: FLOPs are those the forward really executed,
+counted at the dispatcher (`ExecutedFlops`: keys and values of exited positions and `kl`'s lens
+readouts included); a time saved is 1 − the median ratio of
 `--repeats` interleaved pairs (policy, full depth), averaged over `--samples` batches (a batch
 runs until its slowest position exits, so one batch is one draw), wall and CPU (this process: on a shared
 machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch

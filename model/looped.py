@@ -371,7 +371,6 @@ class RecurrentBlock(nn.Module):
         self.loop_dim = cfg.loop_dim
         self.compact_below: Optional[float] = None  # override of `compact_share` (0: never, > 1: always)
         self.row_iterations = 0  # rows that ran the block's FFN, summed over the last forward's iterations
-        self.lens_rows = 0  # kl: rows the coda lens read out (coda queries + head), summed likewise
         c = self.clock
         self.hook_state_in = LoopHookPoint(c)  # (B, T, D) h entering iteration t
         self.hook_block_out = LoopHookPoint(c)  # (B, T, D) transformer block output
@@ -416,7 +415,7 @@ class RecurrentBlock(nn.Module):
         # gradients sum as in OpenMythos and as in a probed run, bit for bit; a hooked loop calls
         # the module too, so that its hooks fire.
         s.A = None if hooked or torch.is_grad_enabled() else self.injection.get_A()
-        self.row_iterations = self.lens_rows = 0
+        self.row_iterations = 0
         t = 0
         # What is still running, read to the host once per iteration after its step: it decides
         # whether the loop can stop, whether the next step compacts and, if so, on which rows.
@@ -489,7 +488,6 @@ class RecurrentBlock(nn.Module):
             halted = halted | (residual < threshold)
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
-            self.lens_rows += h.shape[0] * h.shape[1]
             if s.prev_logp is not None:
                 kl = (logp.exp() * (logp - s.prev_logp)).sum(-1)
                 halted = halted | (kl < threshold)
@@ -546,7 +544,6 @@ class RecurrentBlock(nn.Module):
             stop = (h_new - h_act).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-12) < threshold
         else:
             logp = lens(s.h, queries=queries)  # (N, V)
-            self.lens_rows += queries.n
             prev = queries.take(s.prev_logp)
             stop = (logp.exp() * (logp - prev)).sum(-1) < threshold
             s.prev_logp[queries.rows, queries.pos] = logp
@@ -713,7 +710,6 @@ class LoopedTransformer(HookedRootModule):
         x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
         self.last_forward["iterations"] = iterations
         self.last_forward["row_iterations"] = self.recurrent.row_iterations  # rows that ran the FFN, Σ over iterations
-        self.last_forward["lens_rows"] = self.recurrent.lens_rows  # kl: rows the coda lens read out
         x = self.hook_coda_in(x)
         for i, layer in enumerate(self.coda):
             x = layer(x, freqs_cis, causal, kv_cache, f"coda_{i}")

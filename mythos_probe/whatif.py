@@ -43,7 +43,10 @@ when a replayed forward has no `lens_flops` (a `LoopSpec` model), never a saving
 lens out. `recommend` ranks by FLOPs saved and never recommends a row that saves nothing.
 
 `verify` runs a policy for real next to the replay's prediction: measured time, executed FLOPs
-and agreement with a full-depth run of the same inputs.
+(counted at the dispatcher, `executed_flops.ExecutedFlops`) and agreement with a full-depth run of
+the same inputs. The prediction counts the running positions only; the real run also computes the
+keys and values of exited positions that later ones attend to, and runs every position at the
+iterations it does not compact, so it saves somewhat less.
 
 This module is not: an exit policy the model runs (`model/looped.py` has `exit="kl"/"latent"`)
 nor the SQL form of the replay (`dashboards/whatif.py`, equal row for row). All criteria and
@@ -373,12 +376,13 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     barely moves with others' load.
     Returns predicted_{iterations_saved, flops_saved, agreement} from a probed full-depth forward
     (coda lens on every position) and the measured iterations_saved (positions × iterations,
-    from the policy's exits), flops_saved (executed: the rows the loop really ran, the model's
-    `row_iterations`, plus for `kl` the coda-lens readouts it ran, `lens_rows`), time_saved,
-    agreement (output argmax equal to full depth's, every position), with time_fixed_s and
-    time_policy_s, and cpu_time_saved. The predicted FLOPs count the loop and, for `kl`, a lens
-    readout per position-iteration used, as the compacted loop runs them: the two agree when
-    the loop compacts from its second iteration (a masked iteration runs every row).
+    from the policy's exits), flops_saved (1 − the FLOPs the policy's forward executed over the
+    full-depth forward's, both counted at the dispatcher on one more untimed run each:
+    `ExecutedFlops`), time_saved, agreement (output argmax equal to full depth's, every
+    position), with time_fixed_s and time_policy_s, and cpu_time_saved. The predicted FLOPs
+    count the loop and, for `kl`, a lens readout, per position-iteration used; the executed ones
+    also hold what the model runs beyond that (keys and values of exited positions, queries
+    attended and dropped, masked iterations before the loop compacts), so they save less.
     """
     import time
 
@@ -386,7 +390,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
 
     from mythos_probe import attach
     from mythos_probe.model.looped import LoopedTransformer
-    from mythos_probe.model.variants import forward_flops, lens_flops_per_row
+    from mythos_probe.executed_flops import ExecutedFlops
 
     if not isinstance(model, LoopedTransformer):
         raise TypeError(f"verify runs exit policies of a mythos_probe.model.LoopedTransformer, got {type(model).__name__}")
@@ -419,15 +423,16 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
         _, cache = model.run_with_cache(inputs, names_filter="recurrent.hook_halted", **run)
         halted = cache.stack("recurrent.hook_halted")  # (I, B, T); a hooked forward exits the same positions
         used = torch.where(halted.any(0), halted.float().argmax(0) + 1, halted.shape[0]).sum().item()
+        executed = {}
+        for name, kwargs in (("policy", run), ("fixed", dict(n_loops=n_loops, exit=BASELINE))):
+            with ExecutedFlops() as counted:  # untimed: counting costs Python per operator
+                model(inputs, **kwargs)
+            executed[name] = counted.total
         fixed_times, policy_times = [], []
         for _ in range(repeats):
             policy_times.append(timed(run))
-            rows, lens_rows = model.last_forward["row_iterations"], model.last_forward["lens_rows"]
             fixed_times.append(timed(dict(n_loops=n_loops, exit=BASELINE)))
     out, full = policy_times[-1][2], fixed_times[-1][2]
-    # kl also reads the coda lens out on the running positions every iteration: executed too
-    executed = forward_flops(model.cfg, B, T, rows) + lens_rows * lens_flops_per_row(model.cfg, T)
-    full_flops = forward_flops(model.cfg, B, T, B * T * n_loops)
     t_fixed, t_policy = min(t[0] for t in fixed_times), min(t[0] for t in policy_times)
     ratio = [float(np.median([p[i] / f[i] for p, f in zip(policy_times, fixed_times)])) for i in (0, 1)]
     return pd.Series({
@@ -436,7 +441,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
         "predicted_flops_saved": float(predicted["flops_saved"]),
         "predicted_agreement": float(predicted["agreement"]),
         "iterations_saved": 1.0 - used / (B * T * n_loops),
-        "flops_saved": 1.0 - executed / full_flops,
+        "flops_saved": 1.0 - executed["policy"] / executed["fixed"],
         "time_saved": 1.0 - ratio[0],
         "cpu_time_saved": 1.0 - ratio[1],
         "agreement": float((out.argmax(-1) == full.argmax(-1)).float().mean()),
