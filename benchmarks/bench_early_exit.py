@@ -74,7 +74,8 @@ def report(name, model, inputs_for, batches, n_loops, repeats, samples) -> None:
             ratio = r["cpu_time_saved"] / r["flops_saved"] if r["flops_saved"] > 0 else float("nan")
             print(f"{batch:>5} {policy:>7} {r['threshold']:>10.3g} {r['iterations_saved']:>12.1%} "
                   f"{r['flops_saved']:>12.1%} {r['time_saved']:>11.1%} {r['cpu_time_saved']:>10.1%} {ratio:>10.2f} "
-                  f"{r['agreement']:>7.1%} {r['time_fixed_s'] * 1e3:>9.1f}  {note}")
+                  f"{r['agreement']:>7.1%} {r['time_fixed_s'] * 1e3:>9.1f}  {note}"
+                  + ("  SLOWER than fixed: keep exit='fixed' at this batch" if r["cpu_time_saved"] <= 0 else ""))
 
 
 def rule(repeats: int) -> None:

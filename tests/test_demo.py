@@ -77,3 +77,18 @@ def test_demo_and_dashboard_give_one_what_if_answer(tmp_path, capsys):
     with Store(store) as s:
         table = whatif.evaluate(s, Selection())
     assert printed == f"what-if at ≥99% agreement: {replay.describe(replay.recommend(table, 0.99))}"
+
+
+def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
+    import pandas as pd
+
+    from mythos_probe.demo.run import describe_measured
+
+    report = pd.Series({"policy": "latent", "threshold": 0.03, "time_saved": 0.2, "flops_saved": 0.4,
+                        "iterations_saved": 0.5, "agreement": 1.0, "predicted_flops_saved": 0.45,
+                        "predicted_iterations_saved": 0.5, "predicted_agreement": 1.0})
+    faster = describe_measured(report, "16 chains")
+    assert "20.0% of the time saved" in faster and "keep exit='fixed'" not in faster
+    slower = describe_measured(pd.concat([report.drop("time_saved"), pd.Series({"time_saved": -0.08})]), "16 chains")
+    assert "-8.0% of the time saved" in slower and "NOT faster than exit='fixed'" in slower
+    assert "keep exit='fixed'" in slower

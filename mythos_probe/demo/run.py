@@ -152,13 +152,26 @@ def measured_saving(shadows, batch: int, seed: int) -> str:
     inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
     r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]),
                       n_loops=2 * model.cfg.max_loop_iters)
-    return (
-        f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {batch} chains of {steps} steps, "
+    return describe_measured(r, f"{batch} chains of {steps} steps")
+
+
+def describe_measured(r, inputs: str) -> str:
+    """One line for a `whatif.verify` report; a policy that was not faster says so, and what to do."""
+    line = (
+        f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {inputs}, "
         f"against exit='fixed'): {r['time_saved']:.1%} of the time saved, {r['flops_saved']:.1%} of the FLOPs "
         f"executed, {r['iterations_saved']:.1%} of loop iterations, agreement {r['agreement']:.1%} "
         f"(predicted: {r['predicted_flops_saved']:.1%} of FLOPs, {r['predicted_iterations_saved']:.1%} of iterations, "
         f"agreement {r['predicted_agreement']:.1%})"
     )
+    if r["time_saved"] <= 0:
+        line += (
+            f"\n  NOT faster than exit='fixed' here: keep exit='fixed' for batches like this one. The FLOPs "
+            f"saved did not turn into time: each iteration has a fixed cost (exit test, host read, many small "
+            f"operators) that a small batch on a small model does not win back, and a batch runs until its "
+            f"slowest position exits. Larger batches or wider models save (benchmarks/bench_early_exit.py)."
+        )
+    return line
 
 
 def serve(store, host: str, port: int) -> int:
