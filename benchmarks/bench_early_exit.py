@@ -14,7 +14,8 @@ readouts included); a time saved is 1 − the median ratio of
 runs until its slowest position exits, so one batch is one draw), wall and CPU (this process: on a shared
 machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch
 16 and 256). `--rule` measures the compaction rule instead: one loop iteration, masked against
-compacted, as the share of running positions falls.
+compacted, as the share of running positions falls, and the attention plans a compacted layer
+chooses between (`Queries.plan`).
 
     .venv/bin/python benchmarks/bench_early_exit.py            # short: T=32 on the dim-256 model
     .venv/bin/python benchmarks/bench_early_exit.py --full     # T=256 on the dim-256 model
@@ -123,6 +124,47 @@ def rule(repeats: int) -> None:
         print(f"  {name:<8} B={B:<4} T={T:<3} " + "  ".join(row))
 
 
+def attention_plans(repeats: int) -> None:
+    """The three ways `Queries.plan` chooses between, timed at the shipped model's and the dim-256
+    model's attention shapes for masks of k running positions in some rows: the measurements
+    behind its cost model (plain causal attention over every position of the live rows, the
+    wanted queries packed per row, each wanted query alone with its row's keys gathered)."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from mythos_probe.model.queries import Queries
+
+    def cpu_us(fn) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            samples.append(time.process_time() - t0)
+        return min(samples) * 1e6
+
+    print("attention of the selected queries, µs (CPU time, fastest of the repeats): full / packed / gathered → plan")
+    rng = np.random.default_rng(0)
+    for L, T, H, Hkv, d in ((256, 9, 4, 2, 16), (16, 64, 8, 4, 32)):
+        for per_row in sorted({1, 2, 4, T // 2, T - 1}):
+            for rows in (L, L // 4):
+                mask = np.zeros((L, T), dtype=bool)
+                for r in range(rows):
+                    mask[r, rng.choice(T, size=per_row, replace=False)] = True
+                q = Queries.from_mask(mask, torch.device("cpu"))
+                k = v = torch.randn(L, T, Hkv, d)
+                q_all = torch.randn(rows, H, T, d)
+                k_live = k[q.live].transpose(1, 2)
+                with torch.no_grad():
+                    full = cpu_us(lambda: F.scaled_dot_product_attention(q_all, k_live, k_live, is_causal=True,
+                                                                         enable_gqa=True))
+                    q_sel = torch.randn(q.n, H, d)
+                    packed = cpu_us(lambda: q.attend(q_sel, k, v, 0, True, 0.0, True, "packed"))
+                    gathered = cpu_us(lambda: q.attend(q_sel, k, v, 0, True, 0.0, True, "gathered"))
+                print(f"  T={T:<3} rows {rows:>3} of {L:<3} × {per_row:>2} running: {full:7.0f} / {packed:7.0f} / "
+                      f"{gathered:7.0f} → {q.plan(T, T)}")
+
+
 def main() -> None:
     from mythos_probe.demo.tasks import ChainTask
     from mythos_probe.demo.checkpoint import load_trained_model
@@ -141,6 +183,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.rule:
         rule(max(args.repeats, 15))
+        attention_plans(max(args.repeats, 15))
         return
     batches = args.batches
     if args.model != "bench":

@@ -112,7 +112,8 @@ class GQAttention(nn.Module):
                 v = torch.cat([kv_cache[cache_key]["v"], v], dim=1)
             kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
         p, gqa = self.dropout_p if self.training else 0.0, self.n_kv_heads != self.n_heads
-        if queries is None or not queries.packs(T):  # every position's query, causal attention, then the wanted ones
+        plan = "full" if queries is None else queries.plan(T, k.shape[1])
+        if plan == "full":  # every position's query, causal attention, then the wanted ones
             xq = x if queries is None else queries.rows_of(x)
             q = apply_rope(self.wq(xq).view(*xq.shape[:2], H, d), freqs_cis)
             if queries is not None:
@@ -121,7 +122,7 @@ class GQAttention(nn.Module):
             out = out if queries is None else out[queries.slot, queries.pos]  # (B, T, H, d) or (N, H, d)
         else:
             q = apply_rope(self.wq(queries.take(x)).view(-1, H, d), freqs_cis[queries.pos])
-            out = queries.attend(q, k, v, k.shape[1] - T, causal, p, gqa)  # (N, H, d)
+            out = queries.attend(q, k, v, k.shape[1] - T, causal, p, gqa, plan)  # (N, H, d)
         return self.wo(out.flatten(-2))
 
 
@@ -147,8 +148,9 @@ class MLAttention(nn.Module):
         """As `GQAttention.forward`."""
         B, T, _ = x.shape
         H = self.n_heads
-        packed = queries is not None and queries.packs(T)  # else every position's query, then the wanted ones
-        if packed:
+        cached = kv_cache[cache_key]["c_kv"].shape[1] if kv_cache is not None and cache_key in kv_cache else 0
+        plan = "full" if queries is None else queries.plan(T, cached + T)  # full: every position's query
+        if plan != "full":
             xq, fq = queries.take(x), freqs_cis[queries.pos]
         else:
             xq, fq = (x if queries is None else queries.rows_of(x)), freqs_cis
@@ -174,8 +176,8 @@ class MLAttention(nn.Module):
         k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (Bk, S, H, nope + rope)
         v = kv[..., self.qk_nope_dim :]  # (Bk, S, H, v)
         p = self.attn_drop.p if self.training else 0.0
-        if packed:
-            out = queries.attend(q, k, v, S - T, causal, p, False)  # (N, H, v)
+        if plan != "full":
+            out = queries.attend(q, k, v, S - T, causal, p, False, plan)  # (N, H, v)
         else:
             out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, p).transpose(1, 2)
             out = out if queries is None else out[queries.slot, queries.pos]  # (B, T, H, v) or (N, H, v)

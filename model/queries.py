@@ -3,12 +3,14 @@
 The compacted loop (`looped.RecurrentBlock`) runs the heavy work of an iteration on the positions
 still running and the coda lens reads a few positions out; both still need keys and values of
 every earlier position of those rows. `Queries` lists the wanted (row, position) pairs, row-major.
-When that at least halves the queries of a row (`packs`), attention packs them per row for one
-masked call: row `live[j]` holds its queries in slots `0..width-1` of batch entry `j`, padded slots
-attend to key 0 only and are dropped, so attention costs rows × width × keys instead of rows ×
-every position × keys. Otherwise the layer attends on every position of the live rows (one plain
-causal call) and keeps the wanted outputs. Everything after attention (MoE, LoRA, injection, lens
-head) runs on the N wanted positions only, as a flat (N, D) tensor.
+A layer attends for them in one of three ways, the cheapest by a measured cost model (`plan`):
+every position of the live rows in one plain causal call, keeping the wanted outputs ("full");
+the wanted queries packed per row into one masked call, row `live[j]` holding its queries in slots
+`0..width-1` of batch entry `j`, padded slots attending to key 0 only and dropped ("packed"); or
+each wanted query as a batch entry of its own with its row's keys gathered ("gathered": on short
+rows the kernel's cost per batch entry dominates, so a few queries are cheapest alone).
+Everything after attention (MoE, LoRA, injection, lens head) runs on the N wanted positions only,
+as a flat (N, D) tensor.
 
 Built from a host-side boolean mask (`from_mask`: the loop reads its exit mask to the host once per
 iteration and builds every index from it in numpy, so compaction adds no further host reads) or
@@ -80,13 +82,23 @@ class Queries:
         return Queries(self.slot, self.pos, self.local, self.slot, self.packed, self.last, self.local,
                        self.width, self.extent, self.live.shape[0])
 
-    def packs(self, seq_len: int) -> bool:
-        """Whether attention should run on the packed queries rather than on every position of the
-        live rows (then keep the wanted ones): only when packing at least halves the queries per
-        row. Otherwise one plain causal call is cheaper than a masked one on almost as many
-        queries (measured: benchmarks/bench_early_exit.py --rule, where the compacted step at 60-90 %
-        running came out 5-15 % slower than the masked one with packing alone)."""
-        return 2 * self.width <= seq_len
+    def plan(self, seq_len: int, keys: int) -> str:
+        """How a layer attends for these queries, the cheapest by a cost model measured on this
+        CPU (benchmarks/bench_early_exit.py --rule prints the three side by side), per query head:
+
+        - "full": every position of the live rows, one plain causal call, then the wanted ones:
+          ~(0.09 + 0.0007·keys) per query, `seq_len` queries per row;
+        - "packed": the wanted queries of each row packed into `width` slots, one masked call:
+          ~(0.07 + 0.01·keys) per row (the kernel's cost per batch entry) + 0.16 per slot;
+        - "gathered": each wanted query its own batch entry with its row's keys gathered:
+          ~(0.16 + 0.015·keys) per query (copies the keys; cheap for a few queries on short rows).
+
+        All three give the same values up to float rounding; the choice only costs time."""
+        L = self.live.shape[0]
+        full = L * seq_len * (0.09 + 0.0007 * keys)
+        packed = L * (0.07 + 0.01 * keys + 0.16 * self.width)
+        gathered = self.n * (0.16 + 0.015 * keys)
+        return min((full, "full"), (packed, "packed"), (gathered, "gathered"))[1]
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """x (n_rows or L, ...) → (L, ...): the live rows (x itself when it holds only those)."""
@@ -97,12 +109,15 @@ class Queries:
         return x[self.rows, self.pos]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, causal: bool,
-               dropout_p: float, enable_gqa: bool) -> torch.Tensor:
+               dropout_p: float, enable_gqa: bool, plan: str = "packed") -> torch.Tensor:
         """q (N, H, d) of the wanted queries; k, v (n_rows, S, Hkv, d) with `past` cached positions
         before this call's first; query i sees keys 0..past + pos[i] (all, when not causal).
-        Returns (N, H, dv). k and v may already be those of the live rows only."""
+        Returns (N, H, dv). k and v may already be those of the live rows only. `plan`: "packed"
+        or "gathered" (see `plan`)."""
         if self.n == 0:
             return q.new_zeros(0, q.shape[1], v.shape[-1])
+        if plan == "gathered":
+            return self._gathered(q, k, v, past, causal, dropout_p, enable_gqa)
         k, v = self.rows_of(k), self.rows_of(v)
         L, S, W = k.shape[0], k.shape[1], self.width
         packed = q.new_zeros(L * W, *q.shape[1:])
@@ -114,6 +129,20 @@ class Queries:
         out = sdpa(packed.view(L, W, *q.shape[1:]).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                    dropout_p, enable_gqa)  # (L, H, W, dv)
         return out.transpose(1, 2).reshape(L * W, *out.shape[1:2], out.shape[-1])[self.packed]
+
+    def _gathered(self, q, k, v, past, causal, dropout_p, enable_gqa) -> torch.Tensor:
+        """Each query a batch entry of its own, with its row's keys and values: the G query heads
+        that share a key/value head (GQA) form that entry's G queries."""
+        N, H, d = q.shape
+        S, Hkv = k.shape[1], k.shape[2]
+        row = self.rows if k.shape[0] == self.n_rows else self.slot
+        kq, vq = k[row].transpose(1, 2), v[row].transpose(1, 2)  # (N, Hkv, S, d)
+        mask = None
+        if causal:
+            mask = (torch.arange(S, device=q.device) <= (self.pos + past)[:, None])[:, None, None]  # (N, 1, 1, S)
+        G = H // Hkv if enable_gqa else 1
+        out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p, False)  # (N, Hkv, G, dv)
+        return out.reshape(N, H, out.shape[-1])
 
 
 def sdpa(q, k, v, mask, dropout_p: float, enable_gqa: bool, is_causal: bool = False) -> torch.Tensor:

@@ -35,8 +35,9 @@ def test_an_empty_mask_selects_nothing():
     assert out.shape == (0, 4, 8)
 
 
+@pytest.mark.parametrize("plan", ["packed", "gathered"])
 @pytest.mark.parametrize("past", [0, 3])
-def test_packed_attention_equals_full_causal_attention_at_the_selected_pairs(past):
+def test_selected_attention_equals_full_causal_attention_at_the_selected_pairs(past, plan):
     """Independent: plain SDPA over every query with an explicit causal mask, then gathered."""
     g = torch.Generator().manual_seed(0)
     B, T, H, Hkv, d = 4, 5, 4, 2, 8
@@ -47,16 +48,28 @@ def test_packed_attention_equals_full_causal_attention_at_the_selected_pairs(pas
     full = F.scaled_dot_product_attention(q_all.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_mask=allowed, enable_gqa=True).transpose(1, 2)  # (B, T, H, d)
     q = Queries.from_mask(MASK, torch.device("cpu"))
-    out = q.attend(q.take(q_all), k, v, past, True, 0.0, True)
+    out = q.attend(q.take(q_all), k, v, past, True, 0.0, True, plan)
     torch.testing.assert_close(out, full[q.rows, q.pos], atol=1e-6, rtol=0)
+    live = q.attend(q.take(q_all), k[q.live], v[q.live], past, True, 0.0, True, plan)  # keys of the live rows only
+    torch.testing.assert_close(live, out, atol=1e-6, rtol=0)
+
+
+def test_the_plan_is_the_cheapest_by_the_cost_model():
+    few = Queries.from_mask(np.eye(64, 9, dtype=bool)[:64], torch.device("cpu"))  # one query in each of 64 short rows
+    assert few.plan(9, 9) == "gathered"
+    long_rows = np.zeros((4, 64), dtype=bool)
+    long_rows[:, :8] = True  # 8 of 64 per row: packing beats both
+    assert Queries.from_mask(long_rows, torch.device("cpu")).plan(64, 64) == "packed"
+    assert Queries.from_mask(np.ones((4, 64), dtype=bool), torch.device("cpu")).plan(64, 64) == "full"
 
 
 SPARSE = np.array([[0, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=bool)
 
 
-@pytest.mark.parametrize("mask", [MASK, SPARSE], ids=["attend-every-position", "packed"])
+@pytest.mark.parametrize("mask", [MASK, SPARSE], ids=["many", "few"])
 @pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
-def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant, mask):
+@pytest.mark.parametrize("plan", ["full", "packed", "gathered"])
+def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant, mask, plan, monkeypatch):
     torch.manual_seed(0)
     m = LoopedTransformer(LoopedConfig.variant(variant)).eval()
     ids = torch.randint(0, 256, (4, 5))
@@ -64,7 +77,7 @@ def test_coda_lens_of_selected_pairs_equals_the_full_lens_there(variant, mask):
         m(ids, n_loops=2)
         h = torch.randn(4, 5, m.cfg.dim)
         q = Queries.from_mask(mask, torch.device("cpu"))
-        assert q.packs(5) == (mask is SPARSE)  # width 3 of 5 attends on every position, width 2 packs
+        monkeypatch.setattr(Queries, "plan", lambda self, seq_len, keys: plan)  # each path, whatever the cost
         torch.testing.assert_close(m.coda_lens(h, queries=q), m.coda_lens(h)[q.rows, q.pos], atol=1e-5, rtol=1e-5)
 
 
@@ -99,7 +112,7 @@ def test_act_compaction_runs_the_rows_with_a_running_position_up_to_the_last_run
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_any_mask_attends_like_full_causal_attention(data):
-    """Property: for any (B, T) mask and cache length, packed or not, the selected queries get
+    """Property: for any (B, T) mask and cache length, packed or gathered, the selected queries get
     exactly the plain causal attention of their positions."""
     B, T, past = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 7)), data.draw(st.integers(0, 3))
     mask = np.array(data.draw(st.lists(st.booleans(), min_size=B * T, max_size=B * T)), dtype=bool).reshape(B, T)
@@ -113,5 +126,6 @@ def test_any_mask_attends_like_full_causal_attention(data):
     q = Queries.from_mask(mask, torch.device("cpu"))
     rows, pos = np.nonzero(mask)
     assert q.n == rows.size and q.extent == (pos.max() + 1 if pos.size else 0)
-    out = q.attend(q.take(q_all), k, v, past, True, 0.0, True)
-    torch.testing.assert_close(out, full[rows, pos], atol=1e-6, rtol=0)
+    for plan in ("packed", "gathered"):
+        out = q.attend(q.take(q_all), k, v, past, True, 0.0, True, plan)
+        torch.testing.assert_close(out, full[rows, pos], atol=1e-6, rtol=0)
