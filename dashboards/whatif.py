@@ -30,18 +30,12 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 from mythos_probe.dashboards.queries import Selection, select
-from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS, LENS_CRITERIA
+from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS, FIRES, LENS_CRITERIA
 
-# Score per criterion, over the `steps` rows below, and whether it fires below τ or at/above it.
+# The score column of each criterion over the `steps` rows below: its INPUTS metric, or the two
+# derived there (entropy's change, the argmax's run); which way it fires comes from `FIRES`.
 # NaN scores never fire (DuckDB orders NaN above every number, so they become NULL first).
-_SCORES = {
-    "act": ("cum_halt", "at_least"),
-    "kl": ("lens_kl_prev", "below"),
-    "rel_residual": ("rel_residual", "below"),
-    "cos_step": ("cos_step", "below"),
-    "entropy": ("entropy_change", "below"),
-    "argmax_stable": ("run", "at_least"),
-}
+_SCORES = {c: {"entropy": "entropy_change", "argmax_stable": "run"}.get(c, INPUTS[c]) for c in CRITERIA}
 
 _ROWS = f"""
 , baseline AS (SELECT count(*) > 0 AS has_full FROM positions p JOIN sel f USING (forward_id)
@@ -91,8 +85,8 @@ def _score(column: str) -> str:
 
 def _sql() -> str:
     befores, exits = [], []
-    for criterion, (column, fires) in _SCORES.items():
-        score = _score(column)
+    for criterion, column in _SCORES.items():
+        score, fires = _score(column), FIRES[criterion]
         extreme = "min" if fires == "below" else "max"
         befores.append(f"{extreme}({score}) OVER before AS {criterion}_before")
         last = "iteration = n - 1"

@@ -80,6 +80,12 @@ INPUTS = {
     "act": "cum_halt", "kl": "lens_kl_prev", "rel_residual": "rel_residual", "cos_step": "cos_step",
     "entropy": "lens_entropy", "argmax_stable": "lens_argmax",
 }
+# Which way each criterion fires on its score: below τ, or at and above τ. The score is the INPUTS
+# metric, except for entropy (its change since the previous iteration) and argmax_stable (how many
+# iterations the argmax has stayed the same), which the numpy replay here and its SQL twin
+# (`dashboards/whatif.py`) each derive; both read this one table for the direction.
+FIRES = {"act": "at_least", "kl": "below", "rel_residual": "below", "cos_step": "below", "entropy": "below",
+         "argmax_stable": "at_least"}
 _LENS = ("lens_argmax", "lens_top1_agree")
 # Criteria a policy can only run by reading the coda lens out at every iteration: they pay its FLOPs.
 LENS_CRITERIA = ("kl", "entropy", "argmax_stable")
@@ -147,17 +153,14 @@ class _Positions:
 
     def fires(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P, I) bool: criterion fired at iteration t for threshold k (NaN never fires)."""
-        x = self.metrics[INPUTS[criterion]]
+        score = self.metrics[INPUTS[criterion]]
+        if criterion == "entropy":
+            score = np.abs(np.diff(score, axis=1, prepend=np.nan))  # its change; NaN at t = 0
+        elif criterion == "argmax_stable":
+            score = _stable_run(score)
         th = thresholds[:, None, None]
         with np.errstate(invalid="ignore"):
-            if criterion == "act":
-                return x[None] >= th
-            if criterion == "entropy":
-                change = np.abs(np.diff(x, axis=1, prepend=np.nan))  # NaN at t = 0
-                return change[None] < th
-            if criterion == "argmax_stable":
-                return _stable_run(x)[None] >= th
-            return x[None] < th
+            return score[None] >= th if FIRES[criterion] == "at_least" else score[None] < th
 
     def exits(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P) exit iteration: the first firing one, else the last executed one."""
