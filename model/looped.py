@@ -350,13 +350,15 @@ class RecurrentBlock(nn.Module):
     probed forward runs masked) and runs at inference only (no autograd graph, eval mode).
     """
 
-    # Measured (benchmarks/bench_early_exit.py --rule, one thread, CPU time, the host read and
-    # index building included, against the unhooked masked step; masked / compacted time of one
-    # iteration at 90/80/60/40/20/10 % running): shipped model B=256 T=9 0.97/1.01/1.18/1.32/
-    # 1.74/2.30, B=16 T=9 0.88/0.91/0.90/1.00/1.06/1.15; dim-256 B=16 T=64 1.00/1.08/1.24/1.63/
-    # 2.13/3.03. The compacted step has a fixed cost (host read, indices, gathers, ~0.5 ms on
-    # this CPU), so it pays earlier the more work a masked step does: below 80 % running from 64K
-    # position-channels (B·T·dim) per step, below 40 % under that.
+    # Measured (benchmarks/bench_early_exit.py --rule: one thread, CPU time, the host read and index
+    # building included, against the unhooked masked step on the model's own state; masked /
+    # compacted time of one iteration, median of paired runs, at 95/90/80/60/40/20/10 % running):
+    # shipped model B=256 T=9 0.89/0.95/1.02/1.16/1.53/2.19/2.74, B=16 T=9 0.85/0.87/0.87/0.92/
+    # 0.99/1.10/1.16; dim-256 B=16 T=64 0.97/1.01/1.07/1.30/1.73/2.34/3.15. Whole latent and kl
+    # forwards at B=256 confirm 80 % (compacting from 90 or 95 % ran 1-2 % slower). The compacted
+    # step has a fixed cost (host read, indices, gathers, ~0.5 ms on this CPU), so it pays earlier
+    # the more work a masked step does: below 80 % running from 64K position-channels (B·T·dim)
+    # per step, below 40 % under that.
     @staticmethod
     def compact_share(batch: int, seq_len: int, dim: int) -> float:
         return 0.8 if batch * seq_len * dim >= 65536 else 0.4
