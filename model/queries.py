@@ -109,7 +109,7 @@ class Queries:
         return x[self.rows, self.pos]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int, causal: bool,
-               dropout_p: float, enable_gqa: bool, plan: str = "packed") -> torch.Tensor:
+               dropout_p: float, enable_gqa: bool, plan: str) -> torch.Tensor:
         """q (N, H, d) of the wanted queries; k, v (n_rows, S, Hkv, d) with `past` cached positions
         before this call's first; query i sees keys 0..past + pos[i] (all, when not causal).
         Returns (N, H, dv). k and v may already be those of the live rows only. `plan`: "packed"

@@ -31,7 +31,7 @@ def test_indices_of_a_mask():
 def test_an_empty_mask_selects_nothing():
     q = Queries.from_mask(np.zeros((2, 3), dtype=bool), torch.device("cpu"))
     assert (q.n, q.width, q.extent) == (0, 0, 0)
-    out = q.attend(torch.zeros(0, 4, 8), torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), 0, True, 0.0, True)
+    out = q.attend(torch.zeros(0, 4, 8), torch.zeros(2, 3, 2, 8), torch.zeros(2, 3, 2, 8), 0, True, 0.0, True, "packed")
     assert out.shape == (0, 4, 8)
 
 
