@@ -1,6 +1,8 @@
 """What early exit saves for real: iterations, FLOPs and wall time per exit policy against
-`exit="fixed"`, interleaved in one run, on the shipped trained model (chains of 8 steps, budget 16)
-and on a random dim-256 model (the `bench` preset), at batch 1, 16 and 256.
+`exit="fixed"`, interleaved in one run, at batch 1, 16 and 256, on the shipped trained model (dim
+64, chains of 8 steps, budget 16 loops) and on the same recipe trained at dim 256
+(`wide_chains.py`: trained once, ~12 min, then cached); `--models random` adds a random dim-256
+model (the `bench` preset, T=32, or T=256 with `--full`), on which nothing converges.
 
 Each policy runs at the threshold the what-if recommends (≥ 99 % agreement with full depth on a
 calibration batch of full-depth forwards, ranked by FLOPs saved net of the lens readouts `kl`
@@ -14,18 +16,22 @@ readouts included); a time saved is 1 − the median ratio of
 runs until its slowest position exits, so one batch is one draw), wall and CPU (this process: on a shared
 machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch
 16 and 256). `--rule` measures the compaction rule instead: one loop iteration, masked against
-compacted, as the share of running positions falls, and the attention plans a compacted layer
+compacted, as the share of running positions falls, at steps of growing FLOPs, beside the share
+below which `RecurrentBlock.compact_share` compacts; and the attention plans a compacted layer
 chooses between (`Queries.plan`).
 
-    .venv/bin/python benchmarks/bench_early_exit.py            # short: T=32 on the dim-256 model
-    .venv/bin/python benchmarks/bench_early_exit.py --full     # T=256 on the dim-256 model
+    .venv/bin/python benchmarks/bench_early_exit.py --threads 1
+    .venv/bin/python benchmarks/bench_early_exit.py --models shipped --batches 16 256
+    .venv/bin/python benchmarks/bench_early_exit.py --models random --full   # T=256, random dim-256
     .venv/bin/python benchmarks/bench_early_exit.py --rule
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -95,13 +101,17 @@ def rule(repeats: int) -> None:
 
     torch.set_num_threads(1)
     shipped, _ = load_trained_model()
+    wide, _ = wide_chains_model()
     torch.manual_seed(0)
-    bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+    random = LoopedTransformer(LoopedConfig.variant("bench")).eval()
     g = torch.Generator().manual_seed(1)
-    print("masked / compacted time of one loop iteration (> 1: compaction pays)")
-    for name, model, B, T in (("shipped", shipped, 256, 9), ("shipped", shipped, 16, 9), ("bench", bench, 16, 64)):
+    print("masked / compacted time of one loop iteration (> 1: compaction pays), and the share below which the "
+          "rule compacts")
+    shapes = [("shipped", shipped, B, 9) for B in (16, 32, 64, 128, 256)]
+    shapes += [("wide", wide, 16, 9), ("wide", wide, 64, 9), ("random", random, 16, 64)]
+    for name, model, B, T in shapes:
         D, rec = model.cfg.dim, model.recurrent
-        ids = (ChainTask(seed=3).batch(B, 8).input_ids if name == "shipped"
+        ids = (ChainTask(seed=3).batch(B, 8).input_ids if name != "random"
                else torch.randint(0, model.cfg.vocab_size, (B, T), generator=g))
         with torch.no_grad():
             _, cache = model.run_with_cache(ids, n_loops=3, exit="fixed",
@@ -131,7 +141,16 @@ def rule(repeats: int) -> None:
                     sparse()
                     ratios.append((t1 - t0) / (time.process_time() - t1))
             row.append(f"{running:.0%}: {statistics.median(ratios):.2f}")
-        print(f"  {name:<8} B={B:<4} T={T:<3} " + "  ".join(row))
+        flops = B * T * rec.position_flops
+        print(f"  {name:<8} B={B:<4} T={T:<3} {flops / 1e6:6.0f} MFLOP/step, rule {rec.compact_share(flops):.0%}:  "
+              + "  ".join(row))
+
+
+def wide_chains_model():
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # wide_chains.py lies beside this script
+    from wide_chains import load_wide_chains_model
+
+    return load_wide_chains_model()
 
 
 def attention_plans(repeats: int) -> None:
@@ -180,14 +199,15 @@ def main() -> None:
     from mythos_probe.demo.checkpoint import load_trained_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--full", action="store_true", help="T=256 on the dim-256 model (minutes on 2 cores)")
+    ap.add_argument("--full", action="store_true", help="T=256 on the random dim-256 model (minutes on 2 cores)")
     ap.add_argument("--rule", action="store_true", help="measure the compaction rule instead")
     ap.add_argument("--repeats", type=int, default=9, help="interleaved pairs per figure (default 9)")
     ap.add_argument("--samples", type=int, default=3, help="batches drawn per batch size, figures averaged (default 3)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256], help="batch sizes (default 1 16 256)")
-    ap.add_argument("--model", choices=("shipped", "bench", "both"), default="both",
-                    help="the shipped trained model, the random dim-256 one, or both (default)")
+    ap.add_argument("--models", nargs="+", choices=("shipped", "wide", "random"), default=["shipped", "wide"],
+                    help="the shipped dim-64 chains model, the dim-256 one (trained once, cached), a random "
+                         "dim-256 model (default: shipped wide)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,22 +215,22 @@ def main() -> None:
         rule(max(args.repeats, 15))
         attention_plans(max(args.repeats, 15))
         return
-    batches = args.batches
-    if args.model != "bench":
-        shipped, _ = load_trained_model()
+    run = dict(batches=args.batches, repeats=args.repeats, samples=args.samples)
+    for name in args.models:
+        if name == "random":
+            torch.manual_seed(0)
+            model = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+            seq, g = (256 if args.full else 32), torch.Generator().manual_seed(0)
+            report(f"random dim-256 model (bench preset), T={seq}", model,
+                   lambda b: torch.randint(0, model.cfg.vocab_size, (b, seq), generator=g),
+                   n_loops=model.cfg.max_loop_iters, **run)
+            continue
+        model, _ = load_trained_model() if name == "shipped" else wide_chains_model()
+        if args.threads:
+            torch.set_num_threads(args.threads)  # training the wide model sets its own
         task = ChainTask(seed=3)
-        report("shipped chains model, chains of 8 steps", shipped, lambda b: task.batch(b, 8).input_ids, batches,
-               n_loops=2 * shipped.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
-    if args.model == "shipped":
-        return
-    torch.manual_seed(0)
-    bench = LoopedTransformer(LoopedConfig.variant("bench")).eval()
-    seq = 256 if args.full else 32
-    g = torch.Generator().manual_seed(0)
-    report(f"random dim-256 model (bench preset), T={seq}", bench,
-           lambda b: torch.randint(0, bench.cfg.vocab_size, (b, seq), generator=g), batches,
-           n_loops=bench.cfg.max_loop_iters, repeats=args.repeats, samples=args.samples)
-
+        report(f"{name} chains model (dim {model.cfg.dim}), chains of 8 steps", model,
+               lambda b: task.batch(b, 8).input_ids, n_loops=2 * model.cfg.max_loop_iters, **run)
 
 if __name__ == "__main__":
     main()

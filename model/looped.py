@@ -37,6 +37,7 @@ from transformer_lens.hook_points import HookPoint
 from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
 from mythos_probe.model.config import LoopedConfig
 from mythos_probe.model.queries import Queries, sdpa
+from mythos_probe.model.variants import active_parameters
 
 EXIT_POLICIES = ("act", "fixed", "kl", "latent")
 DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
@@ -351,17 +352,20 @@ class RecurrentBlock(nn.Module):
     """
 
     # Measured (benchmarks/bench_early_exit.py --rule: one thread, CPU time, the host read and index
-    # building included, against the unhooked masked step on the model's own state; masked /
-    # compacted time of one iteration, median of paired runs, at 95/90/80/60/40/20/10 % running):
-    # shipped model B=256 T=9 0.89/0.95/1.02/1.16/1.53/2.19/2.74, B=16 T=9 0.85/0.87/0.87/0.92/
-    # 0.99/1.10/1.16; dim-256 B=16 T=64 0.97/1.01/1.07/1.30/1.73/2.34/3.15. Whole latent and kl
-    # forwards at B=256 confirm 80 % (compacting from 90 or 95 % ran 1-2 % slower). The compacted
-    # step has a fixed cost (host read, indices, gathers, ~0.5 ms on this CPU), so it pays earlier
-    # the more work a masked step does: below 80 % running from 64K position-channels (B·T·dim)
-    # per step, below 40 % under that.
+    # building included, against the unhooked masked step on the model's own state, median of
+    # paired runs): the share of running positions below which the compacted iteration is the
+    # faster one grows with the work of a masked step in FLOPs (B·T·2·active parameters), alike
+    # for the dim-64 and dim-256 chains models and a random dim-256 one at T=64: 18 MFLOP/step
+    # ~40 %, 36M ~47 %, 73M ~63 %, 146M ~75 %, 290M ~83 % (dim 64 at batch 256 and dim 256 at
+    # batch 16 alike), 1.1-1.2G ~90 %. The compacted step has a fixed cost (host read, indices,
+    # gathers, ~0.5 ms on this CPU) that a larger step wins back sooner. Whole latent and kl
+    # forwards at B=256 on the dim-64 model ran 1-2 % slower compacting from 90 or 95 % than at
+    # the rule's 82 %.
     @staticmethod
-    def compact_share(batch: int, seq_len: int, dim: int) -> float:
-        return 0.8 if batch * seq_len * dim >= 65536 else 0.4
+    def compact_share(step_flops: float) -> float:
+        """Compact an iteration when fewer than this share of positions run, given the FLOPs of a
+        masked step: 0.4 at 16 MFLOP, +0.1 per doubling, at most 0.9."""
+        return min(0.9, max(0.4, 0.4 + 0.1 * math.log2(max(step_flops, 1.0) / 16e6)))
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
@@ -374,6 +378,7 @@ class RecurrentBlock(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         self.loop_dim = cfg.loop_dim
         self.compact_below: Optional[float] = None  # override of `compact_share` (0: never, > 1: always)
+        self.position_flops = 2 * active_parameters(self)  # one position through one iteration (Kaplan)
         self.row_iterations = 0  # rows that ran the block's FFN, summed over the last forward's iterations
         c = self.clock
         self.hook_state_in = LoopHookPoint(c)  # (B, T, D) h entering iteration t
@@ -404,7 +409,7 @@ class RecurrentBlock(nn.Module):
             h_out=torch.zeros_like(h) if exit == "act" else None,
         )
         loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
-        compact_below = self.compact_share(B, T, D) if self.compact_below is None else self.compact_below
+        compact_below = self.compact_share(B * T * self.position_flops) if self.compact_below is None else self.compact_below
         hooked = self._hooked()
         halting = exit == "act" or hooked
         may_compact = (

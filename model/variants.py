@@ -26,6 +26,14 @@ class ParamCounts:
     loop_active: int  # run once per token per loop iteration
 
 
+def active_parameters(recurrent) -> int:
+    """Parameters one position runs through in one iteration of a `RecurrentBlock`: all of them
+    but the routed experts, of which it runs n_experts_per_tok of n_experts."""
+    cfg = recurrent.cfg
+    routed = sum(p.numel() for p in recurrent.block.ffn.routed_experts.parameters())
+    return sum(p.numel() for p in recurrent.parameters()) - routed + routed * cfg.n_experts_per_tok // cfg.n_experts
+
+
 @lru_cache(maxsize=64)
 def count_parameters(cfg: LoopedConfig) -> ParamCounts:
     import torch
@@ -41,7 +49,7 @@ def count_parameters(cfg: LoopedConfig) -> ParamCounts:
     total = n(model)
     routed = n(model.recurrent.block.ffn.routed_experts)
     routed_active = routed * cfg.n_experts_per_tok // cfg.n_experts
-    loop_active = n(model.recurrent) - routed + routed_active
+    loop_active = active_parameters(model.recurrent)
     head = model.head.weight.numel()  # tied to the embedding, but a matmul per token
     once_active = n(model.prelude) + n(model.coda) + n(model.norm) + head
     return ParamCounts(

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mythos_probe.model import LoopedConfig, LoopedTransformer
+from mythos_probe.model.looped import RecurrentBlock
 
 TOL = 1e-6
 ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(5))
@@ -168,3 +169,19 @@ def test_a_hook_on_the_injection_module_fires_every_iteration(model, exit):
             handle.remove()
     assert calls == [(*ids.shape, m.cfg.dim)] * m.last_forward["iterations"]
     torch.testing.assert_close(hooked, plain, rtol=0, atol=1e-6)
+
+
+def test_the_compaction_rule_follows_the_flops_of_a_masked_step():
+    """A step's FLOPs decide when compaction pays (measured: the dim-64 model at batch 256 and a
+    dim-256 one at batch 16 cross over at the same share). The block's per-position FLOPs are
+    Kaplan's loop FLOPs of its config, counted independently on the meta device by `variants`."""
+    from mythos_probe.model.variants import count_parameters
+
+    narrow = LoopedConfig.variant("tiny-gqa")
+    wide = narrow.replace(dim=4 * narrow.dim, expert_dim=4 * narrow.expert_dim)
+    blocks = {cfg: LoopedTransformer(cfg).recurrent for cfg in (narrow, wide)}
+    for cfg, block in blocks.items():
+        assert block.position_flops == 2 * count_parameters(cfg).loop_active
+    share = {cfg: RecurrentBlock.compact_share(16 * 9 * block.position_flops) for cfg, block in blocks.items()}
+    assert 0.4 <= share[narrow] < share[wide] <= 0.9
+    assert RecurrentBlock.compact_share(0) == 0.4 and RecurrentBlock.compact_share(1e12) == 0.9
