@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from mythos_probe.metrics.convergence import rel_residual  # the what-if replays `latent` as this metric
 from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
 from mythos_probe.model.config import LoopedConfig
 from mythos_probe.model.queries import Queries, sdpa
@@ -493,8 +494,7 @@ class RecurrentBlock(nn.Module):
         if exit == "act":
             halted = halted | (s.cumulative_p >= cfg.act_threshold)
         elif exit == "latent":
-            residual = (h - h_prev).norm(dim=-1) / h.norm(dim=-1).clamp_min(1e-12)
-            halted = halted | (residual < threshold)
+            halted = halted | (rel_residual((h - h_prev).norm(dim=-1), h.norm(dim=-1)) < threshold)
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
             if s.prev_logp is not None:
@@ -550,7 +550,7 @@ class RecurrentBlock(nn.Module):
         s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
-            stop = (h_new - h_act).norm(dim=-1) / h_new.norm(dim=-1).clamp_min(1e-12) < threshold
+            stop = rel_residual((h_new - h_act).norm(dim=-1), h_new.norm(dim=-1)) < threshold
         else:
             logp = lens(s.h, queries=queries)  # (N, V)
             prev = queries.take(s.prev_logp)
