@@ -87,8 +87,11 @@ def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
     report = pd.Series({"policy": "latent", "threshold": 0.03, "time_saved": 0.2, "flops_saved": 0.4,
                         "iterations_saved": 0.5, "agreement": 1.0, "predicted_flops_saved": 0.45,
                         "predicted_iterations_saved": 0.5, "predicted_agreement": 1.0})
+    with_time = lambda saved: pd.concat([report.drop("time_saved"), pd.Series({"time_saved": saved})])  # noqa: E731
     faster = describe_measured(report, "16 chains")
-    assert "20.0% of the time saved" in faster and "keep exit='fixed'" not in faster
-    slower = describe_measured(pd.concat([report.drop("time_saved"), pd.Series({"time_saved": -0.08})]), "16 chains")
-    assert "-8.0% of the time saved" in slower and "NOT faster than exit='fixed'" in slower
+    assert "saved 20.0% of the time, 40.0% of the executed FLOPs" in faster and "\n" not in faster
+    slower = describe_measured(with_time(-0.08), "16 chains")
+    assert "saved -8.0% of the time" in slower and "NOT faster than exit='fixed'" in slower
     assert "keep exit='fixed'" in slower
+    short = describe_measured(with_time(0.02), "16 chains")  # 2 % of the time for 40 % of the FLOPs
+    assert "well below the FLOPs saved" in short and "keep exit='fixed'" not in short

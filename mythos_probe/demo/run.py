@@ -156,21 +156,23 @@ def measured_saving(shadows, batch: int, seed: int) -> str:
 
 
 def describe_measured(r, inputs: str) -> str:
-    """One line for a `whatif.verify` report; a policy that was not faster says so, and what to do."""
+    """One line for a `whatif.verify` report, and a second when the time saved falls well short of
+    the FLOPs saved: what it means and what to do."""
     line = (
         f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {inputs}, "
-        f"against exit='fixed'): {r['time_saved']:.1%} of the time saved, {r['flops_saved']:.1%} of the FLOPs "
-        f"executed, {r['iterations_saved']:.1%} of loop iterations, agreement {r['agreement']:.1%} "
+        f"against exit='fixed'): saved {r['time_saved']:.1%} of the time, {r['flops_saved']:.1%} of the executed "
+        f"FLOPs and {r['iterations_saved']:.1%} of loop iterations, agreement {r['agreement']:.1%} "
         f"(predicted: {r['predicted_flops_saved']:.1%} of FLOPs, {r['predicted_iterations_saved']:.1%} of iterations, "
         f"agreement {r['predicted_agreement']:.1%})"
     )
+    why = ("each iteration has a fixed cost (exit test, host read, many small operators) that a small batch on a "
+           "small model does not win back, and a batch runs until its slowest position exits; larger batches or "
+           "wider models save in proportion (benchmarks/bench_early_exit.py)")
     if r["time_saved"] <= 0:
-        line += (
-            f"\n  NOT faster than exit='fixed' here: keep exit='fixed' for batches like this one. The FLOPs "
-            f"saved did not turn into time: each iteration has a fixed cost (exit test, host read, many small "
-            f"operators) that a small batch on a small model does not win back, and a batch runs until its "
-            f"slowest position exits. Larger batches or wider models save (benchmarks/bench_early_exit.py)."
-        )
+        line += f"\n  NOT faster than exit='fixed' here: keep exit='fixed' for batches like this one. The FLOPs " \
+                f"saved did not turn into time: {why}."
+    elif r["time_saved"] < 0.5 * r["flops_saved"]:
+        line += f"\n  The time saved is well below the FLOPs saved at this batch size: {why}."
     return line
 
 
