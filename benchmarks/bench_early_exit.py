@@ -39,6 +39,10 @@ import torch
 from mythos_probe import attach, whatif
 from mythos_probe.model import LoopedConfig, LoopedTransformer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark modules beside this one
+from bench_model import cpu_timed  # noqa: E402
+from wide_chains import load_wide_chains_model  # noqa: E402
+
 POLICIES = ("kl", "latent", "act")
 
 
@@ -101,7 +105,7 @@ def rule(repeats: int) -> None:
 
     torch.set_num_threads(1)
     shipped, _ = load_trained_model()
-    wide, _ = wide_chains_model()
+    wide, _ = load_wide_chains_model()
     torch.manual_seed(0)
     random = LoopedTransformer(LoopedConfig.variant("bench")).eval()
     g = torch.Generator().manual_seed(1)
@@ -146,13 +150,6 @@ def rule(repeats: int) -> None:
               + "  ".join(row))
 
 
-def wide_chains_model():
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # wide_chains.py lies beside this script
-    from wide_chains import load_wide_chains_model
-
-    return load_wide_chains_model()
-
-
 def attention_plans(repeats: int) -> None:
     """The three ways `Queries.plan` chooses between, timed at the shipped model's and the dim-256
     model's attention shapes for masks of k running positions in some rows: the measurements
@@ -164,13 +161,7 @@ def attention_plans(repeats: int) -> None:
     from mythos_probe.model.queries import Queries
 
     def cpu_us(fn) -> float:
-        fn()
-        samples = []
-        for _ in range(repeats):
-            t0 = time.process_time()
-            fn()
-            samples.append(time.process_time() - t0)
-        return min(samples) * 1e6
+        return cpu_timed(fn, repeats) * 1e6
 
     print("attention of the selected queries, µs (CPU time, fastest of the repeats): full / packed / gathered → plan")
     rng = np.random.default_rng(0)
@@ -225,7 +216,7 @@ def main() -> None:
                    lambda b: torch.randint(0, model.cfg.vocab_size, (b, seq), generator=g),
                    n_loops=model.cfg.max_loop_iters, **run)
             continue
-        model, _ = load_trained_model() if name == "shipped" else wide_chains_model()
+        model, _ = load_trained_model() if name == "shipped" else load_wide_chains_model()
         if args.threads:
             torch.set_num_threads(args.threads)  # training the wide model sets its own
         task = ChainTask(seed=3)

@@ -10,7 +10,7 @@ Not shipped (9 MB): the first call trains it (~12 min on one core, a progress ba
 it in `artifacts/chains-wide/` (git-ignored); later calls load it. A cached model whose config or
 settings differ from the ones below is retrained.
 
-    from benchmarks.wide_chains import load_wide_chains_model
+    from wide_chains import load_wide_chains_model  # with benchmarks/ on sys.path, as bench_early_exit does
     model, task = load_wide_chains_model()
 """
 
