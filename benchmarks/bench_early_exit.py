@@ -93,8 +93,8 @@ def rule(repeats: int) -> None:
     """One iteration of the loop, masked (`_dense_step`) against compacted (`_sparse_step`), with a
     share of positions running at random; `latent`, whose exit test is cheap (kl adds the lens to
     both). The state is the model's own, entering its third iteration on real inputs (the chains
-    task for the shipped model, random tokens for the dim-256 one): a random state would route the
-    MoE unlike the model does. Each figure is the median of paired ratios (dense, then compacted);
+    task for the two chains models, random tokens for the random one): a random state would route
+    the MoE unlike the model does. Each figure is the median of paired ratios (dense, then compacted);
     one thread and process CPU time, so that the other jobs on a shared machine do not decide it."""
     import statistics
 
@@ -107,12 +107,12 @@ def rule(repeats: int) -> None:
     shipped, _ = load_trained_model()
     wide, _ = load_wide_chains_model()
     torch.manual_seed(0)
-    random = LoopedTransformer(LoopedConfig.variant("bench")).eval()
+    untrained = LoopedTransformer(LoopedConfig.variant("bench")).eval()
     g = torch.Generator().manual_seed(1)
     print("masked / compacted time of one loop iteration (> 1: compaction pays), and the share below which the "
           "rule compacts")
     shapes = [("shipped", shipped, B, 9) for B in (16, 32, 64, 128, 256)]
-    shapes += [("wide", wide, 16, 9), ("wide", wide, 64, 9), ("random", random, 16, 64)]
+    shapes += [("wide", wide, 16, 9), ("wide", wide, 64, 9), ("random", untrained, 16, 64)]
     for name, model, B, T in shapes:
         D, rec = model.cfg.dim, model.recurrent
         ids = (ChainTask(seed=3).batch(B, 8).input_ids if name != "random"
