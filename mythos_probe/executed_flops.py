@@ -6,7 +6,7 @@
 
 Counts what reaches the kernels, whatever the model's own bookkeeping says: every matmul (`mm`,
 `addmm`, `bmm`, `baddbmm`: 2·M·K·N) and every fused attention call (2·(d_qk + d_v) per attended
-query-key pair per head: causal calls count the pairs at or before each query, masked ones the
+query-key pair per head: causal calls count the keys at or before each query, masked ones the
 True entries of the mask, as Kaplan et al. 2020 count attention in `model.variants`; attention that
 falls back to torch's math path is counted as its two matmuls, every pair). Elementwise
 work (norms, activations, softmax) is not counted, as in Kaplan's count. So an exit policy's saving
@@ -56,8 +56,8 @@ def _attention_flops(name: str, args, kwargs) -> int:
     if mask is not None:  # the attended entries, broadcast over the batch and heads
         mask = mask if mask.dtype == torch.bool else mask > float("-inf")
         pairs = int(mask.expand(B, H, T, S).sum())
-    elif is_causal:  # queries aligned to the end of the keys
-        pairs = B * H * (T * S - T * (T - 1) // 2)
+    elif is_causal:  # torch's is_causal: query i sees keys 0..i (top-left aligned when T ≠ S)
+        pairs = B * H * sum(min(i + 1, S) for i in range(T)) if T > S else B * H * T * (T + 1) // 2
     else:
         pairs = B * H * T * S
     return 2 * pairs * (d_qk + d_v)

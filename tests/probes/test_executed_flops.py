@@ -34,6 +34,9 @@ def test_attention_counts_the_attended_pairs(gqa):
     assert full.by_op == {"attention": B * H * T * T * per_pair}
     causal = counted(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa))
     assert causal.by_op == {"attention": B * H * (T * (T + 1) // 2) * per_pair}
+    longer = torch.randn(B, k.shape[1], T + 3, d)  # 3 more keys than queries: torch aligns is_causal top-left
+    assert counted(lambda: F.scaled_dot_product_attention(q, longer, longer, is_causal=True, enable_gqa=gqa)).by_op == {
+        "attention": B * H * (T * (T + 1) // 2) * per_pair}
     mask = torch.rand(B, 1, T, T) < 0.5
     mask[..., 0] = True  # every query sees a key
     masked = counted(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
