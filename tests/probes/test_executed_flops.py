@@ -24,6 +24,12 @@ def test_matmuls_count_two_flops_per_multiply_add():
     assert counted(lambda: (x * 2).relu().softmax(-1)).total == 0  # elementwise: not counted (Kaplan)
 
 
+def test_an_operator_without_a_formula_is_named_not_silently_left_out():
+    with pytest.warns(UserWarning, match=r"no FLOP formula for convolution ×1, mv ×1.*undercounts"):
+        c = counted(lambda: (F.conv1d(torch.randn(1, 2, 5), torch.randn(3, 2, 2)), torch.randn(3, 4) @ torch.randn(4)))
+    assert c.total == 0 and c.not_counted == {"convolution": 1, "mv": 1}
+
+
 @pytest.mark.parametrize("gqa", [False, True])
 def test_attention_counts_the_attended_pairs(gqa):
     B, H, T, d = 2, 4, 6, 8
