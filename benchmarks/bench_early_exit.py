@@ -17,8 +17,8 @@ runs until its slowest position exits, so one batch is one draw), wall and CPU (
 machine the CPU time is the figure others' load barely moves; target: CPU/FLOPs ≥ 0.7 at batch
 16 and 256). `--rule` measures the compaction rule instead: one loop iteration, masked against
 compacted, as the share of running positions falls, at steps of growing FLOPs, beside the share
-below which `RecurrentBlock.compact_share` compacts; and the attention plans a compacted layer
-chooses between (`Queries.plan`).
+below which `RecurrentBlock.compact_share` compacts; whole forwards at small batches, where no
+share pays; and the attention plans a compacted layer chooses between (`Queries.plan`).
 
     .venv/bin/python benchmarks/bench_early_exit.py --threads 1
     .venv/bin/python benchmarks/bench_early_exit.py --models shipped --batches 16 256
@@ -150,6 +150,57 @@ def rule(repeats: int) -> None:
               + "  ".join(row))
 
 
+def small_steps(repeats: int) -> None:
+    """Whole `kl` and `latent` forwards at small batches, compacting from a share of 20 to 80 %
+    against never compacting (`compact_below=0`): where a step has too few FLOPs for the compacted
+    iteration's fixed cost, the whole forward shows it (a single warm step, as in `rule`, hides the
+    caches a real loop evicts). Each figure: policy time / `exit="fixed"` time, the median of
+    interleaved CPU-time runs, averaged over 3 batches, at the what-if's recommended thresholds."""
+    import statistics
+
+    from mythos_probe.demo.checkpoint import load_trained_model
+    from mythos_probe.demo.tasks import ChainTask
+
+    torch.set_num_threads(1)
+    shipped, _ = load_trained_model()
+    wide, _ = load_wide_chains_model()
+    torch.set_num_threads(1)
+    print("\nwhole forwards, policy / fixed CPU time (< 1: faster), compacting from each share (0: never), and the "
+          "rule's share")
+    shares = (0.0, 0.2, 0.4, 0.8)
+    for name, model, batches in (("shipped", shipped, (1, 4, 8, 16)), ("wide", wide, (1,))):
+        rec, n_loops, task = model.recurrent, 2 * model.cfg.max_loop_iters, ChainTask(seed=3)
+        chosen = thresholds(model, task.batch(16, 8).input_ids, n_loops)
+        for B in batches:
+            inputs = [task.batch(B, 8).input_ids for _ in range(3)]
+            flops = B * inputs[0].shape[1] * rec.position_flops
+            cells = []
+            for policy in ("kl", "latent"):
+                threshold = chosen[policy][0]
+                if threshold is None:
+                    continue
+                ratios = {share: [] for share in shares}
+                for ids in inputs:
+                    runs = [("fixed", None, 0.0)] + [(policy, threshold, share) for share in shares]
+                    times = {run: [] for run in runs}
+                    with torch.no_grad():
+                        for repeat in range(repeats + 2):  # two warm-up rounds
+                            for run in runs:
+                                rec.compact_below = run[2]
+                                t0 = time.process_time()
+                                model(ids, n_loops=n_loops, exit=run[0], exit_threshold=run[1])
+                                if repeat >= 2:
+                                    times[run].append(time.process_time() - t0)
+                    rec.compact_below = None
+                    fixed = statistics.median(times[runs[0]])
+                    for run in runs[1:]:
+                        ratios[run[2]].append(statistics.median(times[run]) / fixed)
+                cells.append(f"{policy} " + " ".join(f"{share:.0%}: {statistics.mean(r):.2f}"
+                                                     for share, r in ratios.items()))
+            print(f"  {name:<8} B={B:<4} {flops / 1e6:6.1f} MFLOP/step, rule {rec.compact_share(flops):.0%}:  "
+                  + "   ".join(cells))
+
+
 def attention_plans(repeats: int) -> None:
     """The three ways `Queries.plan` chooses between, timed at the shipped model's and the dim-256
     model's attention shapes for masks of k running positions in some rows: the measurements
@@ -204,6 +255,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.rule:
         rule(max(args.repeats, 15))
+        small_steps(args.repeats)
         attention_plans(max(args.repeats, 15))
         return
     run = dict(batches=args.batches, repeats=args.repeats, samples=args.samples)

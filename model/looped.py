@@ -359,14 +359,21 @@ class RecurrentBlock(nn.Module):
     # for the dim-64 and dim-256 chains models and a random dim-256 one at T=64: 18 MFLOP/step
     # ~40 %, 36M ~47 %, 73M ~63 %, 146M ~75 %, 290M ~83 % (dim 64 at batch 256 and dim 256 at
     # batch 16 alike), 1.1-1.2G ~90 %. The compacted step has a fixed cost (host read, indices,
-    # gathers, ~0.5 ms on this CPU) that a larger step wins back sooner. Whole latent and kl
-    # forwards at B=256 on the dim-64 model ran 1-2 % slower compacting from 90 or 95 % than at
-    # the rule's 82 %.
-    @staticmethod
-    def compact_share(step_flops: float) -> float:
+    # gathers, ~0.5 ms on this CPU) that a larger step wins back sooner, and a smaller one never:
+    # whole kl and latent forwards of the dim-64 model at batch 1-8 (1-9 MFLOP/step) ran 5-15 %
+    # slower compacting from any share between 20 and 80 % than not compacting at all (`--rule`
+    # prints them), and at 18 MFLOP/step (batch 16; dim 256 at batch 1) the two were even.
+    # Whole latent and kl forwards at B=256 on the dim-64 model ran 1-2 % slower compacting from
+    # 90 or 95 % than at the rule's 82 %.
+    MIN_COMPACT_FLOPS = 16e6
+
+    @classmethod
+    def compact_share(cls, step_flops: float) -> float:
         """Compact an iteration when fewer than this share of positions run, given the FLOPs of a
-        masked step: 0.4 at 16 MFLOP, +0.1 per doubling, at most 0.9."""
-        return min(0.9, max(0.4, 0.4 + 0.1 * math.log2(max(step_flops, 1.0) / 16e6)))
+        masked step: never below 16 MFLOP, then 0.4, +0.1 per doubling, at most 0.9."""
+        if step_flops < cls.MIN_COMPACT_FLOPS:
+            return 0.0
+        return min(0.9, 0.4 + 0.1 * math.log2(step_flops / cls.MIN_COMPACT_FLOPS))
 
     def __init__(self, cfg: LoopedConfig):
         super().__init__()
