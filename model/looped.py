@@ -41,6 +41,12 @@ from mythos_probe.model.queries import Queries, sdpa
 from mythos_probe.model.variants import active_parameters
 
 EXIT_POLICIES = ("act", "fixed", "kl", "latent")
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """‖x‖ over the last dim: `Tensor.norm`'s kernel without its Python argument parsing, which
+    costs more than the kernel at the exit test's sizes (one call per position per iteration)."""
+    return torch.linalg.vector_norm(x, dim=-1)
 DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
 
 
@@ -501,7 +507,7 @@ class RecurrentBlock(nn.Module):
         if exit == "act":
             halted = halted | (s.cumulative_p >= cfg.act_threshold)
         elif exit == "latent":
-            halted = halted | (rel_residual((h - h_prev).norm(dim=-1), h.norm(dim=-1)) < threshold)
+            halted = halted | (rel_residual(_norm(h - h_prev), _norm(h)) < threshold)
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
             if s.prev_logp is not None:
@@ -557,7 +563,7 @@ class RecurrentBlock(nn.Module):
         s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
-            stop = rel_residual((h_new - h_act).norm(dim=-1), h_new.norm(dim=-1)) < threshold
+            stop = rel_residual(_norm(h_new - h_act), _norm(h_new)) < threshold
         else:
             logp = lens(s.h, queries=queries)  # (N, V)
             prev = queries.take(s.prev_logp)
