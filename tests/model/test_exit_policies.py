@@ -112,6 +112,19 @@ def test_generate_refuses_to_run_past_max_seq_len(model):
         model.generate(ids, max_new_tokens=200)
 
 
+@pytest.mark.parametrize("new_tokens", [0, 3])
+def test_generate_returns_ids_a_caller_can_edit_and_train_on(model, new_tokens):
+    """generate decodes under torch.inference_mode; what it returns must be an ordinary tensor
+    (an inference tensor refuses in-place edits and autograd outside that mode)."""
+    out = model.generate(ids[:, :4], max_new_tokens=new_tokens, temperature=0)
+    assert out.shape == (ids.shape[0], 4 + new_tokens) and not out.is_inference()
+    out[:, 0] = 0  # an inference tensor would raise here
+    logits = model(out, n_loops=2)
+    logits.sum().backward()  # and a forward on it trains
+    assert model.embed.weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
 def test_coda_lens_on_a_few_positions_equals_the_full_lens_there(variant):
     torch.manual_seed(0)
