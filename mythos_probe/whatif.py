@@ -377,7 +377,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     of a pair, cancels out (time_fixed_s and time_policy_s: the fastest run of each). Wall time
     is what a caller waits; CPU time (this process, all threads) is what the forward cost, and
     barely moves with others' load. The timed runs are under `torch.inference_mode()`, as a
-    server runs a model (on the shipped model at batch 1-16 a forward under `no_grad` took 8-14 %
+    server runs a model (on the shipped model at batch 1-16 a forward under `no_grad` took 9-17 %
     longer, and saved a few points less).
     Returns predicted_{iterations_saved, flops_saved, agreement} from a probed full-depth forward
     (coda lens on every position) and the measured iterations_saved (positions × iterations,
