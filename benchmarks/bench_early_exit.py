@@ -155,7 +155,8 @@ def small_steps(repeats: int) -> None:
     against never compacting (`compact_below=0`): where a step has too few FLOPs for the compacted
     iteration's fixed cost, the whole forward shows it (a single warm step, as in `rule`, hides the
     caches a real loop evicts). Each figure: policy time / `exit="fixed"` time, the median of
-    interleaved CPU-time runs, averaged over 3 batches, at the what-if's recommended thresholds."""
+    interleaved CPU-time runs under inference mode, averaged over 3 batches, at the what-if's recommended
+    thresholds."""
     import statistics
 
     from mythos_probe.demo.checkpoint import load_trained_model
@@ -183,7 +184,7 @@ def small_steps(repeats: int) -> None:
                 for ids in inputs:
                     runs = [("fixed", None, 0.0)] + [(policy, threshold, share) for share in shares]
                     times = {run: [] for run in runs}
-                    with torch.no_grad():
+                    with torch.inference_mode():  # as verify times them
                         for repeat in range(repeats + 2):  # two warm-up rounds
                             for run in runs:
                                 rec.compact_below = run[2]
