@@ -41,13 +41,13 @@ from mythos_probe.model.queries import Queries, sdpa
 from mythos_probe.model.variants import active_parameters
 
 EXIT_POLICIES = ("act", "fixed", "kl", "latent")
+DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """‖x‖ over the last dim: `Tensor.norm`'s kernel without its Python argument parsing, which
     costs more than the kernel at the exit test's sizes (one call per position per iteration)."""
     return torch.linalg.vector_norm(x, dim=-1)
-DEFAULT_EXIT_THRESHOLDS = {"kl": 1e-3, "latent": 1e-2}  # kl: nats between successive lens dists
 
 
 # ---------------------------------------------------------------------------------------------
