@@ -1,7 +1,8 @@
 """Forward and KV-cached decode speed of LoopedTransformer against unmodified OpenMythos.
 
 Both models share the same weights; a speed-up is the median ratio of interleaved pairs of runs,
-in CPU time (absolute times on shared machines mean little). Shape from the model issue: B=4, T=256, 32 experts, top-2, 8 loops, CPU.
+in CPU time (absolute times on shared machines mean little). Shape from the model issue: B=4,
+T=256, 32 experts, top-2, 8 loops, CPU.
 The halting head is biased so no position halts early: both models run all 8 loops.
 Also the forward's FLOP rate as a fraction of the GEMM rate measured in the same run, float32
 and bf16 (CPU time, so that other jobs on a shared machine barely move it).
