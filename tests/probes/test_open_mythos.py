@@ -103,3 +103,31 @@ def test_decode_steps_of_one_generate_share_a_trace_id(pair):
     assert len({t.trace_id for t in traces}) == 1 and len({t.span_id for t in traces}) == 3
     assert [t.seq_len for t in traces] == [4, 1, 1]
     assert all(t.iterations == 3 for t in traces)  # with a KV cache every loop runs
+
+
+def test_our_generate_records_under_inference_mode_what_a_no_grad_decode_records(pair):
+    """`LoopedTransformer.generate` decodes under torch.inference_mode: the probes still record one
+    trace per step with one trace id, and every value equals that of the same decode run by hand
+    under no_grad (a probe that edited an inference tensor in place would raise, one that read a
+    stale one would differ)."""
+    _, ours = pair
+    prompt = ids[:1, :4]
+    with mythos_probe.attach(ours, probes=PROBES, detail="positions", lens_positions="all") as rec:
+        out = ours.generate(prompt, max_new_tokens=3, n_loops=3, temperature=0)
+    with torch.no_grad(), mythos_probe.attach(ours, probes=PROBES, detail="positions", lens_positions="all") as ref:
+        cache: dict = {}
+        ours(prompt, n_loops=3, kv_cache=cache)
+        for i in range(2):
+            ours(out[:, 4 + i : 5 + i], n_loops=3, kv_cache=cache, start_pos=4 + i)
+    got, expected = rec.traces, ref.traces
+    assert [t.step for t in got] == [0, 1, 2] and len({t.trace_id for t in got}) == 1
+    assert [t.seq_len for t in got] == [t.seq_len for t in expected] == [4, 1, 1]
+    for g, e in zip(got, expected):
+        assert g.iterations == e.iterations
+        assert g.iteration_metrics.keys() == e.iteration_metrics.keys() and g.iteration_metrics
+        for name in e.iteration_metrics:
+            np.testing.assert_array_equal(g.iteration_metrics[name], e.iteration_metrics[name], err_msg=name)
+        assert g.forward_metrics == e.forward_metrics
+        for name in e.position_metrics:
+            np.testing.assert_array_equal(g.position_metrics[name], e.position_metrics[name], err_msg=name)
+        assert np.array_equal(g.expert_load, e.expert_load)
