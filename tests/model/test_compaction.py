@@ -200,6 +200,28 @@ def test_the_compaction_rule_follows_the_flops_of_a_masked_step():
 
 
 @pytest.mark.parametrize("exit", ["kl", "latent"])
+def test_an_iteration_compacts_when_fewer_than_the_share_of_positions_run(model, exit):
+    """With compact_below=0.75, an iteration after which at least 3 in 4 positions still run
+    runs every row (B·T rows through the FFN), one after which fewer run runs those only. The
+    exits come from a hooked (masked) run of the same forward."""
+    m, th = model
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=8, exit=exit, exit_threshold=th[exit],
+                                    names_filter="recurrent.hook_halted")
+        halted = cache.stack("recurrent.hook_halted")  # (I, B, T)
+        m.recurrent.compact_below = 0.75
+        try:
+            m(ids, n_loops=8, exit=exit, exit_threshold=th[exit])
+        finally:
+            m.recurrent.compact_below = None
+    shares = [float((~halted[t - 1]).float().mean()) for t in range(1, halted.shape[0])]
+    assert min(shares) < 0.75 <= max(shares)  # both kinds of iteration occur
+    expected = ids.numel() + sum(round(share * ids.numel()) if share < 0.75 else ids.numel() for share in shares)
+    assert m.last_forward["iterations"] == halted.shape[0]
+    assert m.last_forward["row_iterations"] == expected
+
+
+@pytest.mark.parametrize("exit", ["kl", "latent"])
 def test_a_small_step_runs_masked(model, exit):
     """Below MIN_COMPACT_FLOPS the loop never compacts: every iteration runs every row (the rows
     that ran the FFN are B·T per iteration) while positions still exit and freeze."""

@@ -298,6 +298,36 @@ def test_verify_reports_what_a_hand_run_policy_measures(policy):
     assert report["time_fixed_s"] > 0 and report["time_policy_s"] > 0
 
 
+def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
+    """time_saved and cpu_time_saved are 1 − the median over pairs of policy time / full-depth
+    time. The clock is fake and deterministic (no timed assertion): each forward advances it by
+    the iterations it ran (CPU time by twice that), so the saving must be 1 − iterations of the
+    policy / n_loops exactly."""
+    import time
+
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    torch.manual_seed(0)
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        model(ids, n_loops=6, exit="latent", exit_threshold=0.5)
+    ran = model.last_forward["iterations"]
+    assert ran < 6  # the policy stops the loop early, so an inverted ratio would show
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "process_time", lambda: 2 * clock[0])
+    # on the top module: the loop's own modules stay unhooked, so it compacts as when unobserved
+    handle = model.register_forward_hook(lambda m, args, out: clock.__setitem__(0, clock[0] + m.last_forward["iterations"]))
+    try:
+        report = whatif.verify(model, ids, "latent", 0.5, n_loops=6, repeats=3)
+    finally:
+        handle.remove()
+    assert report["time_saved"] == pytest.approx(1 - ran / 6)
+    assert report["cpu_time_saved"] == pytest.approx(1 - ran / 6)
+    assert (report["time_fixed_s"], report["time_policy_s"]) == (6, ran)
+
+
 def test_verify_refuses_what_the_model_cannot_run():
     from mythos_probe.model import LoopedConfig, LoopedTransformer
 
