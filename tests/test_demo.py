@@ -95,3 +95,7 @@ def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
     assert "keep exit='fixed'" in slower
     short = describe_measured(with_time(0.02), "16 chains")  # 2 % of the time for 40 % of the FLOPs
     assert "well below the FLOPs saved" in short and "keep exit='fixed'" not in short
+    # the boundaries: no time saved is not faster; under half the FLOPs saved is well below
+    assert "NOT faster" in describe_measured(with_time(0.0), "16 chains")
+    assert "well below" in describe_measured(with_time(0.19), "16 chains")
+    assert "\n" not in describe_measured(with_time(0.21), "16 chains")

@@ -47,6 +47,13 @@ def test_attention_counts_the_attended_pairs(gqa):
     mask[..., 0] = True  # every query sees a key
     masked = counted(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa))
     assert masked.by_op == {"attention": int(mask.sum()) * H * per_pair}
+    shorter = torch.randn(B, k.shape[1], T - 2, d)  # 2 fewer keys: the last queries see all of them
+    assert counted(lambda: F.scaled_dot_product_attention(q, shorter, shorter, is_causal=True, enable_gqa=gqa)).by_op == {
+        "attention": B * H * sum(min(i + 1, T - 2) for i in range(T)) * per_pair}
+    # an additive float mask: every finite entry is attended, however negative (a bias such as ALiBi)
+    bias = torch.randn(B, 1, T, T).masked_fill(~mask, float("-inf")) - 5.0
+    biased = counted(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa))
+    assert biased.by_op == {"attention": int(mask.sum()) * H * per_pair}
 
 
 def test_a_causal_prefill_on_top_of_a_cache_counts_the_keys_each_query_sees():
