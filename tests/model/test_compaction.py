@@ -199,11 +199,13 @@ def test_the_compaction_rule_follows_the_flops_of_a_masked_step():
     assert RecurrentBlock.compact_share(1e12) == 0.9
 
 
-@pytest.mark.parametrize("exit", ["kl", "latent"])
+@pytest.mark.parametrize("exit", ["kl", "latent", "act"])
 def test_an_iteration_compacts_when_fewer_than_the_share_of_positions_run(model, exit):
-    """With compact_below=0.75, an iteration after which at least 3 in 4 positions still run
-    runs every row (B·T rows through the FFN), one after which fewer run runs those only. The
-    exits come from a hooked (masked) run of the same forward."""
+    """With compact_below=0.75, an iteration whose share of running work is at least 3 in 4 runs
+    every row (B·T rows through the FFN), one below runs less: under kl and latent the running
+    positions; under act the rows with a running position, up to the last running position of
+    any row (a halted position still feeds its row's attention). The exits come from a hooked
+    (masked) run of the same forward."""
     m, th = model
     with torch.no_grad():
         _, cache = m.run_with_cache(ids, n_loops=8, exit=exit, exit_threshold=th[exit],
@@ -214,9 +216,19 @@ def test_an_iteration_compacts_when_fewer_than_the_share_of_positions_run(model,
             m(ids, n_loops=8, exit=exit, exit_threshold=th[exit])
         finally:
             m.recurrent.compact_below = None
-    shares = [float((~halted[t - 1]).float().mean()) for t in range(1, halted.shape[0])]
+    B, T = ids.shape
+    work = []  # per iteration after the first: the rows a compacted step runs
+    for t in range(1, halted.shape[0]):
+        running = ~halted[t - 1]
+        if exit == "act":
+            live = running.any(1)
+            extent = int(running.any(0).nonzero().max()) + 1 if live.any() else 0
+            work.append(int(live.sum()) * extent)
+        else:
+            work.append(int(running.sum()))
+    shares = [w / (B * T) for w in work]
     assert min(shares) < 0.75 <= max(shares)  # both kinds of iteration occur
-    expected = ids.numel() + sum(round(share * ids.numel()) if share < 0.75 else ids.numel() for share in shares)
+    expected = B * T + sum(w if w < 0.75 * B * T else B * T for w in work)
     assert m.last_forward["iterations"] == halted.shape[0]
     assert m.last_forward["row_iterations"] == expected
 
