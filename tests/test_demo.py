@@ -18,6 +18,7 @@ def test_headless_runs_twice_on_one_store(tmp_path, capsys):
     assert "what-if at ≥99% agreement: exit on" in out or "no early-exit policy" in out
     assert "baseline: full-depth shadow forwards" in out or "no early-exit policy" in out
     assert "run for real" in out or "no policy the model runs" in out
+    assert "the served policy, run for real (exit='act', threshold 0.99, 4 chains" in out  # always measured too
     assert re.search(r"^\s+1\s+1\s+100\.0%", out, re.M)  # one request of one step, solved
     assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
     con = duckdb.connect(str(store), read_only=True)

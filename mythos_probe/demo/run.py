@@ -8,8 +8,8 @@ is refused with a message, never overwritten. Each request runs as served (ACT) 
 full depth (`exit="fixed"`, stored with `kind="shadow"`): the baseline of the early-exit what-if.
 The summary prints accuracy and iterations used by difficulty, the what-if's recommendation at
 ≥ 99 % agreement with full depth (the same sentence the dashboard shows, `whatif.describe`), and
-the best policy the model can run (`kl` or `latent`) run for real (`whatif.verify`): measured
-time, FLOPs and agreement next to the prediction.
+the best policy the model can run (`kl` or `latent`) and the served one (`act`) run for real
+(`whatif.verify`): measured time, FLOPs and agreement next to the prediction.
 
 This module is not: the model, the probes or the dashboard; it only wires them together.
 """
@@ -135,24 +135,28 @@ MIN_AGREEMENT = 0.99
 
 def measured_saving(shadows, batch: int, seed: int) -> str:
     """The best policy the model runs with a threshold (`kl`, `latent`), recommended by the
-    what-if on the shadow forwards, run for real on a held-out batch of the longest trained chains
-    beside a full-depth run of it."""
+    what-if on the shadow forwards, and the served policy (`act`), each run for real on a held-out
+    batch of the longest trained chains beside a full-depth run of it."""
     from mythos_probe import whatif
     from mythos_probe.demo.tasks import ChainTask
     from mythos_probe.demo.checkpoint import load_metadata, load_trained_model
 
     model, _ = load_trained_model()
     steps = int(load_metadata()["settings"]["train_steps"])
+    inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
+    n_loops, described = 2 * model.cfg.max_loop_iters, f"{batch} chains of {steps} steps"
     runnable = {c: p for p, c in whatif.POLICY_CRITERIA.items() if p != "act"}  # act: the served policy
     table = whatif.evaluate(shadows)
     try:
         best = whatif.recommend(table[table["criterion"].isin(runnable)], MIN_AGREEMENT)
     except ValueError as exc:
-        return f"not run for real: no policy the model runs is recommended at ≥99% agreement: {exc}"
-    inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
-    r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]),
-                      n_loops=2 * model.cfg.max_loop_iters)
-    return describe_measured(r, f"{batch} chains of {steps} steps")
+        lines = [f"not run for real: no policy the model runs is recommended at ≥99% agreement: {exc}"]
+    else:
+        r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]), n_loops=n_loops)
+        lines = [describe_measured(r, described)]
+    served = whatif.verify(model, inputs, "act", n_loops=n_loops)
+    lines.append("the served policy, " + describe_measured(served, described))
+    return "\n".join(lines)
 
 
 def describe_measured(r, inputs: str) -> str:
@@ -169,8 +173,8 @@ def describe_measured(r, inputs: str) -> str:
            "small model does not win back, and a batch runs until its slowest position exits; larger batches or "
            "wider models save in proportion (benchmarks/bench_early_exit.py)")
     if r["time_saved"] <= 0:
-        line += f"\n  NOT faster than exit='fixed' here: keep exit='fixed' for batches like this one. The FLOPs " \
-                f"saved did not turn into time: {why}."
+        line += f"\n  NOT faster than exit='fixed' here: for batches like this one, keep exit='fixed' rather than " \
+                f"this policy. The FLOPs saved did not turn into time: {why}."
     elif r["time_saved"] < 0.5 * r["flops_saved"]:
         line += f"\n  The time saved is well below the FLOPs saved at this batch size: {why}."
     return line
