@@ -100,3 +100,11 @@ def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
     assert "NOT faster" in describe_measured(with_time(0.0), "16 chains")
     assert "well below" in describe_measured(with_time(0.19), "16 chains")
     assert "\n" not in describe_measured(with_time(0.21), "16 chains")
+    # executed FLOPs 5 points or more below the prediction: the line says why, naming ACT's halted positions
+    predicted = lambda flops, policy: pd.concat([report.drop(["predicted_flops_saved", "policy"]),  # noqa: E731
+                                                 pd.Series({"predicted_flops_saved": flops, "policy": policy})])
+    assert "save less than predicted" not in describe_measured(predicted(0.44, "latent"), "16 chains")
+    below = describe_measured(predicted(0.46, "latent"), "16 chains")
+    assert "save less than predicted" in below and "keys and values of exited positions" in below
+    assert "ACT keeps updating a halted position" not in below
+    assert "ACT keeps updating a halted position" in describe_measured(predicted(0.6, "act"), "16 chains")

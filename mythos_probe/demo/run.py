@@ -160,8 +160,9 @@ def measured_saving(shadows, batch: int, seed: int) -> str:
 
 
 def describe_measured(r, inputs: str) -> str:
-    """One line for a `whatif.verify` report, and a second when the time saved falls well short of
-    the FLOPs saved: what it means and what to do."""
+    """One line for a `whatif.verify` report; a second when the time saved falls well short of the
+    FLOPs saved (what it means and what to do), and another when the executed FLOPs save well
+    below the replay's prediction (why)."""
     line = (
         f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {inputs}, "
         f"against exit='fixed'): saved {r['time_saved']:.1%} of the time, {r['flops_saved']:.1%} of the executed "
@@ -177,6 +178,13 @@ def describe_measured(r, inputs: str) -> str:
                 f"this policy. The FLOPs saved did not turn into time: {why}."
     elif r["time_saved"] < 0.5 * r["flops_saved"]:
         line += f"\n  The time saved is well below the FLOPs saved at this batch size: {why}."
+    if r["predicted_flops_saved"] - r["flops_saved"] >= 0.05:
+        halted = (", and ACT keeps updating a halted position (later ones attend to it) until its row stops"
+                  if r["policy"] == "act" else "")
+        line += ("\n  The executed FLOPs save less than predicted: the replay counts the iterations of the positions "
+                 "still running only, while the model also computes the keys and values of exited positions, and "
+                 "every position of an iteration in which too many still run for skipping them to pay "
+                 f"(RecurrentBlock.compact_share){halted}.")
     return line
 
 
