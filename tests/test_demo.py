@@ -106,5 +106,5 @@ def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
     assert "save less than predicted" not in describe_measured(predicted(0.44, "latent"), "16 chains")
     below = describe_measured(predicted(0.46, "latent"), "16 chains")
     assert "save less than predicted" in below and "keys and values of exited positions" in below
-    assert "ACT keeps updating a halted position" not in below
-    assert "ACT keeps updating a halted position" in describe_measured(predicted(0.6, "act"), "16 chains")
+    assert "under ACT halted positions keep updating" not in below
+    assert "under ACT halted positions keep updating" in describe_measured(predicted(0.6, "act"), "16 chains")

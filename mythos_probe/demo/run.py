@@ -179,7 +179,7 @@ def describe_measured(r, inputs: str) -> str:
     elif r["time_saved"] < 0.5 * r["flops_saved"]:
         line += f"\n  The time saved is well below the FLOPs saved at this batch size: {why}."
     if r["predicted_flops_saved"] - r["flops_saved"] >= 0.05:
-        halted = (", and ACT keeps updating a halted position (later ones attend to it) until its row stops"
+        halted = (", and under ACT halted positions keep updating while their row still has a running position"
                   if r["policy"] == "act" else "")
         line += ("\n  The executed FLOPs save less than predicted: the replay counts the iterations of the positions "
                  "still running only, while the model also computes the keys and values of exited positions, and "
