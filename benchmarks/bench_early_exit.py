@@ -165,7 +165,6 @@ def small_steps(repeats: int) -> None:
     torch.set_num_threads(1)
     shipped, _ = load_trained_model()
     wide, _ = load_wide_chains_model()
-    torch.set_num_threads(1)
     print("\nwhole forwards, policy / fixed CPU time (< 1: faster), compacting from each share (0: never), and the "
           "rule's share")
     shares = (0.0, 0.2, 0.4, 0.8)
@@ -269,12 +268,11 @@ def main() -> None:
                    lambda b: torch.randint(0, model.cfg.vocab_size, (b, seq), generator=g),
                    n_loops=model.cfg.max_loop_iters, **run)
             continue
-        model, _ = load_trained_model() if name == "shipped" else load_wide_chains_model()
-        if args.threads:
-            torch.set_num_threads(args.threads)  # training the wide model sets its own
+        model, _ = load_trained_model() if name == "shipped" else load_wide_chains_model()  # keeps the thread count
         task = ChainTask(seed=3)
         report(f"{name} chains model (dim {model.cfg.dim}), chains of 8 steps", model,
                lambda b: task.batch(b, 8).input_ids, n_loops=2 * model.cfg.max_loop_iters, **run)
+
 
 if __name__ == "__main__":
     main()

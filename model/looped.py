@@ -35,6 +35,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from mythos_probe.metrics.convergence import rel_residual  # the what-if replays `latent` as this metric
+from mythos_probe.metrics.lens import kl as kl_divergence  # and `kl` as this one (the lens probe's lens_kl_prev)
 from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
 from mythos_probe.model.config import LoopedConfig
 from mythos_probe.model.queries import Queries, sdpa
@@ -310,7 +311,11 @@ class LTIInjection(nn.Module):
         return torch.exp(-torch.exp((self.log_dt + self.log_A).clamp(-20, 20)))
 
     def forward(self, h, e, transformer_out):
-        return self.get_A() * h + self.B * e + transformer_out
+        return self.inject(self.get_A(), h, e, transformer_out)
+
+    def inject(self, A, h, e, transformer_out):
+        """The update with a decay computed beforehand (the loop computes A once per forward)."""
+        return A * h + self.B * e + transformer_out
 
 
 class ACTHalting(nn.Module):
@@ -486,8 +491,8 @@ class RecurrentBlock(nn.Module):
         combined = self.norm(h + emb + e)
         trans_out = self.hook_block_out(self.block(combined, freqs_cis, causal, kv_cache, f"recurrent_loop_{t}"))
         trans_out = trans_out + self.hook_lora_delta(self.lora(trans_out, t))
-        # LTIInjection.forward, its A computed once per forward when nothing watches the module
-        h_new = self.injection(h, e, trans_out) if s.A is None else s.A * h + self.injection.B * e + trans_out
+        # the module when something may watch it, else its update with A computed once per forward
+        h_new = self.injection(h, e, trans_out) if s.A is None else self.injection.inject(s.A, h, e, trans_out)
         if exit in ("kl", "latent") and s.some_halted:
             h_new = torch.where(s.halted[..., None], h, h_new)  # exited positions stay frozen
         h_prev, h = h, self.hook_state_out(h_new)
@@ -511,8 +516,7 @@ class RecurrentBlock(nn.Module):
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
             if s.prev_logp is not None:
-                kl = (logp.exp() * (logp - s.prev_logp)).sum(-1)
-                halted = halted | (kl < threshold)
+                halted = halted | (kl_divergence(logp, s.prev_logp) < threshold)
             s.prev_logp = logp
         s.halted = self.hook_halted(halted)
         if halting:
@@ -559,7 +563,7 @@ class RecurrentBlock(nn.Module):
         self.row_iterations += queries.n
         x = x + self.lora(x, t)
         h_act = queries.take(s.h)
-        h_new = s.A * h_act + self.injection.B * queries.take(e) + x  # LTIInjection, its A computed once
+        h_new = self.injection.inject(s.A, h_act, queries.take(e), x)
         s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
         if exit == "latent":
@@ -567,7 +571,7 @@ class RecurrentBlock(nn.Module):
         else:
             logp = lens(s.h, queries=queries)  # (N, V)
             prev = queries.take(s.prev_logp)
-            stop = (logp.exp() * (logp - prev)).sum(-1) < threshold
+            stop = kl_divergence(logp, prev) < threshold
             s.prev_logp[queries.rows, queries.pos] = logp
         s.halted[queries.rows, queries.pos] = stop
 

@@ -45,8 +45,9 @@ lens out. `recommend` ranks by FLOPs saved and never recommends a row that saves
 `verify` runs a policy for real next to the replay's prediction: measured time, executed FLOPs
 (counted at the dispatcher, `executed_flops.ExecutedFlops`) and agreement with a full-depth run of
 the same inputs. The prediction counts the running positions only; the real run also computes the
-keys and values of exited positions that later ones attend to, and runs every position at the
-iterations it does not compact, so it saves somewhat less.
+keys and values of exited positions that later ones attend to, runs every position at the
+iterations it does not compact and, under ACT, keeps updating halted positions while their row
+still has a running one, so it saves less.
 
 This module is not: an exit policy the model runs (`model/looped.py` has `exit="kl"/"latent"`)
 nor the SQL form of the replay (`dashboards/whatif.py`, equal row for row). All criteria and
@@ -387,7 +388,8 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     position), with time_fixed_s and time_policy_s, and cpu_time_saved. The predicted FLOPs
     count the loop and, for `kl`, a lens readout, per position-iteration used; the executed ones
     also hold what the model runs beyond that (keys and values of exited positions, queries
-    attended and dropped, masked iterations before the loop compacts), so they save less.
+    attended and dropped, masked iterations before the loop compacts, and under ACT halted
+    positions of rows still running), so they save less.
     """
     import time
 

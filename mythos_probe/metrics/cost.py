@@ -8,7 +8,8 @@ Executed: a probed forward runs the masked loop (hooks see every position at ful
 `model.looped.RecurrentBlock`), so every position runs every executed iteration. Useful: each
 position runs only the iterations it used (its exit iteration + 1), what a compacted forward runs
 at best. What an unprobed (compacted) forward really executes is counted at the dispatcher, not
-modeled: `mythos_probe.executed_flops.ExecutedFlops`, as `mythos_probe.whatif.verify` does. Lens: the FLOPs of one coda-lens readout of every position
+modeled: `mythos_probe.executed_flops.ExecutedFlops`, as `mythos_probe.whatif.verify` does.
+Lens: the FLOPs of one coda-lens readout of every position
 (`lens_flops_per_row`), what an exit policy that reads the lens (`kl`; the what-if's `entropy`
 and `argmax_stable`) pays per running position per iteration on top of the loop; the what-if
 subtracts it from what such a policy saves. `flops` itself is the loop and the one coda pass,
