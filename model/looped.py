@@ -352,7 +352,9 @@ class RecurrentBlock(nn.Module):
       MoE, shared experts, LoRA, halting head and lens are skipped, and positions past the last
       running one of their row are not touched at all (causal; without a KV cache). A row with no
       running position leaves the iteration (in decode: a batch row whose token exited). The
-      halting head, read only by hooks under these policies, is not run at all.
+      halting head, read only by hooks under these policies, is not run at all. (Running these
+      policies ACT's way, whole rows up to their last running position, was measured slower in
+      every case: README, "Measured figures".)
     - `act`: a halted position keeps updating (OpenMythos: its state still feeds the others'
       attention and the cache), so only the rows with a running position run, up to their last
       running position, and only without a KV cache (a cache needs every later loop depth of every
