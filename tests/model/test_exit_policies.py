@@ -71,6 +71,43 @@ def test_early_exit_does_not_break_with_a_kv_cache(model):
     assert model.last_forward["iterations"] == 2
 
 
+@pytest.mark.parametrize("variant", ["tiny-gqa", "tiny-mla"])
+@pytest.mark.parametrize("exit", ["fixed", "act", "latent"])
+def test_a_prefill_in_chunks_on_a_kv_cache_gives_the_logits_of_one_prefill(variant, exit):
+    """Causal: a position's output depends on the positions before it only, so prefilling the
+    sequence in two chunks, the second on the first's KV cache, must give the one-shot logits; the
+    second chunk's queries see the cached keys and their own up to themselves. Embedding norms
+    spread over ~two decades and a random halting head make positions exit at different
+    iterations. (`kl` is left out: its lens reads the coda cache of earlier chunks as their final
+    states, where one prefill reads their states at the same iteration, a different criterion by
+    design.)"""
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig.variant(variant)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        m.embed.weight.mul_(torch.exp(1.5 * torch.randn(m.cfg.vocab_size, 1, generator=g)))
+        m.recurrent.act.halt.weight.normal_(0, 0.3, generator=g)
+        m.recurrent.act.halt.bias.fill_(-1.5)
+        threshold = None
+        if exit == "latent":  # between the two middle residuals of iteration 2: about half exit there
+            _, free = m.run_with_cache(ids, n_loops=6, exit="fixed")
+            residuals = _relative_residuals(torch.cat([free["recurrent.hook_state_in", 0][None],
+                                                       free.stack("recurrent.hook_state_out")]))
+            threshold = float(residuals[2].quantile(0.5))
+        _, hooked = m.run_with_cache(ids, n_loops=6, exit=exit, exit_threshold=threshold,
+                                     names_filter="recurrent.hook_halted")
+        whole = m(ids, n_loops=6, exit=exit, exit_threshold=threshold)
+        kv: dict = {}
+        first = m(ids[:, :4], n_loops=6, exit=exit, exit_threshold=threshold, kv_cache=kv)
+        second = m(ids[:, 4:], n_loops=6, exit=exit, exit_threshold=threshold, kv_cache=kv, start_pos=4)
+    if exit != "fixed":
+        halted = hooked.stack("recurrent.hook_halted")
+        assert len(set(halted.sum(0).flatten().tolist())) > 1  # positions exit at different iterations
+    # 1e-6 of the logits' scale (~20 here): one float32 rounding step of the chunks' smaller GEMMs
+    scale = max(1.0, float(whole.abs().max()))
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=1e-6 * scale, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
