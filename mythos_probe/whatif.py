@@ -371,7 +371,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     """Run exit `policy` at `threshold` for real on `inputs` (a (B, T) token batch) beside a
     full-depth run, and set it next to the replay's prediction for the same forward.
 
-    model: a `mythos_probe.model.LoopedTransformer` (it runs the policies). policy: "kl",
+    model: a `mythos_probe.model.LoopedTransformer` in eval mode (it runs the policies). policy: "kl",
     "latent" (replayed as `rel_residual`) or "act" (threshold: the config's `act_threshold`).
     Runs alternate (policy, then full depth) `repeats` times; a saving is 1 − the median of the
     paired ratios policy / full depth, so that a slow spell of the machine, which hits both runs
@@ -407,6 +407,9 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
         raise ValueError("policy 'act' halts at model.cfg.act_threshold: pass threshold=None")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if model.training:  # a training-mode forward never skips exited positions, and dropout changes outputs
+        raise ValueError("verify measures the model as served, but it is in training mode (exited positions "
+                         "would still be computed, and dropout would move the agreement): call model.eval() first")
     n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
     criterion = POLICY_CRITERIA[policy]
     replay_threshold = model.cfg.act_threshold if policy == "act" else threshold

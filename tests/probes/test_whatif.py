@@ -339,6 +339,8 @@ def test_verify_refuses_what_the_model_cannot_run():
         whatif.verify(model, ids, "act", 0.5)
     with pytest.raises(ValueError, match="non-negative"):
         whatif.verify(model, ids, "kl", -1.0)
+    with pytest.raises(ValueError, match=r"training mode .* call model.eval\(\)"):
+        whatif.verify(model.train(), ids, "kl", 0.1)
 
 
 def costed(trace, flops, loop_flops, lens_flops=None, iterations=None, span="a"):
