@@ -51,6 +51,15 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
+def watched(module: nn.Module) -> bool:
+    """Whether a forward hook can see `module`: on it or one of its submodules (probes, `hooks()`,
+    `run_with_cache`), or a global module hook (`register_module_forward_hook`), which fires on
+    every module."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 # ---------------------------------------------------------------------------------------------
 # Norm and RoPE
 # ---------------------------------------------------------------------------------------------
@@ -411,14 +420,6 @@ class RecurrentBlock(nn.Module):
         self.hook_halted = LoopHookPoint(c)  # (B, T) bool, exited after t (any policy)
         self.hook_act_weight = LoopHookPoint(c)  # (B, T) ACT weight of h_t in the output
 
-    def _hooked(self) -> bool:
-        """Whether a forward hook can see the loop: on one of its modules, or a global module hook
-        (`register_module_forward_hook`), which fires on every module. A watched loop runs masked
-        and with the halting head, so hooks see every position and every site."""
-        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-            return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-
     def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None):
         """Returns (output state (B, T, D), iterations executed). `lens(h, queries=None) ->
         log-probs` (the model's `coda_lens`) is required by the `kl` policy."""
@@ -431,7 +432,7 @@ class RecurrentBlock(nn.Module):
         )
         loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
         compact_below = self.compact_share(B * T * self.position_flops) if self.compact_below is None else self.compact_below
-        hooked = self._hooked()
+        hooked = watched(self)  # then masked and with the halting head: hooks see every position and site
         halting = exit == "act" or hooked
         may_compact = (
             exit != "fixed" and compact_below > 0 and not torch.is_grad_enabled() and not self.training

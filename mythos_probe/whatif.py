@@ -396,7 +396,7 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     import torch
 
     from mythos_probe import attach
-    from mythos_probe.model.looped import LoopedTransformer
+    from mythos_probe.model.looped import LoopedTransformer, watched
     from mythos_probe.executed_flops import ExecutedFlops
 
     if not isinstance(model, LoopedTransformer):
@@ -410,6 +410,10 @@ def verify(model, inputs, policy: str, threshold: float | None = None, n_loops: 
     if model.training:  # a training-mode forward never skips exited positions, and dropout changes outputs
         raise ValueError("verify measures the model as served, but it is in training mode (exited positions "
                          "would still be computed, and dropout would move the agreement): call model.eval() first")
+    if watched(model):  # a watched loop runs every position, and a probe adds its own time
+        raise ValueError("verify measures the model as served, but forward hooks are attached to it (an open "
+                         "attach(...) recorder, model.hooks(...) or a module hook): the loop then computes every "
+                         "position, and verify's runs would land in your recording; call verify outside that context")
     n_loops = model.cfg.max_loop_iters if n_loops is None else n_loops
     criterion = POLICY_CRITERIA[policy]
     replay_threshold = model.cfg.act_threshold if policy == "act" else threshold

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mythos_probe import whatif
+from mythos_probe import attach, whatif
 from mythos_probe.records import LoopTrace
 
 NAN = math.nan
@@ -317,12 +317,15 @@ def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(time, "process_time", lambda: 2 * clock[0])
-    # on the top module: the loop's own modules stay unhooked, so it compacts as when unobserved
-    handle = model.register_forward_hook(lambda m, args, out: clock.__setitem__(0, clock[0] + m.last_forward["iterations"]))
-    try:
-        report = whatif.verify(model, ids, "latent", 0.5, n_loops=6, repeats=3)
-    finally:
-        handle.remove()
+    forward = model.forward
+
+    def forward_and_tick(*args, **kwargs):  # not a hook: verify refuses a watched model
+        out = forward(*args, **kwargs)
+        clock[0] += model.last_forward["iterations"]
+        return out
+
+    monkeypatch.setattr(model, "forward", forward_and_tick)
+    report = whatif.verify(model, ids, "latent", 0.5, n_loops=6, repeats=3)
     assert report["time_saved"] == pytest.approx(1 - ran / 6)
     assert report["cpu_time_saved"] == pytest.approx(1 - ran / 6)
     assert (report["time_fixed_s"], report["time_policy_s"]) == (6, ran)
@@ -341,6 +344,14 @@ def test_verify_refuses_what_the_model_cannot_run():
         whatif.verify(model, ids, "kl", -1.0)
     with pytest.raises(ValueError, match=r"training mode .* call model.eval\(\)"):
         whatif.verify(model.train(), ids, "kl", 0.1)
+    model.eval()
+    with attach(model, probes=["convergence"]) as rec:  # watched: the loop would run every position
+        with pytest.raises(ValueError, match="forward hooks are attached .* outside that context"):
+            whatif.verify(model, ids, "kl", 0.1)
+    assert rec.traces == []  # and nothing of verify's landed in the user's recording
+    with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: x)]):  # outside the loop: still not as served
+        with pytest.raises(ValueError, match="forward hooks are attached"):
+            whatif.verify(model, ids, "kl", 0.1)
 
 
 def costed(trace, flops, loop_flops, lens_flops=None, iterations=None, span="a"):
