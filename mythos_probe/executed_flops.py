@@ -35,8 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 # FLOP-heavy operators this counter has no formula for: met while counting, they make the total
 # an undercount, so leaving the mode warns with their names (never a silently low figure)
+# (torch's math attention is not among them: it is a composite, so the mode sees its two matmuls)
 _NOT_COUNTED = ("convolution", "mv", "addmv", "dot", "vdot", "addbmm", "_grouped_mm", "_scaled_mm",
-                "_scaled_dot_product_fused_attention_overrideable", "_scaled_dot_product_attention_math")
+                "_scaled_dot_product_fused_attention_overrideable")
 # fused attention kernels: where each takes its mask (or bias) and its is_causal flag
 _ATTENTION = {
     "_scaled_dot_product_flash_attention_for_cpu": ("attn_mask", 4),  # (q, k, v, dropout, is_causal, *, attn_mask)
