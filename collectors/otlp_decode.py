@@ -34,7 +34,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from mythos_probe.collectors import spans as S
 from mythos_probe.collectors.rows import decode_span
-from mythos_probe.records import SCHEMA_VERSION, LoopTrace
+from mythos_probe.records import LoopTrace, check_field
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -285,13 +285,9 @@ def check_forward(attrs: dict, limits: Limits, where: str = "span") -> int:
     """Checks a forward span's attributes against its declared shape and `limits`; returns the
     table rows it will add. Raises ValueError (TooLarge for a limit) naming the field."""
     try:
-        version = _required(attrs, S.ATTR_SCHEMA_VERSION, -INT64_MAX - 1, INT64_MAX)
-        if not 1 <= version <= SCHEMA_VERSION:
-            newer = version > SCHEMA_VERSION
-            raise ValueError(
-                f"{S.ATTR_SCHEMA_VERSION} = {version}: this receiver reads record versions 1 to {SCHEMA_VERSION}"
-                + ("; upgrade mythos-probe on the receiver to store newer records" if newer else "")
-            )
+        # first, with the record's own check: the other fields' meaning depends on the version
+        check_field("schema_version", _required(attrs, S.ATTR_SCHEMA_VERSION, -INT64_MAX - 1, INT64_MAX),
+                    S.ATTR_SCHEMA_VERSION)
         for key in (S.ATTR_RUN_ID, S.ATTR_MODEL_ID, S.ATTR_EXIT_POLICY, S.ATTR_DETAIL):
             if not isinstance(attrs.get(key), str):
                 raise ValueError(f"{key} must be a string, got {attrs.get(key)!r}")

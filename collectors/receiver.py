@@ -29,7 +29,9 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
@@ -46,6 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4318
 DEFAULT_MAX_BODY_BYTES = Limits.max_body_bytes
+LINGER_SECONDS = 2.0  # how long a closing connection reads what its sender still sends (`_Server`)
 
 
 class _Reject(Exception):
@@ -269,6 +272,22 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
     receiver: "Receiver"
+
+    def shutdown_request(self, request: Any) -> None:
+        """A lingering close. A refused request (413, 411…) leaves part of its body unread, and
+        closing a socket with unread input sends a reset that can reach the sender before our
+        answer and destroy it: the sender sees "connection reset" (or ENOTCONN) instead of the 413.
+        So our side is shut first, then what the sender still sends is read and dropped, for at
+        most `LINGER_SECONDS`, before the socket closes."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(LINGER_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline and request.recv(65536):
+                pass
+        except OSError:  # the sender already went away, or stayed silent past the linger
+            pass
+        self.close_request(request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Only socket errors reach here (a sender that went away); the handler answers the rest.

@@ -135,6 +135,115 @@ FORWARD_METRIC_NAMES = tuple(m.name for m in FORWARD_METRICS)
 
 AttributeValue = str | bool | int | float
 
+INT32_MAX = 2**31 - 1  # batch, seq_len, n_loops, iterations, ranks: INTEGER columns of the store
+INT64_MAX = 2**63 - 1  # timestamps, steps, pids: BIGINT columns
+
+
+class InvalidRecord(ValueError, TypeError):
+    """A value a `LoopTrace` cannot hold; the message names the field. A ValueError (the receiver
+    answers 400 with it) and a TypeError (for a value of the wrong type, as Python raises)."""
+
+
+def _integer(lo: int, hi: int):
+    def check(name: str, value: Any) -> int:
+        if type(value) is not int:  # the common case first: this runs ~10 times per trace
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise InvalidRecord(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        if not lo <= value <= hi:
+            raise InvalidRecord(f"{name} = {value} is outside [{lo}, {hi}]")
+        return value
+
+    return check
+
+
+def _text(empty: bool):
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or not (empty or value):
+            raise InvalidRecord(f"{name} must be a{'' if empty else ' non-empty'} string, got {value!r}")
+        return value
+
+    return check
+
+
+def _hex_id(chars: int):
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or len(value) != chars or value.strip("0123456789abcdef") or not value.strip("0"):
+            raise InvalidRecord(f"{name} must be {chars} lowercase hex characters, not all zero (an OTel id), got {value!r}")
+        return value
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...]):
+    def check(name: str, value: Any) -> str:
+        if value not in choices:
+            raise InvalidRecord(f"{name} must be one of {choices}, got {value!r}")
+        return value
+
+    return check
+
+
+def _schema_version(name: str, value: Any) -> int:
+    version = _integer(-INT64_MAX - 1, INT64_MAX)(name, value)
+    if not 1 <= version <= SCHEMA_VERSION:
+        raise InvalidRecord(
+            f"{name} = {version}: this mythos-probe reads record versions 1 to {SCHEMA_VERSION}"
+            + ("; upgrade mythos-probe to read newer records" if version > SCHEMA_VERSION else "")
+        )
+    return version
+
+
+_ATTRIBUTE_TYPES = frozenset((str, bool, int, float))
+
+
+def _attributes(name: str, value: Any) -> dict[str, AttributeValue]:
+    if type(value) is not dict and not isinstance(value, Mapping):
+        raise InvalidRecord(f"{name} must be a mapping of str to str, bool, int or float, got {type(value).__name__}")
+    for key, item in value.items():
+        if type(key) is not str or not key:
+            raise InvalidRecord(f"{name} keys must be non-empty strings, got {key!r}")
+        if type(item) not in _ATTRIBUTE_TYPES and not isinstance(item, (str, bool, int, float)):
+            raise InvalidRecord(f"attribute {key!r} must be str, bool, int or float, got {type(item).__name__}")
+    return dict(value)
+
+
+# The checks of the record's scalar fields, one per field name: `LoopTrace` runs them on
+# construction (in-process and off the wire alike: the receiver decodes into a `LoopTrace`), and
+# `attach` runs the same ones on its options through `check_field`, so a bad `run_id` fails where
+# it is passed, naming the field, and never inside Arrow at write time.
+FIELD_CHECKS = {
+    "trace_id": _hex_id(32),
+    "span_id": _hex_id(16),
+    "run_id": _text(empty=False),
+    "model_id": _text(empty=False),
+    "step": _integer(-INT64_MAX, INT64_MAX),
+    "start_ns": _integer(0, INT64_MAX),
+    "end_ns": _integer(0, INT64_MAX),
+    "batch": _integer(0, INT32_MAX),
+    "seq_len": _integer(0, INT32_MAX),
+    "n_loops": _integer(0, INT32_MAX),
+    "iterations": _integer(0, INT32_MAX),
+    "exit_policy": _text(empty=False),
+    "detail": _one_of(DETAIL_LEVELS),
+    "attributes": _attributes,
+    "schema_version": _schema_version,
+    "loop_name": _text(empty=False),
+    "kind": _one_of(FORWARD_KINDS),
+    "rank": _integer(0, INT32_MAX),
+    "local_rank": _integer(0, INT32_MAX),
+    "world_size": _integer(1, INT32_MAX),
+    "host": _text(empty=True),
+    "pid": _integer(0, INT64_MAX),
+    "job_id": _text(empty=True),
+}
+
+
+def check_field(name: str, value: Any, label: str | None = None) -> Any:
+    """`value` as a `LoopTrace` holds field `name` (numpy integers become int), or `InvalidRecord`
+    naming the field (as `label` where the caller knows it by another name, e.g. a span attribute)."""
+    return FIELD_CHECKS[name](label or name, value)
+
 
 def _frozen_array(a: Any, dtype) -> np.ndarray:
     arr = np.array(a, dtype=dtype, copy=True)
@@ -187,18 +296,17 @@ class LoopTrace:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        if len(self.trace_id) != 32 or len(self.span_id) != 16:
-            raise ValueError("trace_id must be 32 hex chars and span_id 16 hex chars (OTel ids)")
-        if self.detail not in DETAIL_LEVELS:
-            raise ValueError(f"detail must be one of {DETAIL_LEVELS}, got {self.detail!r}")
-        if self.iterations < 0 or self.n_loops < 0:
-            raise ValueError("iterations and n_loops must be non-negative")
-        if self.kind not in FORWARD_KINDS:
-            raise ValueError(f"kind must be one of {FORWARD_KINDS}, got {self.kind!r}")
-        if not self.loop_name:
-            raise ValueError("loop_name must be a non-empty string")
-        if not 0 <= self.rank < self.world_size or not 0 <= self.local_rank < self.world_size:
-            raise ValueError(
+        for name, check in FIELD_CHECKS.items():
+            value = getattr(self, name)
+            checked = check(name, value)
+            if checked is not value:  # a numpy integer made int, a mapping made a dict
+                set_(self, name, checked)
+        if self.end_ns < self.start_ns:
+            raise InvalidRecord(f"end_ns = {self.end_ns} is before start_ns = {self.start_ns}")
+        if self.iterations > self.n_loops:
+            raise InvalidRecord(f"iterations = {self.iterations} is more than n_loops = {self.n_loops} (the loops requested)")
+        if not self.rank < self.world_size or not self.local_rank < self.world_size:
+            raise InvalidRecord(
                 f"rank {self.rank} and local_rank {self.local_rank} must lie in [0, world_size={self.world_size})"
             )
         it = {}
@@ -241,11 +349,17 @@ class LoopTrace:
                     raise ValueError(f"{name} has shape {arr.shape}, expected ({self.batch}, {self.seq_len})")
                 set_(self, name, arr)
         if self.token_text is not None:
-            set_(self, "token_text", tuple(tuple(str(t) for t in row) for row in self.token_text))
-        for key, value in self.attributes.items():
-            if not isinstance(value, (str, bool, int, float)):
-                raise TypeError(f"attribute {key!r} must be str, bool, int or float, got {type(value).__name__}")
-        set_(self, "attributes", dict(self.attributes))
+            if isinstance(self.token_text, str) or any(isinstance(row, str) for row in self.token_text):
+                raise InvalidRecord("token_text must be rows (batch) of token strings (seq_len), not strings")
+            text = tuple(tuple(row) for row in self.token_text)
+            if len(text) != self.batch or any(len(row) != self.seq_len for row in text):
+                raise InvalidRecord(
+                    f"token_text has {len(text)} rows of lengths {sorted({len(row) for row in text})}, "
+                    f"expected ({self.batch}, {self.seq_len})"
+                )
+            if not all(type(t) is str for row in text for t in row):
+                raise InvalidRecord("token_text must hold strings (the text of each token)")
+            set_(self, "token_text", text)
 
     @property
     def n_experts(self) -> int:

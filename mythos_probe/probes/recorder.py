@@ -26,7 +26,7 @@ from mythos_probe.probes.spec_adapter import SpecAdapter
 from mythos_probe.probes.reductions import DEFAULT_PROBES, PROBES, ForwardReducer, Pending
 from mythos_probe.probes.hooks import refuse_compiled
 from mythos_probe.probes.distributed import Where, job_run_id, where as distributed_where
-from mythos_probe.records import DETAIL_LEVELS, FORWARD_KINDS, LoopTrace
+from mythos_probe.records import LoopTrace, check_field
 
 __all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: mythos_probe.loopspec
 
@@ -174,21 +174,20 @@ def attach(
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
         raise ValueError(f"unknown probes {unknown}; choose from {PROBES}")
-    if detail not in DETAIL_LEVELS:
-        raise ValueError(f"detail must be one of {DETAIL_LEVELS}, got {detail!r}")
+    check_field("detail", detail)
     if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
         raise ValueError(f"sample_every must be a positive integer, got {sample_every!r}")
     if not (lens_positions in ("last", "all") or (isinstance(lens_positions, list) and lens_positions
                                                    and all(isinstance(p, int) for p in lens_positions))):
         raise ValueError("lens_positions must be 'last', 'all' or a non-empty list of position indices")
-    attributes = dict(attributes or {})
-    for key, value in attributes.items():
-        if not isinstance(value, (str, bool, int, float)):
-            raise TypeError(f"attribute {key!r} must be str, int, float or bool, got {type(value).__name__}")
+    # The record's own checks, here rather than at the first forward: a bad option fails where it
+    # is passed, naming it, never inside a forward or a store write.
+    attributes = check_field("attributes", attributes or {})
+    for name, value in (("run_id", run_id), ("model_id", model_id), ("kind", kind)):
+        if value is not None:
+            check_field(name, value)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # DDP runs the wrapped module's forward; FSDP2 shards in place
-    if kind is not None and kind not in FORWARD_KINDS:
-        raise ValueError(f"kind must be one of {FORWARD_KINDS} or None (decided per forward), got {kind!r}")
     make_adapter = _adapter_for(model, spec)
 
     steps = {"n": 0}

@@ -182,7 +182,7 @@ def test_concurrent_senders_store_every_span_exactly_once(receiver):
                 for j in range(per_batch):
                     n = (k * batches + b) * per_batch + j
                     t = base[n % 4]
-                    traces.append(type(t)(**{**t.__dict__, "trace_id": f"{n:032x}", "span_id": f"{n + 1:016x}"}))
+                    traces.append(type(t)(**{**t.__dict__, "trace_id": f"{n + 1:032x}", "span_id": f"{n + 1:016x}"}))
                 status, _ = post(receiver, otlp_body(traces).SerializeToString())
                 assert status == 200
         except BaseException as exc:

@@ -73,6 +73,11 @@ TRACE = make_trace(7, batch=2, seq_len=3, n_loops=4)
     ({"recurrent_depth.kind": AnyValue(string_value="canary")}, ["kind"]),
     ({"recurrent_depth.rank.index": AnyValue(int_value=3)}, ["rank"]),
     ({"recurrent_depth.model_id": None}, ["recurrent_depth.model_id"]),
+    # the record's own checks (records.FIELD_CHECKS), the same ones LoopTrace construction runs
+    ({"recurrent_depth.n_loops": AnyValue(int_value=2)}, ["iterations", "more than n_loops = 2"]),
+    ({"recurrent_depth.run_id": AnyValue(string_value="")}, ["run_id", "non-empty"]),
+    ({"recurrent_depth.loop_name": AnyValue(string_value="")}, ["loop_name", "non-empty"]),
+    ({"recurrent_depth.rank.world_size": AnyValue(int_value=0)}, ["world_size"]),
     ({"recurrent_depth.attr.nested": AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="a")]))}, ["nested"]),
     ({"recurrent_depth.forward.flops": AnyValue(string_value="1e9")}, ["recurrent_depth.forward.flops"]),
     ({"recurrent_depth.iteration.state_norm": AnyValue(array_value=ArrayValue(values=[
@@ -100,7 +105,8 @@ def test_positions_declared_without_values_are_refused_not_amplified(receiver):
     summary = altered([small], {**gone, **{f"recurrent_depth.iteration.{m}": None for m in small.iteration_metrics},
                                 "recurrent_depth.batch": AnyValue(int_value=100),
                                 "recurrent_depth.seq_len": AnyValue(int_value=100),
-                                "recurrent_depth.iterations": AnyValue(int_value=100)})
+                                "recurrent_depth.iterations": AnyValue(int_value=100),
+                                "recurrent_depth.n_loops": AnyValue(int_value=100)})
     assert post(receiver, summary.SerializeToString())[0] == 200
     assert (count(receiver.store), count(receiver.store, "iterations"), count(receiver.store, "positions")) == (1, 100, 0)
 
@@ -119,6 +125,13 @@ def test_a_foreign_span_past_int64_time_gets_400(receiver):
     request.resource_spans[0].scope_spans[0].spans[0].name = "http.request"
     request.resource_spans[0].scope_spans[0].spans[0].start_time_unix_nano = 2**64 - 1
     assert_refused(receiver, request.SerializeToString(), 400, "start_time_unix_nano")
+
+
+def test_a_forward_ending_before_it_starts_gets_400(receiver):
+    request = otlp_body([TRACE])
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    span.end_time_unix_nano = span.start_time_unix_nano - 1
+    assert_refused(receiver, request.SerializeToString(), 400, "end_ns", "before start_ns")
 
 
 def test_one_bad_forward_refuses_its_whole_request(receiver):

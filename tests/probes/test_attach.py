@@ -191,3 +191,12 @@ def test_a_model_without_a_known_loop_gets_told_what_to_declare():
         mythos_probe.attach(nn.Linear(3, 3)).__enter__()
     with pytest.raises(ValueError, match=r"LoopSpec.step: .*no submodule 'blocks.0'"):
         mythos_probe.attach(make_user_model(), spec=LoopSpec(step="blocks.0")).__enter__()
+
+
+@pytest.mark.parametrize("option, value", [("run_id", 123), ("run_id", ""), ("model_id", 7), ("kind", "canary"),
+                                           ("attributes", {"user": None}), ("detail", None)])
+def test_options_are_checked_by_the_records_own_validation_naming_them(model, option, value):
+    from mythos_probe.records import InvalidRecord
+
+    with pytest.raises(InvalidRecord, match=option if option != "attributes" else "attribute 'user'"):
+        mythos_probe.attach(model, **{option: value}).__enter__()
