@@ -109,13 +109,8 @@ def stored_traces(store: Store, chunk: int = CHUNK) -> Iterator[list[tuple[str, 
 def _attributes(f: dict, present: dict[str, set[str]], iterations, positions, experts) -> dict:
     """One stored forward as the span attributes `spans.trace_to_attributes` would give its record;
     `present`: table → the columns that hold values for this forward."""
-    attrs = {
-        spans.ATTR_RUN_ID: f["run_id"], spans.ATTR_MODEL_ID: f["model_id"], spans.ATTR_STEP: f["step"],
-        spans.ATTR_BATCH: f["batch"], spans.ATTR_SEQ_LEN: f["seq_len"], spans.ATTR_N_LOOPS: f["n_loops"],
-        spans.ATTR_ITERATIONS: f["iterations"], spans.ATTR_EXIT_POLICY: f["exit_policy"],
-        spans.ATTR_DETAIL: f["detail"], spans.ATTR_SCHEMA_VERSION: f["schema_version"],
-        **{name: f[field] for field, (name, _) in spans.RANK_ATTRS.items()},
-    }
+    # every scalar field from its column of the same name: kind, loop name and rank included
+    attrs = {key: f[field] for field, key in spans.SCALAR_ATTRS.items()}
     for name in present["iterations"]:
         attrs[spans.ITERATION_ATTRS[name]] = iterations[name].to_numpy()
     for name in present["forwards"]:

@@ -74,6 +74,24 @@ RANK_ATTRS = {
     "pid": (NS + "rank.pid", int),
     "job_id": (NS + "rank.job_id", str),
 }
+# The record's scalar fields, each one attribute: `trace_to_attributes` writes them from this table
+# and `export --otlp` writes a stored forward's columns through it, so a new scalar field added here
+# travels both ways (tests/collectors/test_export_roundtrip.py fails for one that does not).
+SCALAR_ATTRS = {
+    "run_id": ATTR_RUN_ID,
+    "model_id": ATTR_MODEL_ID,
+    "step": ATTR_STEP,
+    "batch": ATTR_BATCH,
+    "seq_len": ATTR_SEQ_LEN,
+    "n_loops": ATTR_N_LOOPS,
+    "iterations": ATTR_ITERATIONS,
+    "exit_policy": ATTR_EXIT_POLICY,
+    "detail": ATTR_DETAIL,
+    "schema_version": ATTR_SCHEMA_VERSION,
+    "loop_name": ATTR_LOOP_NAME,
+    "kind": ATTR_KIND,
+    **{field: key for field, (key, _) in RANK_ATTRS.items()},
+}
 ATTR_POSITION_SHAPE = NS + "position.shape"
 ATTR_POSITION_ITERATIONS = NS + "position.iterations_used"
 ATTR_TOKEN_IDS = NS + "token_ids"
@@ -113,19 +131,8 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, A
         "gen_ai.usage.input_tokens": tokens,
         "openinference.span.kind": "LLM",
         "llm.model_name": trace.model_id,
-        ATTR_RUN_ID: trace.run_id,
-        ATTR_MODEL_ID: trace.model_id,
-        ATTR_STEP: int(trace.step),
-        ATTR_BATCH: int(trace.batch),
-        ATTR_SEQ_LEN: int(trace.seq_len),
-        ATTR_N_LOOPS: int(trace.n_loops),
-        ATTR_ITERATIONS: int(trace.iterations),
-        ATTR_EXIT_POLICY: trace.exit_policy,
-        ATTR_DETAIL: trace.detail,
-        ATTR_SCHEMA_VERSION: int(trace.schema_version),
-        ATTR_LOOP_NAME: trace.loop_name,
-        ATTR_KIND: trace.kind,
-        **{key: getattr(trace, field) for field, (key, _) in RANK_ATTRS.items()},
+        # plain int and str: the record's checks (`records.FIELD_CHECKS`) made them so
+        **{key: getattr(trace, field) for field, key in SCALAR_ATTRS.items()},
     }
     for name, values in trace.iteration_metrics.items():
         attrs[ITERATION_ATTRS[name]] = values.tolist()

@@ -24,8 +24,10 @@ def test_headless_runs_twice_on_one_store(tmp_path, capsys):
     con = duckdb.connect(str(store), read_only=True)
     runs = dict(con.execute("SELECT run_id, count(*) FROM forwards GROUP BY run_id").fetchall())
     kinds = dict(con.execute("SELECT kind, count(*) FROM forwards WHERE run_id <> 'training' GROUP BY kind").fetchall())
+    training_kinds = con.execute("SELECT DISTINCT kind FROM forwards WHERE run_id = 'training'").fetchall()
     con.close()
     assert kinds == {"served": 8, "shadow": 8}
+    assert training_kinds == [("training",)]  # the shipped version-1 recording, which has no kind
     training = runs.pop("training")
     assert training > 10  # the shipped training run, stored once although written twice
     assert sum(runs.values()) == 16  # 4 served + 4 full-depth shadow forwards per run

@@ -63,9 +63,11 @@ def load_metadata(folder=CHECKPOINT_DIR) -> dict[str, Any]:
 
 
 def load_training_traces(folder=CHECKPOINT_DIR) -> list[LoopTrace]:
-    """The traces the probes recorded while the shipped model trained (run id "training")."""
+    """The traces the probes recorded while the shipped model trained (run id "training"), all of
+    kind "training": the shipped file is a version-1 recording, older than the record's `kind`,
+    which would otherwise read as the default, "served", and count as traffic."""
     with gzip.open(Path(folder) / f"{NAME}-training.jsonl.gz", "rt") as f:
-        return [LoopTrace.from_dict(json.loads(line)) for line in f if line.strip()]
+        return [LoopTrace.from_dict({"kind": "training", **json.loads(line)}) for line in f if line.strip()]
 
 
 def load_trained_model(folder=CHECKPOINT_DIR, seed: int = EVAL_SEED) -> tuple[LoopedTransformer, ChainTask]:

@@ -49,6 +49,18 @@ def test_training_run_traces_cover_the_optimizer_steps():
     assert all("rho_A" in t.forward_metrics and "halt_prob" in t.iteration_metrics for t in traces)
 
 
+def test_the_shipped_version_1_training_recording_loads_as_training():
+    import gzip
+    import json
+
+    with gzip.open(CHECKPOINT_DIR / "chains-training.jsonl.gz", "rt") as f:
+        raw = [json.loads(line) for line in f]
+    assert {r["schema_version"] for r in raw} == {1} and not any("kind" in r for r in raw)  # what makes it a test
+    traces = load_training_traces()
+    assert len(traces) == len(raw) == 80
+    assert {t.kind for t in traces} == {"training"}
+
+
 def test_accuracy_at_the_default_loop_count_on_trained_lengths(trained, train_steps):
     model, task = trained
     easy = [accuracy(model, task.batch(256, k)) for k in range(1, train_steps + 1)]  # default: ACT, 8 loops
