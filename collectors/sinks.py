@@ -3,12 +3,17 @@
 - `otlp_sink(endpoint, protocol)`: emits each forward as its span and exports it over OTLP
   (to `mythos-probe serve`, a Collector, Phoenix…) through the standard exporter, on a
   `BoundedSpanProcessor`: calling the sink never blocks on the network, and a full queue drops
-  (counted in `dropped_spans`) rather than stalling the model. Settings resolve as in
-  `exporter.otlp_exporter`: argument → `OTEL_EXPORTER_OTLP_*` environment variable → our
-  receiver on 127.0.0.1.
+  (counted in `dropped_spans`) rather than stalling the model. Every span not delivered is
+  counted, `dropped_spans` (never sent: queue full, over the receiver's `Limits`, left at close)
+  or `failed_spans` (refused or unreachable: a 401 for a wrong token), and logged. `limits` are
+  the receiver's (`serve --max-body-bytes` sets its body limit); requests are cut to fit them.
+  `headers` (e.g. `{"Authorization": "Bearer <token>"}` for `serve --token`) as in `otlp_exporter`.
+  Settings resolve as in `exporter.otlp_exporter`: argument → `OTEL_EXPORTER_OTLP_*` environment
+  variable → our receiver on 127.0.0.1.
 - `store_sink(path)`: writes each forward straight into a DuckDB store this process owns.
 
-Both have `flush()` and `close()` (which flushes) and are context managers.
+Both have `flush()` and `close()` (which flushes, and waits for the export in flight) and are
+context managers.
 
 This module is not: the span encoding (`spans`), the exporters (`exporter`) or the store (`store`).
 """
@@ -16,9 +21,10 @@ This module is not: the span encoding (`spans`), the exporters (`exporter`) or t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from mythos_probe.collectors.exporter import BoundedSpanProcessor, otlp_exporter, tracer_provider
+from mythos_probe.collectors.otlp_decode import Limits
 from mythos_probe.collectors.spans import emit
 from mythos_probe.collectors.store import Store
 from mythos_probe.records import LoopTrace
@@ -36,8 +42,9 @@ class OtlpSink(_Sink):
     """Exports each trace as an OTLP span; see `otlp_sink`."""
 
     def __init__(self, endpoint: str | None = None, protocol: str | None = None,
-                 service_name: str = "mythos-probe", iteration_spans: bool = False) -> None:
-        self._processor = BoundedSpanProcessor(otlp_exporter(endpoint, protocol))
+                 service_name: str = "mythos-probe", iteration_spans: bool = False,
+                 limits: Limits = Limits(), headers: Mapping[str, str] | None = None) -> None:
+        self._processor = BoundedSpanProcessor(otlp_exporter(endpoint, protocol, headers), limits=limits)
         self._provider = tracer_provider(self._processor, service_name=service_name)
         self._tracer = self._provider.get_tracer("mythos_probe")
         self.iteration_spans = iteration_spans
@@ -57,7 +64,10 @@ class OtlpSink(_Sink):
         """Waits until every queued span is exported (or failed); False on timeout."""
         return self._processor.force_flush(int(timeout_s * 1000))
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Exports what is queued for at most `timeout_s` (what is left then is dropped and
+        counted), waits for the export in flight, then shuts the exporter down."""
+        self._processor.force_flush(int(timeout_s * 1000))
         self._provider.shutdown()
 
 
