@@ -13,7 +13,10 @@ The histogram buckets are `histograms.VIEWS` (one per loop count, log-spaced res
 Labels: `model`, `endpoint` (the record's user attribute `endpoint`, "" when absent), `exit_policy`,
 `loop_name` and `kind`. The label set is bounded: after `max_label_sets` distinct combinations,
 a new one is counted under every label = "other" (and logged once), so a runaway attribute can
-never grow Prometheus's series without bound.
+never grow Prometheus's series without bound. So is each label's length: a value longer than
+`MAX_LABEL_CHARS` (128) characters is cut to its first 119 and ends in "~" and 8 hex digits of its
+SHA-256, so two long values stay two series and the scrape stays small (twelve 256 KiB endpoints
+once made a 144 MiB scrape).
 
 Use it from `mythos-probe serve --prometheus PORT` (each forward the receiver stores, counted
 once even when a sender retries) or in a notebook as an `attach(on_trace=[...])` sink:
@@ -26,6 +29,7 @@ This module is not: the OTLP metrics path (`histograms.otlp_metric_reader`) or t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Any, Iterable
@@ -42,6 +46,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_PORT = 9464  # the OpenTelemetry Prometheus exporter's registered default port
 LABELS = ("model", "endpoint", "exit_policy", "loop_name", "kind")
 OTHER = dict.fromkeys(LABELS, "other")
+MAX_LABEL_CHARS = 128
+
+
+def bounded_label(value: str) -> str:
+    """`value`, or when longer than `MAX_LABEL_CHARS` its first 119 characters + "~" + 8 hex
+    digits of its SHA-256 (128 characters in all)."""
+    if len(value) <= MAX_LABEL_CHARS:
+        return value
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return value[: MAX_LABEL_CHARS - 9] + "~" + digest
 
 
 class LoopMetrics:
@@ -74,10 +88,10 @@ class LoopMetrics:
 
     def _labels(self, trace: LoopTrace) -> dict[str, str]:
         labels = {
-            "model": trace.model_id,
-            "endpoint": str(trace.attributes.get("endpoint", "")),
-            "exit_policy": trace.exit_policy,
-            "loop_name": trace.loop_name,
+            "model": bounded_label(trace.model_id),
+            "endpoint": bounded_label(str(trace.attributes.get("endpoint", ""))),
+            "exit_policy": bounded_label(trace.exit_policy),
+            "loop_name": bounded_label(trace.loop_name),
             "kind": trace.kind,
         }
         key = tuple(labels.values())
