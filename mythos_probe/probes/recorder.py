@@ -15,6 +15,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -33,13 +34,25 @@ __all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: myth
 FRAME_KINDS = ("iterations", "positions", "experts", "forwards")
 
 
+STREAMING_KEEP = 1000
+"""Traces a recorder keeps by default while `on_trace` streams them elsewhere (its memory then
+stays flat however long the run); without `on_trace` it keeps every one."""
+
+
 class Recorder:
     """What `attach` yields. Traces are built lazily: the device-to-host copy of a forward's
-    metrics happens when `traces` is read, not inside the model's forward."""
+    metrics happens when `traces` is read, not inside the model's forward.
 
-    def __init__(self, on_trace: Iterable[Callable[[LoopTrace], None]] = (), where: Optional[Where] = None) -> None:
+    `keep`: how many of the most recent traces `traces` holds (None: all). Every trace still
+    reaches every `on_trace` callback; `discarded_traces` counts those no longer held."""
+
+    def __init__(self, on_trace: Iterable[Callable[[LoopTrace], None]] = (), where: Optional[Where] = None,
+                 keep: Optional[int] = None) -> None:
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
+            raise ValueError(f"keep must be None (every trace) or a number of traces ≥ 0, got {keep!r}")
         self._pending: list[Pending] = []
-        self._traces: list[LoopTrace] = []
+        self._traces: list[LoopTrace] | deque[LoopTrace] = [] if keep is None else deque(maxlen=keep)
+        self.discarded_traces = 0
         self._on_trace = list(on_trace)
         self._where = (where or Where()).fields()  # the rank family every trace is tagged with
 
@@ -53,6 +66,8 @@ class Recorder:
         pending, self._pending = self._pending, []
         for p in pending:
             trace = p.materialize()
+            if isinstance(self._traces, deque) and len(self._traces) == self._traces.maxlen:
+                self.discarded_traces += 1
             self._traces.append(trace)
             for callback in self._on_trace:
                 callback(trace)
@@ -60,7 +75,7 @@ class Recorder:
     @property
     def traces(self) -> list[LoopTrace]:
         self._flush()
-        return self._traces
+        return self._traces if isinstance(self._traces, list) else list(self._traces)
 
     def clear(self) -> None:
         self._pending.clear()
@@ -151,6 +166,7 @@ def attach(
     optimizer: Optional[torch.optim.Optimizer] = None,
     token_text: Optional[Callable[[int], str]] = None,
     on_trace: Iterable[Callable[[LoopTrace], None]] = (),
+    keep: Optional[int] = None,
 ) -> Iterator[Recorder]:
     """Record every forward of `model` while the block runs.
 
@@ -169,6 +185,9 @@ def attach(
         comparison forwards pass "shadow", so that dashboards can leave them out of served traffic.
     token_text: token id → text, to label positions.
     on_trace: callbacks receiving each trace as soon as it is built (for exporters).
+    keep: how many of the most recent traces `rec.traces` holds. Default: every trace, or the last
+        `STREAMING_KEEP` (1,000) when `on_trace` streams them elsewhere, so that a long streamed run
+        holds bounded memory; `rec.discarded_traces` counts the others (they reached `on_trace`).
     """
     probes = tuple(DEFAULT_PROBES if probes is None else probes)
     unknown = sorted(set(probes) - set(PROBES))
@@ -190,13 +209,17 @@ def attach(
         model = model.module  # DDP runs the wrapped module's forward; FSDP2 shards in place
     make_adapter = _adapter_for(model, spec)
 
+    where = distributed_where()
+    on_trace = list(on_trace)
+    if keep is None and on_trace:
+        keep = STREAMING_KEEP
+    recorder = Recorder(on_trace, where, keep)
+
     steps = {"n": 0}
     step_handle = None
     if optimizer is not None:
         step_handle = optimizer.register_step_post_hook(lambda *a: steps.__setitem__("n", steps["n"] + 1))
 
-    where = distributed_where()
-    recorder = Recorder(on_trace, where)
     run_id = run_id or job_run_id(where) or time.strftime("run-%Y%m%d-%H%M%S-") + secrets.token_hex(2)
     model_id = model_id or _model_id(model)
 

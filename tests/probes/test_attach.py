@@ -200,3 +200,25 @@ def test_options_are_checked_by_the_records_own_validation_naming_them(model, op
 
     with pytest.raises(InvalidRecord, match=option if option != "attributes" else "attribute 'user'"):
         mythos_probe.attach(model, **{option: value}).__enter__()
+
+
+def test_a_streaming_recorder_keeps_only_the_last_traces(model, monkeypatch):
+    from mythos_probe.probes import recorder as recorder_module
+
+    streamed = []
+    with mythos_probe.attach(model, on_trace=[streamed.append], keep=2) as rec:
+        for _ in range(5):
+            model(ids)
+    assert [t.span_id for t in rec.traces] == [t.span_id for t in streamed[-2:]]
+    assert (len(streamed), rec.discarded_traces) == (5, 3)
+    monkeypatch.setattr(recorder_module, "STREAMING_KEEP", 3)  # the default bound while on_trace streams
+    with mythos_probe.attach(model, on_trace=[streamed.append]) as rec:
+        for _ in range(4):
+            model(ids)
+    assert (len(rec.traces), rec.discarded_traces, len(streamed)) == (3, 1, 9)
+    with mythos_probe.attach(model) as rec:  # nothing streams them: every trace is kept
+        for _ in range(4):
+            model(ids)
+    assert (len(rec.traces), rec.discarded_traces) == (4, 0)
+    with pytest.raises(ValueError, match="keep must be"):
+        mythos_probe.attach(model, keep=-1).__enter__()
