@@ -16,6 +16,7 @@ This module is not: the layout (`schema`), the migrations (`migrations`) or the 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -46,6 +47,25 @@ _NEW_KEYS = """
 SELECT DISTINCT k.trace_id, k.span_id FROM _keys k
 WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
 """
+
+
+def _lock_message(path: Path, read_only: bool, exc: Exception) -> str:
+    """Who holds `path`: readers share the file with readers and lock out a writer, a writer
+    locks out everyone. DuckDB's error names the holding process but not how it opened the file,
+    so a writer refused asks whether a reader would get in: then only readers hold it."""
+    holder = re.search(r"held in (.+?\(PID \d+\))", str(exc))
+    who = f" ({holder.group(1)})" if holder else ""
+    if not read_only:
+        try:
+            duckdb.connect(str(path), read_only=True).close()
+        except duckdb.Error:
+            pass
+        else:
+            return (f"store {path} is open read-only in another process{who}, e.g. `mythos-probe dashboard` or a "
+                    "notebook: a writer needs the file to itself. Close the readers and retry, or write a new file "
+                    "(`mythos-probe serve` hosts the dashboard itself while it writes)")
+    return (f"store {path} is held by a writer process{who}. Open the live store through the "
+            "`mythos-probe serve` dashboard, or stop the writer and retry")
 
 
 class Cursors:
@@ -106,10 +126,7 @@ class Store:
             self._con = duckdb.connect(str(self.path), read_only=read_only)
         except duckdb.IOException as exc:
             if "lock" in str(exc).lower():
-                raise StoreLockedError(
-                    f"store {self.path} is held by a writer process ({exc}). Open the live store through the "
-                    "`mythos-probe serve` dashboard, or stop the writer and retry"
-                ) from None
+                raise StoreLockedError(_lock_message(self.path, read_only, exc)) from None
             raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None
         except duckdb.Error as exc:
             raise StoreError(f"{self.path} is not a readable DuckDB store (left untouched): {exc}") from None

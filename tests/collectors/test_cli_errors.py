@@ -2,6 +2,7 @@
 `--debug` shows the traceback. Damaged stores (text, truncated, overwritten pages) are refused with
 the same "not a readable … store (left untouched)" error, and left byte for byte as they were."""
 
+import signal
 import socket
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from mythos_probe.cli import main
-from mythos_probe.collectors.store import Store, StoreError
+from mythos_probe.collectors.store import Store, StoreError, StoreLockedError
 from tests.collectors.factory import make_trace
 
 
@@ -121,3 +122,24 @@ def test_store_wraps_every_damaged_file_as_store_error(tmp_path, stored):
         for read_only in (True, False):
             with pytest.raises(StoreError, match="left untouched"):
                 Store(path, read_only=read_only)
+
+
+def test_a_store_a_dashboard_has_open_is_said_to_be_held_by_a_reader_not_a_writer(tmp_path):
+    path = tmp_path / "viewed.duckdb"
+    Store(path).close()
+    dashboard = subprocess.Popen([sys.executable, "-m", "mythos_probe.cli", "dashboard", str(path), "--port", "0"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "http://127.0.0.1:" in dashboard.stdout.readline()  # serving: the file is open read-only
+        serve = subprocess.run([sys.executable, "-m", "mythos_probe.cli", "serve", "--store", str(path), "--port", "0",
+                                "--no-dashboard"], capture_output=True, text=True, timeout=120)
+        assert serve.returncode == 2 and serve.stderr.count("\n") == 1, serve.stderr
+        assert "open read-only in another process" in serve.stderr and "writer process" not in serve.stderr
+        assert f"(PID {dashboard.pid})" in serve.stderr
+        with pytest.raises(StoreLockedError, match="open read-only in another process"):
+            Store(path)  # what rec.to_duckdb(path) opens
+        with Store.open_read_only(path) as store:  # readers share the file with the dashboard
+            assert store.query("SELECT count(*) AS n FROM forwards").n[0] == 0
+    finally:
+        dashboard.send_signal(signal.SIGTERM)
+        dashboard.wait(timeout=60)
