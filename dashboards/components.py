@@ -14,6 +14,7 @@ import json
 import logging
 
 import dash_ag_grid as dag
+import duckdb
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -324,6 +325,14 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "")
     return fig
 
 
+def _store_closing(exc: Exception) -> bool:
+    """Whether `exc` is a read cut short by the store closing (`store.Cursors.close` interrupts the
+    reads still running, then refuses new ones)."""
+    from mythos_probe.collectors.store import StoreError
+
+    return isinstance(exc, duckdb.InterruptException) or (isinstance(exc, StoreError) and "store is closed" in str(exc))
+
+
 def guarded(fn, n_outputs: int):
     """Wrap a page callback whose first output is its message area: any error becomes a short
     message there (the traceback goes to the server log only) and the other outputs keep their
@@ -334,6 +343,9 @@ def guarded(fn, n_outputs: int):
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 — the user sees a message, never a traceback
+            if _store_closing(exc):  # `serve` stopping (SIGTERM) interrupts the reads in flight: no crash
+                log.info("dashboard callback %s stopped: the store is closing", fn.__name__)
+                return (message("The server is stopping.", "error"), *([no_update] * (n_outputs - 1)))
             log.exception("dashboard callback %s failed", fn.__name__)
             text = f"Could not read the store: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             return (message(text, "error"), *([no_update] * (n_outputs - 1)))
