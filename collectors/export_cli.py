@@ -2,7 +2,9 @@
 
 `--parquet DIR` writes one Hive-partitioned dataset per table (`DIR/<table>/date=…/model_id=…/`)
 through DuckDB's COPY, which DuckDB, Spark, ClickHouse and Polars read back with Hive
-partitioning. Child tables get their forward's date and model by a join, so every table
+partitioning. A model id whose directory name would pass 255 bytes (escaped: a CJK character
+takes 9) is refused before anything is written, naming it: a shortened name would change the
+model id readers take from the path. Child tables get their forward's date and model by a join, so every table
 partitions the same way; spans that are not forwards (per-iteration children) have no forward
 row and land under `date=NULL/model_id=NULL`.
 
@@ -25,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import quote
 
 import duckdb
 
@@ -42,8 +45,32 @@ HELP = "export a store to partitioned Parquet or over OTLP"
 CHUNK = 32
 
 
+# A directory name is at most 255 bytes on the common file systems (ext4, XFS, APFS, NTFS), and
+# Hive partitioning writes `model_id=<value>` with every byte outside [A-Za-z0-9-_.~] as %XX: an
+# 86-character CJK model id (3 bytes each in UTF-8, 9 written) needs 783.
+NAME_MAX = 255
+
+
+def check_partition_values(store: Store) -> None:
+    """Raises CommandError naming a model id whose partition directory would be too long, before
+    anything is written: truncating or hashing the directory name would change the model id that
+    every Hive reader takes from it."""
+    for model_id in store.query("SELECT DISTINCT model_id FROM forwards WHERE model_id IS NOT NULL").model_id:
+        name = "model_id=" + quote(model_id, safe="")
+        if len(name.encode()) > NAME_MAX:
+            shown = model_id if len(model_id) <= 40 else model_id[:40] + "…"
+            raise CommandError(
+                f"cannot export --parquet: model id {shown!r} ({len(model_id)} characters) would be the directory "
+                f"name {name[:40]}… of {len(name.encode())} bytes, over the file system's {NAME_MAX}-byte limit "
+                "(Hive partitioning keeps the model id in the directory name, escaped). Record the model under a "
+                "shorter model_id (attach(model_id=...)), or export over OTLP instead"
+            )
+
+
 def export_parquet(store: Store, out: str | Path) -> dict[str, Path]:
-    """Writes every table under `out/<table>/date=…/model_id=…/*.parquet`; returns the folders."""
+    """Writes every table under `out/<table>/date=…/model_id=…/*.parquet`; returns the folders.
+    Raises CommandError, writing nothing, when a model id is too long for a directory name."""
+    check_partition_values(store)
     out = Path(out)
     folders = {}
     for table in TABLES:

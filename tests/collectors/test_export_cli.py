@@ -79,3 +79,18 @@ def test_otlp_export_to_an_unreachable_endpoint_counts_what_was_not_delivered(tm
     captured = capsys.readouterr()
     assert "0 spans delivered, 40 not delivered" in captured.out
     assert "40 of 40 spans were not delivered" in captured.err
+
+
+def test_parquet_export_of_an_over_long_model_id_is_one_clear_error_writing_nothing(tmp_path, capsys):
+    path = tmp_path / "s.duckdb"
+    cjk = "模" * 86  # 258 bytes of UTF-8, 783 once escaped into model_id=%E6%A8%A1…
+    with Store(path) as store:
+        store.write_traces([make_trace(0, model_id="fits"), make_trace(1, model_id=cjk)])
+    assert main(["export", str(path), "--parquet", str(tmp_path / "pq")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "86 characters" in err and "783 bytes" in err and "255-byte limit" in err
+    assert not (tmp_path / "pq").exists()
+    with Store(tmp_path / "ok.duckdb") as store:  # the longest id that fits: 246 bytes of ASCII, 255 with model_id=
+        store.write_traces([make_trace(0, model_id="m" * 246)])
+    assert main(["export", str(tmp_path / "ok.duckdb"), "--parquet", str(tmp_path / "pq2")]) == 0
+    assert [p.name for p in (tmp_path / "pq2" / "forwards").glob("date=*/model_id=*")] == ["model_id=" + "m" * 246]
