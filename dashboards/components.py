@@ -10,6 +10,7 @@ asks the store whether it is empty).
 from __future__ import annotations
 
 import functools
+import html as html_text
 import json
 import logging
 
@@ -164,7 +165,7 @@ def click_target(click: dict | None, search: str | None) -> str | None:
         data = point.get("customdata")
         ref = data[0] if isinstance(data, list) and data else data
         if isinstance(ref, str):
-            refs.append(ref)
+            refs.append(html_text.unescape(ref))  # escaped for Plotly by `as_text`
     if not refs:
         return None
     # A click can hit several traces at one x: a single forward's marker wins over a bucket.
@@ -172,7 +173,7 @@ def click_target(click: dict | None, search: str | None) -> str | None:
     if ref.startswith("/"):  # a ready link (a bar's forwards)
         return ref
     if "|" in ref:
-        run, lo, hi = ref.split("|")
+        run, lo, hi = ref.rsplit("|", 2)  # a run id may hold "|" itself; the two times never do
         return "/" + urlstate.with_values(search, run=(run,), from_=lo, to=hi, trace=None)
     return "/forward" + urlstate.with_values(search, trace=ref)
 
@@ -358,6 +359,47 @@ def trace_from_search(search: str | None) -> str | None:
     return urlstate.parse(search)[0]["trace"]
 
 
+# Plotly reads the strings it draws (legend names, tick labels, hover text, and any value a hover
+# template inserts: %{x}, %{customdata[0]}…) as its own HTML subset, where `<span style=…>` can make
+# every viewer's browser fetch a URL. Stored values (run ids, model ids, exit policies, token text,
+# endpoints) are the sender's, so each reaches a figure escaped (Plotly shows &lt; as <): as text.
+_DATA_STRINGS = ("name", "text", "hovertext", "x", "y", "customdata", "labels", "ids", "legendgroup")
+
+
+def _escape(value):
+    if isinstance(value, str):
+        return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "OUS":  # numbers, times: nothing to escape
+            return value
+        return np.array([_escape(v) for v in value.ravel().tolist()], dtype=object).reshape(value.shape)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_escape(v) for v in value)
+    return value
+
+
+def as_text(fig):
+    """`fig` (a go.Figure, or a figure dict {"data": [...], "layout": ...}) with every string of
+    its traces' data (names, labels, x/y categories, custom data, hover text) and axis tick texts
+    escaped, so Plotly draws stored values as text, never as markup. Our own hover templates and
+    titles are left alone. `click_target` unescapes what it reads back. In place: escape a
+    figure once."""
+    is_dict = isinstance(fig, dict)
+    for trace in fig["data"] if is_dict else fig.data:
+        for key in _DATA_STRINGS:
+            value = trace.get(key) if is_dict else (trace[key] if key in trace else None)
+            if value is not None:
+                escaped = _escape(value)
+                if escaped is not value:
+                    trace[key] = escaped
+    layout = (fig.get("layout") or {}) if is_dict else fig.layout
+    for axis in [a for a in (layout if is_dict else layout.to_plotly_json()) if a.startswith(("xaxis", "yaxis"))]:
+        ticktext = (layout[axis] or {}).get("ticktext") if is_dict else layout[axis].ticktext
+        if ticktext is not None:
+            layout[axis]["ticktext"] = _escape(list(ticktext))
+    return fig
+
+
 def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update, states: tuple = ()) -> None:
     """Register a view's one update callback. It reads the whole state from the URL (filters and
     the page's own controls, `urlstate.KEYS`), so a link reproduces the view;
@@ -371,6 +413,9 @@ def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update,
         except ValueError as exc:
             return (message(str(exc), "error"), *([no_update] * (len(outputs) - 1)))
         out = update(store, sel, search, *(state[k] for k in page_keys), *state_values)
+        figures = {id(o): o for o in out if isinstance(o, go.Figure) or (isinstance(o, dict) and "data" in o)}
+        for fig in figures.values():  # once each: a view may return one empty figure several times
+            as_text(fig)
         if problems:
             warning = message("Ignored in this link: " + "; ".join(problems) + ".", "error")
             return (html.Div([warning, out[0]]), *out[1:])
