@@ -12,6 +12,8 @@ nor any widget.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
@@ -22,6 +24,14 @@ class Key:
     default: Any
     multi: bool = False
     cast: Callable[[str], Any] = str
+
+
+def number(text: str) -> float:
+    """A finite float: "nan" or "inf" in a link is a mistake, not a range (it would match nothing)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
 
 
 KEYS: dict[str, Key] = {
@@ -47,9 +57,9 @@ KEYS: dict[str, Key] = {
     "metric": Key("rel_residual"),  # forward: heatmap metric
     "batch": Key(0, cast=int),  # forward: batch row
     "criterion": Key("kl"),  # lens: what-if table criterion
-    "target": Key(0.99, cast=float),  # lens: agreement target
-    "tmin": Key(None, cast=float),  # lens: threshold range of the chosen criterion
-    "tmax": Key(None, cast=float),
+    "target": Key(0.99, cast=number),  # lens: agreement target
+    "tmin": Key(None, cast=number),  # lens: threshold range of the chosen criterion
+    "tmax": Key(None, cast=number),
     "from2": Key(None),  # convergence: a second time range to compare against
     "to2": Key(None),
 }

@@ -7,6 +7,7 @@ is the `forward` page.
 from __future__ import annotations
 
 import dash_ag_grid as dag
+from werkzeug.exceptions import BadRequest
 from dash import Input, Output, State, dcc, html, no_update
 
 from mythos_probe.dashboards import filters, queries, urlstate
@@ -15,6 +16,7 @@ from mythos_probe.dashboards.components import area, grid_columns, no_data, reco
 PATH = "/"
 TITLE = "Runs & forwards"
 PAGE_SIZE = 50
+MAX_PAGE = 1000  # rows one grid request may ask for (the grid asks for PAGE_SIZE)
 
 RUN_COLUMNS = {
     "run_id": "run", "model_id": "model", "forwards": "forwards", "tokens": "tokens", "mean_ms": "mean ms",
@@ -88,14 +90,32 @@ def update(store, sel: queries.Selection, search, shown=None):
     return "", stats, runs, grid, now
 
 
+def _page(request) -> tuple[int, int, list, dict]:
+    """(start, count, sort model, filter model) of a `getRowsRequest`; ValueError naming what is
+    malformed (the grid sends well-formed ones: these come from elsewhere)."""
+    if not isinstance(request, dict):
+        raise ValueError(f"a grid request is an object, got {type(request).__name__}")
+    start, end = request.get("startRow", 0), request.get("endRow", None)
+    end = start + PAGE_SIZE if end is None and isinstance(start, int) else end
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)) or not 0 <= start <= end:
+        raise ValueError(f"startRow and endRow must be integers with 0 ≤ startRow ≤ endRow, got {start!r}, {end!r}")
+    sort, filter_model = request.get("sortModel") or [], request.get("filterModel") or {}
+    if not isinstance(sort, list) or not all(isinstance(item, dict) for item in sort):
+        raise ValueError(f"sortModel must be a list of {{colId, sort}}, got {sort!r:.80}")
+    if not isinstance(filter_model, dict) or not all(isinstance(spec, dict) for spec in filter_model.values()):
+        raise ValueError(f"filterModel must map columns to filters, got {filter_model!r:.80}")
+    return start, min(end - start, MAX_PAGE), sort, filter_model
+
+
 def rows(store, search: str | None, request: dict | None) -> dict:
     """One page of the forwards grid for its `getRowsRequest` (startRow, endRow, sortModel,
-    filterModel)."""
-    request = request or {}
-    sel = filters.selection(urlstate.parse(search)[0])
-    start = int(request.get("startRow", 0))
-    page, total = queries.forward_list(store, sel, queries.attribute_keys(store), request.get("sortModel"),
-                                       request.get("filterModel"), start, int(request.get("endRow", start + PAGE_SIZE)) - start)
+    filterModel). A malformed request is answered 400 with what is wrong, never a bare 500."""
+    try:
+        start, count, sort, filter_model = _page(request or {})
+        sel = filters.selection(urlstate.parse(search)[0])
+        page, total = queries.forward_list(store, sel, queries.attribute_keys(store), sort, filter_model, start, count)
+    except (ValueError, TypeError, KeyError) as exc:  # the request's fault: queries name the column or filter
+        raise BadRequest(f"malformed forwards-grid request: {exc}") from None
     return {"rowData": records(page), "rowCount": total}
 
 

@@ -136,3 +136,49 @@ def test_a_run_id_with_a_bar_still_opens_its_forwards():
     # as the browser sends it back: escaped by as_text
     escaped = ref.replace("<", "&lt;").replace(">", "&gt;")
     assert click_target({"points": [{"customdata": [escaped, 3]}]}, "") == target
+
+
+def post_callback(client, outputs, inputs, state=()):
+    body = {"output": ".." + "...".join(f"{i}.{p}" for i, p in outputs) + ".." if len(outputs) > 1
+            else f"{outputs[0][0]}.{outputs[0][1]}",
+            "outputs": [{"id": i, "property": p} for i, p in outputs] if len(outputs) > 1
+            else {"id": outputs[0][0], "property": outputs[0][1]},
+            "inputs": [{"id": i, "property": p, "value": v} for i, p, v in inputs],
+            "changedPropIds": [f"{inputs[0][0]}.{inputs[0][1]}"],
+            "state": [{"id": i, "property": p, "value": v} for i, p, v in state]}
+    reply = client.post("/_dash-update-component", json=body)
+    return reply.status_code, reply.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("request_, words", [
+    ({"startRow": "x"}, ["startRow and endRow must be integers"]),
+    ({"startRow": -5, "endRow": 10}, ["0 ≤ startRow ≤ endRow"]),
+    ([1, 2], ["a grid request is an object"]),
+    ({"startRow": 0, "endRow": 10, "sortModel": "run_id"}, ["sortModel must be a list"]),
+    ({"startRow": 0, "endRow": 10, "sortModel": [{"colId": "nope", "sort": "asc"}]}, ["cannot sort", "nope"]),
+    ({"startRow": 0, "endRow": 10, "filterModel": [1]}, ["filterModel must map"]),
+    ({"startRow": 0, "endRow": 10, "filterModel": {"run_id": {"filterType": "zzz"}}}, ["unsupported filter zzz"]),
+    ({"startRow": 0, "endRow": 10, "filterModel": {"iterations": {"filterType": "number", "type": "equals",
+                                                                   "filter": "many"}}}, ["malformed"]),
+])
+def test_a_malformed_grid_request_is_a_400_naming_what_is_wrong(store, request_, words):
+    client = create_app(store).server.test_client()
+    grid = [("forwards-grid", "getRowsResponse")]
+    status, text = post_callback(client, grid, [("forwards-grid", "getRowsRequest", request_)], [("app-url", "search", "")])
+    assert status == 400, text[:300]
+    for word in ["malformed forwards-grid request", *words]:
+        assert word in text, (word, text[:300])
+    good = post_callback(client, grid, [("forwards-grid", "getRowsRequest", {"startRow": 0, "endRow": 5})],
+                         [("app-url", "search", "")])
+    assert good[0] == 200 and '"rowCount":24' in good[1]
+
+
+def test_a_lens_link_with_a_nan_range_says_so(store):
+    client = create_app(store).server.test_client()
+    outputs = [("lens-message", "children"), ("lens-heatmap", "figure"), ("lens-agreement", "figure"),
+               ("lens-pareto", "figure"), ("lens-whatif", "children")]
+    status, text = post_callback(client, outputs, [("app-interval", "n_intervals", 0),
+                                                  ("app-url", "search", "?tmin=nan&tmax=inf")])
+    assert status == 200
+    assert "Ignored in this link" in text and "tmin='nan' is not a valid number" in text
+    assert "tmax='inf' is not a valid number" in text
