@@ -142,9 +142,13 @@ def site(store):
 
 
 def first_stat(browser) -> str:
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    return browser.find_element(By.CSS_SELECTOR, "#forwards-stats .mp-stat b").text
+    # a live tick may redraw the stats between finding the element and reading it: read again
+    return WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#forwards-stats .mp-stat b").text)
 
 
 def test_runs_page_counts_forwards_and_filters_by_run(browser, site, traces):
@@ -312,6 +316,7 @@ def test_live_mode_shows_forwards_written_after_page_load(browser, empty_store):
         wait_text(browser, "forwards-list", trace.trace_id)
         assert first_stat(browser) == "1"
     finally:
+        browser.get("about:blank")  # stop the page polling first: its failed polls would be the next test's console errors
         served.close()
 
 
