@@ -150,6 +150,11 @@ def post_callback(client, outputs, inputs, state=()):
     return reply.status_code, reply.get_data(as_text=True)
 
 
+@pytest.fixture(scope="module")
+def client(store):
+    return create_app(store).server.test_client()
+
+
 @pytest.mark.parametrize("request_, words", [
     ({"startRow": "x"}, ["startRow and endRow must be integers"]),
     ({"startRow": -5, "endRow": 10}, ["0 ≤ startRow ≤ endRow"]),
@@ -161,8 +166,7 @@ def post_callback(client, outputs, inputs, state=()):
     ({"startRow": 0, "endRow": 10, "filterModel": {"iterations": {"filterType": "number", "type": "equals",
                                                                    "filter": "many"}}}, ["malformed"]),
 ])
-def test_a_malformed_grid_request_is_a_400_naming_what_is_wrong(store, request_, words):
-    client = create_app(store).server.test_client()
+def test_a_malformed_grid_request_is_a_400_naming_what_is_wrong(client, request_, words):
     grid = [("forwards-grid", "getRowsResponse")]
     status, text = post_callback(client, grid, [("forwards-grid", "getRowsRequest", request_)], [("app-url", "search", "")])
     assert status == 400, text[:300]
@@ -173,8 +177,7 @@ def test_a_malformed_grid_request_is_a_400_naming_what_is_wrong(store, request_,
     assert good[0] == 200 and '"rowCount":24' in good[1]
 
 
-def test_a_lens_link_with_a_nan_range_says_so(store):
-    client = create_app(store).server.test_client()
+def test_a_lens_link_with_a_nan_range_says_so(client):
     outputs = [("lens-message", "children"), ("lens-heatmap", "figure"), ("lens-agreement", "figure"),
                ("lens-pareto", "figure"), ("lens-whatif", "children")]
     status, text = post_callback(client, outputs, [("app-interval", "n_intervals", 0),
