@@ -296,7 +296,7 @@ def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str,
         dashGridOptions={"domLayout": "autoHeight", "suppressCellFocus": True},
     )
     button = html.Button("Download CSV", id={"type": "csv", "name": id_}, className="mp-csv")
-    return html.Div([button, dcc.Download(id={"type": "csv-download", "name": id_}), grid], id=id_,
+    return html.Div([button, grid, dcc.Download(id={"type": "csv-download", "name": id_})], id=id_,
                     className="mp-table-card")
 
 
