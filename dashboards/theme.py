@@ -53,7 +53,7 @@ table.mp-table th { background: #f3f4f6; }
 table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mp-mono { font-family: monospace; }
 .mp-filters input { width: 100%; box-sizing: border-box; padding: 6px; border: 1px solid #ccc; border-radius: 4px; }
-.mp-controls input { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }
+.mp-controls input:not([type=radio]):not([type=checkbox]) { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }  /* not the spectral page's radio buttons */
 .mp-csv { margin: 0 0 6px; padding: 4px 10px; font-size: 13px; cursor: pointer; }
 .mp-table-card { margin-bottom: 12px; }
 .mp-card { position: relative; }

@@ -127,3 +127,13 @@ def test_counts_get_si_ticks_from_zero(store):
     out = cost.update(store, Selection(), "")
     for fig in out[1:4]:
         assert (fig.layout.yaxis.tickformat, fig.layout.yaxis.rangemode) == (".3~s", "tozero")
+
+
+def test_a_band_of_few_buckets_draws_its_markers():
+    """A run whose forwards fall in one bucket drew a median line of one point: nothing visible."""
+    import pandas as pd
+
+    one = pd.DataFrame({"x": [3.0], "lo": [1.0], "mid": [2.0], "hi": [3.0]})
+    assert components.band(one, "run", "lo", "mid", "hi", "#636efa")[2]["mode"] == "lines+markers"
+    many = pd.DataFrame({"x": np.arange(components.FEW_BUCKETS + 1.0), "lo": 1.0, "mid": 2.0, "hi": 3.0})
+    assert components.band(many, "run", "lo", "mid", "hi", "#636efa")[2]["mode"] == "lines"
