@@ -4,11 +4,12 @@ a point stands for; a range selected on a time axis sets the time filter), the v
 reads its state from the URL, and the guard that turns a failing callback into a message.
 
 This module is not a page and runs no SQL of its own (it shapes already-queried frames; `no_data`
-asks the store whether it is empty).
+asks `queries` how many forwards each filter hides).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import html as html_text
 import json
@@ -23,8 +24,20 @@ from dash import MATCH, ClientsideFunction, Input, Output, State, dcc, html, no_
 
 from mythos_probe.dashboards import filters, queries, urlstate
 from mythos_probe.dashboards.theme import LAYOUT
+from mythos_probe.records import FORWARD_METRICS, ITERATION_METRICS, POSITION_METRICS
 
 log = logging.getLogger("mythos_probe.dashboards")
+
+# One iteration numbering on every page: the first pass of the loop is iteration 1, so a position
+# that used k iterations stopped at iteration k (the halting histogram and the loop distribution
+# agree). Records and SQL count from 0 (`t` in the formulas); figures add 1 where they draw.
+ITERATION_AXIS = "iteration (1 = first pass)"
+
+
+def shown_iteration(values):
+    """Stored iteration indices (0-based) as every figure and table shows them (1-based)."""
+    return values + 1
+
 
 # Metrics spanning orders of magnitude get a log colour scale in position heatmaps.
 LOG_METRICS = frozenset({"rel_residual", "cos_step", "lens_kl_final"})
@@ -53,6 +66,11 @@ def figure(title: str, xlabel: str, ylabel: str, **layout) -> go.Figure:
     )
 
 
+# An axis of counts (FLOPs, tokens, token-iterations): SI ticks with three digits (4.07G, 250k)
+# from zero, instead of plotly's auto ticks, which on a near-flat series print 8.1443778555B.
+QUANTITY_AXIS = {"tickformat": ".3~s", "rangemode": "tozero", "hoverformat": ",.4~g"}
+
+
 def hline(y: float, color: str) -> dict:
     """A dashed horizontal reference line across the plot, as a layout shape."""
     return {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y, "line": {"dash": "dash", "color": color}}
@@ -73,11 +91,32 @@ def loading(child) -> dcc.Loading:
                        overlay_style={"visibility": "visible", "opacity": 0.45})
 
 
-def graph(id_: str) -> html.Div:
-    """A chart card with its spinner and a CSV download of the numbers it draws."""
+_FAMILIES = {"iteration": ITERATION_METRICS, "position": POSITION_METRICS, "forward": FORWARD_METRICS}
+
+
+def about(family: str, *names: str) -> str:
+    """What the named metrics are, from their one definition in `records` (description and
+    source), as one line for a chart's caption or a tooltip."""
+    defined = {m.name: m for m in _FAMILIES[family]}
+    return " · ".join(f"{n}: {defined[n].description} ({defined[n].source})" for n in names)
+
+
+def metric_options(family: str) -> list[dict]:
+    """Dropdown options for a metric family, each with its description as the hover tooltip."""
+    return [{"label": m.name, "value": m.name, "title": f"{m.description} ({m.source})"} for m in _FAMILIES[family]]
+
+
+def caption(text: str) -> html.Div | str:
+    return html.Div(text, className="mp-about") if text else ""
+
+
+def graph(id_: str, about_text: str = "") -> html.Div:
+    """A chart card with its spinner, a CSV download of the numbers it draws, and a caption saying
+    what it shows (`about`)."""
     return html.Div(
         [
             loading(dcc.Graph(id=id_, config={"displaylogo": False})),
+            caption(about_text),
             html.Button("CSV", id={"type": "chart-csv", "graph": id_}, className="mp-csv mp-chart-csv",
                         title="download the numbers this chart draws"),
             dcc.Download(id={"type": "chart-download", "graph": id_}),
@@ -92,18 +131,21 @@ def area(id_: str, **kw) -> dcc.Loading:
 
 
 def lines(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", **trace) -> go.Figure:
-    """One line per group, named after the group value (the legend shows them)."""
+    """One line per group, named after the group value (the legend shows them). An `iteration`
+    x is drawn 1-based (`shown_iteration`)."""
     for name, part in df.groupby(group, sort=True):
-        fig.add_trace(go.Scatter(x=part[x], y=part[y], name=str(name), mode="lines+markers", **trace))
+        xs = shown_iteration(part[x]) if x == "iteration" else part[x]
+        fig.add_trace(go.Scatter(x=xs, y=part[y], name=str(name), mode="lines+markers", **trace))
     return fig
 
 
 def bars(fig: go.Figure, df: pd.DataFrame, x: str, y: str, group: str = "grp", links=None) -> go.Figure:
     """One bar series per group. With `links(group value, x value)` → URL, a click on a bar opens
-    the forwards it counts."""
+    the forwards it counts. An `iteration` x is drawn 1-based (`shown_iteration`)."""
     for name, part in df.groupby(group, sort=True):
         custom = [[links(name, v)] for v in part[x]] if links else None
-        fig.add_trace(go.Bar(x=part[x], y=part[y], name=str(name), customdata=custom))
+        xs = shown_iteration(part[x]) if x == "iteration" else part[x]
+        fig.add_trace(go.Bar(x=xs, y=part[y], name=str(name), customdata=custom))
     fig.layout.barmode = "group"
     return fig
 
@@ -127,6 +169,9 @@ def forwards_link(search: str | None, group: str, value, **values) -> str:
     return "/" + urlstate.with_values(search, trace=None, **group_filter(group, value), **values)
 
 
+FEW_BUCKETS = 20  # up to this many points a band's median line also draws its markers
+
+
 def band(df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str, customdata=None,
          hover: str = "") -> list[dict]:
     """A p10–p90 band with its median line: three traces of one point per bucket, as plain dicts
@@ -137,8 +182,10 @@ def band(df: pd.DataFrame, name: str, low: str, mid: str, high: str, color: str,
     return [
         {**edge, "y": df[low].to_numpy()},
         {**edge, "y": df[high].to_numpy(), "fill": "tonexty", "fillcolor": _transparent(color)},
-        # lines only: a marker per bucket is an SVG node each, and hover and click work on the line
-        {"type": "scatter", "x": x, "y": df[mid].to_numpy(), "mode": "lines", "name": name, "legendgroup": name,
+        # lines only: a marker per bucket is an SVG node each, and hover and click work on the line;
+        # but a line of one point draws nothing, so a group of few buckets gets its markers
+        {"type": "scatter", "x": x, "y": df[mid].to_numpy(), "mode": "lines" if len(x) > FEW_BUCKETS else "lines+markers",
+         "name": name, "legendgroup": name,
          "line": {"color": color}, "customdata": customdata, "hovertemplate": hover or None},
     ]
 
@@ -248,18 +295,29 @@ def table(df: pd.DataFrame, columns: dict[str, str], id_: str, links: tuple[str,
         columnDefs=grid_columns(columns, links, formats),
         defaultColDef={"sortable": True, "filter": True, "resizable": True},
         columnSize="autoSize",
-        csvExportParams={"fileName": f"{id_}.csv"},
         dashGridOptions={"domLayout": "autoHeight", "suppressCellFocus": True},
     )
     button = html.Button("Download CSV", id={"type": "csv", "name": id_}, className="mp-csv")
-    return html.Div([button, grid], id=id_, className="mp-table-card")
+    return html.Div([button, grid, dcc.Download(id={"type": "csv-download", "name": id_})], id=id_,
+                    className="mp-table-card")
+
+
+def table_csv(_clicks, rows: list[dict] | None, columns: list[dict], id_: dict) -> dict:
+    """A `table`'s rows as a CSV download: headers as the grid shows them, cells as stored
+    numbers (0.317, not the "31.7%" the cell shows) and no byte-order mark, which ag-grid's own
+    export prepends and which turns the first header into "\ufeffgroup" for most CSV readers."""
+    frame = pd.DataFrame(rows or [], columns=[c["field"] for c in columns])
+    frame.columns = [c.get("headerName", c["field"]) for c in columns]
+    return {"content": frame.to_csv(index=False), "filename": f"{id_['name']}.csv", "base64": False}
 
 
 def register_csv(app) -> None:
     """Every `table`'s CSV button exports its grid's rows (all of them: the grid holds them all);
     every chart's CSV button downloads the points it draws (in the browser: assets/chart_csv.js)."""
-    app.callback(Output({"type": "grid", "name": MATCH}, "exportDataAsCsv"),
-                 Input({"type": "csv", "name": MATCH}, "n_clicks"), prevent_initial_call=True)(lambda _n: True)
+    app.callback(Output({"type": "csv-download", "name": MATCH}, "data"),
+                 Input({"type": "csv", "name": MATCH}, "n_clicks"), State({"type": "grid", "name": MATCH}, "rowData"),
+                 State({"type": "grid", "name": MATCH}, "columnDefs"), State({"type": "csv", "name": MATCH}, "id"),
+                 prevent_initial_call=True)(table_csv)
     app.clientside_callback(
         ClientsideFunction(namespace="mp", function_name="chartCsv"),
         Output({"type": "chart-download", "graph": MATCH}, "data"),
@@ -295,7 +353,7 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "")
         z = np.where(raw > 0, np.log10(raw), np.nan) if log_scale else raw
     colorbar = {"title": {"text": f"log10 {metric}" if log_scale else metric}}
     fig = figure(
-        title, "iteration", "position · token",
+        title, ITERATION_AXIS, "position · token",
         height=max(340, min(900, 60 + 16 * len(positions))),
         yaxis={"type": "category", "autorange": "reversed"},
         legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"},
@@ -303,7 +361,7 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "")
     fig.add_trace(
         go.Heatmap(
             z=z,
-            x=list(range(n_iter)),
+            x=list(range(1, n_iter + 1)),
             y=labels,
             customdata=raw,
             colorscale="Viridis",
@@ -316,11 +374,12 @@ def position_heatmap(df: pd.DataFrame, metric: str, title: str, about: str = "")
     known = ~pd.isna(used)
     fig.add_trace(
         go.Scatter(
-            x=(used[known].astype(int) - 1).tolist(),
+            x=used[known].astype(int).tolist(),
             y=[label for label, k in zip(labels, known) if k],
             mode="markers",
             marker={"symbol": "x-thin", "size": 9, "line": {"width": 2, "color": "#ff4d4f"}},
-            name="halting step",
+            name="last iteration this position ran",
+            showlegend=True,  # plotly hides a lone legend entry; the mark needs its key
         )
     )
     return fig
@@ -400,11 +459,29 @@ def as_text(fig):
     return fig
 
 
-def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update, states: tuple = ()) -> None:
+def one_shape(store, sel: queries.Selection) -> tuple[queries.Selection, str]:
+    """`sel` narrowed to the newest (model, loop) pair when it spans several and nothing groups
+    them, with a note saying so: averaging per iteration or position over models of different
+    depths, lengths or experts draws a figure of no model. ("" when `sel` is kept as it is.)"""
+    if sel.group != "none":
+        return sel, ""
+    pairs = queries.shapes(store, sel)
+    if len(pairs) < 2:
+        return sel, ""
+    model, loop = pairs["model_id"].iloc[0], pairs["loop_name"].iloc[0]
+    others = ", ".join(f"{m} · {lp} ({n:,})" for m, lp, n in pairs[["model_id", "loop_name", "forwards"]].iloc[1:].itertuples(index=False))
+    note = (f"Showing model {model} · loop {loop} only, the newest of {len(pairs)} model · loop pairs selected "
+            f"(their iterations and positions differ); also selected: {others}. Choose under Model and Loop, "
+            "or Group by model to see them side by side.")
+    return dataclasses.replace(sel, models=(model,), loops=(loop,)), note
+
+
+def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update, states: tuple = (),
+                  single_shape: bool = False) -> None:
     """Register a view's one update callback. It reads the whole state from the URL (filters and
     the page's own controls, `urlstate.KEYS`), so a link reproduces the view;
     `update(store, selection, search, *page_values, *state_values)` returns the outputs, message
-    first."""
+    first. With `single_shape`, the view sees one (model, loop) pair at a time (`one_shape`)."""
 
     def callback(_tick, search, *state_values):
         state, problems = urlstate.parse(search)
@@ -412,13 +489,17 @@ def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update,
             sel = filters.selection(state)
         except ValueError as exc:
             return (message(str(exc), "error"), *([no_update] * (len(outputs) - 1)))
+        note = ""
+        if single_shape:
+            sel, note = one_shape(store, sel)
         out = update(store, sel, search, *(state[k] for k in page_keys), *state_values)
         figures = {id(o): o for o in out if isinstance(o, go.Figure) or (isinstance(o, dict) and "data" in o)}
         for fig in figures.values():  # once each: a view may return one empty figure several times
             as_text(fig)
-        if problems:
-            warning = message("Ignored in this link: " + "; ".join(problems) + ".", "error")
-            return (html.Div([warning, out[0]]), *out[1:])
+        notes = [message("Ignored in this link: " + "; ".join(problems) + ".", "error") if problems else "",
+                 message(note)]
+        if any(notes):
+            return (html.Div([*notes, out[0]]), *out[1:])
         return out
 
     callback.__name__ = f"{update.__module__}.{update.__name__}"
@@ -426,8 +507,46 @@ def view_callback(app, store, outputs: list, page_keys: tuple[str, ...], update,
         guarded(callback, len(outputs)))
 
 
-def no_data(store) -> html.Div:
-    """Why a view is empty: nothing stored yet, or nothing matching the filters."""
+# Each filter of the bar: its label, whether a selection uses it, and the selection without it.
+_FILTERS = (
+    ("Forward kind", lambda s: bool(s.kinds), {"kinds": ()}),
+    ("Model", lambda s: bool(s.models), {"models": ()}),
+    ("Run", lambda s: bool(s.runs), {"runs": ()}),
+    ("Loop", lambda s: bool(s.loops), {"loops": ()}),
+    ("Rank", lambda s: bool(s.ranks), {"ranks": ()}),
+    ("Exit policy", lambda s: bool(s.policies), {"policies": ()}),
+    ("Iterations from/to", lambda s: s.min_iterations is not None or s.max_iterations is not None,
+     {"min_iterations": None, "max_iterations": None}),
+    ("Time", lambda s: s.window != "all" or s.start is not None or s.end is not None,
+     {"window": "all", "start": None, "end": None}),
+    ("Attribute value", lambda s: bool(s.attribute and s.values), {"attribute": None, "values": ()}),
+)
+
+
+def hidden_by(store, sel: queries.Selection) -> list[str]:
+    """For each filter in use that alone hides stored forwards: what it hides, as a phrase."""
+    phrases = []
+    for label, used, lifted in _FILTERS:
+        if not used(sel):
+            continue
+        n = queries.matching_count(store, dataclasses.replace(sel, **lifted))
+        if not n:
+            continue
+        if label == "Forward kind":
+            others = {k: c for k, c in queries.kind_counts(store, sel).items() if k not in sel.kinds}
+            kinds = ", ".join(f"{c:,} {k}" for k, c in others.items())
+            phrases.append(f"Forward kind ({', '.join(sel.kinds)}) hides {kinds} — choose 'every kind' or that kind")
+        else:
+            phrases.append(f"{label} hides {n:,}")
+    return phrases
+
+
+def no_data(store, sel: queries.Selection | None = None) -> html.Div:
+    """Why a view is empty: nothing stored yet, or which filters hide the stored forwards."""
     if queries.forward_count(store) == 0:
         return message("The store holds no forwards yet. In live mode they appear here as they arrive.")
-    return message("No forwards match the filters.")
+    phrases = hidden_by(store, sel) if sel is not None else []
+    if phrases:
+        return message("No forwards match the filters. Lifting one filter alone would show some: "
+                       + "; ".join(phrases) + ".")
+    return message("No forwards match the filters together (no single filter hides them all): clear some filters.")

@@ -11,6 +11,7 @@ what-if (`whatif.py`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
@@ -441,3 +442,25 @@ def cross_rank(store, sel: Selection) -> pd.DataFrame:
     """Per (run_id, loop_name, step, expert): expert load summed over ranks, and the step's slowest
     rank in iterations and time (columns in `collectors.ranks`)."""
     return select(store, sel, CROSS_RANK)
+
+
+# --- why a view is empty ------------------------------------------------------------------------
+
+
+def matching_count(store, sel: Selection) -> int:
+    """How many stored forwards `sel` keeps."""
+    return int(select(store, sel, "SELECT count(*) AS n FROM sel")["n"].iloc[0])
+
+
+def kind_counts(store, sel: Selection) -> dict[str, int]:
+    """Forwards `sel` keeps, by forward kind (every kind, whatever `sel.kinds` says)."""
+    df = select(store, dataclasses.replace(sel, kinds=()), "SELECT kind, count(*) AS n FROM sel GROUP BY kind ORDER BY kind")
+    return dict(zip(df["kind"], df["n"].astype(int)))
+
+
+def shapes(store, sel: Selection) -> pd.DataFrame:
+    """The (model, loop) pairs `sel` keeps, newest first, with their forward counts: forwards of
+    different pairs have different iterations, positions and experts, so views that average per
+    iteration or position show one pair at a time."""
+    return select(store, sel, "SELECT model_id, loop_name, count(*) AS forwards, max(start_time) AS newest"
+                              " FROM sel GROUP BY model_id, loop_name ORDER BY newest DESC, model_id, loop_name")

@@ -32,7 +32,8 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
 .mp-filters label { font-size: 12px; color: #57606a; }
 .mp-page { padding: 12px 20px 40px; }
 .mp-page h2 { font-size: 17px; margin: 6px 0 10px; }
-.mp-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(520px, 1fr)); gap: 12px; }
+.mp-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(520px, 100%), 1fr)); gap: 12px; }
+.mp-grid > * { min-width: 0; }  /* a wide table scrolls inside its card, not the page */
 .mp-card { background: #fff; border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px; }
 .mp-stats { display: flex; gap: 12px; margin-bottom: 12px; flex-wrap: wrap; }
 .mp-stat { background: #fff; border: 1px solid #e5e7eb; border-radius: 6px; padding: 8px 14px; min-width: 120px; }
@@ -42,7 +43,9 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0;
 .mp-message:empty { display: none; }
 .mp-info { background: #eef6ff; border: 1px solid #b6d4fe; }
 .mp-error { background: #fff1f0; border: 1px solid #ffa39e; }
-.mp-controls { display: flex; gap: 16px; align-items: end; margin-bottom: 10px; }
+.mp-controls { display: flex; gap: 16px; align-items: end; margin-bottom: 10px; flex-wrap: wrap; }
+.mp-about { font-size: 12px; color: #57606a; padding: 2px 8px 4px 52px; line-height: 1.35; }
+.mp-page .mp-about:first-child { padding-left: 0; }
 .mp-controls > div { min-width: 200px; }
 table.mp-table { border-collapse: collapse; width: 100%; font-size: 13px; background: #fff; }
 table.mp-table th, table.mp-table td { border-bottom: 1px solid #eaecef; padding: 4px 8px; text-align: left; white-space: nowrap; }
@@ -50,7 +53,7 @@ table.mp-table th { background: #f3f4f6; }
 table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums; }
 .mp-mono { font-family: monospace; }
 .mp-filters input { width: 100%; box-sizing: border-box; padding: 6px; border: 1px solid #ccc; border-radius: 4px; }
-.mp-controls input { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }
+.mp-controls input:not([type=radio]):not([type=checkbox]) { padding: 6px; border: 1px solid #ccc; border-radius: 4px; width: 140px; }  /* not the spectral page's radio buttons */
 .mp-csv { margin: 0 0 6px; padding: 4px 10px; font-size: 13px; cursor: pointer; }
 .mp-table-card { margin-bottom: 12px; }
 .mp-card { position: relative; }
@@ -68,7 +71,18 @@ table.mp-table td.mp-num { text-align: right; font-variant-numeric: tabular-nums
   /* plotly writes text and grid colours inline; the dark theme overrides them here */
   .js-plotly-plot .main-svg text { fill: #c9d1d9 !important; }
   .js-plotly-plot .gridlayer path, .js-plotly-plot .zerolinelayer path { stroke: #30363d !important; }
-  .Select-control, .Select-menu-outer, .dash-dropdown { background: #0d1117 !important; color: #e6edf3 !important; }
+  .mp-about { color: #8b949e; }
+  /* Dash 4's controls (dropdowns, inputs, radio items) draw from these variables; `html:root`
+     outranks the `:root` block Dash injects after this sheet */
+  html:root {
+    --Dash-Stroke-Strong: rgba(201, 209, 217, 0.45); --Dash-Stroke-Weak: #30363d;
+    --Dash-Fill-Interactive-Strong: #a371f7; --Dash-Fill-Interactive-Weak: rgba(88, 166, 255, 0.08);
+    --Dash-Fill-Inverse-Strong: #0d1117; --Dash-Text-Primary: #e6edf3; --Dash-Text-Strong: #f0f6fc;
+    --Dash-Text-Weak: #8b949e; --Dash-Text-Disabled: #6e7681; --Dash-Fill-Primary-Hover: rgba(177, 186, 196, 0.12);
+    --Dash-Fill-Primary-Active: rgba(177, 186, 196, 0.2); --Dash-Fill-Disabled: rgba(110, 118, 129, 0.2);
+    --Dash-Tooltip-Background-Color: #161b22; --Dash-Tooltip-Border-Color: #30363d;
+  }
+  .mp-controls input, .mp-filters input { color-scheme: dark; }
   .mp-filters [class*="placeholder"], .mp-controls [class*="placeholder"], input::placeholder { color: #8b949e !important; }
 }
 """

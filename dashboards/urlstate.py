@@ -18,12 +18,26 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 
+from mythos_probe.dashboards.queries import GROUP_COLUMNS, WINDOWS
+from mythos_probe.records import FORWARD_KINDS, POSITION_METRIC_NAMES
+from mythos_probe.whatif import CRITERIA
+
 
 @dataclass(frozen=True)
 class Key:
     default: Any
     multi: bool = False
     cast: Callable[[str], Any] = str
+    # The values a link may hold, where they are a fixed list: anything else is named as a problem
+    # and the default kept (a dropdown given an unknown value would show blank and match nothing).
+    choices: tuple | None = None
+
+
+def grouping(text: str) -> str:
+    """A Group-by value: nothing, a forward column, or `attr:<key>` (the keys change with the store)."""
+    if text in ("none", *GROUP_COLUMNS) or (text.startswith("attr:") and len(text) > 5):
+        return text
+    raise ValueError(text)
 
 
 def number(text: str) -> float:
@@ -38,25 +52,25 @@ KEYS: dict[str, Key] = {
     # the filter bar (every page)
     "model": Key((), multi=True),
     "run": Key((), multi=True),
-    "kind": Key("served"),  # "all" for every forward kind
+    "kind": Key("served", choices=(*FORWARD_KINDS, "all")),  # "all" for every forward kind
     "loop": Key((), multi=True),
     "rank": Key((), multi=True, cast=int),
     "policy": Key((), multi=True),
     "imin": Key(None, cast=int),
     "imax": Key(None, cast=int),
-    "window": Key("all"),
+    "window": Key("all", choices=tuple(WINDOWS)),
     "from": Key(None),
     "to": Key(None),
     "attr": Key(None),
     "val": Key((), multi=True),
-    "group": Key("none"),
+    "group": Key("none", cast=grouping),
     # the selected forward (forward detail, lens heatmap)
     "trace": Key(None),
     # page controls
-    "x": Key("step"),  # spectral: over step or time
-    "metric": Key("rel_residual"),  # forward: heatmap metric
+    "x": Key("step", choices=("step", "time")),  # spectral: over step or time
+    "metric": Key("rel_residual", choices=POSITION_METRIC_NAMES),  # forward: heatmap metric
     "batch": Key(0, cast=int),  # forward: batch row
-    "criterion": Key("kl"),  # lens: what-if table criterion
+    "criterion": Key("kl", choices=CRITERIA),  # lens: what-if table criterion
     "target": Key(0.99, cast=number),  # lens: agreement target
     "tmin": Key(None, cast=number),  # lens: threshold range of the chosen criterion
     "tmax": Key(None, cast=number),
@@ -86,6 +100,10 @@ def parse(search: str | None) -> tuple[dict[str, Any], list[str]]:
             cast = [key.cast(v.strip()) for v in values]
         except ValueError:
             problems.append(f"URL parameter {name}={values[0]!r} is not a valid {key.cast.__name__}")
+            continue
+        wrong = [v for v in cast if key.choices is not None and v not in key.choices]
+        if wrong:
+            problems.append(f"URL parameter {name}={wrong[0]!r} is not one of {', '.join(map(str, key.choices))}")
             continue
         state[name] = tuple(cast) if key.multi else cast[-1]
     return state, problems

@@ -18,9 +18,11 @@ import plotly.graph_objects as go
 from dash import Output, dcc, html
 
 from mythos_probe.dashboards import filters, queries
-from mythos_probe.dashboards.components import LOG_METRICS, empty_figure, figure, graph, message, no_data, view_callback
+from mythos_probe.dashboards.components import (
+    ITERATION_AXIS, LOG_METRICS, about, caption, empty_figure, figure, graph, message, metric_options, no_data,
+    view_callback,
+)
 from mythos_probe.dashboards.urlstate import control_id
-from mythos_probe.records import POSITION_METRIC_NAMES
 
 PATH = "/convergence"
 TITLE = "Convergence across forwards"
@@ -35,7 +37,7 @@ def layout(state: dict | None = None) -> html.Div:
             html.H2(TITLE + " (group by run, model … or give a second time range to compare two side by side)"),
             html.Div(id="convergence-message"),
             html.Div([html.Div([html.Label("Metric"), dcc.Dropdown(
-                id=control_id("metric"), options=POSITION_METRIC_NAMES, value=metric, clearable=False)]),
+                id=control_id("metric"), options=metric_options("position"), value=metric, clearable=False)]),
                 html.Div([html.Label("Compare with time from (UTC)"), dcc.Input(
                     id=control_id("from2"), value=state.get("from2"), debounce=True, placeholder=filters.TIME_FORMAT)]),
                 html.Div([html.Label("to (UTC)"), dcc.Input(
@@ -53,13 +55,15 @@ def heatmap(part, metric: str, name: str, zrange: tuple[float, float], positions
     with np.errstate(divide="ignore", invalid="ignore"):
         z = np.where(grid > 0, np.log10(grid), np.nan) if log else grid
     n = int(part["forwards"].max())
-    fig = figure(f"{name}: mean {metric} over {n:,} forwards", "iteration", "position",
-                 height=420, yaxis={"autorange": "reversed"}, xaxis={"range": [-0.5, iterations - 0.5]})
-    fig.add_trace(go.Heatmap(z=z, customdata=grid, colorscale="Viridis", zmin=zrange[0], zmax=zrange[1], name=metric,
+    fig = figure(f"{name}: mean {metric} over {n:,} forwards", ITERATION_AXIS, "position",
+                 height=420, yaxis={"autorange": "reversed"}, xaxis={"range": [0.5, iterations + 0.5]},
+                 legend={"orientation": "h", "y": 1.02, "x": 1, "xanchor": "right", "yanchor": "bottom"})
+    fig.add_trace(go.Heatmap(z=z, customdata=grid, x=list(range(1, iterations + 1)), colorscale="Viridis", zmin=zrange[0], zmax=zrange[1], name=metric,
                              colorbar={"title": {"text": f"log10 {metric}" if log else metric}},
                              hovertemplate="position %{y}, iteration %{x}<br>mean " + metric + " %{customdata:.3g}<extra></extra>"))
     used = part.groupby("position")["used"].first()
-    fig.add_trace(go.Scatter(x=used.to_numpy() - 1, y=used.index.to_numpy(), mode="markers", name="mean halting step",
+    fig.add_trace(go.Scatter(x=used.to_numpy(), y=used.index.to_numpy(), mode="markers", showlegend=True,
+                             name="mean iterations used by the position",
                              marker={"symbol": "line-ns", "size": 7, "line": {"width": 2, "color": "#ff4d4f"}}))
     return fig
 
@@ -89,7 +93,7 @@ def update(store, sel: queries.Selection, _search, metric, low=None, high=None):
         return message(str(exc), "error"), empty, empty
     if df.empty or df["value"].isna().all():
         empty = empty_figure("Convergence", "No per-position values: record with detail='positions'")
-        return no_data(store) if df.empty else "", empty, empty
+        return no_data(store, sel) if df.empty else "", empty, empty
     values = df["value"].to_numpy(dtype=float)
     if metric in LOG_METRICS:
         values = np.log10(values[values > 0])
@@ -98,10 +102,10 @@ def update(store, sel: queries.Selection, _search, metric, low=None, high=None):
     groups = list(df.groupby("grp", sort=True))
     figs = [heatmap(part, metric, str(name), zrange, positions, iterations) for name, part in groups]
     second = figs[1] if len(figs) > 1 else empty_figure("Compare", "Group by run, model, kind … to compare two")
-    return "", figs[0], second
+    return caption(about("position", metric)), figs[0], second
 
 
 def register(app, store) -> None:
     outputs = [Output("convergence-message", "children"), Output("convergence-a", "figure"),
                Output("convergence-b", "figure")]
-    view_callback(app, store, outputs, ("metric", "from2", "to2"), update)
+    view_callback(app, store, outputs, ("metric", "from2", "to2"), update, single_shape=True)

@@ -9,7 +9,7 @@ from dash import Output, html
 
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
-    area, bars, empty_figure, figure, forwards_link, graph, lines, no_data, register_chart_links, table,
+    QUANTITY_AXIS, about, area, bars, empty_figure, figure, forwards_link, graph, lines, no_data, register_chart_links, table,
     view_callback,
 )
 
@@ -26,7 +26,9 @@ def layout(_state=None) -> html.Div:
         [
             html.H2(TITLE + " (pick an attribute such as endpoint or user under “Group by”)"),
             html.Div(id="cost-message"),
-            html.Div([graph("cost-flops"), graph("cost-iterations"), graph("cost-time")], className="mp-grid"),
+            html.Div([graph("cost-flops", about("forward", "flops")),
+                      graph("cost-iterations", "Token-iterations: each token counted once per loop iteration it ran."),
+                      graph("cost-time", about("forward", "flops"))], className="mp-grid"),
             area("cost-table"),
         ]
     )
@@ -36,12 +38,13 @@ def update(store, sel: queries.Selection, search):
     groups = queries.cost_by_group(store, sel)
     if groups.empty:
         empty = empty_figure("Cost")
-        return no_data(store), empty, empty, empty, ""
-    flops = bars(figure("Estimated FLOPs by group", "group", "FLOPs"), groups, "grp", "flops",
+        return no_data(store, sel), empty, empty, empty, ""
+    flops = bars(figure("Estimated FLOPs by group", "group", "FLOPs", yaxis=QUANTITY_AXIS), groups, "grp", "flops",
                  links=lambda group, _x: forwards_link(search, sel.group, group))
-    iters = bars(figure("Loop iterations (token-iterations) by group", "group", "token-iterations"),
+    iters = bars(figure("Loop iterations (token-iterations) by group", "group", "token-iterations",
+                         yaxis=QUANTITY_AXIS),
                  groups, "grp", "token_iterations")
-    over_time = lines(figure("Estimated FLOPs over time", "time (UTC)", "FLOPs per bucket"),
+    over_time = lines(figure("Estimated FLOPs over time", "time (UTC)", "FLOPs per bucket", yaxis=QUANTITY_AXIS),
                       queries.cost_over_time(store, sel), "t", "flops")
     return "", flops, iters, over_time, table(groups, COLUMNS, "cost-rows", links=(), formats=FORMATS)
 

@@ -13,11 +13,10 @@ from dash import Output, dcc, html
 
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
-    area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, stat, trace_from_search, view_callback,
-    who,
+    ITERATION_AXIS, about, area, caption, empty_figure, figure, graph, lines, message, metric_options, no_data, position_heatmap, stat, trace_from_search,
+    shown_iteration, view_callback, who,
 )
 from mythos_probe.dashboards.urlstate import control_id
-from mythos_probe.records import POSITION_METRIC_NAMES
 
 PATH = "/forward"
 TITLE = "Forward detail"
@@ -26,7 +25,7 @@ LINE_METRICS = ("rel_residual", "halted_fraction", "lens_top1_agree")
 
 def layout(state: dict | None = None) -> html.Div:
     state = state or {"metric": "rel_residual", "batch": 0}
-    metrics = [{"label": m, "value": m} for m in POSITION_METRIC_NAMES]
+    metrics = metric_options("position")
     return html.Div(
         [
             html.H2("Forward detail: per-position convergence"),
@@ -57,7 +56,7 @@ def summary(row) -> list:
         ("iterations / token", f"{row['mean_iterations']:.2f}"),
     ]
     if row["diverged_at"] >= 0:
-        items.append(("diverged at iteration", str(int(row["diverged_at"]))))
+        items.append(("diverged at iteration", str(int(shown_iteration(row["diverged_at"])))))
     items += [(k, str(v)) for k, v in attributes.items()]
     return [stat(label, value) for label, value in items]
 
@@ -67,7 +66,7 @@ def update(store, sel: queries.Selection, search, metric, batch_index):
     trace_id = asked or queries.newest_trace(store, sel)
     if trace_id is None:
         empty = empty_figure("Per-position convergence", "")
-        return no_data(store), [], [0], empty, empty
+        return no_data(store, sel), [], [0], empty, empty
     row = queries.forward(store, trace_id)
     if row.empty:
         empty = empty_figure("Per-position convergence", "")
@@ -85,8 +84,8 @@ def update(store, sel: queries.Selection, search, metric, batch_index):
     else:
         heat = position_heatmap(grid, metric, f"{metric} by position and iteration (batch row {batch_index})", who(row))
     per_it = queries.forward_iterations(store, trace_id, LINE_METRICS).melt("iteration", var_name="grp")
-    its = lines(figure("Per-iteration summary", "iteration", "value"), per_it, "iteration", "value")
-    return note, summary(row), batches, heat, its
+    its = lines(figure("Per-iteration summary", ITERATION_AXIS, "value"), per_it, "iteration", "value")
+    return html.Div([note, caption(about("position", metric))]), summary(row), batches, heat, its
 
 
 def register(app, store) -> None:

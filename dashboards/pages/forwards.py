@@ -73,7 +73,7 @@ def list_grid(keys: list[str]) -> dag.AgGrid:
 def update(store, sel: queries.Selection, search, shown=None):
     t = queries.totals(store, sel).iloc[0]
     if t["forwards"] == 0:
-        return no_data(store), [], "", "", None
+        return no_data(store, sel), [], "", "", None
     stats = [
         stat("forwards", f"{int(t['forwards']):,}"),
         stat("runs", f"{int(t['runs']):,}"),

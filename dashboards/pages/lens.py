@@ -18,7 +18,8 @@ from dash import Output, dcc, html
 from mythos_probe import whatif as replay
 from mythos_probe.dashboards import queries, whatif
 from mythos_probe.dashboards.components import (
-    area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, table, trace_from_search,
+    ITERATION_AXIS, about, area, empty_figure, figure, graph, lines, message, no_data, position_heatmap, table,
+    trace_from_search,
     view_callback, who,
 )
 from mythos_probe.dashboards.theme import LAYOUT
@@ -47,7 +48,7 @@ def layout(state: dict | None = None) -> html.Div:
         [
             html.H2(TITLE),
             html.Div(id="lens-message"),
-            html.Div([graph("lens-heatmap"), graph("lens-agreement")], className="mp-grid"),
+            html.Div([graph("lens-heatmap"), graph("lens-agreement", about("iteration", "lens_top1_agree"))], className="mp-grid"),
             html.H2("Early-exit what-if: each lens-sampled position stops at the first iteration its criterion fires"),
             html.Div([
                 html.Div([html.Label("Thresholds of"), dcc.Dropdown(
@@ -115,7 +116,7 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
     per_it = queries.iteration_means(store, sel, ("lens_top1_agree", "lens_kl_final"))
     if per_it.empty:
         empty = empty_figure("Coda lens")
-        return no_data(store), empty, empty, empty, ""
+        return no_data(store, sel), empty, empty, empty, ""
     trace_id = trace_from_search(search) or queries.newest_trace(store, sel)
     grid = queries.position_grid(store, trace_id, 0, "lens_kl_final")
     if grid.empty or grid["value"].isna().all():
@@ -124,7 +125,7 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
         row = queries.forward(store, trace_id)
         about = who(row.iloc[0]) if len(row) else ""
         heat = position_heatmap(grid, "lens_kl_final", f"KL to final, forward {trace_id[:8]}… (batch row 0)", about)
-    agreement = lines(figure("Top-1 agreement with the final answer", "iteration", "share agreeing"),
+    agreement = lines(figure("Top-1 agreement with the final answer", ITERATION_AXIS, "share agreeing"),
                       per_it, "iteration", "lens_top1_agree")
     target = 0.99 if target is None else target
     try:

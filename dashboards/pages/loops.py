@@ -26,7 +26,8 @@ def layout(_state=None) -> html.Div:
         [
             html.H2(TITLE),
             html.Div(id="loops-message"),
-            html.Div([graph("loops-tokens"), graph("loops-forwards")], className="mp-grid"),
+            html.Div([graph("loops-tokens", "Tokens by the number of loop iterations each used (its own depth)."),
+                      graph("loops-forwards", "Forwards by the number of loop iterations they executed (the deepest position).")], className="mp-grid"),
             html.H2("Compute saved relative to the maximum"),
             area("loops-saved"),
         ]
@@ -37,7 +38,7 @@ def update(store, sel: queries.Selection, search):
     tokens = queries.tokens_by_iterations_used(store, sel)
     if tokens.empty:
         empty = empty_figure("Iterations used")
-        return no_data(store), empty, empty, ""
+        return no_data(store, sel), empty, empty, ""
     per_token = bars(figure("Iterations used per token", "iterations used", "tokens", xaxis={"dtick": 1}), tokens, "used", "tokens")
     per_forward = bars(
         figure("Iterations executed per forward", "iterations executed", "forwards", xaxis={"dtick": 1}),

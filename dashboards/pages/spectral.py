@@ -13,8 +13,8 @@ from dash import Output, dcc, html
 
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
-    area, band, empty_figure, figure, graph, hline, lines, no_data, range_ref, register_chart_links, table,
-    view_callback,
+    ITERATION_AXIS, about, area, band, empty_figure, figure, graph, hline, lines, no_data, range_ref, register_chart_links,
+    shown_iteration, table, view_callback,
 )
 from mythos_probe.dashboards.theme import LAYOUT
 from mythos_probe.dashboards.urlstate import control_id
@@ -44,7 +44,8 @@ def layout(state: dict | None = None) -> html.Div:
                 className="mp-controls",
             ),
             html.Div(
-                [graph("spectral-norm"), graph("spectral-growth"), graph("spectral-rho"), graph("spectral-peak")],
+                [graph("spectral-norm", about("iteration", "state_norm")), graph("spectral-growth", about("iteration", "growth_ratio")),
+                 graph("spectral-rho", about("forward", "rho_A")), graph("spectral-peak", about("iteration", "growth_ratio"))],
                 className="mp-grid",
             ),
             html.H2("Diverged forwards"),
@@ -76,9 +77,9 @@ def update(store, sel: queries.Selection, _search, x):
     per_it = queries.iteration_means(store, sel, ("state_norm", "growth_ratio"))
     if per_it.empty:
         empty = empty_figure("Spectral stability")
-        return no_data(store), empty, empty, empty, empty, ""
-    norm = lines(figure("State norm across iterations", "iteration", "mean ‖h_t‖"), per_it, "iteration", "state_norm")
-    growth = lines(figure("Growth ratio across iterations", "iteration", "‖h_t‖ / ‖h_{t−1}‖", shapes=[hline(1.0, "#888")]),
+        return no_data(store, sel), empty, empty, empty, empty, ""
+    norm = lines(figure("State norm across iterations", ITERATION_AXIS, "mean ‖h_t‖"), per_it, "iteration", "state_norm")
+    growth = lines(figure("Growth ratio across iterations", ITERATION_AXIS, "‖h_t‖ / ‖h_{t−1}‖", shapes=[hline(1.0, "#888")]),
                    per_it, "iteration", "growth_ratio")
     bands = queries.spectral_bands(store, sel, x)
     if x == "time":
@@ -89,6 +90,7 @@ def update(store, sel: queries.Selection, _search, x):
     peak = _over("Peak growth ratio per run (p10–p90 band, median line)", xlabel, "max over iterations ‖h_t‖ / ‖h_{t−1}‖",
                  bands, points, "growth", None)
     diverged = queries.divergences(store, sel)
+    diverged["diverged_at"] = shown_iteration(diverged["diverged_at"])
     listing = table(diverged, DIVERGENCE_COLUMNS, "spectral-divergences-table",
                     formats={"rho_A": "number"}) if len(diverged) else "No diverged forwards."
     return "", norm, growth, rho, peak, listing
@@ -98,6 +100,6 @@ def register(app, store) -> None:
     outputs = [Output("spectral-message", "children"), Output("spectral-norm", "figure"),
                Output("spectral-growth", "figure"), Output("spectral-rho", "figure"),
                Output("spectral-peak", "figure"), Output("spectral-divergences", "children")]
-    view_callback(app, store, outputs, ("x",), update)
+    view_callback(app, store, outputs, ("x",), update, single_shape=True)
     for graph_id in TIME_CHARTS:
         register_chart_links(app, graph_id, time_axis=True)

@@ -15,6 +15,7 @@ import pytest
 from mythos_probe import whatif as replay
 from mythos_probe.dashboards import cli
 from mythos_probe.dashboards.app import create_app
+from mythos_probe.dashboards.components import ITERATION_AXIS
 from tests.dashboards.conftest import DIVERGED, Served
 from tests.dashboards.factory import BASE_NS, synthetic_trace
 
@@ -195,11 +196,11 @@ def test_forward_heatmap_shows_positions_iterations_and_halting(browser, site, t
     t = traces[4]
     browser.get(site + f"/forward?trace={t.trace_id}")
     fig = read_graph(browser, "forward-heatmap", "batch row 0")
-    assert (fig["xaxis"], fig["yaxis"]) == ("iteration", "position · token")
+    assert (fig["xaxis"], fig["yaxis"]) == (ITERATION_AXIS, "position · token")
     heat, marks = fig["data"]
     np.testing.assert_allclose(heat["z"], np.log10(t.position_metrics["rel_residual"][0]), rtol=1e-5)
     assert heat["y"] == [f"{p} {w}" for p, w in enumerate(t.token_text[0])]
-    assert list(marks["x"]) == list(t.position_iterations[0] - 1)
+    assert list(marks["x"]) == list(t.position_iterations[0])  # iterations count from 1
     screenshot(browser, "forward")
     choose(browser, ctl("batch"), "1")
     fig = read_graph(browser, "forward-heatmap", "batch row 1")
@@ -228,11 +229,15 @@ def test_loop_distribution_counts_tokens_and_follows_the_model_filter(browser, s
 
 
 def test_halting_histogram_and_cumulative_curve(browser, site, traces):
+    """Two models are stored: the view shows the newest one's forwards, and says so."""
+    newest = max(traces, key=lambda t: t.start_ns)
     browser.get(site + "/halting")
+    wait_text(browser, "halting-message", f"Showing model {newest.model_id} · loop loop only")
     steps = read_graph(browser, "halting-steps", "Halt-step")
-    exits = np.zeros(8)
+    exits = np.zeros(newest.n_loops)
     for t in traces:
-        exits[: t.iterations] += t.iteration_metrics["exit_count"]
+        if t.model_id == newest.model_id:
+            exits[: t.iterations] += t.iteration_metrics["exit_count"]
     np.testing.assert_allclose(steps["data"][0]["y"], exits)
     cumulative = read_graph(browser, "halting-cumulative", "Cumulative")
     np.testing.assert_allclose(cumulative["data"][0]["y"], np.cumsum(exits) / exits.sum())
@@ -242,10 +247,11 @@ def test_halting_histogram_and_cumulative_curve(browser, site, traces):
 
 def test_spectral_view_marks_the_diverged_forward(browser, site, traces):
     bad = traces[DIVERGED]
-    browser.get(site + "/spectral")
+    browser.get(site + f"/spectral?model={bad.model_id}")
     fig = read_graph(browser, "spectral-rho", "ρ(Ā)")
     assert fig["xaxis"] == "step"
-    assert sorted({d.get("name") for d in fig["data"] if d.get("name")}) == ["diverged", "run-a", "run-b", "run-c"]
+    runs = sorted({t.run_id for t in traces if t.model_id == bad.model_id})
+    assert sorted({d.get("name") for d in fig["data"] if d.get("name")}) == ["diverged", *runs]
     marker = next(d for d in fig["data"] if d.get("name") == "diverged")
     assert list(marker["x"]) == [bad.step]
     wait_text(browser, "spectral-divergences", bad.trace_id)
@@ -254,14 +260,16 @@ def test_spectral_view_marks_the_diverged_forward(browser, site, traces):
 
 
 def test_expert_heatmap_shows_load_shares(browser, site, traces):
-    browser.get(site + "/experts")
+    browser.get(site + "/experts?model=mythos-tiny")
     fig = read_graph(browser, "experts-load", "balanced share")
     load = np.zeros((8, 4))
     for t in traces:
-        load[: t.iterations] += t.expert_load
+        if t.model_id == "mythos-tiny":
+            load[: t.iterations] += t.expert_load
     share = (load / load.sum(axis=1, keepdims=True)).T  # expert × iteration
     np.testing.assert_allclose(fig["data"][0]["z"], share * 4)  # relative to 1/E
-    assert (fig["xaxis"], fig["yaxis"]) == ("iteration", "expert")
+    assert (fig["xaxis"], fig["yaxis"]) == (ITERATION_AXIS, "expert")
+    assert list(fig["data"][0]["x"]) == list(range(1, 9))
     read_graph(browser, "experts-overlap", "Top-k overlap")
     screenshot(browser, "experts")
 

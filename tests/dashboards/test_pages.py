@@ -37,9 +37,15 @@ def test_every_view_renders_the_stored_forwards(store):
         assert "mp-error" not in str(out[0]), page.__name__
 
 
-def test_filters_matching_nothing_say_so(store):
+def test_filters_matching_nothing_say_which_filter_hides_what(store, traces):
     out = forwards.update(store, Selection(models=("no-such-model",)), "")
-    assert _text(out[0]) == "No forwards match the filters."
+    served = sum(t.kind == "served" for t in traces)
+    assert _text(out[0]) == f"No forwards match the filters. Lifting one filter alone would show some: Model hides {served}."
+    # two filters that each exclude the other's forwards: no single one is to blame
+    out = forwards.update(store, Selection(models=("mythos-small",), runs=("run-a",)), "")
+    assert _text(out[0]) == ("No forwards match the filters. Lifting one filter alone would show some: "
+                             f"Model hides {sum(t.run_id == 'run-a' for t in traces)}; "
+                             f"Run hides {sum(t.model_id == 'mythos-small' for t in traces)}.")
 
 
 def test_unknown_trace_id_is_a_message(store):
@@ -54,7 +60,8 @@ def test_forward_heatmap_cells_and_halting_marks(store, traces):
     z = np.array(heat.data[0].z, dtype=float)
     np.testing.assert_allclose(z, np.log10(t.position_metrics["rel_residual"][1]), rtol=1e-5)
     assert list(heat.data[0].y) == [f"{p} {w}" for p, w in enumerate(t.token_text[1])]
-    assert list(heat.data[1].x) == list(t.position_iterations[1] - 1)
+    assert list(heat.data[0].x) == list(range(1, t.iterations + 1))  # iterations shown from 1
+    assert list(heat.data[1].x) == list(t.position_iterations[1])  # marked at the last one run
     tooltip = heat.data[0].hovertemplate
     assert all(s in tooltip for s in (t.trace_id, t.model_id, t.attributes["endpoint"]))
     assert out[2] == [0, 1]
