@@ -414,7 +414,7 @@ class ParquetStore:
                     self._delete(added)
                     continue
                 except BaseException:
-                    self._delete(added)
+                    self._delete_uncommitted(added)
                     raise
                 self.files.extend(self.path / e["path"] for e in added)
                 break
@@ -439,8 +439,8 @@ class ParquetStore:
         labels = self._labels(tables.get("forwards"))
         added: list[dict[str, Any]] = []
         try:
-            for name, arrow in tables.items():
-                staged = self._stage(name, arrow, tables.get("forwards"), f"{name}-{sequence}")
+            for name in [t for t in (*_CHILD_TABLES, "spans", "forwards") if t in tables]:
+                staged = self._stage(name, tables[name], tables.get("forwards"), f"{name}-{sequence}")
                 for i, (file, date) in enumerate(staged):
                     rel = f"{name}/date={date}/{self.writer}-{sequence:06d}-{i}.parquet"
                     models, runs = labels.get(date, (None, None)) if name != "spans" else (None, None)
@@ -499,6 +499,14 @@ class ParquetStore:
         for entry in entries:
             (self.path / entry["path"]).unlink(missing_ok=True)
 
+    def _delete_uncommitted(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Deletes a failed commit's files, unless it failed after its entry was linked (e.g. the
+        fsync of `_log`): a committed file is never deleted but by a compaction."""
+        with self._log_lock:
+            if entries and entries[0]["path"] in self._snapshot.entries:
+                return
+        self._delete(entries)
+
     def _commit(self, commit: dict[str, Any], valid) -> int:
         """Appends `commit` to the log as its next version; raises `_Conflict` when `valid(snapshot)`
         fails on the log as it then is. Returns the version."""
@@ -521,8 +529,8 @@ class ParquetStore:
                         # NFS may report EEXIST for a link it made when it retried the call
                         if tmp.stat().st_nlink < 2:
                             continue
-                    _fsync(target.parent)
                     self._snapshot._apply(version, commit)
+                    _fsync(target.parent)
                     return version
         finally:
             tmp.unlink(missing_ok=True)
@@ -585,7 +593,7 @@ class ParquetStore:
         except _Conflict:  # another compaction replaced some of these files first
             self._delete(added)
         except BaseException:
-            self._delete(added)
+            self._delete_uncommitted(added)
             raise
 
     def clean(self, retain_removed_seconds: float = RETAIN_REMOVED_SECONDS) -> int:
