@@ -446,6 +446,7 @@ class ParquetStore:
                     models, runs = labels.get(date, (None, None)) if name != "spans" else (None, None)
                     added.append(self._place(file, rel, name, date, models, runs))
                 shutil.rmtree(self._tmp / f"{name}-{sequence}", ignore_errors=True)
+            self._sync_folders(added)
         except BaseException:
             self._delete(added)
             raise
@@ -491,9 +492,13 @@ class ParquetStore:
         _fsync(staged)
         target = self.path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, target)  # atomic within one filesystem
-        _fsync(target.parent)
+        os.replace(staged, target)  # atomic within one filesystem; the folder is fsynced by `_sync_folders`
         return entry
+
+    def _sync_folders(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Fsyncs the folders `entries` were renamed into, once each: then the renames are durable."""
+        for folder in sorted({(self.path / e["path"]).parent for e in entries}):
+            _fsync(folder)
 
     def _delete(self, entries: Iterable[Mapping[str, Any]]) -> None:
         for entry in entries:
@@ -588,6 +593,7 @@ class ParquetStore:
                 rel = f"{table}/date={date}/{self.writer}-{sequence:06d}-c{i}.parquet"
                 added.append(self._place(staged, rel, table, date, models, runs))
                 removed.extend(rels)
+            self._sync_folders(added)
             self._commit({"add": added, "remove": removed},
                          lambda snapshot: all(r in snapshot.entries for r in removed))
         except _Conflict:  # another compaction replaced some of these files first

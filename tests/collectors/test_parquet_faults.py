@@ -179,7 +179,7 @@ print(new)
 
 
 def test_writer_processes_given_the_same_forwards_at_once_store_each_once(tmp_path):
-    folder, rounds = tmp_path / "pq", 12
+    folder, rounds = tmp_path / "pq", 6
     ParquetStore(folder).close()
     procs = [subprocess.Popen([sys.executable, "-c", WRITE_SAME, str(folder), str(rounds)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -245,6 +245,23 @@ def test_serve_killed_right_after_a_200_kept_every_acknowledged_forward(tmp_path
         proc.wait()
     finally:
         stop(proc)
+    assert stored(folder) == expected(sent)
+
+
+def test_serve_compacts_the_folder_above_a_file_count_while_it_receives(tmp_path):
+    folder = tmp_path / "pq"
+    proc, port, _ = start_serve(folder, "--compact-above", "12")
+    sent = []
+    try:
+        for r in range(8):  # each request commits one file set of 5 files
+            batch = traces_for(range(3 * r, 3 * r + 3))
+            assert post(port, otlp_body(batch).SerializeToString())[0] == 200
+            sent += batch
+    finally:
+        stop(proc)  # waits for a compaction still running
+    assert proc.returncode == 0
+    removals = [e for e in map(json.loads, map(Path.read_text, sorted((folder / "_log").glob("*.json")))) if e["remove"]]
+    assert removals and len(committed(folder).entries) < 8 * 5
     assert stored(folder) == expected(sent)
 
 
@@ -379,7 +396,7 @@ from mythos_probe.collectors.parquet_store import ParquetStore
 from tests.collectors.test_parquet_faults import traces_for
 folder, k = sys.argv[1], int(sys.argv[2])
 with ParquetStore(folder) as store:
-    for i in range(10):
+    for i in range(6):
         store.write_traces(traces_for([100 * k + i]))
         time.sleep(0.02)
 """
@@ -399,7 +416,7 @@ def test_compaction_under_concurrent_writers_and_a_reader(tmp_path):
     assert [p.returncode for p in procs] == [0, 0, 0]
     compactor.compact()
     compactor.close()
-    sent = traces_for([100 * k + i for k in range(3) for i in range(10)])
+    sent = traces_for([100 * k + i for k in range(3) for i in range(6)])
     assert seen == sorted(seen) and compactions > 1
     assert stored(folder) == expected(sent)
     snapshot = committed(folder)

@@ -141,6 +141,28 @@ def test_dashboard_queries_match_a_duckdb_store(folders):
                 assert got == want, label
 
 
+def test_dashboard_queries_read_compacted_and_fresh_file_sets_together(folders, tmp_path):
+    _, _, store = folders
+    traces = make_traces()
+    with ParquetStore(tmp_path / "pq") as w:
+        for t in traces[:16]:
+            w.write_traces([t])
+        w.compact()
+        assert len(w.snapshot().files("forwards")) == len({t.start_ns // (86400 * 10**9) for t in traces[:16]})
+        for t in traces[16:]:
+            w.write_traces([t])
+    with ParquetStore.open_read_only(tmp_path / "pq") as parquet:
+        for label, fn, kwargs in _query_calls():
+            got, want = fn(parquet, **kwargs), fn(store, **kwargs)
+            if isinstance(want, tuple):
+                (got, got_total), (want, want_total) = got, want
+                assert got_total == want_total, label
+            if isinstance(want, pd.DataFrame):
+                pd.testing.assert_frame_equal(_canonical(got), _canonical(want), obj=label)
+            else:
+                assert got == want, label
+
+
 def test_a_span_delivered_twice_stays_once(tmp_path):
     traces = make_traces()[:3]
     with ParquetStore(tmp_path / "pq") as w:
