@@ -433,56 +433,30 @@ class ParquetStore:
                                                 pa.array(ids[local], pa.int64()))
         if span_rows:
             tables["spans"] = spans_table(span_rows)
+        days = _days(tables)
         self._tmp.mkdir(parents=True, exist_ok=True)
         sequence = self._sequence
         self._sequence += 1
-        labels = self._labels(tables.get("forwards"))
         added: list[dict[str, Any]] = []
         try:
             for name in [t for t in (*_CHILD_TABLES, "spans", "forwards") if t in tables]:
-                staged = self._stage(name, tables[name], tables.get("forwards"), f"{name}-{sequence}")
-                for i, (file, date) in enumerate(staged):
-                    rel = f"{name}/date={date}/{self.writer}-{sequence:06d}-{i}.parquet"
-                    models, runs = labels.get(date, (None, None)) if name != "spans" else (None, None)
-                    added.append(self._place(file, rel, name, date, models, runs))
-                shutil.rmtree(self._tmp / f"{name}-{sequence}", ignore_errors=True)
+                for date in np.unique(days[name]):
+                    part = tables[name].filter(pa.array(days[name] == date))
+                    # sorted by the lookup key: one forward's rows are in one row group
+                    part = part.sort_by("forward_id" if name != "spans" else [("trace_id", "ascending"), ("span_id", "ascending")])
+                    staged = self._tmp / f"{name}-{sequence}-{date}.parquet"
+                    pq.write_table(part, staged)
+                    models = runs = None  # spans: unknown
+                    if name != "spans":  # the manifest's pruning keys: the models and runs of the date's forwards
+                        forwards = tables["forwards"].filter(pa.array(days["forwards"] == date))
+                        models, runs = (sorted(set(forwards.column(c).to_pylist()) - {None}) for c in ("model_id", "run_id"))
+                    rel = f"{name}/date={date}/{self.writer}-{sequence:06d}-0.parquet"
+                    added.append(self._place(staged, rel, name, str(date), models, runs))
             self._sync_folders(added)
         except BaseException:
             self._delete(added)
             raise
         return added
-
-    @staticmethod
-    def _labels(forwards: pa.Table | None) -> dict[str, tuple[list[str], list[str]]]:
-        """Per date, the models and runs of the batch's forwards (the manifest's pruning keys)."""
-        if forwards is None:
-            return {}
-        df = forwards.select(["start_time", "model_id", "run_id"]).to_pandas()
-        df["date"] = pd.to_datetime(df["start_time"]).dt.strftime("%Y-%m-%d")
-        return {date: (sorted(g["model_id"].dropna().unique().tolist()), sorted(g["run_id"].dropna().unique().tolist()))
-                for date, g in df.groupby("date")}
-
-    def _stage(self, table: str, arrow: pa.Table, forwards: pa.Table | None, name: str) -> list[tuple[Path, str]]:
-        """Writes `arrow` under the staging folder, one file per date; (file, date) pairs."""
-        with self._cursors.cursor(read=False) as cur:
-            cur.register("_batch", arrow)
-            # the partition date is the forward's: children join the batch's forwards for it
-            if table in _CHILD_TABLES:
-                cur.register("_forwards", forwards)
-                date = ("(SELECT strftime(f.start_time, '%Y-%m-%d') FROM _forwards f"
-                        " WHERE f.forward_id = _batch.forward_id)")
-            elif table == "forwards":
-                date = "strftime(start_time, '%Y-%m-%d')"
-            else:
-                date = "strftime(make_timestamp(start_ns // 1000), '%Y-%m-%d')"
-            order = " ORDER BY forward_id" if table != "spans" else " ORDER BY trace_id, span_id"
-            staging = self._tmp / name
-            cur.execute(
-                f"COPY (SELECT {_casts(table, arrow.column_names)}, {date} AS date FROM _batch{order}) "
-                f"TO {_sql_literal(str(staging))} (FORMAT parquet, PARTITION_BY (date))"
-            )
-        return [(file, part.name.split("=", 1)[1])
-                for part in sorted(staging.glob("date=*")) for file in sorted(part.glob("*.parquet"))]
 
     def _place(self, staged: Path, rel: str, table: str, date: str, models, runs) -> dict[str, Any]:
         """Fsyncs `staged`, renames it to `rel` and returns its manifest entry."""
@@ -627,6 +601,25 @@ class ParquetStore:
                     path.unlink(missing_ok=True)
                     deleted += 1
         return deleted
+
+
+def _days(tables: Mapping[str, pa.Table]) -> dict[str, np.ndarray]:
+    """Per table, each row's partition: the UTC date (YYYY-MM-DD) of its forward's start, or of the
+    span's own start for spans."""
+    def day(ns: np.ndarray) -> np.ndarray:
+        return (np.asarray(ns, np.int64) // 86_400_000_000_000).astype("datetime64[D]").astype(str)
+
+    days = {}
+    if "spans" in tables:
+        days["spans"] = day(tables["spans"].column("start_ns").to_numpy())
+    if "forwards" in tables:
+        ids = tables["forwards"].column("forward_id").to_numpy()
+        forward_days = day(tables["forwards"].column("start_ns").to_numpy())
+        order = np.argsort(ids)
+        for name in (n for n in tables if n != "spans"):
+            at = order[np.searchsorted(ids, tables[name].column("forward_id").to_numpy(), sorter=order)]
+            days[name] = forward_days[at]
+    return days
 
 
 def _mtime(path: Path) -> float:
