@@ -4,7 +4,8 @@ compaction above 200 files as `serve --parquet` runs it) against the same receiv
 DuckDB file, interleaved, with 4 sender processes. Not a test.
 
 Prints per store the spans/s and the median and 95th percentile time from sending a request to
-its 200 (the wait a sender sees), and the Parquet/DuckDB ratios.
+its 200 (the wait a sender sees), and the Parquet/DuckDB ratios; then the forwards/s of one
+in-process writer (`write_traces` of batches of 128, as `to_parquet` / `to_duckdb` do), interleaved.
 
 Run from the repository root:  .venv/bin/python -m benchmarks.bench_parquet_commit [--rounds 3]
 """
@@ -79,6 +80,24 @@ def run(store, payload) -> tuple[float, list[float]]:
     return SENDERS * REQUESTS * PER_REQUEST / elapsed, waits
 
 
+def ingest(rounds: int, tmp: Path) -> None:
+    for detail in ("summary", "positions"):
+        batches = [[make_trace(1000 * b + i, batch=1, seq_len=64, n_loops=8, detail=detail) for i in range(128)]
+                   for b in range(4)]
+        rates = {"duckdb": [], "parquet": []}
+        for r in range(rounds):
+            for label in rates:
+                path = tmp / f"ingest-{detail}-{label}-{r}"
+                with (Store(f"{path}.duckdb") if label == "duckdb" else ParquetStore(path)) as store:
+                    t0 = time.perf_counter()
+                    for batch in batches:
+                        store.write_traces(batch)
+                    rates[label].append(sum(map(len, batches)) / (time.perf_counter() - t0))
+        d, p = statistics.median(rates["duckdb"]), statistics.median(rates["parquet"])
+        print(f"ingest, {detail} detail (64 positions, batches of 128): duckdb {d:,.0f} forwards/s, "
+              f"parquet {p:,.0f} forwards/s ({p / d:.2f}×)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -102,6 +121,8 @@ def main() -> None:
     (dr, dm, dp), (pr, pm, pp) = summary["duckdb"], summary["parquet"]
     print(f"parquet / duckdb: throughput {pr / dr:.2f}×, median wait {pm / dm:.2f}×, p95 wait {pp / dp:.2f}× "
           f"({SENDERS} senders × {REQUESTS} requests × {PER_REQUEST} summary spans, {args.rounds} rounds)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ingest(args.rounds, Path(tmp))
 
 
 if __name__ == "__main__":
