@@ -151,9 +151,8 @@ def _check_marker(root: Path) -> None:
         raise SchemaError(f"{root} has Parquet layout version {version}, newer than this mythos-probe "
                           f"reads ({LAYOUT_VERSION}); upgrade mythos-probe")
     if version < LAYOUT_VERSION:
-        raise SchemaError(f"{root} was written by a mythos-probe without the commit log (layout {version}): "
-                          "its files cannot be told from a crashed writer's. Re-record it, or copy it into a "
-                          "new folder with `mythos-probe export {root} --parquet NEW`")
+        raise SchemaError(f"{root} was written by a mythos-probe without the commit log (layout {version}); "
+                          f"convert it with `mythos-probe compact {root}` once no writer is running")
 
 
 class Snapshot:
@@ -638,6 +637,75 @@ def _first_new(snapshot: Snapshot, table: str, keys: np.ndarray) -> np.ndarray:
 
 
 def compact(path: str | Path, retain_removed_seconds: float = RETAIN_REMOVED_SECONDS) -> dict[str, int]:
-    """Compacts the store folder `path` in place (see `ParquetStore.compact`)."""
+    """Compacts the store folder `path` in place (see `ParquetStore.compact`); a folder of layout 1
+    (before the commit log) is converted first (`adopt_layout_1`)."""
+    try:
+        version = json.loads((Path(path) / MARKER).read_text())["layout_version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        version = LAYOUT_VERSION  # ParquetStore says what is wrong
+    if version == 1:
+        adopt_layout_1(path)
     with ParquetStore(path) as store:
         return store.compact(retain_removed_seconds)
+
+
+_ADOPT = {  # layout 1 could hold a forward twice and child rows without their forward: kept once, with it
+    "forwards": "SELECT DISTINCT ON (forward_id) * FROM {src} ORDER BY forward_id",
+    "spans": "SELECT DISTINCT ON (trace_id, span_id) * FROM {src} ORDER BY trace_id, span_id",
+    **{t: "SELECT DISTINCT * FROM {src} WHERE forward_id IN (SELECT forward_id FROM adopted_forwards) ORDER BY forward_id"
+       for t in _CHILD_TABLES},
+}
+
+
+def adopt_layout_1(path: str | Path) -> None:
+    """Converts a folder written before the commit log (layout 1) in place, with no writer running:
+    its rows, each forward once and only child rows whose forward is there, become one committed
+    file set per table and date, the marker says layout 2, and the old files, named by no commit,
+    are deleted. Killed midway, it starts again from the old files."""
+    root = Path(path)
+    unfinished = Snapshot(root)  # an earlier attempt, killed before the marker: its files go
+    unfinished.advance()
+    for rel in unfinished.entries:
+        (root / rel).unlink(missing_ok=True)
+    shutil.rmtree(root / LOG, ignore_errors=True)
+    old = {t: sorted((root / t).glob("date=*/*.parquet")) for t in TABLES}
+    (root / LOG).mkdir()
+    store = ParquetStore.__new__(ParquetStore)  # a writer of layout 2 without the marker check
+    store.path, store.read_only, store.files = root, False, []
+    store._snapshot, store._log_lock = Snapshot(root), threading.Lock()
+    store.writer = f"{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
+    store._tmp, store._sequence = root / f".tmp-{store.writer}", 0
+    con = duckdb.connect(":memory:")
+    added, keys = [], {}
+    try:
+        store._tmp.mkdir()
+        for table in ("forwards", *_CHILD_TABLES, "spans"):
+            if not old[table]:
+                continue
+            files = ", ".join(_sql_literal(str(f)) for f in old[table])
+            src = f"read_parquet([{files}], hive_partitioning = true, union_by_name = true)"
+            con.execute(f"CREATE TABLE adopted_{table} AS {_ADOPT[table].format(src=src)}")
+            for (date,) in con.execute(f"SELECT DISTINCT date FROM adopted_{table}").fetchall():
+                staged = store._tmp / f"{table}-{date}.parquet"
+                con.execute(f"COPY (SELECT * EXCLUDE (date) FROM adopted_{table} WHERE date = ?) "
+                            f"TO {_sql_literal(str(staged))} (FORMAT parquet)", [date])
+                labels = (None, None) if table == "spans" else [
+                    sorted(v for (v,) in con.execute(f"SELECT DISTINCT {c} FROM adopted_forwards WHERE date = ?", [date]).fetchall())
+                    for c in ("model_id", "run_id")]
+                added.append(store._place(staged, f"{table}/date={date}/{store.writer}-000000-0.parquet", table, str(date), *labels))
+        if old["forwards"]:
+            keys["forwards"] = [int(v) for (v,) in con.execute("SELECT forward_id FROM adopted_forwards").fetchall()]
+        if old["spans"]:
+            ids = con.execute("SELECT trace_id, span_id FROM adopted_spans").fetchall()
+            keys["spans"] = forward_ids([t for t, _ in ids], [s for _, s in ids]).tolist()
+        store._sync_folders(added)
+        store._commit({"add": added, "keys": keys}, lambda snapshot: snapshot.version == 0)
+        tmp = root / f".{MARKER}.{secrets.token_hex(4)}.tmp"
+        tmp.write_text(json.dumps({"format": "mythos-probe parquet store", "layout_version": LAYOUT_VERSION}))
+        os.replace(tmp, root / MARKER)
+    finally:
+        con.close()
+        shutil.rmtree(store._tmp, ignore_errors=True)
+    for files in old.values():
+        for f in files:
+            f.unlink(missing_ok=True)

@@ -439,3 +439,39 @@ def test_the_manifest_prunes_files_by_date_model_and_run(tmp_path):
     assert len(snapshot.files("spans", runs=["run-0"])) == 2  # spans do not know their run: kept
     assert len(snapshot.files("forwards", dates=["2025-10-09"])) == 2
     assert snapshot.files("forwards", dates=["2025-10-10"]) == []
+
+
+def test_a_folder_of_layout_1_is_refused_until_compact_converts_it_keeping_each_forward_once(tmp_path):
+    """Layout 1 (no commit log) made visible whatever was on disk: a forwards file written twice
+    and the child files of a writer killed before its forwards. Converting keeps each forward once,
+    with exactly its rows."""
+    import shutil
+
+    from mythos_probe.collectors.migrations import SchemaError
+
+    folder, other = tmp_path / "pq", tmp_path / "other"
+    kept, orphaned = traces_for(range(4)), traces_for(range(10, 12))
+    with ParquetStore(folder) as w:
+        w.write_traces(kept[:2])
+        w.write_traces(kept[2:])
+    with ParquetStore(other) as w:
+        w.write_traces(orphaned)
+    shutil.rmtree(folder / "_log")
+    (folder / "mythos-probe.json").write_text(json.dumps({"format": "mythos-probe parquet store", "layout_version": 1}))
+    for table in ("forwards", "iterations", "positions"):  # the first set again, as a second file
+        first = sorted((folder / table).glob("date=*/*.parquet"))[0]
+        shutil.copy(first, first.with_name("vm-1-aaaaaa-000009-0.parquet"))
+    for table in ("iterations", "positions", "experts"):  # children whose forwards never came
+        for f in (other / table).glob("date=*/*.parquet"):
+            (folder / f.relative_to(other)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, folder / f.relative_to(other).with_name("vm-2-bbbbbb-000000-0.parquet"))
+    with pytest.raises(SchemaError, match="mythos-probe compact"):
+        ParquetStore.open_read_only(folder)
+    result = subprocess.run([sys.executable, "-m", "mythos_probe.cli", "compact", str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert stored(folder) == expected(kept)
+    assert files_on_disk(folder) == set(committed(folder).entries)
+    with ParquetStore(folder) as w:
+        assert w.write_traces(kept + orphaned) == 2
+    assert stored(folder) == expected(kept + orphaned)
