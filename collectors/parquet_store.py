@@ -57,6 +57,7 @@ layout of the tables (`schema`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -313,7 +314,7 @@ class ParquetStore:
         if not read_only:
             self.writer = f"{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
             self._tmp = self.path / f".tmp-{self.writer}"
-            self._sequence = 0
+            self._sequence = itertools.count()  # file set numbers; next() is atomic across threads
             with self._log_lock:
                 self._snapshot.advance()
             self.clean()
@@ -434,8 +435,7 @@ class ParquetStore:
             tables["spans"] = spans_table(span_rows)
         days = _days(tables)
         self._tmp.mkdir(parents=True, exist_ok=True)
-        sequence = self._sequence
-        self._sequence += 1
+        sequence = next(self._sequence)
         added: list[dict[str, Any]] = []
         try:
             for name in [t for t in (*_CHILD_TABLES, "spans", "forwards") if t in tables]:
@@ -549,8 +549,7 @@ class ParquetStore:
             return {"before": len(entries), "after": len(self.snapshot().entries)}
 
     def _merge(self, entries: Mapping[str, Mapping[str, Any]], groups: Mapping[tuple, list[str]]) -> None:
-        sequence = self._sequence
-        self._sequence += 1
+        sequence = next(self._sequence)
         self._tmp.mkdir(parents=True, exist_ok=True)
         added, removed = [], []
         try:
@@ -674,7 +673,7 @@ def adopt_layout_1(path: str | Path) -> None:
     store.path, store.read_only, store.files = root, False, []
     store._snapshot, store._log_lock = Snapshot(root), threading.Lock()
     store.writer = f"{_host()}-{os.getpid()}-{secrets.token_hex(3)}"
-    store._tmp, store._sequence = root / f".tmp-{store.writer}", 0
+    store._tmp, store._sequence = root / f".tmp-{store.writer}", itertools.count()
     con = duckdb.connect(":memory:")
     added, keys = [], {}
     try:
