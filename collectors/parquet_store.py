@@ -638,9 +638,11 @@ def _first_new(snapshot: Snapshot, table: str, keys: np.ndarray) -> np.ndarray:
 def compact(path: str | Path, retain_removed_seconds: float = RETAIN_REMOVED_SECONDS) -> dict[str, int]:
     """Compacts the store folder `path` in place (see `ParquetStore.compact`); a folder of layout 1
     (before the commit log) is converted first (`adopt_layout_1`)."""
+    if not (Path(path) / MARKER).is_file():
+        raise StoreError(f"{path} is not a mythos-probe Parquet store folder (no {MARKER}); nothing to compact")
     try:
         version = json.loads((Path(path) / MARKER).read_text())["layout_version"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         version = LAYOUT_VERSION  # ParquetStore says what is wrong
     if version == 1:
         adopt_layout_1(path)

@@ -475,3 +475,11 @@ def test_a_folder_of_layout_1_is_refused_until_compact_converts_it_keeping_each_
     with ParquetStore(folder) as w:
         assert w.write_traces(kept + orphaned) == 2
     assert stored(folder) == expected(kept + orphaned)
+
+
+def test_compact_refuses_what_is_not_a_store_folder_and_creates_nothing(tmp_path, capsys):
+    from mythos_probe.cli import main
+
+    assert main(["compact", str(tmp_path / "typo")]) == 2
+    assert "not a mythos-probe Parquet store folder" in capsys.readouterr().err
+    assert not (tmp_path / "typo").exists()
