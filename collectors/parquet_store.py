@@ -33,8 +33,8 @@ crash of the process or of the machine keeps it.
 **What a reader sees.** A reader reads the log from the version it knows (one failed `open` when
 nothing is new) and queries one DuckDB view per table over exactly the committed files, rebuilt
 only when the log moved: never a file of an uncommitted set, never half a set, never a forward
-twice, no globbing. Each file is sorted by `forward_id`, so a one-forward lookup reads one row
-group. The read-side API for other engines is `committed(DIR)`: a `Snapshot` whose
+twice, no globbing. Each file is sorted by `forward_id` (spans by their ids), so a one-forward
+lookup reads one row group. The log is never truncated: opening a folder reads each entry once. The read-side API for other engines is `committed(DIR)`: a `Snapshot` whose
 `files(table, dates=…, models=…, runs=…)` lists the committed files of a table, pruned by the
 manifest (each entry records its date, rows, bytes, columns, models and runs). Spark reads them
 with `spark.read.option("basePath", f"{DIR}/{table}").parquet(*files)`. Globbing the folder
@@ -49,7 +49,8 @@ that finds one of its files already removed by another compaction gives up and d
 file. Removed files stay on disk `RETAIN_REMOVED_SECONDS` for queries already running, then a
 later compaction deletes them; a reader whose file vanished reads the log again and retries once.
 
-Needs a POSIX filesystem where `rename` and `link` are atomic (a local disk, NFS, Lustre), not
+A folder of layout 1 (before the commit log) is refused until `compact` converts it
+(`adopt_layout_1`). Needs a POSIX filesystem where `rename` and `link` are atomic (a local disk, NFS, Lustre), not
 an object store. This module is not: the DuckDB store (`store`), the row building (`rows`) or the
 layout of the tables (`schema`).
 """
