@@ -223,7 +223,8 @@ class Snapshot:
         """The committed files of `table`, keeping only those that may hold a row of one of `dates`
         (YYYY-MM-DD), `models` or `runs` when given (an entry that does not know its models or runs
         is kept)."""
-        wanted = [(k, set(v)) for k, v in (("date", dates), ("models", models), ("runs", runs)) if v is not None]
+        wanted = [(k, {v} if isinstance(v, str) else set(v))  # one name or several
+                  for k, v in (("date", dates), ("models", models), ("runs", runs)) if v is not None]
         out = []
         for rel, entry in sorted(self.entries.items()):
             if entry["table"] != table:
