@@ -119,6 +119,10 @@ def forward_ids(trace_ids: Sequence[str], span_ids: Sequence[str]) -> np.ndarray
     )
 
 
+# The partition is in the manifest: DuckDB would otherwise add a `date` column from the path.
+_NO_HIVE = "hive_partitioning = false"
+
+
 def _sql_literal(text: str) -> str:
     # COPY and read_parquet take no parameter for their path, so it goes in as a quoted literal.
     return "'" + text.replace("'", "''") + "'"
@@ -359,7 +363,7 @@ class ParquetStore:
         for rel, entry in sorted(snapshot.entries.items()):
             groups[entry["table"]][tuple(entry["columns"])].append(str(self.path / rel))
         for table in TABLES:
-            selects = [f"SELECT {_casts(table, columns)} FROM read_parquet([{', '.join(map(_sql_literal, files))}])"
+            selects = [f"SELECT {_casts(table, columns)} FROM read_parquet([{', '.join(map(_sql_literal, files))}], {_NO_HIVE})"
                        for columns, files in groups[table].items()]
             source = " UNION ALL ".join(selects) or f"SELECT {_casts(table, ())} WHERE FALSE"
             self._con.execute(f"CREATE OR REPLACE VIEW {table} AS {source}")
@@ -560,7 +564,7 @@ class ParquetStore:
                 staged = self._tmp / f"compact-{sequence}-{i}.parquet"
                 files = ", ".join(_sql_literal(str(self.path / r)) for r in rels)
                 with self._cursors.cursor(read=False) as cur:
-                    cur.execute(f"COPY (SELECT * FROM read_parquet([{files}]) ORDER BY {order}) "
+                    cur.execute(f"COPY (SELECT * FROM read_parquet([{files}], {_NO_HIVE}) ORDER BY {order}) "
                                 f"TO {_sql_literal(str(staged))} (FORMAT parquet)")
                 models, runs = (None if any(entries[r][k] is None for r in rels)
                                 else sorted({v for r in rels for v in entries[r][k]}) for k in ("models", "runs"))

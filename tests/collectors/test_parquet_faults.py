@@ -490,3 +490,15 @@ def test_compact_refuses_what_is_not_a_store_folder_and_creates_nothing(tmp_path
     assert main(["compact", str(tmp_path / "typo")]) == 2
     assert "not a mythos-probe Parquet store folder" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+
+
+def test_compacting_again_merges_fresh_sets_into_the_compacted_files(tmp_path):
+    folder = tmp_path / "pq"
+    sent = traces_for(range(6))
+    with ParquetStore(folder) as w:
+        for i in range(0, 6, 2):
+            w.write_traces(sent[i:i + 2])
+            w.compact(retain_removed_seconds=0)
+        entries = w.snapshot().entries
+    assert len(entries) == len({(e["table"], e["date"]) for e in entries.values()}) == 5
+    assert stored(folder) == expected(sent)
