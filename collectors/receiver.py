@@ -5,8 +5,8 @@ by `otlp_decode` (the same `rows.decode_span` the in-process `DuckDBSpanExporter
 received over OTLP produces exactly the rows a direct write does); this module is the HTTP around it.
 
 Every request is answered, and the server keeps serving:
-- 200 once the request's rows are committed and durable, all of them at once (one DuckDB
-  transaction, or one fsynced commit of a Parquet folder), or were already stored;
+- 200 once the request's rows are committed, all of them at once (one DuckDB transaction, or one
+  fsynced commit of a Parquet folder), or were already stored;
 - 400 for a body that is truncated, malformed or not a consistent record (the message names the
   span and the field; one bad forward rejects its whole request, nothing of it is stored);
 - 401 for a missing or wrong `Authorization: Bearer <token>` when a token is set;
