@@ -307,13 +307,13 @@ def small_disk(tmp_path):
         if not mounted:
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, 1))
             return
-        with open(filler, "wb", buffering=0) as f:  # up to ENOSPC, then 12 KiB free: a file set gets partly written
+        with open(filler, "wb", buffering=0) as f:  # up to ENOSPC, then 48 KiB free: a file set gets partly written (files are ~20 KiB)
             try:
                 while True:
                     f.write(b"\0" * 4096)
             except OSError:
                 pass
-        os.truncate(filler, max(0, filler.stat().st_size - 12 * 1024))
+        os.truncate(filler, max(0, filler.stat().st_size - 48 * 1024))
 
     def free(pid):
         if not mounted:
