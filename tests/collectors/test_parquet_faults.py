@@ -296,16 +296,17 @@ def test_two_receivers_on_one_folder_store_and_count_a_retried_forward_once(tmp_
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 4 MiB tmpfs when this process may mount (root with CAP_SYS_ADMIN), filled by a file;
-    else the serve process's RLIMIT_FSIZE is lowered to 1 byte (every write it makes fails)."""
+    else the serve process's RLIMIT_FSIZE is lowered to 1 byte (every file write it makes fails).
+    MYTHOS_TEST_NO_MOUNT=1 takes the second way where mounting works."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
-                             capture_output=True).returncode == 0
+    mounted = not os.environ.get("MYTHOS_TEST_NO_MOUNT") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True).returncode == 0
     filler = mount / "filler"
 
     def fill(pid):
-        if not mounted:
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, 1))
+        if not mounted:  # the soft limit only: raising it again needs no privilege
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]))
             return
         with open(filler, "wb", buffering=0) as f:  # up to ENOSPC, then 48 KiB free: a file set gets partly written (files are ~20 KiB)
             try:
@@ -317,7 +318,8 @@ def small_disk(tmp_path):
 
     def free(pid):
         if not mounted:
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)[1]
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (hard, hard))
         else:
             filler.unlink()
 
