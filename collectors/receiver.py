@@ -5,7 +5,8 @@ by `otlp_decode` (the same `rows.decode_span` the in-process `DuckDBSpanExporter
 received over OTLP produces exactly the rows a direct write does); this module is the HTTP around it.
 
 Every request is answered, and the server keeps serving:
-- 200 once the request's rows are committed, all of them in one transaction;
+- 200 once the request's rows are committed, all of them at once (one DuckDB transaction, or one
+  fsynced commit of a Parquet folder), or were already stored;
 - 400 for a body that is truncated, malformed or not a consistent record (the message names the
   span and the field; one bad forward rejects its whole request, nothing of it is stored);
 - 401 for a missing or wrong `Authorization: Bearer <token>` when a token is set;
@@ -14,7 +15,8 @@ Every request is answered, and the server keeps serving:
 - 413 for a body over `Limits.max_body_bytes` (before or after gzip, with or without chunking) and
   for counts over the other `Limits` (spans, attributes, array values, rows per request);
 - 415 for a content type other than protobuf or JSON, or a content encoding other than gzip;
-- 503 only when the store itself fails to write (OTLP exporters retry on it);
+- 503 with `Retry-After` only when the store itself fails to write (a full disk; OTLP exporters
+  retry on it), nothing of the request being stored;
 - 500 for anything unexpected, logged with an id that the response repeats.
 It binds loopback by default; binding any other address needs a token.
 
@@ -49,6 +51,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4318
 DEFAULT_MAX_BODY_BYTES = Limits.max_body_bytes
 LINGER_SECONDS = 2.0  # how long a closing connection reads what its sender still sends (`_Server`)
+# A store that cannot write (a full disk, a folder gone read-only) is asked again after this.
+RETRY_AFTER_SECONDS = 5
 
 
 class _Reject(Exception):
@@ -122,11 +126,7 @@ class _GroupCommit:
     def _commit(self, group: list[_Job]) -> None:
         traces, rows = [t for j in group for t in j.traces], [r for j in group for r in j.rows]
         try:
-            if hasattr(self.store, "write_new"):
-                new = self.store.write_new(traces, rows)
-            else:  # a store that dedupes when it flushes (ParquetStore): every forward counts as new
-                self.store.write(traces, rows)
-                new = traces
+            new = self.store.write_new(traces, rows)
         except Exception as exc:
             for job in group:
                 job.error, job.done = exc, True
@@ -147,6 +147,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if status == 503:  # OTLP exporters wait this long before they resend
+            self.send_header("Retry-After", str(RETRY_AFTER_SECONDS))
         self.send_header("Content-Length", str(len(body)))
         if status >= 400 and status != 401:
             # The body may be unread (413, 411) or only partly read: the connection cannot carry on.

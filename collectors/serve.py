@@ -9,8 +9,13 @@ bind without a token stop it before it serves, with one line on stderr and exit 
 `--prometheus PORT` also serves the loop metrics of every stored forward for Prometheus to scrape
 (`prometheus.LoopMetrics`), on 127.0.0.1 like the dashboard.
 
-With `--parquet DIR` it writes a Parquet store folder instead (`parquet_store`), buffering what
-arrives into one file set every few seconds; other writers may add to the same folder.
+With `--parquet DIR` it writes a Parquet store folder instead (`parquet_store`): the requests
+that arrive while a commit runs are committed together as one file set (a group commit), each
+answered 200 once that set is fsynced and committed, so a SIGKILL loses nothing acknowledged.
+Other writers, `serve --parquet` included, may add to the same folder: a forward already there is
+stored (and counted in Prometheus) once, whichever receiver a retry reaches. Above
+`--compact-above` committed files it compacts the folder in the background while it keeps
+receiving.
 
 This module is not: the receiver itself (`receiver`) or the dashboard (`mythos_probe.dashboards`).
 """
@@ -31,8 +36,8 @@ from mythos_probe.collectors.parquet_store import ParquetStore
 from mythos_probe.collectors.store import Store
 
 HELP = "receive OTLP from remote workers, write the store, host the dashboard"
-# `--parquet`: one file set per interval rather than per OTLP request (readers pay per file)
-PARQUET_FLUSH_SECONDS = 5.0
+# `--parquet`: every group commit adds a file set (~5 files); past this many files, compact
+COMPACT_ABOVE_FILES = 200
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--store", help="DuckDB file to write (created when missing)")
     target.add_argument("--parquet", metavar="DIR",
                         help="Parquet store folder to add to (created when missing; other writers may share it)")
+    parser.add_argument("--compact-above", type=int, metavar="FILES", default=COMPACT_ABOVE_FILES,
+                        help="with --parquet, compact the folder in the background when it holds more committed "
+                        "files than this (default %(default)s; 0 never)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address for OTLP/HTTP (default %(default)s)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="OTLP/HTTP port; 0 picks a free one")
     parser.add_argument("--token", default=None, help="ingest token senders pass as `Authorization: Bearer`")
@@ -89,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with contextlib.ExitStack() as stack:  # whatever was opened is closed, also when a later step fails
         store = stack.enter_context(
-            Store(args.store) if args.store else ParquetStore(args.parquet, flush_seconds=PARQUET_FLUSH_SECONDS)
+            Store(args.store) if args.store else ParquetStore(args.parquet, compact_above=args.compact_above or None)
         )
         metrics = None if args.prometheus is None else stack.enter_context(_metrics(args.prometheus))
         try:

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "serve": ("mythos_probe.collectors.serve", "receive OTLP from remote workers, write the store, host the dashboard"),
     "dashboard": ("mythos_probe.dashboards.cli", "open a store (DuckDB file or Parquet folder) read-only in the dashboard"),
     "export": ("mythos_probe.collectors.export_cli", "export a store to partitioned Parquet or over OTLP"),
+    "compact": ("mythos_probe.collectors.compact_cli", "compact a Parquet store folder in place, safely while others write and read it"),
     "variants": ("mythos_probe.model.variants", "list model presets with parameters and FLOPs per token"),
 }
 
