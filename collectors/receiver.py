@@ -29,6 +29,7 @@ import ipaddress
 import logging
 import re
 import secrets
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
@@ -275,8 +276,18 @@ class _Server(ThreadingHTTPServer):
         logger.debug("connection from %s failed", client_address, exc_info=True)
 
 
+def check_bind(host: str, token: str | None) -> None:
+    """Raises ValueError for a non-loopback `host` without an ingest token."""
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"refusing to bind {host}: a non-loopback address needs an ingest token (--token) "
+            "that every sender passes as `Authorization: Bearer <token>`"
+        )
+
+
 class Receiver:
-    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread.
+    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread. With
+    `sock`, it serves on that listening socket instead of binding host:port itself.
 
     `on_stored`, when given, is called with the forwards each request added to the store (never
     a retried duplicate), e.g. `LoopMetrics.record` for Prometheus.
@@ -291,12 +302,9 @@ class Receiver:
         *,
         limits: Limits = Limits(),
         on_stored: Callable[[Sequence[LoopTrace]], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
-        if not is_loopback(host) and not token:
-            raise ValueError(
-                f"refusing to bind {host}: a non-loopback address needs an ingest token (--token) "
-                "that every sender passes as `Authorization: Bearer <token>`"
-            )
+        check_bind(host, token)
         self.store = store
         self.writer = _GroupCommit(store)
         self.token = token or None
@@ -305,7 +313,13 @@ class Receiver:
         self.received_spans = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()
-        self._server = _Server((host, port), _Handler)
+        if sock is None:
+            self._server = _Server((host, port), _Handler)
+        else:  # a socket the caller bound and listens on (serve binds every port before opening the store)
+            self._server = _Server(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = sock
+            self._server.server_address = sock.getsockname()
         self._server.receiver = self
         self._thread: threading.Thread | None = None
         self._serving = False

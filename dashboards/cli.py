@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mythos_probe.cli import port_number
+
 HELP = "open a store (DuckDB file or Parquet folder) read-only in the dashboard"
 # DuckDB keeps scanned pages cached up to its memory limit (80 % of RAM by default): on a 10,000-
 # forward store the what-if replay alone grew the process past 800 MiB. Capped, it evicts and
@@ -22,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="DuckDB store file or Parquet store folder written by mythos-probe "
                         "(a notebook recorder or serve)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8050, help="port (default: 8050)")
+    parser.add_argument("--port", type=port_number, default=8050, help="port (default: 8050; 0 picks a free one)")
 
 
 def open_store(path: str):
@@ -37,16 +39,19 @@ def open_store(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mythos_probe.collectors.serve import wsgi_server
+    from mythos_probe.collectors.serve import bind, wsgi_server
     from mythos_probe.dashboards.app import create_app
 
+    # The port first: one in use stops here, before the store is opened and the what-if prewarm
+    # starts reading it (its traceback used to come before the one-line error).
+    sock = bind(args.host, args.port)
     store, problem = open_store(args.file)
     if store is not None:
         store.query(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     if problem:
         print(f"mythos-probe dashboard: {problem}", file=sys.stderr)
     try:
-        server = wsgi_server(create_app(store, problem=problem).server, args.host, args.port)
+        server = wsgi_server(create_app(store, problem=problem).server, sock=sock)
     except BaseException:
         if store is not None:
             store.close()
