@@ -105,4 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mythos_probe.cli` runs this file as `__main__`: run the imported module instead, so
+    # that its `CommandError` is the one the subcommands raise.
+    from mythos_probe.cli import main as _main
+
+    sys.exit(_main())
