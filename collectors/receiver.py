@@ -10,6 +10,8 @@ Every request is answered, and the server keeps serving:
   span and the field; one bad forward rejects its whole request, nothing of it is stored);
 - 401 for a missing or wrong `Authorization: Bearer <token>` when a token is set;
 - 404 for a path other than /v1/traces, 405 for a method other than POST;
+- GET /healthz: 200 while the process serves; GET /readyz: 200 when the store answers a query,
+  503 naming why not (both without a token: they reveal nothing stored);
 - 411 without Content-Length or chunked transfer encoding;
 - 413 for a body over `Limits.max_body_bytes` (before or after gzip, with or without chunking) and
   for counts over the other `Limits` (spans, attributes, array values, rows per request);
@@ -154,7 +156,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        self._reply(405, b"POST OTLP to /v1/traces\n")
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":  # liveness: the process answers HTTP
+            self._reply(200, b"ok\n")
+        elif path == "/readyz":  # readiness: the store answers too (no token: it tells nothing stored)
+            problem = self.server.receiver.not_ready()
+            self._reply(503 if problem else 200, (problem or "ready").encode() + b"\n")
+        else:
+            self._reply(405, b"POST OTLP to /v1/traces (GET: /healthz, /readyz)\n")
 
     def do_POST(self) -> None:
         receiver = self.server.receiver
@@ -336,6 +345,14 @@ class Receiver:
     def endpoint(self) -> str:
         """Base URL for OTLP exporters (they add /v1/traces)."""
         return f"http://{self.host}:{self.port}"
+
+    def not_ready(self) -> str | None:
+        """Why the receiver cannot store a request now (the store is closed or fails a query), or None."""
+        try:
+            self.store.query("SELECT 1")
+        except Exception as exc:  # a closed or broken store: say it, never raise into the handler
+            return f"store not ready: {exc}"
+        return None
 
     def count(self, spans: int = 0, rejected: int = 0) -> None:
         with self._lock:

@@ -134,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
         receiver = Receiver(store, args.host, args.port, args.token, limits=Limits(max_body_bytes=args.max_body_bytes),
                             on_stored=None if metrics is None else metrics.record, sock=otlp_sock)
         stack.callback(receiver.stop)
+        if metrics is not None:
+            metrics.watch(receiver)
         dashboard = None if dashboard_sock is None else _dashboard(store, dashboard_sock)
         receiver.start()
         # Tests and scripts read these lines to learn the ports when they were given as 0.
