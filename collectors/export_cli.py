@@ -208,13 +208,15 @@ def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="DuckDB store file or Parquet store folder to read (opened read-only)")
+    parser.add_argument("store", help="DuckDB store file or Parquet store folder to read (opened read-only), "
+                        "or the URL of a running serve (http://HOST:OTLP_PORT) to export the store it is writing")
     parser.add_argument("--parquet", metavar="DIR", help="write partitioned Parquet under DIR")
     parser.add_argument("--otlp", metavar="ENDPOINT",
                         help="replay every forward over OTLP/HTTP to ENDPOINT (base URL, e.g. http://127.0.0.1:4318)")
     parser.add_argument("--token", default=None,
-                        help="with --otlp: the ingest token of `serve --token`, sent as `Authorization: Bearer` "
-                             "(default: the headers in OTEL_EXPORTER_OTLP_HEADERS)")
+                        help="the token of `serve --token`, sent as `Authorization: Bearer` to the --otlp endpoint "
+                             "(default: the headers in OTEL_EXPORTER_OTLP_HEADERS) and to a serve URL read from "
+                             "(default: $MYTHOS_PROBE_TOKEN)")
 
 
 def why_not_delivered(endpoint: str, token: str | None) -> str:
@@ -247,9 +249,11 @@ def why_not_delivered(endpoint: str, token: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     if not (args.parquet or args.otlp):
         raise CommandError("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
-    if args.token is not None and not args.otlp:
-        raise CommandError("--token is for --otlp (the receiver's ingest token)")
-    with open_read_only(args.store) as store:
+    from mythos_probe.collectors.remote import RemoteStore, is_url
+
+    if args.token is not None and not (args.otlp or is_url(args.store)):
+        raise CommandError("--token is for --otlp or a serve URL (serve's ingest token)")
+    with (RemoteStore(args.store, token=args.token) if is_url(args.store) else open_read_only(args.store)) as store:
         try:
             return _export(store, args)
         except duckdb.Error as exc:  # a page damaged past the catalog fails only when read

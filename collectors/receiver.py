@@ -12,6 +12,7 @@ Every request is answered, and the server keeps serving:
 - 404 for a path other than /v1/traces, 405 for a method other than POST;
 - GET /healthz: 200 while the process serves; GET /readyz: 200 when the store answers a query,
   503 naming why not (both without a token: they reveal nothing stored);
+- GET /v1/read…: the read API (`read_api`), behind the same token as POST;
 - 411 without Content-Length or chunked transfer encoding;
 - 413 for a body over `Limits.max_body_bytes` (before or after gzip, with or without chunking) and
   for counts over the other `Limits` (spans, attributes, array values, rows per request);
@@ -39,7 +40,7 @@ from typing import Any, Callable, Sequence
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from mythos_probe.collectors import otlp_decode
+from mythos_probe.collectors import otlp_decode, read_api
 from mythos_probe.collectors.otlp_decode import JSON, PROTOBUF, Limits, TooLarge, Unsupported
 from mythos_probe.collectors.store import Store
 from mythos_probe.records import LoopTrace
@@ -162,8 +163,30 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":  # readiness: the store answers too (no token: it tells nothing stored)
             problem = self.server.receiver.not_ready()
             self._reply(503 if problem else 200, (problem or "ready").encode() + b"\n")
+        elif path == read_api.READ_PATH or path.startswith(read_api.READ_PATH + "/"):
+            self._read(path)
         else:
             self._reply(405, b"POST OTLP to /v1/traces (GET: /healthz, /readyz)\n")
+
+    def _read(self, path: str) -> None:
+        """The read API (`read_api`), behind the same token as ingest."""
+        receiver = self.server.receiver
+        if receiver.token is not None and not self._authorized(receiver.token):
+            self.close_connection = True
+            self._reply(401, b"missing or wrong bearer token\n")
+            return
+        try:
+            status, body, content_type = read_api.answer(receiver.store, receiver.store_id, path,
+                                                         self.path.partition("?")[2])
+        except Exception:  # a closed or failing store: the reader retries later
+            error_id = secrets.token_hex(4)
+            logger.exception("read API error %s answering %s", error_id, self.path)
+            status, body, content_type = 503, f"store read failed ({error_id}); retry\n".encode(), "text/plain"
+        self._reply(status, body, content_type)
+
+    def _authorized(self, token: str) -> bool:
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     def do_POST(self) -> None:
         receiver = self.server.receiver
@@ -210,8 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/v1/traces":
             raise _Reject(404, "only /v1/traces is served")
         if receiver.token is not None:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {receiver.token}".encode()):
+            if not self._authorized(receiver.token):
                 self.close_connection = True
                 raise _Reject(401, "missing or wrong bearer token")
         # Checked before reading the body, so a wrong type costs the sender nothing to learn.
@@ -316,6 +338,7 @@ class Receiver:
         check_bind(host, token)
         self.store = store
         self.writer = _GroupCommit(store)
+        self.store_id = secrets.token_hex(8)  # the read API's: readers start again when it changes
         self.token = token or None
         self.limits = limits
         self.on_stored = on_stored

@@ -22,17 +22,24 @@ DUCKDB_MEMORY_LIMIT = "160MB"
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="DuckDB store file or Parquet store folder written by mythos-probe "
-                        "(a notebook recorder or serve)")
+                        "(a notebook recorder or serve), or the URL of a running serve "
+                        "(http://HOST:OTLP_PORT) to read the store it is writing, live")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=port_number, default=8050, help="port (default: 8050; 0 picks a free one)")
+    parser.add_argument("--token", default=None,
+                        help="with a serve URL: serve's --token (default: $MYTHOS_PROBE_TOKEN)")
 
 
-def open_store(path: str):
-    """(store, None) or (None, message saying why the file cannot be shown)."""
+def open_store(path: str, token: str | None = None):
+    """(store, None) or (None, message saying why the file cannot be shown). A serve URL gives a
+    `RemoteStore`, which waits for a serve that is not up yet and catches up once it is."""
     from mythos_probe.collectors.parquet_store import open_read_only
+    from mythos_probe.collectors.remote import RemoteStore, is_url
     from mythos_probe.collectors.store import SchemaError, StoreError
 
     try:
+        if is_url(path):
+            return RemoteStore(path, token=token, wait=True), None
         return open_read_only(path), None
     except (StoreError, SchemaError) as exc:
         return None, f"Cannot show this store: {exc}"
@@ -45,13 +52,14 @@ def run(args: argparse.Namespace) -> int:
     # The port first: one in use stops here, before the store is opened and the what-if prewarm
     # starts reading it (its traceback used to come before the one-line error).
     sock = bind(args.host, args.port)
-    store, problem = open_store(args.file)
+    store, problem = open_store(args.file, args.token)
     if store is not None:
         store.query(f"SET memory_limit = '{DUCKDB_MEMORY_LIMIT}'")
     if problem:
         print(f"mythos-probe dashboard: {problem}", file=sys.stderr)
+    live = store is not None and getattr(store, "url", None) is not None  # a serve's store grows
     try:
-        server = wsgi_server(create_app(store, problem=problem).server, sock=sock)
+        server = wsgi_server(create_app(store, live=live, problem=problem).server, sock=sock)
     except BaseException:
         if store is not None:
             store.close()
