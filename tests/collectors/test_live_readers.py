@@ -21,6 +21,7 @@ import pytest
 from mythos_probe import collectors
 from mythos_probe.cli import main
 from mythos_probe.collectors.store import Store, StoreError
+from tests.collectors.factory import make_trace
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,8 +65,9 @@ def stop(proc: subprocess.Popen) -> str:
     return err
 
 
-def dashboard_forwards(url: str) -> int | None:
-    """The "forwards" figure the dashboard's Runs page shows (its view callback, as the page POSTs it)."""
+def dashboard_forwards(url: str, messages: list | None = None) -> int | None:
+    """The "forwards" figure the dashboard's Runs page shows (its view callback, as the page POSTs
+    it); the text of its message area is appended to `messages`."""
     outputs = [("forwards-message", "children"), ("forwards-stats", "children"), ("forwards-runs", "children"),
                ("forwards-list", "children"), ("forwards-shown", "data")]
     body = {
@@ -80,6 +82,8 @@ def dashboard_forwards(url: str) -> int | None:
                                      headers={"Content-Type": "application/json"}, method="POST")
     with urllib.request.urlopen(request, timeout=60) as reply:
         response = json.loads(reply.read())["response"]
+    if messages is not None:
+        messages.append(json.dumps(response.get("forwards-message", {})))
     stats = response.get("forwards-stats", {}).get("children") or []
     for stat in stats:
         value, label = (c["props"]["children"] for c in stat["props"]["children"])
@@ -164,3 +168,33 @@ def test_the_read_api_is_guarded_by_the_ingest_token(tmp_path):
             assert len(empty.frame("forwards")) == 0
     finally:
         stop(serve)
+
+
+def test_a_file_dashboard_recovers_when_the_writer_stops_and_when_the_file_appears(tmp_path):
+    held, later = tmp_path / "held.duckdb", tmp_path / "later.duckdb"
+    with Store(held) as store:
+        store.write_traces([make_trace(i) for i in range(7)])
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, duckdb; con = duckdb.connect(sys.argv[1]); "
+                               "print('held', flush=True); sys.stdin.read()", str(held)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    dashboards = [subprocess.Popen([*CLI, "dashboard", str(path), "--port", "0"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True) for path in (held, later)]
+    try:
+        urls = [d.stdout.readline().split()[2] for d in dashboards]
+        for url, why in zip(urls, ("held by a writer process", "no store at")):
+            messages: list = []
+            assert dashboard_forwards(url, messages) is None
+            assert why in messages[-1] and "retrying" in messages[-1], messages
+        holder.stdin.close()  # the writer stops
+        holder.wait(timeout=60)
+        with Store(later) as store:  # the file appears
+            store.write_traces([make_trace(i) for i in range(3)])
+        assert wait_for(lambda: dashboard_forwards(urls[0]), 7) == 7
+        assert wait_for(lambda: dashboard_forwards(urls[1]), 3) == 3
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        for d in dashboards:
+            d.terminate()
+            d.communicate(timeout=60)
