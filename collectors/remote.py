@@ -114,7 +114,7 @@ class RemoteStore:
         if head["store_id"] != self._store_id:
             if self._store_id is not None:
                 logger.warning("%s restarted: reading its store again from the start", self.url)
-            self._replace({})  # a new serve: start over
+            self._clear()  # a new serve: start over
             self._store_id, self.max_forward_id = head["store_id"], 0
         target, new = int(head["max_forward_id"]), 0
         while self.max_forward_id < target:
@@ -157,7 +157,7 @@ class RemoteStore:
                 cur.execute("ROLLBACK")
                 raise
 
-    def _replace(self, _tables: dict) -> None:
+    def _clear(self) -> None:
         with self._replica._cursors.cursor(read=False) as cur:  # noqa: SLF001
             for name in TABLE_ORDER:
                 cur.execute(f"DELETE FROM {name}")
