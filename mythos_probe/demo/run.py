@@ -64,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
               f"recorded training steps, in {args.store}")
         if sock is None:
             return 0
+        # Served read-only: a notebook, `mythos-probe dashboard` or `export` may open the file too.
+        store.close()
+        store = Store.open_read_only(args.store)
         return serve(store, sock)
     finally:
         if sock is not None:
