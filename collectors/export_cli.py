@@ -174,13 +174,13 @@ class Replay:
 class _Sender:
     """One resource's tracer provider, on a `BoundedSpanProcessor` exporting to the endpoint."""
 
-    def __init__(self, resource: str, endpoint: str) -> None:
+    def __init__(self, resource: str, endpoint: str, headers: dict[str, str] | None = None) -> None:
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
 
         from mythos_probe.collectors.exporter import BoundedSpanProcessor, otlp_exporter
 
-        self.processor = BoundedSpanProcessor(otlp_exporter(endpoint))
+        self.processor = BoundedSpanProcessor(otlp_exporter(endpoint, headers=headers))
         # Resource(...) rather than exporter.tracer_provider's Resource.create(...): the span keeps
         # the resource it was stored with, not this process's service name and SDK version.
         self.provider = TracerProvider(resource=Resource(json.loads(resource)),
@@ -189,10 +189,13 @@ class _Sender:
         self.tracer = self.provider.get_tracer("mythos_probe")
 
 
-def export_otlp(store: Store, endpoint: str, progress: bool = True) -> Replay:
+def export_otlp(store: Store, endpoint: str, progress: bool = True, token: str | None = None) -> Replay:
     """Emits every stored forward to `endpoint`, `CHUNK` at a time, waiting for each round to be
     exported (so nothing is dropped for a full queue). Stops at the first round of which no span
-    got through, counting the rest as not delivered: an endpoint that is down fails every one."""
+    got through, counting the rest as not delivered: an endpoint that is down fails every one.
+    `token` is sent as `Authorization: Bearer <token>` (what `serve --token` checks); without it,
+    the headers come from `OTEL_EXPORTER_OTLP_HEADERS` as for any OTLP exporter."""
+    headers = None if token is None else {"Authorization": f"Bearer {token}"}
     from tqdm import tqdm
 
     result = Replay(forwards=int(store.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0]))
@@ -200,7 +203,7 @@ def export_otlp(store: Store, endpoint: str, progress: bool = True) -> Replay:
     bar = tqdm(total=result.forwards, unit="forward", desc="export", disable=not progress, file=sys.stderr)
     try:
         for chunk in stored_traces(store):
-            if not _send(chunk, senders, endpoint, result):
+            if not _send(chunk, senders, endpoint, result, headers):
                 break
             bar.update(len(chunk))
     finally:
@@ -211,12 +214,13 @@ def export_otlp(store: Store, endpoint: str, progress: bool = True) -> Replay:
     return result
 
 
-def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpoint: str, result: Replay) -> bool:
+def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpoint: str, result: Replay,
+          headers: dict[str, str] | None = None) -> bool:
     """Emits one round and waits for it; False when none of its spans was delivered."""
     before = sum(s.processor.exported_spans for s in senders.values())
     for resource, trace in items:
         if resource not in senders:
-            senders[resource] = _Sender(resource, endpoint)
+            senders[resource] = _Sender(resource, endpoint, headers)
         spans.emit(senders[resource].tracer, trace)
     for sender in senders.values():
         sender.processor.force_flush()
@@ -226,16 +230,52 @@ def _send(items: list[tuple[str, LoopTrace]], senders: dict[str, _Sender], endpo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("store", help="DuckDB store file or Parquet store folder to read (opened read-only)")
+    parser.add_argument("store", help="DuckDB store file or Parquet store folder to read (opened read-only), "
+                        "or the URL of a running serve (http://HOST:OTLP_PORT) to export the store it is writing")
     parser.add_argument("--parquet", metavar="DIR", help="write partitioned Parquet under DIR")
     parser.add_argument("--otlp", metavar="ENDPOINT",
                         help="replay every forward over OTLP/HTTP to ENDPOINT (base URL, e.g. http://127.0.0.1:4318)")
+    parser.add_argument("--token", default=None,
+                        help="the token of `serve --token`, sent as `Authorization: Bearer` to the --otlp endpoint "
+                             "(default: the headers in OTEL_EXPORTER_OTLP_HEADERS) and to a serve URL read from "
+                             "(default: $MYTHOS_PROBE_TOKEN)")
+
+
+def why_not_delivered(endpoint: str, token: str | None) -> str:
+    """Why an OTLP/HTTP endpoint took none of our spans, asked with one empty export request:
+    authentication (401/403), nothing listening, or the status it answered."""
+    import os
+    import urllib.error
+    import urllib.request
+
+    from mythos_probe.collectors.exporter import _headers
+
+    url = endpoint.rstrip("/") + "/v1/traces"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else _headers(os.environ.get("OTEL_EXPORTER_OTLP_HEADERS"))
+    request = urllib.request.Request(url, data=b"", method="POST",
+                                     headers={**headers, "Content-Type": "application/x-protobuf"})
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            return f"{url} accepts requests but took none of the spans; see its log"
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            given = "the token given was refused" if token or headers else "no token was given"
+            return (f"authentication failed at {url} (HTTP {exc.code}: {given}); pass the receiver's ingest token "
+                    "with --token (that of `serve --token`) or set OTEL_EXPORTER_OTLP_HEADERS")
+        return f"{url} answered HTTP {exc.code} {exc.reason}"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"nothing answered at {url} ({reason}): is an OTLP receiver (e.g. `mythos-probe serve`) listening there?"
 
 
 def run(args: argparse.Namespace) -> int:
     if not (args.parquet or args.otlp):
         raise CommandError("nothing to do: pass --parquet DIR or --otlp ENDPOINT")
-    with open_read_only(args.store) as store:
+    from mythos_probe.collectors.remote import RemoteStore, is_url
+
+    if args.token is not None and not (args.otlp or is_url(args.store)):
+        raise CommandError("--token is for --otlp or a serve URL (serve's ingest token)")
+    with (RemoteStore(args.store, token=args.token) if is_url(args.store) else open_read_only(args.store)) as store:
         try:
             return _export(store, args)
         except duckdb.Error as exc:  # a page damaged past the catalog fails only when read
@@ -248,12 +288,11 @@ def _export(store, args: argparse.Namespace) -> int:
         print(json.dumps({t: str(p) for t, p in folders.items()}))
     if args.otlp:
         t0 = time.perf_counter()
-        replay = export_otlp(store, args.otlp)
+        replay = export_otlp(store, args.otlp, token=args.token)
         print(f"replayed {replay.forwards:,} forwards to {args.otlp} in {time.perf_counter() - t0:.1f} s: "
               f"{replay.delivered:,} spans delivered, {replay.not_delivered:,} not delivered")
         if replay.not_delivered:
-            print(f"mythos-probe export: {replay.not_delivered:,} of {replay.forwards:,} spans were not delivered "
-                  f"to {args.otlp}: is an OTLP receiver (e.g. `mythos-probe serve`) listening there?",
-                  file=sys.stderr)
+            print(f"mythos-probe export: {replay.not_delivered:,} of {replay.forwards:,} spans were not delivered: "
+                  f"{why_not_delivered(args.otlp, args.token)}", file=sys.stderr)
             return 1
     return 0

@@ -7,11 +7,19 @@
   `histograms.residual_at_exit`);
 - `recurrent_depth_forwards_total`, `recurrent_depth_tokens_total` and `recurrent_depth_flops_total`
   (counters; FLOPs from the record's `flops` forward metric; a forward without it, or with a
-  NaN or negative value, adds 0).
-The histogram buckets are `histograms.VIEWS` (one per loop count, log-spaced residuals).
+  NaN or negative value, adds 0);
+- `recurrent_depth_tokens_at_budget_total` (tokens that used every iteration of their forward's
+  budget `n_loops`: the loop saturated rather than converged) and
+  `recurrent_depth_diverged_forwards_total` (forwards whose state held a NaN or ±Inf, the record's
+  `diverged_at` ≥ 0);
+- `recurrent_depth_exporter_dropped_spans_total` and `..._failed_spans_total` of the OTLP sinks
+  passed to `watch` (spans a full queue dropped, spans the endpoint refused), and
+  `recurrent_depth_receiver_rejected_requests_total` of the receiver passed to `watch` (serve does).
+The histogram buckets are `histograms.VIEWS` (one per loop count, log-spaced residuals). Recording
+and alerting rules and a Grafana dashboard over these series are in `assets/` (README).
 
 Labels: `model`, `endpoint` (the record's user attribute `endpoint`, "" when absent), `exit_policy`,
-`loop_name` and `kind`. The label set is bounded: after `max_label_sets` distinct combinations,
+`loop_name`, `kind` and `rank` (the torch.distributed rank; "0" for a single process). The label set is bounded: after `max_label_sets` distinct combinations,
 a new one is counted under every label = "other" (and logged once), so a runaway attribute can
 never grow Prometheus's series without bound. So is each label's length: a value longer than
 `MAX_LABEL_CHARS` (128) characters is cut to its first 119 and ends in "~" and 8 hex digits of its
@@ -44,7 +52,7 @@ from mythos_probe.records import LoopTrace
 logger = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9464  # the OpenTelemetry Prometheus exporter's registered default port
-LABELS = ("model", "endpoint", "exit_policy", "loop_name", "kind")
+LABELS = ("model", "endpoint", "exit_policy", "loop_name", "kind", "rank")
 OTHER = dict.fromkeys(LABELS, "other")
 MAX_LABEL_CHARS = 128
 
@@ -73,10 +81,40 @@ class LoopMetrics:
         self._forwards = meter.create_counter("recurrent_depth.forwards", unit="{forward}", description="forwards recorded")
         self._tokens = meter.create_counter("recurrent_depth.tokens", unit="{token}", description="tokens (batch × seq) recorded")
         self._flops = meter.create_counter("recurrent_depth.flops", unit="{flop}", description="estimated FLOPs of the forwards")
+        self._at_budget = meter.create_counter(
+            "recurrent_depth.tokens_at_budget", unit="{token}", description="tokens that used every iteration of the budget n_loops")
+        self._diverged = meter.create_counter(
+            "recurrent_depth.diverged_forwards", unit="{forward}", description="forwards whose loop state held a NaN or Inf")
+        self._watched: list[Any] = []
+        for name, attribute, unit, description in (
+            ("recurrent_depth.exporter.dropped_spans", "dropped_spans", "{span}", "spans an OTLP sink dropped (queue full)"),
+            ("recurrent_depth.exporter.failed_spans", "failed_spans", "{span}", "spans the OTLP endpoint did not accept"),
+            ("recurrent_depth.receiver.rejected_requests", "rejected_requests", "{request}",
+             "OTLP requests the receiver answered with an error"),
+        ):
+            meter.create_observable_counter(name, callbacks=[self._observe(attribute)], unit=unit, description=description)
         self.max_label_sets = max_label_sets
         self._label_sets: set[tuple[str, ...]] = set()
         self._lock = threading.Lock()
         self._server, self._thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def watch(self, source: Any) -> Any:
+        """Also serve the counters `source` keeps: an `OtlpSink` (`dropped_spans`, `failed_spans`)
+        or a `Receiver` (`rejected_requests`). Returns `source`."""
+        with self._lock:
+            self._watched.append(source)
+        return source
+
+    def _observe(self, attribute: str):
+        from opentelemetry.metrics import Observation
+
+        def callback(_options):
+            with self._lock:
+                sources = [s for s in self._watched if hasattr(s, attribute)]
+            if sources:  # one series per process: a counter that exists only where it is kept
+                yield Observation(sum(getattr(s, attribute) for s in sources), {})
+
+        return callback
 
     @property
     def port(self) -> int:
@@ -93,6 +131,7 @@ class LoopMetrics:
             "exit_policy": bounded_label(trace.exit_policy),
             "loop_name": bounded_label(trace.loop_name),
             "kind": trace.kind,
+            "rank": str(trace.rank),
         }
         key = tuple(labels.values())
         with self._lock:
@@ -118,6 +157,9 @@ class LoopMetrics:
                 used = trace.position_iterations.ravel().tolist()
             else:
                 used = [trace.iterations] * tokens
+            self._at_budget.add(int((np.asarray(used) >= trace.n_loops).sum()), labels)
+            diverged_at = trace.forward_metrics.get("diverged_at", -1.0)
+            self._diverged.add(1 if np.isfinite(diverged_at) and diverged_at >= 0 else 0, labels)
             for value in used:  # the OTel API takes one value per call
                 self._iterations.record(value, labels)
             for value in histograms.residual_at_exit(trace).tolist():

@@ -11,6 +11,9 @@ Every request is answered, and the server keeps serving:
   span and the field; one bad forward rejects its whole request, nothing of it is stored);
 - 401 for a missing or wrong `Authorization: Bearer <token>` when a token is set;
 - 404 for a path other than /v1/traces, 405 for a method other than POST;
+- GET /healthz: 200 while the process serves; GET /readyz: 200 when the store answers a query,
+  503 naming why not (both without a token: they reveal nothing stored);
+- GET /v1/read…: the read API (`read_api`), behind the same token as POST;
 - 411 without Content-Length or chunked transfer encoding;
 - 413 for a body over `Limits.max_body_bytes` (before or after gzip, with or without chunking) and
   for counts over the other `Limits` (spans, attributes, array values, rows per request);
@@ -40,7 +43,7 @@ from typing import Any, Callable, Sequence
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from mythos_probe.collectors import otlp_decode
+from mythos_probe.collectors import otlp_decode, read_api
 from mythos_probe.collectors.otlp_decode import JSON, PROTOBUF, Limits, TooLarge, Unsupported
 from mythos_probe.collectors.store import Store
 from mythos_probe.records import LoopTrace
@@ -158,7 +161,36 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def do_GET(self) -> None:
-        self._reply(405, b"POST OTLP to /v1/traces\n")
+        path = self.path.split("?", 1)[0]
+        if path == "/healthz":  # liveness: the process answers HTTP
+            self._reply(200, b"ok\n")
+        elif path == "/readyz":  # readiness: the store answers too (no token: it tells nothing stored)
+            problem = self.server.receiver.not_ready()
+            self._reply(503 if problem else 200, (problem or "ready").encode() + b"\n")
+        elif path == read_api.READ_PATH or path.startswith(read_api.READ_PATH + "/"):
+            self._read(path)
+        else:
+            self._reply(405, b"POST OTLP to /v1/traces (GET: /healthz, /readyz)\n")
+
+    def _read(self, path: str) -> None:
+        """The read API (`read_api`), behind the same token as ingest."""
+        receiver = self.server.receiver
+        if receiver.token is not None and not self._authorized(receiver.token):
+            self.close_connection = True
+            self._reply(401, b"missing or wrong bearer token\n")
+            return
+        try:
+            status, body, content_type = read_api.answer(receiver.store, receiver.store_id, path,
+                                                         self.path.partition("?")[2])
+        except Exception:  # a closed or failing store: the reader retries later
+            error_id = secrets.token_hex(4)
+            logger.exception("read API error %s answering %s", error_id, self.path)
+            status, body, content_type = 503, f"store read failed ({error_id}); retry\n".encode(), "text/plain"
+        self._reply(status, body, content_type)
+
+    def _authorized(self, token: str) -> bool:
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
     def do_POST(self) -> None:
         receiver = self.server.receiver
@@ -205,8 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/v1/traces":
             raise _Reject(404, "only /v1/traces is served")
         if receiver.token is not None:
-            given = self.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {receiver.token}".encode()):
+            if not self._authorized(receiver.token):
                 self.close_connection = True
                 raise _Reject(401, "missing or wrong bearer token")
         # Checked before reading the body, so a wrong type costs the sender nothing to learn.
@@ -296,8 +327,18 @@ class _Server(ThreadingHTTPServer):
         logger.debug("connection from %s failed", client_address, exc_info=True)
 
 
+def check_bind(host: str, token: str | None) -> None:
+    """Raises ValueError for a non-loopback `host` without an ingest token."""
+    if not is_loopback(host) and not token:
+        raise ValueError(
+            f"refusing to bind {host}: a non-loopback address needs an ingest token (--token) "
+            "that every sender passes as `Authorization: Bearer <token>`"
+        )
+
+
 class Receiver:
-    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread.
+    """An OTLP/HTTP receiver writing `store`; `start()` serves on a background thread. With
+    `sock`, it serves on that listening socket instead of binding host:port itself.
 
     `on_stored`, when given, is called with the forwards each request added to the store (never
     a retried duplicate), e.g. `LoopMetrics.record` for Prometheus.
@@ -312,21 +353,25 @@ class Receiver:
         *,
         limits: Limits = Limits(),
         on_stored: Callable[[Sequence[LoopTrace]], None] | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
-        if not is_loopback(host) and not token:
-            raise ValueError(
-                f"refusing to bind {host}: a non-loopback address needs an ingest token (--token) "
-                "that every sender passes as `Authorization: Bearer <token>`"
-            )
+        check_bind(host, token)
         self.store = store
         self.writer = _GroupCommit(store)
+        self.store_id = secrets.token_hex(8)  # the read API's: readers start again when it changes
         self.token = token or None
         self.limits = limits
         self.on_stored = on_stored
         self.received_spans = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()
-        self._server = _Server((host, port), _Handler)
+        if sock is None:
+            self._server = _Server((host, port), _Handler)
+        else:  # a socket the caller bound and listens on (serve binds every port before opening the store)
+            self._server = _Server(sock.getsockname()[:2], _Handler, bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = sock
+            self._server.server_address = sock.getsockname()
         self._server.receiver = self
         self._thread: threading.Thread | None = None
         self._serving = False
@@ -343,6 +388,14 @@ class Receiver:
     def endpoint(self) -> str:
         """Base URL for OTLP exporters (they add /v1/traces)."""
         return f"http://{self.host}:{self.port}"
+
+    def not_ready(self) -> str | None:
+        """Why the receiver cannot store a request now (the store is closed or fails a query), or None."""
+        try:
+            self.store.query("SELECT 1")
+        except Exception as exc:  # a closed or broken store: say it, never raise into the handler
+            return f"store not ready: {exc}"
+        return None
 
     def count(self, spans: int = 0, rejected: int = 0) -> None:
         with self._lock:

@@ -50,7 +50,14 @@ from mythos_probe.records import (
 )
 
 FORWARD_SPAN_NAME = "looped_forward"
-ITERATION_SPAN_NAME = "loop_iteration"
+ITERATION_SPAN_NAME = "loop_iteration"  # + " <t>": `iteration_span_name`
+
+
+def iteration_span_name(t: int) -> str:
+    """The name of iteration t's child span (0-based, as `recurrent_depth.iteration.index`), so a
+    trace view lists "loop_iteration 0", "loop_iteration 1", … rather than n identical rows."""
+    return f"{ITERATION_SPAN_NAME} {t}"
+
 NS = "recurrent_depth."
 ATTR_RUN_ID = NS + "run_id"
 ATTR_MODEL_ID = NS + "model_id"
@@ -254,6 +261,11 @@ class LoopTraceIdGenerator(IdGenerator):
 def emit(tracer: Tracer, trace: LoopTrace, iteration_spans: bool = False) -> None:
     """Record `trace` as a finished span (and optional per-iteration children) on `tracer`.
 
+    With `iteration_spans`, each executed iteration t is a child span `loop_iteration t` carrying
+    that iteration's metrics. The probes time the forward, not its iterations (timing each one
+    would synchronise the device with the host inside the loop), so the children split the
+    forward's time into equal slices, and say so: `recurrent_depth.iteration.timing = "even_split"`.
+
     Raises ValueError when the tracer's provider does not use `LoopTraceIdGenerator`, because a
     span under other ids could never be matched back to its forward.
     """
@@ -282,7 +294,7 @@ def emit(tracer: Tracer, trace: LoopTrace, iteration_spans: bool = False) -> Non
                 if not math.isnan(value):
                     attrs[ITERATION_ATTRS[name]] = value
             child = tracer.start_span(
-                ITERATION_SPAN_NAME, context=parent, attributes=attrs, start_time=trace.start_ns + int(t * step_ns)
+                iteration_span_name(t), context=parent, attributes=attrs, start_time=trace.start_ns + int(t * step_ns)
             )
             child.end(end_time=trace.start_ns + int((t + 1) * step_ns))
     span.end(end_time=trace.end_ns)

@@ -63,7 +63,11 @@ def route(pathname: str | None, problem: str | None = None, search: str | None =
     # The filter bar is built with the page, both from the URL: every control starts with the
     # link's value, so nothing is written back over the link before the controls have it.
     state = urlstate.parse(search)[0]
-    return [filters.layout(state, store), html.Div(page.layout(state), className="mp-page")]
+    try:
+        bar = filters.layout(state, store)
+    except Exception:  # noqa: BLE001 — a store not readable yet (a writer holds it): the views say why
+        bar = filters.layout(state, None)
+    return [bar, html.Div(page.layout(state), className="mp-page")]
 
 
 def open_trace(_clicks, _submits, text, search: str | None = None):

@@ -7,6 +7,8 @@ import torch at module level unless they need the model: `serve` and `dashboard`
 Expected failures (a store that cannot be opened or is damaged, a port in use, a refused setting,
 a `CommandError`) print one line, `mythos-probe COMMAND: what went wrong`, and exit with status 2;
 the traceback is shown only with `--debug`. Anything else is a bug and keeps its traceback.
+A module of an extra that is not installed (torch for `demo` in a server install, DuckDB for
+`serve` in a bare one) is one line too, naming the extra to install (`mythos_probe.extras`).
 """
 
 from __future__ import annotations
@@ -30,13 +32,33 @@ class CommandError(Exception):
     """A failure the user can fix, raised by a subcommand: printed as one line, exit status 2."""
 
 
+def port_number(text: str) -> int:
+    """argparse type of every port option: 0 (a free one) to 65535, else a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a port: use 1 to 65535, or 0 for a free one")
+    return value
+
+
 def _expected() -> tuple[type[BaseException], ...]:
-    # Imported here, after a failure, so that `--help` and `variants` never load DuckDB.
-    import duckdb
+    # Imported here, after a failure, so that `--help` and `variants` never load DuckDB; a server
+    # install without DuckDB fails for that reason first, and must not fail again here.
+    expected: tuple[type[BaseException], ...] = (CommandError, OSError, ValueError)
+    try:
+        import duckdb
 
-    from mythos_probe.collectors.store import SchemaError, StoreError
+        from mythos_probe.collectors.store import SchemaError, StoreError
+    except ImportError:
+        return expected
+    return (*expected, StoreError, SchemaError, duckdb.Error)
 
-    return (CommandError, StoreError, SchemaError, duckdb.Error, OSError, ValueError)
+
+def _fail(command: str | None, message: str) -> int:
+    print(f"mythos-probe {command or ''}: {message}".replace(" :", ":"), file=sys.stderr)
+    return 2
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -57,8 +79,16 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mythos_probe import extras
+
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser(argv).parse_args(argv)
+    debug = "--debug" in argv
+    try:
+        args = build_parser(argv).parse_args(argv)
+    except ModuleNotFoundError as exc:  # the subcommand's module needs an extra not installed
+        if debug or extras.missing(exc) is None:
+            raise
+        return _fail(next((a for a in argv if not a.startswith("-")), None), extras.missing(exc))
     if args.debug:
         logging.basicConfig(level=logging.DEBUG)
     try:
@@ -66,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:
-        if args.debug or not isinstance(exc, _expected()):
+        if args.debug:
             raise
-        print(f"mythos-probe {args.command}: {exc} (--debug shows the traceback)", file=sys.stderr)
-        return 2
+        if extras.missing(exc) is not None:
+            return _fail(args.command, extras.missing(exc))
+        if not isinstance(exc, _expected()):
+            raise
+        return _fail(args.command, f"{exc} (--debug shows the traceback)")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m mythos_probe.cli` runs this file as `__main__`: run the imported module instead, so
+    # that its `CommandError` is the one the subcommands raise.
+    from mythos_probe.cli import main as _main
+
+    sys.exit(_main())

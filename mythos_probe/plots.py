@@ -55,7 +55,9 @@ class Plots:
     def _iteration_metric(self, trace: LoopTrace, name: str, probe: str) -> np.ndarray:
         values = trace.iteration_metrics.get(name)
         if values is None or not np.isfinite(values).any():
-            raise ValueError(f"trace has no {name!r}: attach with probes including {probe!r}")
+            raise ValueError(f"trace has no {name!r}: attach with probes including {probe!r}, e.g. "
+                             f"attach(model, probes=[*DEFAULT_PROBES, {probe!r}]) with DEFAULT_PROBES from "
+                             "mythos_probe.probes.reductions")
         return values
 
     # -- convergence ---------------------------------------------------------------------------

@@ -115,8 +115,16 @@ def names() -> list[str]:
 
 
 def find(model: torch.nn.Module) -> Optional[tuple[LoopSpec, ...]]:
-    """The preset's specs for this model's class (or a base class), or None."""
+    """The preset's specs for this model's class (or a base class), or None when it has none.
+    Raises ValueError for a model with a dedicated adapter (`BUILT_IN`): it has no spec to start
+    from, and needs none."""
     for cls in type(model).__mro__:
         if cls.__name__ in PRESETS:
             return PRESETS[cls.__name__][0](model)
+        if cls.__name__ in BUILT_IN:
+            raise ValueError(
+                f"{cls.__name__} has no LoopSpec preset: attach(model) reads it through its dedicated adapter "
+                f"({BUILT_IN[cls.__name__]}) and needs no spec. Presets describe third-party models "
+                f"({', '.join(PRESETS)}); for another model write a LoopSpec (README, 'Your looped model')."
+            )
     return None

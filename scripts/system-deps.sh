@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # System packages some tests need: Debian's chromium and chromium-driver (browser tests) and
-# prometheus (the Prometheus interop test). Each is installed when missing: in CI always (failing
+# prometheus (the Prometheus interop test; its promtool checks the rules in assets/). Each is installed when missing: in CI always (failing
 # when it cannot be); elsewhere only when we are root and apt-get exists, otherwise those tests
 # skip with a reason.
 set -euo pipefail
 need_browser=0 need_prometheus=0
 { command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || need_browser=1
-command -v prometheus >/dev/null || need_prometheus=1
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || need_prometheus=1
 if [ $need_browser = 0 ] && [ $need_prometheus = 0 ]; then exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   apt-get update -qq >/dev/null

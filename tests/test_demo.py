@@ -61,6 +61,10 @@ def test_serves_the_dashboard_on_the_printed_url(tmp_path):
         assert url and url.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(url, timeout=30) as response:
             assert response.status == 200 and b"mythos-probe" in response.read()
+        # the demo serves its store read-only: another process reads it meanwhile (issue 23)
+        con = duckdb.connect(str(tmp_path / "d.duckdb"), read_only=True)
+        assert con.execute("SELECT count(*) FROM forwards WHERE run_id <> 'training'").fetchall()[0][0] == 4
+        con.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -20,6 +20,8 @@ import argparse
 import sys
 import time
 
+from mythos_probe.cli import port_number
+
 HELP = "run the trained model on a mixed workload, store it and serve the dashboard"
 DEFAULT_STORE = "mythos-probe-demo.duckdb"
 
@@ -31,18 +33,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     parser.add_argument("--no-serve", action="store_true", help="print a summary and exit instead of serving")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard interface (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8050, help="dashboard port (default: 8050)")
+    parser.add_argument("--port", type=port_number, default=8050, help="dashboard port (default: 8050; 0 picks a free one)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.requests < 1 or args.batch < 1:
         print("mythos-probe demo: --requests and --batch must be at least 1", file=sys.stderr)
         return 2
+    from mythos_probe.collectors.serve import bind
     from mythos_probe.collectors.store import SchemaError, Store, StoreError
 
+    # The port and the store first: a port in use or a foreign or corrupt file stops us before any work.
+    sock = None if args.no_serve else bind(args.host, args.port)
     try:
-        store = Store(args.store)  # opened first: a foreign or corrupt file stops us before any work
+        store = Store(args.store)
     except (StoreError, SchemaError) as exc:
+        if sock is not None:
+            sock.close()
         print(f"mythos-probe demo: {exc}\nChoose another file with --store PATH.", file=sys.stderr)
         return 2
     try:
@@ -55,10 +62,15 @@ def run(args: argparse.Namespace) -> int:
         print(measured_saving(shadows, args.batch, args.seed))
         print(f"stored {len(traces)} served and {len(shadows)} full-depth forwards, and {len(training)} "
               f"recorded training steps, in {args.store}")
-        if args.no_serve:
+        if sock is None:
             return 0
-        return serve(store, args.host, args.port)
+        # Served read-only: a notebook, `mythos-probe dashboard` or `export` may open the file too.
+        store.close()
+        store = Store.open_read_only(args.store)
+        return serve(store, sock)
     finally:
+        if sock is not None:
+            sock.close()
         store.close()
 
 
@@ -188,17 +200,13 @@ def describe_measured(r, inputs: str) -> str:
     return line
 
 
-def serve(store, host: str, port: int) -> int:
-    from werkzeug.serving import make_server
-
+def serve(store, sock) -> int:
+    """The dashboard on `store`, served on the listening socket `sock` until Ctrl+C."""
+    from mythos_probe.collectors.serve import wsgi_server
     from mythos_probe.dashboards.app import create_app
 
-    try:
-        server = make_server(host, port, create_app(store).server, threaded=True)
-    except OSError as exc:
-        print(f"mythos-probe demo: cannot listen on {host}:{port} ({exc}); try --port", file=sys.stderr)
-        return 2
-    print(f"dashboard: http://{host}:{server.server_port}/  (Ctrl+C to stop)", flush=True)
+    server = wsgi_server(create_app(store).server, sock=sock)
+    print(f"dashboard: http://{server.host}:{server.port}/  (Ctrl+C to stop)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import secrets
 import time
 from collections import deque
@@ -87,6 +88,14 @@ class Recorder:
 
         if kind not in FRAME_KINDS:
             raise ValueError(f"frame kind must be one of {FRAME_KINDS}, got {kind!r}")
+        if kind == "positions":  # never an empty frame that reads as "no positions ran"
+            summary = sum(t.detail != "positions" for t in self.traces)
+            if self.traces and summary == len(self.traces):
+                raise ValueError("no trace was recorded with per-position metrics (detail='summary'): "
+                                 "attach(model, detail='positions') to get the positions frame")
+            if summary:
+                warnings.warn(f"{summary} of {len(self.traces)} traces were recorded at detail='summary' and "
+                              "are not in the positions frame", stacklevel=2)
         return getattr(frames, kind)(self.traces)
 
     @property

@@ -1,23 +1,34 @@
 """Interop: `mythos-probe serve --prometheus` scraped by a real Prometheus server (Debian's
 `prometheus`, loopback only); the values read back through Prometheus's HTTP query API equal the
-same aggregates computed here from the traces sent."""
+same aggregates computed here from the traces sent. The same Prometheus loads the rules of
+`assets/prometheus` and a worker's `LoopMetrics` watching its OTLP sink; every query of the Grafana
+dashboard in `assets/grafana` returns series there, and every rule evaluates without error."""
 
+import json
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
 import urllib.parse
 import urllib.request
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from mythos_probe.collectors.histograms import residual_at_exit
+from mythos_probe.collectors.prometheus import LoopMetrics
+from mythos_probe.collectors.sinks import otlp_sink
 from tests.collectors.factory import make_trace
 from tests.collectors.test_receiver import otlp_body, post
 from tests.conftest import free_port, get_json, need
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def traces():
@@ -52,14 +63,33 @@ def serve(tmp_path):
 
 
 @pytest.fixture
-def prometheus(tmp_path, serve):
+def worker():
+    """A worker process's metrics: its OTLP sink (to a port where nothing listens) watched by a
+    `LoopMetrics` that records no forwards, so only the exporter counters come from here."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    sink = otlp_sink(f"http://127.0.0.1:{dead}")
+    metrics = LoopMetrics(0)
+    metrics.watch(sink)
+    try:
+        yield metrics
+    finally:
+        metrics.close()
+        sink.close()
+
+
+@pytest.fixture
+def prometheus(tmp_path, serve, worker):
     binary = shutil.which("prometheus")
     need(binary is not None, "Debian's prometheus is not installed: run scripts/system-deps.sh")
     _, metrics_port = serve
     config = tmp_path / "prometheus.yml"
     config.write_text(
-        "global:\n  scrape_interval: 1s\n"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{ASSETS / 'prometheus' / 'recurrent_depth.rules.yml'}']\n"
         f"scrape_configs:\n  - job_name: mythos\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+        f"  - job_name: worker\n    static_configs:\n      - targets: ['127.0.0.1:{worker.port}']\n"
     )
     port = free_port()
     log = tmp_path / "prometheus.log"
@@ -123,3 +153,57 @@ def test_prometheus_scrapes_the_loop_metrics_of_every_stored_forward(serve, prom
     residuals = np.concatenate([residual_at_exit(t) for t in sent])
     assert query(prometheus, "sum(recurrent_depth_residual_at_exit_sum)")[()] == pytest.approx(residuals.sum())
     assert query(prometheus, "sum(recurrent_depth_tokens_total)") == {(): float(sum(t.batch * t.seq_len for t in sent))}
+
+
+def grafana_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target of the Grafana dashboard, with its variables set as
+    Grafana sets them for "All" (`allValue`) and `$__rate_interval` as one minute."""
+    dashboard = json.loads((ASSETS / "grafana" / "recurrent_depth.json").read_text())
+    variables = {v["name"]: v.get("allValue", ".*") for v in dashboard["templating"]["list"] if v["type"] == "query"}
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "1m")
+            for name, value in variables.items():
+                expr = expr.replace(f"${name}", value)
+            assert "$" not in expr, (panel["title"], expr)
+            out.append((panel["title"], expr))
+    return out
+
+
+def test_every_grafana_panel_and_every_rule_has_series_in_prometheus(serve, prometheus):
+    target, _ = serve
+    sent = [*traces()]
+    sent.append(type(sent[0])(**{**sent[0].__dict__, "span_id": "00000000000000aa", "rank": 3, "world_size": 4,
+                                 "forward_metrics": {**sent[0].forward_metrics, "diverged_at": 2.0}}))
+    assert post(target, otlp_body(sent).SerializeToString())[0] == 200
+    assert post(target, b"not protobuf")[0] == 400  # one rejected request for the receiver counter
+    queries = grafana_queries()
+    assert len(queries) >= 9
+    deadline = time.monotonic() + 90
+    empty = queries
+    while empty and time.monotonic() < deadline:  # rates need two scrapes after the data arrived
+        empty = [(title, expr) for title, expr in empty if not query(prometheus, expr)]
+        time.sleep(0.5)
+    assert not empty, f"panels without series: {empty}"
+    by_rank = query(prometheus, "sum by (rank) (recurrent_depth_forwards_total)")
+    assert by_rank == {(("rank", "0"),): len(sent) - 1, (("rank", "3"),): 1}
+    assert query(prometheus, "sum(recurrent_depth_diverged_forwards_total)") == {(): 1.0}
+    used = np.concatenate([t.position_iterations.ravel() if t.position_iterations is not None
+                           else np.full(t.batch * t.seq_len, t.iterations) for t in sent])
+    budgets = np.concatenate([np.full(t.batch * t.seq_len, t.n_loops) for t in sent])
+    assert query(prometheus, "sum(recurrent_depth_tokens_at_budget_total)") == {(): float((used >= budgets).sum())}
+    assert query(prometheus, "sum(recurrent_depth_receiver_rejected_requests_total)") == {(): 1.0}
+
+    rules = get_json(f"{prometheus}/api/v1/rules")["data"]["groups"]
+    names = [r.get("name") for g in rules for r in g["rules"]]
+    declared = re.findall(r"^\s*- (?:record|alert): (\S+)", (ASSETS / "prometheus" / "recurrent_depth.rules.yml").read_text(), re.M)
+    assert sorted(names) == sorted(declared) and len(names) == 13
+    while time.monotonic() < deadline:
+        rules = get_json(f"{prometheus}/api/v1/rules")["data"]["groups"]
+        records = [r for g in rules for r in g["rules"] if r["type"] == "recording"]
+        if all(query(prometheus, r["name"]) for r in records):
+            break
+        time.sleep(0.5)
+    assert [r["name"] for r in records if not query(prometheus, r["name"])] == []
+    assert {r["name"]: r["health"] for g in rules for r in g["rules"] if r["health"] != "ok"} == {}

@@ -98,7 +98,7 @@ def test_every_encoding_gives_the_same_rows(receiver, direct, encoding):
 def test_iteration_child_spans_are_stored_raw_with_their_parent(receiver):
     trace = make_trace(3)
     assert post(receiver, otlp_body([trace], iteration_spans=True).SerializeToString())[0] == 200
-    df = receiver.store.query("SELECT name, parent_span_id FROM spans WHERE name = 'loop_iteration'")
+    df = receiver.store.query("SELECT name, parent_span_id FROM spans WHERE name LIKE 'loop\\_iteration %' ESCAPE '\\'")
     assert len(df) == trace.iterations and set(df.parent_span_id) == {trace.span_id}
 
 

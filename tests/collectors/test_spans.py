@@ -72,8 +72,13 @@ def test_emit_uses_the_trace_ids_and_drops_no_attribute_on_the_largest_trace():
     assert forward.parent is None
     assert forward.dropped_attributes == 0
     assert len(forward.attributes) == len(trace_to_attributes(trace)) > 128
-    children = [s for s in spans if s.name == ITERATION_SPAN_NAME]
+    children = sorted((s for s in spans if s.name.startswith(ITERATION_SPAN_NAME)), key=lambda c: c.start_time)
     assert len(children) == trace.iterations
+    # each child is named and indexed by its iteration, and the even split is said, not implied
+    assert [c.name for c in children] == [f"loop_iteration {t}" for t in range(trace.iterations)]
+    assert [c.attributes["recurrent_depth.iteration.index"] for c in children] == list(range(trace.iterations))
+    assert {c.attributes["recurrent_depth.iteration.timing"] for c in children} == {"even_split"}
+    assert children[0].start_time == trace.start_ns and children[-1].end_time == trace.end_ns
     assert all(c.parent.span_id == forward.context.span_id and c.dropped_attributes == 0 for c in children)
     rebuilt = attributes_to_trace(dict(forward.attributes), trace.trace_id, trace.span_id, trace.start_ns, trace.end_ns)
     assert traces_equal(trace, rebuilt)
