@@ -1,10 +1,11 @@
 """Spans/s through the OTLP/HTTP receiver with concurrent senders on loopback.
 
 One run, printed figures; not a test. Usage (from the repo root): .venv/bin/python -m benchmarks.bench_receiver
-Each line: 4 sender processes (as remote workers are; sender threads would share the receiver's
+Each line: 1, 2 or 4 sender processes (as remote workers are; sender threads would share the receiver's
 GIL) each posting protobuf requests of forward spans (batch 1 × 16 positions, 8 loops) over one
 keep-alive connection; the clock runs from their common start until every request is answered
-(200) and committed.
+(200) and committed. Each line compares decoding in the handler threads (the receiver before
+`decode_pool`) with decoding in worker processes, interleaved in the same run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def _send(port: int, bodies: list[bytes], start) -> None:
     con.close()
 
 
-def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) -> float:
+def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, decode_workers: int | None = None) -> float:
     """Spans/s for `senders` processes each posting `requests` requests of `per_request` spans."""
     base = make_trace(0, batch=1, seq_len=16, n_loops=8, detail=detail)
     bodies = [
@@ -51,7 +52,8 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) ->
         for k in range(senders)
     ]
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store:
-        receiver = Receiver(store, port=0)  # bound, so the forked senders know the port
+        receiver = Receiver(store, port=0, decode_workers=decode_workers)  # bound, so the forked senders know the port
+        receiver.decoder.decode(bodies[0][0], "application/x-protobuf", False, receiver.limits)  # workers started
         # fork: the senders need only http.client and their bodies, already in memory
         context = multiprocessing.get_context("fork")
         start = context.Barrier(senders + 1)
@@ -72,10 +74,24 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) ->
 
 
 def main() -> None:
-    for detail, requests, per_request in CASES:
-        rate = run(detail, requests, per_request)
-        print(f"{detail:9s}: {SENDERS} senders × {requests} requests × {per_request:3d} spans: "
-              f"{rate:,.0f} spans/s ({rate / per_request:,.0f} requests/s)")
+    import argparse
+    import os
+    import statistics
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10, help="requests per sender (100 summary spans each)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    modes = {"inline decode (before)": 0, "decode workers": None}
+    for senders in (1, 2, 4):
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        for _ in range(args.rounds):  # interleaved, so that a load spike hits both
+            for mode, workers in modes.items():
+                rates[mode].append(run("summary", args.requests, 100, senders, decode_workers=workers))
+        before, after = (statistics.median(rates[m]) for m in modes)
+        print(f"{senders} sender(s) × {args.requests} requests × 100 summary spans: {before:,.0f} spans/s inline, "
+              f"{after:,.0f} spans/s with decode workers ({after / before:.2f}x); load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":
