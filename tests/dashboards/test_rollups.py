@@ -26,16 +26,17 @@ HOUR_NS = 60 * MIN_NS
 MEANS = ("rel_residual", "state_norm", "growth_ratio", "halt_prob", "expert_max_vio", "routing_entropy", "topk_overlap",
          "lens_kl_final", "lens_top1_agree", "jacobian_sigma_max")
 DIVERGED = (5, 14, 33)
+NEWEST = BASE_NS + 35 * 17 * MIN_NS + 2 * 61 * 10**9  # trace 35's start
 PLAIN = ("halted_fraction", "cum_halt", "halt_low_share", "halt_high_share")
 
 
 def _traces() -> list:
     rng = np.random.default_rng(27)
     out = []
-    for i in range(36):
+    for i in range(37):  # the 37th lands in the hour the last-hour window cuts, after its start
+        start = BASE_NS + i * 17 * MIN_NS + (i % 3) * 61 * 10**9 if i < 36 else NEWEST - 59 * MIN_NS
         t = synthetic_trace(rng, run_id=("run-a", "run-b", "run-c")[i % 3], model_id=("m-1", "m-2")[i % 2],
-                            n_loops=(6, 8)[(i // 3) % 2], batch=1, seq_len=6, n_experts=3,
-                            start_ns=BASE_NS + i * 17 * MIN_NS + (i % 3) * 61 * 10**9,
+                            n_loops=(6, 8)[(i // 3) % 2], batch=1, seq_len=6, n_experts=3, start_ns=start,
                             diverged_at=2 if i in DIVERGED else -1)
         metrics = dict(t.iteration_metrics)
         if i % 4 == 1:  # a metric only some forwards carry: NULL elsewhere
@@ -74,7 +75,6 @@ class Raw:
         self.query = store.query
 
 
-NEWEST = BASE_NS + 35 * 17 * MIN_NS + 2 * 61 * 10**9
 START, END = BASE_NS + 2 * HOUR_NS + 10 * MIN_NS, BASE_NS + 6 * HOUR_NS + 5 * MIN_NS + 7 * 10**9
 GROUPS = {"none": lambda t: "all", "run": lambda t: t.run_id, "rank": lambda t: str(t.rank), "kind": lambda t: t.kind,
           "policy": lambda t: t.exit_policy, "model": lambda t: t.model_id}
