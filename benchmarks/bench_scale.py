@@ -37,7 +37,7 @@ PAGE_ARGS = {"forward": ("rel_residual", 0), "spectral": ("time",), "lens": ("kl
 class Raw:
     """The store read through its raw rows only (the views' path without rollups)."""
 
-    rollups = False
+    has_rollups = False
 
     def __init__(self, store: Store) -> None:
         self.query = store.query

@@ -97,7 +97,7 @@ class Cursors:
 class Store:
     """A mythos-probe DuckDB store. `Store(path)` creates or migrates it; see `open_read_only`."""
 
-    rollups = True  # the dashboard's views may read `collectors.rollups` (a Parquet folder has none)
+    has_rollups = True  # the dashboard's views may read `collectors.rollups` (a Parquet folder has none)
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)

@@ -109,7 +109,7 @@ class Selection:
         """Whether the views may read this selection from the store's rollups: the store keeps
         them (a DuckDB store does, a Parquet folder not) and every filter and the grouping are on
         labels they key (not on a user attribute)."""
-        return bool(getattr(store, "rollups", False)) and not self._attributes()[0] and not self.group.startswith("attr:")
+        return bool(getattr(store, "has_rollups", False)) and not self._attributes()[0] and not self.group.startswith("attr:")
 
     def rollup_cte(self, table: str) -> tuple[str, list]:
         """`sel` CTE over rollup `table` (`collectors.rollups`) instead of raw rows: its rows in the
@@ -441,7 +441,7 @@ def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataF
 def _per_forward_peaks(store, columns: str, where: str = "TRUE") -> str:
     """One row per selected forward holding iteration rows: `columns` (over `f`, the forward) and
     `growth`, its largest finite growth ratio; from `rollup_peaks` where the store keeps it."""
-    if getattr(store, "rollups", False):
+    if getattr(store, "has_rollups", False):
         return (f"SELECT {columns}, p.growth_peak AS growth FROM sel f JOIN rollup_peaks p USING (forward_id)"
                 f" WHERE {where}")
     peaks = (f"SELECT i.forward_id, max({finite('i.growth_ratio')}) AS growth FROM iterations i"

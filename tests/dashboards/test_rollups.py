@@ -69,7 +69,7 @@ def store(traces, tmp_path_factory):
 class Raw:
     """The store seen without rollups: the views read raw rows (as on a Parquet folder)."""
 
-    rollups = False
+    has_rollups = False
 
     def __init__(self, store):
         self.query = store.query
