@@ -158,7 +158,7 @@ def select(store, sel: Selection, body: str, params: list | tuple = ()) -> pd.Da
     return store.query(f"WITH {cte} {body}", [*cte_params, *params])
 
 
-def select_rolled(store, sel: Selection, table: str, body: str, params: list | tuple = ()) -> pd.DataFrame:
+def _select_rolled(store, sel: Selection, table: str, body: str, params: list | tuple = ()) -> pd.DataFrame:
     """As `select`, with `sel` the selection's rows of rollup `table` (`Selection.rollup_cte`)."""
     cte, cte_params = sel.rollup_cte(table)
     return store.query(f"WITH {cte} {body}", [*cte_params, *params])
@@ -362,7 +362,7 @@ _ITER_JOIN = "FROM iterations i JOIN sel f ON i.forward_id = f.forward_id"
 def tokens_by_iterations_used(store, sel: Selection) -> pd.DataFrame:
     """Tokens per number of iterations used (exit_count at iteration t counts tokens using t + 1)."""
     if sel.rolls_up(store):
-        return select_rolled(
+        return _select_rolled(
             store, sel, "rollup_iterations",
             "SELECT f.grp, f.iteration + 1 AS used, sum(f.sum__exit_count) AS tokens FROM sel f"
             " GROUP BY ALL HAVING sum(f.sum__exit_count) > 0 ORDER BY f.grp, used",
@@ -396,7 +396,7 @@ def halting_by_iteration(store, sel: Selection) -> pd.DataFrame:
     if sel.rolls_up(store):
         means = ", ".join(f"{_ratio(f'f.sum__{m}', f'f.n__{m}')} AS {m}"
                           for m in ("halted_fraction", "cum_halt", "halt_low_share", "halt_high_share"))
-        return select_rolled(
+        return _select_rolled(
             store, sel, "rollup_iterations",
             "SELECT f.grp, f.iteration, sum(f.sum__exit_count) AS exits,"
             " sum(sum(f.sum__exit_count)) OVER (PARTITION BY f.grp ORDER BY f.iteration)"
@@ -432,7 +432,7 @@ def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataF
     if sel.rolls_up(store) and all(m in rollups.ROLLED_METRICS for m in metrics):
         cols = ", ".join(f"{_ratio(f'f.fsum__{m}', f'f.fn__{m}')} AS {metric_column(m, ITERATION_METRIC_NAMES)}"
                          for m in metrics)
-        return select_rolled(store, sel, "rollup_iterations",
+        return _select_rolled(store, sel, "rollup_iterations",
                              f"SELECT f.grp, f.iteration, {cols} FROM sel f GROUP BY ALL ORDER BY f.grp, f.iteration")
     cols = ", ".join(f"avg({finite('i.' + c)}) AS {c}" for c in (metric_column(n, ITERATION_METRIC_NAMES) for n in metrics))
     return select(store, sel, f"SELECT f.grp, i.iteration, {cols} {_ITER_JOIN} GROUP BY ALL ORDER BY f.grp, i.iteration")
@@ -500,7 +500,7 @@ def divergences(store, sel: Selection, limit: int = 50) -> pd.DataFrame:
 def expert_load(store, sel: Selection) -> pd.DataFrame:
     """Share of routed tokens per expert at each iteration, summed over the selected forwards."""
     if sel.rolls_up(store):
-        return select_rolled(
+        return _select_rolled(
             store, sel, "rollup_experts",
             "SELECT f.iteration, f.expert, sum(f.load) AS load,"
             " sum(f.load) / sum(sum(f.load)) OVER (PARTITION BY f.iteration) AS share"
