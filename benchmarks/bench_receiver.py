@@ -1,15 +1,17 @@
 """Spans/s through the OTLP/HTTP receiver with concurrent senders on loopback.
 
 One run, printed figures; not a test. Usage (from the repo root): .venv/bin/python -m benchmarks.bench_receiver
-Each line: 4 sender processes (as remote workers are; sender threads would share the receiver's
+Each line: 1, 2 or 4 sender processes (as remote workers are; sender threads would share the receiver's
 GIL) each posting protobuf requests of forward spans (batch 1 × 16 positions, 8 loops) over one
 keep-alive connection; the clock runs from their common start until every request is answered
-(200) and committed.
+(200) and committed. Each line compares decoding in the handler threads (the receiver before
+`decode_pool`) with decoding in worker processes, interleaved in the same run.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import multiprocessing
 import tempfile
 import time
@@ -36,8 +38,22 @@ def _send(port: int, bodies: list[bytes], start) -> None:
     con.close()
 
 
-def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) -> float:
-    """Spans/s for `senders` processes each posting `requests` requests of `per_request` spans."""
+def _cpu_seconds(pids) -> float:
+    """User + system CPU seconds the processes `pids` have used (Linux /proc)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+CPU: dict[str, float] = {}  # the last run's receiver CPU µs per span: "main" (this process), "workers"
+
+
+def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, decode_workers: int | None = None) -> float:
+    """Spans/s for `senders` processes each posting `requests` requests of `per_request` spans;
+    the receiver's CPU time per span lands in `CPU` (on a loaded machine wall time hides what
+    parallel decoding saves; CPU time per span does not)."""
     base = make_trace(0, batch=1, seq_len=16, n_loops=8, detail=detail)
     bodies = [
         [
@@ -51,31 +67,56 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS) ->
         for k in range(senders)
     ]
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store:
-        receiver = Receiver(store, port=0)  # bound, so the forked senders know the port
+        receiver = Receiver(store, port=0, decode_workers=decode_workers)  # bound, so the forked senders know the port
+        receiver.decoder.decode(bodies[0][0], "application/x-protobuf", False, receiver.limits)  # workers started
         # fork: the senders need only http.client and their bodies, already in memory
         context = multiprocessing.get_context("fork")
         start = context.Barrier(senders + 1)
         procs = [context.Process(target=_send, args=(receiver.port, bodies[k], start)) for k in range(senders)]
         for proc in procs:
             proc.start()
+        pool = receiver.decoder._pool
+        workers = list(pool._processes) if pool is not None else []
         with receiver:
             start.wait()
-            t0 = time.perf_counter()
+            t0, main0, workers0 = time.perf_counter(), time.process_time(), _cpu_seconds(workers)
             for proc in procs:
                 proc.join()
             elapsed = time.perf_counter() - t0
+            main_s, workers_s = time.process_time() - main0, _cpu_seconds(workers) - workers0
         assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
         stored = store.query("SELECT count(*) AS n FROM forwards").n[0]
     total = senders * requests * per_request
     assert stored == total, (stored, total)
+    CPU.update(main=main_s / total * 1e6, workers=workers_s / total * 1e6)
     return total / elapsed
 
 
 def main() -> None:
-    for detail, requests, per_request in CASES:
-        rate = run(detail, requests, per_request)
-        print(f"{detail:9s}: {SENDERS} senders × {requests} requests × {per_request:3d} spans: "
-              f"{rate:,.0f} spans/s ({rate / per_request:,.0f} requests/s)")
+    import argparse
+    import os
+    import statistics
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=10, help="requests per sender (100 summary spans each)")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    modes = {"inline decode (before)": 0, "decode workers": None}
+    for senders in (1, 2, 4):
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        cpu: dict[str, list[dict]] = {m: [] for m in modes}
+        for _ in range(args.rounds):  # interleaved, so that a load spike hits both
+            for mode, workers in modes.items():
+                rates[mode].append(run("summary", args.requests, 100, senders, decode_workers=workers))
+                cpu[mode].append(dict(CPU))
+        before, after = (statistics.median(rates[m]) for m in modes)
+        main_b, main_a, work_a = (statistics.median(c[k] for c in cpu[m]) for m, k in
+                                  (("inline decode (before)", "main"), ("decode workers", "main"), ("decode workers", "workers")))
+        print(f"{senders} sender(s) × {args.requests} requests × 100 summary spans: {before:,.0f} spans/s inline, "
+              f"{after:,.0f} spans/s with decode workers ({after / before:.2f}x); load {os.getloadavg()[0]:.1f}\n"
+              f"    receiver CPU per span: inline {main_b:,.0f} µs; with workers {main_a:,.0f} µs in the receiver"
+              f" process + {work_a:,.0f} µs in the workers", flush=True)
 
 
 if __name__ == "__main__":

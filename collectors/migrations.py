@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import duckdb
 
+from mythos_probe.collectors import rollups
 from mythos_probe.collectors.schema import (
     BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote,
 )
@@ -69,6 +70,8 @@ MIGRATIONS: tuple[Migration, ...] = (  # append only
     ),
     # metrics added since the first stores, in the order of schema.TABLES (a test holds them equal)
     _add_column("forwards", "lens_flops"),
+    # the dashboard's pre-aggregated tables (`rollups`), filled from the forwards already stored
+    Migration("m004_issue27_rollups", rollups.MIGRATION),
 )
 STORE_VERSION = len(MIGRATIONS)  # a store's version: the number of migrations it has applied
 

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from mythos_probe.collectors import otlp_decode, read_api
+from mythos_probe.collectors import decode_pool, otlp_decode, read_api
 from mythos_probe.collectors.otlp_decode import JSON, PROTOBUF, Limits, TooLarge, Unsupported
 from mythos_probe.collectors.store import Store
 from mythos_probe.records import LoopTrace
@@ -248,9 +248,8 @@ class _Handler(BaseHTTPRequestHandler):
         if encoding not in ("gzip", "identity"):
             raise Unsupported(f"content encoding must be gzip or identity, got {encoding!r}")
         body = self._read_body(limits.max_body_bytes)
-        if encoding == "gzip":
-            body = otlp_decode.gunzip(body, limits.max_body_bytes)
-        traces, rows = otlp_decode.decode(otlp_decode.parse(body, content_type, limits), limits)
+        # gunzip, parse and decode in a worker process (`decode_pool`): senders decode in parallel
+        traces, rows = receiver.decoder.decode(body, content_type, encoding == "gzip", limits)
         return traces, rows, content_type
 
     def _read_body(self, limit: int) -> bytes:
@@ -341,7 +340,9 @@ class Receiver:
     `sock`, it serves on that listening socket instead of binding host:port itself.
 
     `on_stored`, when given, is called with the forwards each request added to the store (never
-    a retried duplicate), e.g. `LoopMetrics.record` for Prometheus.
+    a retried duplicate), e.g. `LoopMetrics.record` for Prometheus. `decode_workers` processes
+    decode request bodies (`decode_pool`; default one per core up to 4, 0 decodes in the handler
+    threads).
     """
 
     def __init__(
@@ -354,6 +355,7 @@ class Receiver:
         limits: Limits = Limits(),
         on_stored: Callable[[Sequence[LoopTrace]], None] | None = None,
         sock: socket.socket | None = None,
+        decode_workers: int | None = None,
     ) -> None:
         check_bind(host, token)
         self.store = store
@@ -362,6 +364,8 @@ class Receiver:
         self.token = token or None
         self.limits = limits
         self.on_stored = on_stored
+        # decode_workers: processes decoding request bodies (None: `decode_pool.default_workers`; 0: inline)
+        self.decoder = decode_pool.shared(decode_pool.default_workers() if decode_workers is None else decode_workers)
         self.received_spans = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()

@@ -27,7 +27,7 @@ import duckdb
 import pandas as pd
 import pyarrow as pa
 
-from mythos_probe.collectors import migrations
+from mythos_probe.collectors import migrations, rollups
 from mythos_probe.collectors.migrations import SchemaError
 from mythos_probe.collectors.rows import spans_table, trace_span_row, trace_tables
 from mythos_probe.records import LoopTrace
@@ -117,6 +117,8 @@ class Cursors:
 class Store:
     """A mythos-probe DuckDB store. `Store(path)` creates or migrates it; see `open_read_only`."""
 
+    has_rollups = True  # the dashboard's views may read `collectors.rollups` (a Parquet folder has none)
+
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
@@ -182,6 +184,8 @@ class Store:
                 first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
                 new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept, first))
                 self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
+                if new:
+                    rollups.update(cur, first)  # in the same transaction: never raw rows without their rollup
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")

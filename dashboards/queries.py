@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from mythos_probe.collectors import rollups
 from mythos_probe.collectors.ranks import CROSS_RANK
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
 
@@ -48,19 +49,18 @@ class Selection:
     start: pd.Timestamp | None = None  # absolute range on start_time (UTC), inclusive
     end: pd.Timestamp | None = None
 
-    def cte(self) -> tuple[str, list]:
-        """`sel` CTE: filtered forwards plus a `grp` column; with its parameters in order."""
-        params: list = []
+    def _group(self) -> tuple[str, list]:
         if self.group in GROUP_COLUMNS:
-            grp = GROUP_COLUMNS[self.group]
-        elif self.group.startswith("attr:"):
-            grp = "coalesce(json_extract_string(f.attributes, ?), '(unset)')"
-            params.append(_json_path(self.group[5:]))
-        elif self.group == "none":
-            grp = "'all'"
-        else:
-            raise ValueError(f"cannot group by {self.group!r}; choose none, {', '.join(GROUP_COLUMNS)} or attr:<key>")
-        where = ["TRUE"]
+            return GROUP_COLUMNS[self.group], []
+        if self.group.startswith("attr:"):
+            return "coalesce(json_extract_string(f.attributes, ?), '(unset)')", [_json_path(self.group[5:])]
+        if self.group == "none":
+            return "'all'", []
+        raise ValueError(f"cannot group by {self.group!r}; choose none, {', '.join(GROUP_COLUMNS)} or attr:<key>")
+
+    def _labels(self) -> tuple[list[str], list]:
+        """Conditions on the forward labels a rollup keeps (`collectors.rollups.KEY`), over `f`."""
+        where, params = [], []
         for column, accepted in (("model_id", self.models), ("run_id", self.runs), ("kind", self.kinds),
                                  ("loop_name", self.loops), ("rank", self.ranks), ("exit_policy", self.policies)):
             if accepted:
@@ -72,21 +72,69 @@ class Selection:
         if self.max_iterations is not None:
             where.append("f.iterations <= ?")
             params.append(int(self.max_iterations))
+        return where, params
+
+    def _bounds(self) -> tuple[list[tuple[str, str, list]], list[tuple[str, str, list]]]:
+        """(lower, upper) bounds on start_time as (operator, SQL value, its parameters)."""
+        lower, upper = [], []
         if self.start is not None:
-            where.append("f.start_time >= ?")
-            params.append(self.start.to_pydatetime())
+            lower.append((">=", "?", [self.start.to_pydatetime()]))
         if self.end is not None:
-            where.append("f.start_time <= ?")
-            params.append(self.end.to_pydatetime())
+            upper.append(("<=", "?", [self.end.to_pydatetime()]))
         seconds = WINDOWS.get(self.window)
         if seconds is not None:
-            where.append("f.start_time >= (SELECT max(start_time) FROM forwards) - to_seconds(?)")
-            params.append(float(seconds))
+            lower.append((">=", "(SELECT max(start_time) FROM forwards) - to_seconds(?)", [float(seconds)]))
+        return lower, upper
+
+    def _attributes(self) -> tuple[list[str], list]:
         if self.attribute and self.values:
-            where.append("list_contains(?, json_extract_string(f.attributes, ?))")
-            params += [list(self.values), _json_path(self.attribute)]
-        sql = f"sel AS (SELECT f.*, {grp} AS grp FROM forwards f WHERE {' AND '.join(where)})"
+            return ["list_contains(?, json_extract_string(f.attributes, ?))"], [list(self.values), _json_path(self.attribute)]
+        return [], []
+
+    def cte(self) -> tuple[str, list]:
+        """`sel` CTE: filtered forwards plus a `grp` column; with its parameters in order."""
+        grp, params = self._group()
+        where, label_params = self._labels()
+        params += label_params
+        lower, upper = self._bounds()
+        for op, value, value_params in lower + upper:
+            where.append(f"f.start_time {op} {value}")
+            params += value_params
+        attrs, attr_params = self._attributes()
+        where += attrs
+        params += attr_params
+        sql = f"sel AS (SELECT f.*, {grp} AS grp FROM forwards f WHERE {' AND '.join(['TRUE', *where])})"
         return sql, params
+
+    def rolls_up(self, store) -> bool:
+        """Whether the views may read this selection from the store's rollups: the store keeps
+        them (a DuckDB store does, a Parquet folder not) and every filter and the grouping are on
+        labels they key (not on a user attribute)."""
+        return bool(getattr(store, "has_rollups", False)) and not self._attributes()[0] and not self.group.startswith("attr:")
+
+    def rollup_cte(self, table: str) -> tuple[str, list]:
+        """`sel` CTE over rollup `table` (`collectors.rollups`) instead of raw rows: its rows in the
+        hours the time range covers entirely, plus the rows of the hours the range cuts
+        aggregated from raw rows, with `grp`; the same sums as the raw rows of the selection."""
+        grp, grp_params = self._group()
+        where, label_params = self._labels()
+        lower, upper = self._bounds()
+        bound_params = [p for _, _, ps in lower + upper for p in ps]
+
+        def inside(hour: str) -> list[str]:  # every instant of the hour starting at `hour` is in the range
+            return ([f"{hour} {op} {value}" for op, value, _ in lower]
+                    + [f"{hour} + INTERVAL 1 HOUR - INTERVAL 1 MICROSECOND {op} {value}" for op, value, _ in upper])
+
+        full = f"SELECT f.*, {grp} AS grp FROM {table} f WHERE {' AND '.join(['TRUE', *where, *inside('f.hour')])}"
+        params = [*grp_params, *label_params, *bound_params]
+        if not lower and not upper:
+            return f"sel AS ({full})", params
+        # the hours the range cuts: their forwards' raw rows, rolled up as ingest does
+        cut = [f"f.start_time {op} {value}" for op, value, _ in lower + upper]
+        covered = " AND ".join(inside("date_trunc('hour', f.start_time)"))
+        edge = f"(SELECT * FROM forwards f WHERE {' AND '.join([*where, *cut, f'NOT coalesce({covered}, FALSE)'])})"
+        sql = f"sel AS ({full} UNION ALL BY NAME SELECT f.*, {grp} AS grp FROM ({rollups.aggregate(table, edge)}) f)"
+        return sql, [*params, *grp_params, *label_params, *bound_params, *bound_params]
 
 
 def _json_path(key: str) -> str:
@@ -109,6 +157,17 @@ def select(store, sel: Selection, body: str, params: list | tuple = ()) -> pd.Da
     """Run `body` (a SELECT, or further CTEs starting with a comma) after the `sel` CTE."""
     cte, cte_params = sel.cte()
     return store.query(f"WITH {cte} {body}", [*cte_params, *params])
+
+
+def _select_rolled(store, sel: Selection, table: str, body: str, params: list | tuple = ()) -> pd.DataFrame:
+    """As `select`, with `sel` the selection's rows of rollup `table` (`Selection.rollup_cte`)."""
+    cte, cte_params = sel.rollup_cte(table)
+    return store.query(f"WITH {cte} {body}", [*cte_params, *params])
+
+
+def _ratio(total: str, count: str) -> str:
+    """A mean from a rollup's sum and count columns: what `avg` gives over the rows they sum."""
+    return f"sum({total}) / nullif(sum({count}), 0)"
 
 
 # --- store-wide lists for the filter bar -------------------------------------------------------
@@ -181,11 +240,17 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _list_sql(sel: Selection, keys: list[str], sort: list[dict], filters: dict) -> tuple[str, list]:
-    """The selected forwards as list rows, filtered and sorted as the grid asks; (body, params)."""
+def _list_sql(sel: Selection, keys: list[str], sort: list[dict], filters: dict, count: bool = False) -> tuple[str, list]:
+    """The selected forwards as list rows, filtered and sorted as the grid asks; (body, params).
+    `count`: unsorted, with only the attribute columns a filter reads (what counting them needs:
+    at a million forwards, parsing every forward's attributes and sorting them takes most of a
+    second that the count does not need)."""
+    known = set(LIST_COLUMNS) | {ATTRIBUTE_PREFIX + k for k in keys}
+    if count:
+        keys = [k for k in keys if ATTRIBUTE_PREFIX + k in (filters or {})]
+        sort = []
     attrs = [f"json_extract_string(attributes, ?) AS {_quote(ATTRIBUTE_PREFIX + k)}" for k in keys]
     params: list = [_json_path(k) for k in keys]
-    known = set(LIST_COLUMNS) | {ATTRIBUTE_PREFIX + k for k in keys}
     where = ["TRUE"]
     for column, spec in (filters or {}).items():
         if column not in known:
@@ -209,8 +274,8 @@ def _list_sql(sel: Selection, keys: list[str], sort: list[dict], filters: dict) 
         order.append(f"{_quote(item['colId'])} {item['sort'].upper()} NULLS LAST")
     order += ["start_time DESC", "trace_id"]  # a stable order under paging
     cols = ", ".join(LIST_COLUMNS + tuple(attrs))
-    body = f"SELECT * FROM (SELECT {cols} FROM sel) t WHERE {' AND '.join(where)} ORDER BY {', '.join(order)}"
-    return body, params
+    body = f"SELECT * FROM (SELECT {cols} FROM sel) t WHERE {' AND '.join(where)}"
+    return (body if count else f"{body} ORDER BY {', '.join(order)}"), params
 
 
 def forward_list(store, sel: Selection, keys: list[str], sort: list[dict] | None = None, filters: dict | None = None,
@@ -218,7 +283,8 @@ def forward_list(store, sel: Selection, keys: list[str], sort: list[dict] | None
     """(one page of list rows, rows matching in all): the forwards list paged on the server.
     `limit=None` returns every matching row (the CSV download)."""
     body, params = _list_sql(sel, keys, sort or [], filters or {})
-    total = int(select(store, sel, f"SELECT count(*) AS n FROM ({body})", params)["n"].iloc[0])
+    counted, count_params = _list_sql(sel, keys, sort or [], filters or {}, count=True)
+    total = int(select(store, sel, f"SELECT count(*) AS n FROM ({counted})", count_params)["n"].iloc[0])
     if limit is None:
         return select(store, sel, body, params), total
     return select(store, sel, body + " LIMIT ? OFFSET ?", [*params, int(limit), int(offset)]), total
@@ -296,6 +362,12 @@ _ITER_JOIN = "FROM iterations i JOIN sel f ON i.forward_id = f.forward_id"
 
 def tokens_by_iterations_used(store, sel: Selection) -> pd.DataFrame:
     """Tokens per number of iterations used (exit_count at iteration t counts tokens using t + 1)."""
+    if sel.rolls_up(store):
+        return _select_rolled(
+            store, sel, "rollup_iterations",
+            "SELECT f.grp, f.iteration + 1 AS used, sum(f.sum__exit_count) AS tokens FROM sel f"
+            " GROUP BY ALL HAVING sum(f.sum__exit_count) > 0 ORDER BY f.grp, used",
+        )
     return select(
         store,
         sel,
@@ -322,6 +394,16 @@ def compute_saved(store, sel: Selection) -> pd.DataFrame:
 
 
 def halting_by_iteration(store, sel: Selection) -> pd.DataFrame:
+    if sel.rolls_up(store):
+        means = ", ".join(f"{_ratio(f'f.sum__{m}', f'f.n__{m}')} AS {m}"
+                          for m in ("halted_fraction", "cum_halt", "halt_low_share", "halt_high_share"))
+        return _select_rolled(
+            store, sel, "rollup_iterations",
+            "SELECT f.grp, f.iteration, sum(f.sum__exit_count) AS exits,"
+            " sum(sum(f.sum__exit_count)) OVER (PARTITION BY f.grp ORDER BY f.iteration)"
+            "   / sum(sum(f.sum__exit_count)) OVER (PARTITION BY f.grp) AS cumulative_halted,"
+            f" {means} FROM sel f GROUP BY f.grp, f.iteration ORDER BY f.grp, f.iteration",
+        )
     return select(
         store,
         sel,
@@ -348,8 +430,24 @@ def saturation(store, sel: Selection) -> pd.DataFrame:
 
 def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataFrame:
     """Mean of each iteration metric per group and iteration, over its finite values."""
+    if sel.rolls_up(store) and all(m in rollups.ROLLED_METRICS for m in metrics):
+        cols = ", ".join(f"{_ratio(f'f.fsum__{m}', f'f.fn__{m}')} AS {metric_column(m, ITERATION_METRIC_NAMES)}"
+                         for m in metrics)
+        return _select_rolled(store, sel, "rollup_iterations",
+                             f"SELECT f.grp, f.iteration, {cols} FROM sel f GROUP BY ALL ORDER BY f.grp, f.iteration")
     cols = ", ".join(f"avg({finite('i.' + c)}) AS {c}" for c in (metric_column(n, ITERATION_METRIC_NAMES) for n in metrics))
     return select(store, sel, f"SELECT f.grp, i.iteration, {cols} {_ITER_JOIN} GROUP BY ALL ORDER BY f.grp, i.iteration")
+
+
+def _per_forward_peaks(store, columns: str, where: str = "TRUE") -> str:
+    """One row per selected forward holding iteration rows: `columns` (over `f`, the forward) and
+    `growth`, its largest finite growth ratio; from `rollup_peaks` where the store keeps it."""
+    if getattr(store, "has_rollups", False):
+        return (f"SELECT {columns}, p.growth_peak AS growth FROM sel f JOIN rollup_peaks p USING (forward_id)"
+                f" WHERE {where}")
+    peaks = (f"SELECT i.forward_id, max({finite('i.growth_ratio')}) AS growth FROM iterations i"
+             f" WHERE i.forward_id IN (SELECT f.forward_id FROM sel f WHERE {where}) GROUP BY i.forward_id")
+    return f"SELECT {columns}, p.growth FROM sel f JOIN ({peaks}) p USING (forward_id) WHERE {where}"
 
 
 def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataFrame:
@@ -362,16 +460,16 @@ def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataF
     return select(
         store,
         sel,
-        f""", per AS (SELECT f.run_id, {xcol} AS x, f.start_time, {finite('f.rho_A')} AS rho,
-                  max({finite('i.growth_ratio')}) AS growth
-           {_ITER_JOIN} GROUP BY f.forward_id, f.run_id, f.step, f.start_time, f.rho_A),
+        f""", per AS ({_per_forward_peaks(store, f"f.run_id, {xcol} AS x, f.start_time, {finite('f.rho_A')} AS rho")}),
         span AS (SELECT min(x) AS lo, greatest((max(x) - min(x)) / ?, ?) AS width FROM per),
-        b AS (SELECT per.*, floor((x - lo) / width) AS bucket FROM per, span)
-        SELECT run_id, bucket, avg(x) AS x, count(*) AS forwards, min(start_time) AS t_lo, max(start_time) AS t_hi,
-          quantile_cont(rho, 0.1) AS rho_p10, quantile_cont(rho, 0.5) AS rho_p50, quantile_cont(rho, 0.9) AS rho_p90,
-          quantile_cont(growth, 0.1) AS growth_p10, quantile_cont(growth, 0.5) AS growth_p50,
-          quantile_cont(growth, 0.9) AS growth_p90
-        FROM b GROUP BY run_id, bucket ORDER BY run_id, bucket""",
+        b AS (SELECT per.*, floor((x - lo) / width) AS bucket FROM per, span),
+        -- one list quantile per column: one sort of the bucket's values, not three
+        q AS (SELECT run_id, bucket, avg(x) AS x, count(*) AS forwards, min(start_time) AS t_lo, max(start_time) AS t_hi,
+          quantile_cont(rho, [0.1, 0.5, 0.9]) AS rho_q, quantile_cont(growth, [0.1, 0.5, 0.9]) AS growth_q
+          FROM b GROUP BY run_id, bucket)
+        SELECT run_id, bucket, x, forwards, t_lo, t_hi, rho_q[1] AS rho_p10, rho_q[2] AS rho_p50, rho_q[3] AS rho_p90,
+          growth_q[1] AS growth_p10, growth_q[2] AS growth_p50, growth_q[3] AS growth_p90
+        FROM q ORDER BY run_id, bucket""",
         [buckets, min_width],
     )
 
@@ -383,9 +481,9 @@ def diverged_points(store, sel: Selection, x: str, limit: int = 2000) -> pd.Data
     return select(
         store,
         sel,
-        f"SELECT f.trace_id, f.run_id, f.model_id, coalesce(json_extract_string(f.attributes, '$.endpoint'), '–') AS endpoint,"
-        f" {xcol} AS x, {finite('f.rho_A')} AS rho, max({finite('i.growth_ratio')}) AS growth"
-        f" {_ITER_JOIN} WHERE f.diverged_at >= 0 GROUP BY ALL ORDER BY max(f.start_time) DESC LIMIT ?",
+        f", per AS ({_per_forward_peaks(store, 'f.*', 'f.diverged_at >= 0')})"
+        f" SELECT f.trace_id, f.run_id, f.model_id, coalesce(json_extract_string(f.attributes, '$.endpoint'), '–') AS endpoint,"
+        f" {xcol} AS x, {finite('f.rho_A')} AS rho, f.growth FROM per f ORDER BY f.start_time DESC LIMIT ?",
         [limit],
     )
 
@@ -402,6 +500,13 @@ def divergences(store, sel: Selection, limit: int = 50) -> pd.DataFrame:
 
 def expert_load(store, sel: Selection) -> pd.DataFrame:
     """Share of routed tokens per expert at each iteration, summed over the selected forwards."""
+    if sel.rolls_up(store):
+        return _select_rolled(
+            store, sel, "rollup_experts",
+            "SELECT f.iteration, f.expert, sum(f.load) AS load,"
+            " sum(f.load) / sum(sum(f.load)) OVER (PARTITION BY f.iteration) AS share"
+            " FROM sel f GROUP BY f.iteration, f.expert ORDER BY f.iteration, f.expert",
+        )
     return select(
         store,
         sel,

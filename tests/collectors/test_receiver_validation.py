@@ -9,7 +9,7 @@ import socket
 import pytest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
-from mythos_probe.collectors import otlp_decode
+from mythos_probe.collectors import decode_pool, otlp_decode
 from mythos_probe.collectors.otlp_decode import Limits
 from mythos_probe.collectors.receiver import Receiver
 from mythos_probe.collectors.store import Store
@@ -234,6 +234,7 @@ def test_an_unexpected_error_is_a_500_with_an_id_and_the_server_keeps_serving(re
 
     with monkeypatch.context() as m:
         m.setattr(otlp_decode, "decode", broken)
+        m.setattr(receiver, "decoder", decode_pool.DecodePool(0))  # decode here, where the patch is
         with caplog.at_level(logging.ERROR, logger="mythos_probe.collectors.receiver"):
             status, reply = post(receiver, otlp_body([TRACE]).SerializeToString())
     assert status == 500
