@@ -16,11 +16,10 @@ each equal on one folder): the same filters (`kinds`, served forwards by default
 groups (none, model, run, kind, loop, rank, policy, attr:<key>), NaN and NULL handled as SQL
 does there, and the same row order.
 
-Which files make up a table is decided in one place, `table_files`: today every
-`<table>/date=*/*.parquet` under the folder, which is what `ParquetStore` readers list (files appear
-by atomic rename; `.tmp-*` staging folders are never listed). If the store's commit protocol
-changes what a reader must list (a manifest, compacted file sets replacing fresh ones), only
-`table_files` follows it.
+Which files make up a table is decided in one place, `table_files`: the files the folder's commit
+log names (`parquet_store.committed`), never a glob, which would also see a writer's uncommitted
+set and the files a compaction replaced. A `SparkViews` DataFrame is a snapshot of the folder as of
+the call that made it.
 
 This module is not: the Parquet writer (`parquet_store`), the DuckDB views (`dashboards.queries`)
 or a cluster launcher (the test starts a local standalone master and workers; production runs
@@ -32,6 +31,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from mythos_probe.collectors.parquet_store import committed
 from mythos_probe.collectors.schema import TABLES
 
 # DuckDB's TIMESTAMP has no zone: Spark's timestamp_ntz, not its session-zone timestamp
@@ -42,8 +42,10 @@ GROUP_COLUMNS = {"model": "model_id", "run": "run_id", "kind": "kind", "loop": "
 
 
 def table_files(folder: str | Path, table: str) -> list[str]:
-    """The Parquet files that hold `table` in the store folder, as a reader must list them."""
-    return sorted(str(p) for p in Path(folder, table).glob("date=*/*.parquet"))
+    """The Parquet files that hold `table` in the store folder, as a reader must list them: the
+    committed ones (`parquet_store.committed`), never a glob, which would also see a writer's
+    uncommitted file set and the files a compaction replaced (a forward twice)."""
+    return [str(p) for p in committed(folder).files(table)]
 
 
 class SparkViews:
