@@ -230,9 +230,11 @@ class ForwardReducer:
         if "lens" in p and f.ctx.lens is not None:
             with _rng_untouched(h.device), torch.no_grad():
                 f.lens_logp.append(f.ctx.lens(it.state_out, f.lens_index))
-        if "jacobian" in p and f.ctx.step_fn is not None and f.e is not None:
+        # e of this iteration where the adapter gives one (HRM's z_H changes between L cycles)
+        e = it.injection if it.injection is not None else f.e
+        if "jacobian" in p and f.ctx.step_fn is not None and e is not None:
             with _rng_untouched(h.device):
-                step = f.ctx.step_fn(f.e[:1], t)
+                step = f.ctx.step_fn(e[:1], t)
                 scalars["jacobian_sigma_max"] = spectral.jacobian_sigma_max(step, it.state_in[:1]).float().reshape(())
 
         parts = []
@@ -319,7 +321,10 @@ class ForwardReducer:
                              f"give indices in [-{T}, {T - 1}], or lens_positions='all' or 'last'")
         return torch.tensor([p % T for p in self.lens_positions], device=device)
 
-    def end(self, logits: Any) -> None:
+    def end(self, logits: Any, used: Optional[torch.Tensor] = None) -> None:
+        """Build the forward's trace. `used`: (B, T) iterations each position used, where the
+        adapter knows them from the model (its own exits, per-token depths); else the halting
+        bookkeeping decides."""
         f, self.fwd = self.fwd, None
         if f is None:
             return
@@ -353,7 +358,9 @@ class ForwardReducer:
         else:
             lens_positions = {}
 
-        if f.halt_iter is not None:
+        if used is not None:
+            used = used.to(device=device, dtype=torch.long)
+        elif f.halt_iter is not None:
             used = halting.iterations_used(f.halt_iter, I)
         else:
             used = torch.full((B, T), I, dtype=torch.long, device=device)
@@ -416,7 +423,7 @@ class ForwardReducer:
         """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).
         One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
         idx = f.lens_index
-        final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output
+        final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output (by name: see loopspec.logits_of)
         top_final = final.argmax(-1)  # (B, P)
         nan = torch.full_like(top_final, _NAN, dtype=torch.float32)
         columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
