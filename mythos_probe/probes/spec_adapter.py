@@ -95,6 +95,15 @@ def _params(modules) -> int:
     return sum(seen.values())
 
 
+def _user(field: str, fn, *args):
+    """Call something the declaration supplied (a selector, callable init, injection fn, readout,
+    threshold); an error inside it names the field it came from."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - re-raised with the field that supplied the code
+        raise ValueError(f"LoopSpec.{field} raised {type(err).__name__}: {err}") from err
+
+
 def _named_args(fn, args, kwargs) -> dict:
     """A call's arguments by name (positional ones bound to the signature where it can be read)."""
     try:
@@ -285,7 +294,7 @@ class _Loop:
         if output is None or not self._live() or "in" not in self.parts:
             return
         self.fired.add("end")
-        h = select(output, self.spec.state)
+        h = _user("state", select, output, self.spec.state)
         if not isinstance(h, torch.Tensor) or h.dim() != 3:
             raise ValueError(f"LoopSpec.state selects a {type(h).__name__}"
                              f"{' of shape ' + str(tuple(h.shape)) if isinstance(h, torch.Tensor) else ''} from "
@@ -306,6 +315,10 @@ class _Loop:
         e_module = parts.get("e_in")
         if e_module is not None:
             e_module = select(e_module, None).detach()
+        elif self.spec.injection is not None and self.spec.injection.module is not None:
+            raise ValueError(f"LoopSpec.injection.module: {self.spec.injection.module!r} had not run when iteration {t} "
+                             f"of loop {spec.name!r} started; e must be the output of a module that runs before each "
+                             "iteration (not inside the step)")
         h_prev = self.prev
         if t == 0:
             self.first_input = h_in
@@ -353,7 +366,7 @@ class _Loop:
                                  f"(loop {spec.name!r}); name the module whose output is the pre-loop state")
             init = self.init_state
         elif callable(spec.init):
-            init = spec.init(self.adapter.model)
+            init = _user("init", spec.init, self.adapter.model)
             if not isinstance(init, torch.Tensor):
                 raise TypeError(f"LoopSpec.init: the callable returned {type(init).__name__}, not the pre-loop state tensor")
             init = init.detach()
@@ -382,7 +395,7 @@ class _Loop:
         if mode == "function":
             e = e_module if e_module is not None else self.h_init
             with self.adapter.pause(), torch.no_grad():
-                start = self.spec.injection.fn(self.adapter.model, h_prev, e)
+                start = _user("injection.fn", self.spec.injection.fn, self.adapter.model, h_prev, e)
             if not isinstance(start, torch.Tensor):
                 raise TypeError(f"LoopSpec.injection.fn returned {type(start).__name__}, not the iteration's input tensor")
             return start
@@ -533,21 +546,22 @@ class _Loop:
     def _threshold(self) -> Optional[float]:
         spec = self.spec.halting
         if callable(spec.threshold):
-            return check_threshold_value(spec.threshold(self.adapter.model, self.call_args), "Halting")
+            return check_threshold_value(_user("halting.threshold", spec.threshold, self.adapter.model, self.call_args),
+                                         "LoopSpec.halting")
         return spec.threshold
 
     def _exit_step(self) -> Optional[int]:
         spec = self.spec.halting
         if spec.exit_step is None:
             return None
-        k = spec.exit_step(self.adapter.model, self.call_args)
+        k = _user("halting.exit_step", spec.exit_step, self.adapter.model, self.call_args)
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
             raise ValueError(f"LoopSpec.halting.exit_step returned {k!r}; it must give a non-negative iteration or None")
         return k
 
     def _halting(self, it: IterationTensors, raw, h, last: bool, checking: bool) -> None:
         spec = self.spec.halting
-        v = select(raw, spec.select)
+        v = _user("halting.select", select, raw, spec.select)
         B, T = h.shape[:2]
         if not isinstance(v, torch.Tensor) or v.numel() not in (B * T, B):
             raise ValueError(f"LoopSpec.halting.select: the head {spec.head!r} gives "
@@ -691,7 +705,7 @@ class _Loop:
         if spec.readout is None or not self.states or self.ctx is None or self.ctx.past_len:
             return
         covers = spec.readout_is_output
-        if callable(covers) and not covers(self.adapter.model, self.call_args):
+        if callable(covers) and not _user("readout_is_output", covers, self.adapter.model, self.call_args):
             return
         if not covers:
             return
@@ -728,12 +742,17 @@ class _Loop:
     def _readout(self, state: torch.Tensor) -> torch.Tensor:
         readout = self.spec.readout
         if callable(readout) and not isinstance(readout, (str, tuple)):
-            logits = readout(self.adapter.model, state)
+            logits = _user("readout", readout, self.adapter.model, state)
         else:
             logits = state
             for module in self.readout_modules:
-                logits = module(logits)
-        return logits_of(logits)
+                logits = _user("readout", module, logits)
+        logits = logits_of(logits)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise ValueError(f"LoopSpec.readout of loop {self.spec.name!r} gives "
+                             f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}; "
+                             "it must end at the (B, T, vocab) logits")
+        return logits
 
     def lens(self, state: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         with self.adapter.pause():
