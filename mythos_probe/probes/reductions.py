@@ -423,9 +423,13 @@ class ForwardReducer:
         """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).
         One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
         idx = f.lens_index
-        final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output (by name: see loopspec.logits_of)
+        B, T = f.ctx.token_ids.shape
+        # logits of the last L positions only (`logits_to_keep` in generate): the others have no final
+        off = T - logits.shape[1]
+        final = logits[:, (idx - off).clamp_min(0)].float().log_softmax(-1)  # (B, P, V) the model's actual output
         top_final = final.argmax(-1)  # (B, P)
         nan = torch.full_like(top_final, _NAN, dtype=torch.float32)
+        has_final = (idx >= off)[None, :].expand_as(nan)
         columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
             "lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree", "lens_final_rank")}
         prev = None
@@ -439,9 +443,11 @@ class ForwardReducer:
             columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
             prev = logp
         sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
+        if off > 0:
+            for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
+                sampled[name] = torch.where(has_final, sampled[name], nan)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
         I = len(f.lens_logp)
-        B, T = logits.shape[:2]
         positions = {}
         if self.detail == "positions":
             for name in ("lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"):

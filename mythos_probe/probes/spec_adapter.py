@@ -226,6 +226,7 @@ class _Loop:
         self.e_seen: Optional[tuple[torch.Tensor, int]] = None  # (e, other loops' starts) of t − 1
         self.ctx: Optional[ForwardContext] = None
         self.call_args: dict = {}
+        self.layer_calls: dict[int, tuple[tuple, dict]] = {}  # pass layer → its arguments this iteration
 
     def hooks(self):
         if self.owner is not None:
@@ -237,6 +238,9 @@ class _Loop:
             yield module.register_forward_hook(self._keep(key))
         if self.track_kept and self.readout_modules:
             yield self.readout_modules[0].register_forward_pre_hook(self._after_loop)
+        if self.pass_layers is not None and "jacobian" in getattr(self.collector, "probes", ()):
+            for i, layer in enumerate(self.pass_layers):  # each layer's own arguments (masks differ per layer)
+                yield layer.register_forward_pre_hook(self._layer_call(i), with_kwargs=True)
 
     def _live(self) -> bool:
         return self.adapter.active and not self.adapter.paused
@@ -248,6 +252,12 @@ class _Loop:
                 if key == "init" and "start" in self.fired:
                     return  # h_{−1} is read before the loop: a later run of the module is not it
                 self.parts[key] = output
+        return hook
+
+    def _layer_call(self, i: int):
+        def hook(module, args, kwargs):
+            if self._live():
+                self.layer_calls[i] = (args, kwargs)
         return hook
 
     def _after_loop(self, module, args):
@@ -762,6 +772,7 @@ class _Loop:
         """h ↦ h_{t+1} for one sequence, re-calling the step (or every layer of a pass) with the
         arguments it ran with at this iteration (batch sliced to the first sequence)."""
         args, kwargs = self.call
+        calls = dict(self.layer_calls)  # this iteration's, kept: the next iteration overwrites the dict
         B = self.first_input.shape[0]
         mode = self.mode
         model = self.adapter.model
@@ -771,6 +782,8 @@ class _Loop:
                 return None
             if isinstance(x, torch.Tensor) and x.dim() == 0:
                 return x.clone()  # a counter the step may bump in place (Raven's block_idx) stays the model's
+            if isinstance(x, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in x):
+                return type(x)(one(v) for v in x)  # (cos, sin) per sequence, as in generate
             return x[:1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == B else x
 
         def step(h):
@@ -796,10 +809,12 @@ class _Loop:
                     a[self.spec.injection.arg] = e1
             with self.adapter.pause():
                 if self.pass_layers is not None:
-                    out = None
-                    for layer in self.pass_layers:
-                        out = layer(*a, **k)
-                        a[0] = select(out, None) if isinstance(arg, int) and arg == 0 else a[0]
+                    out = x
+                    for i, layer in enumerate(self.pass_layers):
+                        la, lk = calls.get(i, (args, kwargs))
+                        la, lk = [one(v) for v in la], {n: one(v) for n, v in lk.items()}
+                        la[0] = select(out, None)
+                        out = layer(*la, **lk)
                     return select(out, self.spec.state)
                 fn = self.start_module if self.owner is None else getattr(self.owner, self.method_name)
                 return select(fn(*a, **k), self.spec.state)
