@@ -714,6 +714,8 @@ class _Loop:
         spec = self.spec
         if spec.readout is None or not self.states or self.ctx is None or self.ctx.past_len:
             return
+        if spec.halting is not None and spec.halting.rule == "act":
+            return  # ACT's output is the weighted mix of the states: no one state's readout is it
         covers = spec.readout_is_output
         if callable(covers) and not _user("readout_is_output", covers, self.adapter.model, self.call_args):
             return
