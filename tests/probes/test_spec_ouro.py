@@ -92,6 +92,10 @@ def test_the_models_per_call_and_config_exit_options_are_recorded(how):
         model(ids, **call)
     exits = own_exits(model, logits, cap.outputs["norm"])
     np.testing.assert_array_equal(rec.traces[0].position_iterations - 1, exits)
+    # the per-iteration exit metrics follow the same exits
+    np.testing.assert_allclose(rec.traces[0].iteration_metrics["halted_fraction"],
+                               [(exits <= t).mean() for t in range(4)], atol=1e-6)
+    np.testing.assert_array_equal(rec.traces[0].iteration_metrics["exit_count"], np.bincount(exits.reshape(-1), minlength=4))
     if how == "per_call_threshold":
         assert len(np.unique(exits)) > 1
         # and the config's threshold would give other exits: the per-call option mattered
