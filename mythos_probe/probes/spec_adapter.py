@@ -220,7 +220,8 @@ class _Loop:
         self.call: Optional[tuple[tuple, dict]] = None
         self.prev_call: Optional[tuple[tuple, dict]] = None
         self.frozen: Optional[torch.Tensor] = None  # (B, T) positions whose state the model stopped updating
-        self.kept_count: Optional[torch.Tensor] = None  # (B, T) iterations each position kept
+        self.kept_count: Optional[torch.Tensor] = None  # (B, T) iterations each position kept, once compared
+        self.kept_iters = 0  # iterations kept everywhere before any comparison was needed
         self.exit_at: Optional[torch.Tensor] = None  # (B, T) exit iteration (checked forwards)
         self.states: list[torch.Tensor] = []  # kept end states (checked forwards, for the readout check)
         self.e_seen: Optional[tuple[torch.Tensor, int]] = None  # (e, other loops' starts) of t − 1
@@ -450,15 +451,21 @@ class _Loop:
         """The state the model kept after this iteration: the step's output where the model used
         it, h_{t−1} where it froze the position (per-token depths). Read from the next input (or,
         after the last iteration, the readout's input); no host read outside checked forwards."""
-        if self.kept_count is None:
-            self.kept_count = torch.zeros(out.shape[:2], dtype=torch.long, device=out.device)
-            self.frozen = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
         seen = None
         if next_in is not None:
             seen = self._kept_from(next_in, out.shape[-1])
         elif final_in is not None and final_in.shape == out.shape:
             seen = final_in
-        if seen is None or seen.shape != out.shape:
+        same = seen is not None and seen.data_ptr() == out.data_ptr() and seen.stride() == out.stride() \
+            and seen.shape == out.shape
+        if self.frozen is None and (seen is None or same):
+            # the model passed the step's output on itself: nothing frozen, nothing to compare (the fast path)
+            self.kept_iters += 1
+            return out
+        if self.frozen is None:  # the first input that is another tensor: compare from here on
+            self.frozen = torch.zeros(out.shape[:2], dtype=torch.bool, device=out.device)
+            self.kept_count = torch.full(out.shape[:2], self.kept_iters, dtype=torch.long, device=out.device)
+        if seen is None or same or seen.shape != out.shape:
             frozen = self.frozen
         else:
             frozen = self.frozen | ((seen == h_prev).all(-1) & (seen != out).any(-1))
