@@ -894,11 +894,11 @@ class SpecAdapter(_Adapter):
     def _pre(self, module, args, kwargs):
         if self.paused or self.active or self.in_forward:
             return None
-        self.in_forward = True
-        self.starts = {}
         ids = _args(args, kwargs, 0, "input_ids")
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             raise ValueError("LoopSpec models must take (batch, seq) token ids as their first argument or input_ids=")
+        self.in_forward = True
+        self.starts = {}
         cache = _cache_of(kwargs)
         past_len = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
         B, T = ids.shape
