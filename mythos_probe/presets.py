@@ -61,37 +61,90 @@ def inkling2_loop(model) -> tuple[LoopSpec, ...]:
                            bias="e_score_correction_bias", indices=2) for i in range(start, end))
     return (LoopSpec(first=f"{p}layers.{start}", last=f"{p}layers.{end - 1}", injection=Injection("restart"),
                      routers=routers, readout=_head(model, f"{p}norm", "lm_head", "logit_softcap"),
-                     logits="logits"),)
+                     logits="logits", readout_is_output=False),)
+
+
+def _raven_readout(model, state):
+    return model.predict_from_latents(state).logits
 
 
 def raven(model) -> tuple[LoopSpec, ...]:
     """Huginn / Raven (`RavenForCausalLM`, Geiping et al. 2025): one iteration is
-    `core_block_forward(x, input_embeds, …)`: adapter(cat[x, e]) then the core blocks; it returns
-    (x, block_idx). The state starts from `initialize_state` (random). The lens reads through
-    `ln_f` and the head (the coda needs the forward's rotary table and mask)."""
+    `core_block_forward(x, input_embeds, freqs_cis, mask, past_key_values, block_idx, step)`:
+    adapter(cat[x, e]) then the core blocks; it returns (x, block_idx). The state starts from
+    `initialize_state` (random). The lens is `predict_from_latents` (ln_f, coda, ln_f, head: the
+    forward's own output path, so it is checked against the logits; the output's element 0 is a
+    loss, the logits are read by name). `generate(criterion=…)` steps `iterate_one_step` without a
+    forward: those iterations are not recorded, and the coverage check says so."""
     return (LoopSpec(method="core_block_forward", state=0, injection=Injection("argument", arg=1),
-                     readout=("transformer.ln_f", "lm_head"),
-                     looped=("transformer.adapter", "transformer.core_block")),)
+                     readout=_raven_readout, looped=("transformer.adapter", "transformer.core_block")),)
+
+
+def _first_set(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def ouro(model) -> tuple[LoopSpec, ...]:
     """Ouro (`OuroForCausalLM`, ByteDance): every decoder layer then the final norm, repeated
-    total_ut_steps times; `early_exit_gate` gives a logit per position, and the exit is the first
-    step where the cumulative exit distribution reaches config.early_exit_threshold (none: the
-    last step). A per-call `exit_threshold=` overrides the config in the model but not here."""
+    total_ut_steps times; `early_exit_gate` gives a logit per position. The model's exit, as its
+    forward decides it per call: `exit_at_step=` (else `model.early_exit_step`, from the config)
+    fixes the step for every position; else `exit_threshold=` (else `model.early_exit_threshold`)
+    is reached by the cumulative exit distribution; else the last step. With labels or
+    `use_weighted_exit` its logits are the expectation over steps: no exit, no readout check."""
     p = _prefix(model, "early_exit_gate")
     cfg = model.config
+    steps = getattr(model.get_submodule(p[:-1]) if p else model, "total_ut_steps", None) or \
+        getattr(cfg, "total_ut_steps", None)
+
+    def exit_step(m, call):
+        if call.get("labels") is not None:
+            return None
+        k = _first_set(call.get("exit_at_step"), getattr(m, "early_exit_step", getattr(cfg, "early_exit_step", None)))
+        return k if k is not None and steps is not None and 0 <= k < steps else None
+
+    def threshold(m, call):
+        if call.get("labels") is not None or exit_step(m, call) is not None:
+            return None
+        return _first_set(call.get("exit_threshold"),
+                          getattr(m, "early_exit_threshold", getattr(cfg, "early_exit_threshold", None)))
+
+    def readout_is_output(m, call):  # the expectation over steps is no single state's readout
+        weighted = call.get("use_weighted_exit") and exit_step(m, call) is None and threshold(m, call) is None
+        return call.get("labels") is None and not weighted
+
     return (LoopSpec(first=f"{p}layers.0", last=f"{p}norm",
                      halting=Halting(f"{p}early_exit_gate", output="logit", rule="cumulative_exit",
-                                     threshold=getattr(cfg, "early_exit_threshold", None)),
-                     readout=_head(model, "lm_head"), looped=(f"{p}layers", f"{p}norm")),)
+                                     threshold=threshold, exit_step=exit_step),
+                     readout=_head(model, "lm_head"), looped=(f"{p}layers", f"{p}norm"),
+                     readout_is_output=readout_is_output),)
 
 
 def ponder_transformer(model) -> tuple[LoopSpec, ...]:
     """PyPI `ponder-transformer` (PonderNet, Banino et al. 2021): `block` returns (state, halting
-    logits); the model samples its exit; the record keeps the halting distribution's expectation."""
-    return (LoopSpec(step="block", state=0, halting=Halting("block.to_halt_logits", output="logit", rule="ponder"),
+    logits); in eval the model samples its exit per sequence and returns (logits,
+    halt_layer_indices): the record keeps the halting distribution's expectation (halt_prob,
+    act_weight, cum_halt) and, as `position_iterations`, the exit the model sampled."""
+    return (LoopSpec(step="block", state=0,
+                     halting=Halting("block.to_halt_logits", output="logit", rule="ponder", exits=1),
                      readout="to_logits", logits=0),)
+
+
+def dory(model) -> tuple[LoopSpec, ...]:
+    """transformers `DoryForCausalLM` / `DoryModel`: input layers, then the recurrent layers
+    repeated n_recurrent_loops times, then the output layers. Every pass starts from
+    norm(h_{t−1}) + x0, where x0 = norm(h_{−1}) and h_{−1} is the input section's output (an
+    `Injection("function")`); the pass is a run of `layers`, so its Jacobian re-runs those layers.
+    Both `recurrent_kv_cache_mode`s run the same recurrence (they differ in what the cache keeps).
+    The lens reads the pass state through the final norm and the head, skipping the output
+    layers (they need the forward's masks): a partial lens, so `readout_is_output=False`."""
+    p = _prefix(model, "rotary_emb")
+    cfg = model.config
+    start, n = cfg.n_input_layers, cfg.n_recurrent_layers
+    norm = model.get_submodule(f"{p}norm")
+    return (LoopSpec(first=f"{p}layers.{start}", last=f"{p}layers.{start + n - 1}",
+                     init=f"{p}layers.{start - 1}" if start else f"{p}embed_tokens",
+                     injection=Injection("function", fn=lambda m, h, e: norm(h) + norm(e)),
+                     readout=_head(model, f"{p}norm", "lm_head"), readout_is_output=False),)
 
 
 PRESETS: dict[str, tuple[Callable[[torch.nn.Module], tuple[LoopSpec, ...]], str]] = {
@@ -102,6 +155,8 @@ PRESETS: dict[str, tuple[Callable[[torch.nn.Module], tuple[LoopSpec, ...]], str]
     "RavenForCausalLM": (raven, "Huginn / Raven remote code: core_block_forward"),
     "OuroForCausalLM": (ouro, "Ouro remote code: all layers + norm per step, early-exit gate"),
     "PonderTransformer": (ponder_transformer, "PyPI ponder-transformer: PonderNet halting"),
+    "DoryForCausalLM": (dory, "transformers Dory: recurrent layer section, norm(h) + x0 each loop"),
+    "DoryModel": (dory, "transformers Dory (no head: no lens)"),
 }
 BUILT_IN = {
     "LoopedTransformer": "mythos_probe.model: dedicated adapter (hook points)",

@@ -133,7 +133,7 @@ def _model_id(model: torch.nn.Module) -> str:
     return f"{name}-{digest}"
 
 
-def _adapter_for(model: torch.nn.Module, spec: LoopSpec | Sequence[LoopSpec] | None):
+def _adapter_for(model: torch.nn.Module, spec: LoopSpec | Sequence[LoopSpec] | None, check_every: Optional[int] = 16):
     """A function collector factory → adapter: the built-in adapters take one collector, a
     `LoopSpec` model one per declared loop."""
     from mythos_probe import presets
@@ -153,10 +153,12 @@ def _adapter_for(model: torch.nn.Module, spec: LoopSpec | Sequence[LoopSpec] | N
             "halting=Halting(...), routers=(Router(...),), readout=...)), starting from a preset in "
             f"mythos_probe.presets if one is close; supported without a spec: {', '.join(presets.names())}."
         )
+    if isinstance(spec, (str, bytes)) or not (isinstance(spec, LoopSpec) or hasattr(spec, "__iter__")):
+        raise TypeError(f"spec= takes a LoopSpec or a sequence of LoopSpecs (one per nested loop), got {spec!r}")
     specs = (spec,) if isinstance(spec, LoopSpec) else tuple(spec)
     if not specs or not all(isinstance(s, LoopSpec) for s in specs):
         raise TypeError("spec= takes a LoopSpec or a sequence of LoopSpecs (one per nested loop)")
-    return lambda new: SpecAdapter(model, new, specs)
+    return lambda new: SpecAdapter(model, new, specs, check_every=check_every)
 
 
 @contextmanager
@@ -176,6 +178,7 @@ def attach(
     token_text: Optional[Callable[[int], str]] = None,
     on_trace: Iterable[Callable[[LoopTrace], None]] = (),
     keep: Optional[int] = None,
+    check_every: Optional[int] = 16,
 ) -> Iterator[Recorder]:
     """Record every forward of `model` while the block runs.
 
@@ -197,7 +200,13 @@ def attach(
     keep: how many of the most recent traces `rec.traces` holds. Default: every trace, or the last
         `STREAMING_KEEP` (1,000) when `on_trace` streams them elsewhere, so that a long streamed run
         holds bounded memory; `rec.discarded_traces` counts the others (they reached `on_trace`).
+    check_every: `LoopSpec` models only. The first recorded forward checks the declaration
+        against what runs (see `spec_adapter.py`: chain, readout, counts, exit, Jacobian,
+        coverage); after it, one recorded forward in `check_every` is checked again. None turns
+        the sampled checks off (the first forward is always checked).
     """
+    if isinstance(probes, str):
+        raise TypeError(f"probes takes a list of probe names, not one string (did you mean probes=[{probes!r}]?)")
     probes = tuple(DEFAULT_PROBES if probes is None else probes)
     unknown = sorted(set(probes) - set(PROBES))
     if unknown:
@@ -205,6 +214,17 @@ def attach(
     check_field("detail", detail)
     if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
         raise ValueError(f"sample_every must be a positive integer, got {sample_every!r}")
+    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1):
+        raise ValueError(f"check_every must be a positive integer or None (first forward only), got {check_every!r}")
+    if token_text is not None and not callable(token_text):
+        raise TypeError(f"token_text must be a callable token id → text, got {token_text!r}")
+    on_trace = list(on_trace)
+    if not all(callable(c) for c in on_trace):
+        raise TypeError("on_trace takes callables receiving each LoopTrace")
+    if optimizer is not None and not hasattr(optimizer, "register_step_post_hook"):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attach takes a torch.nn.Module, got {type(model).__name__}")
     if not (lens_positions in ("last", "all") or (isinstance(lens_positions, list) and lens_positions
                                                    and all(isinstance(p, int) for p in lens_positions))):
         raise ValueError("lens_positions must be 'last', 'all' or a non-empty list of position indices")
@@ -216,10 +236,9 @@ def attach(
             check_field(name, value)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # DDP runs the wrapped module's forward; FSDP2 shards in place
-    make_adapter = _adapter_for(model, spec)
+    make_adapter = _adapter_for(model, spec, check_every)
 
     where = distributed_where()
-    on_trace = list(on_trace)
     if keep is None and on_trace:
         keep = STREAMING_KEEP
     recorder = Recorder(on_trace, where, keep)

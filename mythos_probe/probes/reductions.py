@@ -230,9 +230,11 @@ class ForwardReducer:
         if "lens" in p and f.ctx.lens is not None:
             with _rng_untouched(h.device), torch.no_grad():
                 f.lens_logp.append(f.ctx.lens(it.state_out, f.lens_index))
-        if "jacobian" in p and f.ctx.step_fn is not None and f.e is not None:
+        # e of this iteration where the adapter gives one (HRM's z_H changes between L cycles)
+        e = it.injection if it.injection is not None else f.e
+        if "jacobian" in p and f.ctx.step_fn is not None and e is not None:
             with _rng_untouched(h.device):
-                step = f.ctx.step_fn(f.e[:1], t)
+                step = f.ctx.step_fn(e[:1], t)
                 scalars["jacobian_sigma_max"] = spectral.jacobian_sigma_max(step, it.state_in[:1]).float().reshape(())
 
         parts = []
@@ -319,7 +321,10 @@ class ForwardReducer:
                              f"give indices in [-{T}, {T - 1}], or lens_positions='all' or 'last'")
         return torch.tensor([p % T for p in self.lens_positions], device=device)
 
-    def end(self, logits: Any) -> None:
+    def end(self, logits: Any, used: Optional[torch.Tensor] = None) -> None:
+        """Build the forward's trace. `used`: (B, T) iterations each position used, where the
+        adapter knows them from the model (its own exits, per-token depths); else the halting
+        bookkeeping decides."""
         f, self.fwd = self.fwd, None
         if f is None:
             return
@@ -353,7 +358,9 @@ class ForwardReducer:
         else:
             lens_positions = {}
 
-        if f.halt_iter is not None:
+        if used is not None:
+            used = used.to(device=device, dtype=torch.long)
+        elif f.halt_iter is not None:
             used = halting.iterations_used(f.halt_iter, I)
         else:
             used = torch.full((B, T), I, dtype=torch.long, device=device)
@@ -416,9 +423,13 @@ class ForwardReducer:
         """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).
         One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
         idx = f.lens_index
-        final = logits[:, idx].float().log_softmax(-1)  # (B, P, V) the model's actual output
+        B, T = f.ctx.token_ids.shape
+        # logits of the last L positions only (`logits_to_keep` in generate): the others have no final
+        off = T - logits.shape[1]
+        final = logits[:, (idx - off).clamp_min(0)].float().log_softmax(-1)  # (B, P, V) the model's actual output
         top_final = final.argmax(-1)  # (B, P)
         nan = torch.full_like(top_final, _NAN, dtype=torch.float32)
+        has_final = (idx >= off)[None, :].expand_as(nan)
         columns: dict[str, list[torch.Tensor]] = {name: [] for name in (
             "lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree", "lens_final_rank")}
         prev = None
@@ -432,9 +443,11 @@ class ForwardReducer:
             columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
             prev = logp
         sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
+        if off > 0:
+            for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
+                sampled[name] = torch.where(has_final, sampled[name], nan)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
         I = len(f.lens_logp)
-        B, T = logits.shape[:2]
         positions = {}
         if self.detail == "positions":
             for name in ("lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"):

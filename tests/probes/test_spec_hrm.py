@@ -97,3 +97,36 @@ def test_generate_decode_steps_share_one_trace_id_and_hooks_go(hrm, tmp_path):
     with duckdb.connect(path, read_only=True) as db:
         rows = db.execute("select loop_name, count(*) from forwards group by 1 order by 1").fetchall()
     assert rows == [("H", 7), ("L", 7)]
+
+
+def test_jacobian_differentiates_the_step_with_the_injection_of_its_own_cycle(hrm):
+    """From the second H cycle on, the L step is h ↦ L(h + z_H) with that cycle's z_H (the first H
+    output), not the embeddings of cycle 0. σ_max by hand from the L module's own calls."""
+    from mythos_probe.metrics.spectral import jacobian_sigma_max
+
+    m = hrm.model
+    calls = []
+    handle = m.L_module.register_forward_pre_hook(lambda mod, a, k: calls.append((a, dict(k))), with_kwargs=True)
+    try:
+        L, H, z_L0, z_H0, _ = true_recurrence(hrm)
+    finally:
+        handle.remove()
+    with torch.no_grad(), mythos_probe.attach(hrm, probes=["jacobian"]) as rec:
+        hrm(ids)
+    traces = {t.loop_name: t for t in rec.traces}
+    z_H = [z_H0] * 3 + [H[0]] * 3
+    previous = [z_L0.contiguous()] + L[:-1]
+
+    def one(v):
+        return v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == ids.shape[0] else v
+
+    sigma = []
+    for i, (args, kwargs) in enumerate(calls):
+        kw = {k: (None if k == "cache" else one(v)) for k, v in kwargs.items()}
+        step = lambda h, e=z_H[i][:1], kw=kw: m.L_module(h + e, **kw)  # noqa: E731
+        sigma.append(jacobian_sigma_max(step, previous[i][:1]).item())
+    np.testing.assert_allclose(traces["L"].iteration_metrics["jacobian_sigma_max"], sigma, rtol=1e-5)
+    # the step of cycle 0 applied in cycle 1 gives another number: the fixture tells them apart
+    kw = {k: (None if k == "cache" else one(v)) for k, v in calls[4][1].items()}
+    stale = jacobian_sigma_max(lambda h: m.L_module(h + z_H0[:1], **kw), previous[4][:1]).item()
+    assert abs(stale - sigma[4]) > 1e-3

@@ -56,10 +56,64 @@ def test_exit_distribution_and_exit_step_are_the_models(ouro):
 
 
 def test_without_a_threshold_every_position_runs_to_the_last_step(ouro):
-    ouro.config.early_exit_threshold = None
+    ouro.early_exit_threshold = None  # as upstream, the config is read into the model when it is built
     try:
         with torch.no_grad(), mythos_probe.attach(ouro, probes=["halting"], detail="positions") as rec:
             ouro(ids)
     finally:
-        ouro.config.early_exit_threshold = 0.6
+        ouro.early_exit_threshold = 0.6
     assert (rec.traces[0].position_iterations == 4).all()
+
+
+def own_exits(ouro, logits, states):
+    """Each position's exit step as the model's own logits show it: the step whose head output they are."""
+    heads = torch.stack([ouro.lm_head(h) for h in states])  # (I, B, T, V)
+    match = (heads - logits[None]).abs().amax(-1) <= 1e-6  # (I, B, T)
+    assert match.any(0).all()
+    return match.float().argmax(0).numpy()  # the first matching step
+
+
+@pytest.mark.parametrize("how", ["per_call_threshold", "config_exit_step", "per_call_exit_step"])
+def test_the_models_per_call_and_config_exit_options_are_recorded(how):
+    """Ouro's own options decide its exit: `exit_threshold=` per call, `early_exit_step` in the config,
+    `exit_at_step=` per call. The trace's exits equal the exits the model's logits show."""
+    torch.manual_seed(0)
+    model = OuroForCausalLM(total_ut_steps=4, early_exit_threshold=0.6,
+                            early_exit_step=1 if how == "config_exit_step" else None).eval()
+    with torch.no_grad():
+        model.model.early_exit_gate.weight.normal_(0, 0.3)
+        model.model.early_exit_gate.bias.fill_(-0.5)
+    call = {"per_call_threshold": dict(exit_threshold=0.3), "config_exit_step": {},
+            "per_call_exit_step": dict(exit_at_step=2)}[how]
+    m = model.model
+    with torch.no_grad(), Capture(norm=m.norm) as cap:
+        logits = model(ids, **call).logits
+    with torch.no_grad(), mythos_probe.attach(model, probes=["halting"], detail="positions") as rec:
+        model(ids, **call)
+    exits = own_exits(model, logits, cap.outputs["norm"])
+    np.testing.assert_array_equal(rec.traces[0].position_iterations - 1, exits)
+    # the per-iteration exit metrics follow the same exits
+    np.testing.assert_allclose(rec.traces[0].iteration_metrics["halted_fraction"],
+                               [(exits <= t).mean() for t in range(4)], atol=1e-6)
+    np.testing.assert_array_equal(rec.traces[0].iteration_metrics["exit_count"], np.bincount(exits.reshape(-1), minlength=4))
+    if how == "per_call_threshold":
+        assert len(np.unique(exits)) > 1
+        # and the config's threshold would give other exits: the per-call option mattered
+        with torch.no_grad():
+            default = own_exits(model, model(ids).logits, cap.outputs["norm"][:4])
+        assert (default != exits).any()
+    else:
+        assert (exits == (1 if how == "config_exit_step" else 2)).all()
+
+
+def test_weighted_exit_and_labels_have_no_exit_and_no_readout_check(ouro):
+    """With use_weighted_exit (and no threshold) or labels, the logits are the expectation over
+    steps: every position runs to the end, and the readout check does not compare a single state."""
+    ouro.early_exit_threshold = None
+    try:
+        with torch.no_grad(), mythos_probe.attach(ouro, probes=["halting"], detail="positions") as rec:
+            ouro(ids, use_weighted_exit=True)
+            ouro(ids, labels=ids)
+    finally:
+        ouro.early_exit_threshold = 0.6
+    assert all((t.position_iterations == 4).all() for t in rec.traces)
