@@ -63,11 +63,13 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
 
 def watched(module: nn.Module) -> bool:
     """Whether a forward hook can see `module`: on it or one of its submodules (probes, `hooks()`,
-    `run_with_cache`), or a global module hook (`register_module_forward_hook`), which fires on
-    every module."""
+    `run_with_cache`), a global module hook (`register_module_forward_hook`), which fires on
+    every module, or a tool that replaced a submodule's `forward` (nnsight)."""
     if watched_globally():
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    # a forward replaced on the instance: a tool wraps the module (nnsight's Envoy does) and counts its calls
+    return any(m._forward_hooks or m._forward_pre_hooks or ("forward" in m.__dict__ and not isinstance(m, HookPoint))
+               for m in module.modules())
 
 
 # ---------------------------------------------------------------------------------------------
