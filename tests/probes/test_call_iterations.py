@@ -67,3 +67,19 @@ def test_nnsight_patch_of_iteration_3_shows_in_our_trace():
     # the zeroed block output (and so a zero LoRA delta) at iteration 3 only
     norm_block = patched.iteration_metrics["norm_block"]
     assert norm_block[3] == 0 and np.all(norm_block[[0, 1, 2, 4, 5]] > 0)
+
+
+def test_nnsight_alone_sees_every_iteration_of_a_compacting_loop():
+    """Without probes attached too: wrapped by nnsight, the loop runs masked (as hooked), so the
+    block is called once per iteration, as `call_iterations` counted."""
+    model = _model()
+    model.recurrent.compact_below = 2.0  # unwrapped, every iteration after the first would compact
+    kw = dict(n_loops=6, exit="latent", exit_threshold=0.0)
+    envoy = nnsight.NNsight(model)
+    with torch.no_grad(), pytest.warns(UserWarning, match="never reached"):
+        with envoy.trace(ids, **kw) as tracer:
+            outs = nnsight.save(list())
+            for _ in tracer.iter[:]:
+                outs.append(envoy.recurrent.block.output.save())
+    assert len(outs) == len(call_iterations(model, "recurrent.block", ids, **kw)) == 6
+    assert all(o.shape == (2, 6, 64) for o in outs)
