@@ -67,9 +67,18 @@ def watched(module: nn.Module) -> bool:
     every module, or a tool that replaced a submodule's `forward` (nnsight)."""
     if watched_globally():
         return True
-    # a forward replaced on the instance: a tool wraps the module (nnsight's Envoy does) and counts its calls
-    return any(m._forward_hooks or m._forward_pre_hooks or ("forward" in m.__dict__ and not isinstance(m, HookPoint))
-               for m in module.modules())
+    # a plain walk: `modules()` (a generator keeping a memo set) cost more than the rest of the
+    # check, once per forward
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        # a forward replaced on the instance: a tool wraps the module (nnsight's Envoy does) and counts its calls
+        if m._forward_hooks or m._forward_pre_hooks or ("forward" in m.__dict__ and not isinstance(m, HookPoint)):
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
