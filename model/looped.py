@@ -8,6 +8,13 @@ those of OpenMythos, so weights move between the two with a plain `load_state_di
 What differs, and why:
 - every site a probe needs is a TransformerLens `HookPoint`; the ones inside the loop are
   `LoopHookPoint`s that know their iteration, and `run_with_cache` keeps every iteration;
+- every block of prelude, loop and coda has TransformerLens's layer sites under its module path
+  (`prelude.{i}.hook_resid_pre/mid/post`, `.hook_attn_out`, `.hook_mlp_out`, `.attn.hook_q/k/v`,
+  `.attn.hook_attn_scores/pattern/z`, MLA's `.attn.hook_kv_latent`; in the loop
+  `recurrent.block.…` per iteration; TransformerLens's `blocks.{i}` is `prelude.{i}`/`coda.{i}`
+  here, the names OpenMythos's weights use). They are called only on a forward with a hook on one
+  of them (`HookSwitch`, one look per forward), and the attention pattern is formed explicitly
+  only while a hook reads it: the fused kernel stays the default path;
 - the MoE dispatch sorts token→expert assignments once and runs each expert on a contiguous slice
   (OpenMythos builds a boolean mask per expert per top-k slot and syncs on `mask.any()`);
 - attention uses `scaled_dot_product_attention` (fused kernel, native GQA, no K/V expansion);
@@ -23,6 +30,7 @@ probe (`mythos_probe`). With no hook attached the forward does no tensor work be
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from dataclasses import dataclass
@@ -36,7 +44,9 @@ from transformer_lens.hook_points import HookPoint
 
 from mythos_probe.metrics.convergence import rel_residual  # the what-if replays `latent` as this metric
 from mythos_probe.metrics.lens import kl as kl_divergence  # and `kl` as this one (the lens probe's lens_kl_prev)
-from mythos_probe.probes.hooks import IterationCache, LoopClock, LoopHookPoint
+from mythos_probe.probes.hooks import (HookSwitch, IterationCache, LoopClock, LoopHookPoint, has_hooks,
+                                       watched_globally)
+from mythos_probe.model.cache import LoopCache
 from mythos_probe.model.config import LoopedConfig
 from mythos_probe.model.queries import Queries, sdpa
 from mythos_probe.model.variants import active_parameters
@@ -53,11 +63,22 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
 
 def watched(module: nn.Module) -> bool:
     """Whether a forward hook can see `module`: on it or one of its submodules (probes, `hooks()`,
-    `run_with_cache`), or a global module hook (`register_module_forward_hook`), which fires on
-    every module."""
-    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+    `run_with_cache`), a global module hook (`register_module_forward_hook`), which fires on
+    every module, or a tool that replaced a submodule's `forward` (nnsight)."""
+    if watched_globally():
         return True
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    # a plain walk: `modules()` (a generator keeping a memo set) cost more than the rest of the
+    # check, once per forward
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        # a forward replaced on the instance: a tool wraps the module (nnsight's Envoy does) and counts its calls
+        if m._forward_hooks or m._forward_pre_hooks or ("forward" in m.__dict__ and not isinstance(m, HookPoint)):
+            return True
+        stack.extend(m._modules.values())
+    return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,14 +122,64 @@ def _attend(q, k, v, causal: bool, dropout_p: float, enable_gqa: bool = False) -
     return sdpa(q, k, v, allowed, dropout_p, enable_gqa)
 
 
+def _attend_explicit(q, k, v, causal: bool, dropout_p: float, scores_hook: HookPoint,
+                     pattern_hook: HookPoint) -> torch.Tensor:
+    """`_attend` written out, for hooks on the scores or the pattern (the fused kernel never forms
+    them): scores = QKᵀ/√d masked causally (B, H, T, S), pattern = softmax(scores), out = pattern·V.
+    Runs only when such a hook is attached; equal to `_attend` up to float rounding."""
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    if k.shape[1] != H:  # GQA: each key/value head serves H / Hkv query heads
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal and T > 1:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    pattern = pattern_hook(scores_hook(scores).float().softmax(-1).to(v.dtype))
+    return F.dropout(pattern, dropout_p) @ v if dropout_p else pattern @ v
+
+
+def _hook_point(clock: Optional[LoopClock]) -> HookPoint:
+    """A site of a layer: iteration-aware inside the loop (`clock`), plain in prelude and coda."""
+    return HookPoint() if clock is None else LoopHookPoint(clock)
+
+
+class _AttentionSites(nn.Module):
+    """The hook points every attention layer has (TransformerLens names). Called only on a
+    forward that the model's `HookSwitch` marks hooked, and never for selected queries."""
+
+    def __init__(self, clock: Optional[LoopClock], sites: HookSwitch):
+        super().__init__()
+        self.sites = sites
+        self.hook_q = _hook_point(clock)  # (B, T, H, d) queries as attended (after RoPE)
+        self.hook_k = _hook_point(clock)  # (B, S, Hkv, d) keys as attended: cached and new, after RoPE
+        self.hook_v = _hook_point(clock)  # (B, S, Hkv, dv) values as attended
+        self.hook_attn_scores = _hook_point(clock)  # (B, H, T, S) QKᵀ/√d, masked with -inf
+        self.hook_pattern = _hook_point(clock)  # (B, H, T, S) softmax of the scores
+        self.hook_z = _hook_point(clock)  # (B, T, H, dv) pattern·V, before the output projection
+
+    def hooked(self, queries: Optional[Queries]) -> bool:
+        return self.sites.on and queries is None
+
+    def attend(self, q, k, v, causal: bool, dropout_p: float, enable_gqa: bool) -> torch.Tensor:
+        """q (B, T, H, d), k/v (B, S, Hkv, ·) → z (B, T, H, dv), through the hook points; the fused
+        kernel unless a hook reads the scores or the pattern."""
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if has_hooks(self.hook_pattern) or has_hooks(self.hook_attn_scores):
+            z = _attend_explicit(q, k, v, causal, dropout_p, self.hook_attn_scores, self.hook_pattern)
+        else:
+            z = _attend(q, k, v, causal, dropout_p, enable_gqa)
+        return self.hook_z(z.transpose(1, 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
 
 
-class GQAttention(nn.Module):
-    def __init__(self, cfg: LoopedConfig):
-        super().__init__()
+class GQAttention(_AttentionSites):
+    def __init__(self, cfg: LoopedConfig, clock: Optional[LoopClock] = None, sites: Optional[HookSwitch] = None):
+        super().__init__(clock, sites or HookSwitch())
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -131,6 +202,9 @@ class GQAttention(nn.Module):
             kv_cache[cache_key] = {"k": k.detach(), "v": v.detach()}
         p, gqa = self.dropout_p if self.training else 0.0, self.n_kv_heads != self.n_heads
         plan = "full" if queries is None else queries.plan(T, k.shape[1])
+        if self.hooked(queries):
+            q = apply_rope(self.wq(x).view(B, T, H, d), freqs_cis)
+            return self.wo(self.attend(q, k, v, causal, p, gqa).flatten(-2))
         if plan == "full":  # every position's query, causal attention, then the wanted ones
             xq = x if queries is None else queries.rows_of(x)
             q = apply_rope(self.wq(xq).view(*xq.shape[:2], H, d), freqs_cis)
@@ -144,11 +218,12 @@ class GQAttention(nn.Module):
         return self.wo(out.flatten(-2))
 
 
-class MLAttention(nn.Module):
+class MLAttention(_AttentionSites):
     """Multi-latent attention (DeepSeek-V2): caches the KV latent and the RoPE keys only."""
 
-    def __init__(self, cfg: LoopedConfig):
-        super().__init__()
+    def __init__(self, cfg: LoopedConfig, clock: Optional[LoopClock] = None, sites: Optional[HookSwitch] = None):
+        super().__init__(clock, sites or HookSwitch())
+        self.hook_kv_latent = _hook_point(clock)  # (B, T, kv_lora_rank) this call's KV latent, before the cache
         self.n_heads = cfg.n_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_dim, self.qk_nope_dim, self.v_dim = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
@@ -180,6 +255,9 @@ class MLAttention(nn.Module):
 
         kv_raw = self.kv_down(x)
         c_kv = kv_raw[..., : self.kv_lora_rank]  # (B, T, rank), cached
+        hooked = self.hooked(queries)
+        if hooked:
+            c_kv = self.hook_kv_latent(c_kv)
         k_rope = kv_raw[..., self.kv_lora_rank :].unsqueeze(2).expand(B, T, H, self.qk_rope_dim)
         k_rope = apply_rope(k_rope.contiguous(), freqs_cis)  # (B, T, H, rope), cached
         if kv_cache is not None:
@@ -194,6 +272,8 @@ class MLAttention(nn.Module):
         k = torch.cat([kv[..., : self.qk_nope_dim], k_rope], dim=-1)  # (Bk, S, H, nope + rope)
         v = kv[..., self.qk_nope_dim :]  # (Bk, S, H, v)
         p = self.attn_drop.p if self.training else 0.0
+        if hooked:
+            return self.wo(self.attend(q, k, v, causal, p, False).flatten(-2))
         if plan != "full":
             out = queries.attend(q, k, v, S - T, causal, p, False, plan)  # (N, H, v)
         else:
@@ -276,19 +356,39 @@ class MoEFFN(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: LoopedConfig, clock: LoopClock | None = None):
+    """Pre-norm attention then FFN, each added to the residual stream. `clock`: the block inside
+    the loop (MoE FFN, iteration-aware hook points); `sites`: the model's `HookSwitch`."""
+
+    def __init__(self, cfg: LoopedConfig, clock: LoopClock | None = None, sites: Optional[HookSwitch] = None):
         super().__init__()
+        self.sites = sites or HookSwitch()
         self.attn_norm = RMSNorm(cfg.dim)
         self.ffn_norm = RMSNorm(cfg.dim)
-        self.attn = MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+        attention = MLAttention if cfg.attn_type == "mla" else GQAttention
+        self.attn = attention(cfg, clock, self.sites)
         self.ffn = MoEFFN(cfg, clock) if clock is not None else Expert(cfg.dim, cfg.dense_hidden)
         self.resid_drop = nn.Dropout(cfg.dropout)
+        # TransformerLens's residual sites; in the loop the block's stream starts at its normed input
+        self.hook_resid_pre = _hook_point(clock)  # (B, T, D)
+        self.hook_attn_out = _hook_point(clock)  # (B, T, D) attention output added to the stream
+        self.hook_resid_mid = _hook_point(clock)  # (B, T, D)
+        self.hook_mlp_out = _hook_point(clock)  # (B, T, D) FFN output added to the stream
+        self.hook_resid_post = _hook_point(clock)  # (B, T, D)
 
     def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
         """(B, T, D), or with `queries` the output at those positions only (N, D)."""
+        if self.sites.on and queries is None:
+            return self._hooked(x, freqs_cis, causal, kv_cache, cache_key)
         attn = self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key, queries)
         x = (x if queries is None else queries.take(x)) + self.resid_drop(attn)
         return x + self.resid_drop(self.ffn(self.ffn_norm(x)))
+
+    def _hooked(self, x, freqs_cis, causal, kv_cache, cache_key):
+        """`forward` through the residual hook points (the same sums)."""
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(
+            self.resid_drop(self.attn(self.attn_norm(x), freqs_cis, causal, kv_cache, cache_key))))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.resid_drop(self.ffn(self.ffn_norm(x)))))
 
 
 class LoRAAdapter(nn.Module):
@@ -397,11 +497,11 @@ class RecurrentBlock(nn.Module):
             return 0.0
         return min(0.9, 0.4 + 0.1 * math.log2(step_flops / cls.MIN_COMPACT_FLOPS))
 
-    def __init__(self, cfg: LoopedConfig):
+    def __init__(self, cfg: LoopedConfig, sites: Optional[HookSwitch] = None):
         super().__init__()
         self.cfg = cfg
         self.clock = LoopClock()
-        self.block = TransformerBlock(cfg, self.clock)
+        self.block = TransformerBlock(cfg, self.clock, sites)
         self.injection = LTIInjection(cfg.dim)
         self.act = ACTHalting(cfg.dim)
         self.lora = LoRAAdapter(cfg.dim, cfg.lora_rank, cfg.max_loop_iters)
@@ -596,6 +696,15 @@ class _LoopState:
 # The model
 # ---------------------------------------------------------------------------------------------
 
+LAYER_SITES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post",
+               "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_attn_scores", "attn.hook_pattern",
+               "attn.hook_z", "attn.hook_kv_latent")
+
+
+def _is_layer_site(name: str) -> bool:
+    """A site of a prelude, coda or loop block (`prelude.0.attn.hook_q`), guarded by `HookSwitch`."""
+    return name.startswith(("prelude.", "coda.", "recurrent.block.")) and name.split(".", 2)[-1] in LAYER_SITES
+
 
 class LoopedTransformer(HookedRootModule):
     """Prelude → recurrent block × n_loops → Coda → norm → tied head, with hook points at every
@@ -614,9 +723,10 @@ class LoopedTransformer(HookedRootModule):
         self.register_buffer(
             "freqs_cis_mla", precompute_rope_freqs(cfg.qk_rope_head_dim, cfg.max_seq_len, cfg.rope_theta)
         )
-        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
-        self.recurrent = RecurrentBlock(cfg)
-        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.sites = HookSwitch()  # on for a forward with a hook on a layer site (below)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg, sites=self.sites) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg, self.sites)
+        self.coda = nn.ModuleList(TransformerBlock(cfg, sites=self.sites) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.head.weight = self.embed.weight  # weight tying
@@ -626,6 +736,8 @@ class LoopedTransformer(HookedRootModule):
         self.hook_logits = HookPoint()  # (B, T, V)
         self._init_weights()
         self.setup()  # TransformerLens: names every HookPoint after its module path
+        # the layer sites the switch guards: hooks on them turn it on for a forward
+        self._layer_sites = [hp for name, hp in self.hook_dict.items() if _is_layer_site(name)]
 
     def _apply(self, fn, recurse=True):
         # The RoPE tables stay complex64 on the model's device: a dtype cast such as
@@ -705,9 +817,13 @@ class LoopedTransformer(HookedRootModule):
             queries = queries.within_live()
         scratch = dict(cache) if cache is not None else None  # writes go to the copy
         last = len(self.coda) - 1
-        for i, layer in enumerate(self.coda):
-            # the last layer only needs the wanted queries: their keys see every earlier position
-            x = layer(x, freqs, ctx["causal"], scratch, f"coda_{i}", queries if i == last else None)
+        sites_on, self.sites.on = self.sites.on, False  # a lens is no forward: the coda's hooks stay quiet
+        try:
+            for i, layer in enumerate(self.coda):
+                # the last layer only needs the wanted queries: their keys see every earlier position
+                x = layer(x, freqs, ctx["causal"], scratch, f"coda_{i}", queries if i == last else None)
+        finally:
+            self.sites.on = sites_on
         if queries is not None and last < 0:
             x = queries.take(x)
         logp = F.log_softmax(self.head(self.norm(x)).float(), dim=-1)
@@ -731,23 +847,30 @@ class LoopedTransformer(HookedRootModule):
         freqs_cis = self._rope(start_pos, T)
         causal = T > 1
         self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit)
-        x = self.hook_embed(self.embed(input_ids))
-        for i, layer in enumerate(self.prelude):
-            x = layer(x, freqs_cis, causal, kv_cache, f"prelude_{i}")
-        e = self.hook_encoded(x)
-        lens = self.coda_lens if exit == "kl" else None
-        x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
-        self.last_forward["iterations"] = iterations
-        self.last_forward["row_iterations"] = self.recurrent.row_iterations  # rows that ran the FFN, Σ over iterations
-        x = self.hook_coda_in(x)
-        for i, layer in enumerate(self.coda):
-            x = layer(x, freqs_cis, causal, kv_cache, f"coda_{i}")
-        return self.hook_logits(self.head(self.norm(x)))
+        # one look per forward at the layer sites' hooks (none: the layers call no hook point)
+        self.sites.on = watched_globally() or any(hp._forward_hooks or hp._forward_pre_hooks for hp in self._layer_sites)
+        try:
+            x = self.hook_embed(self.embed(input_ids))
+            for i, layer in enumerate(self.prelude):
+                x = layer(x, freqs_cis, causal, kv_cache, f"prelude_{i}")
+            e = self.hook_encoded(x)
+            lens = self.coda_lens if exit == "kl" else None
+            x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
+            self.last_forward["iterations"] = iterations
+            self.last_forward["row_iterations"] = self.recurrent.row_iterations  # rows that ran the FFN, Σ over iterations
+            x = self.hook_coda_in(x)
+            for i, layer in enumerate(self.coda):
+                x = layer(x, freqs_cis, causal, kv_cache, f"coda_{i}")
+            return self.hook_logits(self.head(self.norm(x)))
+        finally:
+            self.sites.on = False
 
     # -- caching every iteration ---------------------------------------------------------
 
     def run_with_cache(self, *args, names_filter=None, **kwargs):
-        """(logits, IterationCache): `cache["site", t]` for every loop iteration t."""
+        """(logits, LoopCache): `cache["site", t]` for every loop iteration t of a loop site,
+        `cache["site"]` for the others, and TransformerLens's residual analysis across iterations
+        (`model/cache.py`). `names_filter`: a name, a list of names or a predicate on names."""
         if names_filter is None:
             keep = lambda name: True  # noqa: E731
         elif isinstance(names_filter, str):
@@ -761,7 +884,11 @@ class LoopedTransformer(HookedRootModule):
         hook = cache.caching_hook()
         with self.hooks(fwd_hooks=[(name, hook) for name in self.hook_dict if keep(name)]):
             logits = self(*args, **kwargs)
-        return logits, cache
+        call = inspect.signature(self.forward).bind(*args, **kwargs)
+        call.apply_defaults()
+        # what the analysis and `mythos_probe.from_cache` need to know of the forward
+        forward = {**call.arguments, **self.last_forward, "logits": logits.detach()}
+        return logits, LoopCache(self, forward, cache._store)
 
     # -- generation ------------------------------------------------------------------------
 

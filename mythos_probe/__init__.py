@@ -1,29 +1,38 @@
 """mythos-probe: make the loop of a looped transformer visible.
 
 Public names: `attach`, `LoopSpec` (with `Injection`, `Halting`, `Router`), `records.LoopTrace`,
-`SCHEMA_VERSION`. They are imported
-lazily so that `mythos_probe.collectors` and `mythos_probe.dashboards` never import torch (the
-`server` install has none); without torch, `mythos_probe.attach` raises one line naming the
-`probe` extra.
+`SCHEMA_VERSION`, `from_cache` (a `run_with_cache` cache as a `LoopTrace`), `sweep` (accuracy and
+agreement against the number of loops), `profiles` and `LoopProfiles` (loop profiles from
+evidence) and `LoopBudget` (per-request budgets). They are imported lazily so that
+`mythos_probe.collectors` and `mythos_probe.dashboards` never import torch (the `server` install
+has none); without torch, `mythos_probe.attach` raises one line naming the `probe` extra.
 """
+
+from importlib import import_module
 
 from mythos_probe.records import SCHEMA_VERSION, LoopTrace
 
-__all__ = ["attach", "LoopSpec", "Injection", "Halting", "Router", "Recorder", "LoopTrace", "SCHEMA_VERSION"]
+# public name → the module that defines it, imported on first use
+_LAZY = {
+    "attach": "mythos_probe.probes.recorder",
+    "Recorder": "mythos_probe.probes.recorder",
+    "LoopSpec": "mythos_probe.loopspec",
+    "Injection": "mythos_probe.loopspec",
+    "Halting": "mythos_probe.loopspec",
+    "Router": "mythos_probe.loopspec",
+    "from_cache": "mythos_probe.probes.from_cache",
+    "sweep": "mythos_probe.loop_sweep",
+}
+
+__all__ = [*_LAZY, "LoopTrace", "SCHEMA_VERSION"]
 
 
 def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")
     try:
-        if name in ("attach", "Recorder"):
-            from mythos_probe.probes import recorder
-
-            return getattr(recorder, name)
-        if name in ("LoopSpec", "Injection", "Halting", "Router"):
-            from mythos_probe import loopspec
-
-            return getattr(loopspec, name)
+        return getattr(import_module(_LAZY[name]), name)
     except ModuleNotFoundError as exc:  # torch in a server install: say which extra brings it
         from mythos_probe.extras import require
 
         raise require(exc) from None
-    raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")

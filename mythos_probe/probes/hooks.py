@@ -31,6 +31,28 @@ class LoopClock:
         self.t: int | None = None
 
 
+class HookSwitch:
+    """Whether a model's layer sites (residual, attention, MLP) call their hook points this
+    forward: the model sets `on` once per forward when a hook is attached to one of them, so an
+    unhooked forward pays no module call per site, and turns it off while it re-runs its own layers
+    for a probe (the coda lens), whose calls are no forward of the model's."""
+
+    __slots__ = ("on",)
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+def watched_globally() -> bool:
+    """Whether a global module hook (`register_module_forward_hook`) is set: it sees every module."""
+    return bool(torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks)
+
+
+def has_hooks(hook_point: HookPoint) -> bool:
+    """Whether a forward hook would see `hook_point` (on it, or a global module hook)."""
+    return bool(hook_point._forward_hooks or hook_point._forward_pre_hooks) or watched_globally()
+
+
 class LoopHookPoint(HookPoint):
     """A HookPoint inside the loop: hooks receive it as `hook` and read `hook.iteration`."""
 
