@@ -1,13 +1,14 @@
 """mythos-probe: make the loop of a looped transformer visible.
 
 Public names: `attach`, `LoopSpec` (with `Injection`, `Halting`, `Router`), `records.LoopTrace`,
-`SCHEMA_VERSION`. They are imported
+`SCHEMA_VERSION`, `profiles` and `LoopProfiles` (loop profiles from evidence), `LoopBudget`. They are imported
 lazily so that `mythos_probe.collectors` and `mythos_probe.dashboards` never import torch.
 """
 
 from mythos_probe.records import SCHEMA_VERSION, LoopTrace
 
-__all__ = ["attach", "LoopSpec", "Injection", "Halting", "Router", "Recorder", "LoopTrace", "SCHEMA_VERSION"]
+__all__ = ["attach", "LoopSpec", "Injection", "Halting", "Router", "Recorder", "LoopTrace", "SCHEMA_VERSION",
+           "profiles", "LoopProfiles", "LoopBudget"]
 
 
 def __getattr__(name: str):
@@ -19,4 +20,12 @@ def __getattr__(name: str):
         from mythos_probe import loopspec
 
         return getattr(loopspec, name)
+    if name in ("profiles", "LoopProfiles"):
+        from mythos_probe import loop_profiles
+
+        return getattr(loop_profiles, name)
+    if name == "LoopBudget":
+        from mythos_probe.model.budgets import LoopBudget
+
+        return LoopBudget
     raise AttributeError(f"module 'mythos_probe' has no attribute {name!r}")

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "dashboard": ("mythos_probe.dashboards.cli", "open a store (DuckDB file or Parquet folder) read-only in the dashboard"),
     "export": ("mythos_probe.collectors.export_cli", "export a store to partitioned Parquet or over OTLP"),
     "variants": ("mythos_probe.model.variants", "list model presets with parameters and FLOPs per token"),
+    "profiles": ("mythos_probe.profiles_cli", "choose loop profiles per endpoint from stored shadow forwards"),
 }
 
 
