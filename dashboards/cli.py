@@ -23,6 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(a notebook recorder or serve)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     parser.add_argument("--port", type=int, default=8050, help="port (default: 8050)")
+    parser.add_argument("--profiles", help="loop profiles file (`mythos-probe profiles`) the Budgets page shows")
 
 
 def open_store(path: str):
@@ -37,6 +38,12 @@ def open_store(path: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "profiles", None):
+        import os
+
+        from mythos_probe.dashboards.pages.budgets import ENV
+
+        os.environ[ENV] = os.path.abspath(args.profiles)  # the Budgets page reads it per view
     from mythos_probe.collectors.serve import wsgi_server
     from mythos_probe.dashboards.app import create_app
 

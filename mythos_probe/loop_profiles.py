@@ -82,7 +82,7 @@ class Profile:
     positions: int = 0  # positions replayed
     agreement: float = 1.0  # share of positions whose prediction at exit equals full depth's
     agreement_lower: float = 1.0  # its lower confidence bound
-    mean_iterations: float = math.nan  # predicted iterations per position
+    mean_iterations: float = 0.0  # predicted iterations per position (0: no positions replayed)
     iterations_saved: float = 0.0  # predicted, share of full-depth iterations
     flops_saved: float = 0.0  # predicted, share of the forwards' FLOPs
     full_depth: int = 0  # the shadows' depth
@@ -99,7 +99,7 @@ class Profile:
 
     def describe(self) -> str:
         evidence = (f"{self.forwards} forwards, {self.positions} positions: agreement {self.agreement:.1%} "
-                    f"(lower bound {self.agreement_lower:.1%})")
+                    f"(lower bound {self.agreement_lower:.1%})") if self.positions else f"{self.forwards} forwards"
         if self.keeps_full_depth:
             return f"{self.group}: full depth (exit='fixed', {self.max_loops} loops): {self.note} [{evidence}]"
         th = "" if self.exit_threshold is None else f" threshold {self.exit_threshold:.3g}"
