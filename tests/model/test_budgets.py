@@ -162,7 +162,25 @@ def test_generate_with_budgets_equals_each_row_generated_alone(variant, exit):
 
 def test_a_row_past_its_budget_leaves_the_loop():
     """Rows through the FFN, counted independently from the budgets: each row runs exactly its
-    max_loops iterations once the loop compacts (exit='fixed': no other exit)."""
+    max_loops iterations once the loop compacts (exit='fixed': no other exit); masked (every row
+    every iteration, exited ones frozen) or compacted, each row's logits are its own alone."""
+    m = model("tiny-gqa")
+    ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(1))
+    budgets = [LoopBudget(d) for d in (1, 3, 2, 5)]
+    out = {}
+    try:
+        with torch.no_grad():
+            for share in (0.0, 2.0):
+                m.recurrent.compact_below = share
+                out[share] = m(ids, exit="fixed", budgets=budgets)
+            alone = torch.cat([m(ids[i : i + 1], n_loops=b.max_loops, exit="fixed") for i, b in enumerate(budgets)])
+    finally:
+        m.recurrent.compact_below = None
+    for share in (0.0, 2.0):  # 1e-6 of the logits' scale (tens: the spread embeddings are tied to the head)
+        torch.testing.assert_close(out[share], alone, atol=TOL * float(alone.abs().max()), rtol=0)
+
+
+def test_compacted_rows_count_their_budgets():
     m = model("tiny-gqa")
     ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(1))
     budgets = [LoopBudget(d) for d in (1, 3, 2, 5)]
