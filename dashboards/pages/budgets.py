@@ -61,6 +61,8 @@ def profile_rows(profiles) -> pd.DataFrame:
 def update(store, sel: queries.Selection, search):
     from mythos_probe.loop_profiles import LoopProfiles
 
+    if queries.forward_count(store) == 0:
+        return no_data(store), "", empty_figure("Cost against limits")
     path = os.environ.get(ENV)
     if not path:
         return (message("No profiles file: run `mythos-probe profiles STORE --out FILE`, then open the dashboard "
