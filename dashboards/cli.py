@@ -32,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=port_number, default=8050, help="port (default: 8050; 0 picks a free one)")
     parser.add_argument("--token", default=None,
                         help="with a serve URL: serve's --token (default: $MYTHOS_PROBE_TOKEN)")
+    parser.add_argument("--profiles", help="loop profiles file (`mythos-probe profiles`) the Budgets page shows")
 
 
 def open_store(path: str, token: str | None = None):
@@ -91,6 +92,12 @@ class WaitingStore:
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "profiles", None):
+        import os
+
+        from mythos_probe.dashboards.pages.budgets import ENV
+
+        os.environ[ENV] = os.path.abspath(args.profiles)  # the Budgets page reads it per view
     from mythos_probe.collectors.serve import bind, wsgi_server
     from mythos_probe.dashboards.app import create_app
 

@@ -34,8 +34,9 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ from mythos_probe.metrics.lens import kl as kl_divergence  # and `kl` as this on
 from mythos_probe.probes.hooks import (HookSwitch, IterationCache, LoopClock, LoopHookPoint, has_hooks,
                                        watched_globally)
 from mythos_probe.model.cache import LoopCache
+from mythos_probe.model.budgets import LoopBudget, RowBudgets, check_budgets
 from mythos_probe.model.config import LoopedConfig
 from mythos_probe.model.queries import Queries, sdpa
 from mythos_probe.model.variants import active_parameters
@@ -520,22 +522,28 @@ class RecurrentBlock(nn.Module):
         self.hook_halted = LoopHookPoint(c)  # (B, T) bool, exited after t (any policy)
         self.hook_act_weight = LoopHookPoint(c)  # (B, T) ACT weight of h_t in the output
 
-    def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None):
+    def forward(self, h, e, freqs_cis, causal, n_loops, kv_cache=None, exit="act", threshold=None, lens=None,
+                budgets: Optional[RowBudgets] = None):
         """Returns (output state (B, T, D), iterations executed). `lens(h, queries=None) ->
-        log-probs` (the model's `coda_lens`) is required by the `kl` policy."""
+        log-probs` (the model's `coda_lens`) is required by the `kl` policy. `budgets`: per-row
+        depths and thresholds (`model.budgets`); a row past its max_loops exits like a position the
+        policy stopped (and `threshold` is unused)."""
         B, T, D = h.shape
         s = _LoopState(
             h=h, halted=torch.zeros(B, T, device=h.device, dtype=torch.bool),
             # float32 whatever the model's dtype: a bf16 sum of probabilities cannot reach 0.99 exactly
             cumulative_p=torch.zeros(B, T, device=h.device, dtype=torch.float32),
             h_out=torch.zeros_like(h) if exit == "act" else None,
+            budgets=budgets,
         )
+        # fixed with rows of different depths: a row past its budget exits and can leave the loop
+        cut_fixed = exit == "fixed" and budgets is not None and budgets.varied
         loop_emb = loop_index_embeddings(n_loops, self.loop_dim, D, h.device, h.dtype)
         compact_below = self.compact_share(B * T * self.position_flops) if self.compact_below is None else self.compact_below
         hooked = watched(self)  # then masked and with the halting head: hooks see every position and site
         halting = exit == "act" or hooked
         may_compact = (
-            exit != "fixed" and compact_below > 0 and not torch.is_grad_enabled() and not self.training
+            (exit != "fixed" or cut_fixed) and compact_below > 0 and not torch.is_grad_enabled() and not self.training
             and (exit != "act" or kv_cache is None) and not hooked
         )
         # nothing has halted before the first iteration; later the host read below keeps track
@@ -563,7 +571,12 @@ class RecurrentBlock(nn.Module):
                 else:
                     self._dense_step(s, *args, halting=halting)
                     self.row_iterations += B * T
-                if exit == "fixed" or t == n_loops - 1:
+                if (exit == "fixed" and not cut_fixed) or t == n_loops - 1:
+                    continue
+                if may_compact and exit == "fixed":  # the rows still running are known on the host
+                    running = np.repeat(budgets.running_rows(t)[:, None], T, 1)
+                    s.some_halted = not running.all()
+                    queries = Queries.from_mask(running, h.device) if running.mean() < compact_below else None
                     continue
                 if may_compact:
                     # copy=True: on the CPU too, so that the read shows as one op (tests count them)
@@ -596,7 +609,7 @@ class RecurrentBlock(nn.Module):
         trans_out = trans_out + self.hook_lora_delta(self.lora(trans_out, t))
         # the module when something may watch it, else its update with A computed once per forward
         h_new = self.injection(h, e, trans_out) if s.A is None else self.injection.inject(s.A, h, e, trans_out)
-        if exit in ("kl", "latent") and s.some_halted:
+        if (exit in ("kl", "latent") or (exit == "fixed" and s.budgets is not None)) and s.some_halted:
             h_new = torch.where(s.halted[..., None], h, h_new)  # exited positions stay frozen
         h_prev, h = h, self.hook_state_out(h_new)
 
@@ -611,16 +624,21 @@ class RecurrentBlock(nn.Module):
             else:
                 weight = torch.zeros_like(p)
             s.cumulative_p = self.hook_cum_halt(s.cumulative_p + p * running)
-        halted = s.halted
+        stop = None  # the policy's decision after this iteration (None: it has none)
         if exit == "act":
-            halted = halted | (s.cumulative_p >= cfg.act_threshold)
+            stop = s.cumulative_p >= cfg.act_threshold
         elif exit == "latent":
-            halted = halted | (rel_residual(_norm(h - h_prev), _norm(h)) < threshold)
+            value = rel_residual(_norm(h - h_prev), _norm(h))
+            stop = value < (threshold if s.budgets is None else s.budgets.thresholds(value))
         elif exit == "kl":
             logp = lens(h)  # (B, T, V)
             if s.prev_logp is not None:
-                halted = halted | (kl_divergence(logp, s.prev_logp) < threshold)
+                value = kl_divergence(logp, s.prev_logp)
+                stop = value < (threshold if s.budgets is None else s.budgets.thresholds(value))
             s.prev_logp = logp
+        if s.budgets is not None:  # min_loops holds the policy back, max_loops stops the row
+            stop = s.budgets.gate(stop, t, shape=s.halted.shape)
+        halted = s.halted if stop is None else s.halted | stop
         s.halted = self.hook_halted(halted)
         if halting:
             self.hook_act_weight(weight)  # the iteration's last site: probes close the iteration here
@@ -638,7 +656,8 @@ class RecurrentBlock(nn.Module):
             sub = s
         else:
             sub = _LoopState(h=s.h[live, :n], halted=s.halted[live, :n], cumulative_p=s.cumulative_p[live, :n],
-                             h_out=s.h_out[live, :n], A=s.A)
+                             h_out=s.h_out[live, :n], A=s.A,
+                             budgets=None if s.budgets is None else s.budgets.select(live))
         self._dense_step(sub, t, emb, e[live, :n], freqs_cis[:n], *rest)
         self.row_iterations += sub.h.shape[0] * sub.h.shape[1]
         if sub is not s:  # in place: every state tensor is the loop's own after the first (dense) step
@@ -669,13 +688,19 @@ class RecurrentBlock(nn.Module):
         h_new = self.injection.inject(s.A, h_act, queries.take(e), x)
         s.h[queries.rows, queries.pos] = h_new  # in place: s.h is the loop's own after the first (dense) step
         # no halting head: under kl/latent only hooks read it, and a hooked loop runs masked
-        if exit == "latent":
-            stop = rel_residual(_norm(h_new - h_act), _norm(h_new)) < threshold
+        budgets, rows = s.budgets, queries.rows
+        if exit == "fixed":  # only a budget stops a row
+            stop = budgets.gate(None, t, rows)
         else:
-            logp = lens(s.h, queries=queries)  # (N, V)
-            prev = queries.take(s.prev_logp)
-            stop = kl_divergence(logp, prev) < threshold
-            s.prev_logp[queries.rows, queries.pos] = logp
+            if exit == "latent":
+                value = rel_residual(_norm(h_new - h_act), _norm(h_new))
+            else:
+                logp = lens(s.h, queries=queries)  # (N, V)
+                value = kl_divergence(logp, queries.take(s.prev_logp))
+                s.prev_logp[queries.rows, queries.pos] = logp
+            stop = value < (threshold if budgets is None else budgets.thresholds(value, rows))
+            if budgets is not None:
+                stop = budgets.gate(stop, t, rows)
         s.halted[queries.rows, queries.pos] = stop
 
 
@@ -690,6 +715,7 @@ class _LoopState:
     prev_logp: Optional[torch.Tensor] = None  # (B, T, V) kl: the previous lens distribution
     some_halted: bool = True  # False only when the host read says none has: nothing to freeze
     A: Optional[torch.Tensor] = None  # (D,) the injection's decay, once per forward at inference (None: call the module)
+    budgets: Optional[RowBudgets] = None  # per-row depths and thresholds (None: the call's n_loops and threshold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,16 +863,35 @@ class LoopedTransformer(HookedRootModule):
         start_pos: int = 0,
         exit: str = "act",
         exit_threshold: Optional[float] = None,
+        budgets: Optional[Sequence[LoopBudget]] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V). `exit`: "act" (OpenMythos behaviour), "fixed" (exactly n_loops,
         output the last state), "kl" (a position stops when KL between successive coda-lens
-        distributions < threshold), "latent" (relative residual < threshold)."""
+        distributions < threshold), "latent" (relative residual < threshold).
+
+        `budgets`: one `LoopBudget` per row (max_loops, min_loops, exit_threshold) in place of
+        `n_loops` and `exit_threshold`; each row's output is the one it gets run alone with its
+        budget, and a row past its max_loops leaves the loop's work (the compaction of exited
+        positions). A KV cache built with budgets is read with the same budgets."""
+        row_budgets = None
+        if budgets is not None:
+            if n_loops is not None or exit_threshold is not None:
+                raise ValueError("budgets set each row's depth and threshold: drop n_loops and exit_threshold "
+                                 "(or pass them and no budgets)")
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                raise ValueError("input_ids must be a (batch, seq) tensor of token ids")
+            if exit not in EXIT_POLICIES:
+                raise ValueError(f"exit must be one of {EXIT_POLICIES}, got {exit!r}")
+            row_budgets = RowBudgets(check_budgets(budgets, input_ids.shape[0], exit),
+                                     DEFAULT_EXIT_THRESHOLDS.get(exit), input_ids.device)
+            n_loops = row_budgets.n_loops
         n_loops = self._check_inputs(input_ids, n_loops, start_pos, exit, exit_threshold)
         threshold = DEFAULT_EXIT_THRESHOLDS.get(exit) if exit_threshold is None else exit_threshold
         T = input_ids.shape[1]
         freqs_cis = self._rope(start_pos, T)
         causal = T > 1
-        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit)
+        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit,
+                                 budgets=None if row_budgets is None else row_budgets.budgets)
         # one look per forward at the layer sites' hooks (none: the layers call no hook point)
         self.sites.on = watched_globally() or any(hp._forward_hooks or hp._forward_pre_hooks for hp in self._layer_sites)
         try:
@@ -855,7 +900,7 @@ class LoopedTransformer(HookedRootModule):
                 x = layer(x, freqs_cis, causal, kv_cache, f"prelude_{i}")
             e = self.hook_encoded(x)
             lens = self.coda_lens if exit == "kl" else None
-            x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens)
+            x, iterations = self.recurrent(x, e, freqs_cis, causal, n_loops, kv_cache, exit, threshold, lens, row_budgets)
             self.last_forward["iterations"] = iterations
             self.last_forward["row_iterations"] = self.recurrent.row_iterations  # rows that ran the FFN, Σ over iterations
             x = self.hook_coda_in(x)
@@ -903,9 +948,16 @@ class LoopedTransformer(HookedRootModule):
         exit: str = "act",
         exit_threshold: Optional[float] = None,
         generator: Optional[torch.Generator] = None,
+        budgets: Optional[Sequence[LoopBudget]] = None,
     ) -> torch.Tensor:
         """KV-cached decoding as OpenMythos: the prompt once, then one token per step.
-        temperature=0 decodes greedily."""
+        temperature=0 decodes greedily. `budgets`: one `LoopBudget` per row for every step, in
+        place of n_loops and exit_threshold (see `forward`): a row that reaches its budget leaves
+        the step's loop."""
+        if budgets is not None:
+            if exit_threshold is not None:
+                raise ValueError("budgets set each row's threshold: drop exit_threshold (or pass no budgets)")
+            n_loops = None
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
         if input_ids.shape[1] + max_new_tokens > self.cfg.max_seq_len:
@@ -922,7 +974,7 @@ class LoopedTransformer(HookedRootModule):
             for step in range(max_new_tokens):
                 cur, start = (input_ids, 0) if step == 0 else (input_ids[:, -1:], prompt_len + step - 1)
                 logits = self(cur, n_loops=n_loops, kv_cache=kv_cache, start_pos=start, exit=exit,
-                              exit_threshold=exit_threshold)[:, -1, :]
+                              exit_threshold=exit_threshold, budgets=budgets)[:, -1, :]
                 if temperature == 0:
                     next_tok = logits.argmax(-1, keepdim=True)
                 else:

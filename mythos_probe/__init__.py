@@ -22,6 +22,9 @@ _LAZY = {
     "Router": "mythos_probe.loopspec",
     "from_cache": "mythos_probe.probes.from_cache",
     "sweep": "mythos_probe.loop_sweep",
+    "profiles": "mythos_probe.loop_profiles",
+    "LoopProfiles": "mythos_probe.loop_profiles",
+    "LoopBudget": "mythos_probe.model.budgets",
 }
 
 __all__ = [*_LAZY, "LoopTrace", "SCHEMA_VERSION"]

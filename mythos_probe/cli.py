@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "export": ("mythos_probe.collectors.export_cli", "export a store to partitioned Parquet or over OTLP"),
     "compact": ("mythos_probe.collectors.compact_cli", "compact a Parquet store folder in place, safely while others write and read it"),
     "variants": ("mythos_probe.model.variants", "list model presets with parameters and FLOPs per token"),
+    "profiles": ("mythos_probe.profiles_cli", "choose loop profiles per endpoint from stored shadow forwards"),
 }
 
 

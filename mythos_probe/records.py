@@ -293,6 +293,13 @@ class LoopTrace:
     host: str = ""
     pid: int = 0
     job_id: str = ""
+    # per-request loop budgets (`LoopBudget`, one per batch row), when the forward ran with them:
+    # each row's max and min loops, exit threshold (NaN: the policy's default) and why it got that
+    # budget (a profile, a governor lowering it); None when the forward ran one n_loops for all
+    row_max_loops: np.ndarray | None = None  # (batch,)
+    row_min_loops: np.ndarray | None = None  # (batch,)
+    row_exit_threshold: np.ndarray | None = None  # (batch,)
+    row_budget_reason: tuple[str, ...] | None = None  # (batch,)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -360,10 +367,29 @@ class LoopTrace:
             if not all(type(t) is str for row in text for t in row):
                 raise InvalidRecord("token_text must hold strings (the text of each token)")
             set_(self, "token_text", text)
+        for name, dtype in (("row_max_loops", np.int64), ("row_min_loops", np.int64),
+                            ("row_exit_threshold", np.float64)):
+            value = getattr(self, name)
+            if value is not None:
+                arr = _frozen_array([math.nan if v is None else v for v in value], dtype)
+                if arr.shape != (self.batch,):
+                    raise InvalidRecord(f"{name} has shape {arr.shape}, expected ({self.batch},)")
+                set_(self, name, arr)
+        if self.row_budget_reason is not None:
+            reasons = tuple(str(r) for r in self.row_budget_reason)
+            if len(reasons) != self.batch:
+                raise InvalidRecord(f"row_budget_reason has {len(reasons)} entries, expected {self.batch}")
+            set_(self, "row_budget_reason", reasons)
 
     @property
     def n_experts(self) -> int:
         return 0 if self.expert_load is None else int(self.expert_load.shape[1])
+
+    @property
+    def row_exit_depths(self) -> np.ndarray | None:
+        """(batch,) iterations the deepest position of each row used (None without
+        `position_iterations`)."""
+        return None if self.position_iterations is None else self.position_iterations.max(axis=1)
 
     @property
     def duration_ms(self) -> float:

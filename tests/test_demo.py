@@ -17,8 +17,9 @@ def test_headless_runs_twice_on_one_store(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "what-if at ≥99% agreement: exit on" in out or "no early-exit policy" in out
     assert "baseline: full-depth shadow forwards" in out or "no early-exit policy" in out
-    assert "run for real" in out or "no policy the model runs" in out
-    assert "the served policy, run for real (exit='act', threshold 0.99, 4 chains" in out  # always measured too
+    assert "loop profiles per endpoint from 4 full-depth shadow forwards" in out
+    # 4 requests (chains of 1-4 steps, /easy and /medium): too little evidence, each keeps full depth and says so
+    assert out.count("too little evidence") == out.count("keep full depth") == out.count("verdict /") == 2
     assert re.search(r"^\s+1\s+1\s+100\.0%", out, re.M)  # one request of one step, solved
     assert main(["demo", "--no-serve", "--store", str(store), "--requests", "4", "--batch", "4"]) == 0
     con = duckdb.connect(str(store), read_only=True)
@@ -86,31 +87,27 @@ def test_demo_and_dashboard_give_one_what_if_answer(tmp_path, capsys):
     assert printed == f"what-if at ≥99% agreement: {replay.describe(replay.recommend(table, 0.99))}"
 
 
-def test_a_measured_policy_that_is_not_faster_says_keep_fixed():
-    import pandas as pd
+def test_a_profile_is_recommended_only_when_every_round_was_faster():
+    """The verdict rule on hand-made measurements: a time-saved range reaching 0 is never
+    recommended, whatever the FLOPs; agreement further from the what-if than its bound warns."""
+    from mythos_probe.demo.run import describe_measurement
+    from mythos_probe.loop_profiles import Profile
 
-    from mythos_probe.demo.run import describe_measured
-
-    report = pd.Series({"policy": "latent", "threshold": 0.03, "time_saved": 0.2, "flops_saved": 0.4,
-                        "iterations_saved": 0.5, "agreement": 1.0, "predicted_flops_saved": 0.45,
-                        "predicted_iterations_saved": 0.5, "predicted_agreement": 1.0})
-    with_time = lambda saved: pd.concat([report.drop("time_saved"), pd.Series({"time_saved": saved})])  # noqa: E731
-    faster = describe_measured(report, "16 chains")
-    assert "saved 20.0% of the time, 40.0% of the executed FLOPs" in faster and "\n" not in faster
-    slower = describe_measured(with_time(-0.08), "16 chains")
-    assert "saved -8.0% of the time" in slower and "NOT faster than exit='fixed'" in slower
-    assert "keep exit='fixed'" in slower
-    short = describe_measured(with_time(0.02), "16 chains")  # 2 % of the time for 40 % of the FLOPs
-    assert "well below the FLOPs saved" in short and "keep exit='fixed'" not in short
-    # the boundaries: no time saved is not faster; under half the FLOPs saved is well below
-    assert "NOT faster" in describe_measured(with_time(0.0), "16 chains")
-    assert "well below" in describe_measured(with_time(0.19), "16 chains")
-    assert "\n" not in describe_measured(with_time(0.21), "16 chains")
-    # executed FLOPs 5 points or more below the prediction: the line says why, naming ACT's halted positions
-    predicted = lambda flops, policy: pd.concat([report.drop(["predicted_flops_saved", "policy"]),  # noqa: E731
-                                                 pd.Series({"predicted_flops_saved": flops, "policy": policy})])
-    assert "save less than predicted" not in describe_measured(predicted(0.44, "latent"), "16 chains")
-    below = describe_measured(predicted(0.46, "latent"), "16 chains")
-    assert "save less than predicted" in below and "keys and values of exited positions" in below
-    assert "under ACT halted positions keep updating" not in below
-    assert "under ACT halted positions keep updating" in describe_measured(predicted(0.6, "act"), "16 chains")
+    profile = Profile("/easy", "fixed", 2, forwards=20, positions=320, agreement=1.0, agreement_lower=0.99,
+                      mean_iterations=2, iterations_saved=0.875, flops_saved=0.6, full_depth=16)
+    m = {"agreement": 1.0, "answers": 48, "rounds": 5, "time_saved": (0.4, 0.6)}
+    lines = describe_measurement("/easy", profile, m)
+    assert lines[0].startswith("run for real on 48 held-out chains beside full depth, 5 interleaved rounds: "
+                               "saved 40% to 60% of the time (predicted 60.0% of FLOPs); agreement measured 100.0% "
+                               "vs what-if 100.0% (bound ±1.0%)")
+    assert lines[-1] == "verdict /easy: recommended: exit='fixed', max_loops 2" and len(lines) == 2
+    for low in (0.0, -0.05):
+        slower = describe_measurement("/easy", profile, {**m, "time_saved": (low, 0.6)})
+        assert slower[-1].startswith("verdict /easy: NOT recommended") and "keep exit='fixed'" in slower[-1]
+    off = describe_measurement("/easy", profile, {**m, "agreement": 0.985})  # 1.5 points off, bound 1 point
+    assert any(line.startswith("WARNING: measured and what-if agreement differ") for line in off)
+    assert "recommended: exit" in off[-1]  # still ≥ target − bound = 98 %
+    below = describe_measurement("/easy", profile, {**m, "agreement": 0.975})
+    assert below[-1].startswith("verdict /easy: NOT recommended: measured agreement below the target less the bound")
+    near = describe_measurement("/easy", profile, {**m, "agreement": 0.991})
+    assert not any("WARNING" in line for line in near) and "recommended: exit" in near[-1]

@@ -3,6 +3,8 @@ plain `update(...)` functions and `register(app, store)` for its own callbacks; 
 prefixed by the module name.
 """
 
-from mythos_probe.dashboards.pages import convergence, cost, experts, forward, forwards, halting, lens, loops, spectral
+from mythos_probe.dashboards.pages import (
+    budgets, convergence, cost, experts, forward, forwards, halting, lens, loops, spectral,
+)
 
-PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, lens)
+PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens)

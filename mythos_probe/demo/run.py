@@ -6,10 +6,14 @@ while the model trained, and serves the dashboard on it.
 A second run appends to the same store (a new run id); a file that is not a mythos-probe store
 is refused with a message, never overwritten. Each request runs as served (ACT) and once more at
 full depth (`exit="fixed"`, stored with `kind="shadow"`): the baseline of the early-exit what-if.
-The summary prints accuracy and iterations used by difficulty, the what-if's recommendation at
-≥ 99 % agreement with full depth (the same sentence the dashboard shows, `whatif.describe`), and
-the best policy the model can run (`kl` or `latent`) and the served one (`act`) run for real
-(`whatif.verify`): measured time, FLOPs and agreement next to the prediction.
+Requests go to three endpoints by chain length (`ENDPOINT_LENGTHS`). The summary prints accuracy
+and iterations used by difficulty, the what-if's recommendation at ≥ 99 % agreement with full
+depth over the whole workload (the same sentence the dashboard shows, `whatif.describe`), then a
+loop profile per endpoint chosen on the stored shadows (`loop_profiles.profiles`), each run for
+real on held-out requests of its endpoint beside full depth, timed interleaved over `--rounds`
+rounds and printed as a range, with the measured agreement beside the what-if's and a verdict:
+a profile is recommended only when every round was faster than full depth. The profile's
+predicted FLOPs and agreement are printed once, from the same replay that chose it.
 
 This module is not: the model, the probes or the dashboard; it only wires them together.
 """
@@ -31,14 +35,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=48, help="requests in the workload (default: 48)")
     parser.add_argument("--batch", type=int, default=16, help="examples per request (default: 16)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved timing rounds per endpoint profile run for real (default: 5)")
     parser.add_argument("--no-serve", action="store_true", help="print a summary and exit instead of serving")
     parser.add_argument("--host", default="127.0.0.1", help="dashboard interface (default: 127.0.0.1)")
     parser.add_argument("--port", type=port_number, default=8050, help="dashboard port (default: 8050; 0 picks a free one)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.requests < 1 or args.batch < 1:
-        print("mythos-probe demo: --requests and --batch must be at least 1", file=sys.stderr)
+    if args.requests < 1 or args.batch < 1 or args.rounds < 1:
+        print("mythos-probe demo: --requests, --batch and --rounds must be at least 1", file=sys.stderr)
         return 2
     from mythos_probe.collectors.serve import bind
     from mythos_probe.collectors.store import SchemaError, Store, StoreError
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         training = load_training_traces()  # same ids every run: stored once (the store dedupes)
         store.write_traces(training + traces + shadows)
         print(summary(traces, shadows, outcomes))
-        print(measured_saving(shadows, args.batch, args.seed))
+        print(profile_verdicts(shadows, args.batch, args.seed, args.rounds))
         print(f"stored {len(traces)} served and {len(shadows)} full-depth forwards, and {len(training)} "
               f"recorded training steps, in {args.store}")
         if sock is None:
@@ -101,7 +107,7 @@ def record_workload(requests: int, batch: int, seed: int):
             k = lengths[i % len(lengths)]
             b = task.batch(batch, k)
             attributes = {
-                "endpoint": "/easy" if k <= 3 else "/medium" if k <= train_steps else "/hard",
+                "endpoint": endpoint_of(k),
                 "user": users[i % len(users)],
                 "request_id": f"req-{seed}-{i:04d}",
                 "chain_steps": k,
@@ -145,59 +151,95 @@ def summary(traces, shadows, outcomes) -> str:
 MIN_AGREEMENT = 0.99
 
 
-def measured_saving(shadows, batch: int, seed: int) -> str:
-    """The best policy the model runs with a threshold (`kl`, `latent`), recommended by the
-    what-if on the shadow forwards, and the served policy (`act`), each run for real on a held-out
-    batch of the longest trained chains beside a full-depth run of it."""
-    from mythos_probe import whatif
-    from mythos_probe.demo.tasks import ChainTask
-    from mythos_probe.demo.checkpoint import load_metadata, load_trained_model
+# The profiles' bound: one-sided 90 %, so that the default workload (48 requests of 16, the answer
+# position replayed) gives each endpoint enough positions to leave full depth at 99 % agreement.
+CONFIDENCE = 0.9
+ENDPOINT_LENGTHS = {"/easy": range(1, 4), "/medium": range(4, 7), "/hard": range(7, 11)}  # chain steps
 
+
+def endpoint_of(k: int) -> str:
+    return next(e for e, lengths in ENDPOINT_LENGTHS.items() if k in lengths or e == "/hard")
+
+
+def profile_verdicts(shadows, batch: int, seed: int, rounds: int = 5) -> str:
+    """Profiles per endpoint chosen on the stored workload's shadow forwards, each run for real on
+    held-out requests of its endpoint beside full depth (`measure`), with a verdict: recommended
+    only when every timed round was faster than full depth."""
+    from mythos_probe import loop_profiles
+    from mythos_probe.demo.checkpoint import load_trained_model
+
+    chosen = loop_profiles.profiles(shadows, target=MIN_AGREEMENT, by="endpoint", confidence=CONFIDENCE)
     model, _ = load_trained_model()
-    steps = int(load_metadata()["settings"]["train_steps"])
-    inputs = ChainTask(seed=2000 + seed).batch(batch, steps).input_ids
-    n_loops, described = 2 * model.cfg.max_loop_iters, f"{batch} chains of {steps} steps"
-    runnable = {c: p for p, c in whatif.POLICY_CRITERIA.items() if p != "act"}  # act: the served policy
-    table = whatif.evaluate(shadows)
-    try:
-        best = whatif.recommend(table[table["criterion"].isin(runnable)], MIN_AGREEMENT)
-    except ValueError as exc:
-        lines = [f"not run for real: no policy the model runs is recommended at ≥99% agreement: {exc}"]
-    else:
-        r = whatif.verify(model, inputs, runnable[best["criterion"]], float(best["threshold"]), n_loops=n_loops)
-        lines = [describe_measured(r, described)]
-    served = whatif.verify(model, inputs, "act", n_loops=n_loops)
-    lines.append("the served policy, " + describe_measured(served, described))
+    lines = [f"loop profiles per endpoint from {len(shadows)} full-depth shadow forwards (agreement ≥ "
+             f"{MIN_AGREEMENT:.0%} as a {CONFIDENCE:.0%} lower bound on the answer position; what-if prediction):"]
+    for endpoint, profile in sorted(chosen.profiles.items(), key=lambda kv: list(ENDPOINT_LENGTHS).index(kv[0])
+                                    if kv[0] in ENDPOINT_LENGTHS else 99):
+        lines.append("  " + profile.describe())
+        if profile.keeps_full_depth:
+            lines.append(f"    verdict {endpoint}: keep full depth (exit='fixed', {profile.max_loops} loops)")
+            continue
+        m = measure(model, profile, ENDPOINT_LENGTHS.get(endpoint, range(1, 2)), batch, seed, rounds)
+        lines += ["    " + line for line in describe_measurement(endpoint, profile, m)]
     return "\n".join(lines)
 
 
-def describe_measured(r, inputs: str) -> str:
-    """One line for a `whatif.verify` report; a second when the time saved falls well short of the
-    FLOPs saved (what it means and what to do), and another when the executed FLOPs save well
-    below the replay's prediction (why)."""
-    line = (
-        f"run for real (exit={r['policy']!r}, threshold {r['threshold']:.3g}, {inputs}, "
-        f"against exit='fixed'): saved {r['time_saved']:.1%} of the time, {r['flops_saved']:.1%} of the executed "
-        f"FLOPs and {r['iterations_saved']:.1%} of loop iterations, agreement {r['agreement']:.1%} "
-        f"(predicted: {r['predicted_flops_saved']:.1%} of FLOPs, {r['predicted_iterations_saved']:.1%} of iterations, "
-        f"agreement {r['predicted_agreement']:.1%})"
-    )
-    why = ("each iteration has a fixed cost (exit test, host read, many small operators) that a small batch on a "
-           "small model does not win back, and a batch runs until its slowest position exits; larger batches or "
-           "wider models save in proportion (benchmarks/bench_early_exit.py)")
-    if r["time_saved"] <= 0:
-        line += f"\n  NOT faster than exit='fixed' here: for batches like this one, keep exit='fixed' rather than " \
-                f"this policy. The FLOPs saved did not turn into time: {why}."
-    elif r["time_saved"] < 0.5 * r["flops_saved"]:
-        line += f"\n  The time saved is well below the FLOPs saved at this batch size: {why}."
-    if r["predicted_flops_saved"] - r["flops_saved"] >= 0.05:
-        halted = (", and under ACT halted positions keep updating while their row still has a running position"
-                  if r["policy"] == "act" else "")
-        line += ("\n  The executed FLOPs save less than predicted: the replay counts the iterations of the positions "
-                 "still running only, while the model also computes the keys and values of exited positions, and "
-                 "every position of an iteration in which too many still run for skipping them to pay "
-                 f"(RecurrentBlock.compact_share){halted}.")
-    return line
+def measure(model, profile, lengths, batch: int, seed: int, rounds: int) -> dict:
+    """Run `profile` for real on held-out batches (one per chain length, generator seed ≠ the
+    workload's) beside full depth, interleaved: each round times every batch under the profile
+    and at full depth, alternating; per round the time saved is 1 − Σ profile / Σ full depth.
+    Agreement: the answer (last position, the one the replay reads) equal to full depth's."""
+    import torch
+
+    from mythos_probe.demo.tasks import ChainTask
+
+    task = ChainTask(seed=3000 + seed)
+    inputs = [task.batch(batch, k).input_ids for k in lengths]
+    budget = profile.budget()
+    full = dict(n_loops=profile.full_depth, exit="fixed")
+    agree = total = used = 0
+    saved = []
+    with torch.inference_mode():
+        for ids in inputs:  # untimed: agreement and iterations, and a warm-up
+            out = model(ids, exit=profile.policy, budgets=[budget] * ids.shape[0])
+            used += model.last_forward["row_iterations"] if profile.policy == "fixed" else 0
+            ref = model(ids, **full)
+            agree += int((out[:, -1].argmax(-1) == ref[:, -1].argmax(-1)).sum())
+            total += ids.shape[0]
+        for _ in range(rounds):
+            t_profile = t_full = 0.0
+            for ids in inputs:
+                start = time.perf_counter()
+                model(ids, exit=profile.policy, budgets=[budget] * ids.shape[0])
+                t_profile += time.perf_counter() - start
+                start = time.perf_counter()
+                model(ids, **full)
+                t_full += time.perf_counter() - start
+            saved.append(1.0 - t_profile / t_full)
+    return {"agreement": agree / total, "answers": total, "time_saved": (min(saved), max(saved)), "rounds": rounds}
+
+
+def describe_measurement(endpoint: str, profile, m: dict) -> list[str]:
+    """The measured lines of one endpoint: time saved as a range over rounds, agreement beside the
+    what-if's, a warning when they differ by more than the bound, and the verdict. A profile whose
+    range reaches 0 (some round not faster than full depth) is never recommended."""
+    low, high = m["time_saved"]
+    bound = profile.agreement - profile.agreement_lower
+    lines = [f"run for real on {m['answers']} held-out chains beside full depth, {m['rounds']} interleaved rounds: "
+             f"saved {low:.0%} to {high:.0%} of the time (predicted {profile.flops_saved:.1%} of FLOPs); agreement "
+             f"measured {m['agreement']:.1%} vs what-if {profile.agreement:.1%} (bound ±{bound:.1%})"]
+    if abs(m["agreement"] - profile.agreement) > bound:
+        lines.append(f"WARNING: measured and what-if agreement differ by more than the bound: the replay assumes every "
+                     f"position follows its full-depth path until it exits; on these requests it did not. Record more "
+                     f"shadows for {endpoint} or raise the target")
+    if low <= 0:
+        lines.append(f"verdict {endpoint}: NOT recommended: some rounds were not faster than full depth; keep exit='fixed'")
+    elif m["agreement"] < MIN_AGREEMENT - bound:
+        lines.append(f"verdict {endpoint}: NOT recommended: measured agreement below the target less the bound "
+                     f"({MIN_AGREEMENT - bound:.1%}); keep exit='fixed'")
+    else:
+        th = "" if profile.exit_threshold is None else f", threshold {profile.exit_threshold:.3g}"
+        lines.append(f"verdict {endpoint}: recommended: exit={profile.policy!r}{th}, max_loops {profile.max_loops}")
+    return lines
 
 
 def serve(store, sock) -> int:

@@ -64,6 +64,7 @@ class ForwardContext:
     trace_id: Optional[str] = None  # set for nested loops: every loop of a forward shares it
     step: Optional[int] = None
     cost_fn: Optional[Callable[..., dict[str, float]]] = None  # (iterations, used) → cost metrics, without a cfg
+    budgets: Optional[tuple] = None  # one `LoopBudget` per row when the forward ran with per-request budgets
 
 
 class _Hooks:
@@ -174,9 +175,14 @@ class LoopedTransformerAdapter(_Adapter):
         m = self.model
         kv_cache = _args(args, kwargs, 2, "kv_cache")
         rec = m.recurrent
+        budgets = _args(args, kwargs, 6, "budgets")
+        budgets = None if budgets is None else tuple(budgets)
         return ForwardContext(
             token_ids=_args(args, kwargs, 0, "input_ids"),
-            n_loops=_args(args, kwargs, 1, "n_loops") or m.cfg.max_loop_iters,
+            # with budgets the loop runs as deep as the deepest row's
+            n_loops=(max(b.max_loops for b in budgets) if budgets else None)
+            or _args(args, kwargs, 1, "n_loops") or m.cfg.max_loop_iters,
+            budgets=budgets,
             exit_policy=_args(args, kwargs, 4, "exit", "act"),
             cfg=m.cfg,
             past_len=int(_args(args, kwargs, 3, "start_pos", 0) or 0),

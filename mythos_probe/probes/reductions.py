@@ -408,6 +408,12 @@ class ForwardReducer:
             iterations=I, exit_policy=ctx.exit_policy, detail=self.detail, token_ids=ctx.token_ids.detach().cpu(),
             attributes=dict(self.attributes), loop_name=ctx.loop_name,
         )
+        if ctx.budgets:
+            meta.update(
+                row_max_loops=[b.max_loops for b in ctx.budgets], row_min_loops=[b.min_loops for b in ctx.budgets],
+                row_exit_threshold=[b.exit_threshold for b in ctx.budgets],
+                row_budget_reason=[b.reason for b in ctx.budgets],
+            )
         if self.token_text is not None:
             meta["token_text"] = [[self.token_text(i) for i in row] for row in meta["token_ids"].tolist()]
         meta["token_ids"] = meta["token_ids"].numpy()

@@ -29,7 +29,9 @@ def traces() -> list[LoopTrace]:
         attributes={"endpoint": "/chat", "user": "ana", "priority": 3, "share": 0.25, "canary": True})
     low = dataclasses.replace(make_trace(2, n_loops=6), trace_id=high.trace_id, loop_name="L", kind="shadow",
                               rank=2, local_rank=1, world_size=4, host="node-7", pid=4242, job_id="slurm-991")
-    training = dataclasses.replace(make_trace(3, detail="summary"), kind="training", step=120, run_id="training")
+    training = dataclasses.replace(make_trace(3, detail="summary"), kind="training", step=120, run_id="training",
+                                   row_max_loops=[4, 8], row_min_loops=[1, 2], row_exit_threshold=[0.5, None],
+                                   row_budget_reason=["profile /chat", "governor: over budget"])
     old = dataclasses.replace(make_trace(4, detail="summary", with_text=False, n_experts=0), schema_version=1,
                               attributes={}, token_ids=None, position_iterations=None)
     return [high, low, training, old]
@@ -40,7 +42,13 @@ def traces() -> list[LoopTrace]:
 GRIDS = ("position_iterations", "token_ids", "token_text")
 
 
+# Per-row loop budgets (issue 26) travel on the span (`spans.BUDGET_ATTRS`), but the store has no
+# columns for them yet: they read back as None. Known gap, named here so that it stays visible.
+NOT_STORED = ("row_max_loops", "row_min_loops", "row_exit_threshold", "row_budget_reason")
+
+
 def expected(trace: LoopTrace) -> LoopTrace:
+    trace = dataclasses.replace(trace, **dict.fromkeys(NOT_STORED))
     if trace.detail == "positions":
         return trace
     return dataclasses.replace(trace, **dict.fromkeys(GRIDS))
