@@ -14,7 +14,7 @@ import torch
 
 def act_step(p: torch.Tensor, cumulative: torch.Tensor, halted: torch.Tensor, threshold: float):
     """One ACT step exactly as OpenMythos: returns (weight, new cumulative, new halted)."""
-    running = (~halted).to(p.dtype)
+    running = ~halted  # bool: p * running keeps p's dtype
     remainder = (1.0 - cumulative).clamp(min=0)
     weight = torch.where(cumulative + p >= threshold, remainder, p) * running
     cumulative = cumulative + p * running

@@ -206,7 +206,9 @@ def test_act_step_at_and_around_the_threshold():
     np.testing.assert_array_equal(w.numpy(), [0.25, 0.5, 0.5, 0.0, 0.0])
     np.testing.assert_array_equal(c.numpy(), [0.5, 0.75, 0.625, 2.25, 0.0])
     np.testing.assert_array_equal(h.numpy(), [False, True, False, True, True])
-    assert w.dtype == torch.float64
+    assert w.dtype == c.dtype == torch.float64
+    w16, c16, _ = halting.act_step(p.to(torch.bfloat16), cum.to(torch.bfloat16), halted, 0.75)
+    assert w16.dtype == c16.dtype == torch.bfloat16
 
 
 def test_saturation_boundaries():
@@ -248,6 +250,9 @@ def test_rank_of_counts_strictly_larger_and_ignores_ties():
     assert got.tolist() == [1.0, 1.0]
     assert got.dtype == torch.float32
     assert lens.rank_of(logp, torch.tensor([0, 0])).tolist() == [0.0, 3.0]
+    # any leading shape: (2, 2, V) ranks over the last axis only
+    stacked = torch.stack([logp, logp.flip(0)])
+    assert lens.rank_of(stacked, torch.tensor([[2, 1], [1, 2]])).tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
 # --- spectral ------------------------------------------------------------------------------------
