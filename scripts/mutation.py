@@ -134,7 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("module", nargs="?", help="a key of [tool.mythos-probe.mutation.tests], "
                         "e.g. collectors/spans.py or mythos_probe/metrics/")
     parser.add_argument("--survivors", action="store_true",
-                        help="re-test only the mutants the last run did not kill (after adding tests)")
+                        help="re-test only the mutants the last run did not kill (after adding tests), and "
+                        "the new mutants of functions changed since")
     parser.add_argument("--max-children", type=int, default=1,
                         help="mutants tested at once (default 1: the machines here are shared)")
     args = parser.parse_args(argv)
@@ -160,6 +161,12 @@ def main(argv=None) -> int:
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *names],
                         cwd=where, env=env).returncode
+    # Functions edited since the last run get fresh, unchecked mutants when mutmut regenerates
+    # them, which a --survivors run does not name: test those too.
+    unchecked = sorted(n for n, s in statuses_of(key).items() if s == "not checked")
+    if rc == 0 and unchecked:
+        rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *unchecked],
+                            cwd=where, env=env).returncode
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key])
     return rc
 

@@ -58,6 +58,8 @@ def test_evenly_spaced():
     assert got.dtype == torch.int64
     assert got.tolist() == np.round(np.linspace(0, 11, 4)).astype(int).tolist() == [0, 4, 7, 11]
     assert convergence.evenly_spaced(5, 5, "cpu").tolist() == [0, 1, 2, 3, 4]
+    # made on the device asked for (the meta device stands in for a GPU here)
+    assert convergence.evenly_spaced(12, 4, "meta").device.type == "meta"
 
 
 def test_dist_to_final_against_numpy():
@@ -136,6 +138,8 @@ def test_load_counts_every_choice():
     got = experts.load(idx, 5, torch.ones(6))
     assert got.tolist() == [2.0, 0.0, 3.0, 1.0, 0.0]
     assert got.dtype == torch.float32
+    on = experts.load(idx.to("meta"), 5, torch.ones(6, device="meta"))  # on the ids' device
+    assert on.device.type == "meta" and on.shape == (5,)
 
 
 def test_balance_against_numpy():
@@ -166,6 +170,9 @@ def test_routing_entropy_against_numpy():
     p = np.exp(l16 - l16.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     assert got.item() == pytest.approx((-(p * np.log(p)).sum(1)).mean(), rel=1e-5)
+    # leading dims (iterations, tokens, experts): one entropy per iteration, over the last axis
+    stacked = experts.routing_entropy(t(np.stack([logits, logits[::-1] * 2])))
+    assert stacked.shape == (2,) and stacked[0].item() == pytest.approx(got.item(), rel=1e-3)
 
 
 def test_bias_changed_share_counts_only_strictly_lower_logits():
@@ -174,12 +181,23 @@ def test_bias_changed_share_counts_only_strictly_lower_logits():
     chosen = torch.tensor([[0, 2], [3, 1], [0, 1]])
     # row 0: expert 2 ties the k-th logit, not changed; row 1: expert 3 changed; row 2: both changed
     assert experts.bias_changed_share(logits, chosen).item() == pytest.approx(3 / 6)
+    # the order of the chosen ids does not matter: each is compared with the k-th largest logit
+    assert experts.bias_changed_share(t([[5.0, 4.0, 3.0, 0.0]]), torch.tensor([[1, 0]])).item() == 0.0
+    # k = 3, and leading dims (iterations, tokens, experts)
+    l3 = t([[[5.0, 4.0, 3.0, 0.0, 1.0], [0.0, 1.0, 2.0, 3.0, 4.0]], [[1.0, 1.0, 1.0, 2.0, 0.0], [9.0, 8.0, 7.0, 6.0, 5.0]]])
+    c3 = torch.tensor([[[2, 0, 4], [4, 3, 2]], [[0, 1, 4], [4, 3, 2]]])
+    # kth: 3, 2 | 1, 7 → changed: 1 (1<3), 0 | 1 (0<1), 2 (5, 6 < 7) → (1 + 0 + 1 + 2) / 12
+    assert experts.bias_changed_share(l3, c3).item() == pytest.approx(4 / 12)
 
 
 def test_topk_overlap_and_shared_routed_ratio():
     now = torch.tensor([[0, 1], [2, 3], [1, 0]])
     prev = torch.tensor([[1, 0], [3, 0], [2, 3]])
     assert experts.topk_overlap(now, prev).item() == pytest.approx((2 + 1 + 0) / 6)
+    # leading dims: the overlap is per token, over the last axis
+    now3 = torch.tensor([[[0, 1], [2, 3]], [[1, 0], [0, 1]]])
+    prev3 = torch.tensor([[[1, 2], [0, 1]], [[3, 2], [2, 3]]])
+    assert experts.topk_overlap(now3, prev3).item() == pytest.approx((1 + 0 + 0 + 0) / 8)
     shared = RNG.normal(size=(3, 4))
     routed = RNG.normal(size=(3, 4))
     routed[2] = 0.0
@@ -189,6 +207,10 @@ def test_topk_overlap_and_shared_routed_ratio():
     s16, r16 = t(shared, torch.float16).double().numpy(), t(routed, torch.float16).double().numpy()
     want = (np.linalg.norm(s16, axis=1) / np.maximum(np.linalg.norm(r16, axis=1), 1e-12)).mean()
     assert got.item() == pytest.approx(want, rel=1e-5)
+    # leading dims: norms over the last axis
+    sh3, ro3 = np.stack([shared, 2 * shared]), np.stack([routed + 1, routed - 1])
+    want3 = (np.linalg.norm(sh3, axis=-1) / np.maximum(np.linalg.norm(ro3, axis=-1), 1e-12)).mean()
+    assert experts.shared_routed_ratio(t(sh3), t(ro3)).item() == pytest.approx(want3, rel=1e-5)
 
 
 # --- halting -------------------------------------------------------------------------------------
@@ -219,12 +241,12 @@ def test_saturation_boundaries():
 
 
 def test_first_halt_iterations_used_and_ponder():
-    halted = torch.tensor([[True, False, True, True]])
-    halt_iter = torch.tensor([[0, 0, 2, 0]])
+    halted = torch.tensor([[True, False, True, True, True]])
+    halt_iter = torch.tensor([[0, 0, 2, 0, 1]])
     newly, updated = halting.first_halt(halted, halt_iter, 4)
-    assert newly.tolist() == [[True, False, False, True]]
-    assert updated.tolist() == [[5, 0, 2, 5]]
-    assert halting.iterations_used(updated, 7).tolist() == [[5, 7, 2, 5]]
+    assert newly.tolist() == [[True, False, False, True, False]]
+    assert updated.tolist() == [[5, 0, 2, 5, 1]]
+    assert halting.iterations_used(updated, 7).tolist() == [[5, 7, 2, 5, 1]]  # halted at t = 0: 1 used
     used = torch.tensor([[1, 3, 2]])
     before = t([[0.0, 0.75, 1.5]])
     total, rem = halting.ponder(used, before)
