@@ -143,7 +143,9 @@ def test_load_counts_every_choice():
 
 
 def test_balance_against_numpy():
-    loads = np.array([[3.0, 1.0, 0.0, 4.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    # 5 iterations × 4 experts (not square: an axis mix-up shows)
+    loads = np.array([[3.0, 1.0, 0.0, 4.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [2.0, 2.0, 2.0, 2.0],
+                      [9.0, 0.0, 1.0, 6.0]])
     got = {k: v.numpy() for k, v in experts.balance(t(loads, torch.float32)).items()}
     E = 4
     mean = loads.mean(1)
@@ -264,6 +266,10 @@ def test_lens_formulas_against_numpy():
     np.testing.assert_allclose(lens.kl(t(logp), t(logq)).numpy(), (np.exp(logp) * (logp - logq)).sum(1))
     assert (lens.kl(t(logp), t(logq)) - lens.kl(t(logq), t(logp))).abs().max() > 1e-3  # direction matters
     np.testing.assert_allclose(lens.entropy(t(logp)).numpy(), -(np.exp(logp) * logp).sum(1))
+    # leading dims (iterations, positions, vocab): over the last axis only
+    p3, q3 = np.stack([logp, logq]), np.stack([logq, logp])
+    np.testing.assert_allclose(lens.kl(t(p3), t(q3)).numpy(), (np.exp(p3) * (p3 - q3)).sum(-1))
+    np.testing.assert_allclose(lens.entropy(t(p3)).numpy(), -(np.exp(p3) * p3).sum(-1))
 
 
 def test_rank_of_counts_strictly_larger_and_ignores_ties():
