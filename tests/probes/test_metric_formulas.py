@@ -63,16 +63,22 @@ def test_evenly_spaced():
 
 
 def test_dist_to_final_against_numpy():
-    final = RNG.normal(size=(2, 3, 5))
-    final[1, 2] = 0.0  # a zero final state: the norm guard, not a division by zero
+    final = RNG.normal(size=(2, 3, 5)).astype(np.float32)
     trail = [RNG.normal(size=(2, 3, 5)) for _ in range(3)]
     got = convergence.dist_to_final([t(h, torch.bfloat16) for h in trail], t(final, torch.float32))
-    norm_final = np.maximum(np.linalg.norm(final, axis=-1), 1e-12)
+    norm_final = np.linalg.norm(final, axis=-1)
     want = [(np.linalg.norm(t(h, torch.bfloat16).double().numpy() - final, axis=-1) / norm_final).mean()
             for h in trail] + [0.0]
     assert got.shape == (4,)
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
     assert got[-1].item() == 0.0
+    # a zero final state: divided by the 1e-12 guard, not by zero
+    zero = convergence.dist_to_final([t(np.ones((1, 1, 4)), torch.bfloat16)], torch.zeros(1, 1, 4))
+    assert zero.tolist() == [pytest.approx(2.0 / 1e-12), 0.0]
+    # on the states' device (the meta device stands in for a GPU)
+    meta = convergence.dist_to_final([torch.zeros(1, 2, 4, dtype=torch.bfloat16, device="meta")],
+                                     torch.zeros(1, 2, 4, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == (2,)
 
 
 def test_token_correlation_against_the_gram_matrix():
@@ -84,6 +90,12 @@ def test_token_correlation_against_the_gram_matrix():
     P = 4
     off = (gram.sum((1, 2)) - np.trace(gram, axis1=1, axis2=2)) / (P * (P - 1))
     assert got.item() == pytest.approx(off.mean(), rel=1e-6)  # computed in float32
+    # leading dims are batch dims: (2, 3, P, D) averages the 6 sequences
+    x4 = RNG.normal(size=(2, 3, 4, 6))
+    u4 = x4 / np.linalg.norm(x4, axis=-1, keepdims=True)
+    g4 = np.einsum("abpd,abqd->abpq", u4, u4)
+    off4 = (g4.sum((2, 3)) - np.trace(g4, axis1=2, axis2=3)) / 12
+    assert convergence.token_correlation(t(x4)).item() == pytest.approx(off4.mean(), rel=1e-4)  # float32
     # identical positions: correlation exactly 1
     same = np.repeat(RNG.normal(size=(1, 1, 6)), 5, axis=1)
     assert convergence.token_correlation(t(same)).item() == pytest.approx(1.0)
@@ -91,6 +103,7 @@ def test_token_correlation_against_the_gram_matrix():
 
 def test_token_correlation_of_one_position_is_nan():
     assert math.isnan(convergence.token_correlation(t(RNG.normal(size=(2, 1, 4)))).item())
+    assert convergence.token_correlation(torch.zeros(2, 1, 4, device="meta")).device.type == "meta"
     assert not math.isnan(convergence.token_correlation(t(RNG.normal(size=(2, 2, 4)))).item())
 
 
@@ -162,6 +175,10 @@ def test_balance_against_numpy():
     assert got["expert_max_vio"][2] == -1.0 and got["expert_cv"][2] == 0.0 and got["expert_load_entropy"][2] == 0.0
     assert got["expert_load_entropy"][3] == pytest.approx(1.0) and got["expert_max_vio"][3] == 0.0
     assert set(got) == {"expert_max_vio", "expert_cv", "expert_load_entropy", "expert_dead", "expert_active_ratio"}
+    # leading dims (runs, iterations, experts): every statistic over the last axis
+    three = experts.balance(t(np.stack([loads[:3], loads[2:]]), torch.float32))
+    for k, v in three.items():
+        np.testing.assert_allclose(v.numpy(), np.stack([got[k][:3], got[k][2:]]), rtol=1e-6, atol=1e-7, err_msg=k)
 
 
 def test_routing_entropy_against_numpy():
@@ -197,9 +214,9 @@ def test_topk_overlap_and_shared_routed_ratio():
     prev = torch.tensor([[1, 0], [3, 0], [2, 3]])
     assert experts.topk_overlap(now, prev).item() == pytest.approx((2 + 1 + 0) / 6)
     # leading dims: the overlap is per token, over the last axis
-    now3 = torch.tensor([[[0, 1], [2, 3]], [[1, 0], [0, 1]]])
-    prev3 = torch.tensor([[[1, 2], [0, 1]], [[3, 2], [2, 3]]])
-    assert experts.topk_overlap(now3, prev3).item() == pytest.approx((1 + 0 + 0 + 0) / 8)
+    now3 = torch.tensor([[[0, 1, 2], [3, 4, 5]], [[1, 0, 2], [0, 1, 2]]])
+    prev3 = torch.tensor([[[3, 4, 5], [0, 1, 2]], [[0, 5, 4], [7, 6, 1]]])
+    assert experts.topk_overlap(now3, prev3).item() == pytest.approx((0 + 0 + 1 + 1) / 12)
     shared = RNG.normal(size=(3, 4))
     routed = RNG.normal(size=(3, 4))
     routed[2] = 0.0
@@ -321,6 +338,8 @@ def test_jacobian_sigma_max_is_power_iteration_with_pinned_defaults():
         v = torch.randn((6,), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         return (v / v.norm()).numpy()
 
+    zero = spectral.jacobian_sigma_max(step, h, n_iter=0)  # no round: σ starts at 0 of h's dtype
+    assert zero.item() == 0.0 and zero.dtype == torch.float64 and zero.shape == ()
     with torch.no_grad():  # the estimate turns gradients on itself
         got = spectral.jacobian_sigma_max(step, h).item()
         assert got == pytest.approx(_power_iteration(J, start(0), 8), rel=1e-9)
