@@ -217,10 +217,31 @@ def test_emit_of_a_forward_without_iterations_has_no_children():
     assert [s.name for s in emitted(empty, iteration_spans=True)] == ["looped_forward"]
 
 
+EMIT_REFUSAL = ("emit needs a TracerProvider built with LoopTraceIdGenerator (use "
+                "mythos_probe.collectors.exporter.tracer_provider) so span ids match the LoopTrace")
+
+
 def test_emit_refuses_another_id_generator_naming_the_fix():
-    tracer = TracerProvider().get_tracer("t")
-    with pytest.raises(ValueError, match="LoopTraceIdGenerator.*exporter.tracer_provider"):
-        spans.emit(tracer, hand_trace())
+    for tracer in (TracerProvider().get_tracer("t"), otel_trace.NoOpTracer()):  # the latter has no id_generator
+        with pytest.raises(ValueError) as info:
+            spans.emit(tracer, hand_trace())
+        assert str(info.value) == EMIT_REFUSAL
+
+
+def test_emit_makes_no_iteration_spans_by_default():
+    exporter = InMemorySpanExporter()
+    provider = tracer_provider(SimpleSpanProcessor(exporter))
+    spans.emit(provider.get_tracer("t"), hand_trace())
+    provider.shutdown()
+    assert [s.name for s in exporter.get_finished_spans()] == ["looped_forward"]
+
+
+def test_decoder_of_a_span_without_the_optional_arrays():
+    bare = hand_trace(detail="summary", position_metrics={}, expert_load=None, position_iterations=None,
+                      token_ids=None, token_text=None)
+    t = spans.attributes_to_trace(spans.trace_to_attributes(bare), TRACE_ID, SPAN_ID, 1_000_000_000, 1_000_600_000)
+    assert (t.position_iterations, t.token_ids, t.token_text, t.expert_load) == (None, None, None, None)
+    assert t.position_metrics == {} and t.to_dict() == bare.to_dict()
 
 
 def test_id_generator_pins_one_span_per_thread():
