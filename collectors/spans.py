@@ -134,8 +134,8 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, A
     if positions and trace.position_metrics:
         attrs[ATTR_POSITION_SHAPE] = [trace.batch, trace.seq_len, trace.iterations]
         for name, values in trace.position_metrics.items():
-            # float32 → float64 is exact, so the decoder's cast back restores the same bits.
-            attrs[POSITION_ATTRS[name]] = values.astype(np.float64).ravel().tolist()
+            # float32 → Python float (a double) is exact, so the decoder's cast back restores the same bits.
+            attrs[POSITION_ATTRS[name]] = values.ravel().tolist()
     if trace.expert_load is not None:
         attrs[ATTR_EXPERT_COUNT] = trace.n_experts
         attrs[ATTR_EXPERT_LOAD] = trace.expert_load.ravel().tolist()
