@@ -179,7 +179,7 @@ def attributes_to_trace(
         )
 
     def grid(key: str) -> np.ndarray | None:
-        return np.asarray(attrs[key], dtype=np.int64).reshape(batch, seq_len) if key in attrs else None
+        return np.asarray(attrs[key]).reshape(batch, seq_len) if key in attrs else None  # LoopTrace casts to int64
 
     token_text = None
     if ATTR_TOKEN_TEXT in attrs:
