@@ -278,6 +278,8 @@ def test_forwards_row_by_literal_columns():
                      "kind": "shadow", "rank": 1, "local_rank": 0, "world_size": 2, "host": "node-3", "pid": 4242,
                      "job_id": "job-9"}
     assert row["start_time"].isoformat() == "1970-01-01T00:00:01"
+    odd = rows.forwards_table([hand_trace(start_ns=1_000_001_999, end_ns=1_000_602_000)], 0).to_pylist()[0]
+    assert odd["start_time"].isoformat() == "1970-01-01T00:00:01.000001"  # whole microseconds, floored
     assert row["attributes"] == '{"request_id": "r1", "priority": 3, "cached": false, "temp": 0.5}'
     assert row["flops"] == 1234.5 and row["rho_A"] == 0.875
     assert all(row[n] is None for n in FORWARD_METRIC_NAMES if n not in ("flops", "rho_A"))
@@ -380,6 +382,7 @@ def test_decode_span_of_a_loop_span_and_of_another_span():
                                   kind="SERVER", start_ns=1_000_000_000, end_ns=1_000_600_000, status_code="ERROR",
                                   status_message="", resource={}, attributes=HAND_ATTRS)
     assert trace.to_dict() == hand_trace().to_dict()
+    assert (row["trace_id"], row["span_id"], row["name"]) == (TRACE_ID, SPAN_ID, "looped_forward")
     assert (row["parent_span_id"], row["kind"], row["status_code"], row["status_message"]) == ("p" * 16, "SERVER", "ERROR", None)
     assert "recurrent_depth.token_text" not in row["attributes"]
     other = {"recurrent_depth.iteration.halt_prob": [1.0], "http.route": "/x"}
