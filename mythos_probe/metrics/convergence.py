@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 EPS = 1e-12
+_NAN = float("nan")  # pragma: no mutate (float() reads "NAN" as the same NaN)
 
 
 # The loop keeps per-position norms and dot products (one pass over the state each); the ratios
@@ -71,8 +72,11 @@ def token_correlation(samples: torch.Tensor) -> torch.Tensor:
     pairwise cosines is ‖Σ_i x̂_i‖² − Σ_i ‖x̂_i‖²: O(P·D) work, no (P, P) Gram matrix."""
     P = samples.shape[-2]
     if P < 2:
-        return torch.full((), float("nan"), device=samples.device)
-    x = torch.nn.functional.normalize(samples.float(), dim=-1, eps=EPS)  # zero vectors stay 0
+        return torch.full((), _NAN, device=samples.device)
+    x = torch.nn.functional.normalize(
+        samples.float(), dim=-1,
+        eps=EPS,  # pragma: no mutate (torch's default eps is this 1e-12 too) zero vectors stay 0
+    )
     total = torch.linalg.vector_norm(x.sum(-2), dim=-1).square()  # (B,)
     diagonal = torch.linalg.vecdot(x, x).sum(-1)  # (B,) P, less any zero vectors
     return ((total - diagonal) / (P * (P - 1))).mean()

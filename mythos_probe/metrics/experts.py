@@ -48,14 +48,15 @@ def bias_changed_share(router_logits: torch.Tensor, topk_idx: torch.Tensor) -> t
     (N, E) unbiased logits and (N, k) chosen ids → (). A chosen expert is outside the unbiased
     top-k exactly when its logit is below the k-th largest: one top-k of values, no (N, E) masks."""
     k = topk_idx.shape[-1]
-    kth = router_logits.topk(k, dim=-1).values[..., -1:]  # (N, 1)
+    kth = router_logits.topk(k).values[..., -1:]  # (N, 1): topk is over the last axis
     return (router_logits.gather(-1, topk_idx) < kth).float().mean()
 
 
 def topk_overlap(topk_idx: torch.Tensor, topk_prev: torch.Tensor) -> torch.Tensor:
     """|topk_t ∩ topk_{t−1}| / k averaged over tokens, from (N, k) expert ids (distinct per row)."""
     # the mean over (N, k) of "slot j was also chosen before" is Σ_n |∩_n| / (N·k)
-    return (topk_idx[..., :, None] == topk_prev[..., None, :]).any(-1).float().mean()
+    same = topk_idx[..., :, None] == topk_prev[..., None, :]  # (…, k, k)
+    return same.any(-1).float().mean()  # pragma: no mutate (any(-2) counts the same intersection from the other side)
 
 
 def shared_routed_ratio(shared_out: torch.Tensor, routed_out: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 def act_step(p: torch.Tensor, cumulative: torch.Tensor, halted: torch.Tensor, threshold: float):
     """One ACT step exactly as OpenMythos: returns (weight, new cumulative, new halted)."""
-    running = (~halted).to(p.dtype)
+    running = ~halted  # bool: p * running keeps p's dtype
     remainder = (1.0 - cumulative).clamp(min=0)
     weight = torch.where(cumulative + p >= threshold, remainder, p) * running
     cumulative = cumulative + p * running
@@ -45,4 +45,4 @@ def ponder(used: torch.Tensor, before_last: torch.Tensor) -> tuple[torch.Tensor,
     to the last state (Graves 2016 eq. 9–10). before_last: (B, T) cumulative halting probability
     after iteration N − 2 (0 when N = 1), kept while the loop runs."""
     remainder = (1.0 - before_last).clamp(min=0)
-    return used.to(remainder.dtype) + remainder, remainder
+    return used + remainder, remainder  # integer + float tensor: remainder's dtype

@@ -1,6 +1,8 @@
 """Every metric the probes report equals an independent recomputation (numpy, from tensors
 captured with run_with_cache) on our LoopedTransformer."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -93,7 +95,9 @@ def test_spectral_metrics(setup):
 
 
 def test_jacobian_sigma_max_matches_the_full_jacobian(setup):
-    model = setup[0]
+    # a copy: the forwards below would replace the shared model's last_forward, which
+    # test_trace_shape_and_budget reads (the tests must pass in any order, as mutmut runs them)
+    model = copy.deepcopy(setup[0])
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(2))
     with mythos_probe.attach(model, probes=["jacobian"]) as rec:
         model(ids, n_loops=3, exit="fixed")

@@ -1,0 +1,58 @@
+"""The last mutation score of each core module: the share of mutmut's mutants its tests killed,
+read from the results `scripts/mutation.sh MODULE` left in build/mutation/ (nothing is re-run).
+
+Killed counts mutants a test failed on and those that ran past mutmut's time limit (a mutant
+that loops forever is caught); every other status (survived, no tests, suspicious, segfault,
+skipped) counts against the score. Mutants whose line carries `# pragma: no mutate` (an
+equivalent change, the reason written beside it) are never generated, so they count neither way.
+The targets are those of issue 24: 95 % where the module is listed in TARGET_95, else 90 %.
+
+    .venv/bin/python benchmarks/mutation_scores.py [MODULE ...] [--survivors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from mutation import statuses_of  # noqa: E402
+
+TARGET_95 = {"mythos_probe/metrics/", "mythos_probe/probes/reductions.py", "collectors/spans.py",
+             "collectors/rows.py", "collectors/otlp_decode.py", "dashboards/queries.py"}
+DETECTED = {"killed", "timeout"}
+
+
+def main(argv=None) -> int:
+    modules = list(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                   ["tool"]["mythos-probe"]["mutation"]["tests"])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", nargs="*", help="modules to report (default: all configured)")
+    parser.add_argument("--survivors", action="store_true", help="list the mutants not killed")
+    args = parser.parse_args(argv)
+    chosen = [m for m in modules if not args.module or m.rstrip("/") in {a.rstrip("/") for a in args.module}]
+    print(f"{'module':40s} {'killed':>7s} {'total':>6s} {'score':>7s} {'target':>7s}  not killed")
+    for module in chosen:
+        status = statuses_of(module)
+        if not status:
+            print(f"{module:40s} {'-':>7s} {'-':>6s} {'never run':>7s}")
+            continue
+        counts = Counter(status.values())
+        killed = sum(counts[s] for s in DETECTED)
+        target = 95 if module in TARGET_95 else 90
+        rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s not in DETECTED)
+        print(f"{module:40s} {killed:7d} {len(status):6d} {100 * killed / len(status):6.1f}% "
+              f"{target:6d}%  {rest}")
+        if args.survivors:
+            for name, s in sorted(status.items()):
+                if s not in DETECTED:
+                    print(f"    {s:12s} {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
