@@ -317,14 +317,16 @@ def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(time, "process_time", lambda: 2 * clock[0])
-    forward = model.forward
+    class Ticking(LoopedTransformer):
+        """Not a hook, nor a forward replaced on the instance (nnsight's way): verify refuses a
+        watched model."""
 
-    def forward_and_tick(*args, **kwargs):  # not a hook: verify refuses a watched model
-        out = forward(*args, **kwargs)
-        clock[0] += model.last_forward["iterations"]
-        return out
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            clock[0] += self.last_forward["iterations"]
+            return out
 
-    monkeypatch.setattr(model, "forward", forward_and_tick)
+    model.__class__ = Ticking
     report = whatif.verify(model, ids, "latent", 0.5, n_loops=6, repeats=3)
     assert report["time_saved"] == pytest.approx(1 - ran / 6)
     assert report["cpu_time_saved"] == pytest.approx(1 - ran / 6)
