@@ -218,7 +218,7 @@ def test_schema_versions(version, ok):
     if ok:
         D.check_forward(a, Limits())
     else:
-        err = refused(f"recurrent_depth.schema_version = {version}: this receiver reads record versions 1 to 2",
+        err = refused(f"recurrent_depth.schema_version = {version}: this mythos-probe reads record versions 1 to 2",
                       schema_version=version)
         assert ("upgrade mythos-probe" in str(err)) == (version > 2)
 
@@ -360,7 +360,7 @@ def test_decode_wraps_record_errors_with_the_span():
     for a in span.attributes:
         if a.key == "recurrent_depth.kind":
             a.value.string_value = "canary"
-    with pytest.raises(ValueError, match=f"span {SPAN_ID}: kind must be one of"):
+    with pytest.raises(ValueError, match=f"span {SPAN_ID}: not a valid LoopTrace: kind must be one of"):
         D.decode(req)
 
 

@@ -30,7 +30,7 @@ def test_defaults_and_constants():
     assert sig.parameters["port"].default == P.DEFAULT_PORT == 9464
     assert sig.parameters["max_label_sets"].default == 200
     assert sig.parameters["service_name"].default == "mythos-probe"
-    assert P.LABELS == ("model", "endpoint", "exit_policy", "loop_name", "kind")
+    assert P.LABELS == ("model", "endpoint", "exit_policy", "loop_name", "kind", "rank")
     assert P.OTHER == {k: "other" for k in P.LABELS}
 
 

@@ -326,9 +326,13 @@ def test_n_loops_zero_is_recorded_as_the_iterations_run():
     assert "dist_to_final" in tr.iteration_metrics
 
 
-def test_more_iterations_than_n_loops_leave_dist_to_final_out():
-    (tr,), _ = run(X, n_loops=2)
-    assert tr.iterations == I and "dist_to_final" not in tr.iteration_metrics
+def test_more_iterations_than_n_loops_are_refused_by_the_record_naming_both():
+    """A loop that ran past the n_loops it was given is a declaration that does not match what ran:
+    the record refuses it (issue 22's one validation) rather than storing a trace of it."""
+    from mythos_probe.records import InvalidRecord
+
+    with pytest.raises(InvalidRecord, match=f"iterations = {I} is more than n_loops = 2"):
+        run(X, n_loops=2)
 
 
 def test_decode_steps_of_one_cache_share_a_trace():
