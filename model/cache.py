@@ -97,26 +97,26 @@ class LoopCache(IterationCache):
         `incl_mid`: also after each prelude and coda block's attention. `apply_ln`: the final
         RMSNorm with each entry's own scale (the logit lens)."""
         self._check_iteration(iteration)
-        labels, parts = ["embed"], [self._need("hook_embed")]
-        for i in range(len(self.model.prelude)):
-            if incl_mid:
-                labels.append(f"prelude.{i}.mid")
-                parts.append(self._need(f"prelude.{i}.hook_resid_mid"))
-            labels.append(f"prelude.{i}")
-            parts.append(self._need(f"prelude.{i}.hook_resid_post"))
+        labels, parts = [], []
+
+        def add(label: str, site) -> None:
+            labels.append(label)
+            parts.append(self._need(site))
+
+        def blocks(section: str, n: int) -> None:  # the prelude's or the coda's blocks, in order
+            for i in range(n):
+                if incl_mid:
+                    add(f"{section}.{i}.mid", f"{section}.{i}.hook_resid_mid")
+                add(f"{section}.{i}", f"{section}.{i}.hook_resid_post")
+
+        add("embed", "hook_embed")
+        blocks("prelude", len(self.model.prelude))
         last = self.n_iterations() - 1 if iteration is None else iteration
         for t in range(last + 1):
-            labels.append(f"loop.{t}")
-            parts.append(self._need(("recurrent.hook_state_out", t)))
+            add(f"loop.{t}", ("recurrent.hook_state_out", t))
         if iteration is None:
-            labels.append("coda_in")
-            parts.append(self._need("hook_coda_in"))
-            for i in range(len(self.model.coda)):
-                if incl_mid:
-                    labels.append(f"coda.{i}.mid")
-                    parts.append(self._need(f"coda.{i}.hook_resid_mid"))
-                labels.append(f"coda.{i}")
-                parts.append(self._need(f"coda.{i}.hook_resid_post"))
+            add("coda_in", "hook_coda_in")
+            blocks("coda", len(self.model.coda))
         stack = torch.stack([_apply_pos(p, pos_slice) for p in parts])
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, iteration, pos_slice=pos_slice, recompute_ln=True)
