@@ -56,7 +56,7 @@ def forwards(n: int, start: int = 0, seed: int = 0) -> Iterator[LoopTrace]:
         shadow = i % SHADOW_EVERY == SHADOW_EVERY - 1
         base = (shadows if shadow else summary)[(i * 7919) % POOL]
         yield dataclasses.replace(
-            base, trace_id=f"{i * 2654435761 % (1 << 64):016x}{i:016x}", span_id=f"{i + 1:016x}",
+            base, trace_id=f"{i * 2654435761 % (1 << 64) or 1:016x}{i:016x}", span_id=f"{i + 1:016x}",
             run_id=f"run-{i % 5}", model_id=("mythos-1b", "mythos-3b")[i % 2], step=i // 20,
             start_ns=BASE_NS + i * 10**9, end_ns=BASE_NS + i * 10**9 + (base.end_ns - base.start_ns),
             kind="shadow" if shadow else "training" if i % 20 == 3 else "served",

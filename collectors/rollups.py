@@ -150,16 +150,47 @@ def _merge(cur, table: str, delta: pa.Table) -> None:
         cur.unregister("_merged")
 
 
-def update(cur, first_forward_id: int) -> None:
-    """Roll up the forwards numbered from `first_forward_id` on (one ingest batch, just inserted
-    in the caller's transaction on cursor `cur`)."""
-    new = f"(SELECT * FROM forwards WHERE forward_id >= {int(first_forward_id)})"
-    cur.execute(f"INSERT INTO rollup_peaks {aggregate('rollup_peaks', new)}")
+_HOUR_US = 3_600 * 10**6
+
+
+def _keyed(child: pa.Table, forwards: pa.Table, keep: list[str]) -> pa.Table:
+    """`child`'s columns `keep`, each row beside its forward's key (hour and `KEY` labels): the
+    join `aggregate` does in SQL, done by position since a batch numbers its forwards 1, 2, 3…"""
+    ids = forwards["forward_id"].to_numpy()
+    row = child["forward_id"].to_numpy() - ids[0] if len(ids) else np.zeros(0, np.int64)
+    if len(ids) and not np.array_equal(ids, np.arange(ids[0], ids[0] + len(ids))):
+        raise ValueError("a batch's forwards must be numbered consecutively")
+    start = forwards["start_time"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+    hour = pa.array(start - start % _HOUR_US, pa.int64()).cast(pa.timestamp("us"))  # date_trunc('hour'): floored
+    take = pa.array(row)
+    columns = {"hour": hour.take(take), **{c: forwards[c].take(take) for c, _ in KEY}}
+    return pa.table({**columns, **{c: child[c] for c in keep}})
+
+
+def update(cur, tables: dict[str, pa.Table]) -> None:
+    """Roll up one ingest batch's new forwards: `tables` are their `forwards`, `iterations` and
+    `experts` rows as just inserted in the caller's transaction on cursor `cur` (`rows.trace_tables`).
+    The increments are aggregated from those Arrow columns, not read back from the store."""
+    forwards, iterations = tables["forwards"], tables["iterations"]
+    if not forwards.num_rows:
+        return
+    growth = iterations["growth_ratio"]
+    finite = pc.if_else(pc.is_finite(growth), growth, pa.scalar(None, growth.type))
+    peaks = (pa.table({"forward_id": iterations["forward_id"], "g": finite})
+             .group_by("forward_id", use_threads=False).aggregate([("g", "max")]))
+    if peaks.num_rows:
+        _insert(cur, "rollup_peaks", peaks.rename_columns(["forward_id", "growth_peak"] if peaks.column_names[0] == "forward_id"
+                                                           else ["growth_peak", "forward_id"]))
     for table, child in _CHILD.items():
         keep = [c for c, _, agg in _VALUES[table] if agg is None] + (["load"] if table == "rollup_experts" else list(ROLLED_METRICS))
-        rows = cur.sql(
-            f"SELECT {HOUR} AS hour, {', '.join('f.' + quote(c) for c, _ in KEY)}, {', '.join('i.' + quote(c) for c in keep)}"
-            f" FROM {child} i JOIN {new} f USING (forward_id)"
-        ).to_arrow_table()
+        rows = tables[child]
         if rows.num_rows:
-            _merge(cur, table, _delta(rows, table))
+            _merge(cur, table, _delta(_keyed(rows, forwards, keep), table))
+
+
+def _insert(cur, table: str, arrow: pa.Table) -> None:
+    cur.register("_rolled", arrow)
+    try:
+        cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rolled")
+    finally:
+        cur.unregister("_rolled")

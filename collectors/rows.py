@@ -74,7 +74,10 @@ def json_value(value: Any) -> Any:
 
 
 def to_json(mapping: Mapping[str, Any]) -> str:
-    return json.dumps({k: json_value(v) for k, v in mapping.items()}, allow_nan=False)
+    try:  # most mappings hold only finite Python values: encoded as they are, in one call
+        return json.dumps(mapping, allow_nan=False)
+    except (ValueError, TypeError):  # NaN/±Inf (→ null) or numpy values: value by value
+        return json.dumps({k: json_value(v) for k, v in mapping.items()}, allow_nan=False)
 
 
 def span_row(
@@ -124,7 +127,7 @@ def trace_span_row(trace: LoopTrace, resource: Mapping[str, Any] | None = None) 
         status_code="UNSET",
         status_message=None,
         resource=resource or {},
-        attributes=trace_to_attributes(trace, positions=False),  # span_row would drop them anyway
+        attributes=trace_to_attributes(trace, positions=False, tables=False),  # span_row would drop them anyway
     )
 
 
@@ -162,113 +165,120 @@ def forwards_table(traces: Sequence[LoopTrace], first_forward_id: int) -> pa.Tab
     return pa.Table.from_arrays([pa.array(cols[f.name], type=f.type) for f in schema], schema=schema)
 
 
-class _Columns:
-    """Column pieces gathered per forward, then concatenated once into an Arrow table."""
+def _pieces(pieces: Sequence[Any], counts: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """One column of a whole batch from per-forward pieces (None: NULL for that forward's rows),
+    concatenated once: the pieces of a record are already typed numpy arrays (`LoopTrace`)."""
+    dtype = typ.to_pandas_dtype()
+    total = int(counts.sum())
+    present = [p is not None for p in pieces]
+    if all(present):
+        values = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
+        return pa.array(values.astype(dtype, copy=False), type=typ)
+    values, mask = np.zeros(total, dtype=dtype), np.ones(total, dtype=bool)
+    if any(present):
+        ends = np.cumsum(counts)
+        for piece, end, n in zip(pieces, ends.tolist(), counts.tolist()):
+            if piece is not None:
+                values[end - n:end] = piece
+                mask[end - n:end] = False
+    return pa.array(values, mask=mask, type=typ)
 
-    def __init__(self, table: str) -> None:
-        self.schema = arrow_schema(table)
-        # looked up once: `add` runs once per metric per forward, ~40 times per span
-        self.dtypes = {f.name: f.type.to_pandas_dtype() for f in self.schema}
-        self.traces: list[LoopTrace] = []  # one dictionary entry per forward for the id columns
-        self.id_index: list[np.ndarray] = []
-        self.values: dict[str, list[np.ndarray]] = {}
-        self.masks: dict[str, list[np.ndarray]] = {}
-        self.text_dict: list[np.ndarray] = []
-        self.text_index: list[np.ndarray] = []
-        self.n = 0
 
-    def add_ids(self, trace: LoopTrace, forward_id: int, n: int) -> None:
-        self.id_index.append(np.full(n, len(self.traces), dtype=np.int32))
-        self.traces.append(trace)
-        self.add("forward_id", np.full(n, forward_id, dtype=np.int64), n)
-        self.n += n
+def _ids(traces: Sequence[LoopTrace], counts: np.ndarray, first_forward_id: int) -> dict[str, pa.Array]:
+    """trace_id, span_id (dictionary arrays: one entry per forward) and forward_id of `counts`
+    rows per forward."""
+    index = np.repeat(np.arange(len(traces), dtype=np.int32), counts)
+    return {
+        "trace_id": pa.DictionaryArray.from_arrays(index, pa.array([t.trace_id for t in traces], pa.string())),
+        "span_id": pa.DictionaryArray.from_arrays(index, pa.array([t.span_id for t in traces], pa.string())),
+        "forward_id": pa.array(np.repeat(np.arange(first_forward_id, first_forward_id + len(traces), dtype=np.int64), counts)),
+    }
 
-    def add(self, name: str, values: np.ndarray | None, n: int) -> None:
-        dtype = self.dtypes[name]
-        if values is None:
-            self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))
-            self.masks.setdefault(name, []).append(np.ones(n, dtype=bool))
-        else:
-            self.values.setdefault(name, []).append(np.asarray(values, dtype=dtype))
-            self.masks.setdefault(name, []).append(np.zeros(n, dtype=bool))
 
-    def add_text(self, texts: list[str] | None, index: np.ndarray) -> None:
-        offset = sum(len(d) for d in self.text_dict)
-        if texts is None:
-            self.text_index.append(np.full(len(index), -1, dtype=np.int32))
-        else:
-            self.text_dict.append(np.array(texts, dtype=object))
-            self.text_index.append(index.astype(np.int32) + offset)
+def _within(counts: np.ndarray) -> np.ndarray:
+    """Each row's index within its forward's rows (0 … count-1, forward after forward)."""
+    starts = np.cumsum(counts) - counts
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
 
-    def table(self) -> pa.Table:
-        index = np.concatenate(self.id_index) if self.id_index else np.zeros(0, np.int32)
-        arrays = {
-            "trace_id": pa.DictionaryArray.from_arrays(index, pa.array([t.trace_id for t in self.traces], pa.string())),
-            "span_id": pa.DictionaryArray.from_arrays(index, pa.array([t.span_id for t in self.traces], pa.string())),
-        }
-        if "token_text" in self.schema.names:
-            text_index = np.concatenate(self.text_index) if self.text_index else np.zeros(0, np.int32)
-            dictionary = np.concatenate(self.text_dict) if self.text_dict else np.zeros(0, object)
-            arrays["token_text"] = pa.DictionaryArray.from_arrays(
-                pa.array(text_index, mask=text_index < 0), pa.array(dictionary, pa.string())
-            )
-        for name, pieces in self.values.items():
-            values = np.concatenate(pieces)
-            mask = np.concatenate(self.masks[name])
-            arrays[name] = pa.array(values, mask=mask if mask.any() else None, type=self.schema.field(name).type)
-        fields = [pa.field(name, arr.type) for name, arr in arrays.items() if name in self.schema.names]
-        return pa.Table.from_arrays([arrays[f.name] for f in fields], schema=pa.schema(fields))
+
+def _table(name: str, arrays: dict[str, pa.Array]) -> pa.Table:
+    schema = arrow_schema(name)
+    fields = [pa.field(n, arr.type) for n, arr in arrays.items() if n in schema.names]
+    return pa.Table.from_arrays([arrays[f.name] for f in fields], schema=pa.schema(fields))
 
 
 def iterations_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
-    cols = _Columns("iterations")
-    for forward_id, t in enumerate(traces, first_forward_id):
-        n = t.iterations
-        cols.add_ids(t, forward_id, n)
-        cols.add("iteration", np.arange(n), n)
-        for name in ITERATION_METRIC_NAMES:
-            cols.add(name, t.iteration_metrics.get(name), n)
-    return cols.table()
+    """`iterations` rows of a whole batch, each column built from the batch's pieces at once."""
+    traces = list(traces)
+    schema = arrow_schema("iterations")
+    counts = np.array([t.iterations for t in traces], dtype=np.int64)
+    arrays = _ids(traces, counts, first_forward_id)
+    arrays["iteration"] = pa.array(_within(counts), type=schema.field("iteration").type)
+    for name in ITERATION_METRIC_NAMES:
+        arrays[name] = _pieces([t.iteration_metrics.get(name) for t in traces], counts, schema.field(name).type)
+    return _table("iterations", arrays)
 
 
 def positions_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
     """batch × seq × iterations rows per forward at detail="positions", in C order (b, s, t)."""
-    cols = _Columns("positions")
-    for forward_id, t in enumerate(traces, first_forward_id):
-        if t.detail != "positions":
-            continue
-        b, s, it = t.batch, t.seq_len, t.iterations
-        n = b * s * it
-        per_position = np.arange(b * s).repeat(it)  # row → flat (b, s) index
-        cols.add_ids(t, forward_id, n)
-        cols.add("batch_index", per_position // s, n)
-        cols.add("position", per_position % s, n)
-        cols.add("iteration", np.tile(np.arange(it), b * s), n)
-        cols.add("token_id", None if t.token_ids is None else t.token_ids.ravel()[per_position], n)
-        cols.add(
-            "iterations_used",
-            None if t.position_iterations is None else t.position_iterations.ravel()[per_position],
-            n,
-        )
-        texts = None if t.token_text is None else [x for row in t.token_text for x in row]
-        cols.add_text(texts, per_position)
-        for name in POSITION_METRIC_NAMES:
-            values = t.position_metrics.get(name)
-            cols.add(name, None if values is None else values.ravel(), n)
-    return cols.table()
+    numbered = [(i, t) for i, t in enumerate(traces, first_forward_id) if t.detail == "positions"]
+    traces = [t for _, t in numbered]
+    schema = arrow_schema("positions")
+    counts = np.array([t.batch * t.seq_len * t.iterations for t in traces], dtype=np.int64)
+    index = np.repeat(np.arange(len(traces), dtype=np.int32), counts)
+    arrays: dict[str, Any] = {
+        "trace_id": pa.DictionaryArray.from_arrays(index, pa.array([t.trace_id for t in traces], pa.string())),
+        "span_id": pa.DictionaryArray.from_arrays(index, pa.array([t.span_id for t in traces], pa.string())),
+    }
+    # row → flat (b, s) index within its forward; the texts of all forwards in one dictionary
+    per_position = [np.arange(t.batch * t.seq_len).repeat(t.iterations) for t in traces]
+    texts, text_index, offset = [], [], 0
+    for t, flat in zip(traces, per_position):
+        if t.token_text is None:
+            text_index.append(np.full(len(flat), -1, dtype=np.int32))
+        else:
+            texts.extend(x for row in t.token_text for x in row)
+            text_index.append(flat.astype(np.int32) + offset)
+            offset = len(texts)
+    text_index = np.concatenate(text_index) if text_index else np.zeros(0, np.int32)
+    arrays["token_text"] = pa.DictionaryArray.from_arrays(pa.array(text_index, mask=text_index < 0),
+                                                          pa.array(texts, pa.string()))
+    arrays["forward_id"] = pa.array(np.repeat(np.array([i for i, _ in numbered], dtype=np.int64), counts))
+    flat = np.concatenate(per_position) if per_position else np.zeros(0, np.int64)
+    seq = np.repeat(np.array([t.seq_len for t in traces], dtype=np.int64), counts)
+    typ = schema.field
+    arrays["batch_index"] = pa.array(flat // np.maximum(seq, 1), type=typ("batch_index").type)
+    arrays["position"] = pa.array(flat % np.maximum(seq, 1), type=typ("position").type)
+    arrays["iteration"] = pa.array(np.concatenate([np.tile(np.arange(t.iterations), t.batch * t.seq_len) for t in traces])
+                                   if traces else np.zeros(0, np.int64), type=typ("iteration").type)
+    arrays["token_id"] = _pieces([None if t.token_ids is None else t.token_ids.ravel()[p]
+                                  for t, p in zip(traces, per_position)], counts, typ("token_id").type)
+    arrays["iterations_used"] = _pieces([None if t.position_iterations is None else t.position_iterations.ravel()[p]
+                                         for t, p in zip(traces, per_position)], counts, typ("iterations_used").type)
+    for name in POSITION_METRIC_NAMES:
+        arrays[name] = _pieces([None if (v := t.position_metrics.get(name)) is None else v.ravel() for t in traces],
+                               counts, typ(name).type)
+    return _table("positions", arrays)
 
 
 def experts_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Table:
-    cols = _Columns("experts")
-    for forward_id, t in enumerate(traces, first_forward_id):
-        if t.expert_load is None:
-            continue
-        it, e = t.expert_load.shape
-        cols.add_ids(t, forward_id, it * e)
-        cols.add("iteration", np.arange(it).repeat(e), it * e)
-        cols.add("expert", np.tile(np.arange(e), it), it * e)
-        cols.add("load", t.expert_load.ravel(), it * e)
-    return cols.table()
+    numbered = [(i, t) for i, t in enumerate(traces, first_forward_id) if t.expert_load is not None]
+    traces = [t for _, t in numbered]
+    schema = arrow_schema("experts")
+    shapes = np.array([t.expert_load.shape for t in traces], dtype=np.int64).reshape(-1, 2)
+    counts = shapes[:, 0] * shapes[:, 1]
+    index = np.repeat(np.arange(len(traces), dtype=np.int32), counts)
+    within = _within(counts)
+    experts = np.repeat(shapes[:, 1], counts)
+    arrays = {
+        "trace_id": pa.DictionaryArray.from_arrays(index, pa.array([t.trace_id for t in traces], pa.string())),
+        "span_id": pa.DictionaryArray.from_arrays(index, pa.array([t.span_id for t in traces], pa.string())),
+        "forward_id": pa.array(np.repeat(np.array([i for i, _ in numbered], dtype=np.int64), counts)),
+        "iteration": pa.array(within // np.maximum(experts, 1), type=schema.field("iteration").type),
+        "expert": pa.array(within % np.maximum(experts, 1), type=schema.field("expert").type),
+        "load": _pieces([t.expert_load.ravel() for t in traces], counts, schema.field("load").type),
+    }
+    return _table("experts", arrays)
 
 
 def trace_tables(traces: Sequence[LoopTrace], first_forward_id: int) -> dict[str, pa.Table]:

@@ -134,10 +134,11 @@ POSITION_LEVEL_ATTRS = frozenset(
 SPAN_LIMITS = SpanLimits(max_span_attributes=4096, max_attribute_length=None)
 
 
-def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, Any]:
+def trace_to_attributes(trace: LoopTrace, positions: bool = True, tables: bool = True) -> dict[str, Any]:
     """Every field of `trace` as OTel attribute values (str, bool, int, float or lists of one);
     `positions=False` leaves out the per-position arrays (the raw `spans` rows never keep them,
-    and turning them into lists is most of the encoding time)."""
+    and turning them into lists is most of the encoding time); `tables=False` also the per-iteration
+    arrays and the expert load, which the `iterations` and `experts` tables hold (the `spans` row)."""
     tokens = trace.batch * trace.seq_len
     attrs: dict[str, Any] = {
         "gen_ai.operation.name": "text_completion",
@@ -148,7 +149,7 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, A
         # plain int and str: the record's checks (`records.FIELD_CHECKS`) made them so
         **{key: getattr(trace, field) for field, key in SCALAR_ATTRS.items()},
     }
-    for name, values in trace.iteration_metrics.items():
+    for name, values in trace.iteration_metrics.items() if tables else ():
         attrs[ITERATION_ATTRS[name]] = values.tolist()
     for name, value in trace.forward_metrics.items():
         attrs[FORWARD_ATTRS[name]] = float(value)
@@ -159,7 +160,8 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True) -> dict[str, A
             attrs[POSITION_ATTRS[name]] = values.ravel().tolist()
     if trace.expert_load is not None:
         attrs[ATTR_EXPERT_COUNT] = trace.n_experts
-        attrs[ATTR_EXPERT_LOAD] = trace.expert_load.ravel().tolist()
+        if tables:
+            attrs[ATTR_EXPERT_LOAD] = trace.expert_load.ravel().tolist()
     if trace.position_iterations is not None:
         attrs[ATTR_POSITION_ITERATIONS] = trace.position_iterations.ravel().tolist()
     if trace.token_ids is not None:

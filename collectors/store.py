@@ -182,10 +182,20 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             try:
                 first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
-                new = self._insert_new(cur, "forwards", traces, lambda kept: trace_tables(kept, first))
-                self._insert_new(cur, "spans", span_rows, lambda kept: {"spans": spans_table(kept)})
+                new = self._new(cur, "forwards", traces)
+                tables = trace_tables(new, first) if new else {}
+                new_rows = self._new(cur, "spans", span_rows)
+                if new_rows:
+                    tables["spans"] = spans_table(new_rows)
+                for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
+                    if arrow.num_rows:
+                        cur.register("_batch", arrow)
+                        try:
+                            cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
+                        finally:
+                            cur.unregister("_batch")
                 if new:
-                    rollups.update(cur, first)  # in the same transaction: never raw rows without their rollup
+                    rollups.update(cur, tables)  # in the same transaction: never raw rows without their rollup
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
@@ -193,32 +203,23 @@ class Store:
         return new
 
     @staticmethod
-    def _insert_new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any], build) -> list:
+    def _new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any]) -> list:
+        """The `items` (forwards or span rows) whose key `key_table` does not hold yet, the first
+        copy of a key within the batch winning."""
         if not items:
             return []
-
-        def key(item: Any) -> tuple[str, str]:
-            return (item["trace_id"], item["span_id"]) if isinstance(item, Mapping) else (item.trace_id, item.span_id)
-
-        keys = pa.table({"trace_id": [key(i)[0] for i in items], "span_id": [key(i)[1] for i in items]})
-        cur.register("_keys", keys)
+        if isinstance(items[0], Mapping):
+            trace_ids, span_ids = [i["trace_id"] for i in items], [i["span_id"] for i in items]
+        else:
+            trace_ids, span_ids = [i.trace_id for i in items], [i.span_id for i in items]
+        cur.register("_keys", pa.table({"trace_id": trace_ids, "span_id": span_ids}))
         try:
             fresh = set(map(tuple, cur.execute(_NEW_KEYS.format(table=key_table)).fetchall()))
         finally:
             cur.unregister("_keys")
         kept, seen = [], set()
-        for item in items:
-            k = key(item)
-            if k in fresh and k not in seen:  # first copy within the batch wins
+        for item, k in zip(items, zip(trace_ids, span_ids)):
+            if k in fresh and k not in seen:
                 seen.add(k)
                 kept.append(item)
-        if not kept:
-            return []
-        for table, arrow in build(kept).items():
-            if arrow.num_rows:
-                cur.register("_batch", arrow)
-                try:
-                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
-                finally:
-                    cur.unregister("_batch")
         return kept
