@@ -18,9 +18,9 @@ A selection with a time range reads the rollup rows of the hours it covers entir
 aggregates the raw rows of the hours it cuts (`sources`), so a range that starts at 10:17 is exact.
 A selection on a user attribute or grouped by one is not in the key: the views read raw rows.
 
-Ingest (`update`) aggregates the batch's new forwards and merges them into the rows of the hours
-they touch, inside the batch's transaction: a reader never sees a forward in the raw tables and
-not in the rollups. Sums merged in another order than a raw query adds them may differ in the
+Ingest (`update`) aggregates the batch's new forwards and appends them to the rollups, inside the
+batch's transaction: a reader never sees a forward in the raw tables and not in the rollups. An
+hour's appended rows are summed into one row per key when ingest moves past the hour (`compact`). Sums merged in another order than a raw query adds them may differ in the
 last bits of a double (as two runs of the same parallel SQL sum may); counts are exact.
 
 This module is not: the migration list (`migrations` appends `MIGRATION`) or the views
@@ -131,23 +131,23 @@ def _delta(rows: pa.Table, table: str) -> pa.Table:
     return out.rename_columns([*names, *key]) if out.column_names[0] != key[0] else out.rename_columns([*key, *names])
 
 
-def _merge(cur, table: str, delta: pa.Table) -> None:
-    """Add `delta` (new rows of `table`) into `table`, one row per key in the hours it touches."""
-    key = [c for c, _ in _KEY_COLS] + [c for c, _, agg in _VALUES[table] if agg is None]
-    values = [c for c, _, agg in _VALUES[table] if agg is not None]
-    hours = pc.unique(delta["hour"])
+def compact(cur, hours) -> None:
+    """Rewrite the rollup rows of `hours` (datetimes; None for a NULL hour) as one row per key."""
+    hours = list(hours)
+    if not hours:
+        return
     touched = "(list_contains(?, hour) OR (hour IS NULL AND ?))"
-    params = [hours.drop_null().to_pylist(), hours.null_count > 0]
-    old = cur.sql(f"SELECT * FROM {table} WHERE {touched}", params=params).to_arrow_table()
-    both = pa.concat_tables([old.select(key + values), delta.select(key + values).cast(old.select(key + values).schema)])
-    merged = both.group_by(key, use_threads=False).aggregate([(c, "sum") for c in values])
-    merged = merged.rename_columns([c.removesuffix("_sum") for c in merged.column_names])
-    cur.execute(f"DELETE FROM {table} WHERE {touched}", params)
-    cur.register("_merged", merged)
-    try:
-        cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _merged")
-    finally:
-        cur.unregister("_merged")
+    params = [[h for h in hours if h is not None], any(h is None for h in hours)]
+    for table in _CHILD:
+        key = [c for c, _ in _KEY_COLS] + [c for c, _, agg in _VALUES[table] if agg is None]
+        values = [c for c, _, agg in _VALUES[table] if agg is not None]
+        old = cur.sql(f"SELECT * FROM {table} WHERE {touched}", params=params).to_arrow_table()
+        merged = old.group_by(key, use_threads=False).aggregate([(c, "sum") for c in values])
+        if merged.num_rows == old.num_rows:  # already one row per key
+            continue
+        merged = merged.rename_columns([c.removesuffix("_sum") for c in merged.column_names])
+        cur.execute(f"DELETE FROM {table} WHERE {touched}", params)
+        _insert(cur, table, merged)
 
 
 _HOUR_US = 3_600 * 10**6
@@ -167,13 +167,18 @@ def _keyed(child: pa.Table, forwards: pa.Table, keep: list[str]) -> pa.Table:
     return pa.table({**columns, **{c: child[c] for c in keep}})
 
 
-def update(cur, tables: dict[str, pa.Table]) -> None:
+def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset()) -> frozenset:
     """Roll up one ingest batch's new forwards: `tables` are their `forwards`, `iterations` and
     `experts` rows as just inserted in the caller's transaction on cursor `cur` (`rows.trace_tables`).
-    The increments are aggregated from those Arrow columns, not read back from the store."""
+    The increments are aggregated from those Arrow columns, not read back from the store.
+
+    The increments are appended: an hour's rows are summed into one per key (`compact`) once a
+    batch arrives that no longer touches it. `dirty` are the hours appended to and not compacted
+    yet; returns the new set, for the caller to keep once it committed. Until then an hour holds a
+    few rows per key, which the views sum like any other."""
     forwards, iterations = tables["forwards"], tables["iterations"]
     if not forwards.num_rows:
-        return
+        return dirty
     growth = iterations["growth_ratio"]
     finite = pc.if_else(pc.is_finite(growth), growth, pa.scalar(None, growth.type))
     peaks = (pa.table({"forward_id": iterations["forward_id"], "g": finite})
@@ -181,11 +186,17 @@ def update(cur, tables: dict[str, pa.Table]) -> None:
     if peaks.num_rows:
         _insert(cur, "rollup_peaks", peaks.rename_columns(["forward_id", "growth_peak"] if peaks.column_names[0] == "forward_id"
                                                            else ["growth_peak", "forward_id"]))
+    hours: set = set()
     for table, child in _CHILD.items():
         keep = [c for c, _, agg in _VALUES[table] if agg is None] + (["load"] if table == "rollup_experts" else list(ROLLED_METRICS))
         rows = tables[child]
         if rows.num_rows:
-            _merge(cur, table, _delta(_keyed(rows, forwards, keep), table))
+            delta = _delta(_keyed(rows, forwards, keep), table)
+            hours.update(pc.unique(delta["hour"]).to_pylist())
+            _insert(cur, table, delta)
+    done = dirty - hours
+    compact(cur, done)
+    return (dirty - done) | hours
 
 
 def _insert(cur, table: str, arrow: pa.Table) -> None:
