@@ -4,8 +4,9 @@ One run, printed figures; not a test. Usage (from the repo root): .venv/bin/pyth
 Each line: 1, 2 or 4 sender processes (as remote workers are; sender threads would share the receiver's
 GIL) each posting protobuf requests of forward spans (batch 1 × 16 positions, 8 loops) over one
 keep-alive connection; the clock runs from their common start until every request is answered
-(200) and committed. Each line compares decoding in the handler threads (the receiver before
-`decode_pool`) with decoding in worker processes, interleaved in the same run.
+(200) and committed. Each line compares this checkout's receiver with a baseline revision's
+(default 81a9b7a, before batch-columnar ingest), each run in its own interpreter
+(`benchmarks.baseline`), alternating round by round.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, de
     bodies = [
         [
             otlp_body([
-                type(base)(**{**base.__dict__, "trace_id": f"{(k * requests + b) * per_request + j:032x}",
+                type(base)(**{**base.__dict__, "trace_id": f"{(k * requests + b) * per_request + j + 1:032x}",
                               "span_id": f"{j + 1:016x}"})
                 for j in range(per_request)
             ]).SerializeToString()
@@ -92,31 +93,43 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, de
     return total / elapsed
 
 
+def rate(detail: str, requests: int, per_request: int, senders: int) -> list[float]:
+    """[spans/s, receiver CPU µs per span (its process and its decode workers)] of one `run`."""
+    spans_s = run(detail, requests, per_request, senders)
+    return [spans_s, CPU["main"] + CPU["workers"]]
+
+
 def main() -> None:
     import argparse
-    import os
+    import shutil
     import statistics
+
+    from benchmarks import baseline
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10, help="requests per sender (100 summary spans each)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--senders", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--baseline", default="81a9b7a", help="git revision to compare with")
     args = parser.parse_args()
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    modes = {"inline decode (before)": 0, "decode workers": None}
-    for senders in (1, 2, 4):
-        rates: dict[str, list[float]] = {m: [] for m in modes}
-        cpu: dict[str, list[dict]] = {m: [] for m in modes}
-        for _ in range(args.rounds):  # interleaved, so that a load spike hits both
-            for mode, workers in modes.items():
-                rates[mode].append(run("summary", args.requests, 100, senders, decode_workers=workers))
-                cpu[mode].append(dict(CPU))
-        before, after = (statistics.median(rates[m]) for m in modes)
-        main_b, main_a, work_a = (statistics.median(c[k] for c in cpu[m]) for m, k in
-                                  (("inline decode (before)", "main"), ("decode workers", "main"), ("decode workers", "workers")))
-        print(f"{senders} sender(s) × {args.requests} requests × 100 summary spans: {before:,.0f} spans/s inline, "
-              f"{after:,.0f} spans/s with decode workers ({after / before:.2f}x); load {os.getloadavg()[0]:.1f}\n"
-              f"    receiver CPU per span: inline {main_b:,.0f} µs; with workers {main_a:,.0f} µs in the receiver"
-              f" process + {work_a:,.0f} µs in the workers", flush=True)
+    tree = baseline.checkout(args.baseline)
+    sides = {"this checkout": None, f"baseline {args.baseline}": tree}
+    try:
+        for senders in args.senders:
+            rates: dict[str, list[list[float]]] = {side: [] for side in sides}
+            loads = []
+            for k in range(args.rounds):  # interleaved, each side in a fresh interpreter, so that a load spike hits both
+                for side, where in (sides.items() if k % 2 == 0 else reversed(sides.items())):
+                    rates[side].append(baseline.call(where, "benchmarks.bench_receiver:rate", "summary", args.requests,
+                                                     100, senders))
+                    loads.append(os.getloadavg()[0])
+            (new, new_cpu), (old, old_cpu) = ([statistics.median(r[i] for r in rates[s]) for i in (0, 1)] for s in sides)
+            print(f"{senders} sender(s) × {args.requests} requests × 100 summary spans, median of {args.rounds} rounds: "
+                  f"{new:,.0f} spans/s against {old:,.0f} for {args.baseline} ({new / old:.2f}x); receiver CPU per span "
+                  f"{new_cpu:,.0f} µs against {old_cpu:,.0f} ({old_cpu / new_cpu:.2f}x less); "
+                  f"load {min(loads):.1f}–{max(loads):.1f} on {os.cpu_count()} CPUs", flush=True)
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -46,9 +46,12 @@ class StoreLockedError(StoreError):
     """Another process holds the store for writing."""
 
 
+# The keys of a batch's forwards (`k.spans` false) and span rows (true) that the store lacks, in one
+# statement: DuckDB's fixed cost per statement is a large part of a small batch's write.
 _NEW_KEYS = """
-SELECT DISTINCT k.trace_id, k.span_id FROM _keys k
-WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
+SELECT DISTINCT k.spans, k.trace_id, k.span_id FROM _keys k
+WHERE NOT k.spans AND NOT EXISTS (SELECT 1 FROM forwards t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
+   OR k.spans AND NOT EXISTS (SELECT 1 FROM spans t WHERE t.trace_id = k.trace_id AND t.span_id = k.span_id)
 """
 
 
@@ -204,9 +207,8 @@ class Store:
             cur.execute("BEGIN TRANSACTION")
             try:
                 first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
-                new = self._new(cur, "forwards", traces)
+                new, new_rows = self._new(cur, traces, span_rows)
                 tables = trace_tables(new, first) if new else {}
-                new_rows = self._new(cur, "spans", span_rows)
                 if new_rows:
                     tables["spans"] = spans_table(new_rows)
                 for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
@@ -227,23 +229,25 @@ class Store:
         return new
 
     @staticmethod
-    def _new(cur: duckdb.DuckDBPyConnection, key_table: str, items: Sequence[Any]) -> list:
-        """The `items` (forwards or span rows) whose key `key_table` does not hold yet, the first
-        copy of a key within the batch winning."""
-        if not items:
-            return []
-        if isinstance(items[0], Mapping):
-            trace_ids, span_ids = [i["trace_id"] for i in items], [i["span_id"] for i in items]
-        else:
-            trace_ids, span_ids = [i.trace_id for i in items], [i.span_id for i in items]
-        cur.register("_keys", pa.table({"trace_id": trace_ids, "span_id": span_ids}))
+    def _new(cur: duckdb.DuckDBPyConnection, traces: Sequence[LoopTrace],
+             span_rows: Sequence[Mapping[str, Any]]) -> tuple[list[LoopTrace], list[Mapping[str, Any]]]:
+        """The forwards and the span rows whose key (trace_id, span_id) the store does not hold
+        yet, the first copy of a key within the batch winning."""
+        if not traces and not span_rows:
+            return [], []
+        keys = ([(t.trace_id, t.span_id) for t in traces], [(r["trace_id"], r["span_id"]) for r in span_rows])
+        both = [k for part in keys for k in part]
+        cur.register("_keys", pa.table({"spans": [False] * len(keys[0]) + [True] * len(keys[1]),
+                                        "trace_id": [k[0] for k in both], "span_id": [k[1] for k in both]}))
         try:
-            fresh = set(map(tuple, cur.execute(_NEW_KEYS.format(table=key_table)).fetchall()))
+            fresh = set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
         finally:
             cur.unregister("_keys")
-        kept, seen = [], set()
-        for item, k in zip(items, zip(trace_ids, span_ids)):
-            if k in fresh and k not in seen:
-                seen.add(k)
-                kept.append(item)
+        kept: tuple[list, list] = ([], [])
+        for spans, (items, item_keys) in enumerate(zip((traces, span_rows), keys)):
+            seen = set()
+            for item, k in zip(items, item_keys):
+                if (bool(spans), *k) in fresh and k not in seen:
+                    seen.add(k)
+                    kept[spans].append(item)
         return kept
