@@ -45,6 +45,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from mythos_probe.collectors import decode_pool, otlp_decode, read_api
 from mythos_probe.collectors.otlp_decode import JSON, PROTOBUF, Limits, TooLarge, Unsupported
+from mythos_probe.collectors.rows import Batch
 from mythos_probe.collectors.store import Store
 from mythos_probe.records import LoopTrace
 
@@ -80,10 +81,11 @@ _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(;[^\r\n]*)?\r?\n")
 
 
 class _Job:
-    """One request's decoded forwards and span rows, waiting for a group commit."""
+    """One request's decoded forwards and span rows, waiting for a group commit: a `Batch` (its
+    tables built in the decode worker) for a store that takes one, else (LoopTraces, span rows)."""
 
-    def __init__(self, traces: list[LoopTrace], rows: list[dict]) -> None:
-        self.traces, self.rows = traces, rows
+    def __init__(self, decoded: Batch | tuple[list[LoopTrace], list[dict]]) -> None:
+        self.decoded = decoded
         self.done = False
         self.new: list[LoopTrace] = []
         self.error: BaseException | None = None
@@ -105,9 +107,10 @@ class _GroupCommit:
         self._pending: list[_Job] = []
         self._writing = False
 
-    def write(self, traces: list[LoopTrace], rows: list[dict]) -> list[LoopTrace]:
-        """The request's new forwards (not already stored) once committed; raises what the store raised."""
-        job = _Job(traces, rows)
+    def write(self, decoded: Batch | tuple[list[LoopTrace], list[dict]]) -> list[LoopTrace]:
+        """The request's new forwards (not already stored; none where a `Batch` kept no traces)
+        once committed; raises what the store raised."""
+        job = _Job(decoded)
         with self._cond:
             self._pending.append(job)
             while self._writing and not job.done:
@@ -127,16 +130,26 @@ class _GroupCommit:
         return job.new
 
     def _commit(self, group: list[_Job]) -> None:
-        traces, rows = [t for j in group for t in j.traces], [r for j in group for r in j.rows]
         try:
-            new = self.store.write_new(traces, rows)
+            if isinstance(group[0].decoded, Batch):
+                kept = self.store.write_batch(Batch.concat([j.decoded for j in group]))
+                start = 0
+                for job in group:
+                    end = start + job.decoded.n_forwards
+                    mine = kept[(kept >= start) & (kept < end)] - start
+                    job.new = [] if job.decoded.traces is None else [job.decoded.traces[i] for i in mine]
+                    start = end
+            else:
+                traces, rows = [t for j in group for t in j.decoded[0]], [r for j in group for r in j.decoded[1]]
+                kept_ids = {id(t) for t in self.store.write_new(traces, rows)}
+                for job in group:
+                    job.new = [t for t in job.decoded[0] if id(t) in kept_ids]
         except Exception as exc:
             for job in group:
                 job.error, job.done = exc, True
             return
-        kept = {id(t) for t in new}
         for job in group:
-            job.new, job.done = [t for t in job.traces if id(t) in kept], True
+            job.done = True
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -207,7 +220,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, receiver: "Receiver") -> tuple[int, bytes, str]:
         """(status, body, content type) for this request; expected refusals never raise."""
         try:
-            traces, rows, content_type = self._decode(receiver)
+            decoded, content_type = self._decode(receiver)
         except _Reject as exc:
             return exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
         except TooLarge as exc:
@@ -216,12 +229,13 @@ class _Handler(BaseHTTPRequestHandler):
             return 415, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
         except ValueError as exc:
             return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+        spans = decoded.n_spans if isinstance(decoded, Batch) else len(decoded[1])
         try:
-            new = receiver.writer.write(traces, rows)
+            new = receiver.writer.write(decoded)
         except Exception:
-            logger.exception("could not write %d spans", len(rows))
+            logger.exception("could not write %d spans", spans)
             return 503, b"store write failed; retry\n", "text/plain; charset=utf-8"
-        receiver.count(spans=len(rows))
+        receiver.count(spans=spans)
         if receiver.on_stored is not None and new:
             try:
                 receiver.on_stored(new)
@@ -248,9 +262,12 @@ class _Handler(BaseHTTPRequestHandler):
         if encoding not in ("gzip", "identity"):
             raise Unsupported(f"content encoding must be gzip or identity, got {encoding!r}")
         body = self._read_body(limits.max_body_bytes)
-        # gunzip, parse and decode in a worker process (`decode_pool`): senders decode in parallel
-        traces, rows = receiver.decoder.decode(body, content_type, encoding == "gzip", limits)
-        return traces, rows, content_type
+        # gunzip, parse, decode (and build the table columns) in a worker process (`decode_pool`):
+        # senders decode in parallel
+        if receiver.columnar:
+            return receiver.decoder.decode_batch(body, content_type, encoding == "gzip", limits,
+                                                 receiver.on_stored is not None), content_type
+        return receiver.decoder.decode(body, content_type, encoding == "gzip", limits), content_type
 
     def _read_body(self, limit: int) -> bytes:
         length = self.headers.get("Content-Length")
@@ -365,6 +382,8 @@ class Receiver:
         self.limits = limits
         self.on_stored = on_stored
         # decode_workers: processes decoding request bodies (None: `decode_pool.default_workers`; 0: inline)
+        # a store that takes a `Batch` (the DuckDB store) gets the tables built in the decode workers
+        self.columnar = hasattr(store, "write_batch")
         self.decoder = decode_pool.shared(decode_pool.default_workers() if decode_workers is None else decode_workers)
         self.received_spans = 0
         self.rejected_requests = 0

@@ -326,3 +326,67 @@ def decode_span(
         attributes=attributes,
     )
     return trace, row
+
+
+class Batch:
+    """A request's forwards and span rows as Arrow tables, built where it was decoded (a decode
+    worker), so that only columns cross to the writer: `tables` holds the `trace_tables` of
+    `n_forwards` forwards numbered 0 … n-1 and the `spans` table; `traces` the LoopTraces
+    themselves where the writer needs them (an `on_stored` callback), else None.
+    `Store.write_batch` numbers the new ones and drops the ones already stored."""
+
+    def __init__(self, tables: dict[str, pa.Table], traces: list[LoopTrace] | None = None) -> None:
+        self.tables, self.traces = tables, traces
+
+    @classmethod
+    def of(cls, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]], keep_traces: bool = False) -> "Batch":
+        tables = trace_tables(traces, 0)
+        tables["spans"] = spans_table(span_rows)
+        return cls(tables, list(traces) if keep_traces else None)
+
+    @property
+    def n_forwards(self) -> int:
+        return self.tables["forwards"].num_rows
+
+    @property
+    def n_spans(self) -> int:
+        return self.tables["spans"].num_rows
+
+    def keys(self, table: str) -> list[tuple[str, str]]:
+        """(trace_id, span_id) of each forward (`table` "forwards") or span row ("spans"), in order."""
+        t = self.tables[table]
+        return list(zip(t.column("trace_id").to_pylist(), t.column("span_id").to_pylist()))
+
+    @classmethod
+    def concat(cls, batches: Sequence["Batch"]) -> "Batch":
+        """One batch of `batches` in order, the forwards numbered on across them."""
+        if len(batches) == 1:
+            return batches[0]
+        tables, offset = {name: [] for name in batches[0].tables}, 0
+        for b in batches:
+            for name, t in b.tables.items():
+                if name != "spans" and offset:
+                    i = t.schema.get_field_index("forward_id")
+                    t = t.set_column(i, "forward_id", pa.array(t.column(i).to_numpy() + offset, pa.int64()))
+                tables[name].append(t)
+            offset += b.n_forwards
+        traces = None if any(b.traces is None for b in batches) else [t for b in batches for t in b.traces]
+        return cls({name: pa.concat_tables(parts) for name, parts in tables.items()}, traces)
+
+    def select(self, forwards: np.ndarray, spans: np.ndarray, first_forward_id: int) -> dict[str, pa.Table]:
+        """The tables of the forwards at positions `forwards` (ascending), numbered from
+        `first_forward_id` on, and of the span rows at positions `spans`."""
+        numbers = np.full(self.n_forwards, -1, dtype=np.int64)
+        numbers[forwards] = first_forward_id + np.arange(len(forwards), dtype=np.int64)
+        out = {}
+        for name, t in self.tables.items():
+            if name == "spans":
+                out[name] = t if len(spans) == t.num_rows else t.take(pa.array(spans, pa.int64()))
+                continue
+            i = t.schema.get_field_index("forward_id")
+            ids = numbers[t.column(i).to_numpy()] if t.num_rows else np.zeros(0, np.int64)
+            keep = ids >= 0
+            if not keep.all():
+                t, ids = t.filter(pa.array(keep)), ids[keep]
+            out[name] = t.set_column(i, "forward_id", pa.array(ids, pa.int64()))
+        return out

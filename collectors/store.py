@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from mythos_probe.collectors import migrations, rollups
 from mythos_probe.collectors.migrations import SchemaError
-from mythos_probe.collectors.rows import spans_table, trace_span_row, trace_tables
+from mythos_probe.collectors.rows import Batch, spans_table, trace_span_row, trace_tables
 from mythos_probe.records import LoopTrace
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "SchemaError"]
@@ -201,16 +202,33 @@ class Store:
 
     def write_new(self, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]]) -> list[LoopTrace]:
         """As `write`, returning the forwards that were new (not already stored)."""
+        keys = ([(t.trace_id, t.span_id) for t in traces], [(r["trace_id"], r["span_id"]) for r in span_rows])
+
+        def build(forwards: np.ndarray, spans: np.ndarray, first: int) -> dict[str, pa.Table]:
+            tables = trace_tables([traces[i] for i in forwards], first) if len(forwards) else {}
+            if len(spans):
+                tables["spans"] = spans_table([span_rows[i] for i in spans])
+            return tables
+
+        return [traces[i] for i in self._write(keys, build)]
+
+    def write_batch(self, batch: Batch) -> np.ndarray:
+        """As `write_new` for a batch whose tables were built where it was decoded (`rows.Batch`);
+        returns the positions in the batch of the forwards that were new."""
+        return self._write((batch.keys("forwards"), batch.keys("spans")), batch.select)
+
+    def _write(self, keys: tuple[list, list], build) -> np.ndarray:
+        """One transaction: the positions of the new forwards and span rows among `keys`, their
+        tables from `build(forwards, spans, first forward number)`, each inserted with one
+        statement, and their rollups. Returns the positions of the new forwards."""
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
         with self._write_lock, self._cursors.cursor(read=False) as cur:
             cur.execute("BEGIN TRANSACTION")
             try:
                 first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
-                new, new_rows = self._new(cur, traces, span_rows)
-                tables = trace_tables(new, first) if new else {}
-                if new_rows:
-                    tables["spans"] = spans_table(new_rows)
+                forwards, spans = self._new(cur, *keys)
+                tables = build(forwards, spans, first) if len(forwards) or len(spans) else {}
                 for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
                     if arrow.num_rows:
                         cur.register("_batch", arrow)
@@ -219,35 +237,34 @@ class Store:
                         finally:
                             cur.unregister("_batch")
                 dirty = self._rollup_hours
-                if new:  # in the same transaction: never raw rows without their rollup
+                if len(forwards):  # in the same transaction: never raw rows without their rollup
                     dirty = rollups.update(cur, tables, dirty)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")
                 raise
             self._rollup_hours = dirty
-        return new
+        return forwards
 
     @staticmethod
-    def _new(cur: duckdb.DuckDBPyConnection, traces: Sequence[LoopTrace],
-             span_rows: Sequence[Mapping[str, Any]]) -> tuple[list[LoopTrace], list[Mapping[str, Any]]]:
-        """The forwards and the span rows whose key (trace_id, span_id) the store does not hold
-        yet, the first copy of a key within the batch winning."""
-        if not traces and not span_rows:
-            return [], []
-        keys = ([(t.trace_id, t.span_id) for t in traces], [(r["trace_id"], r["span_id"]) for r in span_rows])
-        both = [k for part in keys for k in part]
-        cur.register("_keys", pa.table({"spans": [False] * len(keys[0]) + [True] * len(keys[1]),
+    def _new(cur: duckdb.DuckDBPyConnection, forward_keys: list, span_keys: list) -> tuple[np.ndarray, np.ndarray]:
+        """The positions of the forwards and of the span rows whose key (trace_id, span_id) the
+        store does not hold yet, the first copy of a key within the batch winning."""
+        if not forward_keys and not span_keys:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        both = forward_keys + span_keys
+        cur.register("_keys", pa.table({"spans": [False] * len(forward_keys) + [True] * len(span_keys),
                                         "trace_id": [k[0] for k in both], "span_id": [k[1] for k in both]}))
         try:
             fresh = set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
         finally:
             cur.unregister("_keys")
-        kept: tuple[list, list] = ([], [])
-        for spans, (items, item_keys) in enumerate(zip((traces, span_rows), keys)):
-            seen = set()
-            for item, k in zip(items, item_keys):
-                if (bool(spans), *k) in fresh and k not in seen:
+        kept = []
+        for spans, keys in ((False, forward_keys), (True, span_keys)):
+            seen, positions = set(), []
+            for i, k in enumerate(keys):
+                if (spans, *k) in fresh and k not in seen:
                     seen.add(k)
-                    kept[spans].append(item)
-        return kept
+                    positions.append(i)
+            kept.append(np.array(positions, dtype=np.int64))
+        return kept[0], kept[1]
