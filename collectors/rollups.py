@@ -167,33 +167,46 @@ def _keyed(child: pa.Table, forwards: pa.Table, keep: list[str]) -> pa.Table:
     return pa.table({**columns, **{c: child[c] for c in keep}})
 
 
-def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset()) -> frozenset:
+def increments(tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    """The rollup rows a batch adds, from its `forwards`, `iterations` and `experts` tables
+    (`rows.trace_tables`): per rollup table, its rows aggregated over the batch alone (the
+    per-forward peaks numbered as `tables` number the forwards). Sums of increments are increments:
+    a decode worker computes them per request, the writer appends a group's side by side."""
+    forwards, iterations = tables["forwards"], tables["iterations"]
+    out = {}
+    growth = iterations["growth_ratio"]
+    finite = pc.if_else(pc.is_finite(growth), growth, pa.scalar(None, growth.type))
+    peaks = (pa.table({"forward_id": iterations["forward_id"], "g": finite})
+             .group_by("forward_id", use_threads=False).aggregate([("g", "max")]))
+    out["rollup_peaks"] = peaks.rename_columns(["forward_id", "growth_peak"] if peaks.column_names[0] == "forward_id"
+                                               else ["growth_peak", "forward_id"]).select(["forward_id", "growth_peak"])
+    for table, child in _CHILD.items():
+        keep = [c for c, _, agg in _VALUES[table] if agg is None] + (["load"] if table == "rollup_experts" else list(ROLLED_METRICS))
+        if tables[child].num_rows:
+            out[table] = _delta(_keyed(tables[child], forwards, keep), table)
+    return out
+
+
+def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset(),
+           added: dict[str, pa.Table] | None = None) -> frozenset:
     """Roll up one ingest batch's new forwards: `tables` are their `forwards`, `iterations` and
-    `experts` rows as just inserted in the caller's transaction on cursor `cur` (`rows.trace_tables`).
-    The increments are aggregated from those Arrow columns, not read back from the store.
+    `experts` rows as just inserted in the caller's transaction on cursor `cur` (`rows.trace_tables`);
+    `added`, where the caller has them, their `increments` (numbered as `tables`), else they are
+    aggregated here from those Arrow columns (never read back from the store).
 
     The increments are appended: an hour's rows are summed into one per key (`compact`) once a
     batch arrives that no longer touches it. `dirty` are the hours appended to and not compacted
     yet; returns the new set, for the caller to keep once it committed. Until then an hour holds a
     few rows per key, which the views sum like any other."""
-    forwards, iterations = tables["forwards"], tables["iterations"]
-    if not forwards.num_rows:
+    if not tables["forwards"].num_rows:
         return dirty
-    growth = iterations["growth_ratio"]
-    finite = pc.if_else(pc.is_finite(growth), growth, pa.scalar(None, growth.type))
-    peaks = (pa.table({"forward_id": iterations["forward_id"], "g": finite})
-             .group_by("forward_id", use_threads=False).aggregate([("g", "max")]))
-    if peaks.num_rows:
-        _insert(cur, "rollup_peaks", peaks.rename_columns(["forward_id", "growth_peak"] if peaks.column_names[0] == "forward_id"
-                                                           else ["growth_peak", "forward_id"]))
+    added = increments(tables) if added is None else added
     hours: set = set()
-    for table, child in _CHILD.items():
-        keep = [c for c, _, agg in _VALUES[table] if agg is None] + (["load"] if table == "rollup_experts" else list(ROLLED_METRICS))
-        rows = tables[child]
-        if rows.num_rows:
-            delta = _delta(_keyed(rows, forwards, keep), table)
-            hours.update(pc.unique(delta["hour"]).to_pylist())
-            _insert(cur, table, delta)
+    for table in TABLES:
+        if table in added and added[table].num_rows:
+            if table != "rollup_peaks":
+                hours.update(pc.unique(added[table]["hour"]).to_pylist())
+            _insert(cur, table, added[table])
     done = dirty - hours
     compact(cur, done)
     return (dirty - done) | hours

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
+from mythos_probe.collectors import rollups
 from mythos_probe.collectors.schema import RECORD_V2_COLUMNS, TABLES
 from mythos_probe.collectors.spans import (
     FORWARD_SPAN_NAME,
@@ -335,14 +336,16 @@ class Batch:
     themselves where the writer needs them (an `on_stored` callback), else None.
     `Store.write_batch` numbers the new ones and drops the ones already stored."""
 
-    def __init__(self, tables: dict[str, pa.Table], traces: list[LoopTrace] | None = None) -> None:
-        self.tables, self.traces = tables, traces
+    def __init__(self, tables: dict[str, pa.Table], traces: list[LoopTrace] | None = None,
+                 increments: dict[str, pa.Table] | None = None) -> None:
+        self.tables, self.traces, self.increments = tables, traces, increments
 
     @classmethod
     def of(cls, traces: Sequence[LoopTrace], span_rows: Sequence[Mapping[str, Any]], keep_traces: bool = False) -> "Batch":
+        """The batch of `traces` and `span_rows`, with its rollup increments (`rollups.increments`)."""
         tables = trace_tables(traces, 0)
         tables["spans"] = spans_table(span_rows)
-        return cls(tables, list(traces) if keep_traces else None)
+        return cls(tables, list(traces) if keep_traces else None, rollups.increments(tables) if traces else {})
 
     @property
     def n_forwards(self) -> int:
@@ -362,31 +365,40 @@ class Batch:
         """One batch of `batches` in order, the forwards numbered on across them."""
         if len(batches) == 1:
             return batches[0]
-        tables, offset = {name: [] for name in batches[0].tables}, 0
+        tables, added, offset = {name: [] for name in batches[0].tables}, {}, 0
         for b in batches:
-            for name, t in b.tables.items():
-                if name != "spans" and offset:
+            for name, t in [*b.tables.items(), *(b.increments or {}).items()]:
+                if "forward_id" in t.schema.names and offset:
                     i = t.schema.get_field_index("forward_id")
                     t = t.set_column(i, "forward_id", pa.array(t.column(i).to_numpy() + offset, pa.int64()))
-                tables[name].append(t)
+                (tables if name in b.tables else added).setdefault(name, []).append(t)
             offset += b.n_forwards
         traces = None if any(b.traces is None for b in batches) else [t for b in batches for t in b.traces]
-        return cls({name: pa.concat_tables(parts) for name, parts in tables.items()}, traces)
+        increments = None if any(b.increments is None for b in batches) else {
+            name: pa.concat_tables(parts, promote_options="default") for name, parts in added.items()}
+        return cls({name: pa.concat_tables(parts) for name, parts in tables.items()}, traces, increments)
 
-    def select(self, forwards: np.ndarray, spans: np.ndarray, first_forward_id: int) -> dict[str, pa.Table]:
-        """The tables of the forwards at positions `forwards` (ascending), numbered from
-        `first_forward_id` on, and of the span rows at positions `spans`."""
+    def select(self, forwards: np.ndarray, spans: np.ndarray,
+               first_forward_id: int) -> tuple[dict[str, pa.Table], dict[str, pa.Table] | None]:
+        """(the tables of the forwards at positions `forwards` (ascending), numbered from
+        `first_forward_id` on, and of the span rows at positions `spans`; their rollup increments
+        when the batch's own hold for them, i.e. every forward is kept, else None)."""
         numbers = np.full(self.n_forwards, -1, dtype=np.int64)
         numbers[forwards] = first_forward_id + np.arange(len(forwards), dtype=np.int64)
+        every = self.increments is not None and len(forwards) == self.n_forwards
         out = {}
-        for name, t in self.tables.items():
+        for name, t in [*self.tables.items(), *(self.increments.items() if every else ())]:
             if name == "spans":
                 out[name] = t if len(spans) == t.num_rows else t.take(pa.array(spans, pa.int64()))
                 continue
             i = t.schema.get_field_index("forward_id")
+            if i < 0:  # a rollup increment keyed by hour: kept whole (every forward is)
+                out[name] = t
+                continue
             ids = numbers[t.column(i).to_numpy()] if t.num_rows else np.zeros(0, np.int64)
             keep = ids >= 0
             if not keep.all():
                 t, ids = t.filter(pa.array(keep)), ids[keep]
             out[name] = t.set_column(i, "forward_id", pa.array(ids, pa.int64()))
-        return out
+        added = {name: out.pop(name) for name in list(out) if name not in self.tables}
+        return out, (added if every else None)

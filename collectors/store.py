@@ -204,11 +204,11 @@ class Store:
         """As `write`, returning the forwards that were new (not already stored)."""
         keys = ([(t.trace_id, t.span_id) for t in traces], [(r["trace_id"], r["span_id"]) for r in span_rows])
 
-        def build(forwards: np.ndarray, spans: np.ndarray, first: int) -> dict[str, pa.Table]:
+        def build(forwards: np.ndarray, spans: np.ndarray, first: int) -> tuple[dict[str, pa.Table], None]:
             tables = trace_tables([traces[i] for i in forwards], first) if len(forwards) else {}
             if len(spans):
                 tables["spans"] = spans_table([span_rows[i] for i in spans])
-            return tables
+            return tables, None
 
         return [traces[i] for i in self._write(keys, build)]
 
@@ -219,8 +219,8 @@ class Store:
 
     def _write(self, keys: tuple[list, list], build) -> np.ndarray:
         """One transaction: the positions of the new forwards and span rows among `keys`, their
-        tables from `build(forwards, spans, first forward number)`, each inserted with one
-        statement, and their rollups. Returns the positions of the new forwards."""
+        tables (and rollup increments, or None) from `build(forwards, spans, first forward number)`,
+        each inserted with one statement, and their rollups. Returns the positions of the new forwards."""
         if self.read_only:
             raise StoreError(f"store {self.path} is open read-only")
         with self._write_lock, self._cursors.cursor(read=False) as cur:
@@ -228,7 +228,7 @@ class Store:
             try:
                 first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
                 forwards, spans = self._new(cur, *keys)
-                tables = build(forwards, spans, first) if len(forwards) or len(spans) else {}
+                tables, added = build(forwards, spans, first) if len(forwards) or len(spans) else ({}, None)
                 for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
                     if arrow.num_rows:
                         cur.register("_batch", arrow)
@@ -238,7 +238,7 @@ class Store:
                             cur.unregister("_batch")
                 dirty = self._rollup_hours
                 if len(forwards):  # in the same transaction: never raw rows without their rollup
-                    dirty = rollups.update(cur, tables, dirty)
+                    dirty = rollups.update(cur, tables, dirty, added)
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")

@@ -153,3 +153,38 @@ def test_a_forward_twice_is_stored_and_rolled_up_once(tmp_path, duplicate):
                              " (SELECT sum(rows) FROM rollup_iterations) AS r, (SELECT count(*) FROM rollup_peaks) AS p,"
                              " (SELECT sum(load) FROM rollup_experts) AS l").iloc[0].tolist()
     assert counts == [6, 6, sum(t.iterations for t in traces), 6, sum(int(t.expert_load.sum()) for t in traces)]
+
+
+def _dump(store) -> dict:
+    out = {}
+    for table in ("forwards", "iterations", "positions", "experts", "spans", "rollup_peaks"):
+        df = store.query(f"SELECT * FROM {table}")
+        out[table] = df.sort_values(list(df.columns[:4])).reset_index(drop=True)
+    for table in ("rollup_iterations", "rollup_experts"):  # summed per key: how rows were split may differ
+        key = [c for c, _ in rollups._KEY_COLS] + ["iteration"] + (["expert"] if table == "rollup_experts" else [])
+        sums = ", ".join(f'sum("{c}") AS "{c}"' for c, _, agg in rollups._VALUES[table] if agg is not None)
+        out[table] = store.query(f"SELECT {', '.join(key)}, {sums} FROM {table} GROUP BY ALL ORDER BY ALL")
+    return out
+
+
+def test_batches_built_in_the_decoder_store_what_write_traces_stores(tmp_path):
+    """`rows.Batch` (built where a request is decoded, numbered 0 … n-1, with its rollup increments)
+    through `Store.write_batch`, in groups as the receiver commits them, with a forward repeated
+    inside a request and across requests, equals the same forwards through `write_traces`."""
+    traces = _hourly_traces()[:20] + _batch()
+    requests = [traces[0:5], traces[5:9] + traces[6:7], traces[3:12], traces[12:27]]  # repeats inside and across
+    with Store(tmp_path / "direct.duckdb") as direct:
+        for request in requests:
+            direct.write_traces(request)
+        want = _dump(direct)
+    with Store(tmp_path / "batch.duckdb") as batched:
+        groups = [[requests[0]], [requests[1], requests[2]], [requests[3]]]
+        new = []
+        for group in groups:
+            made = [rows.Batch.of(r, [rows.trace_span_row(t) for t in r]) for r in group]
+            kept = batched.write_batch(rows.Batch.concat(made))
+            new.append(len(kept))
+        got = _dump(batched)
+    assert new == [5, 4 + 3, 15] and len(want["forwards"]) == len(traces) - 0 == 27
+    for table in want:
+        pd.testing.assert_frame_equal(got[table], want[table], check_dtype=False, rtol=1e-12, obj=table)
