@@ -101,7 +101,7 @@ def ingest(n: int = 20_000, batch: int = 500) -> None:
     rates: dict[str, list[float]] = {"with rollups": [], "without": []}
     for _ in range(2):
         for label in rates:
-            store_module.rollups.update = keep if label == "with rollups" else (lambda cur, tables, dirty: dirty)
+            store_module.rollups.update = keep if label == "with rollups" else (lambda cur, tables, dirty, added=None: dirty)
             with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store:
                 t0 = time.perf_counter()
                 for k in range(0, n, batch):
