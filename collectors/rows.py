@@ -1,7 +1,9 @@
 """LoopTraces and raw spans → Arrow tables shaped like the store's tables, built vectorized.
 
-Every table is built column by column with numpy (repeat/tile/ravel), never row by row: the
-positions table alone holds batch × seq × iterations rows per forward. Per-forward strings
+Every table is built column by column with numpy (repeat/tile/ravel), never row by row, and for
+a whole batch at once (one concatenation per column, not one piece per metric per forward): the
+positions table alone holds batch × seq × iterations rows per forward. `Batch` carries a
+request's tables (and rollup increments) from the decode worker that built them to the writer. Per-forward strings
 (trace and span ids, token text) become dictionary arrays, so a million-row batch carries each
 id once. A metric missing from a record is NULL in its rows; NaN values stay NaN. The store
 numbers the forwards of a batch (`forward_id`, see `schema`) and passes the first number in.

@@ -3,7 +3,8 @@
 DuckDB allows one read-write process or many read-only ones. A `Store` is shared by every thread
 of its process: each `query` runs on its own cursor, and writes are serialised by a lock so the
 dedupe check and the inserts of one batch form one transaction. Ingest goes through Arrow tables
-(`rows`), never row by row; SQL values travel only as parameters.
+(`rows`), never row by row, one INSERT per table per batch (`write_batch` takes tables a decode
+worker built); SQL values travel only as parameters.
 
 Idempotence: a forward is identified by (trace_id, span_id). A batch only inserts forwards (and
 raw spans) whose key the store does not hold yet, so a span delivered twice, by a retrying
