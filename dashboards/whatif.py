@@ -45,7 +45,7 @@ _SCORES = {c: {"entropy": "entropy_change", "argmax_stable": "run"}.get(c, INPUT
 
 _ROWS = f"""
 , sampled AS MATERIALIZED (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
-    f.exit_policy = 'fixed' AS is_full, p.lens_top1_agree AS agree, p.lens_argmax,
+    f.exit_policy = 'fixed' AS is_full, f.flops, f.loop_flops, f.lens_flops, p.lens_top1_agree AS agree, p.lens_argmax,
     {", ".join(f'p."{col}"' for col in sorted(set(INPUTS.values()) - {"lens_argmax"}))}
   FROM positions p JOIN sel f USING (forward_id)
   -- only forwards at detail "positions" have position rows (records.py): the join's build side
@@ -73,11 +73,12 @@ th AS (SELECT unnest(CAST(? AS VARCHAR[])) AS criterion, unnest(CAST(? AS INTEGE
               unnest(CAST(? AS DOUBLE[])) AS threshold),
 avail AS (SELECT {", ".join(f'bool_and("{col}" IS NOT NULL) AS "{c}"' for c, col in INPUTS.items())} FROM lens),
 ok AS (UNPIVOT avail ON COLUMNS(*) INTO NAME criterion VALUE available),
+-- (from the replayed forwards' columns carried along: `sel` read once is not materialized)
 share AS (SELECT CASE WHEN count(*) = count(f.loop_flops) AND count(*) = count(f.flops)
                  THEN sum(f.loop_flops) / sum(f.flops) ELSE 'nan' END AS s,
     CASE WHEN count(*) = count(f.lens_flops) AND count(*) = count(f.flops)
-         THEN sum(f.iterations * f.lens_flops) / sum(f.flops) ELSE 'nan' END AS lens
-  FROM sel f WHERE f.forward_id IN (SELECT forward_id FROM lens)),
+         THEN sum(f.n * f.lens_flops) / sum(f.flops) ELSE 'nan' END AS lens
+  FROM (SELECT DISTINCT ON (forward_id) forward_id, n, flops, loop_flops, lens_flops FROM lens) f),
 -- per threshold and sampled forward (per threshold only when every forward is replayed: no
 -- interval to compute): positions, iterations used, budget and agreeing positions (each position
 -- exits at exactly one row per threshold, so the budgets sum to every position's)
