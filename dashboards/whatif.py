@@ -35,6 +35,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
+from mythos_probe.collectors import rollups
 from mythos_probe.dashboards.queries import Selection, select
 from mythos_probe.whatif import BASELINES, INPUTS, COLUMNS, CRITERIA, DEFAULT_THRESHOLDS, FIRES, LENS_CRITERIA
 
@@ -47,7 +48,7 @@ _ROWS = f"""
 , sampled AS MATERIALIZED (SELECT p.forward_id, p.batch_index, p.position, p.iteration, f.iterations AS n,
     f.exit_policy = 'fixed' AS is_full, f.flops, f.loop_flops, f.lens_flops, p.lens_top1_agree AS agree, p.lens_argmax,
     {", ".join(f'p."{col}"' for col in sorted(set(INPUTS.values()) - {"lens_argmax"}))}
-  FROM positions p JOIN sel f USING (forward_id)
+  FROM {{positions}} p JOIN sel f USING (forward_id)
   -- only forwards at detail "positions" have position rows (records.py): the join's build side
   -- is then those, not every selected forward
   WHERE f.detail = 'positions' AND isfinite(p.lens_argmax)),
@@ -134,10 +135,12 @@ def _sql() -> str:
             f"SELECT '{criterion}' AS criterion, forward_id, n, iteration, agree, CAST({lo} AS DOUBLE) AS lo, CAST({hi} AS DOUBLE) AS hi"
             f" FROM steps WHERE lo < hi"
         )
-    return _ROWS.format(befores=", ".join(befores), exits=" UNION ALL ".join(exits))
+    return _ROWS.format(befores=", ".join(befores), exits=" UNION ALL ".join(exits), positions="{positions}")
 
 
-_SQL = _sql()
+# over every position row, or over the lens-sampled ones a DuckDB store keeps (`rollups.LENS_TABLE`)
+_SQL = _sql().format(positions="positions")
+_SQL_ROLLED = _sql().format(positions=rollups.LENS_TABLE)
 
 
 # With a sample: each estimate's 95 % interval half-width, and how many forwards were replayed
@@ -169,7 +172,8 @@ def evaluate(store, sel: Selection, thresholds: Mapping[str, Iterable[float]] | 
     names, ks, values = (list(col) for col in zip(*rows)) if rows else ([], [], [])
     if sample is not None and sample < 2:
         raise ValueError(f"a what-if sample needs at least 2 forwards (an interval needs two), not {sample}")
-    df = select(store, sel, _SQL, [sample, names, ks, values, list(CRITERIA)])
+    sql = _SQL_ROLLED if getattr(store, "has_rollups", False) else _SQL
+    df = select(store, sel, sql, [sample, names, ks, values, list(CRITERIA)])
     if len(df):  # standard errors → 95 % half-widths, with Student's t for m − 1 degrees of freedom
         df[SAMPLE_COLUMNS[:4]] *= _t975(int(df["forwards_replayed"].iloc[0]) - 1)
     return df.astype({"positions": "int64"})[COLUMNS if sample is None else COLUMNS + SAMPLE_COLUMNS]
