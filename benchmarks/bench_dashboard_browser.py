@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("artifacts/bench_dashboard.duckdb"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", help="another checkout (with its .venv) to time interleaved on the same store")
+    parser.add_argument("--baseline-store", type=Path, help="the baseline's copy of the store (an older checkout refuses a"
+                        " store migrated by this one)")
     parser.add_argument("--only", default="", help="time only the views whose name contains this (e.g. What-if)")
     args = parser.parse_args()
     if not args.store.exists():
@@ -238,7 +240,7 @@ def main() -> None:
     proc, base = start_dashboard(sys.executable, os.getcwd(), args.store)
     other = None
     if args.baseline:
-        other = start_dashboard(str(Path(args.baseline) / ".venv/bin/python"), args.baseline, args.store)
+        other = start_dashboard(str(Path(args.baseline) / ".venv/bin/python"), args.baseline, args.baseline_store or args.store)
     driver, profile = chromium()
     try:
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (others share this machine)")
