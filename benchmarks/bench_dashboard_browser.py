@@ -192,7 +192,7 @@ INTERACTIONS = [
 ]
 
 
-def link_interactions(driver, base: str, k: int) -> list[tuple[str, float]]:
+def link_interactions(driver, base: str, k: int, only: str = "") -> list[tuple[str, float]]:
     """Interactions that are a URL change (what a control writes): the what-if criterion switch
     (cached replay after the first), forward kind and grouping, timed like a click."""
     out = []
@@ -204,6 +204,8 @@ def link_interactions(driver, base: str, k: int) -> list[tuple[str, float]]:
         ("Forward kind → every kind (loops)", "/loops", "?kind=all"),
         ("Group by endpoint (halting)", "/halting", "?group=attr%3Aendpoint"),
     ):
+        if only not in name:
+            continue
         settle(driver, base + start)
         # A link inside the app, as the sync callback would push: same path, new query.
         driver.execute_script(
@@ -228,6 +230,9 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("artifacts/bench_dashboard.duckdb"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", help="another checkout (with its .venv) to time interleaved on the same store")
+    parser.add_argument("--baseline-store", type=Path, help="the baseline's copy of the store (an older checkout refuses a"
+                        " store migrated by this one)")
+    parser.add_argument("--only", default="", help="time only the views whose name contains this (e.g. What-if)")
     args = parser.parse_args()
     if not args.store.exists():
         args.store.parent.mkdir(parents=True, exist_ok=True)
@@ -235,12 +240,14 @@ def main() -> None:
     proc, base = start_dashboard(sys.executable, os.getcwd(), args.store)
     other = None
     if args.baseline:
-        other = start_dashboard(str(Path(args.baseline) / ".venv/bin/python"), args.baseline, args.store)
+        other = start_dashboard(str(Path(args.baseline) / ".venv/bin/python"), args.baseline, args.baseline_store or args.store)
     driver, profile = chromium()
     try:
         print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (others share this machine)")
         rows: list[tuple[str, list[float], list[float]]] = []
         for name, start, click, changed in PAGE_VIEWS + INTERACTIONS:
+            if args.only not in name:
+                continue
             mine, theirs = [], []
             for _ in range(args.repeats):
                 mine.append(measure(driver, base + start, click, changed))
@@ -252,18 +259,23 @@ def main() -> None:
             rows.append((name, mine, theirs))
             print(f"  {name}: {', '.join(f'{t:.2f}' for t in mine)} s; dashboard RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
         for name, path in LOADS:
+            if args.only not in name:
+                continue
             mine = [full_load(driver, base + path) for _ in range(args.repeats)]
             # the baseline only where a link means the same view there (an older one may ignore the query)
             same = other and "?" not in path
             rows.append((name, mine, [full_load(driver, other[1] + path) for _ in range(args.repeats)] if same else []))
             print(f"  {name}: {', '.join(f'{t:.2f}' for t in mine)} s", flush=True)
-        for k in range(args.repeats):
-            for name, seconds in link_interactions(driver, base, k):
+        for k in range(args.repeats):  # the baseline's interleaved, each asked the same new range
+            theirs = dict(link_interactions(driver, other[1], k, args.only)) if other else {}
+            for name, seconds in link_interactions(driver, base, k, args.only):
                 found = next((r for r in rows if r[0] == name), None)
                 if found is None:
-                    rows.append((name, [seconds], []))
-                else:
-                    found[1].append(seconds)
+                    found = (name, [], [])
+                    rows.append(found)
+                found[1].append(seconds)
+                if name in theirs:
+                    found[2].append(theirs[name])
         head = f"{'view (click → drawn, median of ' + str(args.repeats) + ')':<44}{'this':>9}"
         print(head + (f"{'baseline':>10}{'ratio':>8}" if other else ""))
         for name, mine, theirs in rows:

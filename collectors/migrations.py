@@ -72,6 +72,8 @@ MIGRATIONS: tuple[Migration, ...] = (  # append only
     _add_column("forwards", "lens_flops"),
     # the dashboard's pre-aggregated tables (`rollups`), filled from the forwards already stored
     Migration("m004_issue27_rollups", rollups.MIGRATION),
+    # the lens-sampled position rows the what-if replays (`rollups.LENS_TABLE`), from those stored
+    Migration("m006_issue27_lens_positions", rollups.LENS_MIGRATION),
 )
 STORE_VERSION = len(MIGRATIONS)  # a store's version: the number of migrations it has applied
 

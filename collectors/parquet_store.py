@@ -248,6 +248,54 @@ def committed(path: str | Path) -> Snapshot:
     return snapshot
 
 
+# The tables whose files are partitioned by their forward's date and list its models and runs.
+_PRUNED_TABLES = ("forwards", *_CHILD_TABLES)
+
+
+def _day(t) -> str:
+    """The UTC date (YYYY-MM-DD, a partition name) of a time; naive times are UTC, as stored."""
+    t = pd.Timestamp(t)
+    return (t.tz_convert("UTC") if t.tzinfo is not None else t).strftime("%Y-%m-%d")
+
+
+class Pruned:
+    """A `ParquetStore` read for one selection (`ParquetStore.pruned`): `query` answers as the
+    store's does over the files whose manifest entry may hold a selected forward, by date
+    partition, models and runs. A relative window (`window_s`) keeps every model and run: its
+    bound is relative to the newest forward of all (the queries' `max(start_time)`), so only
+    the dates before the newest date less the window are dropped."""
+
+    has_rollups = False
+
+    def __init__(self, store: ParquetStore, start, end, window_s, models: tuple, runs: tuple) -> None:
+        self.store, self.start, self.end, self.window_s = store, start, end, window_s
+        self.models, self.runs = set(models), set(runs)
+
+    def keep(self, snapshot: Snapshot) -> dict[str, dict[str, Any]]:
+        """The entries of `snapshot` a selected forward's rows may be in."""
+        lo = None if self.start is None else _day(self.start)
+        hi = None if self.end is None else _day(self.end)
+        labels = (("models", self.models), ("runs", self.runs))
+        if self.window_s is not None:
+            labels = ()  # see the class docstring
+            dates = [e["date"] for e in snapshot.entries.values() if e["table"] == "forwards"]
+            if dates:
+                since = _day(pd.Timestamp(max(dates)) - pd.Timedelta(seconds=float(self.window_s)))
+                lo = since if lo is None else max(lo, since)
+
+        def may_hold(entry: Mapping[str, Any]) -> bool:
+            if entry["table"] not in _PRUNED_TABLES:
+                return True
+            if (lo is not None and entry["date"] < lo) or (hi is not None and entry["date"] > hi):
+                return False
+            return all(not wanted or entry[k] is None or bool(wanted & set(entry[k])) for k, wanted in labels)
+
+        return {rel: e for rel, e in snapshot.entries.items() if may_hold(e)}
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
+        return self.store.query(sql, params, keep=self.keep)
+
+
 class _Conflict(Exception):
     """Another commit took what this one needed (a key it adds, a file it removes)."""
 
@@ -359,25 +407,53 @@ class ParquetStore:
             if self._snapshot.version == self._views_version:
                 return
             snapshot = self._snapshot.copy()
-        groups: dict[str, dict[tuple[str, ...], list[str]]] = {t: defaultdict(list) for t in TABLES}
-        for rel, entry in sorted(snapshot.entries.items()):
-            groups[entry["table"]][tuple(entry["columns"])].append(str(self.path / rel))
         for table in TABLES:
-            selects = [f"SELECT {_casts(table, columns)} FROM read_parquet([{', '.join(map(_sql_literal, files))}], {_NO_HIVE})"
-                       for columns, files in groups[table].items()]
-            source = " UNION ALL ".join(selects) or f"SELECT {_casts(table, ())} WHERE FALSE"
-            self._con.execute(f"CREATE OR REPLACE VIEW {table} AS {source}")
+            self._con.execute(f"CREATE OR REPLACE VIEW {table} AS {self._source(table, snapshot.entries)}")
         self._views_version = snapshot.version
 
-    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> pd.DataFrame:
-        """Run `sql` with `params` over the committed files as they are now; safe from any thread."""
-        try:
-            with self._cursors.cursor(before=self._refresh_views) as cur:
+    def _source(self, table: str, entries: Mapping[str, Mapping[str, Any]]) -> str:
+        """SELECT of `table`'s rows in the files `entries` names (of any table)."""
+        groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+        for rel, entry in sorted(entries.items()):
+            if entry["table"] == table:
+                groups[tuple(entry["columns"])].append(str(self.path / rel))
+        selects = [f"SELECT {_casts(table, columns)} FROM read_parquet([{', '.join(map(_sql_literal, files))}], {_NO_HIVE})"
+                   for columns, files in groups.items()]
+        return " UNION ALL ".join(selects) or f"SELECT {_casts(table, ())} WHERE FALSE"
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = (), keep=None) -> pd.DataFrame:
+        """Run `sql` with `params` over the committed files as they are now; safe from any thread.
+        `keep(snapshot)`: the manifest entries a query may need (`pruned`); the query then reads
+        only those files, through views local to its cursor."""
+        def run_on(keep) -> pd.DataFrame:
+            if keep is None:
+                with self._cursors.cursor(before=self._refresh_views) as cur:
+                    return cur.execute(sql, params).df()
+            # Every table as a view of this cursor's only (gone with it) over the kept files. Not
+            # the shared views: binding a view over files reads a footer of each group of them.
+            snapshot = self.snapshot()
+            entries = keep(snapshot)
+            if len(entries) == len(snapshot.entries):  # nothing pruned: the shared views, bound once
+                return run_on(None)
+            with self._cursors.cursor() as cur:
+                for table in TABLES:
+                    cur.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS {self._source(table, entries)}")
                 return cur.execute(sql, params).df()
+        try:
+            return run_on(keep)
         except duckdb.IOException:
             # a compaction's removed files were deleted after this view was made: read the log again
-            with self._cursors.cursor(before=self._refresh_views) as cur:
-                return cur.execute(sql, params).df()
+            return run_on(keep)
+
+    def pruned(self, start=None, end=None, window_s: float | None = None, models: Iterable[str] = (),
+               runs: Iterable[str] = ()) -> "Pruned":
+        """This store as a query needs it that keeps only forwards starting in [`start`, `end`]
+        (UTC), in the last `window_s` seconds before the newest forward, of `models` and of `runs`
+        (empty: any): its `query` opens only the files the manifest says may hold such a forward.
+        The store itself when nothing is to be pruned."""
+        if start is None and end is None and window_s is None and not models and not runs:
+            return self
+        return Pruned(self, start, end, window_s, tuple(models), tuple(runs))
 
     # writing
 

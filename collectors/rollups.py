@@ -12,7 +12,10 @@ aggregates are kept (sums and counts; a mean is a sum over a count):
   `fsum__m` / `fn__m` (the same over the finite values only, as the dashboard's `finite` means);
 - `rollup_experts`: per key, iteration and expert, the summed load;
 - `rollup_peaks`: per forward, its largest finite growth ratio (the spectral page's per-forward
-  peak; a maximum is not decomposable across forwards, so this one stays per forward).
+  peak; a maximum is not decomposable across forwards, so this one stays per forward);
+- `rollup_lens` (migration `LENS_MIGRATION`): the position rows the coda lens sampled (finite
+  `lens_argmax`), with the columns the early-exit what-if replays (`LENS_COLUMNS`): at a million
+  forwards about 1 position row in 64, so the replay scans that instead of every position row.
 
 A selection with a time range reads the rollup rows of the hours it covers entirely and
 aggregates the raw rows of the hours it cuts (`sources`), so a range that starts at 10:17 is exact.
@@ -150,6 +153,25 @@ def compact(cur, hours) -> None:
         _insert(cur, table, merged)
 
 
+# The what-if's columns of a lens-sampled position row (`mythos_probe.whatif.INPUTS` and the
+# agreement), written out and frozen with the migration.
+LENS_COLUMNS: tuple[str, ...] = ("forward_id", "batch_index", "position", "iteration", "lens_top1_agree", "lens_argmax",
+                                 "cum_halt", "lens_kl_prev", "rel_residual", "cos_step", "lens_entropy")
+LENS_TABLE = "rollup_lens"
+
+
+def _lens_rows(where: str) -> str:
+    return (f"INSERT INTO {LENS_TABLE} SELECT {', '.join(quote(c) for c in LENS_COLUMNS)} FROM positions"
+            f" WHERE isfinite(lens_argmax) AND {where}")
+
+
+LENS_MIGRATION: tuple[str, ...] = (
+    f"CREATE TABLE IF NOT EXISTS {LENS_TABLE} AS SELECT {', '.join(quote(c) for c in LENS_COLUMNS)} FROM positions LIMIT 0",
+    f"DELETE FROM {LENS_TABLE}",
+    _lens_rows("TRUE") + " ORDER BY forward_id, batch_index, position, iteration",
+)
+
+
 _HOUR_US = 3_600 * 10**6
 
 
@@ -207,6 +229,9 @@ def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset(),
             if table != "rollup_peaks":
                 hours.update(pc.unique(added[table]["hour"]).to_pylist())
             _insert(cur, table, added[table])
+    positions = tables.get("positions")
+    if positions is not None and positions.num_rows:  # the lens-sampled rows the what-if replays
+        _insert(cur, LENS_TABLE, positions.filter(pc.is_finite(positions["lens_argmax"])).select(list(LENS_COLUMNS)))
     done = dirty - hours
     compact(cur, done)
     return (dirty - done) | hours

@@ -106,6 +106,14 @@ class Selection:
         sql = f"sel AS (SELECT f.*, {grp} AS grp FROM forwards f WHERE {' AND '.join(['TRUE', *where])})"
         return sql, params
 
+    def scoped(self, store):
+        """`store` as this selection reads it: a store that can skip files (a Parquet folder,
+        by its manifest: `ParquetStore.pruned`) opens only those that may hold a selected forward."""
+        prune = getattr(store, "pruned", None)
+        if prune is None:
+            return store
+        return prune(start=self.start, end=self.end, window_s=WINDOWS.get(self.window), models=self.models, runs=self.runs)
+
     def rolls_up(self, store) -> bool:
         """Whether the views may read this selection from the store's rollups: the store keeps
         them (a DuckDB store does, a Parquet folder not) and every filter and the grouping are on
@@ -156,7 +164,7 @@ def finite(column: str) -> str:
 def select(store, sel: Selection, body: str, params: list | tuple = ()) -> pd.DataFrame:
     """Run `body` (a SELECT, or further CTEs starting with a comma) after the `sel` CTE."""
     cte, cte_params = sel.cte()
-    return store.query(f"WITH {cte} {body}", [*cte_params, *params])
+    return sel.scoped(store).query(f"WITH {cte} {body}", [*cte_params, *params])
 
 
 def _select_rolled(store, sel: Selection, table: str, body: str, params: list | tuple = ()) -> pd.DataFrame:

@@ -3,7 +3,8 @@ iteration for one forward, top-1 agreement with the final answer by iteration, a
 what-if: every lens-sampled position of the selected forwards replayed under each exit criterion
 and threshold (`whatif.evaluate`, the SQL form of `mythos_probe.whatif.evaluate`), drawn as
 `mythos_probe.whatif.pareto_figure`, with the recommended criterion at ≥ 99 % agreement and the
-thresholds of one criterion as a table.
+thresholds of one criterion as a table. Above `SAMPLE_FORWARDS` selected full-depth forwards the
+replay is a deterministic sample of them, and the page says so, with each figure's 95 % interval.
 """
 
 from __future__ import annotations
@@ -30,12 +31,20 @@ TITLE = "Coda lens & early exit"
 log = logging.getLogger("mythos_probe.dashboards")
 RANGE_STEPS = 12  # thresholds replayed across a user-given range
 CACHE_SIZE = 32
+# The replay's sample: above this many selected full-depth forwards the what-if replays this many
+# (the same ones each time) and states its 95 % intervals. At a million forwards (10,000 shadows)
+# a full replay takes over a second; 2,000 keep each figure within about ±2 points.
+SAMPLE_FORWARDS = 2000
 WHATIF_COLUMNS = {"threshold": "threshold", "mean_iterations": "iterations at exit",
                   "iterations_saved": "iterations saved", "flops_saved": "FLOPs saved",
                   "lens_cost": "FLOPs reading the lens", "agreement": "top-1 agreement at exit",
                   "positions": "positions"}
 WHATIF_FORMATS = {"threshold": "number", "mean_iterations": "number", "iterations_saved": "percent",
-                  "flops_saved": "percent", "lens_cost": "percent", "agreement": "percent", "positions": "integer"}
+                  "flops_saved": "percent", "lens_cost": "percent", "agreement": "percent", "positions": "integer",
+                  "agreement_ci": "percent", "iterations_saved_ci": "percent", "flops_saved_ci": "percent"}
+# beside their estimates when the replay is a sample: 95 % interval half-widths
+SAMPLE_COLUMNS = {"agreement_ci": "agreement ± (95 %)", "iterations_saved_ci": "iterations saved ± (95 %)",
+                  "flops_saved_ci": "FLOPs saved ± (95 %)"}
 NO_POSITIONS = ("No per-position lens metrics in the selected full-depth forwards: the what-if replays positions "
                 "the coda lens sampled in forwards run with exit='fixed' (shadow runs beside the served ones). "
                 "Record with attach(model, probes=[..., 'lens'], detail='positions').")
@@ -90,12 +99,25 @@ def cached_evaluate(store, sel: queries.Selection, chosen: dict | None):
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-    exits = whatif.evaluate(store, sel, chosen)
+    exits = whatif.evaluate(store, sel, chosen, sample=SAMPLE_FORWARDS)
     with _cache_lock:
         _cache[key] = exits
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return exits
+
+
+def sampled(exits) -> str | None:
+    """What the page says when the replay was a sample (`whatif.evaluate(sample=…)`), else None."""
+    if exits.empty or "forwards_replayed" not in exits:
+        return None
+    m, big_m = int(exits["forwards_replayed"].iloc[0]), int(exits["forwards_selected"].iloc[0])
+    if m >= big_m:
+        return None
+    return (f"Estimated from a sample of {m:,} of the {big_m:,} selected full-depth forwards (the same ones on every "
+            f"replay, chosen by a hash of their id): each figure is within its ± of the full replay with 95 % "
+            f"confidence (agreement at most ±{exits['agreement_ci'].max():.1%}, iterations saved at most "
+            f"±{exits['iterations_saved_ci'].max():.1%}). Narrow the selection to replay every forward.")
 
 
 def recommendation(exits, target: float) -> html.Div | str:
@@ -138,9 +160,11 @@ def update(store, sel: queries.Selection, search, criterion, target=0.99, low=No
     if exits.empty:
         return "", heat, agreement, empty_figure("Early-exit what-if", NO_POSITIONS), message(NO_POSITIONS)
     rows = exits[exits["criterion"] == criterion]
-    listed = table(rows, WHATIF_COLUMNS, "lens-whatif-table", links=(), formats=WHATIF_FORMATS) if len(rows) else message(
+    note = sampled(exits)
+    columns = {**WHATIF_COLUMNS, **SAMPLE_COLUMNS} if note else WHATIF_COLUMNS
+    listed = table(rows, columns, "lens-whatif-table", links=(), formats=WHATIF_FORMATS) if len(rows) else message(
         f"{criterion} cannot be replayed: its input metric was not recorded at every sampled position.")
-    return "", heat, agreement, pareto(exits, target), html.Div([recommendation(exits, target), listed])
+    return "", heat, agreement, pareto(exits, target), html.Div([recommendation(exits, target), listed, *([message(note)] if note else [])])
 
 
 def prewarm(store) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from mythos_probe.collectors import rollups
 from mythos_probe.collectors.store import Store
-from mythos_probe.dashboards import queries
+from mythos_probe.dashboards import queries, whatif
 from mythos_probe.dashboards.queries import Selection
 from tests.dashboards.factory import BASE_NS, synthetic_trace
 
@@ -205,3 +205,26 @@ def test_a_selection_on_a_user_attribute_reads_raw_rows(store, traces):
     sel = Selection(kinds=(), attribute="endpoint", values=("/chat",))
     assert not sel.rolls_up(store) and not Selection(group="attr:user").rolls_up(store)
     assert not Selection().rolls_up(Raw(store))
+
+
+def test_the_lens_rows_kept_at_ingest_are_the_lens_sampled_positions(store, traces):
+    """`rollup_lens`, written batch by batch (out of time order) and by the migration, holds every
+    position row with a finite lens argmax and no other; the what-if reads the same from it as
+    from every position row."""
+    sampled = sum(int(np.isfinite(t.position_metrics["lens_argmax"]).sum()) for t in traces if t.position_metrics)
+    cols = ", ".join(rollups.LENS_COLUMNS)
+    kept = store.query(f"SELECT {cols} FROM {rollups.LENS_TABLE} ORDER BY ALL")
+    assert len(kept) == sampled > 0
+    raw = store.query(f"SELECT {cols} FROM positions WHERE isfinite(lens_argmax) ORDER BY ALL")
+    pd.testing.assert_frame_equal(kept, raw)
+    sel = Selection(kinds=())
+    for sample in (None, 3):
+        got = whatif.evaluate(store, sel, sample=sample)
+        assert len(got) and (sample is None or (got["forwards_replayed"] < got["forwards_selected"]).all())
+        pd.testing.assert_frame_equal(got, whatif.evaluate(Raw(store), sel, sample=sample))
+    with store._cursors.cursor(read=False) as cur:
+        cur.execute(f"DELETE FROM {rollups.LENS_TABLE}")
+        assert whatif.evaluate(store, sel).empty  # the what-if does read it
+        for statement in rollups.LENS_MIGRATION:
+            cur.execute(statement)
+    pd.testing.assert_frame_equal(store.query(f"SELECT {cols} FROM {rollups.LENS_TABLE} ORDER BY ALL"), raw)
