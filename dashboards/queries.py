@@ -686,7 +686,7 @@ def sweep_curves(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
 
 
 # Per-forward columns the compare view lists, with the forward metrics after them.
-COMPARE_FORWARD_COLUMNS = ("iterations", "n_loops", "tokens", "duration_ms", "mean_iterations")
+COMPARE_FORWARD_COLUMNS = ("iterations", "n_loops", "tokens", "duration_ms")
 
 
 def resolve(store, text: str | None) -> tuple[str, str] | None:
@@ -710,8 +710,8 @@ def compare_defaults(store, sel: Selection) -> tuple[tuple[str, str] | None, tup
     if len(runs_df) == 2:
         return ("run", str(runs_df["run_id"].iloc[1])), ("run", str(runs_df["run_id"].iloc[0]))
     fw = select(store, sel, "SELECT trace_id FROM sel ORDER BY start_time DESC LIMIT 2")
-    sides = [("forward", str(t)) for t in fw["trace_id"]][::-1]
-    return (sides + [None, None])[0], (sides + [None, None])[1] if len(sides) > 1 else None
+    padded = [("forward", str(t)) for t in fw["trace_id"]][::-1] + [None, None]
+    return padded[0], padded[1]
 
 
 def _side_selection(sel: Selection, side: tuple[str, str]) -> Selection:
