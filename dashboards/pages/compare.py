@@ -81,7 +81,7 @@ def metric_table(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["a"].notna() | rows["b"].notna()].reset_index(drop=True)
 
 
-def update(store, sel: queries.Selection, _search, a, b, metrics):
+def update(store, sel: queries.Selection, _search, a=None, b=None, metrics=()):
     metrics = tuple(metrics or KEYS["cmp"].default)
     first, second, problems = sides(store, sel, a, b)
     if problems:
@@ -99,7 +99,7 @@ def update(store, sel: queries.Selection, _search, a, b, metrics):
                             name=f"{label}: {_name(side)}", legendgroup=label, showlegend=row == 1,
                             line={"color": COLORS[label]})
     fig.update_layout({k: v for k, v in LAYOUT.items() if not k.startswith(("xaxis", "yaxis"))},
-                      height=max(360, 220 * len(metrics)),
+                      height=max(360, 220 * len(metrics)), margin={**LAYOUT["margin"], "t": 80},
                       title={"text": f"A: {_name(first)} · B: {_name(second)}", "x": 0.02, "xanchor": "left"})
     fig.update_xaxes(title_text=ITERATION_AXIS, row=len(metrics), col=1)
     rows = metric_table(queries.compare_forward_metrics(store, sel, first), queries.compare_forward_metrics(store, sel, second))
