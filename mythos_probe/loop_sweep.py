@@ -7,7 +7,7 @@ count is the depth). Agreement compares each position's argmax with that of the 
 accuracy (with `targets`) compares it with the target, over positions whose target is not
 `ignore_index`. Rows come back in loop order with the counts behind each share.
 
-Stored sweeps (`on_trace=[store.write_trace]`, or `sweep(..., on_trace=[rec_list.append])`): each
+Stored sweeps (`on_trace=[store_sink(path)]` from `mythos_probe.collectors.sinks`, or any callable): each
 loop count's forward is recorded (`attach` with the coda lens at every position, `kind="shadow"`:
 not served traffic) with the attributes `sweep` (one id per call), `sweep_loops` (its loop count)
 and, with targets, `sweep_correct` and `sweep_positions`. The dashboard's Loop sweep page computes
@@ -39,7 +39,7 @@ def sweep(model: torch.nn.Module, inputs: torch.Tensor, loops: Iterable[int] = r
     `correct` and `accuracy`; `best` marks the loop counts of the highest accuracy (else agreement).
 
     on_trace: callables receiving each loop count's recorded `LoopTrace` (e.g. a store's
-        `write_trace`); without them nothing is recorded. `sweep_id` names the sweep (default a
+        `store_sink(path)`); without them nothing is recorded. `sweep_id` names the sweep (default a
         fresh id), `attributes` add tags to every recorded forward."""
     import pandas as pd
     from mythos_probe.model.looped import LoopedTransformer

@@ -1,5 +1,5 @@
 """Loop sweep page (`/sweep`): accuracy, or agreement with full depth, against the number of
-loops, from stored sweeps (`mythos_probe.sweep(model, inputs, loops=…, on_trace=[store.write_trace])`),
+loops, from stored sweeps (`mythos_probe.sweep(model, inputs, loops=…, on_trace=[store_sink(path)])`),
 showing where extra loops hurt (the "overthinking" drop of Loop, Think & Generalize).
 
 How a sweep is stored: one forward per loop count, tagged `sweep` (one id per call) and
@@ -59,10 +59,10 @@ def overthinking(df):
 def update(store, sel: queries.Selection, _search):
     df = queries.sweep_curves(store, sel, SWEEPS)
     if df.empty:
-        empty = empty_figure("Loop sweep", "No stored sweep: run mythos_probe.sweep(model, inputs, on_trace=[store.write_trace])")
+        empty = empty_figure("Loop sweep", "No stored sweep: run mythos_probe.sweep(model, inputs, on_trace=[store_sink(path)])")
         note = no_data(store, sel) if queries.matching_count(store, sel) == 0 else message(
             "No loop sweep among the selected forwards: record one with "
-            "mythos_probe.sweep(model, inputs, loops=range(1, 17), on_trace=[store.write_trace]).")
+            "mythos_probe.sweep(model, inputs, loops=range(1, 17), on_trace=[store_sink(path)]).")
         return note, empty, empty, ""
     df = overthinking(df)
     has_accuracy = df["accuracy"].notna().any()
