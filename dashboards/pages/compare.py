@@ -9,6 +9,8 @@ It is not the convergence page's side-by-side heatmaps (per position) nor the fo
 
 from __future__ import annotations
 
+import html as html_text
+
 import numpy as np
 import pandas as pd
 from dash import Output, dcc, html
@@ -52,6 +54,11 @@ def layout(state: dict | None = None) -> html.Div:
 
 def _name(side: tuple[str, str]) -> str:
     return f"{'forward' if side[0] == 'forward' else 'run'} {side[1][:12] if side[0] == 'forward' else side[1]}"
+
+
+def _title(first: tuple[str, str], second: tuple[str, str]) -> str:
+    # a run id is the sender's text: escaped here, since `as_text` leaves titles alone
+    return html_text.escape(f"A: {_name(first)} · B: {_name(second)}", quote=False)
 
 
 def sides(store, sel: queries.Selection, a: str | None, b: str | None):
@@ -100,7 +107,7 @@ def update(store, sel: queries.Selection, _search, a=None, b=None, metrics=()):
                             line={"color": COLORS[label]})
     fig.update_layout({k: v for k, v in LAYOUT.items() if not k.startswith(("xaxis", "yaxis"))},
                       height=max(360, 220 * len(metrics)), margin={**LAYOUT["margin"], "t": 80},
-                      title={"text": f"A: {_name(first)} · B: {_name(second)}", "x": 0.02, "xanchor": "left"})
+                      title={"text": _title(first, second), "x": 0.02, "xanchor": "left"})
     fig.update_xaxes(title_text=ITERATION_AXIS, row=len(metrics), col=1)
     rows = metric_table(queries.compare_forward_metrics(store, sel, first), queries.compare_forward_metrics(store, sel, second))
     return "", fig, table(rows, COLUMNS, "compare-rows", links=(), formats=FORMATS)
