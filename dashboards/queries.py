@@ -612,16 +612,20 @@ def depth_profile(store, sel: Selection) -> pd.DataFrame:
     summed over forwards (from `exit_count`); `pooled_share` = active / the group's positions;
     `mean_share` = the mean over forwards of each forward's active share, a forward that had
     stopped by t counting 0; `forwards` and `positions` of the group."""
+    # Per (group, iteration) sums, then one window over those few rows: a position exiting at k
+    # is active at every t ≤ k, so active(t) = Σ_{k ≥ t} exits(k), and a forward's share likewise
+    # (Σ_{k ≥ t} exits_f(k) / n_f); every forward has an iteration-0 row, which counts the group.
     return select(
         store, sel,
-        ", per AS (SELECT f.grp, i.forward_id, i.iteration, f.batch * f.seq_len AS n,"
-        "  sum(i.exit_count) OVER (PARTITION BY i.forward_id ORDER BY i.iteration DESC) AS active"
-        f"  {_ITER_JOIN} WHERE isfinite(i.exit_count)),"
-        " g AS (SELECT grp, count(*) AS forwards, sum(n) AS positions FROM per WHERE iteration = 0 GROUP BY grp)"
-        " SELECT per.grp, per.iteration, sum(per.active) AS active, sum(per.active) / any_value(g.positions) AS pooled_share,"
-        " sum(per.active / per.n) / any_value(g.forwards) AS mean_share, any_value(g.forwards) AS forwards,"
-        " any_value(g.positions) AS positions"
-        " FROM per JOIN g USING (grp) GROUP BY per.grp, per.iteration ORDER BY per.grp, per.iteration",
+        ", per AS (SELECT f.grp, i.iteration, sum(i.exit_count) AS exits,"
+        "  sum(i.exit_count / (f.batch * f.seq_len)) AS exit_share, count(*) AS rows, sum(f.batch * f.seq_len) AS n"
+        f"  {_ITER_JOIN} WHERE isfinite(i.exit_count) GROUP BY ALL),"
+        " g AS (SELECT grp, rows AS forwards, n AS positions FROM per WHERE iteration = 0)"
+        " SELECT per.grp, per.iteration, sum(per.exits) OVER w AS active,"
+        " sum(per.exits) OVER w / g.positions AS pooled_share, sum(per.exit_share) OVER w / g.forwards AS mean_share,"
+        " g.forwards, g.positions FROM per JOIN g USING (grp)"
+        " WINDOW w AS (PARTITION BY per.grp ORDER BY per.iteration DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
+        " ORDER BY per.grp, per.iteration",
     )
 
 

@@ -14,11 +14,10 @@ import html as html_text
 import numpy as np
 import pandas as pd
 from dash import Output, dcc, html
-from plotly.subplots import make_subplots
 
 from mythos_probe.dashboards import queries
 from mythos_probe.dashboards.components import (
-    ITERATION_AXIS, area, empty_figure, graph, message, metric_options, no_data, shown_iteration, table, view_callback,
+    ITERATION_AXIS, area, empty_figure, figure, graph, message, metric_options, no_data, shown_iteration, table, view_callback,
 )
 from mythos_probe.dashboards.theme import LAYOUT
 from mythos_probe.dashboards.urlstate import KEYS, control_id
@@ -88,6 +87,26 @@ def metric_table(first: pd.DataFrame, second: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["a"].notna() | rows["b"].notna()].reset_index(drop=True)
 
 
+def _axis(row: int) -> str:
+    return "y" if row == 1 else f"y{row}"
+
+
+def panels(title: str, metrics: tuple[str, ...]) -> dict:
+    """A layout of one panel per metric stacked on a shared iteration axis, as a plain dict
+    (plotly.py's make_subplots and update_layout cost more than the view's queries)."""
+    n, gap = len(metrics), 0.06
+    height = (1 - gap * (n - 1)) / n
+    layout = figure(title, ITERATION_AXIS, "", height=max(360, 220 * n), margin={**LAYOUT["margin"], "t": 80}).layout.to_plotly_json()
+    layout["annotations"] = []
+    for row, metric in enumerate(metrics, start=1):
+        top = 1 - (row - 1) * (height + gap)
+        layout["yaxis" if row == 1 else f"yaxis{row}"] = {**LAYOUT["yaxis"], "domain": [top - height, top], "anchor": "x"}
+        layout["annotations"].append({"text": metric, "showarrow": False, "xref": "paper", "yref": "paper", "x": 0.5,
+                                      "y": top, "xanchor": "center", "yanchor": "bottom", "font": {"size": 13}})
+    layout["xaxis"]["anchor"] = _axis(n)
+    return layout
+
+
 def update(store, sel: queries.Selection, _search, a=None, b=None, metrics=()):
     metrics = tuple(metrics or KEYS["cmp"].default)
     first, second, problems = sides(store, sel, a, b)
@@ -98,17 +117,14 @@ def update(store, sel: queries.Selection, _search, a=None, b=None, metrics=()):
         empty = empty_figure("Compare", "Nothing to compare: the selection holds fewer than two forwards")
         return no_data(store, sel) if queries.matching_count(store, sel) == 0 else message(
             "Give A and B: a trace id or a run id each."), empty, ""
-    fig = make_subplots(rows=len(metrics), cols=1, shared_xaxes=True, subplot_titles=metrics, vertical_spacing=0.06)
+    traces = []
     for label, side in (("A", first), ("B", second)):
         per = queries.compare_iterations(store, sel, side, metrics)
         for row, metric in enumerate(metrics, start=1):
-            fig.add_scatter(x=shown_iteration(per["iteration"]), y=per[metric], mode="lines+markers", row=row, col=1,
-                            name=f"{label}: {_name(side)}", legendgroup=label, showlegend=row == 1,
-                            line={"color": COLORS[label]})
-    fig.update_layout({k: v for k, v in LAYOUT.items() if not k.startswith(("xaxis", "yaxis"))},
-                      height=max(360, 220 * len(metrics)), margin={**LAYOUT["margin"], "t": 80},
-                      title={"text": _title(first, second), "x": 0.02, "xanchor": "left"})
-    fig.update_xaxes(title_text=ITERATION_AXIS, row=len(metrics), col=1)
+            traces.append({"type": "scatter", "x": shown_iteration(per["iteration"]).to_numpy(), "y": per[metric].to_numpy(),
+                           "mode": "lines+markers", "xaxis": "x", "yaxis": _axis(row), "name": f"{label}: {_name(side)}",
+                           "legendgroup": label, "showlegend": row == 1, "line": {"color": COLORS[label]}})
+    fig = {"data": traces, "layout": panels(_title(first, second), metrics)}
     rows = metric_table(queries.compare_forward_metrics(store, sel, first), queries.compare_forward_metrics(store, sel, second))
     return "", fig, table(rows, COLUMNS, "compare-rows", links=(), formats=FORMATS)
 

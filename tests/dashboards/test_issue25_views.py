@@ -190,6 +190,8 @@ def test_compare_two_runs_and_a_run_against_a_forward(stored):
         assert table.loc[name, "ratio"] == pytest.approx(one.forward_metrics[name] / a_value)
     assert table.loc["tokens", "b"] == one.batch * one.seq_len
     out = compare.update(store, sel, "", "run-1", one.trace_id.lstrip("0"), ("state_norm", "rel_residual"))
-    assert out[0] == "" and len(out[1].data) == 4  # two metrics, A and B each
-    np.testing.assert_allclose(out[1].data[2].y, one.iteration_metrics["state_norm"])  # B's first panel
+    assert out[0] == "" and len(out[1]["data"]) == 4  # two metrics, A and B each
+    b_norm = out[1]["data"][2]  # B's first panel
+    assert b_norm["yaxis"] == "y" and out[1]["data"][3]["yaxis"] == "y2"
+    np.testing.assert_allclose(b_norm["y"], one.iteration_metrics["state_norm"])
     assert "neither a stored trace id nor a run id" in str(compare.update(store, sel, "", "nope", None, ())[0])
