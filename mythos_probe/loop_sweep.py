@@ -8,7 +8,7 @@ accuracy (with `targets`) compares it with the target, over positions whose targ
 `ignore_index`. Rows come back in loop order with the counts behind each share.
 
 Stored sweeps (`on_trace=[store_sink(path)]` from `mythos_probe.collectors.sinks`, or any callable): each
-loop count's forward is recorded (`attach` with the coda lens at every position, `kind="shadow"`:
+loop count's forward is recorded (`attach` with only the coda lens, at every position; `kind="shadow"`:
 not served traffic) with the attributes `sweep` (one id per call), `sweep_loops` (its loop count)
 and, with targets, `sweep_correct` and `sweep_positions`. The dashboard's Loop sweep page computes
 agreement in SQL from those rows: each position's lens argmax at its last iteration against the
@@ -97,9 +97,10 @@ def _predict(model, inputs, n, forward_kwargs):
 @contextmanager
 def _attach_for_sweep(model, tags, on_trace):
     from mythos_probe.probes.recorder import attach
-    from mythos_probe.probes.reductions import DEFAULT_PROBES
 
-    with attach(model, probes=[*DEFAULT_PROBES, "lens"], detail="positions", lens_positions="all",
+    # the lens alone: what the stored agreement reads (with exit counts and depths); the default
+    # probes at positions detail would cost the sweep about three times its forwards
+    with attach(model, probes=["lens"], detail="positions", lens_positions="all",
                 attributes=tags, kind="shadow", on_trace=[on_trace]) as rec:
         yield rec
 

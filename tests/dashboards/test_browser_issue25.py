@@ -65,12 +65,10 @@ def test_exit_steps_split_by_task_with_counts(browser, big):
     choose(browser, ctl("group"), "task")
     fig = read_graph(browser, "loops-shares", "share of each group", changed_from=before)
     tokens = read_graph(browser, "loops-tokens", "per token")
-    for task in TASKS:
-        counts = np.zeros(10)
-        mine = [t for t in traces if t.attributes["task"] == task]
-        for t in mine:
-            c = np.bincount(t.position_iterations.ravel())
-            counts[: len(c)] += c
+    per_task = {task: np.zeros(10) for task in TASKS}
+    for t in traces:
+        per_task[t.attributes["task"]] += np.bincount(t.position_iterations.ravel(), minlength=10)
+    for task, counts in per_task.items():
         used = np.flatnonzero(counts)
         drawn = next(d for d in fig["data"] if d["name"].startswith(task + " "))
         assert drawn["name"] == f"{task} ({int(counts.sum()):,} tokens)"
