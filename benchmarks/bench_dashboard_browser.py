@@ -1,6 +1,7 @@
 """Dashboard browser benchmark: click → drawn in real headless Chromium, per view. Not a test.
 
-Builds (once, then reuses) the 10,000-forward store of `bench_dashboard.py`, starts
+Builds (once, then reuses) the 10,000-forward store of `bench_dashboard.py` (plus one stored
+loop sweep for the Loop sweep page), starts
 `mythos-probe dashboard` on it as its own process, and drives Chromium through every page (a
 click on the navigation link) and the main interactions (forward kind, grouping, spectral over
 time, the what-if criterion switch, sorting the forwards grid). A view counts as drawn when no
@@ -181,6 +182,9 @@ PAGE_VIEWS = [
     ("Cost (page)", "/forward", nav("cost"), None),
     ("Coda lens & what-if (page)", "/forward", nav("lens"), None),
     ("Forward detail (page)", "/loops", nav("forward"), None),
+    ("Depth profile (page)", "/forward", nav("depth"), None),
+    ("Loop sweep (page)", "/forward", nav("sweep"), None),
+    ("Compare two runs (page)", "/forward", nav("compare"), None),
 ]
 _RADIO = "[id='{{\"key\":\"x\",\"type\":\"ctl\"}}'] input[value='{}']"
 INTERACTIONS = [
@@ -203,6 +207,9 @@ def link_interactions(driver, base: str, k: int, only: str = "") -> list[tuple[s
         ("What-if same range again (cached)", "/lens", f"?tmin={0.0001 * (k + 1):g}&tmax=1"),
         ("Forward kind → every kind (loops)", "/loops", "?kind=all"),
         ("Group by endpoint (halting)", "/halting", "?group=attr%3Aendpoint"),
+        ("Exit steps split by endpoint (loops)", "/loops", "?group=attr%3Aendpoint"),
+        ("Depth profile split by endpoint", "/depth", "?group=attr%3Aendpoint"),
+        ("Compare: other runs as A and B", "/compare", "?a=run-0&b=run-1"),
     ):
         if only not in name:
             continue
@@ -224,6 +231,27 @@ def urljoin(path: str, query: str) -> str:
     return path.split("?")[0] + query
 
 
+SWEEP_LOOPS = range(1, 17)
+
+
+def ensure_sweep(path: Path) -> None:
+    """One stored loop sweep (16 loop counts of 4 × 256 positions, as `mythos_probe.sweep` stores
+    them) for the Loop sweep page, added to the store once."""
+    import numpy as np
+
+    from mythos_probe.collectors.store import Store
+    from tests.dashboards.test_issue25_views import sweep_traces
+
+    with Store(path) as store:
+        if not store.query("SELECT 1 FROM forwards WHERE json_extract_string(attributes, '$.sweep') IS NOT NULL LIMIT 1").empty:
+            return
+        rng = np.random.default_rng(16)
+        deepest = rng.integers(0, 256, size=(4, 256))
+        preds = {n: np.where(rng.random(deepest.shape) < 0.5 ** n + 0.02 * (n > 12), deepest + 1, deepest) for n in SWEEP_LOOPS}
+        newest = int(store.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0])
+        store.write_traces(sweep_traces(rng, "bench-sweep", preds, newest + 1, targets=preds[12]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--forwards", type=int, default=10_000)
@@ -237,6 +265,7 @@ def main() -> None:
     if not args.store.exists():
         args.store.parent.mkdir(parents=True, exist_ok=True)
         build(args.store, args.forwards)
+    ensure_sweep(args.store)
     proc, base = start_dashboard(sys.executable, os.getcwd(), args.store)
     other = None
     if args.baseline:

@@ -577,3 +577,174 @@ def shapes(store, sel: Selection) -> pd.DataFrame:
     iteration or position show one pair at a time."""
     return select(store, sel, "SELECT model_id, loop_name, count(*) AS forwards, max(start_time) AS newest"
                               " FROM sel GROUP BY model_id, loop_name ORDER BY newest DESC, model_id, loop_name")
+
+
+# --- issue 25: exit steps by group, the depth profile, loop sweeps, two forwards or runs side by side
+
+
+def _exit_steps_sql() -> str:
+    """`steps`: per group and exit step (iterations used, 1-based) the tokens that stopped there;
+    `groups`: each group's forward count."""
+    return (f", steps AS (SELECT f.grp, i.iteration + 1 AS used, sum(i.exit_count) AS tokens {_ITER_JOIN}"
+            " WHERE isfinite(i.exit_count) GROUP BY ALL HAVING sum(i.exit_count) > 0),"
+            " groups AS (SELECT grp, count(*) AS forwards FROM sel GROUP BY grp)")
+
+
+def exit_steps(store, sel: Selection) -> pd.DataFrame:
+    """Per group and exit step `used` (iterations a token ran, 1-based): `tokens` that stopped
+    there, their `share` of the group's tokens (so groups of different sizes compare), the
+    group's `group_tokens` and `forwards`."""
+    return select(
+        store, sel,
+        _exit_steps_sql() + " SELECT s.grp, s.used, s.tokens, s.tokens / sum(s.tokens) OVER (PARTITION BY s.grp) AS share,"
+        " sum(s.tokens) OVER (PARTITION BY s.grp) AS group_tokens, g.forwards"
+        " FROM steps s JOIN groups g USING (grp) ORDER BY s.grp, s.used",
+    )
+
+
+def exit_step_groups(store, sel: Selection) -> pd.DataFrame:
+    """Per group: `forwards`, `tokens`, the mean exit step and the largest, and the share of the
+    group's tokens that ran the group's deepest step."""
+    return select(
+        store, sel,
+        _exit_steps_sql() + " SELECT s.grp, any_value(g.forwards) AS forwards, sum(s.tokens) AS tokens,"
+        " sum(s.used * s.tokens) / sum(s.tokens) AS mean_used, max(s.used) AS max_used,"
+        " arg_max(s.tokens, s.used) / sum(s.tokens) AS deepest_share"
+        " FROM steps s JOIN groups g USING (grp) GROUP BY s.grp ORDER BY s.grp",
+    )
+
+
+def depth_profile(store, sel: Selection) -> pd.DataFrame:
+    """Active positions per iteration (Mixture-of-Recursions' tokens per recursion depth): per
+    group and iteration t (0-based), `active` = positions whose last iteration is t or later,
+    summed over forwards (from `exit_count`); `pooled_share` = active / the group's positions;
+    `mean_share` = the mean over forwards of each forward's active share, a forward that had
+    stopped by t counting 0; `forwards` and `positions` of the group."""
+    # Per (group, iteration) sums, then one window over those few rows: a position exiting at k
+    # is active at every t ≤ k, so active(t) = Σ_{k ≥ t} exits(k), and a forward's share likewise
+    # (Σ_{k ≥ t} exits_f(k) / n_f); every forward has an iteration-0 row, which counts the group.
+    return select(
+        store, sel,
+        ", per AS (SELECT f.grp, i.iteration, sum(i.exit_count) AS exits,"
+        "  sum(i.exit_count / (f.batch * f.seq_len)) AS exit_share, count(*) AS rows, sum(f.batch * f.seq_len) AS n"
+        f"  {_ITER_JOIN} WHERE isfinite(i.exit_count) GROUP BY ALL),"
+        " g AS (SELECT grp, rows AS forwards, n AS positions FROM per WHERE iteration = 0)"
+        " SELECT per.grp, per.iteration, sum(per.exits) OVER w AS active,"
+        " sum(per.exits) OVER w / g.positions AS pooled_share, sum(per.exit_share) OVER w / g.forwards AS mean_share,"
+        " g.forwards, g.positions FROM per JOIN g USING (grp)"
+        " WINDOW w AS (PARTITION BY per.grp ORDER BY per.iteration DESC ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)"
+        " ORDER BY per.grp, per.iteration",
+    )
+
+
+# A loop sweep (`mythos_probe.sweep(..., on_trace=...)`) stores one forward per loop count, each
+# with attributes `sweep` (the sweep's id, one per call) and `sweep_loops` (its loop count), and
+# with targets `sweep_correct` / `sweep_positions`; the lens argmax of each position at its last
+# iteration is the forward's prediction (the sweep checks this when it records).
+SWEEP_KEYS = ("sweep", "sweep_loops", "sweep_correct", "sweep_positions")
+
+
+def sweep_forwards(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
+    """The sweep forwards of the newest `sweeps` sweeps `sel` keeps (any forward kind): forward id,
+    sweep, loops, model, the sweep's counts (NULL without targets) and its start time."""
+    sel = dataclasses.replace(sel, kinds=(), group="none")
+    return select(
+        store, sel,
+        ", sw AS (SELECT forward_id, json_extract_string(attributes, '$.sweep') AS sweep,"
+        "  TRY_CAST(json_extract_string(attributes, '$.sweep_loops') AS INTEGER) AS loops,"
+        "  TRY_CAST(json_extract_string(attributes, '$.sweep_correct') AS BIGINT) AS correct,"
+        "  TRY_CAST(json_extract_string(attributes, '$.sweep_positions') AS BIGINT) AS compared,"
+        "  model_id, start_time FROM sel WHERE json_extract_string(attributes, '$.sweep') IS NOT NULL),"
+        " newest AS (SELECT sweep, max(start_time) AS t FROM sw WHERE loops IS NOT NULL GROUP BY sweep ORDER BY t DESC LIMIT ?)"
+        " SELECT sw.* FROM sw JOIN newest USING (sweep) WHERE sw.loops IS NOT NULL ORDER BY newest.t DESC, sw.sweep, sw.loops",
+        [sweeps],
+    )
+
+
+def sweep_curves(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
+    """Per sweep and loop count: `positions` compared, `agreeing` and `agreement` (the share of
+    positions whose final prediction equals that of the sweep's deepest forward, by batch row and
+    position), `correct` / `accuracy` where the sweep had targets, and `best` (the loop counts of
+    the highest accuracy, else agreement)."""
+    picked = sweep_forwards(store, sel, sweeps)
+    columns = ["sweep", "loops", "model_id", "positions", "agreeing", "agreement", "correct", "accuracy", "best", "newest"]
+    if picked.empty:
+        return pd.DataFrame(columns=columns)
+    ids = picked["forward_id"].to_numpy()
+    deepest = picked.loc[picked.groupby("sweep")["loops"].idxmax(), ["sweep", "forward_id"]]
+    # The ids as constants with their range, so DuckDB reads only the row groups holding them.
+    agree = store.query(
+        "WITH pick AS (SELECT unnest(?) AS forward_id, unnest(?) AS sweep),"
+        " deep AS (SELECT unnest(?) AS sweep, unnest(?) AS deep_id),"
+        " final AS (SELECT p.forward_id, p.batch_index, p.position, p.lens_argmax FROM positions p"
+        "  WHERE p.forward_id BETWEEN ? AND ? AND p.forward_id IN (SELECT forward_id FROM pick)"
+        "  AND p.iteration = p.iterations_used - 1 AND isfinite(p.lens_argmax) AND p.lens_argmax >= 0)"
+        " SELECT a.forward_id, count(d.lens_argmax) AS positions, count_if(a.lens_argmax = d.lens_argmax) AS agreeing"
+        " FROM final a JOIN pick USING (forward_id) JOIN deep USING (sweep)"
+        " JOIN final d ON d.forward_id = deep.deep_id AND d.batch_index = a.batch_index AND d.position = a.position"
+        " GROUP BY a.forward_id",
+        [ids.tolist(), picked["sweep"].tolist(), deepest["sweep"].tolist(), deepest["forward_id"].tolist(),
+         int(ids.min()), int(ids.max())],
+    )
+    df = picked.merge(agree, on="forward_id", how="left")
+    df["positions"] = df["positions"].fillna(0).astype(int)
+    df["agreeing"] = df["agreeing"].fillna(0).astype(int)
+    df["agreement"] = df["agreeing"] / df["positions"].where(df["positions"] > 0)
+    df["accuracy"] = df["correct"] / df["compared"].where(df["compared"] > 0)
+    score = df["accuracy"].where(df["accuracy"].notna(), df["agreement"])
+    df["best"] = score == score.groupby(df["sweep"]).transform("max")
+    df["newest"] = df.groupby("sweep")["start_time"].transform("max")
+    return df.sort_values(["newest", "sweep", "loops"], ascending=[False, True, True])[columns].reset_index(drop=True)
+
+
+# Per-forward columns the compare view lists, with the forward metrics after them.
+COMPARE_FORWARD_COLUMNS = ("iterations", "n_loops", "tokens", "duration_ms")
+
+
+def resolve(store, text: str | None) -> tuple[str, str] | None:
+    """What the compare view's A or B box names: ("forward", trace id) or ("run", run id), or None."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    trace = text.lower().removeprefix("0x").zfill(32) if all(c in "0123456789abcdefABCDEFx" for c in text) else None
+    if trace and not store.query("SELECT 1 FROM forwards WHERE trace_id = ? LIMIT 1", [trace]).empty:
+        return "forward", trace
+    if not store.query("SELECT 1 FROM forwards WHERE run_id = ? LIMIT 1", [text]).empty:
+        return "run", text
+    return None
+
+
+def compare_defaults(store, sel: Selection) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """When the compare view is given nothing: the two newest runs `sel` keeps (older as A), else
+    its two newest forwards."""
+    runs_df = select(store, dataclasses.replace(sel, group="none"),
+                     "SELECT run_id, max(start_time) AS t FROM sel GROUP BY run_id ORDER BY t DESC LIMIT 2")
+    if len(runs_df) == 2:
+        return ("run", str(runs_df["run_id"].iloc[1])), ("run", str(runs_df["run_id"].iloc[0]))
+    fw = select(store, sel, "SELECT trace_id FROM sel ORDER BY start_time DESC LIMIT 2")
+    padded = [("forward", str(t)) for t in fw["trace_id"]][::-1] + [None, None]
+    return padded[0], padded[1]
+
+
+def _side_selection(sel: Selection, side: tuple[str, str]) -> Selection:
+    """A run side: the filter bar's selection narrowed to the run (its other filters kept)."""
+    return dataclasses.replace(sel, runs=(side[1],), group="none")
+
+
+def compare_iterations(store, sel: Selection, side: tuple[str, str], metrics: tuple[str, ...]) -> pd.DataFrame:
+    """Per iteration, `metrics` of one forward, or their means over the run's selected forwards."""
+    if side[0] == "forward":
+        return forward_iterations(store, side[1], metrics)
+    return iteration_means(store, _side_selection(sel, side), metrics).drop(columns="grp")
+
+
+def compare_forward_metrics(store, sel: Selection, side: tuple[str, str]) -> pd.DataFrame:
+    """One row: the forward's per-forward columns and metrics, or their means over the run's
+    selected forwards (finite values only), with `forwards`, how many it covers."""
+    from mythos_probe.records import FORWARD_METRIC_NAMES
+
+    names = (*COMPARE_FORWARD_COLUMNS, *FORWARD_METRIC_NAMES)
+    cols = ", ".join(f"avg({finite('CAST(f.' + _quote(n) + ' AS DOUBLE)')}) AS {_quote(n)}" for n in names)
+    if side[0] == "forward":
+        return store.query(f"SELECT count(*) AS forwards, {cols} FROM forwards f WHERE f.trace_id = ?", [side[1]])
+    return select(store, _side_selection(sel, side), f"SELECT count(*) AS forwards, {cols} FROM sel f")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 
 from mythos_probe.dashboards.queries import GROUP_COLUMNS, WINDOWS
-from mythos_probe.records import FORWARD_KINDS, POSITION_METRIC_NAMES
+from mythos_probe.records import FORWARD_KINDS, ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES
 from mythos_probe.whatif import CRITERIA
 
 
@@ -76,6 +76,11 @@ KEYS: dict[str, Key] = {
     "tmax": Key(None, cast=number),
     "from2": Key(None),  # convergence: a second time range to compare against
     "to2": Key(None),
+    # compare (issue 25): A and B, each a trace id or a run id; the per-iteration metrics overlaid
+    "a": Key(None),
+    "b": Key(None),
+    "cmp": Key(("rel_residual", "state_norm", "halted_fraction", "lens_kl_final"), multi=True,
+               choices=ITERATION_METRIC_NAMES),
 }
 
 

@@ -3,8 +3,10 @@ which Jupyter renders inline.
 
 Figures: `convergence_heatmap` (a metric per position and iteration, with each position's halting
 step), `convergence` (per-iteration residual, forwards overlaid), `halting_curves`,
-`expert_heatmap`, `spectral`, `coda_lens` and `whatif` (the early-exit Pareto plot of
-`mythos_probe.whatif`). Iterations are 0-based loop indices t, as in the records.
+`expert_heatmap`, `spectral`, `coda_lens`, `whatif` (the early-exit Pareto plot of
+`mythos_probe.whatif`), `exit_steps` (split by an attribute, with counts), `depth_profile`
+(positions still running per iteration), `sweep` (accuracy or agreement against loops, the
+overthinking drop) and `compare` (two forwards, metric by metric). Iterations are 0-based loop indices t, as in the records.
 
 This module is not: the metric formulas (`mythos_probe.metrics`), the DataFrames (`frames.py`)
 or the dashboard (`dashboards/`, which reads the store and never imports this). It only reads
@@ -250,3 +252,161 @@ class Plots:
         from mythos_probe import whatif
 
         return whatif.pareto_figure(whatif.evaluate(self.traces, thresholds), min_agreement)
+
+    # -- issue 25: the looped-model papers' views ----------------------------------------------
+
+    def _group_of(self, trace: LoopTrace, by: str | None) -> str:
+        if by is None:
+            return "all"
+        if by in trace.attributes:
+            return str(trace.attributes[by])
+        if by in _TRACE_GROUPS:
+            return str(getattr(trace, by))
+        return "(unset)"
+
+    def exit_steps(self, by: str | None = None, share: bool = False) -> go.Figure:
+        """Tokens by exit step (iterations used, from `exit_count`), one bar series per value of
+        `by` (an attribute key such as "task" or "endpoint", or `model_id`, `run_id`, `kind`,
+        `loop_name`, `exit_policy`); each bar labelled with its count. With `share`, each group's
+        bars are its share of the group's tokens (groups of different sizes side by side)."""
+        if by is not None and by not in _TRACE_GROUPS and not any(by in t.attributes for t in self.traces):
+            keys = sorted({k for t in self.traces for k in t.attributes})
+            raise ValueError(f"no trace has attribute {by!r}; attributes: {keys}, or one of {list(_TRACE_GROUPS)}")
+        counts: dict[str, np.ndarray] = {}
+        forwards: dict[str, int] = {}
+        for tr in self.traces:
+            exits = tr.iteration_metrics.get("exit_count")
+            if exits is None:
+                continue
+            group = self._group_of(tr, by)
+            total = counts.setdefault(group, np.zeros(0))
+            if len(total) < len(exits):
+                total = np.r_[total, np.zeros(len(exits) - len(total))]
+            total[: len(exits)] += np.nan_to_num(exits)
+            counts[group] = total
+            forwards[group] = forwards.get(group, 0) + 1
+        if not counts:
+            raise ValueError("no trace has exit counts: record forwards with attach(model) (the 'halting' probe)")
+        fig = go.Figure()
+        for group in sorted(counts):
+            total = counts[group]
+            used = np.flatnonzero(total) + 1
+            tokens = total[used - 1]
+            y = tokens / tokens.sum() if share else tokens
+            fig.add_trace(go.Bar(x=used, y=y, name=f"{group} ({int(tokens.sum()):,} tokens, {forwards[group]} forwards)",
+                                 text=[f"{int(n):,}" for n in tokens], textposition="outside", customdata=tokens,
+                                 hovertemplate="exit step %{x}<br>%{customdata:,} tokens<extra>%{fullData.name}</extra>"))
+        fig.update_layout(barmode="group", title="Exit steps" + (f" by {by}" if by else ""),
+                          legend=dict(orientation="h", y=-0.2))
+        fig.update_xaxes(title_text="exit step (iterations used)", dtick=1)
+        fig.update_yaxes(title_text="share of the group's tokens" if share else "tokens (count)",
+                         tickformat=".0%" if share else None)
+        return fig
+
+    def depth_profile(self, by: str | None = None) -> go.Figure:
+        """Positions still running at each iteration t (their `position_iterations` > t), summed
+        over the forwards of each group (left), and as the share of the group's positions (right):
+        Mixture-of-Recursions' active tokens per depth. Needs per-token depths."""
+        active: dict[str, np.ndarray] = {}
+        positions: dict[str, int] = {}
+        for tr in self.traces:
+            if tr.position_iterations is None:
+                continue
+            group = self._group_of(tr, by)
+            used = tr.position_iterations.ravel()
+            running = (used[:, None] > np.arange(tr.iterations)).sum(axis=0).astype(float)
+            total = active.get(group, np.zeros(0))
+            if len(total) < len(running):
+                total = np.r_[total, np.zeros(len(running) - len(total))]
+            total[: len(running)] += running
+            active[group] = total
+            positions[group] = positions.get(group, 0) + used.size
+        if not active:
+            raise ValueError("no trace has per-position depths (position_iterations): the depth profile needs a model "
+                             "whose positions stop at their own iteration (ACT, early exit, a recursion router)")
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("active positions (count)", "share still running"))
+        for group in sorted(active):
+            t = np.arange(len(active[group]))
+            fig.add_trace(go.Bar(x=t, y=active[group], name=f"{group}", legendgroup=group, text=active[group].astype(int),
+                                 textposition="outside"), row=1, col=1)
+            fig.add_trace(go.Scatter(x=t, y=active[group] / positions[group], mode="lines+markers", legendgroup=group,
+                                     name=f"{group} (share of {positions[group]:,} positions)"), row=1, col=2)
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1)
+        fig.update_yaxes(title_text="positions still running (count)", row=1, col=1)
+        fig.update_yaxes(title_text="share of positions", range=[0, 1.05], tickformat=".0%", row=1, col=2)
+        fig.update_layout(title="Depth profile: positions still running per iteration", barmode="group",
+                          legend=dict(orientation="h", y=-0.2))
+        return fig
+
+    def sweep(self, frame=None) -> go.Figure:
+        """Accuracy (else agreement with the deepest run) against the number of loops, from a
+        `mythos_probe.sweep` result `frame` or, without one, from the sweep forwards recorded here
+        (`sweep(..., on_trace=[...])`). ★ marks the best loop count; ✕ loop counts past it that
+        score lower: where extra loops hurt."""
+        from mythos_probe.loop_sweep import sweep_from_traces
+
+        if frame is None:
+            frame = sweep_from_traces(self.traces)
+            if frame.empty:
+                raise ValueError("no sweep forwards recorded: pass the frame mythos_probe.sweep returned, or record "
+                                 "the sweep with sweep(model, inputs, on_trace=[...])")
+        frame = frame.copy()
+        if "sweep" not in frame:
+            frame["sweep"] = "sweep"
+        accuracy = frame["accuracy"] if "accuracy" in frame else None
+        has_accuracy = accuracy is not None and accuracy.notna().any()
+        frame["score"] = accuracy.where(accuracy.notna(), frame["agreement"]) if accuracy is not None else frame["agreement"]
+        fig = go.Figure()
+        for name, part in frame.groupby("sweep", sort=False):
+            part = part.sort_values("loops")
+            best = part["score"].max()
+            first_best = part.loc[part["score"] == best, "loops"].min()
+            hurts = part[(part["loops"] > first_best) & (part["score"] < best)]
+            fig.add_trace(go.Scatter(x=part["loops"], y=part["score"], mode="lines+markers", name=str(name)))
+            if has_accuracy:
+                fig.add_trace(go.Scatter(x=part["loops"], y=part["agreement"], mode="lines", line=dict(dash="dot"),
+                                         name=f"{name}: agreement with the deepest run"))
+            fig.add_trace(go.Scatter(x=part.loc[part["score"] == best, "loops"], y=np.full((part["score"] == best).sum(), best),
+                                     mode="markers", marker=dict(symbol="star", size=13, color="#f59e0b"),
+                                     name=f"{name}: best ({best:.1%})"))
+            if len(hurts):
+                fig.add_trace(go.Scatter(x=hurts["loops"], y=hurts["score"], mode="markers",
+                                         marker=dict(symbol="x", size=10, color="crimson"),
+                                         name=f"{name}: extra loops hurt (down to {hurts['score'].min():.1%})"))
+        fig.update_xaxes(title_text="loops (fixed depth)", dtick=1)
+        fig.update_yaxes(title_text="accuracy" if has_accuracy else "agreement with the deepest run", tickformat=".0%")
+        fig.update_layout(title="Accuracy against loops" if has_accuracy else "Agreement with full depth against loops",
+                          legend=dict(orientation="h", y=-0.2))
+        return fig
+
+    def compare(self, a: int = -2, b: int = -1,
+                metrics: Sequence[str] = ("rel_residual", "state_norm", "halted_fraction", "lens_kl_final")) -> go.Figure:
+        """Two recorded forwards side by side: each of `metrics` per iteration, A and B overlaid,
+        and a table of their per-forward metrics with B − A."""
+        first, second = self._trace(a), self._trace(b)
+        shown = [m for m in metrics if m in first.iteration_metrics or m in second.iteration_metrics]
+        if not shown:
+            raise ValueError(f"neither forward has any of {list(metrics)}; recorded: {sorted(first.iteration_metrics)}")
+        fig = make_subplots(rows=len(shown) + 1, cols=1, subplot_titles=[*shown, "per-forward metrics"],
+                            specs=[[{"type": "xy"}]] * len(shown) + [[{"type": "table"}]], vertical_spacing=0.05)
+        for label, tr, colour in (("A", first, "#2563eb"), ("B", second, "crimson")):
+            for row, metric in enumerate(shown, start=1):
+                values = tr.iteration_metrics.get(metric)
+                if values is None:
+                    continue
+                fig.add_trace(go.Scatter(x=np.arange(tr.iterations), y=values, mode="lines+markers", legendgroup=label,
+                                         name=f"{label}: forward {a if label == 'A' else b} (step {tr.step})",
+                                         showlegend=row == 1, line=dict(color=colour)), row=row, col=1)
+        names = sorted(set(first.forward_metrics) | set(second.forward_metrics))
+        va = np.array([first.forward_metrics.get(n, np.nan) for n in names], dtype=float)
+        vb = np.array([second.forward_metrics.get(n, np.nan) for n in names], dtype=float)
+        cells = [["iterations", *names], [first.iterations, *np.round(va, 6)], [second.iterations, *np.round(vb, 6)],
+                 [second.iterations - first.iterations, *np.round(vb - va, 6)]]
+        fig.add_trace(go.Table(header=dict(values=["metric", "A", "B", "B − A"]), cells=dict(values=cells)),
+                      row=len(shown) + 1, col=1)
+        fig.update_xaxes(title_text=_ITERATION_AXIS, dtick=1, row=len(shown), col=1)
+        fig.update_layout(title="Two forwards, metric by metric", height=260 * len(shown) + 420)
+        return fig
+
+
+_TRACE_GROUPS = ("model_id", "run_id", "kind", "loop_name", "exit_policy")

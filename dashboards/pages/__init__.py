@@ -4,7 +4,7 @@ prefixed by the module name.
 """
 
 from mythos_probe.dashboards.pages import (
-    budgets, convergence, cost, experts, forward, forwards, halting, lens, loops, spectral,
+    budgets, compare, convergence, cost, depth, experts, forward, forwards, halting, lens, loops, spectral, sweep,
 )
 
-PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens)
+PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens, depth, sweep, compare)

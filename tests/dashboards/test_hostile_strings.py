@@ -99,7 +99,7 @@ def test_no_page_fetches_a_url_written_in_a_stored_string(browser, hostile):
 
     url, listener, traces = hostile
     pages = ["/", f"/forward?trace={traces[0].trace_id}", "/loops", "/halting", "/spectral", "/experts", "/cost",
-             "/lens", "/convergence"]
+             "/lens", "/convergence", "/depth", "/sweep", "/compare"]
     drawn, texts = 0, []
     for page in pages:
         browser.get(url + page)
