@@ -20,7 +20,7 @@ import duckdb
 
 from mythos_probe.collectors import rollups
 from mythos_probe.collectors.schema import (
-    BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote,
+    BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, ROW_BUDGET_COLUMNS, quote,
 )
 
 
@@ -72,6 +72,12 @@ MIGRATIONS: tuple[Migration, ...] = (  # append only
     _add_column("forwards", "lens_flops"),
     # the dashboard's pre-aggregated tables (`rollups`), filled from the forwards already stored
     Migration("m004_issue27_rollups", rollups.MIGRATION),
+    # per-request loop budgets as list columns of `forwards` (schema.ROW_BUDGET_COLUMNS); NULL for
+    # the forwards stored before, which ran one n_loops for every row as far as the store knew
+    Migration(
+        "m005_issue26_row_budgets",
+        tuple(f"ALTER TABLE forwards ADD COLUMN IF NOT EXISTS {quote(c)} {t}" for c, t in ROW_BUDGET_COLUMNS),
+    ),
 )
 STORE_VERSION = len(MIGRATIONS)  # a store's version: the number of migrations it has applied
 
