@@ -78,6 +78,9 @@ MIGRATIONS: tuple[Migration, ...] = (  # append only
         "m005_issue26_row_budgets",
         tuple(f"ALTER TABLE forwards ADD COLUMN IF NOT EXISTS {quote(c)} {t}" for c, t in ROW_BUDGET_COLUMNS),
     ),
+    # issue 25: the latent-trajectory position metrics (`metrics/trajectory.py`)
+    *(_add_column("positions", c) for c in (
+        "traj_pc1", "traj_pc2", "traj_pc3", "traj_pc1_share", "traj_pc2_share", "traj_pc3_share", "traj_fixed")),
 )
 STORE_VERSION = len(MIGRATIONS)  # a store's version: the number of migrations it has applied
 
