@@ -10,6 +10,8 @@ the fixed points from the relative steps. Then through a real forward of our mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -185,3 +187,29 @@ def test_on_the_huginn_preset_the_projections_equal_a_pca_of_its_core_block_outp
     states = np.stack([o.double().numpy() for o in cap.outputs["core"]])
     assert trace.iterations == states.shape[0] == 5
     assert_pca(trace, states)
+
+
+def test_plot_draws_each_positions_path_and_marks_its_fixed_point():
+    from mythos_probe.plots import Plots
+
+    tr = run(H)
+    fig = Plots([tr]).trajectories(batch_index=0, components=(1, 2))
+    paths = [d for d in fig.data if d.mode == "lines+markers"]
+    assert len(paths) == T
+    stars = {int(d.legendgroup): d for d in fig.data if d.marker.symbol == "star"}
+    assert sorted(stars) == [2, 3, 4]  # the settled positions (4 never moved)
+    for p, path in enumerate(paths):
+        np.testing.assert_array_equal(path.x, tr.position_metrics["traj_pc1"][0, p])
+        np.testing.assert_array_equal(path.y, tr.position_metrics["traj_pc2"][0, p])
+    for p, at in SETTLE.items():
+        assert (stars[p].x[0], stars[p].y[0]) == (tr.position_metrics["traj_pc1"][0, p, at],
+                                                  tr.position_metrics["traj_pc2"][0, p, at])
+    s1, s2 = (tr.position_metrics[f"traj_pc{j}_share"][0, 1, 0] for j in (1, 2))
+    assert paths[1].name == f"1: #0 ({s1:.0%} + {s2:.0%})"  # the orbit: its shares on the two directions
+    fig13 = Plots([tr]).trajectories(positions=[1], components=(1, 3))
+    np.testing.assert_array_equal(fig13.data[0].y, tr.position_metrics["traj_pc3"][0, 1])
+    summary = dataclasses.replace(tr, detail="summary", position_metrics={})
+    with pytest.raises(ValueError, match="'trajectory'"):
+        Plots([summary]).trajectories()
+    with pytest.raises(IndexError, match="positions"):
+        Plots([tr]).trajectories(positions=[T])
