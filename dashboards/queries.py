@@ -569,3 +569,28 @@ def shapes(store, sel: Selection) -> pd.DataFrame:
     iteration or position show one pair at a time."""
     return select(store, sel, "SELECT model_id, loop_name, count(*) AS forwards, max(start_time) AS newest"
                               " FROM sel GROUP BY model_id, loop_name ORDER BY newest DESC, model_id, loop_name")
+
+
+TRAJECTORY_COLUMNS = ("traj_pc1", "traj_pc2", "traj_pc3", "traj_pc1_share", "traj_pc2_share", "traj_pc3_share",
+                      "traj_fixed")
+
+
+def trajectories(store, trace_id: str, batch_index: int) -> pd.DataFrame:
+    """One forward's latent trajectories (the trajectory probe's position metrics,
+    `mythos_probe.metrics.trajectory`) for one batch row: a row per position and iteration, with
+    token text; empty when the forward was recorded without the probe."""
+    cols = ", ".join(TRAJECTORY_COLUMNS)
+    return store.query(
+        f"WITH {_ONE_FORWARD} SELECT position, iteration, {cols}, token_text"
+        " FROM positions p JOIN one USING (forward_id) WHERE p.batch_index = ? AND p.traj_pc1 IS NOT NULL"
+        " ORDER BY position, iteration",
+        [trace_id, batch_index],
+    )
+
+
+def newest_trajectory_trace(store, sel: Selection) -> str | None:
+    """The newest selected forward recorded with the trajectory probe (None when there is none)."""
+    df = select(store, sel, "SELECT trace_id FROM sel f WHERE f.detail = 'positions' AND EXISTS (SELECT 1 FROM"
+                            " positions p WHERE p.forward_id = f.forward_id AND p.traj_pc1 IS NOT NULL)"
+                            " ORDER BY start_time DESC LIMIT 1")
+    return None if df.empty else str(df["trace_id"].iloc[0])

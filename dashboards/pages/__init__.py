@@ -6,5 +6,7 @@ prefixed by the module name.
 from mythos_probe.dashboards.pages import (
     budgets, convergence, cost, experts, forward, forwards, halting, lens, loops, spectral,
 )
+from mythos_probe.dashboards.pages import trajectories  # issue 25
 
 PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens)
+PAGES += (trajectories,)  # issue 25: appended, so other branches' pages merge beside it
