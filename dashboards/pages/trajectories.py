@@ -11,7 +11,6 @@ It is not the probe (which computes the projections on the device) nor the noteb
 from __future__ import annotations
 
 import numpy as np
-import plotly.graph_objects as go
 from dash import Input, Output, dcc, html
 
 from mythos_probe.dashboards import queries
@@ -52,31 +51,48 @@ def _label(position: int, text) -> str:
     return f"{position}: {text!r}" if isinstance(text, str) else str(position)
 
 
-def figures(df, pair: tuple[int, int], title_note: str) -> tuple[go.Figure, go.Figure]:
-    """(paths on the two directions, first direction against the iteration) from `queries.trajectories` rows."""
+def figures(df, pair: tuple[int, int], title_note: str) -> tuple[dict, dict]:
+    """(paths on the two directions, first direction against the iteration) from `queries.trajectories`
+    rows, as figure dicts: a path per position, and one trace each for all starts and all fixed points
+    (plotly.py validates every trace it builds, ~5 ms each: 64 positions would take a second)."""
     a, b = pair
-    paths = figure(f"Paths on PC{a} × PC{b}{title_note}: ○ t=0, ★ fixed point",
-                   f"PC{a} of the position's own states (projection)", f"PC{b} (projection)")
-    over = figure(f"PC1 over iterations{title_note}", ITERATION_AXIS, "PC1 (projection)")
+    paths = {"data": [], "layout": figure(f"Paths on PC{a} × PC{b}{title_note}: ○ t=0, ★ fixed point",
+                                          f"PC{a} of the position's own states (projection)",
+                                          f"PC{b} (projection)").layout.to_plotly_json()}
+    # the legend is the paths figure's: a second list of every position would double the drawing
+    over = {"data": [], "layout": figure(f"PC1 over iterations{title_note}", ITERATION_AXIS, "PC1 (projection)",
+                                         showlegend=False).layout.to_plotly_json()}
+    starts: dict[str, list] = {"x": [], "y": [], "text": []}
+    stars: dict[str, list] = {"x": [], "y": [], "text": [], "t": [], "pc1": []}
     for position, rows in df.groupby("position", sort=True):
         label = _label(int(position), rows["token_text"].iloc[0])
         shares = [rows[f"traj_pc{c}_share"].iloc[0] for c in (a, b)]
         share = " + ".join(f"{s:.0%}" if np.isfinite(s) else "–" for s in shares)
-        x, y, t = rows[f"traj_pc{a}"].to_numpy(), rows[f"traj_pc{b}"].to_numpy(), rows["iteration"].to_numpy()
+        x, y = rows[f"traj_pc{a}"].to_numpy().tolist(), rows[f"traj_pc{b}"].to_numpy().tolist()
+        t, pc1 = rows["iteration"].to_numpy().tolist(), rows["traj_pc1"].to_numpy().tolist()
+        paths["data"].append({"type": "scatter", "x": x, "y": y, "mode": "lines+markers", "name": f"{label} ({share})",
+                              "legendgroup": str(position), "customdata": t,
+                              "hovertemplate": "t=%{customdata}<br>%{x:.3g}, %{y:.3g}"})
+        over["data"].append({"type": "scatter", "x": t, "y": pc1, "mode": "lines+markers", "name": label,
+                             "legendgroup": str(position)})
+        starts["x"].append(x[0]), starts["y"].append(y[0]), starts["text"].append(label)
         fixed = np.flatnonzero(rows["traj_fixed"].to_numpy() > 0)
-        group = str(position)
-        paths.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{label} ({share})", legendgroup=group,
-                                   customdata=t, hovertemplate="t=%{customdata}<br>%{x:.3g}, %{y:.3g}"))
-        paths.add_trace(go.Scatter(x=x[:1], y=y[:1], mode="markers", legendgroup=group, showlegend=False, name="t=0",
-                                   marker={"symbol": "circle-open", "size": 11, "color": "#24292f"}))
-        over.add_trace(go.Scatter(x=t, y=rows["traj_pc1"].to_numpy(), mode="lines+markers", name=label, legendgroup=group))
         if fixed.size:
             at = int(fixed[0])
-            star = {"symbol": "star", "size": 14, "color": "gold", "line": {"width": 1, "color": "#24292f"}}
-            paths.add_trace(go.Scatter(x=x[at:at + 1], y=y[at:at + 1], mode="markers", legendgroup=group, showlegend=False,
-                                       name="fixed point", marker=star, hovertemplate=f"fixed point from t={t[at]}"))
-            over.add_trace(go.Scatter(x=t[at:at + 1], y=rows["traj_pc1"].to_numpy()[at:at + 1], mode="markers",
-                                      legendgroup=group, showlegend=False, name="fixed point", marker=star))
+            for key, value in (("x", x[at]), ("y", y[at]), ("text", label), ("t", t[at]), ("pc1", pc1[at])):
+                stars[key].append(value)
+    star = {"symbol": "star", "size": 14, "color": "gold", "line": {"width": 1, "color": "#24292f"}}
+    paths["data"].append({"type": "scatter", "mode": "markers", "name": "t=0", "x": starts["x"], "y": starts["y"],
+                          "text": starts["text"], "hovertemplate": "%{text}: t=0<extra></extra>",
+                          "marker": {"symbol": "circle-open", "size": 11, "color": "#24292f"}})
+    if stars["x"]:
+        hover = "%{text}: fixed point from t=%{customdata}<extra></extra>"
+        paths["data"].append({"type": "scatter", "mode": "markers", "name": "fixed point", "x": stars["x"],
+                              "y": stars["y"], "text": stars["text"], "customdata": stars["t"], "marker": star,
+                              "hovertemplate": hover})
+        over["data"].append({"type": "scatter", "mode": "markers", "name": "fixed point", "x": stars["t"],
+                             "y": stars["pc1"], "text": stars["text"], "customdata": stars["t"], "marker": star,
+                             "hovertemplate": hover})
     return paths, over
 
 

@@ -63,8 +63,9 @@ def test_paths_are_the_stored_projections_with_fixed_points_starred(browser, big
         assert d["name"].startswith(f"{p} (")
         np.testing.assert_array_equal(np.asarray(d["x"], np.float32), trace.position_metrics["traj_pc1"][0, p])
         np.testing.assert_array_equal(np.asarray(d["y"], np.float32), trace.position_metrics["traj_pc2"][0, p])
-    stars = [d for d in fig["data"] if d["name"] == "fixed point"]
-    starred = {(float(d["x"][0]), float(d["y"][0])) for d in stars}
+    (stars,) = [d for d in fig["data"] if d["name"] == "fixed point"]  # one trace, a star per settled position
+    starred = {(float(x), float(y)) for x, y in zip(stars["x"], stars["y"])}
+    assert len(stars["x"]) == 3
     want = {(float(trace.position_metrics["traj_pc1"][0, p, at]), float(trace.position_metrics["traj_pc2"][0, p, at]))
             for p, at in {**SETTLE, 4: 0}.items()}
     assert starred == want
