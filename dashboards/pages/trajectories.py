@@ -96,7 +96,7 @@ def figures(df, pair: tuple[int, int], title_note: str) -> tuple[dict, dict]:
     return paths, over
 
 
-def update(store, sel: queries.Selection, search, batch_index, pair):
+def update(store, sel: queries.Selection, search, batch_index=0, pair="1-2"):
     asked = trace_from_search(search)
     empty = empty_figure("Latent trajectories", "")
     trace_id = asked or queries.newest_trajectory_trace(store, sel)
