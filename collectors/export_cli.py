@@ -30,6 +30,7 @@ from typing import Iterator
 from urllib.parse import quote
 
 import duckdb
+import numpy as np
 
 from mythos_probe.cli import CommandError
 from mythos_probe.collectors import spans
@@ -153,6 +154,10 @@ def _attributes(f: dict, present: dict[str, set[str]], iterations, positions, ex
                             ("token_text", spans.ATTR_TOKEN_TEXT)):
             if column in present["positions"]:
                 attrs[key] = first[column].tolist()
+    for field, (key, _) in spans.BUDGET_ATTRS.items():  # list columns of the same name; NULL: no budgets
+        value = f.get(field)
+        if isinstance(value, (list, tuple, np.ndarray)):  # NULL reads as None or pandas' NA
+            attrs[key] = list(value)
     if f["n_experts"]:
         attrs[spans.ATTR_EXPERT_COUNT] = f["n_experts"]
         attrs[spans.ATTR_EXPERT_LOAD] = [] if experts is None else experts["load"].tolist()

@@ -20,7 +20,7 @@ import duckdb
 
 from mythos_probe.collectors import rollups
 from mythos_probe.collectors.schema import (
-    BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, quote,
+    BASE_COLUMNS, FIRST_METRICS, KEYED_TABLES, METRIC_COLUMNS, RECORD_V2_COLUMNS, ROW_BUDGET_COLUMNS, quote,
 )
 
 
@@ -72,6 +72,15 @@ MIGRATIONS: tuple[Migration, ...] = (  # append only
     _add_column("forwards", "lens_flops"),
     # the dashboard's pre-aggregated tables (`rollups`), filled from the forwards already stored
     Migration("m004_issue27_rollups", rollups.MIGRATION),
+    # per-request loop budgets as list columns of `forwards` (schema.ROW_BUDGET_COLUMNS); NULL for
+    # the forwards stored before, which ran one n_loops for every row as far as the store knew
+    Migration(
+        "m005_issue26_row_budgets",
+        tuple(f"ALTER TABLE forwards ADD COLUMN IF NOT EXISTS {quote(c)} {t}" for c, t in ROW_BUDGET_COLUMNS),
+    ),
+    # issue 25: the latent-trajectory position metrics (`metrics/trajectory.py`)
+    *(_add_column("positions", c) for c in (
+        "traj_pc1", "traj_pc2", "traj_pc3", "traj_pc1_share", "traj_pc2_share", "traj_pc3_share", "traj_fixed")),
     # the lens-sampled position rows the what-if replays (`rollups.LENS_TABLE`), from those stored
     Migration("m006_issue27_lens_positions", rollups.LENS_MIGRATION),
 )

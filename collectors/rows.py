@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from mythos_probe.collectors import rollups
-from mythos_probe.collectors.schema import RECORD_V2_COLUMNS, TABLES
+from mythos_probe.collectors.schema import RECORD_V2_COLUMNS, ROW_BUDGET_COLUMNS, TABLES
 from mythos_probe.collectors.spans import (
     FORWARD_SPAN_NAME,
     ATTR_EXPERT_LOAD,
@@ -42,6 +42,9 @@ _ARROW_TYPES = {
     "DOUBLE": pa.float64(),
     "REAL": pa.float32(),
     "TIMESTAMP": pa.timestamp("us"),
+    "BIGINT[]": pa.list_(pa.int64()),
+    "DOUBLE[]": pa.list_(pa.float64()),
+    "VARCHAR[]": pa.list_(pa.string()),
 }
 
 
@@ -161,6 +164,8 @@ def forwards_table(traces: Sequence[LoopTrace], first_forward_id: int) -> pa.Tab
         "schema_version": [t.schema_version for t in traces],
         "attributes": [to_json(t.attributes) for t in traces],
         **{col: [getattr(t, col) for t in traces] for col, _, _ in RECORD_V2_COLUMNS},
+        # lists per batch row, or None (NULL); NaN thresholds stay NaN (the policy's default)
+        **{col: [None if (v := getattr(t, col)) is None else list(v) for t in traces] for col, _ in ROW_BUDGET_COLUMNS},
     }
     for name in FORWARD_METRIC_NAMES:
         cols[name] = [t.forward_metrics.get(name) for t in traces]

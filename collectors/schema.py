@@ -131,6 +131,22 @@ FIRST_METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Per-request loop budgets (issue 26; `LoopTrace.row_*`), added by migration
+# `m005_issue26_row_budgets`: one list entry per batch row, in row order; NULL when the forward ran
+# one n_loops for every row, as the record's None. List columns on `forwards`, not a table of their
+# own: a budget is only ever read with its forward (the export, profiles, the Budgets page), a list
+# is as long as the batch (a row of the forward, never a million rows), and the budgets then commit,
+# deduplicate and partition with the forward's row itself, so the store, the Parquet folder, the
+# read API and Spark need no new key table. A reader wanting one row per request UNNESTs them
+# (`SELECT UNNEST(row_max_loops) ...`). NaN in `row_exit_threshold` is the policy's default threshold.
+ROW_BUDGET_COLUMNS: Columns = (
+    ("row_max_loops", "BIGINT[]"),
+    ("row_min_loops", "BIGINT[]"),
+    ("row_exit_threshold", "DOUBLE[]"),
+    ("row_budget_reason", "VARCHAR[]"),
+)
+
+
 def _metrics(table: str, first: bool) -> Columns:
     return tuple((c, t) for c, t in METRIC_COLUMNS.get(table, ()) if (c in FIRST_METRICS.get(table, ())) == first)
 
@@ -143,6 +159,8 @@ TABLES: dict[str, Columns] = {
     + (FORWARD_ID if table in KEYED_TABLES else ())
     + (tuple((c, t) for c, t, _ in RECORD_V2_COLUMNS) if table == "forwards" else ())
     + _metrics(table, first=False)
+    # after the metrics added before it (lens_flops): a forward metric added later must come after these
+    + (ROW_BUDGET_COLUMNS if table == "forwards" else ())
     for table, cols in BASE_COLUMNS.items()
 }
 

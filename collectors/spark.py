@@ -36,7 +36,8 @@ from mythos_probe.collectors.schema import TABLES
 
 # DuckDB's TIMESTAMP has no zone: Spark's timestamp_ntz, not its session-zone timestamp
 _SPARK_TYPES = {"VARCHAR": "string", "JSON": "string", "BIGINT": "bigint", "INTEGER": "int", "DOUBLE": "double",
-                "REAL": "float", "TIMESTAMP": "timestamp_ntz"}
+                "REAL": "float", "TIMESTAMP": "timestamp_ntz", "BIGINT[]": "array<bigint>", "DOUBLE[]": "array<double>",
+                "VARCHAR[]": "array<string>"}
 GROUP_COLUMNS = {"model": "model_id", "run": "run_id", "kind": "kind", "loop": "loop_name", "rank": "rank",
                  "policy": "exit_policy"}
 

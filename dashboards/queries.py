@@ -748,3 +748,28 @@ def compare_forward_metrics(store, sel: Selection, side: tuple[str, str]) -> pd.
     if side[0] == "forward":
         return store.query(f"SELECT count(*) AS forwards, {cols} FROM forwards f WHERE f.trace_id = ?", [side[1]])
     return select(store, _side_selection(sel, side), f"SELECT count(*) AS forwards, {cols} FROM sel f")
+
+
+TRAJECTORY_COLUMNS = ("traj_pc1", "traj_pc2", "traj_pc3", "traj_pc1_share", "traj_pc2_share", "traj_pc3_share",
+                      "traj_fixed")
+
+
+def trajectories(store, trace_id: str, batch_index: int) -> pd.DataFrame:
+    """One forward's latent trajectories (the trajectory probe's position metrics,
+    `mythos_probe.metrics.trajectory`) for one batch row: a row per position and iteration, with
+    token text; empty when the forward was recorded without the probe."""
+    cols = ", ".join(TRAJECTORY_COLUMNS)
+    return store.query(
+        f"WITH {_ONE_FORWARD} SELECT position, iteration, {cols}, token_text"
+        " FROM positions p JOIN one USING (forward_id) WHERE p.batch_index = ? AND p.traj_pc1 IS NOT NULL"
+        " ORDER BY position, iteration",
+        [trace_id, batch_index],
+    )
+
+
+def newest_trajectory_trace(store, sel: Selection) -> str | None:
+    """The newest selected forward recorded with the trajectory probe (None when there is none)."""
+    df = select(store, sel, "SELECT trace_id FROM sel f WHERE f.detail = 'positions' AND EXISTS (SELECT 1 FROM"
+                            " positions p WHERE p.forward_id = f.forward_id AND p.traj_pc1 IS NOT NULL)"
+                            " ORDER BY start_time DESC LIMIT 1")
+    return None if df.empty else str(df["trace_id"].iloc[0])

@@ -408,5 +408,61 @@ class Plots:
         fig.update_layout(title="Two forwards, metric by metric", height=260 * len(shown) + 420)
         return fig
 
+    # -- latent trajectories (issue 25) ------------------------------------------------------------
+
+    def trajectories(self, trace: int = -1, batch_index: int = 0, positions: Sequence[int] | None = None,
+                     components: tuple[int, int] = (1, 2)) -> go.Figure:
+        """Huginn's latent trajectories: for each position, its states h_0 … h_{I−1} projected on
+        that position's own principal directions `components` (PCA over its iterations, centred:
+        `traj_pc1` … `traj_pc3`), one path per position with a marker per iteration; ○ marks
+        iteration 0 and ★ the fixed point (the first iteration with `traj_fixed`, from which the
+        state stops moving). Axes are per-position coordinates: two paths share a plot, not a basis.
+        The legend gives each position's share of variance on the two directions."""
+        tr = self._trace(trace)
+        names = [f"traj_pc{c}" for c in components]
+        if len(components) != 2 or not all(c in (1, 2, 3) for c in components):
+            raise ValueError(f"components takes two of 1, 2, 3 (the principal directions kept), got {components!r}")
+        if tr.detail != "positions" or any(n not in tr.position_metrics for n in names):
+            raise ValueError("this trace has no trajectories: attach(model, probes=[*DEFAULT_PROBES, 'trajectory'], "
+                             "detail='positions') with DEFAULT_PROBES from mythos_probe.probes.reductions")
+        if not 0 <= batch_index < tr.batch:
+            raise IndexError(f"batch_index {batch_index} out of range for batch {tr.batch}")
+        chosen = list(range(tr.seq_len)) if positions is None else [int(p) for p in positions]
+        bad = [p for p in chosen if not 0 <= p < tr.seq_len]
+        if bad:
+            raise IndexError(f"positions {bad} out of range for a sequence of {tr.seq_len} tokens")
+        x, y = (tr.position_metrics[n][batch_index] for n in names)  # (T, I)
+        shares = [tr.position_metrics[f"{n}_share"][batch_index, :, 0] for n in names]
+        fixed = tr.position_metrics.get("traj_fixed")
+        t = np.arange(tr.iterations)
+        fig = go.Figure()
+        for p in chosen:
+            label = str(p)
+            if tr.token_text is not None:
+                label = f"{p}: {tr.token_text[batch_index][p]!r}"
+            elif tr.token_ids is not None:
+                label = f"{p}: #{tr.token_ids[batch_index][p]}"
+            share = " + ".join(f"{s[p]:.0%}" if np.isfinite(s[p]) else "–" for s in shares)
+            fig.add_trace(go.Scatter(
+                x=x[p], y=y[p], mode="lines+markers", name=f"{label} ({share})", legendgroup=str(p),
+                customdata=t, marker=dict(size=5),
+                hovertemplate=f"position {label}<br>t=%{{customdata}}<br>PC{components[0]}=%{{x:.3g}}"
+                              f"<br>PC{components[1]}=%{{y:.3g}}<extra></extra>",
+            ))
+            fig.add_trace(go.Scatter(x=x[p, :1], y=y[p, :1], mode="markers", legendgroup=str(p), showlegend=False,
+                                     marker=dict(symbol="circle-open", size=11, color="black"),
+                                     hovertemplate=f"position {label}: t=0<extra></extra>"))
+            if fixed is not None and fixed[batch_index, p].any():
+                at = int(np.argmax(fixed[batch_index, p] > 0))
+                fig.add_trace(go.Scatter(
+                    x=x[p, at:at + 1], y=y[p, at:at + 1], mode="markers", legendgroup=str(p), showlegend=False,
+                    name="fixed point", marker=dict(symbol="star", size=14, color="gold", line=dict(width=1, color="black")),
+                    hovertemplate=f"position {label}: fixed point from t={at}<extra></extra>"))
+        fig.update_layout(title=f"Latent trajectories (step {tr.step}, batch index {batch_index}): ○ t=0, ★ fixed point",
+                          legend=dict(title="position (variance share)"))
+        fig.update_xaxes(title_text=f"PC{components[0]} of the position's own states (projection, L2 units)")
+        fig.update_yaxes(title_text=f"PC{components[1]} (projection, L2 units)")
+        return fig
+
 
 _TRACE_GROUPS = ("model_id", "run_id", "kind", "loop_name", "exit_policy")

@@ -109,6 +109,16 @@ POSITION_METRICS: tuple[Metric, ...] = (
     _m("lens_entropy", "entropy of p_t", "Belrose et al. 2023"),
     _m("lens_argmax", "token id of argmax p_t", "Belrose et al. 2023"),
     _m("lens_top1_agree", "1 when argmax p_t equals the model's output argmax", "Belrose et al. 2023"),
+    # latent trajectory (opt-in probe "trajectory", `metrics/trajectory.py`): PCA of the position's own
+    # states h_0 … h_{I−1}, centred; the shares repeat along the iterations (one value per position)
+    _m("traj_pc1", "projection of h_t onto the position's 1st principal direction (centred, U√λ)", "Geiping et al. 2025 §6"),
+    _m("traj_pc2", "projection of h_t onto the position's 2nd principal direction", "Geiping et al. 2025 §6"),
+    _m("traj_pc3", "projection of h_t onto the position's 3rd principal direction", "Geiping et al. 2025 §6"),
+    _m("traj_pc1_share", "share of the trajectory's variance the 1st direction explains (λ₁/Σλ)", "Geiping et al. 2025 §6"),
+    _m("traj_pc2_share", "share of the trajectory's variance the 2nd direction explains", "Geiping et al. 2025 §6"),
+    _m("traj_pc3_share", "share of the trajectory's variance the 3rd direction explains", "Geiping et al. 2025 §6"),
+    _m("traj_fixed", "1 where h_t is on its fixed point: every later relative step ‖h_u − h_{u−1}‖/‖h_u‖ (u > t; "
+       "the last iteration: its own) is ≤ 1e-3, else 0", "Geiping et al. 2025 §6"),
 )
 
 # One value per forward.

@@ -6,5 +6,7 @@ prefixed by the module name.
 from mythos_probe.dashboards.pages import (
     budgets, compare, convergence, cost, depth, experts, forward, forwards, halting, lens, loops, spectral, sweep,
 )
+from mythos_probe.dashboards.pages import trajectories  # issue 25
 
-PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens, depth, sweep, compare)
+PAGES = (forwards, forward, convergence, loops, halting, spectral, experts, cost, budgets, lens, depth, sweep, compare,
+         trajectories)

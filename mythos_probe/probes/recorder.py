@@ -184,7 +184,10 @@ def attach(
 
     probes: names from `PROBES`; default `DEFAULT_PROBES`. "lens" (coda lens on
         `lens_positions`) and "jacobian" (σ_max of one step) are opt-in: they re-run parts of
-        the model every iteration.
+        the model every iteration. "trajectory" (opt-in, detail="positions" only): each
+        position's states projected on their own 3 principal directions, and its fixed point
+        (`metrics/trajectory.py`); it keeps every state of the loop on the device until the
+        loop ends.
     detail: "summary" (per-iteration scalars) or "positions" (also batch × seq × iteration).
     attributes: tags on every trace (request id, endpoint, user…): str, int, float or bool.
     sample_every: record 1 forward in N; the others run with hooks that return at once.
@@ -212,6 +215,9 @@ def attach(
     if unknown:
         raise ValueError(f"unknown probes {unknown}; choose from {PROBES}")
     check_field("detail", detail)
+    if "trajectory" in probes and detail != "positions":
+        raise ValueError("the trajectory probe records a path per position: attach(model, "
+                         "probes=[*DEFAULT_PROBES, 'trajectory'], detail='positions')")
     if isinstance(sample_every, bool) or not isinstance(sample_every, int) or sample_every < 1:
         raise ValueError(f"sample_every must be a positive integer, got {sample_every!r}")
     if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1):

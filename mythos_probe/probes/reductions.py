@@ -26,13 +26,15 @@ import numpy as np
 import torch
 
 from mythos_probe.probes.adapters import ForwardContext, IterationTensors
-from mythos_probe.metrics import convergence, experts, halting, lens, spectral
+from mythos_probe.metrics import convergence, experts, halting, lens, spectral, trajectory
 from mythos_probe.metrics.cost import forward_cost
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
-PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian")
+PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian", "trajectory")
 DEFAULT_PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost")
-OPT_IN_PROBES = ("lens", "jacobian")  # each re-runs part of the model per iteration
+# lens and jacobian each re-run part of the model per iteration; trajectory keeps every state of
+# the loop on the device until the loop ends (memory: one state per iteration), at detail="positions"
+OPT_IN_PROBES = ("lens", "jacobian", "trajectory")
 
 _NAN = float("nan")
 
@@ -45,14 +47,25 @@ class Pending:
     # (kind, names, shape) in packing order; "iteration" and "forward" are one table each, a row per name
     layout: list[tuple[str, tuple[str, ...], tuple[int, ...]]]
     meta: dict[str, Any]
+    # (B, T, I, I) centred Gram matrices of the states, for the trajectory probe: its eigh runs on
+    # the device here, after the forward (a batched eigh checks its results on the host, a sync
+    # that must not fall inside the loop), and only the projections join the one transfer
+    trajectory: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (Gram, rounding floor)
 
     def materialize(self) -> LoopTrace:
-        flat = self.packed.cpu().numpy()  # the one transfer of this forward
+        packed, layout = self.packed, self.layout
+        if self.trajectory is not None:
+            proj, share = trajectory.principal_paths(*self.trajectory)  # (k, I, B, T), (k, B, T)
+            maps = {f"traj_pc{j + 1}": proj[j] for j in range(len(proj))}
+            maps.update({f"traj_pc{j + 1}_share": share[j].expand_as(proj[j]) for j in range(len(share))})
+            packed = torch.cat([packed, *(m.reshape(-1) for m in maps.values())])
+            layout = [*layout, *(("position", (name,), tuple(m.shape)) for name, m in maps.items())]
+        flat = packed.cpu().numpy()  # the one transfer of this forward
         meta = dict(self.meta)
         iteration, position, forward = {}, {}, {}
         expert_load = used = None
         offset = 0
-        for kind, names, shape in self.layout:
+        for kind, names, shape in layout:
             size = math.prod(shape)
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
@@ -113,6 +126,13 @@ class _Forward:
     cum_prev2: Optional[torch.Tensor] = None  # ... and after t − 2
     before_last: Optional[torch.Tensor] = None  # (B, T) cumulative halting before the halting step
     bias_zero: bool = False  # the router bias is known to be zero: top-k choices are unbiased
+    # trajectory probe: every state of the loop (released at the loop's end, once reduced to
+    # their Gram matrices) and each iteration's relative step (B, T)
+    traj_states: list[torch.Tensor] = field(default_factory=list)
+    traj_steps: list[torch.Tensor] = field(default_factory=list)
+    traj_gram: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (B, T, I, I) Gram, (B, T) rounding floor
+    traj_dtype: torch.dtype = torch.float32  # the model's state dtype (its rounding)
+    traj_fixed: Optional[torch.Tensor] = None  # (I, B, T)
 
 
 class ForwardReducer:
@@ -131,6 +151,9 @@ class ForwardReducer:
         correlation_positions: int = 32,
     ) -> None:
         self.probes = set(probes)
+        if "trajectory" in self.probes and detail != "positions":
+            raise ValueError("the trajectory probe records a path per position: attach(model, "
+                             "probes=[*DEFAULT_PROBES, 'trajectory'], detail='positions')")
         self.detail = detail
         self.lens_positions = lens_positions
         self.sample_every = sample_every
@@ -199,6 +222,15 @@ class ForwardReducer:
             f.final = h[:, f.dist_index]
             f.trail.append(f.final.to(torch.bfloat16))
         f.prev = (h, norm_h)
+        if "trajectory" in p:
+            # kept whole until the loop ends: detached, and copied when `h` is the model's own
+            # tensor (a model may update its state in place)
+            f.traj_states.append(h.detach().clone() if h is it.state_out else h.detach())
+            f.traj_dtype = it.state_out.dtype
+            step = pos.get("rel_residual")
+            if step is None:
+                step = convergence.rel_residual(torch.linalg.vector_norm(h - hp, dim=-1), norm_h)
+            f.traj_steps.append(step)
         if "spectral" in p:
             pos["state_norm"] = norm_h
             pos["growth_ratio"] = spectral.growth_ratio(norm_h, norm_hp)
@@ -308,6 +340,10 @@ class ForwardReducer:
         hold nothing through the coda and head (where a plain forward peaks in memory)."""
         if f.trail and f.dist is None:
             f.dist = convergence.dist_to_final(f.trail[:-1], f.final)
+        if f.traj_states and f.traj_gram is None:
+            f.traj_gram = trajectory.centred_gram(torch.stack(f.traj_states), f.traj_dtype)
+            f.traj_fixed = trajectory.settled(torch.stack(f.traj_steps))
+        f.traj_states, f.traj_steps = [], []
         f.trail, f.final, f.prev, f.prev_delta, f.prev_topk = [], None, None, None, None
 
     def _lens_index(self, T: int, device) -> torch.Tensor:
@@ -392,8 +428,11 @@ class ForwardReducer:
         names = tuple(name for name in iteration if name in ITERATION_METRIC_NAMES)
         if names:
             add("iteration", names, torch.stack([iteration[name] for name in names]))
+        traj = {}
+        if f.traj_fixed is not None and f.traj_fixed.shape[0] == I:  # (more iterations than n_loops: none)
+            traj["traj_fixed"] = f.traj_fixed
         if self.detail == "positions":
-            for name, value in {**_columns(f.maps), **lens_positions}.items():
+            for name, value in {**_columns(f.maps), **lens_positions, **traj}.items():
                 if name in POSITION_METRIC_NAMES:
                     add("position", (name,), value)
         if expert_load is not None:
@@ -423,7 +462,8 @@ class ForwardReducer:
             meta["cost_fn"] = lambda iterations, used: forward_cost(cfg, B, T, iterations, n_loops, past, used)
         elif "cost" in self.probes and ctx.cost_fn is not None:
             meta["cost_fn"] = ctx.cost_fn
-        self.emit(Pending(torch.cat(parts), layout, meta))
+        gram = f.traj_gram if traj else None
+        self.emit(Pending(torch.cat(parts), layout, meta, trajectory=gram))
 
     def _lens_summary(self, f: _Forward, logits: torch.Tensor):
         """(iteration metrics (I,), position maps (I, B, T) with NaN off the sampled positions).

@@ -59,7 +59,8 @@ def test_every_metric_column_is_added_by_a_written_migration():
     later = [n for n in names[names.index("m003_loop_kind_rank") + 1:] if n.startswith("add_column:")]
     in_tables = [f"add_column:{t}.{c}" for t, cols in TABLES.items() for c, _ in cols
                  if c in dict(METRIC_COLUMNS.get(t, ())) and c not in FIRST_METRICS.get(t, ())]
-    assert later == in_tables == ["add_column:forwards.lens_flops"]
+    assert later == in_tables == ["add_column:forwards.lens_flops", *(f"add_column:positions.traj_{c}" for c in (
+        "pc1", "pc2", "pc3", "pc1_share", "pc2_share", "pc3_share", "fixed"))]
 
 
 def test_migrate_from_empty_and_from_every_earlier_version_gives_the_same_schema(tmp_path):

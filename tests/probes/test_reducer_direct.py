@@ -102,9 +102,9 @@ def used_of(x, I=I):
 
 
 def test_probe_lists():
-    assert PROBES == ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian")
+    assert PROBES == ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian", "trajectory")
     assert DEFAULT_PROBES == ("convergence", "spectral", "halting", "experts", "lora", "cost")
-    assert OPT_IN_PROBES == ("lens", "jacobian")
+    assert OPT_IN_PROBES == ("lens", "jacobian", "trajectory")
 
 
 def test_convergence_metrics_by_hand():
