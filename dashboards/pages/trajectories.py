@@ -58,8 +58,9 @@ def figures(df, pair: tuple[int, int], title_note: str) -> tuple[dict, dict]:
     a, b = pair
     paths = {"data": [], "layout": figure(f"Paths on PC{a} × PC{b}{title_note}: ○ t=0, ★ fixed point",
                                           f"PC{a} of the position's own states (projection)",
-                                          f"PC{b} (projection)").layout.to_plotly_json()}
-    # the legend is the paths figure's: a second list of every position would double the drawing
+                                          f"PC{b} (projection)", showlegend=False).layout.to_plotly_json()}
+    # No legend: 64 entries took half of the page's click → drawn time in Chromium (2.4 s against
+    # 1.2 s, benchmarks/bench_trajectories_browser.py); a path's hover names its token and shares.
     over = {"data": [], "layout": figure(f"PC1 over iterations{title_note}", ITERATION_AXIS, "PC1 (projection)",
                                          showlegend=False).layout.to_plotly_json()}
     starts: dict[str, list] = {"x": [], "y": [], "text": []}
