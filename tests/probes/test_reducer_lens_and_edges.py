@@ -1,0 +1,96 @@
+"""`ForwardReducer` on the inputs tests/probes/test_reducer_direct.py does not build: output logits
+of the last few positions only (`logits_to_keep` in generate), where the coda lens has a final
+distribution at some sampled positions and not at others, the offset at 1 and at several; the
+index tensors built once per forward on the states' device (a "meta" device here, which no
+default placement can match); an aborted forward. Every expected value is recomputed in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mythos_probe.probes.adapters import ForwardContext, IterationTensors
+from mythos_probe.probes.reductions import ForwardReducer, _Forward
+from tests.probes.test_reducer_direct import B, D, I, T, V, X, lens_fn, n
+
+
+def log_softmax(z):
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def lens_forward(positions, logits, detail="positions"):
+    """One forward with the lens probe only; returns (trace, the reducer, its _Forward before end)."""
+    out = []
+    W = torch.randn(D, V, generator=torch.Generator().manual_seed(11))
+    red = ForwardReducer(("lens",), detail, positions, 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None, lens=lens_fn(W)))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1]))
+    f = red.fwd
+    red.end(logits)
+    lp = log_softmax(np.stack([n(s) for s in X["h"]])[1:] @ n(W))  # (I, B, T, V) the lens at every position
+    return out[0].materialize(), red, f, lp
+
+
+@pytest.mark.parametrize("kept", [T - 1, 3])  # offset 1 (only position 0 lacks a final) and offset T − 3
+def test_lens_with_logits_of_the_last_positions_only(kept):
+    off = T - kept
+    full = torch.randn(B, T, V, generator=torch.Generator().manual_seed(4))
+    positions = sorted({0, off - 1, off, T - 1})  # two before the kept logits, two within them
+    tr, red, f, lp = lens_forward(positions, full[:, off:])
+    idx = np.array(positions)
+    has = idx >= off
+    final = log_softmax(n(full))[:, idx]  # (B, P, V), only the entries at `has` are the model's
+    lp = lp[:, :, idx]  # (I, B, P, V)
+    kl_final = (np.exp(final) * (final - lp)).sum(-1)  # (I, B, P)
+    agree = (lp.argmax(-1) == final.argmax(-1)).astype(float)
+    ent = -(np.exp(lp) * lp).sum(-1)
+    pm = tr.position_metrics
+    # positions whose final the model did not return: NaN, never a KL against another position's logits
+    assert np.isnan(pm["lens_kl_final"][:, idx[~has]]).all() and np.isnan(pm["lens_top1_agree"][:, idx[~has]]).all()
+    np.testing.assert_allclose(pm["lens_kl_final"][:, idx[has]], kl_final[:, :, has].transpose(1, 2, 0),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(pm["lens_top1_agree"][:, idx[has]], agree[:, :, has].transpose(1, 2, 0))
+    # what needs no final is there at every sampled position
+    np.testing.assert_allclose(pm["lens_entropy"][:, idx], ent.transpose(1, 2, 0), rtol=1e-5)
+    np.testing.assert_array_equal(pm["lens_argmax"][:, idx], lp.argmax(-1).transpose(1, 2, 0))
+    np.testing.assert_allclose(tr.iteration_metrics["lens_entropy"], ent.mean((1, 2)), rtol=1e-5)
+
+    # the summary itself: the final-dependent columns NaN off the kept logits, the others finite,
+    # the argmax (a token id) never averaged into an iteration metric
+    iteration, maps = red._lens_summary(f, full[:, off:])
+    assert set(iteration) == {"lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_top1_agree", "lens_final_rank"}
+    assert set(maps) == {"lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"}
+    for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
+        assert torch.isnan(iteration[name]).all(), name  # a sampled position has no final to compare with
+    rank = (lp > np.take_along_axis(lp, final.argmax(-1)[None, ..., None].repeat(I, 0), -1)).sum(-1)
+    # with the kept positions alone sampled, the means are over the positions that have a final
+    keep = ForwardReducer(("lens",), "positions", [p for p in positions if p >= off], 1, lambda p: None, {}, "r",
+                          "m", lambda: None)
+    g = _Forward(ctx=f.ctx, start_ns=0, lens_index=torch.tensor(idx[has]),
+                 lens_logp=[x[:, torch.from_numpy(has)] for x in f.lens_logp])
+    it_kept, _ = keep._lens_summary(g, full[:, off:])
+    np.testing.assert_allclose(n(it_kept["lens_final_rank"]), rank[:, :, has].mean((1, 2)))
+    np.testing.assert_allclose(n(it_kept["lens_kl_final"]), kl_final[:, :, has].mean((1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def test_index_tensors_live_on_the_states_device():
+    red = ForwardReducer(("convergence", "lens"), "positions", "last", 1, lambda p: None, {}, "r", "m", lambda: None)
+    meta = torch.device("meta")
+    for positions, want in (("last", [T - 1]), ("all", list(range(T))), ([1, -1], [1, T - 1])):
+        red.lens_positions = positions
+        assert red._lens_index(T, meta).device == meta
+        assert red._lens_index(T, torch.device("cpu")).tolist() == want
+
+
+def test_an_aborted_forward_leaves_nothing_behind():
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    assert red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))
+    red.abort()
+    assert red.fwd is None
+    red.iteration(IterationTensors(state_in=X["h"][1], state_out=X["h"][2]))  # ignored: no forward open
+    red.end(None)
+    assert out == []
