@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+# imported at collection so that a mutation run's fork server holds the model package (and every
+# forked test skips its import); the same import the cost tests need anyway
+from mythos_probe.model.config import LoopedConfig
+from mythos_probe.probes import reductions
 from mythos_probe.probes.adapters import ForwardContext, IterationTensors
 from mythos_probe.probes.reductions import ForwardReducer, _Forward
 from tests.probes.test_reducer_direct import B, D, I, T, V, X, lens_fn, n
@@ -94,3 +98,23 @@ def test_an_aborted_forward_leaves_nothing_behind():
     red.iteration(IterationTensors(state_in=X["h"][1], state_out=X["h"][2]))  # ignored: no forward open
     red.end(None)
     assert out == []
+
+
+@pytest.mark.parametrize("n_loops, want_loops", [(0, I), (9, 9)])
+def test_the_cost_probe_passes_the_forwards_shape_to_the_cost_model(monkeypatch, n_loops, want_loops):
+    calls = []
+    monkeypatch.setattr(reductions, "forward_cost",
+                        lambda *args: calls.append(args) or {"flops": 3.0, "loop_flops": 2.0})
+    cfg = LoopedConfig.variant("tiny-gqa")
+    out = []
+    red = ForwardReducer(("cost",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=n_loops, exit_policy="act", cfg=cfg, past_len=5))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t]))
+    red.end(None)
+    tr = out[0].materialize()
+    (args,) = calls
+    assert args[:6] == (cfg, B, T, I, want_loops, 5)
+    halted = np.stack([n(h) for h in X["halted"]]).astype(bool)
+    np.testing.assert_array_equal(args[6], np.where(halted.any(0), halted.argmax(0) + 1, I))
+    assert (tr.forward_metrics["flops"], tr.forward_metrics["loop_flops"]) == (3.0, 2.0)
