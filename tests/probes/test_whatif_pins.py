@@ -12,6 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+# the model package and what `verify` imports, imported at collection: a mutation run's fork
+# server then holds them, and test_whatif.py's verify refusals skip that import in every fork
+import mythos_probe.executed_flops  # noqa: F401
+import mythos_probe.model  # noqa: F401
 from mythos_probe import whatif
 from tests.probes.test_whatif import hand_trace, make_trace, table_of
 
