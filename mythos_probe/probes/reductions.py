@@ -290,8 +290,8 @@ class ForwardReducer:
     def _experts(self, f: _Forward, it: IterationTensors, scalars: dict[str, torch.Tensor]) -> None:
         idx = it.topk_idx  # (N, k)
         logits = it.router_logits
-        E = logits.shape[-1] if logits is not None else int(f.ctx.cfg.n_experts)
-        if f.ones is None or f.ones.numel() != idx.numel():
+        E = logits.shape[-1] if logits is not None else int(f.ctx.cfg.n_experts)  # pragma: no mutate ((N, E): 1 is -1)
+        if f.ones is None:  # N is the same at every iteration of a forward (topk_overlap compares them)
             f.ones = torch.ones(idx.numel(), device=idx.device)
         f.loads.append(experts.load(idx, E, f.ones))
         if logits is not None:
@@ -449,7 +449,7 @@ class ForwardReducer:
             columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
             prev = logp
         sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
-        if off > 0:
+        if off > 0:  # pragma: no mutate (at 0 every sampled position has a final: the where keeps all)
             for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
                 sampled[name] = torch.where(has_final, sampled[name], nan)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}

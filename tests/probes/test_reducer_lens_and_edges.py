@@ -118,3 +118,18 @@ def test_the_cost_probe_passes_the_forwards_shape_to_the_cost_model(monkeypatch,
     halted = np.stack([n(h) for h in X["halted"]]).astype(bool)
     np.testing.assert_array_equal(args[6], np.where(halted.any(0), halted.argmax(0) + 1, I))
     assert (tr.forward_metrics["flops"], tr.forward_metrics["loop_flops"]) == (3.0, 2.0)
+
+
+def test_expert_ones_and_lens_maps_live_on_the_routers_and_logits_device():
+    meta = torch.device("meta")
+    red = ForwardReducer(("experts", "lens"), "positions", "all", 1, lambda p: None, {}, "r", "m", lambda: None)
+    cfg = LoopedConfig.variant("tiny-gqa")
+    f = _Forward(ctx=ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=cfg), start_ns=0)
+    red._experts(f, IterationTensors(state_in=X["h"][0], state_out=X["h"][1],
+                                     topk_idx=torch.zeros(6, 2, dtype=torch.long, device=meta)), {})
+    assert f.ones.device == meta and f.loads[0].device == meta and f.loads[0].shape == (cfg.n_experts,)
+    f.lens_index = torch.arange(T, device=meta)
+    f.lens_logp = [torch.zeros(B, T, V, device=meta).log_softmax(-1)] * 2
+    iteration, maps = red._lens_summary(f, torch.zeros(B, T, V, device=meta))
+    assert {m.device for m in maps.values()} == {meta} and maps["lens_entropy"].shape == (2, B, T)
+
