@@ -133,3 +133,33 @@ def test_expert_ones_and_lens_maps_live_on_the_routers_and_logits_device():
     iteration, maps = red._lens_summary(f, torch.zeros(B, T, V, device=meta))
     assert {m.device for m in maps.values()} == {meta} and maps["lens_entropy"].shape == (2, B, T)
 
+
+
+def test_halting_bookkeeping_lives_on_the_masks_device():
+    meta = torch.device("meta")
+    red = ForwardReducer(("halting",), "positions", "last", 1, lambda p: None, {}, "r", "m", lambda: None)
+    f = _Forward(ctx=ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="act", cfg=None), start_ns=0)
+    red._halting(f, IterationTensors(state_in=X["h"][0], state_out=X["h"][1],
+                                     halted=torch.zeros(B, T, dtype=torch.bool, device=meta)), 0, {})
+    assert f.halt_iter.device == meta and f.halt_iter.dtype == torch.long
+
+
+def test_a_shared_expert_output_without_a_routed_one_gives_no_ratio():
+    out = []
+    red = ForwardReducer(("experts",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], router_logits=X["logits"][t],
+                                       topk_idx=X["topk"][t], shared_out=X["shared"][t]))
+    red.end(None)
+    metrics = out[0].materialize().iteration_metrics
+    assert "shared_routed_ratio" not in metrics and "routing_entropy" in metrics
+
+
+def test_probes_that_run_model_modules_fork_the_rng_of_the_states_device(monkeypatch):
+    """On a GPU the CUDA generator of that device is forked (its dropout masks stay the model's);
+    on a CPU no CUDA device is touched. fork_rng is recorded, not run: there is no GPU here."""
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **kw: ("forked", devices))
+    cuda = torch.device("cuda", 1)
+    assert reductions._rng_untouched(cuda) == ("forked", [cuda])
+    assert reductions._rng_untouched(torch.device("cpu")) == ("forked", [])
