@@ -57,13 +57,13 @@ class Pending:
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
             if kind == "iteration":
-                iteration.update(zip(names, arr.astype(np.float64)))
+                iteration.update(zip(names, arr.astype(np.float64)))  # pragma: no mutate (astype(None) is float64)
             elif kind == "position":
                 position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
                 forward.update(zip(names, arr.tolist()))
             elif kind == "expert_load":
-                expert_load = np.rint(arr).astype(np.int64)
+                expert_load = np.rint(arr)  # counts: LoopTrace stores them as int64
             elif kind == "used":
                 used = np.rint(arr).astype(np.int64)
         nonfinite = iteration.get("nonfinite_fraction")

@@ -117,6 +117,7 @@ def test_the_cost_probe_passes_the_forwards_shape_to_the_cost_model(monkeypatch,
     assert args[:6] == (cfg, B, T, I, want_loops, 5)
     halted = np.stack([n(h) for h in X["halted"]]).astype(bool)
     np.testing.assert_array_equal(args[6], np.where(halted.any(0), halted.argmax(0) + 1, I))
+    assert args[6].dtype == np.int64  # counts, as the cost model and a user's cost_fn expect
     assert (tr.forward_metrics["flops"], tr.forward_metrics["loop_flops"]) == (3.0, 2.0)
 
 
@@ -163,3 +164,17 @@ def test_probes_that_run_model_modules_fork_the_rng_of_the_states_device(monkeyp
     cuda = torch.device("cuda", 1)
     assert reductions._rng_untouched(cuda) == ("forked", [cuda])
     assert reductions._rng_untouched(torch.device("cpu")) == ("forked", [])
+
+
+def test_counts_come_back_as_integers():
+    """The packed buffer is float32; expert loads and iterations used are counts, rounded back to int64."""
+    out = []
+    red = ForwardReducer(("experts", "halting"), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="act", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t],
+                                       router_logits=X["logits"][t], topk_idx=X["topk"][t]))
+    red.end(None)
+    tr = out[0].materialize()
+    assert tr.expert_load.dtype == np.int64 and tr.position_iterations.dtype == np.int64
+    assert tr.iteration_metrics["topk_overlap"].dtype == np.float64
