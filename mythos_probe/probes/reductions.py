@@ -467,7 +467,7 @@ class ForwardReducer:
         if ctx.trace_id is not None:  # nested loops of one forward share the identity of the first
             return ctx.trace_id, ctx.step
         if ctx.cache_id is not None:
-            trace_id, steps = self.requests.get(ctx.cache_id, (None, 0))
+            trace_id, steps = self.requests.get(ctx.cache_id, (None, 0))  # pragma: no mutate (a new id resets steps)
             if trace_id is None or ctx.past_len == 0:
                 trace_id, steps = secrets.token_hex(16), 0
             if len(self.requests) > 4096:  # forget old requests; a new one starts at past_len 0

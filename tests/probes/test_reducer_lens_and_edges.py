@@ -178,3 +178,20 @@ def test_counts_come_back_as_integers():
     tr = out[0].materialize()
     assert tr.expert_load.dtype == np.int64 and tr.position_iterations.dtype == np.int64
     assert tr.iteration_metrics["topk_overlap"].dtype == np.float64
+
+
+def test_the_request_map_is_cleared_only_past_4096_requests():
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+
+    def forward(cache_id, past=0):
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=1, exit_policy="fixed", cfg=None, cache_id=cache_id,
+                                 past_len=past))
+        red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))
+        red.end(None)
+
+    red.requests.update({-i: ("x" * 32, 1) for i in range(1, 4097)})  # 4096 requests held
+    forward(1)
+    assert len(red.requests) == 4097  # 4096 is not past the limit: kept, the new one added
+    forward(2)
+    assert list(red.requests) == [2]  # 4097 is: cleared before the new one
