@@ -60,7 +60,7 @@ class Queries:
         width = int(counts.max(initial=0))
         slot = (np.cumsum(counts > 0) - 1)[rows]
         packed = slot * width + np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
-        last = np.zeros(live.size * width, dtype=np.int64)
+        last = np.zeros(live.size * width, dtype=np.int64)  # pragma: no mutate (all cast to int64 below)
         last[packed] = pos
         # one host-to-device copy for every index vector
         parts = [rows, pos, live, slot, packed, last, np.arange(live.size)]

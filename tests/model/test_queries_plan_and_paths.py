@@ -103,7 +103,14 @@ def test_rows_of_and_within_live():
     inner = q.within_live()
     assert (inner.rows.tolist(), inner.pos.tolist(), inner.live.tolist(), inner.n_rows) == ([0, 1, 1], [0, 0, 1], [0, 1], 2)
     assert (inner.packed.tolist(), inner.last.tolist(), inner.width, inner.extent) == ([0, 2, 3], [[0, 0], [0, 1]], 2, 2)
+    assert (inner.slot.tolist(), inner.local.tolist()) == ([0, 1, 1], [0, 1])
     assert q.extent == 2 and q.width == 2
+    assert inner.within_live().rows.tolist() == [0, 1, 1]  # indexing into the live rows again changes nothing
+
+
+def test_a_batch_of_no_rows_selects_nothing():
+    q = Queries.from_mask(np.zeros((0, 5), dtype=bool), CPU)
+    assert (q.n, q.width, q.extent, q.n_rows, q.live.tolist()) == (0, 0, 0, 0, [])
 
 
 @pytest.mark.parametrize("plan", ["packed", "gathered"])
