@@ -164,3 +164,10 @@ def test_sdpa_pads_a_value_dimension_below_the_query_dimension(causal):
     torch.testing.assert_close(sdpa(gq, k[:, :2], v[:, :2], None, 0.0, True),
                                by_hand(gq, k[:, :2].repeat_interleave(2, 1), v[:, :2].repeat_interleave(2, 1)),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_indices_are_copied_to_the_device_asked_for():
+    meta = torch.device("meta")
+    q = Queries.from_mask(np.eye(3, 4, dtype=bool), meta)
+    assert {t.device for t in (q.rows, q.pos, q.live, q.slot, q.packed, q.last, q.local)} == {meta}
+    assert q.last.shape == (3, 1) and (q.width, q.extent) == (1, 3)
