@@ -140,7 +140,7 @@ class Queries:
         mask = None
         if causal:
             mask = (torch.arange(S, device=q.device) <= (self.pos + past)[:, None])[:, None, None]  # (N, 1, 1, S)
-        G = H // Hkv if enable_gqa else 1
+        G = H // Hkv if enable_gqa else 1  # pragma: no mutate (without GQA, H == Hkv: G is 1 either way)
         out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p, False)  # (N, Hkv, G, dv)
         return out.reshape(N, H, out.shape[-1])
 

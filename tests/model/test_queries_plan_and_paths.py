@@ -171,3 +171,12 @@ def test_indices_are_copied_to_the_device_asked_for():
     q = Queries.from_mask(np.eye(3, 4, dtype=bool), meta)
     assert {t.device for t in (q.rows, q.pos, q.live, q.slot, q.packed, q.last, q.local)} == {meta}
     assert q.last.shape == (3, 1) and (q.width, q.extent) == (1, 3)
+
+
+def test_grid_and_gathered_masks_live_on_the_queries_device():
+    meta = torch.device("meta")
+    q = Queries.grid(2, torch.tensor([0, 3], device=meta))
+    assert {t.device for t in (q.rows, q.pos, q.live, q.slot, q.packed, q.last, q.local)} == {meta}
+    x = torch.zeros(q.n, 2, 4, device=meta)
+    kv = torch.zeros(2, 4, 2, 4, device=meta)
+    assert q.attend(x, kv, kv, 0, True, 0.0, False, "gathered").device == meta
