@@ -180,3 +180,21 @@ def test_grid_and_gathered_masks_live_on_the_queries_device():
     x = torch.zeros(q.n, 2, 4, device=meta)
     kv = torch.zeros(2, 4, 2, 4, device=meta)
     assert q.attend(x, kv, kv, 0, True, 0.0, False, "gathered").device == meta
+
+
+def test_each_plan_runs_its_own_path(monkeypatch):
+    """Both paths give the same values, so which one ran is observed directly."""
+    ran = []
+    real = Queries._gathered
+    monkeypatch.setattr(Queries, "_gathered", lambda self, *a: ran.append("gathered") or real(self, *a))
+    g = torch.Generator().manual_seed(6)
+    q_all, k, v = (torch.randn(2, 3, 2, 4, generator=g) for _ in range(3))
+    q = Queries.from_mask(np.array([[1, 0, 1], [0, 1, 0]], dtype=bool), CPU)
+    q.attend(q.take(q_all), k, v, 0, True, 0.0, False, "packed")
+    assert ran == []
+    q.attend(q.take(q_all), k, v, 0, True, 0.0, False, "gathered")
+    assert ran == ["gathered"]
+    meta = torch.device("meta")
+    qm = Queries.from_mask(np.array([[1, 0, 1], [0, 1, 0]], dtype=bool), meta)
+    x, kv = torch.zeros(qm.n, 2, 4, device=meta), torch.zeros(2, 3, 2, 4, device=meta)
+    assert qm.attend(x, kv, kv, 2, True, 0.0, False, "packed").device == meta  # the packed mask too
