@@ -198,3 +198,19 @@ def test_each_plan_runs_its_own_path(monkeypatch):
     qm = Queries.from_mask(np.array([[1, 0, 1], [0, 1, 0]], dtype=bool), meta)
     x, kv = torch.zeros(qm.n, 2, 4, device=meta), torch.zeros(2, 3, 2, 4, device=meta)
     assert qm.attend(x, kv, kv, 2, True, 0.0, False, "packed").device == meta  # the packed mask too
+
+
+def test_sdpa_pads_v_to_the_query_dim_only_when_below_it(monkeypatch):
+    """The padding only buys speed (SDPA's fast path), so it is observed at the kernel's call."""
+    import mythos_probe.model.queries as queries
+
+    seen, pads = [], []
+    real_sdpa, real_pad = F.scaled_dot_product_attention, F.pad
+    monkeypatch.setattr(queries.F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(v.shape[-1]) or real_sdpa(q, k, v, **kw))
+    monkeypatch.setattr(queries.F, "pad", lambda x, p: pads.append(p) or real_pad(x, p))
+    q = torch.zeros(2, 3, 5, 16)  # 3 heads, 5 queries: neither may stand in for the query dim
+    for dv in (6, 16, 20):
+        out = sdpa(q, q, torch.ones(2, 3, 5, dv), None, 0.0, False)
+        assert out.shape[-1] == dv
+    assert seen == [16, 16, 20] and pads == [(0, 10)]
