@@ -102,7 +102,7 @@ def logits_of(output: Any, selector: Selector = None) -> Any:
     `CausalLMOutputRecurrentLatents` always is), else element 0 of a tuple."""
     if selector is not None or isinstance(output, torch.Tensor):
         return select(output, selector)
-    if isinstance(output, dict) and "logits" in output:  # ModelOutput is a dict
+    if isinstance(output, dict) and "logits" in output:  # ModelOutput is a dict  # pragma: no mutate (`or`: a tuple of tensors never holds "logits")
         return output["logits"]
     if getattr(output, "logits", None) is not None:
         return output.logits
@@ -226,7 +226,7 @@ class Router:
     indices: Selector = None  # the model's own chosen experts among the outputs, when it returns them
 
     def __post_init__(self):
-        _check_path("Router", "module", self.module, optional=False)
+        _check_path("Router", "module", self.module, optional=False)  # pragma: no mutate (None is false too)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, str)):
             raise TypeError(f"Router.top_k must be a positive int or the name of the router's attribute holding it, "
                             f"got {type(self.top_k).__name__} {self.top_k!r}")
