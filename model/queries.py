@@ -124,7 +124,7 @@ class Queries:
         packed[self.packed] = q
         mask = None
         if causal:
-            last = self.last if past == 0 else self.last + past  # pragma: no mutate (+ 0 is the same, one add saved)
+            last = self.last + past
             mask = (torch.arange(S, device=q.device) <= last[..., None])[:, None]  # (L, 1, W, S)
         out = sdpa(packed.view(L, W, *q.shape[1:]).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                    dropout_p, enable_gqa)  # (L, H, W, dv)
@@ -141,7 +141,8 @@ class Queries:
         if causal:
             mask = (torch.arange(S, device=q.device) <= (self.pos + past)[:, None])[:, None, None]  # (N, 1, 1, S)
         G = H // Hkv if enable_gqa else 1  # pragma: no mutate (without GQA, H == Hkv: G is 1 either way)
-        out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p, False)  # (N, Hkv, G, dv)  # pragma: no mutate (heads match)
+        out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p,
+                   False)  # (N, Hkv, G, dv)  # pragma: no mutate (as many query as key heads: GQA is a no-op)
         return out.reshape(N, H, out.shape[-1])
 
 

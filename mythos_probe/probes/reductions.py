@@ -57,7 +57,8 @@ class Pending:
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
             if kind == "iteration":
-                iteration.update(zip(names, arr.astype(np.float64)))  # pragma: no mutate (astype(None) is float64)
+                iteration.update(zip(names, arr.astype(
+                    np.float64)))  # pragma: no mutate (astype(None) is float64 too)
             elif kind == "position":
                 position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
@@ -290,7 +291,8 @@ class ForwardReducer:
     def _experts(self, f: _Forward, it: IterationTensors, scalars: dict[str, torch.Tensor]) -> None:
         idx = it.topk_idx  # (N, k)
         logits = it.router_logits
-        E = logits.shape[-1] if logits is not None else int(f.ctx.cfg.n_experts)  # pragma: no mutate ((N, E): 1 is -1)
+        E = (logits.shape[-1]  # pragma: no mutate (logits are (N, E): axis 1 is the last)
+             if logits is not None else int(f.ctx.cfg.n_experts))
         if f.ones is None:  # N is the same at every iteration of a forward (topk_overlap compares them)
             f.ones = torch.ones(idx.numel(), device=idx.device)
         f.loads.append(experts.load(idx, E, f.ones))
