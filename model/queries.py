@@ -142,7 +142,8 @@ class Queries:
             mask = (torch.arange(S, device=q.device) <= (self.pos + past)[:, None])[:, None, None]  # (N, 1, 1, S)
         G = H // Hkv if enable_gqa else 1  # pragma: no mutate (without GQA, H == Hkv: G is 1 either way)
         out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p,
-                   False)  # pragma: no mutate (as many query as key heads: GQA is a no-op); out (N, Hkv, G, dv)
+                   False,  # pragma: no mutate (as many query as key heads: GQA is a no-op)
+                   )  # (N, Hkv, G, dv)
         return out.reshape(N, H, out.shape[-1])
 
 

@@ -58,7 +58,8 @@ class Pending:
             offset += size
             if kind == "iteration":
                 iteration.update(zip(names, arr.astype(
-                    np.float64)))  # pragma: no mutate (astype(None) is float64 too)
+                    np.float64,  # pragma: no mutate (astype(None) is float64 too)
+                )))
             elif kind == "position":
                 position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
