@@ -132,7 +132,7 @@ def _check_path(owner: str, name: str, value, required: bool = False) -> None:
         raise ValueError(f"{owner}.{name} must be a dotted module path like 'model.layers.0', got {value!r}")
 
 
-def _check_threshold(owner: str, value, low_open: bool = True) -> None:
+def _check_threshold(owner: str, value) -> None:
     if value is None or callable(value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -326,9 +326,7 @@ class LoopSpec:
 
 def resolve(model: torch.nn.Module, path: str, field: str) -> torch.nn.Module:
     """The submodule at `path`, or an error naming the LoopSpec field to fix."""
-    if path == "":
-        return model
-    try:
+    try:  # "" is the model itself
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n][:20]

@@ -173,6 +173,9 @@ def test_halting_guards():
         for output in HALTING_OUTPUTS:
             assert Halting("head", output=output, rule=rule).rule == rule
     assert Halting("", exits=0, select="p").exits == 0  # "" is the model itself
+    pick, step = (lambda out: out[1]), (lambda model, call: 3)
+    h = Halting("head", select=pick, exits=pick, exit_step=step)  # callables are accepted
+    assert (h.select, h.exits, h.exit_step) == (pick, pick, step)
 
 
 # -- module paths ---------------------------------------------------------------------------------
