@@ -60,7 +60,7 @@ class Queries:
         width = int(counts.max(initial=0))
         slot = (np.cumsum(counts > 0) - 1)[rows]
         packed = slot * width + np.arange(rows.size) - (np.cumsum(counts) - counts)[rows]
-        last = np.zeros(live.size * width, dtype=np.int64)
+        last = np.zeros(live.size * width, dtype=np.int64)  # pragma: no mutate (all cast to int64 below)
         last[packed] = pos
         # one host-to-device copy for every index vector
         parts = [rows, pos, live, slot, packed, last, np.arange(live.size)]
@@ -124,7 +124,7 @@ class Queries:
         packed[self.packed] = q
         mask = None
         if causal:
-            last = self.last if past == 0 else self.last + past
+            last = self.last + past
             mask = (torch.arange(S, device=q.device) <= last[..., None])[:, None]  # (L, 1, W, S)
         out = sdpa(packed.view(L, W, *q.shape[1:]).transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                    dropout_p, enable_gqa)  # (L, H, W, dv)
@@ -140,8 +140,10 @@ class Queries:
         mask = None
         if causal:
             mask = (torch.arange(S, device=q.device) <= (self.pos + past)[:, None])[:, None, None]  # (N, 1, 1, S)
-        G = H // Hkv if enable_gqa else 1
-        out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p, False)  # (N, Hkv, G, dv)
+        G = H // Hkv if enable_gqa else 1  # pragma: no mutate (without GQA, H == Hkv: G is 1 either way)
+        out = sdpa(q.view(N, H // G, G, d), kq, vq, mask, dropout_p,
+                   False,  # pragma: no mutate (as many query as key heads: GQA is a no-op)
+                   )  # (N, Hkv, G, dv)
         return out.reshape(N, H, out.shape[-1])
 
 

@@ -102,7 +102,7 @@ def logits_of(output: Any, selector: Selector = None) -> Any:
     `CausalLMOutputRecurrentLatents` always is), else element 0 of a tuple."""
     if selector is not None or isinstance(output, torch.Tensor):
         return select(output, selector)
-    if isinstance(output, dict) and "logits" in output:  # ModelOutput is a dict
+    if isinstance(output, dict) and "logits" in output:  # ModelOutput is a dict  # pragma: no mutate (`or`: a tuple of tensors never holds "logits")
         return output["logits"]
     if getattr(output, "logits", None) is not None:
         return output.logits
@@ -122,8 +122,8 @@ def _check_selector(owner: str, name: str, value) -> None:
                         f"got {type(value).__name__} {value!r}")
 
 
-def _check_path(owner: str, name: str, value, optional: bool = True) -> None:
-    if value is None and optional:
+def _check_path(owner: str, name: str, value, required: bool = False) -> None:
+    if value is None and not required:
         return
     if not isinstance(value, str):
         raise TypeError(f"{owner}.{name} must be a module path string like 'model.layers.0', got "
@@ -132,7 +132,7 @@ def _check_path(owner: str, name: str, value, optional: bool = True) -> None:
         raise ValueError(f"{owner}.{name} must be a dotted module path like 'model.layers.0', got {value!r}")
 
 
-def _check_threshold(owner: str, value, low_open: bool = True) -> None:
+def _check_threshold(owner: str, value) -> None:
     if value is None or callable(value):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -195,7 +195,7 @@ class Halting:
     exits: Selector = None  # the model's own exit iteration (0-based) per sequence or position, among its outputs
 
     def __post_init__(self):
-        _check_path("Halting", "head", self.head, optional=False)
+        _check_path("Halting", "head", self.head, required=True)
         if self.output not in HALTING_OUTPUTS:
             raise ValueError(f"Halting.output must be one of {HALTING_OUTPUTS}, got {self.output!r}")
         if self.rule not in HALTING_RULES:
@@ -226,7 +226,7 @@ class Router:
     indices: Selector = None  # the model's own chosen experts among the outputs, when it returns them
 
     def __post_init__(self):
-        _check_path("Router", "module", self.module, optional=False)
+        _check_path("Router", "module", self.module, required=True)
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, str)):
             raise TypeError(f"Router.top_k must be a positive int or the name of the router's attribute holding it, "
                             f"got {type(self.top_k).__name__} {self.top_k!r}")
@@ -307,7 +307,7 @@ class LoopSpec:
             if not readout:
                 raise ValueError("LoopSpec.readout: an empty tuple; give module paths, a callable, or None")
             for path in readout:
-                _check_path("LoopSpec", "readout", path, optional=False)
+                _check_path("LoopSpec", "readout", path, required=True)
         elif readout is not None and not (isinstance(readout, str) or callable(readout)):
             raise TypeError(f"LoopSpec.readout must be module paths or a callable (model, state) → logits, got {readout!r}")
         if isinstance(readout, str):
@@ -316,7 +316,7 @@ class LoopSpec:
             raise TypeError("LoopSpec.looped is a tuple of module paths, not one string")
         object.__setattr__(self, "looped", tuple(self.looped))
         for path in self.looped:
-            _check_path("LoopSpec", "looped", path, optional=False)
+            _check_path("LoopSpec", "looped", path, required=True)
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"LoopSpec.name must be a non-empty string, got {self.name!r}")
         if not (isinstance(self.readout_is_output, bool) or callable(self.readout_is_output)):
@@ -326,9 +326,7 @@ class LoopSpec:
 
 def resolve(model: torch.nn.Module, path: str, field: str) -> torch.nn.Module:
     """The submodule at `path`, or an error naming the LoopSpec field to fix."""
-    if path == "":
-        return model
-    try:
+    try:  # "" is the model itself
         return model.get_submodule(path)
     except AttributeError:
         names = [n for n, _ in model.named_modules() if n][:20]

@@ -70,13 +70,15 @@ class Pending:
             arr = flat[offset : offset + size].reshape(shape)
             offset += size
             if kind == "iteration":
-                iteration.update(zip(names, arr.astype(np.float64)))
+                iteration.update(zip(names, arr.astype(
+                    np.float64,  # pragma: no mutate (astype(None) is float64 too)
+                )))
             elif kind == "position":
                 position[names[0]] = np.moveaxis(arr, 0, -1)  # (I, B, T) → (B, T, I)
             elif kind == "forward":
                 forward.update(zip(names, arr.tolist()))
             elif kind == "expert_load":
-                expert_load = np.rint(arr).astype(np.int64)
+                expert_load = np.rint(arr)  # counts: LoopTrace stores them as int64
             elif kind == "used":
                 used = np.rint(arr).astype(np.int64)
         nonfinite = iteration.get("nonfinite_fraction")
@@ -322,8 +324,9 @@ class ForwardReducer:
     def _experts(self, f: _Forward, it: IterationTensors, scalars: dict[str, torch.Tensor]) -> None:
         idx = it.topk_idx  # (N, k)
         logits = it.router_logits
-        E = logits.shape[-1] if logits is not None else int(f.ctx.cfg.n_experts)
-        if f.ones is None or f.ones.numel() != idx.numel():
+        E = (logits.shape[-1]  # pragma: no mutate (logits are (N, E): axis 1 is the last)
+             if logits is not None else int(f.ctx.cfg.n_experts))
+        if f.ones is None:  # N is the same at every iteration of a forward (topk_overlap compares them)
             f.ones = torch.ones(idx.numel(), device=idx.device)
         f.loads.append(experts.load(idx, E, f.ones))
         if logits is not None:
@@ -489,7 +492,7 @@ class ForwardReducer:
             columns["lens_final_rank"].append(lens.rank_of(logp, top_final))
             prev = logp
         sampled = {name: torch.stack(values) for name, values in columns.items()}  # each (I, B, P)
-        if off > 0:
+        if off > 0:  # pragma: no mutate (at 0 every sampled position has a final: the where keeps all)
             for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
                 sampled[name] = torch.where(has_final, sampled[name], nan)
         iteration = {name: v.mean(dim=(1, 2)) for name, v in sampled.items() if name != "lens_argmax"}
@@ -507,7 +510,7 @@ class ForwardReducer:
         if ctx.trace_id is not None:  # nested loops of one forward share the identity of the first
             return ctx.trace_id, ctx.step
         if ctx.cache_id is not None:
-            trace_id, steps = self.requests.get(ctx.cache_id, (None, 0))
+            trace_id, steps = self.requests.get(ctx.cache_id, (None, 0))  # pragma: no mutate (a new id resets steps)
             if trace_id is None or ctx.past_len == 0:
                 trace_id, steps = secrets.token_hex(16), 0
             if len(self.requests) > 4096:  # forget old requests; a new one starts at past_len 0

@@ -1,0 +1,197 @@
+"""`ForwardReducer` on the inputs tests/probes/test_reducer_direct.py does not build: output logits
+of the last few positions only (`logits_to_keep` in generate), where the coda lens has a final
+distribution at some sampled positions and not at others, the offset at 1 and at several; the
+index tensors built once per forward on the states' device (a "meta" device here, which no
+default placement can match); an aborted forward. Every expected value is recomputed in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+# imported at collection so that a mutation run's fork server holds the model package (and every
+# forked test skips its import); the same import the cost tests need anyway
+from mythos_probe.model.config import LoopedConfig
+from mythos_probe.probes import reductions
+from mythos_probe.probes.adapters import ForwardContext, IterationTensors
+from mythos_probe.probes.reductions import ForwardReducer, _Forward
+from tests.probes.test_reducer_direct import B, D, I, T, V, X, lens_fn, n
+
+
+def log_softmax(z):
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def lens_forward(positions, logits, detail="positions"):
+    """One forward with the lens probe only; returns (trace, the reducer, its _Forward before end)."""
+    out = []
+    W = torch.randn(D, V, generator=torch.Generator().manual_seed(11))
+    red = ForwardReducer(("lens",), detail, positions, 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None, lens=lens_fn(W)))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1]))
+    f = red.fwd
+    red.end(logits)
+    lp = log_softmax(np.stack([n(s) for s in X["h"]])[1:] @ n(W))  # (I, B, T, V) the lens at every position
+    return out[0].materialize(), red, f, lp
+
+
+@pytest.mark.parametrize("kept", [T - 1, 3])  # offset 1 (only position 0 lacks a final) and offset T − 3
+def test_lens_with_logits_of_the_last_positions_only(kept):
+    off = T - kept
+    full = torch.randn(B, T, V, generator=torch.Generator().manual_seed(4))
+    positions = sorted({0, off - 1, off, T - 1})  # two before the kept logits, two within them
+    tr, red, f, lp = lens_forward(positions, full[:, off:])
+    idx = np.array(positions)
+    has = idx >= off
+    final = log_softmax(n(full))[:, idx]  # (B, P, V), only the entries at `has` are the model's
+    lp = lp[:, :, idx]  # (I, B, P, V)
+    kl_final = (np.exp(final) * (final - lp)).sum(-1)  # (I, B, P)
+    agree = (lp.argmax(-1) == final.argmax(-1)).astype(float)
+    ent = -(np.exp(lp) * lp).sum(-1)
+    pm = tr.position_metrics
+    # positions whose final the model did not return: NaN, never a KL against another position's logits
+    assert np.isnan(pm["lens_kl_final"][:, idx[~has]]).all() and np.isnan(pm["lens_top1_agree"][:, idx[~has]]).all()
+    np.testing.assert_allclose(pm["lens_kl_final"][:, idx[has]], kl_final[:, :, has].transpose(1, 2, 0),
+                               rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(pm["lens_top1_agree"][:, idx[has]], agree[:, :, has].transpose(1, 2, 0))
+    # what needs no final is there at every sampled position
+    np.testing.assert_allclose(pm["lens_entropy"][:, idx], ent.transpose(1, 2, 0), rtol=1e-5)
+    np.testing.assert_array_equal(pm["lens_argmax"][:, idx], lp.argmax(-1).transpose(1, 2, 0))
+    np.testing.assert_allclose(tr.iteration_metrics["lens_entropy"], ent.mean((1, 2)), rtol=1e-5)
+
+    # the summary itself: the final-dependent columns NaN off the kept logits, the others finite,
+    # the argmax (a token id) never averaged into an iteration metric
+    iteration, maps = red._lens_summary(f, full[:, off:])
+    assert set(iteration) == {"lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_top1_agree", "lens_final_rank"}
+    assert set(maps) == {"lens_kl_final", "lens_kl_prev", "lens_entropy", "lens_argmax", "lens_top1_agree"}
+    for name in ("lens_kl_final", "lens_top1_agree", "lens_final_rank"):
+        assert torch.isnan(iteration[name]).all(), name  # a sampled position has no final to compare with
+    rank = (lp > np.take_along_axis(lp, final.argmax(-1)[None, ..., None].repeat(I, 0), -1)).sum(-1)
+    # with the kept positions alone sampled, the means are over the positions that have a final
+    keep = ForwardReducer(("lens",), "positions", [p for p in positions if p >= off], 1, lambda p: None, {}, "r",
+                          "m", lambda: None)
+    g = _Forward(ctx=f.ctx, start_ns=0, lens_index=torch.tensor(idx[has]),
+                 lens_logp=[x[:, torch.from_numpy(has)] for x in f.lens_logp])
+    it_kept, _ = keep._lens_summary(g, full[:, off:])
+    np.testing.assert_allclose(n(it_kept["lens_final_rank"]), rank[:, :, has].mean((1, 2)))
+    np.testing.assert_allclose(n(it_kept["lens_kl_final"]), kl_final[:, :, has].mean((1, 2)), rtol=1e-4, atol=1e-6)
+
+
+def test_index_tensors_live_on_the_states_device():
+    red = ForwardReducer(("convergence", "lens"), "positions", "last", 1, lambda p: None, {}, "r", "m", lambda: None)
+    meta = torch.device("meta")
+    for positions, want in (("last", [T - 1]), ("all", list(range(T))), ([1, -1], [1, T - 1])):
+        red.lens_positions = positions
+        assert red._lens_index(T, meta).device == meta
+        assert red._lens_index(T, torch.device("cpu")).tolist() == want
+
+
+def test_an_aborted_forward_leaves_nothing_behind():
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    assert red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))
+    red.abort()
+    assert red.fwd is None
+    red.iteration(IterationTensors(state_in=X["h"][1], state_out=X["h"][2]))  # ignored: no forward open
+    red.end(None)
+    assert out == []
+
+
+@pytest.mark.parametrize("n_loops, want_loops", [(0, I), (9, 9)])
+def test_the_cost_probe_passes_the_forwards_shape_to_the_cost_model(monkeypatch, n_loops, want_loops):
+    calls = []
+    monkeypatch.setattr(reductions, "forward_cost",
+                        lambda *args: calls.append(args) or {"flops": 3.0, "loop_flops": 2.0})
+    cfg = LoopedConfig.variant("tiny-gqa")
+    out = []
+    red = ForwardReducer(("cost",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=n_loops, exit_policy="act", cfg=cfg, past_len=5))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t]))
+    red.end(None)
+    tr = out[0].materialize()
+    (args,) = calls
+    assert args[:6] == (cfg, B, T, I, want_loops, 5)
+    halted = np.stack([n(h) for h in X["halted"]]).astype(bool)
+    np.testing.assert_array_equal(args[6], np.where(halted.any(0), halted.argmax(0) + 1, I))
+    assert args[6].dtype == np.int64  # counts, as the cost model and a user's cost_fn expect
+    assert (tr.forward_metrics["flops"], tr.forward_metrics["loop_flops"]) == (3.0, 2.0)
+
+
+def test_expert_ones_and_lens_maps_live_on_the_routers_and_logits_device():
+    meta = torch.device("meta")
+    red = ForwardReducer(("experts", "lens"), "positions", "all", 1, lambda p: None, {}, "r", "m", lambda: None)
+    cfg = LoopedConfig.variant("tiny-gqa")
+    f = _Forward(ctx=ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=cfg), start_ns=0)
+    red._experts(f, IterationTensors(state_in=X["h"][0], state_out=X["h"][1],
+                                     topk_idx=torch.zeros(6, 2, dtype=torch.long, device=meta)), {})
+    assert f.ones.device == meta and f.loads[0].device == meta and f.loads[0].shape == (cfg.n_experts,)
+    f.lens_index = torch.arange(T, device=meta)
+    f.lens_logp = [torch.zeros(B, T, V, device=meta).log_softmax(-1)] * 2
+    iteration, maps = red._lens_summary(f, torch.zeros(B, T, V, device=meta))
+    assert {m.device for m in maps.values()} == {meta} and maps["lens_entropy"].shape == (2, B, T)
+
+
+
+def test_halting_bookkeeping_lives_on_the_masks_device():
+    meta = torch.device("meta")
+    red = ForwardReducer(("halting",), "positions", "last", 1, lambda p: None, {}, "r", "m", lambda: None)
+    f = _Forward(ctx=ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="act", cfg=None), start_ns=0)
+    red._halting(f, IterationTensors(state_in=X["h"][0], state_out=X["h"][1],
+                                     halted=torch.zeros(B, T, dtype=torch.bool, device=meta)), 0, {})
+    assert f.halt_iter.device == meta and f.halt_iter.dtype == torch.long
+
+
+def test_a_shared_expert_output_without_a_routed_one_gives_no_ratio():
+    out = []
+    red = ForwardReducer(("experts",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], router_logits=X["logits"][t],
+                                       topk_idx=X["topk"][t], shared_out=X["shared"][t]))
+    red.end(None)
+    metrics = out[0].materialize().iteration_metrics
+    assert "shared_routed_ratio" not in metrics and "routing_entropy" in metrics
+
+
+def test_probes_that_run_model_modules_fork_the_rng_of_the_states_device(monkeypatch):
+    """On a GPU the CUDA generator of that device is forked (its dropout masks stay the model's);
+    on a CPU no CUDA device is touched. fork_rng is recorded, not run: there is no GPU here."""
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **kw: ("forked", devices))
+    cuda = torch.device("cuda", 1)
+    assert reductions._rng_untouched(cuda) == ("forked", [cuda])
+    assert reductions._rng_untouched(torch.device("cpu")) == ("forked", [])
+
+
+def test_counts_come_back_as_integers():
+    """The packed buffer is float32; expert loads and iterations used are counts, rounded back to int64."""
+    out = []
+    red = ForwardReducer(("experts", "halting"), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="act", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t],
+                                       router_logits=X["logits"][t], topk_idx=X["topk"][t]))
+    red.end(None)
+    tr = out[0].materialize()
+    assert tr.expert_load.dtype == np.int64 and tr.position_iterations.dtype == np.int64
+    assert tr.iteration_metrics["topk_overlap"].dtype == np.float64
+
+
+def test_the_request_map_is_cleared_only_past_4096_requests():
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+
+    def forward(cache_id, past=0):
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=1, exit_policy="fixed", cfg=None, cache_id=cache_id,
+                                 past_len=past))
+        red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))
+        red.end(None)
+
+    red.requests.update({-i: ("x" * 32, 1) for i in range(1, 4097)})  # 4096 requests held
+    forward(1)
+    assert len(red.requests) == 4097  # 4096 is not past the limit: kept, the new one added
+    forward(2)
+    assert list(red.requests) == [2]  # 4097 is: cleared before the new one
