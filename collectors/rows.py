@@ -175,13 +175,11 @@ class _Columns:
         self.masks: dict[str, list[np.ndarray]] = {}
         self.text_dict: list[np.ndarray] = []
         self.text_index: list[np.ndarray] = []
-        self.n = 0
 
     def add_ids(self, trace: LoopTrace, forward_id: int, n: int) -> None:
         self.id_index.append(np.full(n, len(self.traces), dtype=np.int32))
         self.traces.append(trace)
         self.add("forward_id", np.full(n, forward_id, dtype=np.int64), n)
-        self.n += n
 
     def add(self, name: str, values: np.ndarray | None, n: int) -> None:
         dtype = self.dtypes[name]

@@ -1,0 +1,1 @@
+"""Placeholder: tests written against mutation survivors go here."""
