@@ -152,3 +152,11 @@ def test_decode_errors_name_the_span():
     req = request_of(hand_trace())
     assert message(D.decode, req, Limits(max_attributes=37), exc=TooLarge) == \
         f"{where}: 38 attributes, more than the limit of 37"
+
+
+def test_parse_messages_are_exact():
+    assert message(D.parse, b"[" * 100_000 + b"]" * 100_000, "application/json") == "JSON body nests too deep"
+    assert message(D.parse, b"", "text/plain", exc=D.Unsupported) == \
+        "content type must be application/x-protobuf or application/json, got 'text/plain'"
+    assert message(D.parse, b"{not json", "application/json").startswith("malformed OTLP JSON body: ")
+    assert message(D.parse, b"\xff\xff\xff", "application/x-protobuf").startswith("malformed OTLP protobuf body: ")
