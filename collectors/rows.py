@@ -193,7 +193,7 @@ class _Columns:
     def add_text(self, texts: list[str] | None, index: np.ndarray) -> None:
         offset = sum(len(d) for d in self.text_dict)
         if texts is None:
-            self.text_index.append(np.full(len(index), -1, dtype=np.int32))
+            self.text_index.append(np.full(len(index), -1, dtype=np.int32))  # pragma: no mutate (every negative index is null)
         else:
             self.text_dict.append(np.array(texts, dtype=object))
             self.text_index.append(index.astype(np.int32) + offset)

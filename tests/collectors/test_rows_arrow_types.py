@@ -64,3 +64,18 @@ def test_missing_values_are_null_and_present_ones_are_not():
     assert iterations.column("halt_prob").null_count == 0
     assert iterations.column("rel_residual").null_count == 2  # the third forward lacks it
     assert iterations.column("iteration").null_count == 0
+
+
+def test_spans_table_has_the_schema_types_even_when_a_column_is_all_null():
+    row = rows.trace_span_row(hand_trace())  # parent_span_id and status_message are None
+    table = rows.spans_table([row])
+    assert table.schema == rows.arrow_schema("spans")
+    assert table.column("parent_span_id").type == pa.string() and table.column("parent_span_id").to_pylist() == [None]
+    assert rows.spans_table([]).schema == rows.arrow_schema("spans")
+
+
+def test_token_text_keeps_every_character():
+    # numpy's fixed-width str arrays drop trailing NULs; a tokenizer's byte tokens may end in one
+    words = (("a\x00", "\x00", "c"), ("d", "e\x00\x00", ""))
+    got = rows.positions_table([hand_trace(token_text=words)], 0).column("token_text").to_pylist()
+    assert got == ["a\x00", "a\x00", "\x00", "\x00", "c", "c", "d", "d", "e\x00\x00", "e\x00\x00", "", ""]
