@@ -239,7 +239,7 @@ def positions_table(traces: Iterable[LoopTrace], first_forward_id: int) -> pa.Ta
         n = b * s * it
         per_position = np.arange(b * s).repeat(it)  # row → flat (b, s) index
         cols.add_ids(t, forward_id, n)
-        cols.add("batch_index", per_position // s, n)
+        cols.add("batch_index", per_position // s, n)  # pragma: no mutate (/ too: the int32 cast floors these non-negative quotients)
         cols.add("position", per_position % s, n)
         cols.add("iteration", np.tile(np.arange(it), b * s), n)
         cols.add("token_id", None if t.token_ids is None else t.token_ids.ravel()[per_position], n)
