@@ -179,10 +179,10 @@ class _Columns:
     def add_ids(self, trace: LoopTrace, forward_id: int, n: int) -> None:
         self.id_index.append(np.full(n, len(self.traces), dtype=np.int32))
         self.traces.append(trace)
-        self.add("forward_id", np.full(n, forward_id, dtype=np.int64), n)
+        self.add("forward_id", np.full(n, forward_id, dtype=np.int64), n)  # pragma: no mutate (a Python int fills int64 anyway)
 
     def add(self, name: str, values: np.ndarray | None, n: int) -> None:
-        dtype = self.dtypes[name]
+        dtype = self.dtypes[name]  # pragma: no mutate (pa.array casts to the column type too; this keeps one dtype per column)
         if values is None:
             self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))
             self.masks.setdefault(name, []).append(np.ones(n, dtype=bool))
