@@ -184,7 +184,7 @@ class _Columns:
     def add(self, name: str, values: np.ndarray | None, n: int) -> None:
         dtype = self.dtypes[name]  # pragma: no mutate (pa.array casts to the column type too; this keeps one dtype per column)
         if values is None:
-            self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))
+            self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))  # pragma: no mutate (masked: nulls whatever their dtype)
             self.masks.setdefault(name, []).append(np.ones(n, dtype=bool))
         else:
             self.values.setdefault(name, []).append(np.asarray(values, dtype=dtype))
