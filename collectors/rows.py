@@ -187,7 +187,7 @@ class _Columns:
             self.values.setdefault(name, []).append(np.zeros(n, dtype=dtype))  # pragma: no mutate (masked: nulls whatever their dtype)
             self.masks.setdefault(name, []).append(np.ones(n, dtype=bool))
         else:
-            self.values.setdefault(name, []).append(np.asarray(values, dtype=dtype))
+            self.values.setdefault(name, []).append(np.asarray(values, dtype=dtype))  # pragma: no mutate (pa.array casts the same)
             self.masks.setdefault(name, []).append(np.zeros(n, dtype=bool))
 
     def add_text(self, texts: list[str] | None, index: np.ndarray) -> None:
