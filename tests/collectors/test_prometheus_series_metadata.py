@@ -114,3 +114,15 @@ def test_flops_counter_adds_only_positive_finite_values(flops, added):
         m.record([t])
         _, families = scrape(m)
     assert total(families, "recurrent_depth_flops") == added
+
+
+def test_every_label_of_a_series_written_out():
+    t = dataclasses.replace(make_trace(8, detail="summary"), attributes={"endpoint": "/e"}, rank=3, world_size=4,
+                            kind="shadow", loop_name="think", exit_policy="kl", model_id="m")
+    with LoopMetrics(port=0) as m:
+        m.record([t])
+        _, families = scrape(m)
+    (sample,) = [s for s in families["recurrent_depth_forwards"].samples if s.name.endswith("_total")]
+    labels = {k: v for k, v in sample.labels.items() if not k.startswith("otel_scope")}
+    assert labels == {"model": "m", "endpoint": "/e", "exit_policy": "kl", "loop_name": "think", "kind": "shadow",
+                      "rank": "3"}
