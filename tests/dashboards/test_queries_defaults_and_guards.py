@@ -1,0 +1,83 @@
+"""`dashboards/queries.py`: the defaults the pages rely on (how many buckets, rows and forwards a view
+asks for) pinned, and the guards and edges the numpy comparison in test_queries_numpy.py does not
+reach (the counts that explain an empty view). Written against survivors of `scripts/mutation.sh dashboards/queries.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pandas as pd
+import pytest
+
+from mythos_probe.collectors.store import Store
+from mythos_probe.dashboards import queries as Q
+from mythos_probe.dashboards.queries import Selection
+from tests.dashboards.test_queries_numpy import F, TRACES
+
+
+def defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+
+
+def test_view_defaults():
+    assert defaults(Q.spectral_bands) == {"buckets": 80}
+    assert defaults(Q.diverged_points) == {"limit": 2000}
+    assert defaults(Q.divergences) == {"limit": 50}
+    assert defaults(Q.cost_over_time) == {"buckets": 60}
+    assert defaults(Q.position_means) == {"per_group": 500, "groups": 2}
+    assert defaults(Q.attribute_values) == {"limit": 200}
+    assert defaults(Q.forward_list) == {"sort": None, "filters": None, "offset": 0, "limit": 100}
+    assert defaults(Q.select) == {"params": ()}
+    assert defaults(Q._select_rolled) == {"params": ()}
+    assert defaults(Q._list_sql) == {"count": False}
+    assert defaults(Q._per_forward_peaks) == {"where": "TRUE"}
+
+
+# --- why a view is empty: counts against the traces --------------------------------------------
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = Store(tmp_path_factory.mktemp("qdg") / "q.duckdb")
+    s.write_traces(TRACES)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("sel, keep", [
+    (Selection(), F.kind == "served"),
+    (Selection(kinds=("shadow",), models=("tiny",)), (F.kind == "shadow") & (F.model_id == "tiny")),
+    (Selection(kinds=(), runs=("run-c",)), F.run_id == "run-c"),
+    (Selection(models=("nothing",)), F.kind != F.kind),
+])
+def test_matching_and_kind_counts_against_the_traces(store, sel, keep):
+    assert Q.matching_count(store, sel) == int(keep.sum())
+    # every kind the rest of the selection keeps, whatever sel.kinds says
+    rest = dataclasses.replace(sel, kinds=())
+    rest_keep = F.index.isin(F.index)
+    if rest.models:
+        rest_keep &= F.model_id.isin(rest.models)
+    if rest.runs:
+        rest_keep &= F.run_id.isin(rest.runs)
+    want = F[rest_keep].groupby("kind").size()
+    got = Q.kind_counts(store, sel)
+    assert got == {k: int(n) for k, n in want.items()}
+    assert all(type(n) is int for n in got.values()) and list(got) == sorted(got)
+
+
+def test_shapes_newest_first_with_counts(store):
+    sel = Selection(kinds=())
+    got = Q.shapes(store, sel)
+    assert list(got.columns) == ["model_id", "loop_name", "forwards", "newest"]
+    want = (F.groupby(["model_id", "loop_name"]).agg(forwards=("trace_id", "size"), newest=("start_time", "max"))
+            .reset_index().sort_values(["newest", "model_id", "loop_name"], ascending=[False, True, True]))
+    assert got[["model_id", "loop_name"]].values.tolist() == want[["model_id", "loop_name"]].values.tolist()
+    assert got.forwards.tolist() == want.forwards.tolist()
+    assert [pd.Timestamp(t) for t in got.newest] == list(want.newest)
+    served = Q.shapes(store, Selection())
+    assert served.forwards.sum() == (F.kind == "served").sum()
+
+
+def test_store_wide_counts(store):
+    assert Q.forward_count(store) == len(F) == 18
+    assert Q.attribute_values(store, "n", limit=5) == sorted(str(n) for n in F.attr__n)[:5]
