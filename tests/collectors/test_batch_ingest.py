@@ -157,7 +157,7 @@ def test_a_forward_twice_is_stored_and_rolled_up_once(tmp_path, duplicate):
 
 def _dump(store) -> dict:
     out = {}
-    for table in ("forwards", "iterations", "positions", "experts", "spans", "rollup_peaks"):
+    for table in ("forwards", "iterations", "positions", "experts", "spans", "rollup_peaks", "rollup_lens"):
         df = store.query(f"SELECT * FROM {table}")
         out[table] = df.sort_values(list(df.columns[:4])).reset_index(drop=True)
     for table in ("rollup_iterations", "rollup_experts"):  # summed per key: how rows were split may differ
@@ -186,5 +186,7 @@ def test_batches_built_in_the_decoder_store_what_write_traces_stores(tmp_path):
             new.append(len(kept))
         got = _dump(batched)
     assert new == [5, 4 + 3, 15] and len(want["forwards"]) == len(traces) - 0 == 27
+    # the what-if's lens rows: some positions sampled, not all (a receiver's batch keeps them too)
+    assert 0 < len(want["rollup_lens"]) < len(want["positions"])
     for table in want:
         pd.testing.assert_frame_equal(got[table], want[table], check_dtype=False, rtol=1e-12, obj=table)
