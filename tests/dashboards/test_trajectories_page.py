@@ -72,6 +72,10 @@ def test_paths_are_the_stored_projections_with_fixed_points_starred(browser, big
     wait_text(browser, "traj-summary", "3 of 6")  # positions on a fixed point
     over = read_graph(browser, "traj-over-iterations", "PC1 over iterations")
     np.testing.assert_array_equal(np.asarray(over["data"][0]["x"]), np.arange(trace.iterations))
+    # a settled state no longer moves, so its coordinates are the same at every later iteration:
+    # the iteration each star stands at is what tells the first settled one from the last
+    (over_stars,) = [d for d in over["data"] if d["name"] == "fixed point"]
+    assert sorted(np.asarray(over_stars["x"]).tolist()) == sorted({**SETTLE, 4: 0}.values())
 
 
 def test_without_a_trace_id_the_newest_forward_with_trajectories_is_shown(browser, big):
