@@ -98,7 +98,7 @@ def _query_calls():
     trace_id = make_traces()[3].trace_id
     values = {"trace_id": trace_id, "batch_index": 1, "metric": "rel_residual",
               "metrics": ("rel_residual", "halt_prob"), "x": "step", "column": "run_id", "key": "endpoint",
-              "keys": ["endpoint", "user"]}
+              "keys": ["endpoint", "user"], "side": ("run", "run-a"), "text": "run-a"}
     sels = [queries.Selection(), queries.Selection(group="run", window="1h"),
             queries.Selection(runs=("run-a", "run-c"), attribute="endpoint", values=("/chat",), group="attr:user")]
     calls = []
@@ -136,7 +136,10 @@ def test_dashboard_queries_match_a_duckdb_store(folders):
                 assert got_total == want_total, label
             if isinstance(want, pd.DataFrame):
                 pd.testing.assert_frame_equal(_canonical(got), _canonical(want), obj=label)
-                assert len(want) or "diverge" in label or "forward" in label, f"{label} is empty: it shows nothing"
+                # these fixtures hold no sweep and no trajectory-probe forwards (their own tests,
+                # tests/dashboards/test_issue25_views.py and test_trajectories_page.py, build them)
+                assert len(want) or any(k in label for k in ("diverge", "forward", "sweep", "trajector")), \
+                    f"{label} is empty: it shows nothing"
             else:
                 assert got == want, label
 
