@@ -750,8 +750,8 @@ def compare_forward_metrics(store, sel: Selection, side: tuple[str, str]) -> pd.
     return select(store, _side_selection(sel, side), f"SELECT count(*) AS forwards, {cols} FROM sel f")
 
 
-TRAJECTORY_COLUMNS = ("traj_pc1", "traj_pc2", "traj_pc3", "traj_pc1_share", "traj_pc2_share", "traj_pc3_share",
-                      "traj_fixed")
+# the trajectory probe's position metrics, as records.py defines them (one list, not a copy)
+TRAJECTORY_COLUMNS = tuple(n for n in POSITION_METRIC_NAMES if n.startswith("traj_"))
 
 
 def trajectories(store, trace_id: str, batch_index: int) -> pd.DataFrame:
