@@ -77,14 +77,18 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, de
         for proc in procs:
             proc.start()
         pool = receiver.decoder._pool
-        workers = list(pool._processes) if pool is not None else []
+
+        def workers() -> dict[int, float]:  # the pool starts workers as requests arrive: read them all
+            return {pid: _cpu_seconds([pid]) for pid in list(pool._processes)} if pool is not None else {}
+
         with receiver:
             start.wait()
-            t0, main0, workers0 = time.perf_counter(), time.process_time(), _cpu_seconds(workers)
+            t0, main0, workers0 = time.perf_counter(), time.process_time(), workers()
             for proc in procs:
                 proc.join()
             elapsed = time.perf_counter() - t0
-            main_s, workers_s = time.process_time() - main0, _cpu_seconds(workers) - workers0
+            main_s = time.process_time() - main0
+            workers_s = sum(cpu - workers0.get(pid, 0.0) for pid, cpu in workers().items())
         assert all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
         stored = store.query("SELECT count(*) AS n FROM forwards").n[0]
     total = senders * requests * per_request

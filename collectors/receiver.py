@@ -37,6 +37,7 @@ import secrets
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Sequence
 
@@ -57,6 +58,8 @@ DEFAULT_MAX_BODY_BYTES = Limits.max_body_bytes
 LINGER_SECONDS = 2.0  # how long a closing connection reads what its sender still sends (`_Server`)
 # A store that cannot write (a full disk, a folder gone read-only) is asked again after this.
 RETRY_AFTER_SECONDS = 5
+# How long a commit waits for requests still being decoded to join it (`_GroupCommit`).
+GROUP_WAIT_SECONDS = 0.25
 
 
 class _Reject(Exception):
@@ -91,32 +94,67 @@ class _Job:
         self.error: BaseException | None = None
 
 
+class _Ticket:
+    """A request counted as being decoded (`_GroupCommit.decoding`) until handed to a commit."""
+
+    handed = False
+
+
 class _GroupCommit:
     """Writes the requests that arrive while a write is running together, in one transaction.
 
-    A DuckDB transaction costs about as much for one request as for four (measured in
-    `benchmarks/bench_receiver`), so concurrent senders share it: the first waiting request
-    writes every pending one, and each is answered after that commit. A request stays atomic
-    (all its rows commit or none) and is acknowledged only once committed; a store failure fails
-    every request of the group (503), as it would have failed each alone.
+    A DuckDB transaction has a fixed cost of ~30 ms of CPU (a statement per table and rollup, the
+    key check, the commit) against ~5 ms per 100 forwards it adds (`benchmarks/bench_receiver`),
+    so concurrent senders share it: the first waiting request writes every pending one, and each
+    is answered after that commit. Requests decode at different speeds, so without waiting most
+    commits held one request; the writer therefore first waits, up to `GROUP_WAIT_SECONDS`, for
+    the requests still being decoded (`decoding`) to join. A lone sender never waits: nothing else
+    is decoding. A request stays atomic (all its rows commit or none) and is acknowledged only
+    once committed; a store failure fails every request of the group (503), as it would have
+    failed each alone.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, wait_s: float = GROUP_WAIT_SECONDS) -> None:
         self.store = store
+        self.wait_s = wait_s
         self._cond = threading.Condition()
         self._pending: list[_Job] = []
         self._writing = False
+        self._decoding = 0
 
-    def write(self, decoded: Batch | tuple[list[LoopTrace], list[dict]]) -> list[LoopTrace]:
+    @contextmanager
+    def decoding(self):
+        """Marks a request as being read and decoded, so that a commit starting meanwhile waits
+        for it; pass what it yields to `write`, which hands the request over to the commit in the
+        same step (else a commit could start between the end of its decode and its arrival)."""
+        ticket = _Ticket()
+        with self._cond:
+            self._decoding += 1
+        try:
+            yield ticket
+        finally:
+            if not ticket.handed:  # refused, failed or never written
+                with self._cond:
+                    self._decoding -= 1
+                    self._cond.notify_all()
+
+    def write(self, decoded: Batch | tuple[list[LoopTrace], list[dict]], ticket: "_Ticket | None" = None) -> list[LoopTrace]:
         """The request's new forwards (not already stored; none where a `Batch` kept no traces)
         once committed; raises what the store raised."""
         job = _Job(decoded)
         with self._cond:
             self._pending.append(job)
+            if ticket is not None and not ticket.handed:
+                ticket.handed = True
+                self._decoding -= 1
+                self._cond.notify_all()
             while self._writing and not job.done:
                 self._cond.wait()
             if not job.done:  # no write running: this thread writes everything pending
                 self._writing = True
+                deadline = time.monotonic() + self.wait_s
+                while self._decoding and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)  # the requests being decoded join this commit
                 group, self._pending = self._pending, []
         if not job.done:
             try:
@@ -219,22 +257,23 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, receiver: "Receiver") -> tuple[int, bytes, str]:
         """(status, body, content type) for this request; expected refusals never raise."""
-        try:
-            decoded, content_type = self._decode(receiver)
-        except _Reject as exc:
-            return exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
-        except TooLarge as exc:
-            return 413, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
-        except Unsupported as exc:
-            return 415, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
-        except ValueError as exc:
-            return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
-        spans = decoded.n_spans if isinstance(decoded, Batch) else len(decoded[1])
-        try:
-            new = receiver.writer.write(decoded)
-        except Exception:
-            logger.exception("could not write %d spans", spans)
-            return 503, b"store write failed; retry\n", "text/plain; charset=utf-8"
+        with receiver.writer.decoding() as ticket:  # a commit starting meanwhile waits for this request
+            try:
+                decoded, content_type = self._decode(receiver)
+            except _Reject as exc:
+                return exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+            except TooLarge as exc:
+                return 413, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+            except Unsupported as exc:
+                return 415, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+            except ValueError as exc:
+                return 400, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
+            spans = decoded.n_spans if isinstance(decoded, Batch) else len(decoded[1])
+            try:
+                new = receiver.writer.write(decoded, ticket)
+            except Exception:
+                logger.exception("could not write %d spans", spans)
+                return 503, b"store write failed; retry\n", "text/plain; charset=utf-8"
         receiver.count(spans=spans)
         if receiver.on_stored is not None and new:
             try:

@@ -1,0 +1,128 @@
+"""The receiver's group commit (`receiver._GroupCommit`) on a real DuckDB store: a commit waits
+for the requests still being decoded so that they share its transaction, never waits when nothing
+is decoding, gives up waiting after its bound, and a request that fails to decode stops counting.
+
+The store is real; only its `write_batch` is wrapped, to count the transactions it runs.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mythos_probe.collectors import receiver as receiver_module
+from mythos_probe.collectors.receiver import _GroupCommit
+from mythos_probe.collectors.rows import Batch, trace_span_row
+from mythos_probe.collectors.store import Store
+from tests.collectors.factory import make_trace
+
+
+def _batch(first: int, n: int) -> Batch:
+    traces = [make_trace(first + i) for i in range(n)]
+    return Batch.of(traces, [trace_span_row(t) for t in traces])
+
+
+class _Counted:
+    """A real store whose `write_batch` calls (transactions) are recorded with their sizes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store, self.sizes = store, []
+
+    def write_batch(self, batch: Batch):
+        self.sizes.append(batch.n_forwards)
+        return self.store.write_batch(batch)
+
+
+@pytest.fixture
+def counted(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        yield _Counted(store)
+
+
+def _forwards(counted: _Counted) -> int:
+    return int(counted.store.query("SELECT count(*) AS n FROM forwards").n[0])
+
+
+def test_the_default_wait_is_a_quarter_second():
+    assert receiver_module.GROUP_WAIT_SECONDS == 0.25
+    assert _GroupCommit(object()).wait_s == 0.25
+
+
+def test_a_commit_waits_for_the_request_being_decoded_and_writes_both_at_once(counted):
+    writer = _GroupCommit(counted, wait_s=600)  # far longer than the test: only the decode's end releases it
+    decoding, release, done = threading.Event(), threading.Event(), []
+
+    def slow_request():
+        with writer.decoding() as ticket:
+            decoding.set()
+            release.wait(60)
+            done.append(len(writer.write(_batch(100, 3), ticket)))
+
+    slow = threading.Thread(target=slow_request)
+    slow.start()
+    assert decoding.wait(60)
+    fast = threading.Thread(target=lambda: done.append(len(writer.write(_batch(0, 2)))))
+    fast.start()
+    fast.join(0.5)
+    assert fast.is_alive(), "the commit went ahead without the request still being decoded"
+    assert counted.sizes == []
+    release.set()
+    slow.join(60)
+    fast.join(60)
+    assert counted.sizes == [5]  # one transaction for both requests
+    assert _forwards(counted) == 5
+    assert writer._decoding == 0
+
+
+def test_a_request_handed_over_stops_counting_once(counted):
+    writer = _GroupCommit(counted, wait_s=600)
+    with writer.decoding() as ticket:
+        writer.write(_batch(0, 1), ticket)
+        assert writer._decoding == 0
+    assert writer._decoding == 0  # not decremented twice
+    with writer.decoding() as ticket:
+        assert writer._decoding == 1
+
+
+def test_a_lone_request_never_waits(counted):
+    writer = _GroupCommit(counted, wait_s=600)
+    t = threading.Thread(target=writer.write, args=(_batch(0, 2),))
+    t.start()
+    t.join(60)  # it would wait 600 s if it waited at all
+    assert not t.is_alive()
+    assert counted.sizes == [2] and _forwards(counted) == 2
+
+
+def test_the_wait_is_bounded_by_wait_s(counted):
+    writer = _GroupCommit(counted, wait_s=0.05)
+    stuck, release = threading.Event(), threading.Event()
+
+    def never_done():
+        with writer.decoding():
+            stuck.set()
+            release.wait(60)
+
+    t = threading.Thread(target=never_done)
+    t.start()
+    assert stuck.wait(60)
+    w = threading.Thread(target=writer.write, args=(_batch(0, 1),))
+    w.start()
+    w.join(60)
+    assert not w.is_alive()
+    assert counted.sizes == [1]
+    release.set()
+    t.join(60)
+
+
+def test_a_request_that_fails_to_decode_stops_counting(counted):
+    writer = _GroupCommit(counted, wait_s=600)
+    with pytest.raises(ValueError):
+        with writer.decoding():
+            assert writer._decoding == 1
+            raise ValueError("malformed body")
+    assert writer._decoding == 0
+    t = threading.Thread(target=writer.write, args=(_batch(0, 1),))
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and counted.sizes == [1]
