@@ -4,7 +4,7 @@ A speed-up is measured against the code it replaces, on the same machine at the 
 `checkout(rev)` extracts revision `rev` of this repository (`git archive`, no worktree and no
 change to the repository) into a temporary folder, and `call(tree, "module:function", *args)` runs
 `function(*args)` in a subprocess whose `mythos_probe` is imported from that folder (None: from
-this checkout), returning what it returned (JSON). The benchmark modules and `tests` factories
+this checkout), as are the processes it starts, returning what it returned (JSON). The benchmark modules and `tests` factories
 come from this checkout either way, so both sides run the same measuring code. Benchmarks call
 both sides alternately, round after round, so that a load spike on the shared machine hits both.
 
@@ -26,22 +26,29 @@ PACKAGE_DIRS = {"mythos_probe": "mythos_probe", "mythos_probe.model": "model",
                 "mythos_probe.collectors": "collectors", "mythos_probe.dashboards": "dashboards"}
 
 _RUNNER = r"""
-import importlib.util, json, sys
-tree, target, args = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-if tree:
-    from pathlib import Path
-    dirs = {name: Path(tree) / folder for name, folder in json.loads(sys.argv[4]).items()}
-    class _Tree:
-        def find_spec(self, name, path=None, target=None):
-            if name in dirs:
-                return importlib.util.spec_from_file_location(name, dirs[name] / "__init__.py",
-                                                              submodule_search_locations=[str(dirs[name])])
-    sys.meta_path.insert(0, _Tree())
+import importlib, json, sys
+target, args = sys.argv[1], json.loads(sys.argv[2])
 import mythos_probe.collectors
 module, function = target.split(":")
 result = getattr(importlib.import_module(module), function)(*args)
 print("RESULT " + json.dumps({"result": result, "from": mythos_probe.collectors.__file__}))
 """
+
+
+def _site(tree: Path) -> Path:
+    """A folder to put first on PYTHONPATH so that `mythos_probe` and its subpackages import from
+    `tree`: a link to the tree's mythos_probe/, inside which each subpackage of pyproject's
+    `package-dir` is linked to its root folder. PYTHONPATH, unlike an import hook, reaches every
+    process the benchmark starts: the receiver's decode workers come from a forkserver, a fresh
+    interpreter, and with a hook in the parent only they imported this checkout's decoder."""
+    site = tree / ".baseline-site"
+    if not site.exists():
+        site.mkdir()
+        (site / "mythos_probe").symlink_to(tree / "mythos_probe", target_is_directory=True)
+        for name, folder in PACKAGE_DIRS.items():
+            if name != "mythos_probe" and not (tree / "mythos_probe" / name.split(".")[-1]).exists():
+                (tree / "mythos_probe" / name.split(".")[-1]).symlink_to(tree / folder, target_is_directory=True)
+    return site
 
 
 def checkout(rev: str, into: Path | None = None) -> Path:
@@ -55,8 +62,10 @@ def checkout(rev: str, into: Path | None = None) -> Path:
 def call(tree: Path | None, target: str, *args):
     """`target` ("module:function") called with `args` in a fresh interpreter whose `mythos_probe`
     comes from `tree` (None: this checkout); its JSON result."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", _RUNNER, str(tree or ""), target, json.dumps(args), json.dumps(PACKAGE_DIRS)],
+    paths = [str(_site(tree))] if tree else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # -P: the working directory (this checkout, where `mythos_probe/` lies) is not put first on sys.path
+    out = subprocess.run([sys.executable, "-P", "-c", _RUNNER, target, json.dumps(args)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{target} on {tree or 'this checkout'} failed:\n{out.stderr[-4000:]}")

@@ -48,6 +48,22 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
+def _package_file() -> str:
+    import mythos_probe.collectors
+
+    return mythos_probe.collectors.__file__
+
+
+def _same_code_in_the_workers(receiver: Receiver) -> None:
+    """Raises unless the decode workers import the package this process does: they start from a
+    forkserver, a fresh interpreter, so a baseline must reach them too (`benchmarks.baseline`)."""
+    pool = receiver.decoder._pool
+    if pool is not None:
+        theirs = pool.submit(_package_file).result()
+        if theirs != _package_file():
+            raise RuntimeError(f"the decode workers import {theirs}, this process {_package_file()}")
+
+
 CPU: dict[str, float] = {}  # the last run's receiver CPU µs per span: "main" (this process), "workers"
 
 
@@ -70,6 +86,7 @@ def run(detail: str, requests: int, per_request: int, senders: int = SENDERS, de
     with tempfile.TemporaryDirectory() as tmp, Store(Path(tmp) / "s.duckdb") as store:
         receiver = Receiver(store, port=0, decode_workers=decode_workers)  # bound, so the forked senders know the port
         receiver.decoder.decode(bodies[0][0], "application/x-protobuf", False, receiver.limits)  # workers started
+        _same_code_in_the_workers(receiver)
         # fork: the senders need only http.client and their bodies, already in memory
         context = multiprocessing.get_context("fork")
         start = context.Barrier(senders + 1)

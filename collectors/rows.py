@@ -336,6 +336,20 @@ def decode_span(
     return trace, row
 
 
+def _streams(tables: Mapping[str, pa.Table]) -> dict[str, bytes]:
+    out = {}
+    for name, table in tables.items():
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        out[name] = sink.getvalue().to_pybytes()
+    return out
+
+
+def _tables(streams: Mapping[str, bytes]) -> dict[str, pa.Table]:
+    return {name: pa.ipc.open_stream(data).read_all() for name, data in streams.items()}
+
+
 class Batch:
     """A request's forwards and span rows as Arrow tables, built where it was decoded (a decode
     worker), so that only columns cross to the writer: `tables` holds the `trace_tables` of
@@ -353,6 +367,16 @@ class Batch:
         tables = trace_tables(traces, 0)
         tables["spans"] = spans_table(span_rows)
         return cls(tables, list(traces) if keep_traces else None, rollups.increments(tables) if traces else {})
+
+    def __getstate__(self) -> dict:
+        # A batch crosses from its decode worker as one Arrow IPC stream per table: 4-5x less CPU
+        # on each side than pickling the tables themselves (`benchmarks/bench_receiver`).
+        return {"tables": _streams(self.tables), "traces": self.traces,
+                "increments": None if self.increments is None else _streams(self.increments)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.tables, self.traces = _tables(state["tables"]), state["traces"]
+        self.increments = None if state["increments"] is None else _tables(state["increments"])
 
     @property
     def n_forwards(self) -> int:

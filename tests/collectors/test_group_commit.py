@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+import pandas as pd
 import pytest
 
 from mythos_probe.collectors import receiver as receiver_module
@@ -126,3 +127,22 @@ def test_a_request_that_fails_to_decode_stops_counting(counted):
     t.start()
     t.join(60)
     assert not t.is_alive() and counted.sizes == [1]
+
+
+def test_a_batch_crosses_a_process_boundary_unchanged():
+    """What a decode worker sends back (pickled; Arrow IPC streams inside) is the same batch:
+    every table, schema and dictionary-encoded id column, the increments and the traces."""
+    import pickle
+
+    traces = [make_trace(i) for i in range(3)]
+    batch = Batch.of(traces, [trace_span_row(t) for t in traces], keep_traces=True)
+    back = pickle.loads(pickle.dumps(batch))
+    assert set(back.tables) == set(batch.tables) and set(back.increments) == set(batch.increments)
+    for got, want in ((back.tables, batch.tables), (back.increments, batch.increments)):
+        for name in want:  # NaN cells are NaN on both sides (Table.equals calls NaN unequal)
+            assert got[name].schema == want[name].schema, name
+            pd.testing.assert_frame_equal(got[name].to_pandas(), want[name].to_pandas(), check_exact=True)
+    assert [t.trace_id for t in back.traces] == [t.trace_id for t in traces]
+    bare = pickle.loads(pickle.dumps(Batch.of(traces, [trace_span_row(t) for t in traces])))
+    assert bare.traces is None and bare.n_forwards == 3
+    assert pickle.loads(pickle.dumps(Batch(batch.tables))).increments is None
