@@ -35,7 +35,7 @@ def decode_body(body: bytes, content_type: str, gzipped: bool, limits: Limits) -
     """A request body → (forwards, span rows), exactly as the receiver decodes it inline."""
     if gzipped:
         body = otlp_decode.gunzip(body, limits.max_body_bytes)
-    return otlp_decode.decode(otlp_decode.parse(body, content_type, limits), limits)
+    return otlp_decode.decode_body(body, content_type, limits)
 
 
 def decode_batch(body: bytes, content_type: str, gzipped: bool, limits: Limits, keep_traces: bool) -> Batch:

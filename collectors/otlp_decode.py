@@ -32,6 +32,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from mythos_probe.collectors import otlp_fast
 from mythos_probe.collectors import spans as S
 from mythos_probe.collectors.rows import decode_span
 from mythos_probe.records import LoopTrace, check_field
@@ -163,31 +164,39 @@ class _Values:
             return base64.b64encode(value.bytes_value).decode()
         return None if kind is None else getattr(value, kind)
 
-    def kvlist(self, pairs, where: str, depth: int = 0) -> dict[str, Any]:
+    def kvlist(self, pairs, where: str, depth: int = 0, fast=None) -> dict[str, Any]:
+        """`pairs` (KeyValues) → a dict. `fast`, where given, holds the same pairs from the shallow
+        parse (`otlp_fast`): the values it reads in place are taken from it, the rest from `pairs`."""
         limits = self.limits
         if depth > limits.max_depth:
             raise ValueError(f"{where}: values nest deeper than {limits.max_depth} levels")
         if len(pairs) > limits.max_attributes:
             raise TooLarge(f"{where}: {len(pairs)} attributes, more than the limit of {limits.max_attributes}")
-        out = {}
-        for kv in pairs:  # ~80 per forward span: scalars and double[] (~35) are read inline
-            value = kv.value
-            kind = value.WhichOneof("value")  # pragma: no mutate (only picks a fast path: `any` reads every kind)
-            if kind in _SCALARS:  # pragma: no mutate (the same: `any` returns getattr(value, kind) for a scalar)
-                out[kv.key] = getattr(value, kind)
-                continue
-            if kind == "array_value" and depth < limits.max_depth:  # pragma: no mutate (fast path only, as above)
-                array = value.array_value
-                values = array.values
-                n = len(values)
-                # pragma below: `array` reads a double[] the same way; this skips two calls per array
-                if 0 < n <= limits.max_array and values[0].WhichOneof("value") == "double_value":  # pragma: no mutate
-                    doubles = _doubles(array, n)
-                    if doubles is not None:
-                        out[kv.key] = doubles
-                        continue
-            out[kv.key] = self.any(value, f"{where} {kv.key}", depth)
-        return out
+        if fast is not None and len(fast) == len(pairs):  # pragma: no mutate (a fast path: the slow one reads the same)
+            # an array nests one level deeper: past the depth limit, none is read fast (the slow path refuses it)
+            max_array = limits.max_array if depth < limits.max_depth else 0
+            out = {}
+            for i, kv in enumerate(fast):
+                value = otlp_fast.scalar_or_doubles(kv.value, max_array)
+                out[kv.key] = self._value(pairs[i], where, depth) if value is otlp_fast.MISSING else value
+            return out
+        return {kv.key: self._value(kv, where, depth) for kv in pairs}
+
+    def _value(self, kv, where: str, depth: int) -> Any:
+        value = kv.value
+        kind = value.WhichOneof("value")  # pragma: no mutate (only picks a fast path: `any` reads every kind)
+        if kind in _SCALARS:  # pragma: no mutate (the same: `any` returns getattr(value, kind) for a scalar)
+            return getattr(value, kind)
+        if kind == "array_value" and depth < self.limits.max_depth:  # pragma: no mutate (fast path only, as above)
+            array = value.array_value
+            values = array.values
+            n = len(values)
+            # pragma below: `array` reads a double[] the same way; this skips two calls per array
+            if 0 < n <= self.limits.max_array and values[0].WhichOneof("value") == "double_value":  # pragma: no mutate
+                doubles = _doubles(array, n)
+                if doubles is not None:
+                    return doubles
+        return self.any(value, f"{where} {kv.key}", depth)
 
     def array(self, array: ArrayValue, where: str, depth: int) -> list | np.ndarray:
         if depth > self.limits.max_depth:
@@ -213,19 +222,32 @@ class _Values:
         return [getattr(v, inner) for v in values]
 
 
-def decode(request: ExportTraceServiceRequest, limits: Limits = Limits()) -> tuple[list[LoopTrace], list[dict]]:
-    """An export request → (its forwards as LoopTraces, one `spans` row per span)."""
+def decode_body(body: bytes, content_type: str, limits: Limits = Limits()) -> tuple[list[LoopTrace], list[dict]]:
+    """An (already inflated) request body → `decode` of its `parse`; a protobuf body's span
+    attributes are read through a second, shallow parse of the same bytes (`otlp_fast`)."""
+    request = parse(body, content_type, limits)
+    return decode(request, limits, otlp_fast.parse(body) if content_type == PROTOBUF else None)
+
+
+def decode(request: ExportTraceServiceRequest, limits: Limits = Limits(),
+           fast_spans: list | None = None) -> tuple[list[LoopTrace], list[dict]]:
+    """An export request → (its forwards as LoopTraces, one `spans` row per span). `fast_spans`:
+    the request's spans from `otlp_fast.parse` of its body, whose attributes are read in place
+    where they can be (the same values; anything else comes from `request`)."""
     n_spans = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
     if n_spans > limits.max_spans:
         raise TooLarge(f"{n_spans:,} spans in one request, more than the limit of {limits.max_spans:,}; send smaller batches")
     values = _Values(limits)
     traces, rows, n_rows = [], [], 0
+    if fast_spans is not None and len(fast_spans) != n_spans:  # pragma: no mutate (both parse one body: never)
+        fast_spans = None
+    fast = iter(fast_spans or ())
     for resource_spans in request.resource_spans:
         resource = values.kvlist(resource_spans.resource.attributes, "resource")
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 where = f"span {span.span_id.hex() or '(no id)'}"
-                attributes = values.kvlist(span.attributes, where)
+                attributes = values.kvlist(span.attributes, where, fast=next(fast).attributes if fast_spans else None)
                 for field in ("start_time_unix_nano", "end_time_unix_nano"):
                     if getattr(span, field) > INT64_MAX:
                         raise ValueError(f"{where}: {field} = {getattr(span, field)} is past the year 2262 (> 2^63 − 1 ns)")

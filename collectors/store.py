@@ -31,6 +31,7 @@ import pandas as pd
 import pyarrow as pa
 
 from mythos_probe.collectors import migrations, rollups
+from mythos_probe.collectors.known_keys import KnownKeys
 from mythos_probe.collectors.migrations import SchemaError
 from mythos_probe.collectors.rows import Batch, spans_table, trace_span_row, trace_tables
 from mythos_probe.records import LoopTrace
@@ -154,6 +155,7 @@ class Store:
         self._cursors = Cursors(self._con)
         self._write_lock = threading.Lock()
         self._rollup_hours: frozenset = frozenset()  # hours whose rollup rows ingest appended to (`rollups.update`)
+        self._known = KnownKeys()  # the keys stored, so that a write of new keys scans no table
 
     @classmethod
     def open_read_only(cls, path: str | Path) -> "Store":
@@ -227,8 +229,10 @@ class Store:
         with self._write_lock, self._cursors.cursor(read=False) as cur:
             cur.execute("BEGIN TRANSACTION")
             try:
-                first = cur.execute("SELECT coalesce(max(forward_id), 0) + 1 FROM forwards").fetchall()[0][0]
-                forwards, spans = self._new(cur, *keys)
+                first, n_forwards, n_spans = cur.execute(
+                    "SELECT coalesce(max(forward_id), 0) + 1, count(*), (SELECT count(*) FROM spans) FROM forwards"
+                ).fetchall()[0]
+                forwards, spans, hashes = self._new(cur, *keys, {"forwards": n_forwards, "spans": n_spans})
                 tables, added = build(forwards, spans, first) if len(forwards) or len(spans) else ({}, None)
                 for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
                     if arrow.num_rows:
@@ -245,27 +249,33 @@ class Store:
                 cur.execute("ROLLBACK")
                 raise
             self._rollup_hours = dirty
+            if hashes is not None:
+                self._known.added("forwards", hashes[forwards])
+                self._known.added("spans", hashes[len(keys[0]) + spans])
         return forwards
 
-    @staticmethod
-    def _new(cur: duckdb.DuckDBPyConnection, forward_keys: list, span_keys: list) -> tuple[np.ndarray, np.ndarray]:
+    def _new(self, cur: duckdb.DuckDBPyConnection, forward_keys: list, span_keys: list,
+             counts: dict[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """The positions of the forwards and of the span rows whose key (trace_id, span_id) the
-        store does not hold yet, the first copy of a key within the batch winning."""
+        store does not hold yet, the first copy of a key within the batch winning; and the hash of
+        every key (forwards' first; None without keys). `KnownKeys` answers when every key is
+        certainly new; else DuckDB's exact query does (`counts`: the tables' row counts now)."""
         if not forward_keys and not span_keys:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), None
         both = forward_keys + span_keys
         cur.register("_keys", pa.table({"spans": [False] * len(forward_keys) + [True] * len(span_keys),
                                         "trace_id": [k[0] for k in both], "span_id": [k[1] for k in both]}))
         try:
-            fresh = set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
+            hashes, all_new = self._known.check(cur, counts)
+            fresh = None if all_new else set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
         finally:
             cur.unregister("_keys")
         kept = []
         for spans, keys in ((False, forward_keys), (True, span_keys)):
             seen, positions = set(), []
             for i, k in enumerate(keys):
-                if (spans, *k) in fresh and k not in seen:
+                if (fresh is None or (spans, *k) in fresh) and k not in seen:
                     seen.add(k)
                     positions.append(i)
             kept.append(np.array(positions, dtype=np.int64))
-        return kept[0], kept[1]
+        return kept[0], kept[1], hashes

@@ -1,0 +1,162 @@
+"""`otlp_fast` reads what the full OTLP parse reads, or declines (MISSING): checked against the real
+protobuf messages on every kind of AnyValue, on the canonical and non-canonical layouts a sender
+may write (several fields in one AnyValue, long varints, long strings, mixed arrays), and on
+whole requests where the decoder's attributes with and without the fast read are the same."""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
+
+from mythos_probe.collectors import otlp_decode, otlp_fast
+from mythos_probe.collectors.otlp_decode import Limits
+from tests.collectors.factory import make_trace
+from tests.collectors.test_receiver import otlp_body
+
+MISSING = otlp_fast.MISSING
+
+
+def _full(raw: bytes):
+    """The reference: the real AnyValue parse, read as the decoder's slow path reads it."""
+    value = AnyValue.FromString(raw)
+    return otlp_decode._Values(Limits()).any(value, "x")
+
+
+def _same(fast, full) -> bool:
+    if isinstance(fast, np.ndarray):
+        return isinstance(full, np.ndarray) and fast.dtype == np.float64 and np.array_equal(fast, full, equal_nan=True)
+    if isinstance(fast, float):
+        return type(full) is float and (fast == full or math.isnan(fast) and math.isnan(full)) and \
+            math.copysign(1, fast) == math.copysign(1, full)
+    return type(fast) is type(full) and fast == full
+
+
+def _check(raw: bytes, max_array: int = 2**22):
+    fast = otlp_fast.scalar_or_doubles(raw, max_array)
+    if fast is not MISSING:
+        assert _same(fast, _full(raw)), (raw, fast, _full(raw))
+    return fast
+
+
+@pytest.mark.parametrize("value, expected", [
+    (AnyValue(string_value="recurrent_depth"), "recurrent_depth"),
+    (AnyValue(string_value=""), ""),
+    (AnyValue(string_value="é→日本"), "é→日本"),
+    (AnyValue(double_value=0.0), 0.0),
+    (AnyValue(double_value=-0.0), -0.0),
+    (AnyValue(double_value=float("inf")), float("inf")),
+    (AnyValue(int_value=0), 0),
+    (AnyValue(int_value=1), 1),
+    (AnyValue(int_value=300), 300),
+    (AnyValue(int_value=-1), -1),
+    (AnyValue(int_value=2**63 - 1), 2**63 - 1),
+    (AnyValue(int_value=-2**63), -2**63),
+    (AnyValue(bool_value=True), True),
+    (AnyValue(bool_value=False), False),
+])
+def test_scalars_read_as_the_full_parse_reads_them(value, expected):
+    got = _check(value.SerializeToString())
+    assert got == expected and type(got) is type(expected)
+
+
+def test_double_arrays_are_read_in_place():
+    values = [0.5, float("nan"), -0.0, 1e308, float("-inf")]
+    raw = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=v) for v in values])).SerializeToString()
+    got = _check(raw)
+    assert isinstance(got, np.ndarray) and got.tolist()[:1] == [0.5] and len(got) == 5
+    many = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=i / 7) for i in range(300)]))
+    assert np.array_equal(_check(many.SerializeToString()), np.arange(300) / 7)  # a 2-byte length
+
+
+@pytest.mark.parametrize("value", [
+    AnyValue(string_value="x" * 128),  # a 2-byte length: left to the full parse
+    AnyValue(bytes_value=b"\x00\x01"),
+    AnyValue(kvlist_value=KeyValueList(values=[KeyValue(key="a", value=AnyValue(int_value=1))])),
+    AnyValue(array_value=ArrayValue(values=[])),
+    AnyValue(array_value=ArrayValue(values=[AnyValue(int_value=1), AnyValue(int_value=2)])),
+    AnyValue(array_value=ArrayValue(values=[AnyValue(string_value="a")])),
+    AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0), AnyValue(int_value=2)])),
+    AnyValue(array_value=ArrayValue(values=[AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0)]))])),
+    AnyValue(),
+])
+def test_other_values_are_left_to_the_full_parse(value):
+    assert otlp_fast.scalar_or_doubles(value.SerializeToString(), 2**22) is MISSING
+
+
+@pytest.mark.parametrize("raw", [
+    AnyValue(string_value="a").SerializeToString() + AnyValue(int_value=5).SerializeToString(),  # two fields: the last wins
+    AnyValue(double_value=1.5).SerializeToString() + AnyValue(double_value=2.5).SerializeToString(),
+    b"\x10\x02",  # a bool written as 2 (protobuf reads True)
+    b"\x10\x81\x00",  # a bool as a padded varint
+    b"\x21" + struct.pack("<d", 1.0) + b"\x10\x01",
+    b"\x18\x05\x18\x06",
+])
+def test_non_canonical_layouts_are_left_to_the_full_parse(raw):
+    AnyValue.FromString(raw)  # valid protobuf, read differently than a naive reader would
+    assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+
+
+def test_a_padded_varint_reads_as_protobuf_reads_it():
+    assert _check(b"\x18\x85\x00") == 5
+    assert _check(b"\x18\x80\x80\x80\x80\x80\x80\x80\x80\x80\x00") == 0  # ten bytes, the most a varint has
+    assert _check(b"\x18" + b"\xff" * 9 + b"\x7f") == -1  # bits past 64 in the tenth byte are dropped
+    assert _check(b"\x18" + b"\x80" * 9 + b"\x02") == 0
+
+
+def test_a_corrupt_varint_is_declined():
+    raw = b"\x18" + b"\xff" * 10 + b"\x01"
+    with pytest.raises(Exception):
+        AnyValue.FromString(raw)
+    assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+    assert otlp_fast.scalar_or_doubles(b"\x18\x80", 2**22) is MISSING  # cut short
+
+
+def test_arrays_past_the_limit_or_the_depth_are_left_to_the_full_parse():
+    raw = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0)] * 4)).SerializeToString()
+    assert otlp_fast.scalar_or_doubles(raw, 4) is not MISSING
+    assert otlp_fast.scalar_or_doubles(raw, 3) is MISSING  # the full parse raises TooLarge
+    assert otlp_fast.scalar_or_doubles(raw, 0) is MISSING  # past max_depth the decoder passes 0
+
+
+_any_value = st.deferred(lambda: st.one_of(
+    st.builds(lambda s: AnyValue(string_value=s), st.text(max_size=200)),
+    st.builds(lambda f: AnyValue(double_value=f), st.floats(allow_nan=True, allow_infinity=True)),
+    st.builds(lambda i: AnyValue(int_value=i), st.integers(-2**63, 2**63 - 1)),
+    st.builds(lambda b: AnyValue(bool_value=b), st.booleans()),
+    st.builds(lambda b: AnyValue(bytes_value=b), st.binary(max_size=20)),
+    st.builds(lambda vs: AnyValue(array_value=ArrayValue(values=vs)), st.lists(_any_value, max_size=4)),
+    st.builds(lambda fs: AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=f) for f in fs])),
+              st.lists(st.floats(allow_nan=True), max_size=40)),
+))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_any_value, min_size=1, max_size=3))
+def test_any_value_or_concatenation_reads_as_the_full_parse(values):
+    """Whatever a sender writes, including several AnyValues' bytes run together (one message
+    with repeated oneof fields, where protobuf keeps the last), the fast read agrees or declines."""
+    raw = b"".join(v.SerializeToString() for v in values)
+    try:
+        _full(raw)
+    except ValueError:  # mixed arrays and the like: the decoder refuses them; the fast read must decline
+        assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+        return
+    _check(raw)
+
+
+def test_a_request_decodes_the_same_with_and_without_the_fast_read():
+    traces = [make_trace(i, batch=2, seq_len=3, n_loops=5) for i in range(3)]
+    body = otlp_body(traces).SerializeToString()
+    limits = Limits()
+    fast_traces, fast_rows = otlp_decode.decode_body(body, otlp_decode.PROTOBUF, limits)
+    slow_traces, slow_rows = otlp_decode.decode(otlp_decode.parse(body, otlp_decode.PROTOBUF, limits), limits)
+    assert fast_rows == slow_rows
+    for a, b in zip(fast_traces, slow_traces, strict=True):
+        assert a.to_dict() == b.to_dict()
+    spans = otlp_fast.parse(body)
+    assert len(spans) == 3 and len(spans[0].attributes) > 40  # the fast read saw every span and attribute
