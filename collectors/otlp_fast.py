@@ -65,51 +65,51 @@ _RECORD, _HEAD = 11, b"\x0a\x09\x21"
 
 
 def scalar_or_doubles(value: bytes, max_array: int):
-    """An AnyValue's serialized bytes → its string, float or float64 array (a read-only view), or
-    `MISSING` where it is anything else or not in the one canonical layout read here."""
-    if not value:
+    """An AnyValue's serialized bytes → its string, int, bool, float or float64 array (a read-only
+    view), or `MISSING` where it is anything else or not in the one canonical layout read here."""
+    if len(value) < 2:
         return MISSING
     tag = value[0]
-    if tag == 0x21:  # double_value
-        return _DOUBLE(value, 1)[0] if len(value) == 9 else MISSING
-    if tag == 0x0A:  # string_value, 0-127 bytes: one length byte, and nothing after the string
-        if len(value) >= 2 and value[1] == len(value) - 2:
-            try:
-                return value[2:].decode()
-            except UnicodeDecodeError:  # the full parse refused it first; never read here
-                return MISSING
-        return MISSING
-    if tag == 0x18:  # int_value: a varint of at most 10 bytes ending the value, two's complement
-        number, shift = 0, 0
-        for byte in value[1:11]:
-            number |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                break
+    if tag == 0x2A:  # array_value: its length as a varint, then the elements (the commonest: first)
+        if value[1] < 0x80:
+            size, at = value[1], 2
         else:
-            return MISSING
-        if shift // 7 != len(value) - 1:
-            return MISSING
-        number &= (1 << 64) - 1  # a tenth byte past bit 63 is dropped, as protobuf drops it
-        return number - (1 << 64) if number >= 1 << 63 else number
-    if tag == 0x10:  # bool_value
-        return MISSING if len(value) != 2 or value[1] > 1 else value[1] == 1
-    if tag == 0x2A:  # array_value: its length as a varint, then the elements
-        size, at = 0, 1
-        for shift in (0, 7, 14, 21, 28):
-            if at >= len(value):
-                return MISSING
-            byte = value[at]
-            size |= (byte & 0x7F) << shift
-            at += 1
-            if byte < 0x80:
-                break
-        else:
-            return MISSING
+            size, at = _varint(value, 1)
         n = size // _RECORD
         if (size != len(value) - at or size != n * _RECORD or not 0 < n <= max_array
                 or value[at::_RECORD].count(_HEAD[0]) != n or value[at + 1::_RECORD].count(_HEAD[1]) != n
                 or value[at + 2::_RECORD].count(_HEAD[2]) != n):
             return MISSING
         return np.ndarray((n,), "<f8", value, at + len(_HEAD), (_RECORD,))
+    if tag == 0x21:  # double_value
+        return _DOUBLE(value, 1)[0] if len(value) == 9 else MISSING
+    if tag == 0x0A:  # string_value, 0-127 bytes: one length byte, and nothing after the string
+        if value[1] == len(value) - 2:
+            try:
+                return value[2:].decode()
+            except UnicodeDecodeError:  # the full parse refused it first; never read here
+                return MISSING
+        return MISSING
+    if tag == 0x18:  # int_value: a varint ending the value, two's complement
+        number, end = _varint(value, 1)
+        if end != len(value):
+            return MISSING
+        number &= (1 << 64) - 1  # a tenth byte past bit 63 is dropped, as protobuf drops it
+        return number - (1 << 64) if number >= 1 << 63 else number
+    if tag == 0x10:  # bool_value
+        return MISSING if len(value) != 2 or value[1] > 1 else value[1] == 1
     return MISSING
+
+
+def _varint(value: bytes, at: int) -> tuple[int, int]:
+    """(the varint at `at`, the offset after it); an offset of -1 where it is cut short or past 10 bytes."""
+    number = 0
+    for shift in range(0, 70, 7):
+        if at >= len(value):
+            return 0, -1
+        byte = value[at]
+        number |= (byte & 0x7F) << shift
+        at += 1
+        if byte < 0x80:
+            return number, at
+    return 0, -1
