@@ -3,19 +3,20 @@
 `otlp_decode` parses every request with the real OTLP messages: that parse decides what is valid
 (structure, UTF-8, sizes) and stays the reference. Reading ~80 attributes of a forward span through
 protobuf's Python objects then costs ~3 µs each (a wrapper per value, `WhichOneof`, `getattr`).
-`parse` reads the same bytes with a schema (built here, at import) that declares only the path to
-the span attributes and keeps each attribute's `AnyValue` as its serialized bytes; `scalar_or_doubles`
-reads a string, a double or an array of doubles from those bytes in a few byte operations, and
-returns `MISSING` for anything else (ints, bools, other arrays, kvlists, bytes, an `AnyValue`
-holding more than one field, a string longer than 127 bytes), which the caller then reads from
-the full parse as before. Both parses walk the same bytes, so their spans and attributes line up
-one to one.
+`parse` reads the same bytes with a schema (built here on first use) that declares only the path
+to the span attributes and keeps each attribute's `AnyValue` as its serialized bytes;
+`scalar_or_doubles` reads a string, an int, a bool, a double or an array of doubles from those
+bytes in a few byte operations, and returns `MISSING` for anything else (other arrays, kvlists,
+bytes, an `AnyValue` holding more than one field, a string longer than 127 bytes), which the
+caller then reads from the full parse as before. Both parses walk the same bytes, so their spans
+and attributes line up one to one.
 
 This module is not: the decoder or its checks (`otlp_decode`), which falls back to the full parse.
 """
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import numpy as np
@@ -24,8 +25,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 MISSING = object()  # "not read here": read the value from the full parse
 
 
+@functools.cache
 def _request_class():
-    """ExportTraceServiceRequest → resource_spans (1) → scope_spans (2) → spans (2) → attributes
+    """(Built on first use, once.) ExportTraceServiceRequest → resource_spans (1) → scope_spans (2) → spans (2) → attributes
     (9), each a KeyValue whose value (2) stays bytes. Other fields are skipped as unknown."""
     field = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(name="mythos_probe_otlp_fast.proto", package="mythos_probe_otlp_fast",
@@ -48,12 +50,9 @@ def _request_class():
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("mythos_probe_otlp_fast.Request"))
 
 
-Request = _request_class()
-
-
 def parse(body: bytes) -> list:
     """The request's spans, in order, as messages whose `attributes` hold (key, value bytes)."""
-    request = Request()
+    request = _request_class()()
     request.ParseFromString(body)  # after the full parse accepted the same bytes
     return [span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans]
 
