@@ -95,8 +95,9 @@ class _Job:
 
 
 class _Ticket:
-    """A request counted as being decoded (`_GroupCommit.decoding`) until handed to a commit."""
+    """A request of `_GroupCommit.decoding`: counted from `begin` until handed to a commit."""
 
+    counted = False
     handed = False
 
 
@@ -124,19 +125,24 @@ class _GroupCommit:
 
     @contextmanager
     def decoding(self):
-        """Marks a request as being read and decoded, so that a commit starting meanwhile waits
-        for it; pass what it yields to `write`, which hands the request over to the commit in the
-        same step (else a commit could start between the end of its decode and its arrival)."""
+        """A request's ticket: from `begin(ticket)` (its body read) until `write` takes it, a
+        commit starting meanwhile waits for it. `write` hands the request over to the commit in
+        the same step, else a commit could start between the end of its decode and its arrival;
+        the body's read is not counted, so a sender stalling its body holds no commit back."""
         ticket = _Ticket()
-        with self._cond:
-            self._decoding += 1
         try:
             yield ticket
         finally:
-            if not ticket.handed:  # refused, failed or never written
-                with self._cond:
+            with self._cond:
+                if ticket.counted and not ticket.handed:  # refused, failed or never written
                     self._decoding -= 1
                     self._cond.notify_all()
+
+    def begin(self, ticket: _Ticket) -> None:
+        with self._cond:
+            if not ticket.counted:
+                ticket.counted = True
+                self._decoding += 1
 
     def write(self, decoded: Batch | tuple[list[LoopTrace], list[dict]], ticket: "_Ticket | None" = None) -> list[LoopTrace]:
         """The request's new forwards (not already stored; none where a `Batch` kept no traces)
@@ -144,7 +150,7 @@ class _GroupCommit:
         job = _Job(decoded)
         with self._cond:
             self._pending.append(job)
-            if ticket is not None and not ticket.handed:
+            if ticket is not None and ticket.counted and not ticket.handed:
                 ticket.handed = True
                 self._decoding -= 1
                 self._cond.notify_all()
@@ -259,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
         """(status, body, content type) for this request; expected refusals never raise."""
         with receiver.writer.decoding() as ticket:  # a commit starting meanwhile waits for this request
             try:
-                decoded, content_type = self._decode(receiver)
+                decoded, content_type = self._decode(receiver, ticket)
             except _Reject as exc:
                 return exc.status, (str(exc) + "\n").encode(), "text/plain; charset=utf-8"
             except TooLarge as exc:
@@ -285,7 +291,7 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, json_format.MessageToJson(response).encode(), JSON
         return 200, response.SerializeToString(), PROTOBUF
 
-    def _decode(self, receiver: "Receiver"):
+    def _decode(self, receiver: "Receiver", ticket: _Ticket):
         limits = receiver.limits
         if self.path.split("?", 1)[0] != "/v1/traces":
             raise _Reject(404, "only /v1/traces is served")
@@ -301,6 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
         if encoding not in ("gzip", "identity"):
             raise Unsupported(f"content encoding must be gzip or identity, got {encoding!r}")
         body = self._read_body(limits.max_body_bytes)
+        receiver.writer.begin(ticket)  # from here a commit starting waits for this request
         # gunzip, parse, decode (and build the table columns) in a worker process (`decode_pool`):
         # senders decode in parallel
         if receiver.columnar:

@@ -56,6 +56,7 @@ def test_a_commit_waits_for_the_request_being_decoded_and_writes_both_at_once(co
 
     def slow_request():
         with writer.decoding() as ticket:
+            writer.begin(ticket)
             decoding.set()
             release.wait(60)
             done.append(len(writer.write(_batch(100, 3), ticket)))
@@ -79,11 +80,17 @@ def test_a_commit_waits_for_the_request_being_decoded_and_writes_both_at_once(co
 def test_a_request_handed_over_stops_counting_once(counted):
     writer = _GroupCommit(counted, wait_s=600)
     with writer.decoding() as ticket:
+        assert writer._decoding == 0  # the body is being read: not counted yet
+        writer.begin(ticket)
+        writer.begin(ticket)
+        assert writer._decoding == 1  # once
         writer.write(_batch(0, 1), ticket)
         assert writer._decoding == 0
     assert writer._decoding == 0  # not decremented twice
     with writer.decoding() as ticket:
+        writer.begin(ticket)
         assert writer._decoding == 1
+    assert writer._decoding == 0
 
 
 def test_a_lone_request_never_waits(counted):
@@ -100,7 +107,8 @@ def test_the_wait_is_bounded_by_wait_s(counted):
     stuck, release = threading.Event(), threading.Event()
 
     def never_done():
-        with writer.decoding():
+        with writer.decoding() as ticket:
+            writer.begin(ticket)
             stuck.set()
             release.wait(60)
 
@@ -119,7 +127,8 @@ def test_the_wait_is_bounded_by_wait_s(counted):
 def test_a_request_that_fails_to_decode_stops_counting(counted):
     writer = _GroupCommit(counted, wait_s=600)
     with pytest.raises(ValueError):
-        with writer.decoding():
+        with writer.decoding() as ticket:
+            writer.begin(ticket)
             assert writer._decoding == 1
             raise ValueError("malformed body")
     assert writer._decoding == 0
@@ -146,3 +155,29 @@ def test_a_batch_crosses_a_process_boundary_unchanged():
     bare = pickle.loads(pickle.dumps(Batch.of(traces, [trace_span_row(t) for t in traces])))
     assert bare.traces is None and bare.n_forwards == 3
     assert pickle.loads(pickle.dumps(Batch(batch.tables))).increments is None
+
+
+def test_a_sender_stalling_its_body_holds_no_commit_back(tmp_path):
+    """Over real HTTP: a request whose body has not all arrived is not waited for (only decoding
+    is), so another sender's request commits while it stalls, even with a wait far past the test."""
+    import http.client
+    import socket
+
+    from mythos_probe.collectors.receiver import Receiver
+    from tests.collectors.test_receiver import otlp_body
+
+    with Store(tmp_path / "s.duckdb") as store, Receiver(store, port=0, decode_workers=0) as receiver:
+        receiver.writer.wait_s = 600
+        stalled = socket.create_connection(("127.0.0.1", receiver.port), timeout=60)
+        stalled.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                        b"Content-Length: 1000\r\n\r\n" + b"\x0a" * 10)  # 10 of its 1,000 bytes
+        con = http.client.HTTPConnection("127.0.0.1", receiver.port, timeout=60)
+        con.request("POST", "/v1/traces", body=otlp_body([make_trace(0)]).SerializeToString(),
+                    headers={"Content-Type": "application/x-protobuf"})
+        assert con.getresponse().status == 200
+        assert int(store.query("SELECT count(*) AS n FROM forwards").n[0]) == 1
+        stalled.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still unanswered: the commit did not wait for its end (30 s)
+            stalled.recv(1)
+        con.close()
+        stalled.close()
