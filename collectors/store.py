@@ -8,7 +8,8 @@ worker built); SQL values travel only as parameters.
 
 Idempotence: a forward is identified by (trace_id, span_id). A batch only inserts forwards (and
 raw spans) whose key the store does not hold yet, so a span delivered twice, by a retrying
-exporter or a replay, stays once. New forwards are numbered (`forward_id`, see `schema`) after
+exporter or a replay, stays once. Which keys are new is answered in memory (`known_keys`) and,
+when any may be stored, by DuckDB's exact query. New forwards are numbered (`forward_id`, see `schema`) after
 the largest number stored, inside the same transaction.
 
 This module is not: the layout (`schema`), the migrations (`migrations`) or the row building
