@@ -2,7 +2,7 @@
 
 The receiver's handler threads share one interpreter: decoding a forward span into its LoopTrace
 and `spans` row is ~0.3 ms of Python, so threads alone cap a receiver near one core whatever the
-number of senders. `DecodePool.decode` runs the same `otlp_decode.parse` + `otlp_decode.decode`
+number of senders. `DecodePool.decode` runs the same `otlp_decode.decode_body`
 (every check and limit unchanged) in a worker process and returns its result, or raises the
 `ValueError` it raised (TooLarge, Unsupported and plain ValueError pickle as themselves). The
 handler thread waits without holding the GIL, and commits as before. `decode_batch` also builds
