@@ -33,7 +33,7 @@ class KnownKeys:
     def _load(self, cur) -> None:
         for table in TABLES:
             hashes = cur.execute(f"SELECT hash(trace_id, span_id) AS h FROM {table}").fetchnumpy()["h"]
-            self._sorted[table] = np.sort(np.asarray(hashes, dtype=np.uint64))
+            self._sorted[table] = np.sort(hashes)  # DuckDB's UBIGINT: uint64
             self._recent[table] = set()
             self._rows[table] = len(hashes)
         self.loads += 1
@@ -45,7 +45,7 @@ class KnownKeys:
         if counts != self._rows:
             self._load(cur)
         rows = cur.execute("SELECT spans, hash(trace_id, span_id) AS h FROM _keys").fetchnumpy()
-        spans, hashes = np.asarray(rows["spans"], dtype=bool), np.asarray(rows["h"], dtype=np.uint64)
+        spans, hashes = rows["spans"], rows["h"]  # bool, uint64
         for table, mine in (("forwards", ~spans), ("spans", spans)):
             wanted, stored, recent = hashes[mine], self._sorted[table], self._recent[table]
             if len(stored):
@@ -63,6 +63,6 @@ class KnownKeys:
         recent = self._recent[table]
         recent.update(hashes.tolist())
         self._rows[table] += len(hashes)
-        if len(recent) > _MERGE_AT:
-            self._sorted[table] = np.union1d(self._sorted[table], np.fromiter(recent, np.uint64, len(recent)))
+        if len(recent) > _MERGE_AT:  # pragma: no mutate (when to merge changes no answer)
+            self._sorted[table] = np.union1d(self._sorted[table], np.fromiter(recent, np.uint64))
             recent.clear()

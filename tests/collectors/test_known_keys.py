@@ -75,6 +75,27 @@ def test_span_rows_without_a_forward_are_known_by_their_own_keys(tmp_path, exact
         assert store.query("SELECT count(DISTINCT (trace_id, span_id)) AS n FROM spans").n[0] == 6
 
 
+def test_forwards_written_without_their_span_rows_are_known_by_the_forward_keys(tmp_path):
+    with Store(tmp_path / "s.duckdb") as store:
+        traces = [make_trace(i) for i in range(4)]
+        assert store.write(traces, []) == 4
+        assert store.write(traces[2:], []) == 0
+        assert _count(store) == 4 and _count(store, "spans") == 0
+
+
+def test_the_key_with_the_largest_hash_is_known(tmp_path):
+    """The sorted keys' last element is looked up like any other (the edge of a binary search)."""
+    traces = [make_trace(i) for i in range(20)]
+    with Store(tmp_path / "s.duckdb") as store:
+        store.write(traces, [])
+    with Store(tmp_path / "s.duckdb") as store:
+        hashes = store.query("SELECT trace_id, hash(trace_id, span_id) AS h FROM forwards ORDER BY h").trace_id.tolist()
+        last, first = (next(t for t in traces if t.trace_id == tid) for tid in (hashes[-1], hashes[0]))
+        assert store.write([last], []) == 0  # alone: another key's hit would send the batch to the exact query
+        assert store.write([first], []) == 0
+        assert _count(store) == 20 and store._known.loads == 1
+
+
 def test_keys_stored_before_the_process_started_are_known(tmp_path, exact_queries):
     with Store(tmp_path / "s.duckdb") as store:
         store.write_traces([make_trace(i) for i in range(6)])
