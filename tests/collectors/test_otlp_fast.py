@@ -116,6 +116,18 @@ def test_a_corrupt_varint_is_declined():
     assert otlp_fast.scalar_or_doubles(b"\x18\x80", 2**22) is MISSING  # cut short
 
 
+def test_an_array_whose_records_are_all_eleven_bytes_but_not_all_doubles_is_declined():
+    """A 7-character string is an 11-byte record too (0a 09 0a 07 …): only its third byte tells it
+    from a double; the full parse refuses the mixed array."""
+    for values in ([AnyValue(double_value=1.0), AnyValue(string_value="abcdefg")],
+                   [AnyValue(string_value="abcdefg"), AnyValue(double_value=1.0)]):
+        raw = AnyValue(array_value=ArrayValue(values=values)).SerializeToString()
+        assert len(raw) == 2 + 22
+        with pytest.raises(ValueError, match="mixes value types"):
+            _full(raw)
+        assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+
+
 def test_arrays_past_the_limit_or_the_depth_are_left_to_the_full_parse():
     raw = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0)] * 4)).SerializeToString()
     assert otlp_fast.scalar_or_doubles(raw, 4) is not MISSING
