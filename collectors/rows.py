@@ -73,7 +73,7 @@ def json_value(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, (list, tuple)):
         return [
-            json_value(v) if isinstance(v, (list, tuple)) else None if type(v) is float and not math.isfinite(v) else v
+            json_value(v) if isinstance(v, (list, tuple)) else None if isinstance(v, float) and not math.isfinite(v) else v
             for v in value
         ]
     return value
