@@ -280,6 +280,14 @@ def test_writer_liveness_when_the_pid_belongs_to_another_user(monkeypatch):
     assert PS._writer_alive(f"{PS._host()}-12345-abc", time.time() - PS.FOREIGN_ORPHAN_SECONDS) is False
 
 
+def test_a_foreign_writer_is_an_orphan_from_exactly_a_day_on(monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(PS.time, "time", lambda: 2_000_000_000.0)
+        day = PS.FOREIGN_ORPHAN_SECONDS
+        assert PS._writer_alive("far-1-abc", 2_000_000_000.0 - day) is False
+        assert PS._writer_alive("far-1-abc", 2_000_000_000.0 - day + 1) is True
+
+
 def test_mtime_of_a_vanished_path_is_now(tmp_path):
     before = time.time()
     assert before <= PS._mtime(tmp_path / "gone") <= time.time()
@@ -341,12 +349,18 @@ def test_a_commit_that_fails_before_its_link_deletes_its_files_after_it_keeps_th
         assert len(log(folder)) == 1 and on_disk(folder) == set(committed(folder).entries) != set()
         monkeypatch.setattr(PS, "_fsync", real)
         assert w.write_traces(traces([1])) == 0  # committed already
+        # the same for a file set of one file (spans only)
+        monkeypatch.setattr(PS, "_fsync", fsync_failing(lambda p: p.name == "_log"))
+        with pytest.raises(OSError, match="fsync failed"):
+            w.write([], [trace_span_row(t) for t in traces([7])])
+        assert len(log(folder)) == 2 and on_disk(folder) == set(committed(folder).entries)
+        monkeypatch.setattr(PS, "_fsync", real)
         # a data file's fsync failing: the files placed before it are deleted, nothing committed
         monkeypatch.setattr(PS, "_fsync", fsync_failing(lambda p: p.name.startswith("forwards-")))
         before = on_disk(folder)
         with pytest.raises(OSError, match="fsync failed"):
             w.write_traces(traces([2]))
-        assert on_disk(folder) == before and len(log(folder)) == 1
+        assert on_disk(folder) == before and len(log(folder)) == 2
 
 
 def test_a_link_reported_failed_although_made_commits_once(tmp_path, monkeypatch):
@@ -411,10 +425,18 @@ def test_two_compactions_racing_the_loser_deletes_its_merged_files(tmp_path):
     assert on_disk(folder) == set(snap.entries) | set(snap.removed)  # a's merged files are gone
 
 
-def test_layout_1_converted_in_process(tmp_path):
+@pytest.mark.parametrize("stale", [True, False], ids=["after a killed attempt", "first attempt"])
+def test_layout_1_converted_in_process(tmp_path, monkeypatch, stale):
     """As test_parquet_faults.py's conversion test, without the CLI process: a forwards file there
-    twice and child files whose forwards never came; each forward kept once with its rows."""
+    twice and child files whose forwards never came; each forward kept once with its rows. An
+    earlier attempt killed before it wrote the marker left a log naming its files (one already
+    deleted): they go; without it there is no `_log` at all."""
+    import re
     import shutil
+
+    cwd = tmp_path / "cwd"  # the conversion's DuckDB is in memory: nothing appears where it runs
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
 
     folder, other = tmp_path / "pq", tmp_path / "other"
     kept = traces([0, 1], model="m-a", run="r-1") + traces([2], day=1, model="m-b", run="r-2")
@@ -433,12 +455,15 @@ def test_layout_1_converted_in_process(tmp_path):
     for table in ("iterations", "experts"):
         for f in (other / table).glob("date=*/*.parquet"):
             shutil.copy(f, folder / f.relative_to(other).with_name("vm-2-bbbbbb-000000-0.parquet"))
-    # an earlier conversion killed before it wrote the marker: its log and files go
-    (folder / "_log").mkdir()
-    stale = "forwards/date=2025-10-09/stale-1-cccccc-000000-0.parquet"
-    shutil.copy(folder / sorted(old)[0], folder / stale)
-    (folder / "_log" / "000000000001.json").write_text(json.dumps({"time": 0.0, "add": [{"path": stale, "table": "forwards"}]}))
+    if stale:
+        (folder / "_log").mkdir()
+        left = "forwards/date=2025-10-09/stale-1-cccccc-000000-0.parquet"
+        shutil.copy(folder / sorted(old)[0], folder / left)
+        (folder / "_log" / "000000000001.json").write_text(json.dumps({"time": 0.0, "add": [
+            {"path": "spans/date=2025-10-09/stale-1-cccccc-000000-0.parquet", "table": "spans"},  # deleted already
+            {"path": left, "table": "forwards"}]}))
     assert PS.compact(folder) == {"before": 10, "after": 10}
+    assert list(cwd.iterdir()) == []
     assert json.loads((folder / "mythos-probe.json").read_text()) == {"format": "mythos-probe parquet store", "layout_version": 2}
     first = log(folder)[0]
     assert first["remove"] == [] and len(log(folder)) == 1
@@ -447,7 +472,8 @@ def test_layout_1_converted_in_process(tmp_path):
     entries = {(e["table"], e["date"]): e for e in first["add"]}
     assert entries[("forwards", "2025-10-09")]["models"] == ["m-a"] and entries[("forwards", "2025-10-10")]["runs"] == ["r-2"]
     assert entries[("spans", "2025-10-09")]["models"] is None and entries[("spans", "2025-10-09")]["runs"] is None
-    assert all(e["path"].endswith("-000000-0.parquet") for e in first["add"])
+    assert re.fullmatch(rf"{re.escape(PS._host())}-{os.getpid()}-[0-9a-f]{{6}}", first["writer"])
+    assert all(e["path"].endswith(f"/{first['writer']}-000000-0.parquet") for e in first["add"])
     assert on_disk(folder) == set(committed(folder).entries)
     assert not list(folder.glob(".tmp-*"))
     with ParquetStore.open_read_only(folder) as r:
