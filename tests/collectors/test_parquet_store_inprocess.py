@@ -491,3 +491,15 @@ def test_compact_of_a_damaged_marker_says_what_is_wrong(tmp_path):
     (tmp_path / "mythos-probe.json").write_text("{")
     with pytest.raises(PS.StoreError, match="is not a mythos-probe marker"):
         PS.compact(tmp_path)
+
+
+def test_a_store_makes_no_file_where_it_runs(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"  # its DuckDB connection is in memory
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with ParquetStore(tmp_path / "pq") as w:
+        w.write_traces(traces([1]))
+        assert w.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0] == 1
+    with ParquetStore.open_read_only(tmp_path / "pq") as r:
+        r.query("SELECT 1")
+    assert list(cwd.iterdir()) == []
