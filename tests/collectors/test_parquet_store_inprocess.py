@@ -503,3 +503,15 @@ def test_a_store_makes_no_file_where_it_runs(tmp_path, monkeypatch):
     with ParquetStore.open_read_only(tmp_path / "pq") as r:
         r.query("SELECT 1")
     assert list(cwd.iterdir()) == []
+
+
+def test_compact_of_a_folder_keeps_what_it_replaced_for_the_retention_then_deletes_it(tmp_path):
+    folder = tmp_path / "pq"
+    with ParquetStore(folder) as w:
+        w.write_traces(traces([1]))
+        w.write_traces(traces([2]))
+    before = on_disk(folder)
+    assert PS.compact(folder) == {"before": 10, "after": 5}
+    assert on_disk(folder) == before | set(committed(folder).entries)  # the default retention: 600 s
+    assert PS.compact(folder, retain_removed_seconds=0) == {"before": 5, "after": 5}
+    assert on_disk(folder) == set(committed(folder).entries)
