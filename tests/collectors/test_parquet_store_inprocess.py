@@ -515,3 +515,66 @@ def test_compact_of_a_folder_keeps_what_it_replaced_for_the_retention_then_delet
     assert on_disk(folder) == before | set(committed(folder).entries)  # the default retention: 600 s
     assert PS.compact(folder, retain_removed_seconds=0) == {"before": 5, "after": 5}
     assert on_disk(folder) == set(committed(folder).entries)
+
+
+def _manifest(tmp_path) -> PS.Snapshot:
+    """Forwards and child files over three days, two models and runs, a spans file, and a
+    forwards file that does not know its models (None)."""
+    snap = PS.Snapshot(tmp_path)
+    add = []
+    for day, model, run in (("2026-01-01", "m1", "r1"), ("2026-01-02", "m2", "r2"), ("2026-01-03", "m1", "r2")):
+        for table in ("forwards", "positions"):
+            add.append({"path": f"{table}/{day}/{model}", "table": table, "date": day, "models": [model], "runs": [run]})
+    add.append({"path": "spans/2026-01-01/s", "table": "spans", "date": "2026-01-01", "models": None, "runs": None})
+    add.append({"path": "forwards/2026-01-01/unknown", "table": "forwards", "date": "2026-01-01", "models": None, "runs": None})
+    snap._apply(1, {"time": 0.0, "add": add})
+    return snap
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({"start": pd.Timestamp("2026-01-02 23:00"), "end": None},
+     {"forwards/2026-01-02/m2", "positions/2026-01-02/m2", "forwards/2026-01-03/m1", "positions/2026-01-03/m1"}),
+    ({"start": None, "end": pd.Timestamp("2026-01-02T01:00", tz="Europe/Paris")},  # 2026-01-02 00:00 UTC
+     {"forwards/2026-01-01/m1", "positions/2026-01-01/m1", "forwards/2026-01-01/unknown",
+      "forwards/2026-01-02/m2", "positions/2026-01-02/m2"}),
+    ({"models": ("m1",)}, {"forwards/2026-01-01/m1", "positions/2026-01-01/m1", "forwards/2026-01-03/m1",
+                           "positions/2026-01-03/m1", "forwards/2026-01-01/unknown"}),
+    ({"runs": ("r2",), "models": ("m1",)}, {"forwards/2026-01-03/m1", "positions/2026-01-03/m1", "forwards/2026-01-01/unknown"}),
+    # a window relative to the newest date (2026-01-03): 36 h back reaches 2026-01-01 12:00, so that date stays,
+    # and the window keeps every model and run
+    ({"window_s": 36 * 3600.0, "models": ("m2",)}, None),
+    ({"window_s": 3600.0}, {"forwards/2026-01-02/m2", "positions/2026-01-02/m2", "forwards/2026-01-03/m1",
+                            "positions/2026-01-03/m1"}),
+    ({"window_s": 3600.0, "start": pd.Timestamp("2026-01-03")}, {"forwards/2026-01-03/m1", "positions/2026-01-03/m1"}),
+])
+def test_pruned_keeps_the_entries_a_selected_forward_may_be_in(tmp_path, kw, want):
+    snap = _manifest(tmp_path)
+    kw = {"start": None, "end": None, "window_s": None, "models": (), "runs": (), **kw}
+    kept = PS.Pruned(None, kw["start"], kw["end"], kw["window_s"], kw["models"], kw["runs"]).keep(snap)
+    every = set(snap.entries)
+    assert set(kept) == (every if want is None else want | {"spans/2026-01-01/s"})
+
+
+def test_pruned_of_a_store_and_its_query(tmp_path):
+    folder = tmp_path / "pq"
+    with ParquetStore(folder) as w:
+        w.write_traces(traces([1], model="m-a") + traces([2], day=1, model="m-b"))
+        w.write_traces(traces([3], day=2, model="m-a"))
+        assert w.pruned() is w and w.pruned(models=[]) is w
+        for kw in ({"start": 0}, {"end": 0}, {"window_s": 0}, {"models": ["m-a"]}, {"runs": ["r"]}):
+            assert isinstance(w.pruned(**kw), PS.Pruned), kw
+        p = w.pruned(start=pd.Timestamp("2025-10-10"), end=pd.Timestamp("2025-10-10 23:00"), models=["m-b", "m-x"], runs=iter(["run-a"]))
+        assert (p.store, p.models, p.runs, p.window_s) == (w, {"m-b", "m-x"}, {"run-a"}, None)
+        assert p.has_rollups is False
+        sql = "SELECT model_id, count(*) AS n FROM forwards GROUP BY model_id"
+        assert p.query(sql).to_dict("list") == {"model_id": ["m-b"], "n": [1]}
+        assert w.pruned(models=["m-a", "m-b"]).query("SELECT count(*) AS n FROM spans")["n"].iloc[0] == 3  # nothing pruned: shared views
+        # what it reads: a damaged file outside the selection is never opened
+        entries = committed(folder).entries
+        outside = [rel for rel, e in entries.items() if e["table"] == "forwards" and e["date"] != "2025-10-10"]
+        for rel in outside:
+            (folder / rel).write_bytes(b"garbage" * 10)
+        assert p.query("SELECT count(*) AS n FROM positions WHERE forward_id IN (SELECT forward_id FROM forwards)")["n"].iloc[0] \
+            == rows_of(traces([2], day=1))["positions"]
+        with pytest.raises(Exception):
+            w.query("SELECT count(*) FROM forwards")  # the unpruned read meets the garbage
