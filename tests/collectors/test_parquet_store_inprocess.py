@@ -525,7 +525,8 @@ def _manifest(tmp_path) -> PS.Snapshot:
     for day, model, run in (("2026-01-01", "m1", "r1"), ("2026-01-02", "m2", "r2"), ("2026-01-03", "m1", "r2")):
         for table in ("forwards", "positions"):
             add.append({"path": f"{table}/{day}/{model}", "table": table, "date": day, "models": [model], "runs": [run]})
-    add.append({"path": "spans/2026-01-01/s", "table": "spans", "date": "2026-01-01", "models": None, "runs": None})
+    # spans are kept whatever the selection, and their dates do not move a window (only forwards' do)
+    add.append({"path": "spans/2026-01-05/s", "table": "spans", "date": "2026-01-05", "models": None, "runs": None})
     add.append({"path": "forwards/2026-01-01/unknown", "table": "forwards", "date": "2026-01-01", "models": None, "runs": None})
     snap._apply(1, {"time": 0.0, "add": add})
     return snap
@@ -552,7 +553,7 @@ def test_pruned_keeps_the_entries_a_selected_forward_may_be_in(tmp_path, kw, wan
     kw = {"start": None, "end": None, "window_s": None, "models": (), "runs": (), **kw}
     kept = PS.Pruned(None, kw["start"], kw["end"], kw["window_s"], kw["models"], kw["runs"]).keep(snap)
     every = set(snap.entries)
-    assert set(kept) == (every if want is None else want | {"spans/2026-01-01/s"})
+    assert set(kept) == (every if want is None else want | {"spans/2026-01-05/s"})
 
 
 def test_pruned_of_a_store_and_its_query(tmp_path):
@@ -568,6 +569,8 @@ def test_pruned_of_a_store_and_its_query(tmp_path):
         assert p.has_rollups is False
         sql = "SELECT model_id, count(*) AS n FROM forwards GROUP BY model_id"
         assert p.query(sql).to_dict("list") == {"model_id": ["m-b"], "n": [1]}
+        assert p.query("SELECT count(*) AS n FROM forwards WHERE model_id = ?", ["m-a"])["n"].iloc[0] == 0
+        assert w.pruned(window_s=60).window_s == 60
         assert w.pruned(models=["m-a", "m-b"]).query("SELECT count(*) AS n FROM spans")["n"].iloc[0] == 3  # nothing pruned: shared views
         # what it reads: a damaged file outside the selection is never opened
         entries = committed(folder).entries
