@@ -304,6 +304,7 @@ def test_compact_above_compacts_in_the_background_after_a_write(tmp_path):
         assert w._compactor is None
         w.write_traces(traces([3]))  # 15: compacts in a thread; close waits for it
         assert w._compactor is not None
+        assert (w._compactor.name, w._compactor.daemon) == ("parquet-compact", True)  # never holds the process up
     assert [bool(e["remove"]) for e in log(folder)] == [False, False, False, True]
     assert len(committed(folder).entries) == 5
     with ParquetStore(folder) as w:  # compact_above None: never
@@ -581,3 +582,44 @@ def test_pruned_of_a_store_and_its_query(tmp_path):
             == rows_of(traces([2], day=1))["positions"]
         with pytest.raises(Exception):
             w.query("SELECT count(*) FROM forwards")  # the unpruned read meets the garbage
+
+
+def test_views_are_bound_once_per_log_version(tmp_path, monkeypatch):
+    """Binding a view reads a footer of each group of files: a query on an unchanged log binds none."""
+    with ParquetStore(tmp_path / "pq") as w:
+        w.write_traces(traces([1]))
+        bound = []
+        source = w._source
+        monkeypatch.setattr(w, "_source", lambda table, entries: bound.append(table) or source(table, entries))
+        for _ in range(3):
+            assert w.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0] == 1
+        assert sorted(bound) == sorted(TABLES)
+        w.write_traces(traces([2]))
+        assert w.query("SELECT count(*) AS n FROM forwards")["n"].iloc[0] == 2
+        assert len(bound) == 2 * len(TABLES)
+
+
+def test_a_pruned_query_whose_file_vanished_retries_pruned(tmp_path):
+    """The retry after an IO error (a compaction deleted a file meanwhile) reads the log again and
+    still only the selected files: the damaged file outside the selection stays unread."""
+    folder = tmp_path / "pq"
+    with ParquetStore(folder) as w:
+        w.write_traces(traces([1], model="m-a"))
+        w.write_traces(traces([2], day=1, model="m-b"))
+        entries = committed(folder).entries
+        for rel, e in entries.items():
+            if e["table"] == "forwards" and e["models"] == ["m-a"]:
+                (folder / rel).write_bytes(b"garbage" * 10)
+        selected = next(e for e in entries.values() if e["table"] == "forwards" and e["models"] == ["m-b"])
+        real, calls = w.snapshot, []
+
+        def snapshot():
+            snap = real()
+            if not calls:  # the first read sees a file that is gone by the time it is read
+                calls.append(1)
+                snap.entries["forwards/date=2025-10-10/gone.parquet"] = dict(selected, path="forwards/date=2025-10-10/gone.parquet")
+            return snap
+
+        w.snapshot = snapshot
+        got = w.pruned(models=["m-b"]).query("SELECT model_id FROM forwards")
+        assert got["model_id"].tolist() == ["m-b"] and len(calls) == 1
