@@ -66,6 +66,7 @@ def test_a_file_set_and_its_commit_entry_are_written_as_specified(tmp_path):
         assert w.write_traces(traces([5])) == 1
     assert sorted(p.name for p in (folder / "_log").iterdir()) == ["000000000001.json", "000000000002.json"]
     first, second = log(folder)
+    assert set(first) == {"writer", "time", "add", "remove", "keys"}
     assert first["writer"] == writer and before <= first["time"] <= after and first["remove"] == []
     dates = {"2025-10-09": day0, "2025-10-10": day1}
     want = []

@@ -170,3 +170,14 @@ def test_decode_span_keeps_the_resource_and_parent():
 ])
 def test_json_nulls_numpy_non_finite_scalars_in_lists(value, want):
     assert json.loads(rows.to_json({"a": value})) == {"a": want}
+
+
+def test_experts_rows_of_a_single_expert():
+    """One expert: each row is its own iteration (a divisor of 2 or more would merge them)."""
+    trace = make_trace(2, batch=1, seq_len=3, n_loops=4, n_experts=1)
+    table = rows.experts_table([trace], 5)
+    iters = trace.expert_load.shape[0]
+    assert table.column("iteration").to_pylist() == list(range(iters))
+    assert table.column("expert").to_pylist() == [0] * iters
+    assert table.column("load").to_pylist() == trace.expert_load[:, 0].tolist()
+    assert table.column("forward_id").to_pylist() == [5] * iters
