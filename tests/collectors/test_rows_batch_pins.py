@@ -181,3 +181,14 @@ def test_experts_rows_of_a_single_expert():
     assert table.column("expert").to_pylist() == [0] * iters
     assert table.column("load").to_pylist() == trace.expert_load[:, 0].tolist()
     assert table.column("forward_id").to_pylist() == [5] * iters
+
+
+def test_positions_rows_of_one_token_sequences():
+    """seq_len 1: each batch row is its own position 0 (a divisor of 2 or more would merge rows)."""
+    trace = make_trace(4, batch=3, seq_len=1, n_loops=3)
+    table = rows.positions_table([trace], 0)
+    t = trace.iterations
+    assert table.column("batch_index").to_pylist() == np.repeat(np.arange(3), t).tolist()
+    assert table.column("position").to_pylist() == [0] * (3 * t)
+    assert table.column("iteration").to_pylist() == np.tile(np.arange(t), 3).tolist()
+    assert table.column("token_id").to_pylist() == np.repeat(trace.token_ids[:, 0], t).tolist()
