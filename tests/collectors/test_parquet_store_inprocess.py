@@ -624,3 +624,15 @@ def test_a_pruned_query_whose_file_vanished_retries_pruned(tmp_path):
         w.snapshot = snapshot
         got = w.pruned(models=["m-b"]).query("SELECT model_id FROM forwards")
         assert got["model_id"].tolist() == ["m-b"] and len(calls) == 1
+
+
+def test_advance_says_whether_the_log_moved(tmp_path):
+    folder = tmp_path / "pq"
+    ParquetStore(folder).close()
+    snap = PS.Snapshot(folder)
+    assert snap.advance() is False and snap.version == 0
+    with ParquetStore(folder) as w:
+        w.write_traces(traces([1]))
+        w.write_traces(traces([2]))
+    assert snap.advance() is True and snap.version == 2
+    assert snap.advance() is False and snap.version == 2
