@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def test_a_file_set_and_its_commit_entry_are_written_as_specified(tmp_path):
         assert w.write_traces(traces([5])) == 1
     assert sorted(p.name for p in (folder / "_log").iterdir()) == ["000000000001.json", "000000000002.json"]
     first, second = log(folder)
+    # host-pid-6 hex digits: the suffix tells apart writers of one pid over time (pid reuse)
+    assert re.fullmatch(rf"{re.escape(PS._host())}-{os.getpid()}-[0-9a-f]{{6}}", writer)
     assert set(first) == {"writer", "time", "add", "remove", "keys"}
     assert first["writer"] == writer and before <= first["time"] <= after and first["remove"] == []
     dates = {"2025-10-09": day0, "2025-10-10": day1}
@@ -433,7 +436,6 @@ def test_layout_1_converted_in_process(tmp_path, monkeypatch, stale):
     twice and child files whose forwards never came; each forward kept once with its rows. An
     earlier attempt killed before it wrote the marker left a log naming its files (one already
     deleted): they go; without it there is no `_log` at all."""
-    import re
     import shutil
 
     cwd = tmp_path / "cwd"  # the conversion's DuckDB is in memory: nothing appears where it runs
