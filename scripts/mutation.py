@@ -136,6 +136,9 @@ def main(argv=None) -> int:
     parser.add_argument("--survivors", action="store_true",
                         help="re-test only the mutants the last run did not kill (after adding tests), and "
                         "the new mutants of functions changed since")
+    parser.add_argument("--sample", action="store_true",
+                        help="test only the module's random sample (benchmarks/mutation_samples/), those not "
+                        "killed yet: a score in minutes where a full run takes hours")
     parser.add_argument("--max-children", type=int, default=1,
                         help="mutants tested at once (default 1: the machines here are shared)")
     args = parser.parse_args(argv)
@@ -146,9 +149,21 @@ def main(argv=None) -> int:
     key = next((k for k in tests_by_module if k.rstrip("/") == args.module.rstrip("/")), None)
     if key is None:
         parser.error(f"no mutation config for {args.module!r}; known: {', '.join(tests_by_module)}")
+    if args.sample:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from mutation_scores import sample_of
+
+        if not sample_of(key):
+            parser.error(f"no sample listed for {key} in benchmarks/mutation_samples/")
     where = stage(key, tests_by_module[key], cfg)
     prefix = dotted(key)
-    if args.survivors:
+    if args.sample:
+        status = statuses_of(key)
+        names = [n for n in sample_of(key) if status.get(n, "not checked") not in ("killed", "timeout")]
+        if not names:
+            print("every mutant of the sample is killed")
+            return 0
+    elif args.survivors:
         left = sorted(n for n, s in statuses_of(key).items() if s not in ("killed", "timeout", "no tests"))
         if not left:
             print("no survivors to re-test")
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
     # Functions edited since the last run get fresh, unchecked mutants when mutmut regenerates
     # them, which a --survivors run does not name: test those too.
     unchecked = sorted(n for n, s in statuses_of(key).items() if s == "not checked")
-    if rc == 0 and unchecked:
+    if rc == 0 and unchecked and not args.sample:
         rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *unchecked],
                             cwd=where, env=env).returncode
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key])
