@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     parser.add_argument("module", nargs="?", help="a key of [tool.mythos-probe.mutation.tests], "
                         "e.g. collectors/spans.py or mythos_probe/metrics/")
     parser.add_argument("--survivors", action="store_true",
-                        help="re-test only the mutants the last run did not kill (after adding tests), and "
+                        help="re-test only the mutants the last run did not kill or had no tests for (after adding tests), and "
                         "the new mutants of functions changed since")
     parser.add_argument("--check-equivalents", action="store_true",
                         help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
@@ -198,8 +198,8 @@ def main(argv=None) -> int:
     if args.check_equivalents:
         names = sorted(equivalent)
     elif args.survivors:
-        names = sorted(n for n, s in statuses_of(key).items()
-                       if s not in ("killed", "timeout", "no tests") and n not in equivalent)
+        # "no tests" too: the mapping may list new tests since
+        names = sorted(n for n, s in statuses_of(key).items() if s not in ("killed", "timeout") and n not in equivalent)
     else:
         # named mutants are re-tested even when an earlier run has a verdict: the tests change
         names = [n for n in every if n not in equivalent]
