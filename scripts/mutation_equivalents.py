@@ -13,7 +13,9 @@ keeps those as ordinary mutants:
 - an alias (the word after AS, outside a CAST's type) names a result column, and DuckDB keeps
   its case (`count(*) AS N` gives a column "N");
 - an identifier where it may name a result column: in a select list, or where the piece of SQL
-  starts without saying which clause it is in (an unaliased `X + 1` is a column "(X + 1)");
+  starts without saying which clause it is in (an unaliased `X + 1` is a column "(X + 1)"),
+  unless the piece shows it is a whole select item that is a bare column (`SELECT F.X, ...`, which
+  DuckDB names after the column read, `x`);
 - a `{placeholder}` of Python's str.format.
 
 A change to a keyword (from the fixed list below), a function name (a word before "("), a CTE or
@@ -101,9 +103,28 @@ def sql_case_reason(original: str, mutated: str) -> str | None:
             changed.append(f"CTE/window {text}")
         elif not stack[-1][1]:
             changed.append(f"identifier {text}")
+        elif _whole_column_item(words, n):
+            changed.append(f"column {text}")
         else:
             return None  # an identifier that may name a result column
     return "SQL letter case only: " + ", ".join(changed) if changed else None
+
+
+def _whole_column_item(words: list[tuple[int, str]], n: int) -> bool:
+    """Whether word n is part of a select item that is a bare column reference (`x`, `f.x`, `f.*`),
+    from SELECT, DISTINCT or a comma to a comma, FROM or AS, all inside the piece: DuckDB names
+    such a result column after the column it reads, not as the query spells it."""
+    def is_name(i):
+        return 0 <= i < len(words) and (words[i][1] == "*" or words[i][1][0].isalpha() or words[i][1][0] == "_")
+    start = n
+    while start - 2 >= 0 and words[start - 1][1] == "." and is_name(start - 2):
+        start -= 2
+    end = n
+    while end + 2 < len(words) and words[end + 1][1] == "." and is_name(end + 2):
+        end += 2
+    before = words[start - 1][1].upper() if start >= 1 else None
+    after = words[end + 1][1].upper() if end + 1 < len(words) else None
+    return before in ("SELECT", "DISTINCT", ",") and after in (",", "FROM", "AS")
 
 
 def _string_differences(a: ast.AST, b: ast.AST) -> list[tuple[str, str]] | None:

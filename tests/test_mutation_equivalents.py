@@ -30,6 +30,8 @@ def test_lower_cased_keywords_are_equivalent_and_named():
     ("SELECT json_extract_string(attributes, '$.sweep') AS s FROM sel", "a JSON path"),
     ('SELECT "tokens" FROM sel', "a quoted identifier"),
     ("SELECT x + 1 FROM sel", "an unaliased expression names its column after x"),
+    ("SELECT f.x", "the item may go on in the next piece"),
+    (", f.x + 1 FROM sel", "not a bare column"),
     (" min(start_time) AS first, max(start_time)", "a piece starting in a select list"),
     ("NOT contains({c}, ?)", "a str.format placeholder"),
     ("TRY_CAST(x AS INTEGER) AS loops", "the alias after the CAST"),
@@ -46,6 +48,8 @@ def test_case_changes_that_show_are_not_equivalent(piece, why):
     (" OVER (PARTITION BY f.grp ORDER BY i.iteration)", " OVER (PARTITION BY F.GRP ORDER BY I.ITERATION)"),
     (", g AS (SELECT 1)", ", G AS (SELECT 1)"),
     ("SELECT sum(x) AS s", "SELECT SUM(x) AS s"),
+    ("SELECT trace_id FROM sel ORDER BY start_time", "SELECT TRACE_ID FROM SEL ORDER BY START_TIME"),
+    ("SELECT f.grp, sw.*, rho_A FROM sel", "SELECT F.GRP, SW.*, RHO_a FROM SEL"),
 ])
 def test_case_changes_that_cannot_show_are_equivalent(piece, mutated):
     assert sql_case_reason(piece, mutated) is not None
@@ -73,7 +77,7 @@ STATEMENTS = [
     ["SELECT run_id, json_extract_string(attributes, '$.sweep') AS sweep, CAST(tokens AS DOUBLE) AS t",
      " FROM forwards WHERE json_extract_string(attributes, '$.sweep') IS NOT NULL ORDER BY forward_id"],
     ["WITH per AS (SELECT run_id, sum(tokens) AS n FROM forwards GROUP BY run_id)",
-     " SELECT per.run_id, n + 1, sum(n) OVER w AS running FROM per",
+     " SELECT per.run_id, n + 1, sum(n) OVER w AS running, per.n FROM per",
      " WINDOW w AS (ORDER BY per.run_id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) ORDER BY per.run_id"],
 ]
 
