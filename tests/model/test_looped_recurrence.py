@@ -208,6 +208,22 @@ def test_act_weights_each_state_by_its_halting_probability():
     torch.testing.assert_close(cache.stack("recurrent.hook_cum_halt")[-1], (p * ran).sum(0))
 
 
+def test_act_halts_on_reaching_the_threshold_exactly():
+    """p ≡ 0.5 exactly (a zero halting head) and act_threshold 0.5: the first iteration reaches the
+    threshold exactly, so ACT halts there with the remainder 1 as its weight (`>=`, not `>`)."""
+    m = _model(act_threshold=0.5)
+    with torch.no_grad():
+        m.recurrent.act.halt.weight.zero_()
+        m.recurrent.act.halt.bias.zero_()
+        want, iterations, exit_at = _hand(m, IDS, 4, "act")
+        got = m(IDS, n_loops=4, exit="act")
+        first, _, _ = _hand(m, IDS, 1, "fixed")  # weight 1 on the first state: the one-iteration output
+    assert iterations == 1 and bool((exit_at == 0).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, first, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == 1
+
+
 def test_defaults_n_loops_is_the_configs_depth_and_thresholds_are_the_documented_ones():
     m = _model(act_threshold=50.0)  # ACT never halts: the default depth shows
     with torch.no_grad():
