@@ -79,6 +79,7 @@ STATEMENTS = [
     ["WITH per AS (SELECT run_id, sum(tokens) AS n FROM forwards GROUP BY run_id)",
      " SELECT per.run_id, n + 1, sum(n) OVER w AS running, per.n FROM per",
      " WINDOW w AS (ORDER BY per.run_id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) ORDER BY per.run_id"],
+    ["SELECT run_id, avg(duration_ms)", " AS mean_ms", " FROM forwards GROUP BY run_id ORDER BY run_id"],
 ]
 
 
