@@ -132,3 +132,20 @@ def test_buckets_and_groups_by_default(store):
         pd.testing.assert_frame_equal(implicit, fn(store, sel, *args, **{name: value}))
         other = fn(store, sel, *args, **{name: value + 1})
         assert not implicit.equals(other), fn.__name__  # the fixture can tell the default from its neighbour
+
+
+def test_a_selection_prunes_a_parquet_folder_by_every_label_and_bound(tmp_path, store):
+    """`Selection.scoped`: a Parquet folder is read through `pruned` with the selection's start,
+    end, window, models and runs (each one passed: a dropped one opens files the view skips);
+    a store without `pruned` (DuckDB), or a selection with nothing to prune, reads the store itself."""
+    from mythos_probe.collectors.parquet_store import ParquetStore, Pruned
+
+    folder = ParquetStore(tmp_path / "pq")
+    folder.write_traces(TRACES[:3])
+    sel = Selection(models=("tiny",), runs=("run-a", "run-b"), window="1h", start=F.start_time[1], end=F.start_time[5])
+    pruned = sel.scoped(folder)
+    assert isinstance(pruned, Pruned) and pruned.store is folder
+    assert (pruned.start, pruned.end, pruned.window_s) == (sel.start, sel.end, 3600)
+    assert (pruned.models, pruned.runs) == ({"tiny"}, {"run-a", "run-b"})
+    assert Selection().scoped(folder) is folder
+    assert sel.scoped(store) is store
