@@ -136,6 +136,14 @@ def _between(values: torch.Tensor) -> float:
     return float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
+def _row_iterations(exit_at, iterations: int, compact) -> int:
+    """Positions that ran the block, summed over iterations: all of them masked; compacted, those
+    still running (a position exiting at t ran iterations 0..t)."""
+    if compact is None:
+        return exit_at.numel() * iterations
+    return sum(int(((exit_at < 0) | (exit_at >= t)).sum()) for t in range(iterations))
+
+
 def _halted_at(cache) -> torch.Tensor:
     halted = cache.stack("recurrent.hook_halted")  # (n, B, T)
     return torch.where(halted.any(0), halted.float().argmax(0), torch.tensor(-1))
@@ -156,7 +164,13 @@ def test_a_fixed_forward_is_the_recurrence(n_loops):
     assert cache.iterations("recurrent.hook_state_out") == n_loops
 
 
-def test_latent_positions_stop_where_the_rule_says_and_stay_frozen():
+# compact_below 2.0: every iteration after the first runs compacted (the running positions gathered,
+# computed and scattered back), which must give what the masked loop gives
+COMPACT = pytest.mark.parametrize("compact", [None, 2.0], ids=["masked", "compacted"])
+
+
+@COMPACT
+def test_latent_positions_stop_where_the_rule_says_and_stay_frozen(compact):
     m = _model()
     # a threshold between the relative residuals of different positions at iteration 2
     with torch.no_grad():
@@ -166,15 +180,18 @@ def test_latent_positions_stop_where_the_rule_says_and_stay_frozen():
     threshold = _between(residual[2])
     want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
     assert len(set(exit_at.flatten().tolist())) >= 2  # positions stop at different iterations
+    m.recurrent.compact_below = compact
     with torch.no_grad():
         got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
     _, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
     assert torch.equal(_halted_at(cache), exit_at)
 
 
-def test_kl_positions_stop_where_successive_lens_distributions_agree():
+@COMPACT
+def test_kl_positions_stop_where_successive_lens_distributions_agree(compact):
     m = _model()
     with torch.no_grad():
         _, cache = m.run_with_cache(IDS, n_loops=5, exit="fixed")
@@ -183,22 +200,28 @@ def test_kl_positions_stop_where_successive_lens_distributions_agree():
     threshold = _between(kls[1])
     want, iterations, exit_at = _hand(m, IDS, 5, "kl", threshold)
     assert len(set(exit_at.flatten().tolist())) >= 2
+    m.recurrent.compact_below = compact
     with torch.no_grad():
         got = m(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
     _, cache = m.run_with_cache(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
     assert torch.equal(_halted_at(cache), exit_at)
 
 
-def test_act_weights_each_state_by_its_halting_probability():
+@COMPACT
+def test_act_weights_each_state_by_its_halting_probability(compact):
     m = _model(act_threshold=0.9)
     want, iterations, exit_at = _hand(m, IDS, 6, "act")
     assert len(set(exit_at.flatten().tolist())) >= 2 and iterations <= 6
+    m.recurrent.compact_below = compact
     with torch.no_grad():
         got = m(IDS, n_loops=6)  # exit="act" by default
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert m.last_forward["iterations"] == iterations and m.last_forward["exit"] == "act"
+    full = IDS.numel() * iterations
+    assert m.last_forward["row_iterations"] == full if compact is None else m.last_forward["row_iterations"] <= full
     _, cache = m.run_with_cache(IDS, n_loops=6, exit="act")
     assert torch.equal(_halted_at(cache), exit_at)
     # the cumulative probability sums p_t over the iterations a position ran (through its halting one)
