@@ -181,6 +181,9 @@ def main(argv=None) -> int:
                         "the new mutants of functions changed since")
     parser.add_argument("--check-equivalents", action="store_true",
                         help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="test only the mutants whose name matches (fnmatch, repeatable), e.g. "
+                        "'*RecurrentBlock*': a part of a module too slow to run whole")
     parser.add_argument("--max-children", type=int, default=1,
                         help="mutants tested at once (default 1: the machines here are shared)")
     args = parser.parse_args(argv)
@@ -203,6 +206,10 @@ def main(argv=None) -> int:
     else:
         # named mutants are re-tested even when an earlier run has a verdict: the tests change
         names = [n for n in every if n not in equivalent]
+    if args.only:
+        import fnmatch
+
+        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in args.only)]
     if not names:
         print("no mutants to test")
         return 0
@@ -212,7 +219,8 @@ def main(argv=None) -> int:
                         cwd=where, env=env).returncode
     # Functions edited since the last run get fresh, unchecked mutants when mutmut regenerates
     # them, which a --survivors run does not name: test those too.
-    unchecked = sorted(n for n, s in statuses_of(key).items() if s == "not checked" and n not in equivalent)
+    unchecked = sorted(n for n, s in statuses_of(key).items()
+                       if s == "not checked" and n not in equivalent and (not args.only or n in names))
     if rc == 0 and unchecked and not args.check_equivalents:
         rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *unchecked],
                             cwd=where, env=env).returncode
