@@ -19,7 +19,8 @@ keeps those as ordinary mutants:
 - a `{placeholder}` of Python's str.format.
 
 A change to a keyword (from the fixed list below), a function name (a word before "("), a CTE or
-window name (a word before "AS ("), a CAST's type, or an identifier inside FROM, JOIN, WHERE,
+window name (a word before "AS ("), a CAST's type (a type name after AS inside CAST( or right
+before the ")" that closes it, when the piece starts after the "CAST("), or an identifier inside FROM, JOIN, WHERE,
 GROUP BY, ORDER BY, HAVING, ON, USING, PARTITION BY, WINDOW, LIMIT is equivalent. A literal is
 SQL when it has at least one whole-word upper-case keyword of SQL_MARKERS (the house style writes
 SQL keywords upper-case; Python strings in the module do not).
@@ -91,7 +92,7 @@ def sql_case_reason(original: str, mutated: str) -> str | None:
             continue
         if text[0] in "'\"{":
             return None  # a SQL string, a quoted identifier or a format placeholder
-        if upper in TYPES and before.upper() == "AS" and stack[-1][0] in ("CAST", "TRY_CAST"):
+        if upper in TYPES and before.upper() == "AS" and (stack[-1][0] in ("CAST", "TRY_CAST") or after == ")"):
             changed.append(f"type {text}")
         elif before.upper() == "AS":
             return None  # an alias: the result column's name keeps its case

@@ -45,6 +45,7 @@ def test_case_changes_that_show_are_not_equivalent(piece, why):
     (" FROM steps s JOIN groups g USING (grp) ORDER BY s.grp", " FROM STEPS S JOIN GROUPS G USING (GRP) ORDER BY S.GRP"),
     (" WHERE p.id BETWEEN ? AND ? GROUP BY ALL ORDER BY pick.grp", " WHERE P.ID BETWEEN ? AND ? GROUP BY ALL ORDER BY PICK.GRP"),
     ("CAST(x AS VARCHAR)", "cast(x as varchar)"),
+    (" AS DOUBLE)", " as double)"),
     (" OVER (PARTITION BY f.grp ORDER BY i.iteration)", " OVER (PARTITION BY F.GRP ORDER BY I.ITERATION)"),
     (", g AS (SELECT 1)", ", G AS (SELECT 1)"),
     ("SELECT sum(x) AS s", "SELECT SUM(x) AS s"),

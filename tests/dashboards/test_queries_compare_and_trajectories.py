@@ -118,6 +118,24 @@ def test_compare_iterations_of_a_forward_is_its_iteration_rows(stored):
     np.testing.assert_allclose(df["rel_residual"], t.iteration_metrics["rel_residual"])
 
 
+def test_a_run_side_is_one_group_whatever_the_filter_bar_groups_by(stored):
+    """The compare view's run side: per iteration the mean over every selected forward of the run,
+    one row per iteration even when the filter bar groups (here by kind, two groups)."""
+    store, traces = stored
+    sel = Selection(kinds=(), group="kind")
+    df = Q.compare_iterations(store, sel, ("run", "solo"), ("state_norm",))
+    width = max(t.iterations for t in traces)
+    sums, counts = np.zeros(width), np.zeros(width)
+    for t in traces:
+        sums[: t.iterations] += t.iteration_metrics["state_norm"]
+        counts[: t.iterations] += 1
+    assert df["iteration"].tolist() == list(range(width))
+    np.testing.assert_allclose(df["state_norm"], sums / counts)
+    row = Q.compare_forward_metrics(store, sel, ("run", "solo"))
+    assert len(row) == 1 and row["forwards"].iloc[0] == len(traces)
+    assert row["tokens"].iloc[0] == pytest.approx(np.mean([t.batch * t.seq_len for t in traces]))
+
+
 @pytest.mark.parametrize("which, row", [(0, 0), (0, 1), (1, 1)])
 def test_trajectories_every_column_of_one_batch_row(stored, which, row):
     store, traces = stored

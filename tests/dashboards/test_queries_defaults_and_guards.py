@@ -105,6 +105,8 @@ def crowded(tmp_path_factory):
     s._con.execute(f"INSERT INTO forwards SELECT f.* REPLACE ({copy}) FROM forwards f, range(1, {COPIES}) t(r)")
     s._con.execute(f"INSERT INTO rollup_peaks SELECT p.* REPLACE (forward_id + r AS forward_id)"
                    f" FROM rollup_peaks p, range(1, {COPIES}) t(r)")
+    s._con.execute(f"INSERT INTO positions SELECT p.* REPLACE (forward_id + r AS forward_id)"
+                   f" FROM positions p, range(1, {COPIES}) t(r) WHERE r >= {COPIES - 520}")  # the newest 520 forwards
     yield s
     s.close()
 
@@ -120,6 +122,8 @@ def test_limits_by_default(crowded):
     assert total == COPIES and len(page) == 100
     assert page.trace_id.tolist() == Q.forward_list(crowded, sel, [], offset=0, limit=100)[0].trace_id.tolist()
     assert page.trace_id.iloc[0] == f"{COPIES - 1:032d}"  # newest first, from the first row: offset 0
+    means = Q.position_means(crowded, sel, "state_norm")  # the newest 500 forwards of the group
+    assert len(means) and set(means.forwards) == {500}
     sweeps = Q.sweep_forwards(crowded, sel)
     assert sweeps.sweep.nunique() == 12 == Q.sweep_curves(crowded, sel).sweep.nunique()
 
