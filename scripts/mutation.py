@@ -181,6 +181,9 @@ def main(argv=None) -> int:
                         "the new mutants of functions changed since")
     parser.add_argument("--check-equivalents", action="store_true",
                         help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
+    parser.add_argument("--mark-only", action="store_true",
+                        help="only re-mark the equivalent mutants of the last run's stage (after a change to the "
+                        "rule) and print the score; runs nothing")
     parser.add_argument("--only", action="append", metavar="GLOB",
                         help="test only the mutants whose name matches (fnmatch, repeatable), e.g. "
                         "'*RecurrentBlock*': a part of a module too slow to run whole")
@@ -194,6 +197,9 @@ def main(argv=None) -> int:
     key = next((k for k in tests_by_module if k.rstrip("/") == args.module.rstrip("/")), None)
     if key is None:
         parser.error(f"no mutation config for {args.module!r}; known: {', '.join(tests_by_module)}")
+    if args.mark_only:  # the stage as the last run left it: a run may still be using it
+        mark_equivalents(key, STAGE / slug(key))
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key]).returncode
     where = stage(key, tests_by_module[key], cfg)
     every, equivalent = mark_equivalents(key, where)
     print(f"{len(equivalent)} of {len(every)} mutants are equivalent by rule (SQL letter case); "
