@@ -231,6 +231,32 @@ def test_act_weights_each_state_by_its_halting_probability(compact):
     torch.testing.assert_close(cache.stack("recurrent.hook_cum_halt")[-1], (p * ran).sum(0))
 
 
+IDS3 = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("seed, ids, shape", [(0, IDS, "the last positions halt first"), (1, IDS3, "a row halts whole")])
+def test_act_on_the_rows_still_running_equals_the_masked_loop(seed, ids, shape):
+    """Compacted ACT runs only the rows with a running position, up to their last running one:
+    on inputs where that cuts rows or positions, the output is the masked loop's and the rows run
+    are exactly those."""
+    m = _model(seed=seed, act_threshold=1.5)
+    want, iterations, exit_at = _hand(m, ids, 8, "act")
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(ids, n_loops=8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    B, T = ids.shape
+    ran = B * T  # the first iteration runs dense
+    for t in range(1, iterations):
+        running = (exit_at < 0) | (exit_at >= t)  # not halted after iteration t - 1
+        cols = running.any(0)
+        extent = T - int(cols.flip(0).int().argmax()) if cols.any() else 0
+        ran += int(running.any(1).sum()) * extent
+    assert ran < B * T * iterations, shape  # the fixture cuts something
+    assert m.last_forward["row_iterations"] == ran
+
+
 def test_act_halts_on_reaching_the_threshold_exactly():
     """p ≡ 0.5 exactly (a zero halting head) and act_threshold 0.5: the first iteration reaches the
     threshold exactly, so ACT halts there with the remainder 1 as its weight (`>=`, not `>`)."""
