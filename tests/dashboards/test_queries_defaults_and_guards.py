@@ -126,6 +126,7 @@ def test_limits_by_default(crowded):
     assert len(means) and set(means.forwards) == {500}
     sweeps = Q.sweep_forwards(crowded, sel)
     assert sweeps.sweep.nunique() == 12 == Q.sweep_curves(crowded, sel).sweep.nunique()
+    assert Q.sweep_curves(crowded, sel, sweeps=3).sweep.nunique() == 3 == Q.sweep_forwards(crowded, sel, 3).sweep.nunique()
 
 
 def test_buckets_and_groups_by_default(store):
