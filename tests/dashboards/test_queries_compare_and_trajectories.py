@@ -162,3 +162,40 @@ def test_newest_trajectory_trace_skips_forwards_without_them(stored):
     assert Q.newest_trajectory_trace(store, Selection(kinds=())) == traces[3].trace_id
     assert Q.newest_trajectory_trace(store, Selection(end=pd.Timestamp(BASE_NS + SEC, unit="ns"))) == traces[0].trace_id
     assert Q.newest_trajectory_trace(store, Selection(runs=("nobody",))) is None
+
+
+def test_sweep_curves_edges_one_position_no_lens_and_no_targets(tmp_path):
+    """Per sweep forward, against the traces: one compared position (agreement and accuracy over
+    a count of 1), a sweep recorded without the lens (no prediction: 0 positions and agreeing, no
+    agreement), a sweep without targets (its best loop counts by agreement), and no sweep at all
+    (an empty frame with the view's columns)."""
+    from tests.dashboards.test_issue25_views import sweep_traces
+
+    rng = np.random.default_rng(7)
+    one = sweep_traces(rng, "one", {1: np.array([[4]]), 2: np.array([[5]])}, 0, targets=np.array([[4]]))
+    blind = sweep_traces(rng, "blind", {1: np.array([[1, 2]]), 2: np.array([[1, 2]])}, 10)
+    blind = [dataclasses.replace(t, position_metrics={**t.position_metrics,
+                                                      "lens_argmax": np.full_like(t.position_metrics["lens_argmax"], np.nan)})
+             for t in blind]
+    agree = sweep_traces(rng, "agree", {2: np.array([[7, 8]]), 3: np.array([[0, 8]]), 4: np.array([[0, 1]])}, 20)
+    store = Store(tmp_path / "sw.duckdb")
+    try:
+        store.write_traces(one + blind + agree)
+        df = Q.sweep_curves(store, Selection())
+        assert df["sweep"].tolist() == ["agree"] * 3 + ["blind"] * 2 + ["one"] * 2  # newest sweep first
+        by = df.set_index(["sweep", "loops"])
+        assert by.loc[("one", 1), "positions"] == 1 and by.loc[("one", 1), "agreeing"] == 0
+        assert by.loc[("one", 1), "agreement"] == 0.0 and by.loc[("one", 2), "agreement"] == 1.0
+        assert by.loc[("one", 1), "accuracy"] == 1.0 and by.loc[("one", 2), "accuracy"] == 0.0
+        assert by.loc[("one", 1), "best"] and not by.loc[("one", 2), "best"]  # by accuracy, not agreement
+        for n in (1, 2):
+            row = by.loc[("blind", n)]
+            assert row["positions"] == 0 and row["agreeing"] == 0 and pd.isna(row["agreement"]) and pd.isna(row["accuracy"])
+        assert df["positions"].dtype.kind == "i" and df["agreeing"].dtype.kind == "i"
+        np.testing.assert_allclose(by.loc["agree", "agreement"], [0.0, 0.5, 1.0])
+        assert by.loc["agree", "best"].tolist() == [False, False, True]  # no targets: the highest agreement
+        empty = Q.sweep_curves(store, Selection(models=("nobody",)))
+        assert empty.empty and list(empty.columns) == ["sweep", "loops", "model_id", "positions", "agreeing", "agreement",
+                                                       "correct", "accuracy", "best", "newest"]
+    finally:
+        store.close()
