@@ -257,6 +257,29 @@ def test_act_on_the_rows_still_running_equals_the_masked_loop(seed, ids, shape):
     assert m.last_forward["row_iterations"] == ran
 
 
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_compacted_steps_on_a_kv_cache_equal_the_masked_ones(policy):
+    """With a KV cache the compacted kl/latent step still writes every position's keys (later
+    chunks attend to them): a prefill in two chunks gives the masked loop's logits and cache."""
+    out, caches = {}, {}
+    for compact in (0.0, 2.0):  # 0: never compact
+        m = _converging(50.0 if policy == "latent" else 20.0)
+        m.recurrent.compact_below = compact
+        cache: dict = {}
+        threshold = 1e-2 if policy == "latent" else 1e-3
+        with torch.no_grad():
+            first = m(IDS[:, :4], n_loops=8, exit=policy, exit_threshold=threshold, kv_cache=cache)
+            second = m(IDS[:, 4:], n_loops=8, exit=policy, exit_threshold=threshold, kv_cache=cache, start_pos=4)
+        out[compact], caches[compact] = torch.cat([first, second], 1), cache
+        rows = m.last_forward["row_iterations"]
+    torch.testing.assert_close(out[2.0], out[0.0], atol=1e-5, rtol=1e-5)
+    assert caches[2.0].keys() == caches[0.0].keys() and len(caches[0.0]) > 2
+    for key in caches[0.0]:
+        for name, t in caches[0.0][key].items():
+            torch.testing.assert_close(caches[2.0][key][name], t, atol=1e-5, rtol=1e-5)
+    assert rows < IDS[:, 4:].numel() * 8  # the compacted run skipped exited positions
+
+
 def test_act_halts_on_reaching_the_threshold_exactly():
     """p ≡ 0.5 exactly (a zero halting head) and act_threshold 0.5: the first iteration reaches the
     threshold exactly, so ACT halts there with the remainder 1 as its weight (`>=`, not `>`)."""
