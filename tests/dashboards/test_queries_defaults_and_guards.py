@@ -154,3 +154,13 @@ def test_a_selection_prunes_a_parquet_folder_by_every_label_and_bound(tmp_path, 
     assert (pruned.models, pruned.runs) == ({"tiny"}, {"run-a", "run-b"})
     assert Selection().scoped(folder) is folder
     assert sel.scoped(store) is store
+
+
+def test_a_text_filter_without_text_keeps_every_row(store):
+    """ag-grid sends a text filter with no `filter` while the user has typed nothing: every row."""
+    sel = Selection(kinds=())
+    for op in ("contains", "startsWith", "endsWith"):
+        _, total = Q.forward_list(store, sel, [], filters={"run_id": {"filterType": "text", "type": op}})
+        assert total == len(F), op
+    _, none = Q.forward_list(store, sel, [], filters={"run_id": {"filterType": "text", "type": "equals"}})
+    assert none == 0  # equals "" matches no run
