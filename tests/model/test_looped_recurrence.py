@@ -445,3 +445,19 @@ def test_the_coda_lens_of_the_last_state_is_the_forwards_output():
     torch.testing.assert_close(lens, F.log_softmax(logits, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(few, lens[:, [1, 4]], atol=1e-5, rtol=1e-5)
     assert math.isclose(float(lens.exp().sum(-1).mean()), 1.0, rel_tol=1e-5)
+
+
+def test_the_decay_is_clamped_so_its_gradient_stays_finite():
+    """A = exp(-exp(log_dt + log_A)) with the exponent clamped to [-20, 20]: unclamped, a channel at
+    100 gives exp(100) = inf in float32 and a NaN gradient (inf · 0); clamped, A is 0 there with a
+    zero gradient, and 1 at the other end."""
+    from mythos_probe.model.looped import LTIInjection
+
+    inj = LTIInjection(4)
+    with torch.no_grad():
+        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0]))
+        inj.log_dt.zero_()
+    A = inj.get_A()
+    A.sum().backward()
+    assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
+    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0]))))
