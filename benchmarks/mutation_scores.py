@@ -5,12 +5,15 @@ Killed counts mutants a test failed on and those that ran past mutmut's time lim
 that loops forever is caught); every other status (survived, no tests, suspicious, segfault,
 skipped) counts against the score. Mutants whose line carries `# pragma: no mutate` (an
 equivalent change, the reason written beside it) are never generated, so they count neither way.
+Mutants equivalent by the SQL letter-case rule (`scripts/mutation_equivalents.py`; they are
+generated, then left out of the run) count neither way either, and are reported apart in the
+"equivalent" column, never folded into "killed"; `--equivalents` lists them with their reasons.
 The targets are those of issue 24: 95 % where the module is listed in TARGET_95, else 90 %.
 Where a full run takes hours, a module is scored on a uniform random sample of its mutants listed
 in benchmarks/mutation_samples/<module>.txt (`scripts/mutation.sh MODULE --sample` runs it): its
 line "sample" gives the share killed among them.
 
-    .venv/bin/python benchmarks/mutation_scores.py [MODULE ...] [--survivors]
+    .venv/bin/python benchmarks/mutation_scores.py [MODULE ...] [--survivors] [--equivalents]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from mutation import statuses_of  # noqa: E402
+from mutation import equivalents_of, statuses_of  # noqa: E402
 
 TARGET_95 = {"mythos_probe/metrics/", "mythos_probe/probes/reductions.py", "collectors/spans.py",
              "collectors/rows.py", "collectors/otlp_decode.py", "dashboards/queries.py"}
@@ -42,11 +45,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", nargs="*", help="modules to report (default: all configured)")
     parser.add_argument("--survivors", action="store_true", help="list the mutants not killed")
+    parser.add_argument("--equivalents", action="store_true",
+                        help="list the mutants equivalent by rule (SQL letter case), with why")
     args = parser.parse_args(argv)
     chosen = [m for m in modules if not args.module or m.rstrip("/") in {a.rstrip("/") for a in args.module}]
-    print(f"{'module':40s} {'killed':>7s} {'total':>6s} {'score':>7s} {'target':>7s}  not killed")
+    print(f"{'module':40s} {'killed':>7s} {'total':>6s} {'score':>7s} {'target':>7s} {'equivalent':>10s}  not killed")
     for module in chosen:
-        status = statuses_of(module)
+        equivalent = equivalents_of(module)
+        everything = statuses_of(module)
+        status = {n: s for n, s in everything.items() if n not in equivalent}
         if not status:
             print(f"{module:40s} {'-':>7s} {'-':>6s} {'never run':>7s}")
             continue
@@ -54,14 +61,19 @@ def main(argv=None) -> int:
         killed = sum(counts[s] for s in DETECTED)
         target = 95 if module in TARGET_95 else 90
         rest = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()) if s not in DETECTED)
+        marked = sum(n in everything for n in equivalent)
         print(f"{module:40s} {killed:7d} {len(status):6d} {100 * killed / len(status):6.1f}% "
-              f"{target:6d}%  {rest}")
+              f"{target:6d}% {marked:10d}  {rest}")
         sample = sample_of(module)
         if sample:
             c = Counter(status.get(n, "not generated") for n in sample)
             k = sum(c[s] for s in DETECTED)
             rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in DETECTED)
             print(f"{'  sample':40s} {k:7d} {len(sample):6d} {100 * k / len(sample):6.1f}% {target:6d}%  {rest}")
+        if args.equivalents:
+            for name, why in sorted(equivalent.items()):
+                if name in everything:
+                    print(f"    equivalent   {name}: {why}")
         if args.survivors:
             for name, s in sorted(status.items()):
                 if s not in DETECTED:

@@ -706,7 +706,8 @@ def resolve(store, text: str | None) -> tuple[str, str] | None:
     text = (text or "").strip()
     if not text:
         return None
-    trace = text.lower().removeprefix("0x").zfill(32) if all(c in "0123456789abcdefABCDEFx" for c in text) else None
+    lowered = text.lower()  # "0X…" and upper-case digits as pasted from anywhere
+    trace = lowered.removeprefix("0x").zfill(32) if all(c in "0123456789abcdefx" for c in lowered) else None
     if trace and not store.query("SELECT 1 FROM forwards WHERE trace_id = ? LIMIT 1", [trace]).empty:
         return "forward", trace
     if not store.query("SELECT 1 FROM forwards WHERE run_id = ? LIMIT 1", [text]).empty:

@@ -12,10 +12,17 @@ re-mutates only the files that changed), `tests/`, and a pyproject.toml made of 
 module's `[tool.mutmut]`. The package is imported from `mutants/` there, ahead of the editable
 install. Results stay in the stage between runs; `benchmarks/mutation_scores.py` reads them.
 
+Equivalent mutants by rule: before a run, the module's mutants are generated as mutmut generates
+them and those whose only change is the letter case of SQL that DuckDB reads the same
+(`scripts/mutation_equivalents.py` says exactly which) are written with their reasons to
+`equivalent.json` in the stage and left out of the run; the score report counts them apart.
+`--check-equivalents` runs them as well, to check the rule: none may be killed.
+
 This is not run in CI (a module takes minutes to tens of minutes on two cores).
 
     scripts/mutation.sh                   # list the modules and their tests
     scripts/mutation.sh collectors/spans.py [--survivors] [--max-children 1]
+    scripts/mutation.sh dashboards/queries.py --check-equivalents
 """
 
 from __future__ import annotations
@@ -113,6 +120,42 @@ def stage(module: str, tests: list[str], cfg: dict) -> Path:
     return where
 
 
+def equivalent_file(module: str) -> Path:
+    return STAGE / slug(module) / "equivalent.json"
+
+
+def equivalents_of(module: str) -> dict[str, str]:
+    """Mutant name → why it is equivalent, as the last run over `module` found (empty before)."""
+    path = equivalent_file(module)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def mark_equivalents(module: str, where: Path) -> tuple[list[str], dict[str, str]]:
+    """(every mutant name of `module`, those equivalent by rule with their reasons), generated
+    from the staged source as mutmut generates them; the equivalents are saved for the report."""
+    from mutation_equivalents import equivalents
+    from mutmut.mutation.file_mutation import mutate_file_contents
+
+    prefix = dotted(module)
+    names, equivalent = [], {}
+    target = staged_path(module)
+    files = [Path(target)] if target.endswith(".py") else sorted(
+        p.relative_to(where) for p in (where / target).rglob("*.py"))
+    cwd = os.getcwd()
+    os.chdir(where)  # mutmut's generator reads its configuration from the working directory
+    try:
+        for rel in files:
+            file_prefix = str(rel).removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+            generated = mutate_file_contents(str(rel), rel.read_text())
+            names += [f"{file_prefix}.{n}" for n in generated.mutant_names]
+            equivalent.update(equivalents(generated.code, list(generated.mutant_names), file_prefix))
+    finally:
+        os.chdir(cwd)
+    names = [n for n in names if n.startswith(prefix)]
+    equivalent_file(module).write_text(json.dumps(dict(sorted(equivalent.items())), indent=1, ensure_ascii=False) + "\n")
+    return names, equivalent
+
+
 def statuses_of(module: str) -> dict[str, str]:
     """Mutant name → mutmut's status in the last run over `module` (from its .meta files)."""
     from mutmut.stats import status_by_exit_code
@@ -134,11 +177,19 @@ def main(argv=None) -> int:
     parser.add_argument("module", nargs="?", help="a key of [tool.mythos-probe.mutation.tests], "
                         "e.g. collectors/spans.py or mythos_probe/metrics/")
     parser.add_argument("--survivors", action="store_true",
-                        help="re-test only the mutants the last run did not kill (after adding tests), and "
+                        help="re-test only the mutants the last run did not kill or had no tests for (after adding tests), and "
                         "the new mutants of functions changed since")
     parser.add_argument("--sample", action="store_true",
                         help="test only the module's random sample (benchmarks/mutation_samples/), those not "
                         "killed yet: a score in minutes where a full run takes hours")
+    parser.add_argument("--check-equivalents", action="store_true",
+                        help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
+    parser.add_argument("--mark-only", action="store_true",
+                        help="only re-mark the equivalent mutants of the last run's stage (after a change to the "
+                        "rule) and print the score; runs nothing")
+    parser.add_argument("--only", action="append", metavar="GLOB",
+                        help="test only the mutants whose name matches (fnmatch, repeatable), e.g. "
+                        "'*RecurrentBlock*': a part of a module too slow to run whole")
     parser.add_argument("--max-children", type=int, default=1,
                         help="mutants tested at once (default 1: the machines here are shared)")
     args = parser.parse_args(argv)
@@ -155,33 +206,51 @@ def main(argv=None) -> int:
 
         if not sample_of(key):
             parser.error(f"no sample listed for {key} in benchmarks/mutation_samples/")
+    if args.mark_only:  # the stage as the last run left it: a run may still be using it
+        mark_equivalents(key, STAGE / slug(key))
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key]).returncode
     where = stage(key, tests_by_module[key], cfg)
-    prefix = dotted(key)
-    if args.sample:
+    every, equivalent = mark_equivalents(key, where)
+    print(f"{len(equivalent)} of {len(every)} mutants are equivalent by rule (SQL letter case); "
+          f"{'checking them' if args.check_equivalents else 'left out of the run'}: {equivalent_file(key)}")
+    if args.check_equivalents:
+        names = sorted(equivalent)
+    elif args.sample:
         status = statuses_of(key)
-        names = [n for n in sample_of(key) if status.get(n, "not checked") not in ("killed", "timeout")]
+        names = [n for n in sample_of(key)
+                 if status.get(n, "not checked") not in ("killed", "timeout") and n not in equivalent]
         if not names:
             print("every mutant of the sample is killed")
             return 0
     elif args.survivors:
-        left = sorted(n for n, s in statuses_of(key).items() if s not in ("killed", "timeout", "no tests"))
-        if not left:
-            print("no survivors to re-test")
-            return 0
-        names = left
+        # "no tests" too: the mapping may list new tests since
+        names = sorted(n for n, s in statuses_of(key).items() if s not in ("killed", "timeout") and n not in equivalent)
     else:
         # named mutants are re-tested even when an earlier run has a verdict: the tests change
-        names = [prefix + ".*"]
+        names = [n for n in every if n not in equivalent]
+    if args.only:
+        import fnmatch
+
+        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in args.only)]
+    if not names:
+        print("no mutants to test")
+        return 0
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
     mutmut = shutil.which("mutmut", path=str(Path(sys.executable).parent)) or "mutmut"
     rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *names],
                         cwd=where, env=env).returncode
     # Functions edited since the last run get fresh, unchecked mutants when mutmut regenerates
     # them, which a --survivors run does not name: test those too.
-    unchecked = sorted(n for n, s in statuses_of(key).items() if s == "not checked")
-    if rc == 0 and unchecked and not args.sample:
+    unchecked = sorted(n for n, s in statuses_of(key).items()
+                       if s == "not checked" and n not in equivalent and (not args.only or n in names))
+    if rc == 0 and unchecked and not args.check_equivalents and not args.sample:
         rc = subprocess.run([mutmut, "run", "--max-children", str(args.max_children), *unchecked],
                             cwd=where, env=env).returncode
+    if args.check_equivalents:
+        status = statuses_of(key)
+        wrong = sorted(n for n in equivalent if status.get(n) in ("killed", "timeout"))
+        print(f"equivalent by rule: {len(equivalent)}, killed: {len(wrong)}" + "".join(f"\n    {n}" for n in wrong))
+        return rc or (1 if wrong else 0)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key])
     return rc
 

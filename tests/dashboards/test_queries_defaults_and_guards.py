@@ -81,3 +81,86 @@ def test_shapes_newest_first_with_counts(store):
 def test_store_wide_counts(store):
     assert Q.forward_count(store) == len(F) == 18
     assert Q.attribute_values(store, "n", limit=5) == sorted(str(n) for n in F.attr__n)[:5]
+
+
+# --- the defaults pinned by calls that omit them (mutmut's trampoline keeps the original signature,
+# so `inspect.signature` above cannot see a mutated default: only a call without the argument can)
+
+COPIES = 2005  # more rows than every default limit (50, 100, 200, 2000) and more sweeps than 12
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory):
+    """One diverged forward copied by SQL into COPIES forwards (ids, start times, attributes and
+    sweeps apart), with its rollup peaks: more rows than any view's default limit."""
+    import numpy as np
+
+    from tests.dashboards.factory import synthetic_trace
+
+    s = Store(tmp_path_factory.mktemp("crowded") / "c.duckdb")
+    s.write_traces([synthetic_trace(np.random.default_rng(9), diverged_at=1, attributes={"n": 0})])
+    copy = ("forward_id + r AS forward_id, lpad(CAST(r AS VARCHAR), 32, '0') AS trace_id,"
+            " start_time + to_seconds(r) AS start_time,"
+            " CAST(json_object('n', r, 'sweep', 's' || CAST(r % 20 AS VARCHAR), 'sweep_loops', r) AS JSON) AS attributes")
+    s._con.execute(f"INSERT INTO forwards SELECT f.* REPLACE ({copy}) FROM forwards f, range(1, {COPIES}) t(r)")
+    s._con.execute(f"INSERT INTO rollup_peaks SELECT p.* REPLACE (forward_id + r AS forward_id)"
+                   f" FROM rollup_peaks p, range(1, {COPIES}) t(r)")
+    s._con.execute(f"INSERT INTO positions SELECT p.* REPLACE (forward_id + r AS forward_id)"
+                   f" FROM positions p, range(1, {COPIES}) t(r) WHERE r >= {COPIES - 520}")  # the newest 520 forwards
+    yield s
+    s.close()
+
+
+def test_limits_by_default(crowded):
+    sel = Selection()
+    assert Q.forward_count(crowded) == COPIES
+    div = Q.divergences(crowded, sel)
+    assert len(div) == 50 and div.start_time.is_monotonic_decreasing
+    assert len(Q.diverged_points(crowded, sel, "step")) == 2000
+    assert len(Q.attribute_values(crowded, "n")) == 200
+    page, total = Q.forward_list(crowded, sel, [])
+    assert total == COPIES and len(page) == 100
+    assert page.trace_id.tolist() == Q.forward_list(crowded, sel, [], offset=0, limit=100)[0].trace_id.tolist()
+    assert page.trace_id.iloc[0] == f"{COPIES - 1:032d}"  # newest first, from the first row: offset 0
+    means = Q.position_means(crowded, sel, "state_norm")  # the newest 500 forwards of the group
+    assert len(means) and set(means.forwards) == {500}
+    sweeps = Q.sweep_forwards(crowded, sel)
+    assert sweeps.sweep.nunique() == 12 == Q.sweep_curves(crowded, sel).sweep.nunique()
+    assert Q.sweep_curves(crowded, sel, sweeps=3).sweep.nunique() == 3 == Q.sweep_forwards(crowded, sel, 3).sweep.nunique()
+
+
+def test_buckets_and_groups_by_default(store):
+    sel = Selection(kinds=(), group="run")
+    for fn, args, name, value in ((Q.cost_over_time, (), "buckets", 60), (Q.spectral_bands, ("time",), "buckets", 80),
+                                  (Q.position_means, ("state_norm",), "groups", 2)):
+        implicit = fn(store, sel, *args)
+        pd.testing.assert_frame_equal(implicit, fn(store, sel, *args, **{name: value}))
+        other = fn(store, sel, *args, **{name: value + 1})
+        assert not implicit.equals(other), fn.__name__  # the fixture can tell the default from its neighbour
+
+
+def test_a_selection_prunes_a_parquet_folder_by_every_label_and_bound(tmp_path, store):
+    """`Selection.scoped`: a Parquet folder is read through `pruned` with the selection's start,
+    end, window, models and runs (each one passed: a dropped one opens files the view skips);
+    a store without `pruned` (DuckDB), or a selection with nothing to prune, reads the store itself."""
+    from mythos_probe.collectors.parquet_store import ParquetStore, Pruned
+
+    folder = ParquetStore(tmp_path / "pq")
+    folder.write_traces(TRACES[:3])
+    sel = Selection(models=("tiny",), runs=("run-a", "run-b"), window="1h", start=F.start_time[1], end=F.start_time[5])
+    pruned = sel.scoped(folder)
+    assert isinstance(pruned, Pruned) and pruned.store is folder
+    assert (pruned.start, pruned.end, pruned.window_s) == (sel.start, sel.end, 3600)
+    assert (pruned.models, pruned.runs) == ({"tiny"}, {"run-a", "run-b"})
+    assert Selection().scoped(folder) is folder
+    assert sel.scoped(store) is store
+
+
+def test_a_text_filter_without_text_keeps_every_row(store):
+    """ag-grid sends a text filter with no `filter` while the user has typed nothing: every row."""
+    sel = Selection(kinds=())
+    for op in ("contains", "startsWith", "endsWith"):
+        _, total = Q.forward_list(store, sel, [], filters={"run_id": {"filterType": "text", "type": op}})
+        assert total == len(F), op
+    _, none = Q.forward_list(store, sel, [], filters={"run_id": {"filterType": "text", "type": "equals"}})
+    assert none == 0  # equals "" matches no run

@@ -1,0 +1,463 @@
+"""The looped model against the recurrence written out by hand, on a model small enough that each
+test takes a fraction of a second (this file is the fast mutation-testing selection of
+`model/looped.py`, see pyproject's [tool.mythos-probe.mutation.tests]).
+
+h_{t+1} = A⊙h_t + B⊙e + Block(norm(h_t + loop_emb_t + e)) + LoRA_t, A = exp(-exp(log_dt + log_A)),
+every piece computed here from the parameters, not through the model's loop; then the exit
+policies' exact steps on inputs where positions stop at different iterations, ACT's weighted
+output, the MoE's routing, the defaults (by calls that omit them) and the guards."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+from mythos_probe.model.looped import (RecurrentBlock, RMSNorm, apply_rope, loop_index_embeddings,
+                                       precompute_rope_freqs, watched)
+
+MICRO = dict(vocab_size=64, dim=32, n_heads=2, n_kv_heads=1, max_seq_len=80, max_loop_iters=4, prelude_layers=1,
+             coda_layers=1, attn_type="gqa", kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+             v_head_dim=4, n_experts=4, n_shared_experts=2, n_experts_per_tok=2, expert_dim=16, lora_rank=4,
+             max_output_tokens=80)
+IDS = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+
+
+def _model(seed=0, **changes) -> LoopedTransformer:
+    """A micro model whose loop pieces all matter: per-channel decay and injection, a LoRA scale
+    per iteration far from zero, a halting head that stops positions at different iterations."""
+    torch.manual_seed(seed)
+    m = LoopedTransformer(LoopedConfig(**{**MICRO, **changes})).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        inj, lora = m.recurrent.injection, m.recurrent.lora
+        inj.log_A.copy_(torch.randn(m.cfg.dim, generator=g))
+        inj.log_dt.fill_(-0.3)
+        inj.B.copy_(torch.rand(m.cfg.dim, generator=g) * 0.5)
+        lora.scale.weight.copy_(torch.randn(lora.scale.weight.shape, generator=g) * 3)
+        lora.B.mul_(20)
+        m.recurrent.act.halt.weight.copy_(torch.randn(1, m.cfg.dim, generator=g))
+        m.recurrent.act.halt.bias.fill_(-2.5)
+        m.recurrent.block.ffn.router_bias.copy_(torch.randn(m.cfg.n_experts, generator=g) * 0.05)
+    return m
+
+
+def _converging(embed_scale: float) -> LoopedTransformer:
+    """A micro model whose loop settles (a large, constant injection B⊙e against a small block
+    output), so that the latent and kl criteria cross their default thresholds part-way, at
+    different iterations for different positions."""
+    m = _model(act_threshold=50.0)
+    with torch.no_grad():
+        m.recurrent.injection.log_A.zero_()
+        m.recurrent.injection.log_dt.fill_(0.2)
+        m.recurrent.lora.B.div_(20)
+        m.recurrent.norm.weight.mul_(0.03)
+        m.embed.weight.mul_(embed_scale)
+    return m
+
+
+def _rms(x, weight, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def _loop_emb(t: int, loop_dim: int, dim: int) -> torch.Tensor:
+    freqs = 1.0 / 10000.0 ** (np.arange(0, loop_dim, 2) / loop_dim)
+    emb = np.zeros(dim)
+    emb[:loop_dim] = np.concatenate([np.sin(t * freqs), np.cos(t * freqs)])[:loop_dim]
+    return torch.tensor(emb, dtype=torch.float32)
+
+
+def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None):
+    """(logits, iterations run, per-position exit iteration (-1: never)) by the recurrence
+    written out, with the exit policies' rules: latent/kl freeze a position whose criterion fell
+    below the threshold, ACT weights each state by its halting probability, remainder on the
+    halting step, and keeps updating halted positions."""
+    r, cfg = m.recurrent, m.cfg
+    T = ids.shape[1]
+    freqs = m.freqs_cis[:T]
+    with torch.no_grad():
+        x = m.embed(ids)
+        for layer in m.prelude:
+            x = layer(x, freqs, T > 1)
+        e = h = x
+        A = torch.exp(-torch.exp(r.injection.log_dt + r.injection.log_A))
+        halted = torch.zeros(ids.shape, dtype=torch.bool)
+        exit_at = torch.full(ids.shape, -1)
+        cum = torch.zeros(ids.shape)
+        h_out = torch.zeros_like(h)
+        prev_logp = None
+        t = 0
+        for t in range(n_loops):
+            combined = _rms(h + _loop_emb(t, cfg.dim // 8, cfg.dim) + e, r.norm.weight)
+            out = r.block(combined, freqs, T > 1)
+            scale = r.lora.scale.weight[min(t, cfg.max_loop_iters - 1)]
+            out = out + (out @ r.lora.down.weight.T * scale) @ r.lora.B
+            h_new = A * h + r.injection.B * e + out
+            if policy in ("latent", "kl"):
+                h_new = torch.where(halted[..., None], h, h_new)
+            stop = None
+            if policy == "act":
+                p = torch.sigmoid(h_new @ r.act.halt.weight.T + r.act.halt.bias).squeeze(-1)
+                running = (~halted).float()
+                weight = torch.where(cum + p >= cfg.act_threshold, (1 - cum).clamp(min=0), p) * running
+                h_out = h_out + weight[..., None] * h_new
+                cum = cum + p * running
+                stop = cum >= cfg.act_threshold
+            elif policy == "latent":
+                stop = (h_new - h).norm(dim=-1) / h_new.norm(dim=-1) < threshold
+            elif policy == "kl":
+                logp = _coda(m, h_new, freqs).log_softmax(-1)
+                if prev_logp is not None:
+                    stop = (logp.exp() * (logp - prev_logp)).sum(-1) < threshold
+                prev_logp = logp
+            if stop is not None:
+                exit_at = torch.where(stop & ~halted, torch.tensor(t), exit_at)
+                halted = halted | stop
+            h = h_new
+            if policy != "fixed" and bool(halted.all()):
+                break
+        return _coda(m, h_out if policy == "act" else h, freqs), t + 1, exit_at
+
+
+def _coda(m, h, freqs):
+    for layer in m.coda:
+        h = layer(h, freqs, h.shape[1] > 1)
+    return m.head(_rms(h, m.norm.weight))
+
+
+def _between(values: torch.Tensor) -> float:
+    """A threshold halfway between the two middle values: no value sits on it, so float rounding
+    in the model cannot flip a decision the hand computation makes."""
+    v = values.flatten().sort().values
+    return float(v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _row_iterations(exit_at, iterations: int, compact) -> int:
+    """Positions that ran the block, summed over iterations: all of them masked; compacted, those
+    still running (a position exiting at t ran iterations 0..t)."""
+    if compact is None:
+        return exit_at.numel() * iterations
+    return sum(int(((exit_at < 0) | (exit_at >= t)).sum()) for t in range(iterations))
+
+
+def _halted_at(cache) -> torch.Tensor:
+    halted = cache.stack("recurrent.hook_halted")  # (n, B, T)
+    return torch.where(halted.any(0), halted.float().argmax(0), torch.tensor(-1))
+
+
+@pytest.mark.parametrize("n_loops", [3, 6])  # 6: past max_loop_iters=4 the LoRA reuses its last scale
+def test_a_fixed_forward_is_the_recurrence(n_loops):
+    m = _model()
+    want, _, _ = _hand(m, IDS, n_loops)
+    with torch.no_grad():
+        got = m(IDS, n_loops=n_loops, exit="fixed")  # A computed once per forward
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == n_loops and m.last_forward["row_iterations"] == IDS.numel() * n_loops
+    got_grad = m(IDS, n_loops=n_loops, exit="fixed")  # under autograd the injection module runs each iteration
+    torch.testing.assert_close(got_grad.detach(), want, atol=1e-5, rtol=1e-5)
+    hooked, cache = m.run_with_cache(IDS, n_loops=n_loops, exit="fixed")
+    torch.testing.assert_close(hooked.detach(), want, atol=1e-5, rtol=1e-5)
+    assert cache.iterations("recurrent.hook_state_out") == n_loops
+
+
+# compact_below 2.0: every iteration after the first runs compacted (the running positions gathered,
+# computed and scattered back), which must give what the masked loop gives
+COMPACT = pytest.mark.parametrize("compact", [None, 2.0], ids=["masked", "compacted"])
+
+
+@COMPACT
+def test_latent_positions_stop_where_the_rule_says_and_stay_frozen(compact):
+    m = _model()
+    # a threshold between the relative residuals of different positions at iteration 2
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=6, exit="fixed")
+    states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
+    residual = (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
+    threshold = _between(residual[2])
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2  # positions stop at different iterations
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
+    _, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    assert torch.equal(_halted_at(cache), exit_at)
+
+
+@COMPACT
+def test_kl_positions_stop_where_successive_lens_distributions_agree(compact):
+    m = _model()
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=5, exit="fixed")
+        logp = [m.coda_lens(cache["recurrent.hook_state_out", t]) for t in range(5)]
+    kls = torch.stack([(logp[t].exp() * (logp[t] - logp[t - 1])).sum(-1) for t in range(1, 5)])
+    threshold = _between(kls[1])
+    want, iterations, exit_at = _hand(m, IDS, 5, "kl", threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
+    _, cache = m.run_with_cache(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
+    assert torch.equal(_halted_at(cache), exit_at)
+
+
+@COMPACT
+def test_act_weights_each_state_by_its_halting_probability(compact):
+    m = _model(act_threshold=0.9)
+    want, iterations, exit_at = _hand(m, IDS, 6, "act")
+    assert len(set(exit_at.flatten().tolist())) >= 2 and iterations <= 6
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(IDS, n_loops=6)  # exit="act" by default
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations and m.last_forward["exit"] == "act"
+    full = IDS.numel() * iterations
+    assert m.last_forward["row_iterations"] == full if compact is None else m.last_forward["row_iterations"] <= full
+    _, cache = m.run_with_cache(IDS, n_loops=6, exit="act")
+    assert torch.equal(_halted_at(cache), exit_at)
+    # the cumulative probability sums p_t over the iterations a position ran (through its halting one)
+    p = cache.stack("recurrent.hook_halt_prob")
+    t = torch.arange(p.shape[0])[:, None, None]
+    ran = (exit_at < 0) | (t <= exit_at)
+    torch.testing.assert_close(cache.stack("recurrent.hook_cum_halt")[-1], (p * ran).sum(0))
+
+
+IDS3 = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(11))
+
+
+@pytest.mark.parametrize("seed, ids, shape", [(0, IDS, "the last positions halt first"), (1, IDS3, "a row halts whole")])
+def test_act_on_the_rows_still_running_equals_the_masked_loop(seed, ids, shape):
+    """Compacted ACT runs only the rows with a running position, up to their last running one:
+    on inputs where that cuts rows or positions, the output is the masked loop's and the rows run
+    are exactly those."""
+    m = _model(seed=seed, act_threshold=1.5)
+    want, iterations, exit_at = _hand(m, ids, 8, "act")
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(ids, n_loops=8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    B, T = ids.shape
+    ran = B * T  # the first iteration runs dense
+    for t in range(1, iterations):
+        running = (exit_at < 0) | (exit_at >= t)  # not halted after iteration t - 1
+        cols = running.any(0)
+        extent = T - int(cols.flip(0).int().argmax()) if cols.any() else 0
+        ran += int(running.any(1).sum()) * extent
+    assert ran < B * T * iterations, shape  # the fixture cuts something
+    assert m.last_forward["row_iterations"] == ran
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_compacted_steps_on_a_kv_cache_equal_the_masked_ones(policy):
+    """With a KV cache the compacted kl/latent step still writes every position's keys (later
+    chunks attend to them): a prefill in two chunks gives the masked loop's logits and cache."""
+    out, caches = {}, {}
+    for compact in (0.0, 2.0):  # 0: never compact
+        m = _converging(50.0 if policy == "latent" else 20.0)
+        m.recurrent.compact_below = compact
+        cache: dict = {}
+        threshold = 1e-2 if policy == "latent" else 1e-3
+        with torch.no_grad():
+            first = m(IDS[:, :4], n_loops=8, exit=policy, exit_threshold=threshold, kv_cache=cache)
+            second = m(IDS[:, 4:], n_loops=8, exit=policy, exit_threshold=threshold, kv_cache=cache, start_pos=4)
+        out[compact], caches[compact] = torch.cat([first, second], 1), cache
+        rows = m.last_forward["row_iterations"]
+    torch.testing.assert_close(out[2.0], out[0.0], atol=1e-5, rtol=1e-5)
+    assert caches[2.0].keys() == caches[0.0].keys() and len(caches[0.0]) > 2
+    for key in caches[0.0]:
+        for name, t in caches[0.0][key].items():
+            torch.testing.assert_close(caches[2.0][key][name], t, atol=1e-5, rtol=1e-5)
+    assert rows < IDS[:, 4:].numel() * 8  # the compacted run skipped exited positions
+
+
+def test_act_halts_on_reaching_the_threshold_exactly():
+    """p ≡ 0.5 exactly (a zero halting head) and act_threshold 0.5: the first iteration reaches the
+    threshold exactly, so ACT halts there with the remainder 1 as its weight (`>=`, not `>`)."""
+    m = _model(act_threshold=0.5)
+    with torch.no_grad():
+        m.recurrent.act.halt.weight.zero_()
+        m.recurrent.act.halt.bias.zero_()
+        want, iterations, exit_at = _hand(m, IDS, 4, "act")
+        got = m(IDS, n_loops=4, exit="act")
+        first, _, _ = _hand(m, IDS, 1, "fixed")  # weight 1 on the first state: the one-iteration output
+    assert iterations == 1 and bool((exit_at == 0).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, first, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == 1
+
+
+def test_defaults_n_loops_is_the_configs_depth_and_thresholds_are_the_documented_ones():
+    m = _model(act_threshold=50.0)  # ACT never halts: the default depth shows
+    with torch.no_grad():
+        default = m(IDS)
+        assert m.last_forward["iterations"] == 4 == m.cfg.max_loop_iters
+        torch.testing.assert_close(default, m(IDS, n_loops=4, exit="act"), atol=0, rtol=0)
+    for policy, documented, embed_scale in (("latent", 1e-2, 50.0), ("kl", 1e-3, 20.0)):
+        m = _converging(embed_scale)
+        with torch.no_grad():
+            implicit = m(IDS, n_loops=12, exit=policy)
+            used = m.last_forward["iterations"]
+            explicit = m(IDS, n_loops=12, exit=policy, exit_threshold=documented)
+            assert m.last_forward["iterations"] == used
+            torch.testing.assert_close(implicit, explicit, atol=0, rtol=0)
+            _, _, exit_at = _hand(m, IDS, 12, policy, documented)
+            assert 1 < used and len(set(exit_at.flatten().tolist())) >= 2  # the default decides something here
+
+
+def test_the_moe_routes_on_biased_logits_and_gates_on_the_unbiased_softmax():
+    m = _model()
+    ffn = m.recurrent.block.ffn
+    x = torch.randn(2, 5, m.cfg.dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = ffn(x)
+        flat = x.reshape(-1, m.cfg.dim)
+        logits = flat @ ffn.router.weight.T
+        want = torch.zeros_like(flat)
+        for n in range(flat.shape[0]):
+            chosen = (logits[n] + ffn.router_bias).topk(2).indices
+            gates = logits[n].softmax(-1)[chosen]
+            gates = gates / gates.sum()
+            for g, i in zip(gates, chosen):
+                want[n] += g * ffn.routed_experts[int(i)](flat[n])
+            want[n] += sum(expert(flat[n]) for expert in ffn.shared_experts)
+    torch.testing.assert_close(got, want.view(x.shape), atol=1e-6, rtol=1e-5)
+    # the bias changes the choice somewhere here, else the test could not tell biased from unbiased
+    assert not torch.equal(logits.topk(2).indices, (logits + ffn.router_bias).topk(2).indices)
+
+
+def test_compact_share_follows_the_measured_rule():
+    assert RecurrentBlock.compact_share(15.9e6) == 0.0
+    assert RecurrentBlock.compact_share(16e6) == pytest.approx(0.4)
+    assert RecurrentBlock.compact_share(64e6) == pytest.approx(0.6)
+    assert RecurrentBlock.compact_share(16e6 * 2**4) == pytest.approx(0.8)
+    assert RecurrentBlock.compact_share(16e6 * 2**20) == pytest.approx(0.9)
+
+
+def test_loop_index_embedding_rope_and_rmsnorm_by_their_formulas():
+    emb = loop_index_embeddings(5, 4, 8, "cpu", torch.float32)  # theta 10000 by default
+    torch.testing.assert_close(emb, torch.stack([_loop_emb(t, 4, 8) for t in range(5)]))
+    assert loop_index_embeddings(3, 4, 8, "cpu", torch.bfloat16).dtype == torch.bfloat16
+    freqs = precompute_rope_freqs(4, 6, 100.0)
+    angles = np.arange(6)[:, None] * (1.0 / 100.0 ** (np.arange(0, 4, 2) / 4))
+    torch.testing.assert_close(freqs, torch.polar(torch.ones(6, 2), torch.tensor(angles, dtype=torch.float32)))
+    x = torch.randn(6, 3, 4, generator=torch.Generator().manual_seed(0))  # (T, H, d)
+    got = apply_rope(x, freqs)
+    c, s = torch.tensor(np.cos(angles), dtype=torch.float32), torch.tensor(np.sin(angles), dtype=torch.float32)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    want = torch.stack([even * c[:, None] - odd * s[:, None], even * s[:, None] + odd * c[:, None]], -1).flatten(-2)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    small = torch.full((2, 8), 1e-4)  # eps (1e-6 by default) dominates mean(x²) = 1e-8
+    norm = RMSNorm(8)
+    torch.testing.assert_close(norm(small), _rms(small, norm.weight, 1e-6))
+
+
+def test_watched_sees_hooks_and_replaced_forwards():
+    m = _model()
+    assert not watched(m.recurrent)
+    handle = m.recurrent.block.ffn.register_forward_hook(lambda *a: None)
+    assert watched(m.recurrent)
+    handle.remove()
+    handle = m.recurrent.lora.register_forward_pre_hook(lambda *a: None)
+    assert watched(m.recurrent)
+    handle.remove()
+    m.recurrent.norm.forward = m.recurrent.norm.forward  # a tool wrapping the module on the instance
+    assert watched(m.recurrent)
+    del m.recurrent.norm.forward
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert watched(m.recurrent)
+    finally:
+        handle.remove()
+    assert not watched(m.recurrent)
+
+
+def test_generate_defaults_and_sampling():
+    m = _model(act_threshold=0.01)  # every position halts at the first iteration: 64 cheap steps
+    prompt = IDS[:, :3]
+    out = m.generate(prompt, generator=torch.Generator().manual_seed(7))
+    same = m.generate(prompt, max_new_tokens=64, n_loops=8, temperature=1.0, top_k=50, exit="act",
+                      generator=torch.Generator().manual_seed(7))
+    assert out.shape == (2, 3 + 64) and torch.equal(out, same) and torch.equal(out[:, :3], prompt)
+    assert m.last_forward["n_loops"] == 8 and m.last_forward["exit"] == "act"
+    greedy = m.generate(prompt, max_new_tokens=3, temperature=0, n_loops=2)
+    top1 = m.generate(prompt, max_new_tokens=3, top_k=1, n_loops=2, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(greedy, top1)  # top-1 sampling is greedy
+    with torch.no_grad():
+        first = m(prompt, n_loops=2)[:, -1].argmax(-1)
+    assert torch.equal(greedy[:, 3], first)
+    cold = [m.generate(prompt, max_new_tokens=4, temperature=1e-4, top_k=0, n_loops=2,
+                       generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    assert torch.equal(cold[0], greedy[:, :3].new_tensor(cold[1])) and torch.equal(cold[0][:, :6], greedy)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(IDS, n_loops=2, budgets=[None, None]), "drop n_loops and exit_threshold"),
+    (lambda m: m(IDS, exit_threshold=0.1, exit="latent", budgets=[None, None]), "drop n_loops and exit_threshold"),
+    (lambda m: m(IDS[0], budgets=[None]), r"\(batch, seq\)"),
+    (lambda m: m(IDS, exit="never", budgets=[None, None]), "exit must be one of"),
+    (lambda m: m(IDS, start_pos=-1), "exceed max_seq_len=80"),
+    (lambda m: m(IDS, start_pos=75), r"positions 75\.\.80 exceed max_seq_len=80"),
+    (lambda m: m.generate(IDS, exit_threshold=0.1, exit="latent", budgets=[None, None]), "drop exit_threshold"),
+    (lambda m: m.generate(IDS, max_new_tokens=-1), "max_new_tokens must be >= 0"),
+    (lambda m: m.generate(IDS, max_new_tokens=75), r"prompt \(6\) \+ max_new_tokens \(75\) exceeds max_seq_len=80"),
+    (lambda m: m(IDS, exit="latent", exit_threshold=-1.0), "default 0.01"),
+])
+def test_guards_name_the_fix(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(_model())
+
+
+def test_the_model_refuses_other_configs_and_open_mythos_lookalikes():
+    with pytest.raises(TypeError, match="from_mythos_config"):
+        LoopedTransformer(dict(MICRO))
+    with pytest.raises(TypeError, match="OpenMythos model"):
+        LoopedTransformer.from_open_mythos(torch.nn.Linear(2, 2))
+
+
+def test_a_dtype_cast_keeps_the_rope_tables_complex_and_the_state_dict_is_a_copy():
+    m = _model()
+    table = m.freqs_cis.clone()
+    m.to(torch.float64)
+    assert m.freqs_cis.dtype == torch.complex64 and torch.equal(m.freqs_cis, table)
+    assert m.embed.weight.dtype == torch.float64
+    state = m.to_open_mythos_state_dict()
+    assert state.keys() == m.state_dict().keys()
+    state["embed.weight"].zero_()
+    assert m.embed.weight.abs().sum() > 0  # a copy, not the model's tensors
+
+
+def test_the_coda_lens_of_the_last_state_is_the_forwards_output():
+    m = _model()
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed")
+        lens = m.coda_lens(cache["recurrent.hook_state_out", 2])
+        few = m.coda_lens(cache["recurrent.hook_state_out", 2], positions=torch.tensor([1, 4]))
+    torch.testing.assert_close(lens, F.log_softmax(logits, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(few, lens[:, [1, 4]], atol=1e-5, rtol=1e-5)
+    assert math.isclose(float(lens.exp().sum(-1).mean()), 1.0, rel_tol=1e-5)
+
+
+def test_the_decay_is_clamped_so_its_gradient_stays_finite():
+    """A = exp(-exp(log_dt + log_A)) with the exponent clamped to [-20, 20]: unclamped, a channel at
+    100 gives exp(100) = inf in float32 and a NaN gradient (inf · 0); clamped, A is 0 there with a
+    zero gradient, and 1 at the other end."""
+    from mythos_probe.model.looped import LTIInjection
+
+    inj = LTIInjection(4)
+    with torch.no_grad():
+        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0]))
+        inj.log_dt.zero_()
+    A = inj.get_A()
+    A.sum().backward()
+    assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
+    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0]))))
