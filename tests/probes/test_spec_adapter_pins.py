@@ -1,0 +1,326 @@
+"""`SpecAdapter` (mythos_probe/probes/spec_adapter.py) on tiny in-process models: the paths the
+model-level spec tests leave out, and every message a misdeclaration gets, written out in full
+(a test that matches a message's first words lets the rest of it say anything). Written against
+survivors of `scripts/mutation.sh mythos_probe/probes/spec_adapter.py`; each test runs in well
+under a second.
+
+- the added-term check: quiet on a true `h + e` recurrence over several iterations, quiet where
+  another declared loop ran in between (HRM's two levels), and its message;
+- a loop run outside the model's forward: the warning names the chain of methods, or says it ran
+  from code outside the model, once;
+- `generate`: its forwards share one trace id, with steps 0, 1, 2; the next plain forward is its
+  own trace again;
+- a pass of ModuleList entries taking per-layer arguments: the Jacobian re-runs each layer with
+  its own arguments and equals one computed by hand;
+- routers: expert loads and routing entropy against the model's own choices and sigmoid scores,
+  and each misdeclared router field's message."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mythos_probe
+from mythos_probe import Injection, LoopSpec, Router
+from mythos_probe.metrics.spectral import jacobian_sigma_max
+from tests.probes.looped_models import no_hooks
+
+ids = torch.randint(0, 32, (2, 5), generator=torch.Generator().manual_seed(7))
+
+
+def record(model, spec, calls=1, **kwargs):
+    with torch.no_grad(), mythos_probe.attach(model, spec=spec, **kwargs) as rec:
+        for _ in range(calls):
+            model(ids)
+    assert no_hooks(model)
+    return rec.traces
+
+
+def error_of(model, spec, **kwargs) -> str:
+    with pytest.raises(ValueError) as err:
+        record(model, spec, **kwargs)
+    assert no_hooks(model)
+    return str(err.value)
+
+
+# -- the added term ---------------------------------------------------------------------------
+
+
+class AddedLoop(nn.Module):
+    """h ← step(h + x) from h = 0: the input is h_{t−1} + e with e = x at every iteration."""
+
+    def __init__(self, steps=4, norm=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.norm = nn.RMSNorm(8) if norm else nn.Identity()
+        self.steps = steps
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = torch.zeros_like(x)
+        for _ in range(self.steps):
+            h = self.step(self.norm(h) + x)
+        return h
+
+
+def test_a_true_added_injection_passes_its_check_at_every_iteration():
+    model = AddedLoop()
+    (trace,) = record(model, LoopSpec(step="step", injection=Injection("added"), init=lambda m: torch.zeros(8)),
+                      probes=["convergence", "spectral"])
+    assert trace.iterations == 4
+    x = model.embed(ids)
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], x.norm(dim=-1).mean().item(), rtol=1e-5)
+
+
+def test_the_added_term_message_in_full():
+    spec = LoopSpec(step="step", injection=Injection("added"), init=lambda m: torch.zeros(8))
+    assert error_of(AddedLoop(norm=True), spec) == (
+        "LoopSpec.injection: loop 'loop' declares Injection('added') without a module, but the added term "
+        "(input − previous end state) changed between iterations 0 and 1 with no other declared loop running in "
+        "between: the input is not h_{t−1} + e. Declare module= (where e comes from), or Injection('function', "
+        "fn=...) if the input is built another way")
+
+
+class TwoLevels(nn.Module):
+    """HRM's shape: a low loop z_L ← L(z_L + z_H + x) run twice per high iteration, and a high
+    loop z_H ← H(z_H + z_L). The low loop's added term z_H + x changes only after H ran."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.low = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.high = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        z_h = z_l = torch.zeros_like(x)
+        for _ in range(3):
+            for _ in range(2):
+                z_l = self.low(z_l + z_h + x)
+            z_h = self.high(z_h + z_l)
+        return z_h
+
+
+def test_the_added_term_may_change_where_another_loop_ran_in_between():
+    zeros = lambda m: torch.zeros(8)  # noqa: E731
+    specs = (LoopSpec(step="low", name="low", injection=Injection("added"), init=zeros),
+             LoopSpec(step="high", name="high", injection=Injection("added"), init=zeros))
+    low, high = record(TwoLevels(), specs)
+    assert (low.loop_name, low.iterations, high.loop_name, high.iterations) == ("low", 6, "high", 3)
+    assert low.trace_id == high.trace_id
+
+
+# -- a loop run outside the model's forward ------------------------------------------------------
+
+
+class Outside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, input_ids):
+        return self.step(self.step(self.embed(input_ids)))
+
+    def inner(self, input_ids):
+        return self.step(self.embed(input_ids))
+
+    def outer(self, input_ids):
+        return self.inner(input_ids)
+
+
+def test_a_loop_run_outside_the_forward_names_the_methods_once():
+    model = Outside()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step")) as rec:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.outer(ids)
+            model.outer(ids)  # warned once only
+        model(ids)
+    assert [str(w.message) for w in caught] == [
+        "LoopSpec: loop 'loop' ran outside a forward of Outside (in inner ← outer); its iterations are not recorded. "
+        "Record a forward (model(...)), or describe the method that runs the loop with LoopSpec(method=...)"]
+    assert len(rec.traces) == 1 and rec.traces[0].iterations == 2
+    assert no_hooks(model)
+
+
+def test_a_loop_run_from_code_outside_the_model_says_so():
+    model = Outside()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.step(model.embed(ids))
+    assert [str(w.message) for w in caught] == [
+        "LoopSpec: loop 'loop' ran outside a forward of Outside (in code outside the model's forward); its "
+        "iterations are not recorded. Record a forward (model(...)), or describe the method that runs the loop "
+        "with LoopSpec(method=...)"]
+
+
+# -- generate ------------------------------------------------------------------------------------
+
+
+class Generates(Outside):
+    def generate(self, input_ids, steps=3):
+        for _ in range(steps):
+            self(input_ids)
+        return input_ids
+
+
+def test_the_forwards_of_one_generate_call_share_a_trace_id_and_count_steps():
+    model = Generates()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step")) as rec:
+        model.generate(ids)
+        model.generate(ids, steps=2)
+        model(ids)
+    first, second, plain = rec.traces[:3], rec.traces[3:5], rec.traces[5]
+    assert len(rec.traces) == 6
+    assert [t.step for t in first] == [0, 1, 2] and [t.step for t in second] == [0, 1]
+    assert len({t.trace_id for t in first}) == 1 and len({t.trace_id for t in second}) == 1
+    assert first[0].trace_id != second[0].trace_id
+    assert plain.trace_id not in {first[0].trace_id, second[0].trace_id}
+    assert no_hooks(model)
+
+
+# -- a pass of ModuleList entries with per-layer arguments -----------------------------------------
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, scale=1.0):
+        return torch.tanh(self.lin(h) * scale)
+
+
+class PassModel(nn.Module):
+    """Each iteration runs layers 0 and 1, each with its own `scale` (as layers take their own masks)."""
+
+    scales = (0.5, 2.0)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList([Scaled(), Scaled()])
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            for layer, s in zip(self.layers, self.scales):
+                h = layer(h, scale=s)
+        return h
+
+
+def test_the_jacobian_of_a_pass_re_runs_each_layer_with_its_own_arguments():
+    model = PassModel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a pass re-run with the wrong arguments would warn and drop the Jacobian
+        (trace,) = record(model, LoopSpec(first="layers.0", last="layers.1"), probes=["jacobian"])
+    h = model.embed(ids)
+    states = [h]
+    for _ in range(3):
+        for layer, s in zip(model.layers, model.scales):
+            h = layer(h, scale=s)
+        states.append(h)
+    one_pass = lambda x: model.layers[1](model.layers[0](x, scale=0.5), scale=2.0)  # noqa: E731
+    want = [jacobian_sigma_max(one_pass, s[:1]).item() for s in states[:-1]]
+    np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+
+
+# -- routers -------------------------------------------------------------------------------------
+
+
+class Gate(nn.Module):
+    """Sigmoid scores, the top-k chosen with a correction bias (DeepSeek-V3's aux-loss-free
+    routing); returns (logits, chosen experts)."""
+
+    def __init__(self, experts=4, top_k=2):
+        super().__init__()
+        self.proj = nn.Linear(8, experts)
+        with torch.no_grad():  # logits spread enough that softmax + bias, sigmoid + bias and sigmoid
+            self.proj.weight.mul_(4)  # alone choose differently at some tokens
+        self.top_k = top_k
+        self.register_buffer("correction", torch.linspace(0.3, -0.3, experts))
+
+    def forward(self, h):
+        logits = self.proj(h)
+        return logits, (logits.sigmoid() + self.correction).topk(self.top_k, dim=-1).indices
+
+
+class RoutedStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        self.gate(h)
+        return torch.tanh(self.lin(h))
+
+
+class Routed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = RoutedStep()
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            h = self.step(h)
+        return h
+
+
+ROUTER = Router("step.gate", top_k="top_k", scoring="sigmoid", select=0, bias="correction", indices=1)
+
+
+def routed(**changes):
+    fields = dict(module=ROUTER.module, top_k=ROUTER.top_k, scoring=ROUTER.scoring, select=ROUTER.select,
+                  bias=ROUTER.bias, indices=ROUTER.indices)
+    return LoopSpec(step="step", routers=(Router(**{**fields, **changes}),))
+
+
+def test_router_loads_and_entropy_against_the_models_own_choices():
+    model = Routed()
+    (trace,) = record(model, routed(), probes=["experts"])
+    h = model.embed(ids)
+    loads, entropy = [], []
+    for _ in range(3):
+        logits, chosen = model.step.gate(h)
+        loads.append(np.bincount(chosen.reshape(-1).numpy(), minlength=4))
+        p = logits.sigmoid() / logits.sigmoid().sum(-1, keepdim=True)  # normalised sigmoid scores
+        entropy.append(-(p * p.log()).sum(-1).mean().item())
+        h = model.step(h)
+    np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
+    np.testing.assert_allclose(trace.iteration_metrics["routing_entropy"], entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(select=lambda out: "logits"),
+     "LoopSpec.routers[0].select picks str from the router 'step.gate' output (tuple); it must pick the (tokens, "
+     "experts) logits (and top_k must give an int, got 2)"),
+    (dict(top_k="no_such_attribute"),
+     "LoopSpec.routers[0].select picks Tensor from the router 'step.gate' output (tuple); it must pick the (tokens, "
+     "experts) logits (and top_k must give an int, got None)"),
+    (dict(top_k=5), "LoopSpec.routers[0].top_k: 5 is not between 1 and the router's 4 experts"),
+    (dict(bias="proj"), "LoopSpec.routers[0].bias: Gate has no tensor 'proj' with one value per expert (4)"),
+    (dict(bias=None),
+     "LoopSpec.routers[0]: the experts re-derived from the declared scoring ('sigmoid'), bias (None) and top_k (2) "
+     "are not the ones the router chose; fix scoring=, bias= or top_k= (or indices= if it selects something else)"),
+    (dict(scoring="softmax"),
+     "LoopSpec.routers[0]: the experts re-derived from the declared scoring ('softmax'), bias ('correction') and "
+     "top_k (2) are not the ones the router chose; fix scoring=, bias= or top_k= (or indices= if it selects "
+     "something else)"),
+])
+def test_each_misdeclared_router_field_gets_its_message(changes, message):
+    assert error_of(Routed(), routed(**changes), probes=["experts"]) == message
