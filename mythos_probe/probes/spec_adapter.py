@@ -538,6 +538,7 @@ class _Loop:
 
     def _drop_jacobian(self, message: str) -> None:
         self.no_jacobian = message
+        self.warned.add("jacobian")  # said here: the next forwards' jacobian_possible() need not repeat it
         if self.ctx is not None:
             self.ctx.step_fn = None
         warnings.warn(message, stacklevel=4)
@@ -766,7 +767,10 @@ class _Loop:
             logits = state
             for module in self.readout_modules:
                 logits = _user("readout", module, logits)
-        logits = logits_of(logits)
+        try:
+            logits = logits_of(logits)
+        except (IndexError, KeyError, AttributeError, TypeError):
+            pass  # not logits (None, say): named below
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise ValueError(f"LoopSpec.readout of loop {self.spec.name!r} gives "
                              f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}; "

@@ -324,3 +324,215 @@ def test_router_loads_and_entropy_against_the_models_own_choices():
 ])
 def test_each_misdeclared_router_field_gets_its_message(changes, message):
     assert error_of(Routed(), routed(**changes), probes=["experts"]) == message
+
+
+# -- the chain check's message for each injection mode ---------------------------------------------
+
+
+class Chain(nn.Module):
+    """h ← step(build(h, x)) from h = x, the step a Linear + tanh (on [h, x] where build concatenates)."""
+
+    def __init__(self, build, width=8, steps=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(width, 8), nn.Tanh())
+        self.build, self.steps = build, steps
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = x
+        for _ in range(self.steps):
+            h = self.step(self.build(h, x))
+        return h
+
+
+class ArgStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, e):
+        return torch.tanh(self.lin(h) + e)
+
+
+class ArgChain(nn.Module):
+    """h ← step(h / 2, x): the state is halved on its way in, which no declaration says."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = ArgStep()
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = x
+        for _ in range(3):
+            h = self.step(0.5 * h, x)
+        return h
+
+
+HINT = ("Declare how the input is built (injection=Injection('added'|'concat'|'argument'|'restart'|'function', "
+        "...)), or fix state= / last= (the end state: the pass's last module) and state_in= (the argument carrying "
+        "the state)")
+
+
+KEPT = " at 10 of 10 positions (it is neither the step's output nor a state kept from before it)"
+
+
+def chained(t, what, hint=HINT):
+    return f"LoopSpec.injection: loop 'loop' iteration {t} starts from an input that is not {what}. {hint}"
+
+
+plus = lambda h, x: h + x  # noqa: E731
+half_plus = lambda h, x: 0.5 * h + x  # noqa: E731
+to_h_plus_e = lambda m, h, e: h + e  # noqa: E731
+
+
+@pytest.mark.parametrize("model, spec, message", [
+    # modes whose next input holds the kept state: checked position by position (per-token depths)
+    (lambda: Chain(plus), LoopSpec(step="step"), chained(1, "the previous iteration's end state" + KEPT)),
+    (ArgChain, LoopSpec(step="step", injection=Injection("argument", arg=1)),
+     chained(1, "the previous iteration's end state" + KEPT)),
+    (lambda: Chain(lambda h, x: h), LoopSpec(step="step", injection=Injection("restart")),
+     chained(1, "the first iteration's input (Injection('restart'))")),
+    (lambda: Chain(half_plus), LoopSpec(step="step", injection=Injection("added", module="embed")),
+     chained(1, "the previous end state plus the injection module's output")),
+    (lambda: Chain(lambda h, x: torch.cat([0.5 * h, x], -1), width=16), LoopSpec(step="step", injection=Injection("concat")),
+     chained(1, "cat[previous end state, e]" + KEPT)),
+    (lambda: Chain(half_plus), LoopSpec(step="step", injection=Injection("function", module="embed", fn=to_h_plus_e)),
+     chained(1, "Injection.fn(model, previous end state, e)")),
+    (lambda: Chain(plus), LoopSpec(step="step", init=lambda m: torch.zeros(8),
+                                   injection=Injection("function", fn=to_h_plus_e)),
+     chained(0, "Injection.fn(model, previous end state, e)",
+             "Either init= is not the pre-loop state (it must give what the model holds before iteration 0), or "
+             "declare how the input is built (injection=Injection('added'|'concat'|'argument'|'restart'|'function', "
+             "...)), or fix state= / last= (the end state: the pass's last module) and state_in= (the argument "
+             "carrying the state)")),
+])
+def test_the_chain_message_names_what_each_mode_expected(model, spec, message):
+    assert error_of(model(), spec) == message
+
+
+# -- the Jacobian: each mode's re-run, and the steps that cannot be re-run ----------------------------
+
+
+@pytest.mark.parametrize("model, spec, one_step", [
+    (lambda: Chain(plus), LoopSpec(step="step", injection=Injection("added", module="embed")),
+     lambda m, h, x: m.step(h + x)),
+    (lambda: Chain(lambda h, x: torch.cat([h, x], -1), width=16), LoopSpec(step="step", injection=Injection("concat")),
+     lambda m, h, x: m.step(torch.cat([h, x], -1))),
+    (lambda: Chain(half_plus), LoopSpec(step="step", init="embed", injection=Injection("function", module="embed",
+                                                                                       fn=lambda m, h, e: 0.5 * h + e)),
+     lambda m, h, x: m.step(0.5 * h + x)),
+    (lambda: Chain(lambda h, x: h), LoopSpec(step="step"), lambda m, h, x: m.step(h)),
+    (ArgChain, LoopSpec(step="step", state_in="h", injection=Injection("argument", arg="e")),
+     lambda m, h, x: m.step(h, x)),
+])
+def test_the_jacobian_re_runs_the_step_as_declared(model, spec, one_step):
+    if isinstance(spec.injection, Injection) and spec.injection.arg == "e":
+        model = ArgChainByName
+    m = model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a step re-run that differs would warn and drop the Jacobian
+        (trace,) = record(m, spec, probes=["jacobian"])
+    x = m.embed(ids)
+    h, want = x, []
+    for _ in range(3):
+        want.append(jacobian_sigma_max(lambda v: one_step(m, v, x[:1]), h[:1]).item())
+        h = one_step(m, h, x)
+    np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+
+
+class ArgChainByName(ArgChain):
+    """h ← step(h=h, e=x): the state and e passed by name."""
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = x
+        for _ in range(3):
+            h = self.step(h=h, e=x)
+        return h
+
+
+class NoisyStep(nn.Module):
+    def __init__(self, fail_on_one=False):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.fail_on_one = fail_on_one
+
+    def forward(self, h):
+        if self.fail_on_one and h.shape[0] == 1:
+            raise RuntimeError("no batch of one")
+        noise = 0.0 if self.fail_on_one else 0.1 * torch.randn_like(h)
+        return torch.tanh(self.lin(h) + noise)
+
+
+class Noisy(nn.Module):
+    def __init__(self, fail_on_one=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = NoisyStep(fail_on_one)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            h = self.step(h)
+        return h
+
+
+@pytest.mark.parametrize("fail_on_one, message", [
+    (False, "LoopSpec.injection: re-running loop 'loop''s step from h_{t−1} and the declared injection does not give "
+            "the recorded h_t (iteration 0): the step is not a function of the declared state and injection alone "
+            "(noise, another carried tensor, or an input built another way); jacobian_sigma_max is left out rather "
+            "than the derivative of another map"),
+    (True, "LoopSpec: loop 'loop''s step cannot be re-run from the declared state and injection (RuntimeError: no "
+           "batch of one); jacobian_sigma_max is left out"),
+])
+def test_a_step_that_cannot_be_re_run_leaves_the_jacobian_out_once(fail_on_one, message):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traces = record(Noisy(fail_on_one), LoopSpec(step="step"), calls=2, probes=["jacobian", "convergence"])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [message]
+    assert all("jacobian_sigma_max" not in t.iteration_metrics for t in traces) and len(traces) == 2
+
+
+def test_a_pass_declared_backwards_is_refused():
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(PassModel(), spec=LoopSpec(first="layers.1", last="layers.0")).__enter__()
+    assert str(err.value) == "LoopSpec.last 'layers.0' comes before first 'layers.1' in their ModuleList"
+
+
+# -- the readout ---------------------------------------------------------------------------------------
+
+
+class WithHead(Chain):
+    def __init__(self):
+        super().__init__(lambda h, x: h)
+        self.head = nn.Linear(8, 32)
+
+    def forward(self, input_ids):
+        return self.head(super().forward(input_ids))
+
+
+@pytest.mark.parametrize("readout, message", [
+    (lambda m, s: m.head(s).sum(-1),
+     "LoopSpec.readout of loop 'loop' gives Tensor(2, 5); it must end at the (B, T, vocab) logits"),
+    (lambda m, s: None, "LoopSpec.readout of loop 'loop' gives NoneType; it must end at the (B, T, vocab) logits"),
+    (lambda m, s: m.head(s)[..., :16],
+     "LoopSpec.readout of loop 'loop' gives logits of shape (2, 5, 16), the model returns (2, 5, 32); readout= must "
+     "end at the logits"),
+])
+def test_a_readout_that_does_not_end_at_the_logits_is_named(readout, message):
+    assert error_of(WithHead(), LoopSpec(step="step", readout=readout)) == message
+
+
+def test_a_readout_that_is_the_output_path_passes_and_gives_the_lens():
+    model = WithHead()
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens"], detail="positions")
+    (trace_fn,) = record(model, LoopSpec(step="step", readout=lambda m, s: m.head(s)), probes=["lens"],
+                         detail="positions")
+    for name, values in trace.iteration_metrics.items():
+        np.testing.assert_allclose(trace_fn.iteration_metrics[name], values, rtol=1e-6, err_msg=name)
