@@ -202,7 +202,8 @@ class Scaled(nn.Module):
 
 
 class PassModel(nn.Module):
-    """Each iteration runs layers 0 and 1, each with its own `scale` (as layers take their own masks)."""
+    """Each iteration runs layers 0 and 1, each with its own `scale` (as layers take their own
+    masks); layer 2 of the same ModuleList runs once after the loop."""
 
     scales = (0.5, 2.0)
 
@@ -210,14 +211,14 @@ class PassModel(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(32, 8)
-        self.layers = nn.ModuleList([Scaled(), Scaled()])
+        self.layers = nn.ModuleList([Scaled(), Scaled(), Scaled()])
 
     def forward(self, input_ids):
         h = self.embed(input_ids)
         for _ in range(3):
             for layer, s in zip(self.layers, self.scales):
                 h = layer(h, scale=s)
-        return h
+        return self.layers[2](h)
 
 
 def test_the_jacobian_of_a_pass_re_runs_each_layer_with_its_own_arguments():
@@ -529,10 +530,177 @@ def test_a_readout_that_does_not_end_at_the_logits_is_named(readout, message):
     assert error_of(WithHead(), LoopSpec(step="step", readout=readout)) == message
 
 
-def test_a_readout_that_is_the_output_path_passes_and_gives_the_lens():
+def test_the_lens_is_the_readout_of_each_state_against_the_models_logits():
     model = WithHead()
-    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens"], detail="positions")
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens"], lens_positions="all")
     (trace_fn,) = record(model, LoopSpec(step="step", readout=lambda m, s: m.head(s)), probes=["lens"],
-                         detail="positions")
-    for name, values in trace.iteration_metrics.items():
-        np.testing.assert_allclose(trace_fn.iteration_metrics[name], values, rtol=1e-6, err_msg=name)
+                         lens_positions="all")
+    h, entropy, kl = model.embed(ids), [], []
+    states = []
+    for _ in range(3):
+        h = model.step(h)
+        states.append(h)
+    final = model.head(states[-1]).log_softmax(-1)
+    for s in states:
+        logp = model.head(s).log_softmax(-1)
+        entropy.append(-(logp.exp() * logp).sum(-1).mean().item())
+        kl.append((final.exp() * (final - logp)).sum(-1).mean().item())
+    for t in (trace, trace_fn):
+        np.testing.assert_allclose(t.iteration_metrics["lens_entropy"], entropy, rtol=1e-5)
+        np.testing.assert_allclose(t.iteration_metrics["lens_kl_final"], kl, rtol=1e-4, atol=1e-7)
+
+
+class OtherPasses(PassModel):
+    """The same loop with its layers in a Sequential (not a ModuleList), or each iteration ending
+    in a module outside the list (`tail`)."""
+
+    def __init__(self, sequential=False):
+        super().__init__()
+        if sequential:
+            self.layers = nn.Sequential(*self.layers)
+        self.tail = nn.Identity() if sequential else nn.Tanh()
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            for layer, s in zip(self.layers, self.scales):
+                h = layer(h, scale=s)
+            h = self.tail(h)
+        return h
+
+
+@pytest.mark.parametrize("sequential, last, shown", [(True, "layers.1", "layers.0 … layers.1"),
+                                                      (False, "tail", "layers.0 … tail")])
+def test_a_pass_that_is_not_a_run_of_one_modulelist_has_no_jacobian(sequential, last, shown):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traces = record(OtherPasses(sequential), LoopSpec(first="layers.0", last=last), calls=2,
+                        probes=["jacobian", "convergence"])
+    assert [t.iterations for t in traces] == [3, 3]
+    assert all("jacobian_sigma_max" not in t.iteration_metrics for t in traces)
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [  # once, not per forward
+        f"LoopSpec.first/last: loop 'loop''s pass ({shown}) is not a run of entries of one ModuleList taking the state "
+        "first, so the pass cannot be re-run to differentiate it; jacobian_sigma_max is left out (declare step= or "
+        "method= for a module that runs one iteration)"]
+
+
+# -- a loop declared by its method ---------------------------------------------------------------
+
+
+class ByMethod(nn.Module):
+    def __init__(self, fail_at=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.lin = nn.Linear(8, 8)
+        self.fail_at, self.calls = fail_at, 0
+
+    def iterate(self, h):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("iteration failed")
+        return torch.tanh(self.lin(h))
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            h = self.iterate(h)
+        return h
+
+
+def test_a_method_loop_records_its_iterations_and_a_raising_forward_records_nothing():
+    model = ByMethod()
+    (trace,) = record(model, LoopSpec(method="iterate"), probes=["convergence"])
+    assert trace.iterations == 3 and "iterate" not in vars(model)
+    failing = ByMethod(fail_at=2)
+    with torch.no_grad(), mythos_probe.attach(failing, spec=LoopSpec(method="iterate")) as rec:
+        with pytest.raises(RuntimeError, match="iteration failed"):
+            failing(ids)
+        failing(ids)  # the next forward is recorded whole
+    assert [t.iterations for t in rec.traces] == [3]
+    assert "iterate" not in vars(failing) and no_hooks(failing)
+
+
+# -- more router fields ----------------------------------------------------------------------------
+
+
+class Flags(Gate):
+    def __init__(self):
+        super().__init__()
+        self.flag, self.zero = True, 0
+        self.register_buffer("short", torch.zeros(3))
+
+
+def test_router_attributes_of_the_wrong_kind_are_named():
+    def fails(**changes):
+        model = Routed()
+        model.step.gate = Flags()
+        return error_of(model, routed(**changes), probes=["experts"])
+
+    assert fails(top_k="flag") == (
+        "LoopSpec.routers[0].select picks Tensor from the router 'step.gate' output (tuple); it must pick the (tokens, "
+        "experts) logits (and top_k must give an int, got True)")
+    assert fails(top_k="zero") == "LoopSpec.routers[0].top_k: 0 is not between 1 and the router's 4 experts"
+    assert fails(bias="short") == "LoopSpec.routers[0].bias: Flags has no tensor 'short' with one value per expert (4)"
+    assert fails(select=lambda out: out[0][0, 0]) == (  # one row: (experts,)
+        "LoopSpec.routers[0].select picks Tensor from the router 'step.gate' output (tuple); it must pick the (tokens, "
+        "experts) logits (and top_k must give an int, got 2)")
+
+
+class TwoGates(nn.Module):
+    def __init__(self, experts=(4, 4)):
+        super().__init__()
+        self.a, self.b = Gate(experts[0]), Gate(experts[1])
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        self.a(h)
+        self.b(h)
+        return torch.tanh(self.lin(h))
+
+
+@pytest.mark.parametrize("experts", [(4, 4), (4, 6)])
+def test_two_routers_of_one_loop(experts):
+    model = Routed()
+    model.step = TwoGates(experts)
+    spec = LoopSpec(step="step", routers=tuple(
+        Router(f"step.{g}", top_k="top_k", scoring="sigmoid", select=0, bias="correction", indices=1) for g in "ab"))
+    if experts[0] != experts[1]:
+        assert error_of(model, spec, probes=["experts"]) == (
+            "LoopSpec.routers: the routers of one loop must have the same number of experts")
+        return
+    (trace,) = record(model, spec, probes=["experts"])
+    h, loads = model.embed(ids), []
+    for _ in range(3):
+        chosen = torch.cat([model.step.a(h)[1].reshape(-1, 2), model.step.b(h)[1].reshape(-1, 2)])
+        loads.append(np.bincount(chosen.reshape(-1).numpy(), minlength=4))
+        h = model.step(h)
+    np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
+
+
+class SoftmaxGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.proj.weight.mul_(4)
+
+    def forward(self, h):
+        logits = self.proj(h)
+        return logits, logits.softmax(-1).topk(2, dim=-1).indices
+
+
+def test_a_softmax_router_without_bias():
+    model = Routed()
+    model.step.gate = SoftmaxGate()
+    (trace,) = record(model, LoopSpec(step="step", routers=(Router("step.gate", top_k=2, select=0, indices=1),)),
+                      probes=["experts"])
+    h, loads, entropy = model.embed(ids), [], []
+    for _ in range(3):
+        logits, chosen = model.step.gate(h)
+        loads.append(np.bincount(chosen.reshape(-1).numpy(), minlength=4))
+        p = logits.softmax(-1)
+        entropy.append(-(p * p.log()).sum(-1).mean().item())
+        h = model.step(h)
+    np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
+    np.testing.assert_allclose(trace.iteration_metrics["routing_entropy"], entropy, rtol=1e-5)
