@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import types
 import urllib.request
 
@@ -149,3 +150,22 @@ def test_served_on_loopback_only_with_the_service_name_given():
         m.record([make_trace(10, detail="summary")])  # target_info comes with the first series
         text, _ = scrape(m)
     assert 'service_name="probe-svc"' in text and 'service_name="mythos-probe"' not in text
+
+
+@pytest.mark.parametrize("diverged_at, counted", [(-1.0, 0), (0.0, 1), (2.0, 1), (float("nan"), 0), (float("inf"), 0)])
+def test_a_forward_counts_as_diverged_at_a_finite_iteration_only(diverged_at, counted):
+    t = dataclasses.replace(make_trace(11, detail="summary"), forward_metrics={"diverged_at": diverged_at})
+    with LoopMetrics(port=0) as m:
+        m.record([t])
+        _, families = scrape(m)
+    assert total(families, "recurrent_depth_diverged_forwards") == counted
+
+
+def test_non_finite_flops_add_zero_without_the_sdks_warning_per_forward(caplog):
+    traces = [dataclasses.replace(make_trace(12, detail="summary"), forward_metrics={"flops": v})
+              for v in (float("inf"), float("nan"), 3.0)]
+    with caplog.at_level(logging.WARNING), LoopMetrics(port=0) as m:
+        m.record(traces)
+        _, families = scrape(m)
+    assert total(families, "recurrent_depth_flops") == 3.0
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
