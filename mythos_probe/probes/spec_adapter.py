@@ -549,7 +549,7 @@ class _Loop:
             return
         self.warned.add("stray")
         names = []
-        frame = sys._getframe(1)
+        frame = sys._getframe(1)  # pragma: no mutate (frames 1 and 2, on_start and its hook, are not the model's)
         while frame is not None:
             if frame.f_locals.get("self") is self.adapter.model and frame.f_code.co_name not in names:
                 names.append(frame.f_code.co_name)
