@@ -704,3 +704,15 @@ def test_a_softmax_router_without_bias():
         h = model.step(h)
     np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
     np.testing.assert_allclose(trace.iteration_metrics["routing_entropy"], entropy, rtol=1e-5)
+
+
+def test_a_lens_only_readout_is_not_read_as_the_state_the_model_kept():
+    """A readout the model never calls (a lens, readout_is_output=False): the lens's own calls of
+    it, between iterations, are not the model's input to its readout after the loop, which is
+    where the state kept after the last iteration is read."""
+    model = WithHead()
+    model.lens_head = nn.Linear(8, 32)  # never called by forward
+    spec = LoopSpec(step="step", readout="lens_head", readout_is_output=False)
+    (trace,) = record(model, spec, probes=["lens", "convergence"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 3))
+    assert trace.iterations == 3
