@@ -716,3 +716,104 @@ def test_a_lens_only_readout_is_not_read_as_the_state_the_model_kept():
     (trace,) = record(model, spec, probes=["lens", "convergence"], detail="positions")
     np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 3))
     assert trace.iterations == 3
+
+
+# -- halting rules, against the rule computed by hand ----------------------------------------------------
+
+
+class Halts(nn.Module):
+    """A halting head read on each iteration's end state (Ouro's exit gate); the model itself
+    always runs `steps` iterations, so only the declared rule decides the exits."""
+
+    def __init__(self, probability=False, steps=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        gate = nn.Linear(8, 1)
+        with torch.no_grad():
+            gate.weight.normal_(0, 2.0)  # probabilities spread over (0, 1): positions exit at different steps
+        self.head = nn.Sequential(gate, nn.Sigmoid()) if probability else gate
+        self.steps = steps
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(self.steps):
+            h = self.step(h)
+            self.head(h)
+        return h
+
+    @torch.no_grad()
+    def lambdas(self):
+        h, out = self.embed(ids), []
+        for _ in range(self.steps):
+            h = self.step(h)
+            v = self.head(h).squeeze(-1)
+            out.append(v if isinstance(self.head, nn.Sequential) else torch.sigmoid(v))
+        return torch.stack(out).numpy()  # (I, B, T)
+
+
+def per_position(a):
+    """(I, B, T) → the trace's (B, T, I) layout of position metrics."""
+    return np.moveaxis(a, 0, -1)
+
+
+def by_hand(rule, lam, threshold):
+    """(cum, weight, halted), each (I, B, T), of each rule from the halting probabilities."""
+    I = lam.shape[0]
+    cum, weight, halted = np.zeros_like(lam), np.zeros_like(lam), np.zeros(lam.shape, bool)
+    remaining, total, was = np.ones_like(lam[0]), np.zeros_like(lam[0]), np.zeros(lam[0].shape, bool)
+    for t in range(I):
+        if rule == "threshold":
+            now = was | (lam[t] >= threshold)
+            weight[t], cum[t] = (now & ~was), now
+        else:  # cumulative_exit / ponder: p_t = λ_t Π(1 − λ_s); cumulative_exit's last step takes what remains
+            last = rule == "cumulative_exit" and t == I - 1
+            weight[t] = remaining if last else lam[t] * remaining
+            remaining = remaining * (1 - lam[t])
+            total = total + weight[t]
+            cum[t] = total
+            now = (was | (total >= threshold) | last) if rule == "cumulative_exit" else was
+        halted[t], was = now, now
+    return cum, weight, halted
+
+
+# thresholds where positions exit at different steps (threshold: 3, 5 more, 2 never; cumulative: 2, 8 at the 3rd)
+@pytest.mark.parametrize("rule, threshold", [("threshold", 0.545), ("cumulative_exit", 0.8), ("ponder", 0.5)])
+@pytest.mark.parametrize("probability", [False, True])
+def test_each_exit_rule_against_the_rule_by_hand(rule, threshold, probability):
+    from mythos_probe import Halting
+
+    model = Halts(probability)
+    spec = LoopSpec(step="step", halting=Halting("head", output="probability" if probability else "logit", rule=rule,
+                                                 threshold=threshold))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ponder: the undeclared sampled exit is warned about (tested elsewhere)
+        (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    lam = model.lambdas()
+    cum, weight, halted = by_hand(rule, lam, threshold)
+    pm = trace.position_metrics
+    np.testing.assert_allclose(pm["halt_prob"], per_position(lam), rtol=1e-5)
+    np.testing.assert_allclose(pm["cum_halt"], per_position(cum), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pm["act_weight"], per_position(weight), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"], halted.mean((1, 2)), rtol=1e-6)
+    if rule != "ponder":
+        first = np.where(halted.any(0), halted.argmax(0) + 1, lam.shape[0])
+        np.testing.assert_array_equal(trace.position_iterations, first)
+
+
+def test_a_fixed_exit_step_and_a_threshold_per_call():
+    from mythos_probe import Halting
+
+    model = Halts()
+    lam = model.lambdas()
+    fixed = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                  exit_step=lambda m, call: 1))
+    (trace,) = record(model, fixed, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.iteration_metrics["halted_fraction"], [0, 1, 1, 1])
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 2))
+    per_call = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold",
+                                                     threshold=lambda m, call: 0.545))
+    (trace,) = record(model, per_call, probes=["halting"], detail="positions")
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"],
+                               by_hand("threshold", lam, 0.545)[2].mean((1, 2)), rtol=1e-6)
