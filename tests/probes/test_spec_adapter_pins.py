@@ -817,3 +817,31 @@ def test_a_fixed_exit_step_and_a_threshold_per_call():
     (trace,) = record(model, per_call, probes=["halting"], detail="positions")
     np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"],
                                by_hand("threshold", lam, 0.545)[2].mean((1, 2)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("returned, message", [
+    (-1, "LoopSpec.halting.exit_step returned -1; it must give a non-negative iteration or None"),
+    (True, "LoopSpec.halting.exit_step returned True; it must give a non-negative iteration or None"),
+    (1.0, "LoopSpec.halting.exit_step returned 1.0; it must give a non-negative iteration or None"),
+])
+def test_an_exit_step_that_is_not_an_iteration_is_named(returned, message):
+    from mythos_probe import Halting
+
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 exit_step=lambda m, call: returned))
+    assert error_of(Halts(), spec, probes=["halting"]) == message
+
+
+def test_an_exit_step_of_none_or_0_and_a_threshold_per_call_out_of_range():
+    from mythos_probe import Halting
+
+    lam = Halts().lambdas()
+    for returned, halted in ((None, by_hand("threshold", lam, 0.545)[2].mean((1, 2))), (0, [1, 1, 1, 1])):
+        spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                     exit_step=lambda m, call: returned))
+        (trace,) = record(Halts(), spec, probes=["halting"])
+        np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"], halted, rtol=1e-6)
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold",
+                                                 threshold=lambda m, call: 1.5))
+    with pytest.raises(ValueError, match=r"^LoopSpec.halting.threshold must be in \(0, 1\]"):
+        record(Halts(), spec, probes=["halting"])
