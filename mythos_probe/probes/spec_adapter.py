@@ -149,6 +149,10 @@ class _Loop:
         if self.mode == "function" and inj.module is None and spec.init is None:
             raise ValueError("LoopSpec.init is needed with Injection('function') and no module: e is the pre-loop "
                              "state (declare init='path' or init=lambda model: tensor)")
+        if self.mode == "function" and spec.init is None:  # read from the first input, h_{−1} would be fn(h_{−1}, e)
+            raise ValueError("LoopSpec.init is needed with Injection('function'): the first iteration's input is "
+                             "fn(model, h_{−1}, e), not the pre-loop state h_{−1} (declare init='path' or "
+                             "init=lambda model: tensor)")
         self.heads = {}
         if spec.halting is not None:
             self.heads["halt"] = (resolve(model, spec.halting.head, "halting.head"), "halting.head")

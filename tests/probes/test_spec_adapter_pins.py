@@ -386,6 +386,17 @@ def chained(t, what, hint=HINT):
     return f"LoopSpec.injection: loop 'loop' iteration {t} starts from an input that is not {what}. {hint}"
 
 
+class Drifting:
+    """h + x at the first iteration, h / 2 + x after it."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, h, x):
+        self.calls += 1
+        return h + x if self.calls == 1 else 0.5 * h + x
+
+
 plus = lambda h, x: h + x  # noqa: E731
 half_plus = lambda h, x: 0.5 * h + x  # noqa: E731
 to_h_plus_e = lambda m, h, e: h + e  # noqa: E731
@@ -402,7 +413,8 @@ to_h_plus_e = lambda m, h, e: h + e  # noqa: E731
      chained(1, "the previous end state plus the injection module's output")),
     (lambda: Chain(lambda h, x: torch.cat([0.5 * h, x], -1), width=16), LoopSpec(step="step", injection=Injection("concat")),
      chained(1, "cat[previous end state, e]" + KEPT)),
-    (lambda: Chain(half_plus), LoopSpec(step="step", injection=Injection("function", module="embed", fn=to_h_plus_e)),
+    (lambda: Chain(Drifting()), LoopSpec(step="step", init="embed",
+                                         injection=Injection("function", module="embed", fn=to_h_plus_e)),
      chained(1, "Injection.fn(model, previous end state, e)")),
     (lambda: Chain(plus), LoopSpec(step="step", init=lambda m: torch.zeros(8),
                                    injection=Injection("function", fn=to_h_plus_e)),
@@ -845,3 +857,16 @@ def test_an_exit_step_of_none_or_0_and_a_threshold_per_call_out_of_range():
                                                  threshold=lambda m, call: 1.5))
     with pytest.raises(ValueError, match=r"^LoopSpec.halting.threshold must be in \(0, 1\]"):
         record(Halts(), spec, probes=["halting"])
+
+
+@pytest.mark.parametrize("module, message", [
+    (None, "LoopSpec.init is needed with Injection('function') and no module: e is the pre-loop state (declare "
+           "init='path' or init=lambda model: tensor)"),
+    ("embed", "LoopSpec.init is needed with Injection('function'): the first iteration's input is fn(model, h_{−1}, "
+              "e), not the pre-loop state h_{−1} (declare init='path' or init=lambda model: tensor)"),
+])
+def test_a_function_injection_needs_the_pre_loop_state(module, message):
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(Chain(plus), spec=LoopSpec(step="step", injection=Injection("function", module=module,
+                                                                                          fn=to_h_plus_e))).__enter__()
+    assert str(err.value) == message
