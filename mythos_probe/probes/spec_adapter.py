@@ -765,7 +765,7 @@ class _Loop:
 
     def _readout(self, state: torch.Tensor) -> torch.Tensor:
         readout = self.spec.readout
-        if callable(readout) and not isinstance(readout, (str, tuple)):
+        if callable(readout):  # a path or a tuple of paths is not
             logits = _user("readout", readout, self.adapter.model, state)
         else:
             logits = state

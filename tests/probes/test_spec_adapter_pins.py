@@ -870,3 +870,11 @@ def test_a_function_injection_needs_the_pre_loop_state(module, message):
         mythos_probe.attach(Chain(plus), spec=LoopSpec(step="step", injection=Injection("function", module=module,
                                                                                           fn=to_h_plus_e))).__enter__()
     assert str(err.value) == message
+
+
+def test_a_readout_may_return_a_model_output_and_its_errors_name_it():
+    model = WithHead()
+    (trace,) = record(model, LoopSpec(step="step", readout=lambda m, s: (m.head(s),)), probes=["lens"])
+    assert trace.iterations == 3  # the logits found in a tuple, as in a model's output
+    assert error_of(model, LoopSpec(step="step", readout=lambda m, s: 1 / 0)) == (
+        "LoopSpec.readout raised ZeroDivisionError: division by zero")
