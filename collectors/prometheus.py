@@ -62,7 +62,7 @@ def bounded_label(value: str) -> str:
     digits of its SHA-256 (128 characters in all)."""
     if len(value) <= MAX_LABEL_CHARS:
         return value
-    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    digest = hashlib.sha256(value.encode(errors="surrogatepass")).hexdigest()[:8]
     return value[: MAX_LABEL_CHARS - 9] + "~" + digest
 
 
@@ -74,27 +74,58 @@ class LoopMetrics:
         self._reader = PrometheusMetricReader(registry=registry)
         self._provider = histograms.meter_provider(self._reader, service_name=service_name)
         meter = self._provider.get_meter("mythos_probe")
+        # The SDK lower-cases instrument names and the Prometheus exporter drops `{annotation}`
+        # units (and "1"): a change of case in a name or of a unit shows in no scrape, so those
+        # lines are not mutated (the names themselves are pinned by the scrape tests).
         self._iterations = meter.create_histogram(
-            histograms.ITERATIONS_USED, unit="{iteration}", description="loop iterations used per token")
+            histograms.ITERATIONS_USED,
+            unit="{iteration}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="loop iterations used per token")
         self._residual = meter.create_histogram(
-            histograms.RESIDUAL_AT_EXIT, unit="1", description="relative residual at the token's exit")
-        self._forwards = meter.create_counter("recurrent_depth.forwards", unit="{forward}", description="forwards recorded")
-        self._tokens = meter.create_counter("recurrent_depth.tokens", unit="{token}", description="tokens (batch × seq) recorded")
-        self._flops = meter.create_counter("recurrent_depth.flops", unit="{flop}", description="estimated FLOPs of the forwards")
+            histograms.RESIDUAL_AT_EXIT,
+            unit="1",  # pragma: no mutate (the exporter maps unit "1" to no suffix)
+            description="relative residual at the token's exit")
+        self._forwards = meter.create_counter(
+            "recurrent_depth.forwards",  # pragma: no mutate (the SDK lower-cases names)
+            unit="{forward}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="forwards recorded")
+        self._tokens = meter.create_counter(
+            "recurrent_depth.tokens",  # pragma: no mutate (the SDK lower-cases names)
+            unit="{token}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="tokens (batch × seq) recorded")
+        self._flops = meter.create_counter(
+            "recurrent_depth.flops",  # pragma: no mutate (the SDK lower-cases names)
+            unit="{flop}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="estimated FLOPs of the forwards")
         self._at_budget = meter.create_counter(
-            "recurrent_depth.tokens_at_budget", unit="{token}", description="tokens that used every iteration of the budget n_loops")
+            "recurrent_depth.tokens_at_budget",  # pragma: no mutate (the SDK lower-cases names)
+            unit="{token}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="tokens that used every iteration of the budget n_loops")
         self._diverged = meter.create_counter(
-            "recurrent_depth.diverged_forwards", unit="{forward}", description="forwards whose loop state held a NaN or Inf")
+            "recurrent_depth.diverged_forwards",  # pragma: no mutate (the SDK lower-cases names)
+            unit="{forward}",  # pragma: no mutate (the exporter drops {annotation} units)
+            description="forwards whose loop state held a NaN or Inf")
         self._watched: list[Any] = []
         for name, attribute, unit, description in (
-            ("recurrent_depth.exporter.dropped_spans", "dropped_spans", "{span}", "spans an OTLP sink dropped (queue full)"),
-            ("recurrent_depth.exporter.failed_spans", "failed_spans", "{span}", "spans the OTLP endpoint did not accept"),
-            ("recurrent_depth.receiver.rejected_requests", "rejected_requests", "{request}",
+            ("recurrent_depth.exporter.dropped_spans",  # pragma: no mutate (the SDK lower-cases names)
+             "dropped_spans",
+             "{span}",  # pragma: no mutate (the exporter drops {annotation} units)
+             "spans an OTLP sink dropped (queue full)"),
+            ("recurrent_depth.exporter.failed_spans",  # pragma: no mutate (the SDK lower-cases names)
+             "failed_spans",
+             "{span}",  # pragma: no mutate (the exporter drops {annotation} units)
+             "spans the OTLP endpoint did not accept"),
+            ("recurrent_depth.receiver.rejected_requests",  # pragma: no mutate (the SDK lower-cases names)
+             "rejected_requests",
+             "{request}",  # pragma: no mutate (the exporter drops {annotation} units)
              "OTLP requests the receiver answered with an error"),
         ):
-            meter.create_observable_counter(name, callbacks=[self._observe(attribute)], unit=unit, description=description)
+            meter.create_observable_counter(
+                name, callbacks=[self._observe(attribute)], description=description,
+                unit=unit)  # pragma: no mutate (the exporter drops {annotation} units)
         self.max_label_sets = max_label_sets
         self._label_sets: set[tuple[str, ...]] = set()
+        self._overflowed = 0  # forwards counted as "other"
         self._lock = threading.Lock()
         self._server, self._thread = start_http_server(port, addr="127.0.0.1", registry=registry)
 
@@ -112,7 +143,7 @@ class LoopMetrics:
             with self._lock:
                 sources = [s for s in self._watched if hasattr(s, attribute)]
             if sources:  # one series per process: a counter that exists only where it is kept
-                yield Observation(sum(getattr(s, attribute) for s in sources), {})
+                yield Observation(sum(getattr(s, attribute) for s in sources))  # no attributes
 
         return callback
 
@@ -140,9 +171,9 @@ class LoopMetrics:
             if len(self._label_sets) < self.max_label_sets:
                 self._label_sets.add(key)
                 return labels
-            if len(self._label_sets) == self.max_label_sets:
+            self._overflowed += 1
+            if self._overflowed == 1:
                 logger.warning("more than %d label combinations; further ones are counted as 'other'", self.max_label_sets)
-                self._label_sets.add(tuple(OTHER.values()))
         return OTHER
 
     def record(self, traces: Iterable[LoopTrace]) -> None:
@@ -152,13 +183,13 @@ class LoopMetrics:
             self._forwards.add(1, labels)
             self._tokens.add(tokens, labels)
             flops = trace.forward_metrics.get("flops", 0.0)
-            self._flops.add(flops if np.isfinite(flops) and flops > 0 else 0.0, labels)
+            self._flops.add(max(flops, 0.0) if np.isfinite(flops) else 0.0, labels)
             if trace.position_iterations is not None:
                 used = trace.position_iterations.ravel().tolist()
             else:
                 used = [trace.iterations] * tokens
             self._at_budget.add(int((np.asarray(used) >= trace.n_loops).sum()), labels)
-            diverged_at = trace.forward_metrics.get("diverged_at", -1.0)
+            diverged_at = trace.forward_metrics.get("diverged_at", np.nan)  # absent: not diverged
             self._diverged.add(1 if np.isfinite(diverged_at) and diverged_at >= 0 else 0, labels)
             for value in used:  # the OTel API takes one value per call
                 self._iterations.record(value, labels)

@@ -31,7 +31,7 @@ What enters an iteration (read at its start, `state_in` names the argument):
   another path (Inkling-2-Loop's messages);
 - `Injection("function", fn=lambda model, h, e: …)`: the start is neither a sum nor a concatenation;
   `fn` builds it from h_{t−1} and e (the module's latest output, else the pre-loop state). Dory:
-  `norm(h_{t−1}) + norm(h_{−1})`.
+  `norm(h_{t−1}) + norm(h_{−1})`. `init` is needed: the first input is fn(h_{−1}, e), not h_{−1}.
 
 Halting: `Halting(head, output="probability"|"logit", rule=…)` with the rule the model applies
 (its `threshold` a number, or `(model, call) → number` where a per-call option overrides it; `call`

@@ -149,6 +149,10 @@ class _Loop:
         if self.mode == "function" and inj.module is None and spec.init is None:
             raise ValueError("LoopSpec.init is needed with Injection('function') and no module: e is the pre-loop "
                              "state (declare init='path' or init=lambda model: tensor)")
+        if self.mode == "function" and spec.init is None:  # read from the first input, h_{−1} would be fn(h_{−1}, e)
+            raise ValueError("LoopSpec.init is needed with Injection('function'): the first iteration's input is "
+                             "fn(model, h_{−1}, e), not the pre-loop state h_{−1} (declare init='path' or "
+                             "init=lambda model: tensor)")
         self.heads = {}
         if spec.halting is not None:
             self.heads["halt"] = (resolve(model, spec.halting.head, "halting.head"), "halting.head")
@@ -538,6 +542,7 @@ class _Loop:
 
     def _drop_jacobian(self, message: str) -> None:
         self.no_jacobian = message
+        self.warned.add("jacobian")  # said here: the next forwards' jacobian_possible() need not repeat it
         if self.ctx is not None:
             self.ctx.step_fn = None
         warnings.warn(message, stacklevel=4)
@@ -548,7 +553,7 @@ class _Loop:
             return
         self.warned.add("stray")
         names = []
-        frame = sys._getframe(1)
+        frame = sys._getframe(1)  # pragma: no mutate (frames 1 and 2, on_start and its hook, are not the model's)
         while frame is not None:
             if frame.f_locals.get("self") is self.adapter.model and frame.f_code.co_name not in names:
                 names.append(frame.f_code.co_name)
@@ -760,13 +765,16 @@ class _Loop:
 
     def _readout(self, state: torch.Tensor) -> torch.Tensor:
         readout = self.spec.readout
-        if callable(readout) and not isinstance(readout, (str, tuple)):
+        if callable(readout):  # a path or a tuple of paths is not
             logits = _user("readout", readout, self.adapter.model, state)
         else:
             logits = state
             for module in self.readout_modules:
                 logits = _user("readout", module, logits)
-        logits = logits_of(logits)
+        try:
+            logits = logits_of(logits)
+        except (IndexError, KeyError, AttributeError, TypeError):
+            pass  # not logits (None, say): named below
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise ValueError(f"LoopSpec.readout of loop {self.spec.name!r} gives "
                              f"{type(logits).__name__}{'' if not isinstance(logits, torch.Tensor) else tuple(logits.shape)}; "

@@ -79,15 +79,18 @@ def test_every_series_against_the_traces():
 
 def test_the_bound_warns_once_and_counts_the_rest_as_other(caplog):
     base = make_trace(1, detail="summary")
-    sent = [dataclasses.replace(base, attributes={"endpoint": f"/e{i}"}) for i in range(5)]
+    sent = [dataclasses.replace(base, attributes={"endpoint": f"/e{i}"}) for i in range(6)]
     with caplog.at_level(logging.WARNING, logger="mythos_probe.collectors.prometheus"):
         with LoopMetrics(port=0, max_label_sets=3) as m:
-            m.record(sent + sent[:1])
+            m.record(sent[:4])  # the first combination past the bound warns
+            first = [r.getMessage() for r in caplog.records if "label combinations" in r.getMessage()]
+            m.record(sent[4:] + sent[:1])  # the second and third do not
             _, s = scrape(m)
+    assert first == ["more than 3 label combinations; further ones are counted as 'other'"]
     warned = [r for r in caplog.records if "label combinations" in r.getMessage()]
-    assert len(warned) == 1 and "more than 3 label combinations" in warned[0].getMessage()
+    assert len(warned) == 1
     got = {x.labels["endpoint"]: x.value for x in s["recurrent_depth_forwards"] if x.name.endswith("_total")}
-    assert got == {"/e0": 2, "/e1": 1, "/e2": 1, "other": 2}
+    assert got == {"/e0": 2, "/e1": 1, "/e2": 1, "other": 3}
     other = [x.labels for x in s["recurrent_depth_forwards"] if x.labels["endpoint"] == "other"][0]
     assert {k: other[k] for k in P.LABELS} == P.OTHER
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import types
 import urllib.request
 
@@ -107,7 +108,7 @@ def test_bounded_label_edges():
     assert P.bounded_label(odd) == "\ud800" * 119 + "~" + digest
 
 
-@pytest.mark.parametrize("flops, added", [(0.0, 0.0), (2.5, 2.5), (-1.0, 0.0)])
+@pytest.mark.parametrize("flops, added", [(0.0, 0.0), (0.5, 0.5), (2.5, 2.5), (-1.0, 0.0), (-0.0, 0.0)])
 def test_flops_counter_adds_only_positive_finite_values(flops, added):
     t = dataclasses.replace(make_trace(6, detail="summary"), forward_metrics={"flops": flops})
     with LoopMetrics(port=0) as m:
@@ -116,13 +117,58 @@ def test_flops_counter_adds_only_positive_finite_values(flops, added):
     assert total(families, "recurrent_depth_flops") == added
 
 
-def test_every_label_of_a_series_written_out():
+def test_every_label_of_every_series_written_out():
     t = dataclasses.replace(make_trace(8, detail="summary"), attributes={"endpoint": "/e"}, rank=3, world_size=4,
                             kind="shadow", loop_name="think", exit_policy="kl", model_id="m")
     with LoopMetrics(port=0) as m:
         m.record([t])
         _, families = scrape(m)
-    (sample,) = [s for s in families["recurrent_depth_forwards"].samples if s.name.endswith("_total")]
-    labels = {k: v for k, v in sample.labels.items() if not k.startswith("otel_scope")}
-    assert labels == {"model": "m", "endpoint": "/e", "exit_policy": "kl", "loop_name": "think", "kind": "shadow",
-                      "rank": "3"}
+    want = {"model": "m", "endpoint": "/e", "exit_policy": "kl", "loop_name": "think", "kind": "shadow", "rank": "3"}
+    for name in ("recurrent_depth_forwards", "recurrent_depth_tokens", "recurrent_depth_flops",
+                 "recurrent_depth_tokens_at_budget", "recurrent_depth_diverged_forwards",
+                 "recurrent_depth_iterations_used", "recurrent_depth_residual_at_exit"):
+        samples = families[name].samples
+        assert samples, name
+        for s in samples:
+            labels = {k: v for k, v in s.labels.items() if not k.startswith("otel_scope") and k != "le"}
+            assert labels == want, (name, s)
+
+
+def test_the_default_bound_is_200_label_sets():
+    base = make_trace(9, batch=1, seq_len=1, detail="summary")
+    with LoopMetrics(port=0) as m:  # max_label_sets left at its default
+        m.record([dataclasses.replace(base, attributes={"endpoint": f"/e{i}"}) for i in range(201)])
+        with urllib.request.urlopen(m.url, timeout=60) as resp:
+            lines = [ln for ln in resp.read().decode().splitlines() if ln.startswith(
+                ("recurrent_depth_forwards", "# HELP recurrent_depth_forwards ", "# TYPE recurrent_depth_forwards "))]
+    # only the forwards counter's lines are parsed: the 2 × 201 histograms make a slow full parse
+    got = {s.labels["endpoint"]: s.value for f in text_string_to_metric_families("\n".join(lines) + "\n")
+           for s in f.samples if s.name == "recurrent_depth_forwards_total"}
+    assert got == {**{f"/e{i}": 1.0 for i in range(200)}, "other": 1.0}
+
+
+def test_served_on_loopback_only_with_the_service_name_given():
+    with LoopMetrics(port=0, service_name="probe-svc") as m:
+        assert m._server.server_address[0] == "127.0.0.1"  # never on every interface
+        m.record([make_trace(10, detail="summary")])  # target_info comes with the first series
+        text, _ = scrape(m)
+    assert 'service_name="probe-svc"' in text and 'service_name="mythos-probe"' not in text
+
+
+@pytest.mark.parametrize("diverged_at, counted", [(-1.0, 0), (0.0, 1), (2.0, 1), (float("nan"), 0), (float("inf"), 0)])
+def test_a_forward_counts_as_diverged_at_a_finite_iteration_only(diverged_at, counted):
+    t = dataclasses.replace(make_trace(11, detail="summary"), forward_metrics={"diverged_at": diverged_at})
+    with LoopMetrics(port=0) as m:
+        m.record([t])
+        _, families = scrape(m)
+    assert total(families, "recurrent_depth_diverged_forwards") == counted
+
+
+def test_non_finite_flops_add_zero_without_the_sdks_warning_per_forward(caplog):
+    traces = [dataclasses.replace(make_trace(12, detail="summary"), forward_metrics={"flops": v})
+              for v in (float("inf"), float("nan"), 3.0)]
+    with caplog.at_level(logging.WARNING), LoopMetrics(port=0) as m:
+        m.record(traces)
+        _, families = scrape(m)
+    assert total(families, "recurrent_depth_flops") == 3.0
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("opentelemetry")] == []
