@@ -13,10 +13,17 @@ import torch
 # imported at collection so that a mutation run's fork server holds the model package (and every
 # forked test skips its import); the same import the cost tests need anyway
 from mythos_probe.model.config import LoopedConfig
+from mythos_probe.model.variants import count_parameters
 from mythos_probe.probes import reductions
 from mythos_probe.probes.adapters import ForwardContext, IterationTensors
 from mythos_probe.probes.reductions import ForwardReducer, _Forward
 from tests.probes.test_reducer_direct import B, D, I, T, V, X, lens_fn, n
+
+# Done once at collection for the same reason: the cost model's parameter count (it builds the
+# model on the meta device, ~4 s, cached per config) and torch.func's first JVP (the jacobian
+# probe's), which every forked mutant would otherwise pay again in each test that reaches them.
+count_parameters(LoopedConfig.variant("tiny-gqa"))
+torch.func.jvp(lambda v: 2 * v, (torch.ones(2),), (torch.ones(2),))
 
 
 def log_softmax(z):

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 # the model package and what `verify` imports, imported at collection: a mutation run's fork
 # server then holds them, and test_whatif.py's verify refusals skip that import in every fork
@@ -18,6 +19,11 @@ import mythos_probe.executed_flops  # noqa: F401
 import mythos_probe.model  # noqa: F401
 from mythos_probe import whatif
 from tests.probes.test_whatif import hand_trace, make_trace, table_of
+
+# ... and the first counted operation (~3 s: torch's dispatch-mode machinery loads then), which
+# every forked verify test would otherwise pay again
+with mythos_probe.executed_flops.ExecutedFlops():
+    torch.ones(2, 2) @ torch.ones(2, 2)
 
 NAN = math.nan
 
