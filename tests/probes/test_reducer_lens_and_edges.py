@@ -202,3 +202,48 @@ def test_the_request_map_is_cleared_only_past_4096_requests():
     assert len(red.requests) == 4097  # 4096 is not past the limit: kept, the new one added
     forward(2)
     assert list(red.requests) == [2]  # 4097 is: cleared before the new one
+
+
+def test_a_forward_on_another_device_is_packed_on_that_device():
+    """Every tensor `end` builds (iterations used, exit counts, the packed buffer) lives on the
+    states' device; on the "meta" device no default placement can pass for it."""
+    meta = torch.device("meta")
+    out = []
+    red = ForwardReducer(("convergence", "spectral"), "positions", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t].to(meta), state_out=X["h"][t + 1].to(meta)))
+    red.end(None)
+    (pending,) = out
+    assert pending.packed.device == meta
+    assert pending.layout == [
+        ("iteration", ("rel_residual", "cos_step", "state_norm", "growth_ratio", "step_orthogonality",
+                       "token_correlation", "nonfinite_fraction", "dist_to_final", "exit_count"), (9, I)),
+        ("position", ("rel_residual",), (I, B, T)), ("position", ("cos_step",), (I, B, T)),
+        ("position", ("state_norm",), (I, B, T)), ("used", ("used",), (B, T)),
+        ("forward", ("mean_iterations", "reached_last_share"), (2,))]
+
+
+def test_a_forward_without_iterations_warns_with_the_whole_fix_at_the_callers_line():
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    with pytest.warns(UserWarning) as caught:
+        red.end(None)
+    (warning,) = caught
+    assert str(warning.message) == (
+        "mythos_probe: a recorded forward ran no loop iteration the probes could see, so it has no trace. If the "
+        "looped block is compiled (torch.compile), record with the eager module; with a LoopSpec, check that `step` "
+        "names the submodule called every iteration.")
+    assert warning.filename == __file__  # stacklevel: the line that ended the forward, not reductions.py
+    assert out == []
+
+
+def test_rows_sharing_their_names_are_one_stacked_table():
+    """The common case (every iteration has the same metrics) is one stack: the columns are views
+    of one (I, S) table, not a stack per name."""
+    rows = [(("a", "b", "c"), torch.tensor([1.0, 2.0, 3.0])), (("a", "b", "c"), torch.tensor([4.0, 5.0, 6.0]))]
+    got = reductions._columns(rows)
+    assert {k: v.tolist() for k, v in got.items()} == {"a": [1.0, 4.0], "b": [2.0, 5.0], "c": [3.0, 6.0]}
+    storage = {v.untyped_storage().data_ptr() for v in got.values()}
+    assert len(storage) == 1 and got["b"].storage_offset() == 1

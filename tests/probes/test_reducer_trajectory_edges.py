@@ -89,3 +89,31 @@ def test_a_loop_that_ends_before_n_loops_is_reduced_when_the_forward_ends():
     sign = 1.0 if got[0, 0, :, 0] @ want[:, 0] >= 0 else -1.0
     np.testing.assert_allclose(got[0, 0, :, 0], sign * want[:, 0], atol=2e-5 * np.abs(want).max())
     np.testing.assert_array_equal(tr.position_metrics["traj_fixed"][0, 2], numpy_fixed(H, 0, 2))
+
+
+def test_bfloat16_rounding_of_a_straight_path_is_no_second_direction():
+    """States held in bfloat16 (the model's dtype, not float32) are known to 2⁻⁸ of their size: a
+    straight slide, once rounded, wobbles off its line by that much, and the probe must read the
+    wobble as rounding (one direction, share 1) by the bfloat16 floor. The fixture shows the
+    property: the wobble's singular value is far above float32's floor and below bfloat16's."""
+    g = torch.Generator().manual_seed(3)
+    c, v = 10 * torch.randn(8, generator=g), torch.randn(8, generator=g)
+    n = 6
+    h = torch.stack([c + t * v for t in range(n + 1)])[:, None, None].to(torch.bfloat16)  # (I + 1, 1, 1, D)
+    out = []
+    red = ForwardReducer(("trajectory",), "positions", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=torch.zeros(1, 1, dtype=torch.long), n_loops=n, exit_policy="fixed", cfg=None))
+    for i in range(n):
+        red.iteration(IterationTensors(state_in=h[i], state_out=h[i + 1]))
+    red.end(None)
+    tr = out[0].materialize()
+    x = h[1:, 0, 0].double().numpy()
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
+    frobenius = np.linalg.norm(x)
+    assert 4 * 2**-24 * frobenius < s[1] <= 4 * 2**-8 * frobenius  # rounding, by bfloat16's measure only
+    assert tr.position_metrics["traj_pc1_share"][0, 0].tolist() == [1.0] * n
+    for j in (2, 3):
+        assert (tr.position_metrics[f"traj_pc{j}"][0, 0] == 0).all()
+        assert (tr.position_metrics[f"traj_pc{j}_share"][0, 0] == 0).all()
+    want, _ = numpy_pca(x)
+    np.testing.assert_allclose(np.abs(tr.position_metrics["traj_pc1"][0, 0]), np.abs(want[:, 0]), rtol=1e-3)
