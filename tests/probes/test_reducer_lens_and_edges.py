@@ -247,3 +247,32 @@ def test_rows_sharing_their_names_are_one_stacked_table():
     assert {k: v.tolist() for k, v in got.items()} == {"a": [1.0, 4.0], "b": [2.0, 5.0], "c": [3.0, 6.0]}
     storage = {v.untyped_storage().data_ptr() for v in got.values()}
     assert len(storage) == 1 and got["b"].storage_offset() == 1
+
+
+def test_iterations_used_that_the_adapter_knows_override_the_halting_bookkeeping():
+    """A model that reports its own per-position depths (its exits, Ouro's or HRM's per-token
+    counts) gives `used` to `end`, as float or int, on its own device: that, not the halting masks,
+    is each position's iteration count, and the counts and shares are of it."""
+    from tests.probes.test_reducer_direct import used_of
+
+    depths = torch.randint(1, I + 1, (B, T), generator=torch.Generator().manual_seed(8))
+    want = depths.numpy()
+    assert not np.array_equal(want, used_of(X)) and (want == I).any() and (want < I).any()
+    out = []
+    red = ForwardReducer(("halting",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t]))
+    red.end(None, used=depths.float())  # a float count: kept as integers
+    tr = out[0].materialize()
+    np.testing.assert_array_equal(tr.position_iterations, want)
+    np.testing.assert_array_equal(tr.iteration_metrics["exit_count"], np.bincount(want.ravel() - 1, minlength=I))
+    assert tr.forward_metrics["mean_iterations"] == pytest.approx(want.mean())
+    assert tr.forward_metrics["reached_last_share"] == pytest.approx((want == I).mean())
+    # on another device than the states: moved to theirs (the meta device: no default placement passes)
+    meta = torch.device("meta")
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t].to(meta), state_out=X["h"][t + 1].to(meta)))
+    red.end(None, used=depths)
+    assert out[1].packed.device == meta and ("used", ("used",), (B, T)) in out[1].layout
