@@ -236,7 +236,7 @@ def exits(traces: Sequence[LoopTrace], criterion: str, threshold: float) -> pd.D
     pos = _Positions(traces)
     if criterion not in pos.available:
         raise ValueError(f"criterion {criterion!r} is not available in these traces; available: {pos.available}")
-    exit_at = pos.exits(criterion, np.array([threshold], dtype=np.float64))
+    exit_at = pos.exits(criterion, np.array([float(threshold)]))
     return pos.keys.assign(
         exit_iteration=exit_at[0], iterations_used=exit_at[0] + 1, iterations_run=pos.n,
         agrees=pos.agreement(exit_at)[0] == 1.0,

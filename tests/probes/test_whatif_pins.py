@@ -221,3 +221,19 @@ def test_pareto_figure_labels():
     assert [t.name for t in none.data] == ["kl", "act", "Pareto front"] and not none.layout.shapes
     unmet = whatif.pareto_figure(table, min_agreement=1.5)  # nothing qualifies: no star, no error
     assert [t.name for t in unmet.data] == ["kl", "act", "Pareto front"]
+
+
+def test_a_threshold_given_as_text_exits_as_its_number_and_the_served_warning_names_the_callers_line():
+    """`exits` takes a threshold as a dashboard or command line hands it over (text) as well as a
+    number; the warning that no full-depth forward was given points at the caller's line, for
+    `evaluate` and `exits` alike (stacklevel)."""
+    tr = hand_trace()
+    for criterion, threshold in (("kl", "0.01"), ("argmax_stable", "1"), ("act", "0.9")):
+        pd.testing.assert_frame_equal(whatif.exits([tr], criterion, threshold),
+                                      whatif.exits([tr], criterion, float(threshold)))
+    assert whatif.exits([tr], "kl", "0.01")["iterations_used"].tolist() == [4, 2]
+    served = make_trace(tr.position_metrics, exit_policy="act")
+    for call in (lambda: whatif.evaluate([served]), lambda: whatif.exits([served], "kl", 0.01)):
+        with pytest.warns(UserWarning) as caught:
+            call()
+        assert [(str(w.message), w.filename) for w in caught] == [(whatif.NO_FULL_DEPTH, __file__)]
