@@ -336,7 +336,7 @@ def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
         raise ValueError("the what-if table is empty: no criterion could be evaluated")
     saved, title = _axis(table)
     fig = go.Figure()
-    for criterion, rows in table.groupby("criterion", sort=False):
+    for criterion, rows in table.groupby("criterion", sort=False):  # pragma: no mutate (pandas reads sort=None as False)
         fig.add_trace(go.Scatter(
             x=rows[saved], y=rows["agreement"], mode="markers", name=criterion,
             customdata=rows[["threshold", "mean_iterations"]].to_numpy(),
