@@ -237,3 +237,26 @@ def test_a_threshold_given_as_text_exits_as_its_number_and_the_served_warning_na
         with pytest.warns(UserWarning) as caught:
             call()
         assert [(str(w.message), w.filename) for w in caught] == [(whatif.NO_FULL_DEPTH, __file__)]
+
+
+def test_pareto_figure_points_are_the_tables_rows_and_its_front():
+    """Every plotted coordinate against the table: each criterion's markers at (saving, agreement)
+    of its rows, the front's line through `pareto_front`'s rows, the star on the recommended row
+    (FLOPs known on every row here, so the x axis is flops_saved, not iterations_saved)."""
+    table = table_of([
+        ("kl", 0.1, 1.0, 0.75, 0.90, 10),
+        ("act", 0.5, 2.0, 0.50, 0.80, 10),  # dominated by the kl row below
+        ("kl", 0.01, 2.0, 0.50, 0.99, 10),
+        ("act", 0.9, 3.0, 0.25, 1.00, 10),
+    ], flops_saved=[0.30, 0.10, 0.20, 0.05], lens_cost=[0.1, 0.0, 0.1, 0.0])
+    fig = whatif.pareto_figure(table, min_agreement=0.95)
+    kl, act, front, star = fig.data
+    assert (list(kl.x), list(kl.y)) == ([0.30, 0.20], [0.90, 0.99])
+    assert (list(act.x), list(act.y)) == ([0.10, 0.05], [0.80, 1.00])
+    assert [list(c) for c in act.customdata] == [[0.5, 2.0], [0.9, 3.0]]
+    want = whatif.pareto_front(table)
+    assert list(want["flops_saved"]) == [0.05, 0.20, 0.30]
+    assert (list(front.x), list(front.y)) == (list(want["flops_saved"]), list(want["agreement"]))
+    assert (list(star.x), list(star.y), star.mode) == ([0.20], [0.99], "markers")
+    assert (star.marker.line.color, star.marker.line.width) == ("black", 1)
+    assert star.name == "recommended: kl τ=0.01"
