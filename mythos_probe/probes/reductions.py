@@ -402,7 +402,7 @@ class ForwardReducer:
         elif f.halt_iter is not None:
             used = halting.iterations_used(f.halt_iter, I)
         else:
-            used = torch.full((B, T), I, device=device)  # an int fill: int64 counts
+            used = torch.full((B, T), I, dtype=torch.long, device=device)
         iteration["exit_count"] = torch.zeros(I, device=used.device).index_add_(
             0, (used - 1).reshape(-1), torch.ones(used.numel(), device=used.device))
         forward["mean_iterations"] = used.float().mean()
