@@ -185,6 +185,13 @@ def test_counts_come_back_as_integers():
         red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], halted=X["halted"][t],
                                        router_logits=X["logits"][t], topk_idx=X["topk"][t]))
     red.end(None)
+    # the packed buffer's layout: (kind, names, shape) per entry, in packing order
+    E = X["logits"][0].shape[-1]
+    assert out[0].layout == [
+        ("iteration", ("routing_entropy", "bias_changed_share", "topk_overlap", "expert_max_vio", "expert_cv",
+                       "expert_load_entropy", "expert_dead", "expert_active_ratio", "exit_count"), (9, I)),
+        ("expert_load", ("expert_load",), (I, E)), ("used", ("used",), (B, T)),
+        ("forward", ("mean_iterations", "reached_last_share", "halted_first_share"), (3,))]
     tr = out[0].materialize()
     assert tr.expert_load.dtype == np.int64 and tr.position_iterations.dtype == np.int64
     assert tr.iteration_metrics["topk_overlap"].dtype == np.float64
