@@ -400,3 +400,25 @@ def test_bfloat16_rounding_of_a_straight_path_is_no_second_direction():
         assert (tr.position_metrics[f"traj_pc{j}_share"][0, 0] == 0).all()
     want, _ = traj.numpy_pca(x)
     np.testing.assert_allclose(np.abs(tr.position_metrics["traj_pc1"][0, 0]), np.abs(want[:, 0]), rtol=1e-3)
+
+
+def test_per_row_budgets_are_recorded_row_by_row():
+    """A forward run with one `LoopBudget` per row records each row's limits and reason, in row
+    order (the rows' values all differ, so a swapped or dropped field shows); none: no budget fields."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    budgets = (LoopBudget(max_loops=4, min_loops=2, exit_threshold=0.01, reason="paid"),
+               LoopBudget(max_loops=3, min_loops=1, exit_threshold=0.5, reason="free tier"))
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    for ctx_budgets in (budgets, None):
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=4, exit_policy="kl", cfg=None, budgets=ctx_budgets))
+        for t in range(3):
+            red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1]))
+        red.end(None)
+    with_budgets, without = (p.materialize() for p in out)
+    assert with_budgets.row_max_loops.tolist() == [4, 3] and with_budgets.row_min_loops.tolist() == [2, 1]
+    assert with_budgets.row_exit_threshold.tolist() == [0.01, 0.5]
+    assert with_budgets.row_budget_reason == ("paid", "free tier")
+    assert (without.row_max_loops, without.row_min_loops, without.row_exit_threshold,
+            without.row_budget_reason) == (None, None, None, None)
