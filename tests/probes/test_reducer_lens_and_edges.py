@@ -223,6 +223,10 @@ def test_a_forward_on_another_device_is_packed_on_that_device():
     red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
     for t in range(I):
         red.iteration(IterationTensors(state_in=X["h"][t].to(meta), state_out=X["h"][t + 1].to(meta)))
+        # what the first iteration builds once per forward: there too (a CPU index or NaN would
+        # pass through most ops, and cost a copy per iteration on a GPU)
+        f = red.fwd
+        assert (f.nan.device, f.corr_index.device, f.dist_index.device) == (meta, meta, meta)
     red.end(None)
     (pending,) = out
     assert pending.packed.device == meta
@@ -422,3 +426,23 @@ def test_per_row_budgets_are_recorded_row_by_row():
     assert with_budgets.row_budget_reason == ("paid", "free tier")
     assert (without.row_max_loops, without.row_min_loops, without.row_exit_threshold,
             without.row_budget_reason) == (None, None, None, None)
+
+
+def test_a_trajectory_longer_than_n_loops_is_not_packed_and_the_record_refuses_it():
+    """A loop that ran past its n_loops (6 of 4): the trajectory reduced at the 4th iteration does
+    not describe the forward, so the pending trace carries neither its Gram matrices nor its fixed
+    points, and the record refuses the forward naming both counts."""
+    from mythos_probe.records import InvalidRecord
+
+    out = []
+    red = ForwardReducer(("trajectory",), "positions", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=torch.zeros(traj.B, traj.T, dtype=torch.long), n_loops=4,
+                             exit_policy="fixed", cfg=None))
+    states = torch.tensor(traj.H, dtype=torch.float32)
+    for i in range(6):
+        red.iteration(IterationTensors(state_in=states[i], state_out=states[i + 1]))
+    red.end(None)
+    (pending,) = out
+    assert pending.trajectory is None and [kind for kind, _, _ in pending.layout] == ["iteration", "used", "forward"]
+    with pytest.raises(InvalidRecord, match=r"iterations = 6 is more than n_loops = 4"):
+        pending.materialize()
