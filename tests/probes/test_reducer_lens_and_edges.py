@@ -219,14 +219,16 @@ def test_a_forward_on_another_device_is_packed_on_that_device():
     states' device; on the "meta" device no default placement can pass for it."""
     meta = torch.device("meta")
     out = []
-    red = ForwardReducer(("convergence", "spectral"), "positions", "last", 1, out.append, {}, "r", "m", lambda: None)
+    # "lens" without a lens to read: its index is built, nothing else of it runs
+    red = ForwardReducer(("convergence", "spectral", "lens"), "positions", "all", 1, out.append, {}, "r", "m",
+                         lambda: None)
     red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
     for t in range(I):
         red.iteration(IterationTensors(state_in=X["h"][t].to(meta), state_out=X["h"][t + 1].to(meta)))
         # what the first iteration builds once per forward: there too (a CPU index or NaN would
         # pass through most ops, and cost a copy per iteration on a GPU)
         f = red.fwd
-        assert (f.nan.device, f.corr_index.device, f.dist_index.device) == (meta, meta, meta)
+        assert {f.nan.device, f.corr_index.device, f.dist_index.device, f.lens_index.device} == {meta}
     red.end(None)
     (pending,) = out
     assert pending.packed.device == meta
@@ -446,3 +448,25 @@ def test_a_trajectory_longer_than_n_loops_is_not_packed_and_the_record_refuses_i
     assert pending.trajectory is None and [kind for kind, _, _ in pending.layout] == ["iteration", "used", "forward"]
     with pytest.raises(InvalidRecord, match=r"iterations = 6 is more than n_loops = 4"):
         pending.materialize()
+
+
+def test_the_injection_norm_needs_the_spectral_probe_b_and_e():
+    """mean ‖B⊙e‖ is recorded with the spectral probe when the adapter gave both B and e; B
+    without e (a model whose e the adapter did not see) records none rather than failing, and
+    without the spectral probe there is none either."""
+    def forward(probes, e, Bv):
+        out = []
+        red = ForwardReducer(probes, "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None, injection_B=Bv))
+        if e is not None:
+            red.encoded(e)
+        for t in range(I):
+            red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1]))
+        red.end(None)
+        return out[0].materialize().iteration_metrics
+
+    want = np.linalg.norm(n(X["Bv"]) * n(X["e"]), axis=-1).mean()
+    np.testing.assert_allclose(forward(("spectral",), X["e"], X["Bv"])["norm_inject"], np.full(I, want), rtol=1e-5)
+    assert "norm_inject" not in forward(("spectral",), None, X["Bv"])
+    assert "norm_inject" not in forward(("spectral",), X["e"], None)
+    assert "norm_inject" not in forward(("convergence",), X["e"], X["Bv"])
