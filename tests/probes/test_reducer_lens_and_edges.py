@@ -470,3 +470,48 @@ def test_the_injection_norm_needs_the_spectral_probe_b_and_e():
     assert "norm_inject" not in forward(("spectral",), None, X["Bv"])
     assert "norm_inject" not in forward(("spectral",), X["e"], None)
     assert "norm_inject" not in forward(("convergence",), X["e"], X["Bv"])
+
+
+def test_the_norm_of_the_state_entering_an_iteration_is_the_last_iterations(monkeypatch):
+    """The state entering iteration t is the one that left t − 1: its norm is reused, each state
+    normed once per forward (a state-sized reduction saved per iteration); a state the model
+    changed in between (another tensor) is normed again, and the metrics stay exact."""
+    normed = []
+    real = torch.linalg.vector_norm
+
+    def spy(x, *args, **kwargs):
+        normed.append(x.data_ptr())
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "vector_norm", spy)
+    states = torch.stack(X["h"])  # (I + 1, B, T, D): state_in at t is state_out of t − 1, the same memory
+    out = []
+    red = ForwardReducer(("convergence", "spectral"), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=states[t], state_out=states[t + 1]))
+    red.end(None)
+    assert [normed.count(states[t].data_ptr()) for t in range(I + 1)] == [1] * (I + 1)
+    # a state changed between iterations: a copy, so its own norm (growth_ratio = ‖h_t‖ / ‖h_{t−1}‖)
+    normed.clear()
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=states[t] * 2 if t else states[t], state_out=states[t + 1]))
+    red.end(None)
+    h = n(states)
+    nh = np.linalg.norm(h, axis=-1)
+    entering = np.concatenate([nh[:1], 2 * nh[1:-1]])
+    np.testing.assert_allclose(out[1].materialize().iteration_metrics["growth_ratio"],
+                               (nh[1:] / entering).mean((1, 2)), rtol=1e-5)
+
+
+def test_begin_says_which_forwards_are_sampled():
+    """sample_every=3: forwards 0, 3, 6 are recorded; `begin` says so (the adapter skips its hooks'
+    work on the others) and opens a forward only for those."""
+    red = ForwardReducer(("convergence",), "summary", "last", 3, lambda p: None, {}, "r", "m", lambda: None)
+    opened = []
+    for _ in range(7):
+        opened.append(red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None)))
+        assert (red.fwd is not None) == opened[-1]
+        red.abort()
+    assert opened == [True, False, False, True, False, False, True] and red.forwards_seen == 7
