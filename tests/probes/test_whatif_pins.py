@@ -260,3 +260,13 @@ def test_pareto_figure_points_are_the_tables_rows_and_its_front():
     assert (list(star.x), list(star.y), star.mode) == ([0.20], [0.99], "markers")
     assert (star.marker.line.color, star.marker.line.width) == ("black", 1)
     assert star.name == "recommended: kl τ=0.01"
+
+
+def test_pareto_front_drops_the_lower_agreement_of_two_rows_that_save_the_same():
+    table = table_of([
+        ("kl", 0.1, 2.0, 0.50, 0.80, 10),  # saves as much as act 0.9, agrees less: dominated
+        ("act", 0.9, 2.0, 0.50, 0.90, 10),
+        ("rel_residual", 0.1, 3.0, 0.25, 1.00, 10),
+    ])
+    front = whatif.pareto_front(table)
+    assert list(zip(front["criterion"], front["agreement"])) == [("rel_residual", 1.00), ("act", 0.90)]
