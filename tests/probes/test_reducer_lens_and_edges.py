@@ -515,3 +515,56 @@ def test_begin_says_which_forwards_are_sampled():
         assert (red.fwd is not None) == opened[-1]
         red.abort()
     assert opened == [True, False, False, True, False, False, True] and red.forwards_seen == 7
+
+
+def test_an_injection_that_changes_per_iteration_is_normed_per_iteration():
+    """A LoopSpec's e may change between iterations (HRM's z_H between L cycles): the adapter gives
+    it per iteration, norm_inject is then mean ‖e_t‖ of that iteration, and the jacobian probe's
+    step takes that e (its first row), not the prelude's."""
+    g = torch.Generator().manual_seed(12)
+    injections = [(t + 1) * torch.randn(B, T, D, generator=g) for t in range(I)]
+    seen = []
+
+    def step_fn(e, t):
+        seen.append((t, e))
+        return lambda h: h + e
+
+    out = []
+    red = ForwardReducer(("spectral", "jacobian"), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None, step_fn=step_fn))
+    red.encoded(X["e"])  # the prelude's e, which the per-iteration one replaces
+    for t in range(I):
+        red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], injection=injections[t].double()))
+    red.end(None)
+    metrics = out[0].materialize().iteration_metrics
+    want = [np.linalg.norm(n(e), axis=-1).mean() for e in injections]
+    assert len(set(np.round(want, 3))) == I  # the fixture's e differs per iteration
+    np.testing.assert_allclose(metrics["norm_inject"], want, rtol=1e-6)
+    assert [t for t, _ in seen] == list(range(I))
+    for (t, e), inj in zip(seen, injections):
+        assert torch.equal(e, inj.double()[:1])
+    np.testing.assert_allclose(metrics["jacobian_sigma_max"], np.ones(I), rtol=1e-4)  # ∂(h + e)/∂h = 1
+
+
+def test_the_trajectory_probe_reuses_the_convergence_step(monkeypatch):
+    """With the convergence probe on, the trajectory's relative steps are its rel_residual (no
+    second ‖h_t − h_{t−1}‖ of the state); alone, the probe computes them itself."""
+    calls = []
+    real = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def norms(probes):
+        calls.clear()
+        out = []
+        red = ForwardReducer(probes, "positions", "last", 1, out.append, {}, "r", "m", lambda: None)
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+        for t in range(I):
+            red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1]))
+        red.end(None)
+        return len(calls), out[0].materialize()
+
+    convergence_only, _ = norms(("convergence",))
+    with_trajectory, both = norms(("convergence", "trajectory"))
+    assert with_trajectory == convergence_only
+    _, alone = norms(("trajectory",))
+    np.testing.assert_array_equal(alone.position_metrics["traj_fixed"], both.position_metrics["traj_fixed"])
