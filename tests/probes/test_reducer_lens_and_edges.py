@@ -568,3 +568,21 @@ def test_the_trajectory_probe_reuses_the_convergence_step(monkeypatch):
     assert with_trajectory == convergence_only
     _, alone = norms(("trajectory",))
     np.testing.assert_array_equal(alone.position_metrics["traj_fixed"], both.position_metrics["traj_fixed"])
+
+
+def test_the_spectral_probe_alone_records_the_block_norm():
+    """norm_block belongs to the spectral probe (the lora probe is off here): ‖block‖, or
+    ‖block + lora‖ when the adapter gives a LoRA delta; no lora_rel_norm without its probe."""
+    block = [n(b) for b in X["block"]]
+    for lora in (False, True):
+        out = []
+        red = ForwardReducer(("spectral",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+        red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="fixed", cfg=None))
+        for t in range(I):
+            red.iteration(IterationTensors(state_in=X["h"][t], state_out=X["h"][t + 1], block_out=X["block"][t],
+                                           lora_delta=X["lora"][t] if lora else None))
+        red.end(None)
+        metrics = out[0].materialize().iteration_metrics
+        want = [np.linalg.norm(b + (n(X["lora"][t]) if lora else 0), axis=-1).mean() for t, b in enumerate(block)]
+        np.testing.assert_allclose(metrics["norm_block"], want, rtol=1e-5)
+        assert "lora_rel_norm" not in metrics
