@@ -178,7 +178,7 @@ def _stable_run(argmax: np.ndarray) -> np.ndarray:
     """(P, I) → (P, I): for how many iterations before t the argmax has equalled argmax[t]
     (0 at t = 0 and after every change). Vectorized with a running max of the last change."""
     steps = np.arange(argmax.shape[1])
-    changed = np.ones(argmax.shape, dtype=bool)
+    changed = np.ones(argmax.shape, dtype=bool)  # pragma: no mutate (float ones: the same truth values below)
     changed[:, 1:] = argmax[:, 1:] != argmax[:, :-1]  # NaN padding counts as a change
     last_change = np.maximum.accumulate(np.where(changed, steps, 0), axis=1)
     return steps - last_change
