@@ -586,3 +586,39 @@ def test_the_spectral_probe_alone_records_the_block_norm():
         want = [np.linalg.norm(b + (n(X["lora"][t]) if lora else 0), axis=-1).mean() for t, b in enumerate(block)]
         np.testing.assert_allclose(metrics["norm_block"], want, rtol=1e-5)
         assert "lora_rel_norm" not in metrics
+
+
+def test_the_reducer_itself_refuses_a_trajectory_without_positions_and_starts_idle():
+    with pytest.raises(ValueError) as caught:
+        ForwardReducer(("convergence", "trajectory"), "summary", "last", 1, lambda p: None, {}, "r", "m", lambda: None)
+    assert str(caught.value) == ("the trajectory probe records a path per position: attach(model, "
+                                 "probes=[*DEFAULT_PROBES, 'trajectory'], detail='positions')")
+    out = []
+    red = ForwardReducer(("convergence",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    assert red.fwd is None
+    red.encoded(X["e"])  # events before any forward began: nothing to record
+    red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))
+    red.end(None)
+    assert out == [] and red.fwd is None
+
+
+def test_the_jacobian_probe_differentiates_the_first_row_only():
+    """σ_max of the step at the first batch row: rows whose Jacobians differ (tanh saturated in row
+    0, linear around 0 in row 1) tell the row apart. By hand: the step h ↦ tanh(h) M + e has the
+    block ∂y_p/∂h_p = diag(sech²(h_p)) M per position; with every entry of row 0 at 2, σ_max is
+    sech²(2) · σ_max(M) = 3 sech²(2)."""
+    M = torch.diag(torch.tensor([3.0, 0.3, 0.2, 0.1, 0.1, 0.05]))
+    h = torch.zeros(B, T, D)
+    h[0] = 2.0
+
+    def step_fn(e, t):
+        return lambda x: torch.tanh(x) @ M + e
+
+    out = []
+    red = ForwardReducer(("jacobian",), "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
+    red.begin(ForwardContext(token_ids=X["ids"], n_loops=1, exit_policy="fixed", cfg=None, step_fn=step_fn))
+    red.encoded(X["e"])
+    red.iteration(IterationTensors(state_in=h, state_out=h))
+    red.end(None)
+    sech2 = 1 / np.cosh(2.0) ** 2
+    np.testing.assert_allclose(out[0].materialize().iteration_metrics["jacobian_sigma_max"], [3 * sech2], rtol=1e-3)
