@@ -6,6 +6,7 @@ checks the replay itself against hand-worked and plain-loop replays."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -236,7 +237,9 @@ def test_a_threshold_given_as_text_exits_as_its_number_and_the_served_warning_na
     for call in (lambda: whatif.evaluate([served]), lambda: whatif.exits([served], "kl", 0.01)):
         with pytest.warns(UserWarning) as caught:
             call()
-        assert [(str(w.message), w.filename) for w in caught] == [(whatif.NO_FULL_DEPTH, __file__)]
+        assert [str(w.message) for w in caught] == [whatif.NO_FULL_DEPTH]
+        # not checked in a mutation run: mutmut's trampolines add frames between caller and warning
+        assert caught[0].filename == __file__ or "mutmut" in sys.modules
 
 
 def test_pareto_figure_points_are_the_tables_rows_and_its_front():
