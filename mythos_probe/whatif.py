@@ -178,7 +178,7 @@ def _stable_run(argmax: np.ndarray) -> np.ndarray:
     """(P, I) → (P, I): for how many iterations before t the argmax has equalled argmax[t]
     (0 at t = 0 and after every change). Vectorized with a running max of the last change."""
     steps = np.arange(argmax.shape[1])
-    changed = np.ones(argmax.shape, dtype=bool)
+    changed = np.ones(argmax.shape, dtype=bool)  # pragma: no mutate (float ones: the same truth values below)
     changed[:, 1:] = argmax[:, 1:] != argmax[:, :-1]  # NaN padding counts as a change
     last_change = np.maximum.accumulate(np.where(changed, steps, 0), axis=1)
     return steps - last_change
@@ -236,7 +236,7 @@ def exits(traces: Sequence[LoopTrace], criterion: str, threshold: float) -> pd.D
     pos = _Positions(traces)
     if criterion not in pos.available:
         raise ValueError(f"criterion {criterion!r} is not available in these traces; available: {pos.available}")
-    exit_at = pos.exits(criterion, np.array([threshold], dtype=np.float64))
+    exit_at = pos.exits(criterion, np.array([float(threshold)]))
     return pos.keys.assign(
         exit_iteration=exit_at[0], iterations_used=exit_at[0] + 1, iterations_run=pos.n,
         agrees=pos.agreement(exit_at)[0] == 1.0,
@@ -265,8 +265,10 @@ def recommend(table: pd.DataFrame, min_agreement: float = 0.99) -> pd.Series:
     # FLOPs first: a row of unknown cost (a lens criterion whose lens cost was not recorded) may
     # cost more than it saves, so it is only chosen when no row of known cost saves anything.
     ranked = pd.concat([
-        ok[known].sort_values(["flops_saved", "agreement"], ascending=False, kind="stable"),
-        ok[~known].sort_values(["iterations_saved", "agreement"], ascending=False, kind="stable"),
+        ok[known].sort_values(kind="stable", by=["flops_saved", "agreement"],  # pragma: no mutate (2 columns: stable, any kind)
+                              ascending=False),
+        ok[~known].sort_values(kind="stable", by=["iterations_saved", "agreement"],  # pragma: no mutate (likewise)
+                               ascending=False),
     ])
     saves = ranked[ranked["flops_saved"].gt(0) | (ranked["flops_saved"].isna() & ranked["iterations_saved"].gt(0))]
     if saves.empty:
@@ -321,7 +323,8 @@ def pareto_front(table: pd.DataFrame) -> pd.DataFrame:
     """Rows no other row beats on both the saving (FLOPs when every row knows them, else
     iterations) and agreement, by increasing saving."""
     saved = _axis(table)[0]
-    ranked = table.sort_values([saved, "agreement"], ascending=[False, False], kind="stable")
+    ranked = table.sort_values(kind="stable", by=[saved, "agreement"],  # pragma: no mutate (2 columns: stable, any kind)
+                               ascending=[False, False])
     best_so_far = ranked["agreement"].cummax().shift(fill_value=-np.inf)
     return ranked[ranked["agreement"] > best_so_far].iloc[::-1]
 
@@ -336,7 +339,7 @@ def pareto_figure(table: pd.DataFrame, min_agreement: float | None = 0.99):
         raise ValueError("the what-if table is empty: no criterion could be evaluated")
     saved, title = _axis(table)
     fig = go.Figure()
-    for criterion, rows in table.groupby("criterion", sort=False):
+    for criterion, rows in table.groupby("criterion", sort=False):  # pragma: no mutate (pandas reads sort=None as False)
         fig.add_trace(go.Scatter(
             x=rows[saved], y=rows["agreement"], mode="markers", name=criterion,
             customdata=rows[["threshold", "mean_iterations"]].to_numpy(),

@@ -4,6 +4,7 @@ cached forward of a tiny LoopedTransformer."""
 
 import dataclasses
 import math
+import re
 import secrets
 
 import numpy as np
@@ -476,3 +477,64 @@ def test_demo_summary_says_to_keep_fixed_when_no_policy_saves_compute():
     assert line.startswith("what-if at ≥99% agreement: no early-exit policy recommended: no exit criterion with "
                            "agreement ≥ 0.99 saves compute")
     assert "Keep exit='fixed'" in line
+
+
+def test_verify_runs_act_at_the_configs_threshold_with_the_default_depth_and_repeats():
+    """policy="act" with neither threshold, n_loops nor repeats given: the model halts at its
+    config's act_threshold (0.6 here, not the 0.99 default, on a halting head that splits the
+    positions over iterations 2, 3 and 4), over cfg.max_loop_iters iterations, timed in three
+    pairs; the replay predicts the same threshold on a probed full-depth forward."""
+    import dataclasses
+
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+    from mythos_probe.model.looped import ACTHalting
+
+    forwards = []
+
+    class Counting(LoopedTransformer):
+        """Counts forwards without a hook (verify refuses a watched model)."""
+
+        def forward(self, *args, **kwargs):
+            forwards.append(kwargs.get("exit"))
+            return super().forward(*args, **kwargs)
+
+    cfg = dataclasses.replace(LoopedConfig.variant("tiny-gqa"), act_threshold=0.6)
+    torch.manual_seed(0)
+    model = Counting(cfg).eval()
+    (halt,) = [m.halt for m in model.modules() if isinstance(m, ACTHalting)]
+    with torch.no_grad():
+        halt.weight.copy_(0.3 * torch.randn(halt.weight.shape, generator=torch.Generator().manual_seed(0)))
+        halt.bias.zero_()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(2))
+    report = whatif.verify(model, ids, "act")
+    # validation, the probed full-depth forward, the cached one, two counted ones, three timed pairs
+    assert forwards == ["act", "fixed", "act", "act", "fixed"] + ["act", "fixed"] * 3
+    assert list(report.index) == [
+        "policy", "threshold", "criterion", "predicted_iterations_saved", "predicted_flops_saved",
+        "predicted_agreement", "iterations_saved", "flops_saved", "time_saved", "cpu_time_saved", "agreement",
+        "time_fixed_s", "time_policy_s"]
+    assert (report["policy"], report["threshold"], report["criterion"]) == ("act", 0.6, "act")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(ids, n_loops=4, exit="act")
+        with attach(model, probes=["convergence", "halting", "cost", "lens"], detail="positions",
+                    lens_positions="all") as rec:
+            model(ids, n_loops=4, exit="fixed")
+        out, full = model(ids, n_loops=4, exit="act"), model(ids, n_loops=4, exit="fixed")
+    halted = cache.stack("recurrent.hook_halted")
+    used = torch.where(halted.any(0), halted.float().argmax(0) + 1, halted.shape[0])
+    assert sorted(set(used.flatten().tolist())) == [2, 3, 4]  # the positions exit at different iterations
+    assert report["iterations_saved"] == pytest.approx(1 - used.sum().item() / (2 * 6 * 4))
+    assert report["agreement"] == pytest.approx((out.argmax(-1) == full.argmax(-1)).float().mean().item())
+    predicted = whatif.evaluate(rec.traces, {"act": [0.6]}).iloc[0]
+    assert whatif.evaluate(rec.traces, {"act": [0.99]}).iloc[0]["iterations_saved"] != predicted["iterations_saved"]
+    for name in ("iterations_saved", "flops_saved", "agreement"):
+        assert report[f"predicted_{name}"] == pytest.approx(predicted[name]), name
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 2.0, True, "3"])
+def test_verify_refuses_a_repeat_count_that_is_not_a_positive_integer(repeats):
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    with pytest.raises(ValueError, match=f"^repeats must be a positive integer, got {re.escape(repr(repeats))}$"):
+        whatif.verify(model, torch.zeros(1, 4, dtype=torch.long), "kl", 0.1, repeats=repeats)

@@ -6,11 +6,13 @@ checks the replay itself against hand-worked and plain-loop replays."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 # the model package and what `verify` imports, imported at collection: a mutation run's fork
 # server then holds them, and test_whatif.py's verify refusals skip that import in every fork
@@ -18,6 +20,11 @@ import mythos_probe.executed_flops  # noqa: F401
 import mythos_probe.model  # noqa: F401
 from mythos_probe import whatif
 from tests.probes.test_whatif import hand_trace, make_trace, table_of
+
+# ... and the first counted operation (~3 s: torch's dispatch-mode machinery loads then), which
+# every forked verify test would otherwise pay again
+with mythos_probe.executed_flops.ExecutedFlops():
+    torch.ones(2, 2) @ torch.ones(2, 2)
 
 NAN = math.nan
 
@@ -215,3 +222,54 @@ def test_pareto_figure_labels():
     assert [t.name for t in none.data] == ["kl", "act", "Pareto front"] and not none.layout.shapes
     unmet = whatif.pareto_figure(table, min_agreement=1.5)  # nothing qualifies: no star, no error
     assert [t.name for t in unmet.data] == ["kl", "act", "Pareto front"]
+
+
+def test_a_threshold_given_as_text_exits_as_its_number_and_the_served_warning_names_the_callers_line():
+    """`exits` takes a threshold as a dashboard or command line hands it over (text) as well as a
+    number; the warning that no full-depth forward was given points at the caller's line, for
+    `evaluate` and `exits` alike (stacklevel)."""
+    tr = hand_trace()
+    for criterion, threshold in (("kl", "0.01"), ("argmax_stable", "1"), ("act", "0.9")):
+        pd.testing.assert_frame_equal(whatif.exits([tr], criterion, threshold),
+                                      whatif.exits([tr], criterion, float(threshold)))
+    assert whatif.exits([tr], "kl", "0.01")["iterations_used"].tolist() == [4, 2]
+    served = make_trace(tr.position_metrics, exit_policy="act")
+    for call in (lambda: whatif.evaluate([served]), lambda: whatif.exits([served], "kl", 0.01)):
+        with pytest.warns(UserWarning) as caught:
+            call()
+        assert [str(w.message) for w in caught] == [whatif.NO_FULL_DEPTH]
+        # not checked in a mutation run: mutmut's trampolines add frames between caller and warning
+        assert caught[0].filename == __file__ or "mutmut" in sys.modules
+
+
+def test_pareto_figure_points_are_the_tables_rows_and_its_front():
+    """Every plotted coordinate against the table: each criterion's markers at (saving, agreement)
+    of its rows, the front's line through `pareto_front`'s rows, the star on the recommended row
+    (FLOPs known on every row here, so the x axis is flops_saved, not iterations_saved)."""
+    table = table_of([
+        ("kl", 0.1, 1.0, 0.75, 0.90, 10),
+        ("act", 0.5, 2.0, 0.50, 0.80, 10),  # dominated by the kl row below
+        ("kl", 0.01, 2.0, 0.50, 0.99, 10),
+        ("act", 0.9, 3.0, 0.25, 1.00, 10),
+    ], flops_saved=[0.30, 0.10, 0.20, 0.05], lens_cost=[0.1, 0.0, 0.1, 0.0])
+    fig = whatif.pareto_figure(table, min_agreement=0.95)
+    kl, act, front, star = fig.data
+    assert (list(kl.x), list(kl.y)) == ([0.30, 0.20], [0.90, 0.99])
+    assert (list(act.x), list(act.y)) == ([0.10, 0.05], [0.80, 1.00])
+    assert [list(c) for c in act.customdata] == [[0.5, 2.0], [0.9, 3.0]]
+    want = whatif.pareto_front(table)
+    assert list(want["flops_saved"]) == [0.05, 0.20, 0.30]
+    assert (list(front.x), list(front.y)) == (list(want["flops_saved"]), list(want["agreement"]))
+    assert (list(star.x), list(star.y), star.mode) == ([0.20], [0.99], "markers")
+    assert (star.marker.line.color, star.marker.line.width) == ("black", 1)
+    assert star.name == "recommended: kl τ=0.01"
+
+
+def test_pareto_front_drops_the_lower_agreement_of_two_rows_that_save_the_same():
+    table = table_of([
+        ("kl", 0.1, 2.0, 0.50, 0.80, 10),  # saves as much as act 0.9, agrees less: dominated
+        ("act", 0.9, 2.0, 0.50, 0.90, 10),
+        ("rel_residual", 0.1, 3.0, 0.25, 1.00, 10),
+    ])
+    front = whatif.pareto_front(table)
+    assert list(zip(front["criterion"], front["agreement"])) == [("rel_residual", 1.00), ("act", 0.90)]
