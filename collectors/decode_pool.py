@@ -45,11 +45,16 @@ def decode_batch(body: bytes, content_type: str, gzipped: bool, limits: Limits, 
     return Batch.of(traces, span_rows, keep_traces)
 
 
+def cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_workers() -> int:
     """One worker per core the process may use, up to 4 (the gain stops where the commit, which
     stays in the receiver, becomes the bottleneck); none on a single core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return 0 if cores < 2 else min(cores, 4)
+    n = cores()
+    return 0 if n < 2 else min(n, 4)
 
 
 class DecodePool:

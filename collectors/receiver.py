@@ -430,7 +430,12 @@ class Receiver:
         # decode_workers: processes decoding request bodies (None: `decode_pool.default_workers`; 0: inline)
         # a store that takes a `Batch` (the DuckDB store) gets the tables built in the decode workers
         self.columnar = hasattr(store, "write_batch")
-        self.decoder = decode_pool.shared(decode_pool.default_workers() if decode_workers is None else decode_workers)
+        workers = decode_pool.default_workers() if decode_workers is None else decode_workers
+        self.decoder = decode_pool.shared(workers)
+        if self.columnar and workers:
+            # DuckDB's own threads get the cores the decode workers leave (at least one): where the
+            # workers take every core, more threads only contend with them (`bench_receiver`)
+            store.query(f"SET threads = {max(1, decode_pool.cores() - workers)}")
         self.received_spans = 0
         self.rejected_requests = 0
         self._lock = threading.Lock()

@@ -181,3 +181,23 @@ def test_a_sender_stalling_its_body_holds_no_commit_back(tmp_path):
             stalled.recv(1)
         con.close()
         stalled.close()
+
+
+def test_duckdb_gets_the_cores_the_decode_workers_leave(tmp_path, monkeypatch):
+    from mythos_probe.collectors import decode_pool
+    from mythos_probe.collectors.receiver import Receiver
+
+    def threads(store):
+        return int(store.query("SELECT current_setting('threads') AS t").t[0])
+
+    monkeypatch.setattr(decode_pool, "cores", lambda: 6)
+    with Store(tmp_path / "a.duckdb") as store:
+        Receiver(store, port=0, decode_workers=2).stop()
+        assert threads(store) == 4
+    with Store(tmp_path / "b.duckdb") as store:
+        Receiver(store, port=0, decode_workers=6).stop()
+        assert threads(store) == 1  # at least one
+    with Store(tmp_path / "c.duckdb") as store:
+        before = threads(store)
+        Receiver(store, port=0, decode_workers=0).stop()  # decoding inline: DuckDB keeps its default
+        assert threads(store) == before
