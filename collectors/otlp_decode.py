@@ -126,23 +126,11 @@ def parse(body: bytes, content_type: str, limits: Limits = Limits()) -> ExportTr
     return request
 
 
-# A double[] element on the wire: AnyValue field 1 of ArrayValue (0x0a), length 9 (0x09), then
-# double_value, field 4 fixed64 (0x21), and its 8 little-endian bytes. A oneof member is written
-# even when it is 0.0, so an array of n doubles serialises to exactly n such 11-byte records.
-_DOUBLE_RECORD = 11
-_DOUBLE_HEAD = b"\x0a\x09\x21"
-
-
 def _doubles(array: ArrayValue, n: int) -> np.ndarray | None:
-    """The array's n doubles read in one pass over its serialised bytes (a read-only view of
-    them), or None if it is not exactly n double records. Several times faster than one Python
-    attribute access per element: each head byte is checked across all records by one strided
-    slice, and the values are read by one strided view."""
-    raw = array.SerializeToString()
-    if (len(raw) != _DOUBLE_RECORD * n or raw[0::_DOUBLE_RECORD].count(_DOUBLE_HEAD[0]) != n
-            or raw[1::_DOUBLE_RECORD].count(_DOUBLE_HEAD[1]) != n or raw[2::_DOUBLE_RECORD].count(_DOUBLE_HEAD[2]) != n):
-        return None
-    return np.ndarray((n,), "<f8", raw, len(_DOUBLE_HEAD), (_DOUBLE_RECORD,))
+    """The array's n doubles read from its serialised bytes in one pass (`otlp_fast.double_records`),
+    or None if it is not exactly n double records: several times faster than one Python attribute
+    access per element."""
+    return otlp_fast.double_records(array.SerializeToString(), 0, n)
 
 
 _SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))

@@ -76,12 +76,10 @@ def scalar_or_doubles(value: bytes, max_array: int):
             size, at = _varint(value, 1)
         n = size // _RECORD
         # pragma below: `1 < n` only leaves one-double arrays to the slow path, which reads them the same
-        if (size != len(value) - at or size != n * _RECORD or not 0 < n <= max_array  # pragma: no mutate
-                or value[at::_RECORD].count(_HEAD[0]) != n or value[at + 1::_RECORD].count(_HEAD[1]) != n
-                or value[at + 2::_RECORD].count(_HEAD[2]) != n):
+        if size != len(value) - at or size != n * _RECORD or not 0 < n <= max_array:  # pragma: no mutate
             return MISSING
-        # float64 is numpy's default; "<f8" says the wire's byte order, for a big-endian host
-        return np.ndarray((n,), "<f8", value, at + len(_HEAD), (_RECORD,))  # pragma: no mutate
+        doubles = double_records(value, at, n)
+        return MISSING if doubles is None else doubles
     if tag == 0x21:  # double_value
         return _DOUBLE(value, 1)[0] if len(value) == 9 else MISSING
     if tag == 0x0A:  # string_value, 0-127 bytes: one length byte, and nothing after the string
@@ -100,6 +98,19 @@ def scalar_or_doubles(value: bytes, max_array: int):
     if tag == 0x10:  # bool_value
         return MISSING if len(value) != 2 or value[1] > 1 else value[1] == 1
     return MISSING
+
+
+def double_records(raw: bytes, at: int, n: int) -> np.ndarray | None:
+    """The n 11-byte double records of an ArrayValue's elements starting at `at` in `raw` (which
+    must end with them), as a read-only float64 view, or None if any record is not a double: each
+    head byte is checked across all records by one strided slice, the values read by one strided view."""
+    if len(raw) - at != n * _RECORD:
+        return None
+    for i in range(len(_HEAD)):
+        if raw[at + i::_RECORD].count(_HEAD[i]) != n:
+            return None
+    # float64 is numpy's default; "<f8" says the wire's byte order, for a big-endian host
+    return np.ndarray((n,), "<f8", raw, at + len(_HEAD), (_RECORD,))  # pragma: no mutate
 
 
 def _varint(value: bytes, at: int) -> tuple[int, int]:
