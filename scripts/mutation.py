@@ -169,6 +169,23 @@ def statuses_of(module: str) -> dict[str, str]:
     return out
 
 
+def draw_sample(module: str, candidates: list[str], size: int) -> int:
+    """Write a uniform random sample of `candidates` as the module's sample. Drawn over every
+    mutant, whatever an earlier run said of it, with a fixed seed; an existing sample is never
+    redrawn (a sample chosen after seeing its score would not estimate the module's)."""
+    import random
+
+    path = ROOT / "benchmarks" / "mutation_samples" / (slug(module) + ".txt")
+    if path.exists():
+        print(f"{path.relative_to(ROOT)} exists; delete it first to draw another", file=sys.stderr)
+        return 1
+    chosen = sorted(random.Random(24).sample(sorted(candidates), min(size, len(candidates))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(n + "\n" for n in chosen))
+    print(f"{len(chosen)} of {len(candidates)} mutants drawn: {path.relative_to(ROOT)}")
+    return 0
+
+
 def main(argv=None) -> int:
     cfg = settings()
     tests_by_module: dict[str, list[str]] = cfg["tests"]
@@ -182,6 +199,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", action="store_true",
                         help="test only the module's random sample (benchmarks/mutation_samples/), those not "
                         "killed yet: a score in minutes where a full run takes hours")
+    parser.add_argument("--draw-sample", type=int, metavar="N",
+                        help="draw the module's random sample: N of its mutants (the rule's equivalents left out), "
+                        "uniform, seeded, written to benchmarks/mutation_samples/; refuses to replace one")
     parser.add_argument("--check-equivalents", action="store_true",
                         help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
     parser.add_argument("--mark-only", action="store_true",
@@ -213,6 +233,8 @@ def main(argv=None) -> int:
     every, equivalent = mark_equivalents(key, where)
     print(f"{len(equivalent)} of {len(every)} mutants are equivalent by rule (SQL letter case); "
           f"{'checking them' if args.check_equivalents else 'left out of the run'}: {equivalent_file(key)}")
+    if args.draw_sample:
+        return draw_sample(key, [n for n in every if n not in equivalent], args.draw_sample)
     if args.check_equivalents:
         names = sorted(equivalent)
     elif args.sample:
