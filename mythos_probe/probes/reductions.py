@@ -396,6 +396,13 @@ class ForwardReducer:
             iteration.update(lens_iteration)
         else:
             lens_positions = {}
+            if f.lens_logp:
+                warnings.warn(
+                    "mythos_probe: the lens ran, but the model's output holds no logits tensor to compare it with, "
+                    "so this forward has no lens metrics. Select the logits among its outputs (LoopSpec logits=...), "
+                    "or leave 'lens' out of the probes.",
+                    stacklevel=2,
+                )
 
         if used is not None:
             used = used.to(device=device, dtype=torch.long)
@@ -473,6 +480,15 @@ class ForwardReducer:
         One iteration at a time: (B, P, V) temporaries, never an (I, B, P, V) stack."""
         idx = f.lens_index
         B, T = f.ctx.token_ids.shape
+        vocab = f.lens_logp[0].shape[-1]
+        if logits.dim() != 3 or logits.shape[0] != B or not 0 < logits.shape[1] <= T or logits.shape[-1] != vocab:
+            # e.g. a model returning its hidden states: a KL between them and the lens means nothing
+            raise ValueError(
+                f"mythos_probe: the lens compares each iteration's readout, logits over {vocab} tokens, with the "
+                f"model's output logits (batch {B}, at most {T} positions, {vocab}), but the model's output is "
+                f"{tuple(logits.shape)}. Select its logits among its outputs (LoopSpec logits=...), or leave "
+                "'lens' out of the probes."
+            )
         # logits of the last L positions only (`logits_to_keep` in generate): the others have no final
         off = T - logits.shape[1]
         final = logits[:, (idx - off).clamp_min(0)].float().log_softmax(-1)  # (B, P, V) the model's actual output

@@ -968,7 +968,7 @@ class SpecAdapter(_Adapter):
             logits = logits_of(output, self.loops[0].spec.logits)
         except (IndexError, KeyError, AttributeError, TypeError):
             pass
-        logits = logits.detach() if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None
+        logits = logits.detach() if isinstance(logits, torch.Tensor) else None  # its shape: checked by the lens
         try:
             finished = []
             for loop in self.loops:
