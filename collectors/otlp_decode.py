@@ -152,21 +152,27 @@ class _Values:
             return base64.b64encode(value.bytes_value).decode()
         return None if kind is None else getattr(value, kind)
 
-    def kvlist(self, pairs, where: str, depth: int = 0, fast=None) -> dict[str, Any]:
-        """`pairs` (KeyValues) → a dict. `fast`, where given, holds the same pairs from the shallow
-        parse (`otlp_fast`): the values it reads in place are taken from it, the rest from `pairs`."""
+    def kvlist(self, pairs, where: str, depth: int = 0, fast: tuple[list, list] | None = None) -> dict[str, Any]:
+        """`pairs` (KeyValues) → a dict. `fast`, where given, holds the same pairs' keys and values
+        as read from the shallow parse (`fast_attributes`), a value `otlp_fast.MISSING` where it
+        was not read there: those are read from `pairs`."""
         limits = self.limits
         if depth > limits.max_depth:
             raise ValueError(f"{where}: values nest deeper than {limits.max_depth} levels")
         if len(pairs) > limits.max_attributes:
             raise TooLarge(f"{where}: {len(pairs)} attributes, more than the limit of {limits.max_attributes}")
-        if fast is not None and len(fast) == len(pairs):  # pragma: no mutate (a fast path: the slow one reads the same)
-            # an array nests one level deeper: past the depth limit, none is read fast (the slow path refuses it)
-            max_array = limits.max_array if depth < limits.max_depth else 0
-            out = {}
-            for i, kv in enumerate(fast):
-                value = otlp_fast.scalar_or_doubles(kv.value, max_array)
-                out[kv.key] = self._value(pairs[i], where, depth) if value is otlp_fast.MISSING else value
+        if fast is not None and len(fast[0]) == len(pairs):  # pragma: no mutate (a fast path: the slow one reads the same)
+            keys, values = fast
+            out = dict(zip(keys, values))
+            missing = otlp_fast.MISSING
+            if len(out) == len(keys):  # no key twice: each missing value goes back to its own place
+                for i, value in enumerate(values):
+                    if value is missing:
+                        out[keys[i]] = self._value(pairs[i], where, depth)
+                return out
+            out = {}  # a key twice: the last one wins, as below
+            for i, value in enumerate(values):
+                out[keys[i]] = self._value(pairs[i], where, depth) if value is missing else value
             return out
         return {kv.key: self._value(kv, where, depth) for kv in pairs}
 
@@ -229,13 +235,14 @@ def decode(request: ExportTraceServiceRequest, limits: Limits = Limits(),
     traces, rows, n_rows = [], [], 0
     if fast_spans is not None and len(fast_spans) != n_spans:  # pragma: no mutate (both parse one body: never)
         fast_spans = None
-    fast = iter(fast_spans or ())
+    # span attributes sit at depth 0: an array nests one deeper, so past the limit none is read fast
+    fast = iter(fast_attributes(fast_spans, limits.max_array if limits.max_depth > 0 else 0) if fast_spans else ())
     for resource_spans in request.resource_spans:
         resource = values.kvlist(resource_spans.resource.attributes, "resource")
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 where = f"span {span.span_id.hex() or '(no id)'}"
-                attributes = values.kvlist(span.attributes, where, fast=next(fast).attributes if fast_spans else None)
+                attributes = values.kvlist(span.attributes, where, fast=next(fast) if fast_spans else None)
                 for field in ("start_time_unix_nano", "end_time_unix_nano"):
                     if getattr(span, field) > INT64_MAX:
                         raise ValueError(f"{where}: {field} = {getattr(span, field)} is past the year 2262 (> 2^63 − 1 ns)")
@@ -265,6 +272,19 @@ def decode(request: ExportTraceServiceRequest, limits: Limits = Limits(),
                     traces.append(trace)
                 rows.append(row)
     return traces, rows
+
+
+def fast_attributes(fast_spans: list, max_array: int) -> list[tuple[list[str], list]]:
+    """Per span of the shallow parse, its attributes' (keys, values), the values read for the whole
+    request at once (`otlp_fast.read_values`), `MISSING` where they are left to the full parse."""
+    keys = [kv.key for span in fast_spans for kv in span.attributes]
+    read = otlp_fast.read_values([kv.value for span in fast_spans for kv in span.attributes], max_array)
+    out, at = [], 0
+    for span in fast_spans:
+        n = len(span.attributes)
+        out.append((keys[at:at + n], read[at:at + n]))
+        at += n
+    return out
 
 
 def _hex(raw: bytes, size: int, what: str) -> str:

@@ -172,3 +172,61 @@ def test_a_request_decodes_the_same_with_and_without_the_fast_read():
         assert a.to_dict() == b.to_dict()
     spans = otlp_fast.parse(body)
     assert len(spans) == 3 and len(spans[0].attributes) > 40  # the fast read saw every span and attribute
+
+
+def _doubles_value(values) -> bytes:
+    return AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=v) for v in values])).SerializeToString()
+
+
+def test_arrays_of_one_length_are_read_together_and_a_bad_one_among_them_is_declined_alone():
+    """`read_values` views the double arrays of one byte length as rows of one array: a 7-character
+    string in the middle row must decline that row only, and each row must hold its own values."""
+    good = [_doubles_value([i + 0.25, -i, i / 3]) for i in range(5)]
+    bad = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0), AnyValue(string_value="abcdefg"),
+                                                  AnyValue(double_value=2.0)])).SerializeToString()
+    assert len(bad) == len(good[0])
+    values = [*good[:2], bad, AnyValue(string_value="x").SerializeToString(), *good[2:], _doubles_value([7.0] * 300)]
+    read = otlp_fast.read_values(values, 2**22)
+    assert read[2] is MISSING and read[3] == "x"
+    for i, got in zip((0, 1, 4, 5, 6), (read[0], read[1], read[4], read[5], read[6])):
+        k = (0, 1, None, None, 2, 3, 4)[i]
+        assert got.tolist() == [k + 0.25, -k, k / 3] and not got.flags.writeable
+    assert read[7].tolist() == [7.0] * 300  # another length (a 2-byte one): its own group
+    assert otlp_fast.read_values([], 2**22) == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_any_value, min_size=1, max_size=12))
+def test_a_request_of_values_reads_each_as_the_full_parse_or_declines_it(values):
+    """Read together (grouped by length), each value still reads as the full parse reads it alone."""
+    raws = [v.SerializeToString() for v in values]
+    for raw, fast in zip(raws, otlp_fast.read_values(raws, 2**22), strict=True):
+        try:
+            full = _full(raw)
+        except ValueError:
+            assert fast is MISSING
+            continue
+        if fast is not MISSING:
+            assert _same(fast, full), (raw, fast, full)
+
+
+@pytest.mark.parametrize("extra", [
+    # a key sent twice, read fast the first time and left to the full parse the second: the last wins
+    [("recurrent_depth.attr.x", AnyValue(double_value=1.5)),
+     ("recurrent_depth.attr.x", AnyValue(string_value="z" * 200))],  # a 2-byte length: the full parse's
+    # the other way round
+    [("recurrent_depth.attr.y", AnyValue(string_value="é" * 100)),
+     ("recurrent_depth.attr.y", AnyValue(string_value="b"))],
+])
+def test_a_key_sent_twice_decodes_as_without_the_fast_read(extra):
+    body = otlp_body([make_trace(i, batch=1, seq_len=4, n_loops=3) for i in range(2)])
+    span = body.resource_spans[0].scope_spans[0].spans[1]
+    for key, value in extra:
+        span.attributes.append(KeyValue(key=key, value=value))
+    raw, limits = body.SerializeToString(), Limits()
+    fast_traces, fast_rows = otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, limits)
+    slow_traces, slow_rows = otlp_decode.decode(otlp_decode.parse(raw, otlp_decode.PROTOBUF, limits), limits)
+    assert fast_rows == slow_rows and [t.to_dict() for t in fast_traces] == [t.to_dict() for t in slow_traces]
+    key = extra[0][0]
+    last = otlp_decode._Values(limits).any(extra[-1][1], "x")
+    assert fast_traces[1].attributes[key.removeprefix("recurrent_depth.attr.")] == last
