@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from mythos_probe.collectors.store import Store, StoreError
+from mythos_probe.collectors.schema import insert_arrow
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +150,7 @@ class RemoteStore:
             try:
                 for name in TABLE_ORDER:
                     if tables[name].num_rows:
-                        cur.register("_rows", tables[name])
-                        cur.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _rows")
-                        cur.unregister("_rows")
+                        insert_arrow(cur, name, tables[name])
                 cur.execute("COMMIT")
             except BaseException:
                 cur.execute("ROLLBACK")

@@ -36,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mythos_probe.collectors.schema import quote
+from mythos_probe.collectors.schema import insert_arrow, quote
 
 # The metrics rolled up, written out and frozen with the migration that creates the columns: an
 # iteration metric added to records.py later is read from raw rows (queries check this list).
@@ -238,8 +238,4 @@ def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset(),
 
 
 def _insert(cur, table: str, arrow: pa.Table) -> None:
-    cur.register("_rolled", arrow)
-    try:
-        cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rolled")
-    finally:
-        cur.unregister("_rolled")
+    insert_arrow(cur, table, arrow)

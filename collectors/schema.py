@@ -11,7 +11,7 @@ but one or two row groups when a view reads one forward. It is not part of the r
 differs between two stores holding the same forwards; (trace_id, span_id) is the identity.
 
 This module is not: the migrations that create the tables (`migrations`) or the code that fills
-them (`rows`, `store`).
+them (`rows`, `store`), beyond `insert_arrow`, the one statement they all insert with.
 """
 
 from __future__ import annotations
@@ -167,3 +167,14 @@ TABLES: dict[str, Columns] = {
 
 def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
+
+
+def insert_arrow(cur, table: str, rows) -> None:
+    """INSERT the Arrow table `rows` into `table` by column name, in the cursor's transaction.
+
+    `rows` reaches DuckDB by its replacement scan of this frame's local variable `_rows`, not by
+    `register`: registering a view and dropping it again are catalog changes, which for a wide
+    table cost more than the insert itself (rollup_iterations' 146 columns: 6.4 against 3.9 ms
+    a statement) and add to the commit. The statement names the table's columns from `rows`."""
+    _rows = rows  # noqa: F841 (read by DuckDB's replacement scan, by this name)
+    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows")

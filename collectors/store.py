@@ -35,6 +35,7 @@ from mythos_probe.collectors import migrations, rollups
 from mythos_probe.collectors.known_keys import KnownKeys
 from mythos_probe.collectors.migrations import SchemaError
 from mythos_probe.collectors.rows import Batch, spans_table, trace_span_row, trace_tables
+from mythos_probe.collectors.schema import insert_arrow
 from mythos_probe.records import LoopTrace
 
 __all__ = ["Store", "StoreError", "StoreLockedError", "SchemaError"]
@@ -237,11 +238,7 @@ class Store:
                 tables, added = build(forwards, spans, first) if len(forwards) or len(spans) else ({}, None)
                 for table, arrow in tables.items():  # each table in one INSERT of the batch's columns
                     if arrow.num_rows:
-                        cur.register("_batch", arrow)
-                        try:
-                            cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _batch")
-                        finally:
-                            cur.unregister("_batch")
+                        insert_arrow(cur, table, arrow)
                 dirty = self._rollup_hours
                 if len(forwards):  # in the same transaction: never raw rows without their rollup
                     dirty = rollups.update(cur, tables, dirty, added)
