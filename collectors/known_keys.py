@@ -38,12 +38,13 @@ class KnownKeys:
             self._rows[table] = len(hashes)
         self.loads += 1
 
-    def check(self, cur, counts: dict[str, int]) -> tuple[np.ndarray, bool]:
-        """(the hash of each key registered as `_keys` (columns spans, trace_id, span_id) on
-        cursor `cur`, in order; whether every one is certainly absent from its table) inside the
+    def check(self, cur, keys, counts: dict[str, int]) -> tuple[np.ndarray, bool]:
+        """(the hash of each key of the Arrow table `keys` (columns spans, trace_id, span_id), in
+        order; whether every one is certainly absent from its table), on cursor `cur` inside the
         write's transaction. `counts`: each table's row count now, read in that transaction."""
         if counts != self._rows:
             self._load(cur)
+        _keys = keys  # noqa: F841 (read by DuckDB's replacement scan: no catalog change, see schema.insert_arrow)
         rows = cur.execute("SELECT spans, hash(trace_id, span_id) AS h FROM _keys").fetchnumpy()
         spans, hashes = rows["spans"], rows["h"]  # bool, uint64
         for table, mine in (("forwards", ~spans), ("spans", spans)):

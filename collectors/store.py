@@ -261,13 +261,11 @@ class Store:
         if not forward_keys and not span_keys:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), None
         both = forward_keys + span_keys
-        cur.register("_keys", pa.table({"spans": [False] * len(forward_keys) + [True] * len(span_keys),
-                                        "trace_id": [k[0] for k in both], "span_id": [k[1] for k in both]}))
-        try:
-            hashes, all_new = self._known.check(cur, counts)
-            fresh = None if all_new else set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
-        finally:
-            cur.unregister("_keys")
+        # read by DuckDB's replacement scan, by this name (no catalog change: see schema.insert_arrow)
+        _keys = pa.table({"spans": [False] * len(forward_keys) + [True] * len(span_keys),
+                          "trace_id": [k[0] for k in both], "span_id": [k[1] for k in both]})
+        hashes, all_new = self._known.check(cur, _keys, counts)
+        fresh = None if all_new else set(map(tuple, cur.execute(_NEW_KEYS).fetchall()))
         kept = []
         for spans, keys in ((False, forward_keys), (True, span_keys)):
             seen, positions = set(), []
