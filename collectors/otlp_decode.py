@@ -23,6 +23,7 @@ import base64
 import json
 import zlib
 from dataclasses import dataclass
+from operator import attrgetter, methodcaller
 from typing import Any
 
 import numpy as np
@@ -134,6 +135,7 @@ def _doubles(array: ArrayValue, n: int) -> np.ndarray | None:
 
 
 _SCALARS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
+_KIND = methodcaller("WhichOneof", "value")
 
 
 class _Values:
@@ -206,14 +208,15 @@ class _Values:
             doubles = _doubles(array, n)
             if doubles is not None:
                 return doubles
+        values = list(values)  # one wrapper per element, read twice below by C-level maps
         # OTel arrays are homogeneous; a mixed one would otherwise read its odd elements as 0.
-        if any(v.WhichOneof("value") != inner for v in values):
+        if list(map(_KIND, values)).count(inner) != n:
             raise ValueError(f"{where}: array mixes value types; OTLP arrays hold one type")
         if inner in ("array_value", "kvlist_value", "bytes_value"):
             return [self.any(v, where, depth) for v in values]
         if inner is None:
             raise ValueError(f"{where}: array of empty values")
-        return [getattr(v, inner) for v in values]
+        return list(map(attrgetter(inner), values))  # half the time of a Python loop over upb values
 
 
 def decode_body(body: bytes, content_type: str, limits: Limits = Limits()) -> tuple[list[LoopTrace], list[dict]]:
