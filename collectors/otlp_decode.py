@@ -189,8 +189,8 @@ class _Values:
             n = len(values)
             # pragma below: `array` reads a double[] the same way; this skips two calls per array
             if 0 < n <= self.limits.max_array and values[0].WhichOneof("value") == "double_value":  # pragma: no mutate
-                doubles = _doubles(array, n)
-                if doubles is not None:
+                doubles = _doubles(array, n)  # pragma: no mutate (fast path only: `any` reads a double[] the same)
+                if doubles is not None:  # pragma: no mutate (as above)
                     return doubles
         return self.any(value, f"{where} {kv.key}", depth)
 

@@ -5,12 +5,15 @@ whole requests where the decoder's attributes with and without the fast read are
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import struct
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from google.protobuf import json_format
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 
 from mythos_probe.collectors import otlp_decode, otlp_fast
@@ -230,3 +233,117 @@ def test_a_key_sent_twice_decodes_as_without_the_fast_read(extra):
     key = extra[0][0]
     last = otlp_decode._Values(limits).any(extra[-1][1], "x")
     assert fast_traces[1].attributes[key.removeprefix("recurrent_depth.attr.")] == last
+
+
+# -- the decoder takes the fast read by default, and only where the full parse agrees -------------
+
+SLOW_KEYS = {"recurrent_depth.token_ids", "recurrent_depth.position.iterations_used", "recurrent_depth.token_text",
+             "recurrent_depth.expert.load"}  # int and string arrays: the shallow read leaves them to the full parse
+
+
+def _slow_reads(monkeypatch) -> list[str]:
+    """The span attributes (not the resource's) `_Values._value`, the full parse's reader, is asked
+    for, in order."""
+    asked, real = [], otlp_decode._Values._value
+
+    def spy(self, kv, where, depth):
+        if where != "resource":
+            asked.append(kv.key)
+        return real(self, kv, where, depth)
+
+    monkeypatch.setattr(otlp_decode._Values, "_value", spy)
+    return asked
+
+
+def test_a_protobuf_request_reads_every_attribute_fast_but_int_and_string_arrays(monkeypatch):
+    """The fast read is the default path: of a forward span's ~80 attributes only its four int and
+    string arrays go to the full parse's reader (a decoder that silently fell back to it for
+    everything would decode the same values, several times slower)."""
+    traces = [make_trace(i, detail="summary", batch=1, seq_len=4, n_loops=3) for i in range(3)]
+    raw = otlp_body(traces).SerializeToString()
+    asked = _slow_reads(monkeypatch)
+    decoded, _ = otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits())
+    assert len(decoded) == 3 and len(asked) == 3 * len(SLOW_KEYS) and set(asked) == SLOW_KEYS
+    asked.clear()
+    from_json, _ = otlp_decode.decode_body(_json(traces), otlp_decode.JSON, Limits())
+    assert [t.to_dict() for t in from_json] == [t.to_dict() for t in decoded]
+    assert len(asked) > 3 * 40  # JSON has no shallow read: every attribute from the full parse
+
+
+def _json(traces) -> bytes:
+    """The OTLP/JSON body of `traces`: protobuf's JSON mapping, the ids written as hex."""
+    doc = json_format.MessageToDict(otlp_body(traces))
+    for rs in doc["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = base64.b64decode(span[key]).hex()
+    return json.dumps(doc).encode()
+
+
+def test_a_key_sent_twice_still_reads_the_rest_fast(monkeypatch):
+    body = otlp_body([make_trace(0, detail="summary", batch=1, seq_len=4, n_loops=3)])
+    span = body.resource_spans[0].scope_spans[0].spans[0]
+    span.attributes.append(KeyValue(key="recurrent_depth.attr.x", value=AnyValue(double_value=1.5)))
+    span.attributes.append(KeyValue(key="recurrent_depth.attr.x", value=AnyValue(double_value=2.5)))
+    asked = _slow_reads(monkeypatch)
+    (trace,), _ = otlp_decode.decode_body(body.SerializeToString(), otlp_decode.PROTOBUF, Limits())
+    assert set(asked) == SLOW_KEYS and trace.attributes["x"] == 2.5
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_past_max_depth_no_array_is_read_fast_and_the_full_parse_refuses_it(n_loops):
+    """Span attributes sit at depth 0 and an array one deeper: with `max_depth` 0 every array is
+    refused, one-value arrays included (a fast read must not let one through)."""
+    raw = otlp_body([make_trace(0, detail="summary", batch=1, seq_len=2, n_loops=n_loops)]).SerializeToString()
+    with pytest.raises(ValueError, match=r"values nest deeper than 0 levels"):
+        otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=0))
+    (trace,), _ = otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=1))
+    assert trace.n_loops == n_loops and len(trace.iteration_metrics["rel_residual"]) == trace.iterations
+
+
+@pytest.mark.parametrize("values", [[1.5], [1.5, 2.5]])
+def test_past_max_depth_a_plain_spans_double_array_is_refused_too(values):
+    """A span that is not a forward, whose only array holds doubles (one, or more): at `max_depth`
+    0 the full parse refuses it, so the fast read must leave it alone whatever its length."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
+
+    span = Span(trace_id=bytes(range(1, 17)), span_id=bytes(range(1, 9)), name="other",
+                attributes=[KeyValue(key="x", value=AnyValue(array_value=ArrayValue(
+                    values=[AnyValue(double_value=v) for v in values])))])
+    raw = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])]) \
+        .SerializeToString()
+    with pytest.raises(ValueError, match="values nest deeper than 0 levels"):
+        otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=0))
+    assert otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=1))[1][0]["attributes"] == \
+        json.dumps({"x": values})
+
+
+def test_a_value_the_full_parse_refuses_is_named_by_its_span_and_key():
+    """An int array past `max_array` (the doubles of the same span are within it) is refused by the
+    full parse's reader, whose message names the span and the attribute."""
+    trace = make_trace(0, detail="summary", batch=1, seq_len=20, n_loops=4)
+    raw = otlp_body([trace]).SerializeToString()
+    with pytest.raises(otlp_decode.TooLarge) as err:
+        otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_array=16))
+    assert str(err.value) == (f"span {trace.span_id} recurrent_depth.position.iterations_used: array of 20 values, "
+                              "more than the limit of 16")
+
+
+def test_a_value_refused_in_a_span_sending_a_key_twice_is_named_too():
+    trace = make_trace(0, detail="summary", batch=1, seq_len=20, n_loops=4)
+    body = otlp_body([trace])
+    span = body.resource_spans[0].scope_spans[0].spans[0]
+    span.attributes.extend([KeyValue(key="recurrent_depth.attr.x", value=AnyValue(int_value=v)) for v in (1, 2)])
+    with pytest.raises(otlp_decode.TooLarge) as err:
+        otlp_decode.decode_body(body.SerializeToString(), otlp_decode.PROTOBUF, Limits(max_array=16))
+    assert str(err.value).startswith(f"span {trace.span_id} recurrent_depth.position.iterations_used: array of 20")
+
+
+def test_a_json_body_nesting_past_its_limit_is_refused_through_decode_body():
+    body = _json([make_trace(0, detail="summary", batch=1, seq_len=2, n_loops=2)])
+    with pytest.raises(ValueError, match="JSON body nests deeper than 3 levels"):
+        otlp_decode.decode_body(body, otlp_decode.JSON, Limits(max_json_depth=3))
+    assert len(otlp_decode.decode_body(body, otlp_decode.JSON, Limits())[0]) == 1
