@@ -125,7 +125,7 @@ def _double_rows(blob: bytes, k: int, length: int, at: int) -> list[np.ndarray |
     """`blob` holds k values of `length` bytes each, whose double records start `at` bytes in:
     each value's read-only float64 view (a row of one strided view of `blob`), or None for a value
     any of whose records is not a double (all three head bytes checked)."""
-    n = (length - at) // _RECORD
+    n = (length - at) // _RECORD  # pragma: no mutate (`length + at`: at is 2-5 here, under half a record, so the same n)
     records = np.frombuffer(blob, np.uint8).reshape(k, length)[:, at:].reshape(k, n, _RECORD)
     good = (records[:, :, : len(_HEAD)] == _HEADS).all(axis=(1, 2)).tolist()
     # float64 is numpy's default; "<f8" says the wire's byte order, for a big-endian host

@@ -347,3 +347,16 @@ def test_a_json_body_nesting_past_its_limit_is_refused_through_decode_body():
     with pytest.raises(ValueError, match="JSON body nests deeper than 3 levels"):
         otlp_decode.decode_body(body, otlp_decode.JSON, Limits(max_json_depth=3))
     assert len(otlp_decode.decode_body(body, otlp_decode.JSON, Limits())[0]) == 1
+
+
+def test_a_short_value_leaves_the_values_after_it_read():
+    empty = AnyValue().SerializeToString()  # b"": an attribute with no value
+    assert otlp_fast.read_values([empty, b"\x10", AnyValue(double_value=1.5).SerializeToString()], 2**22) == \
+        [MISSING, MISSING, 1.5]
+
+
+def test_double_records_read_after_any_offset():
+    records = _doubles_value([0.5, -2.0])[2:]  # the ArrayValue's records, after the AnyValue's tag and length
+    assert otlp_fast.double_records(b"\x00\x00\x00" + records, 3, 2).tolist() == [0.5, -2.0]
+    assert otlp_fast.double_records(b"\x00\x00\x00" + records, 3, 3) is None
+    assert otlp_fast.double_records(records, 0, 2).tolist() == [0.5, -2.0]
