@@ -293,13 +293,16 @@ def test_a_key_sent_twice_still_reads_the_rest_fast(monkeypatch):
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])
-def test_past_max_depth_no_array_is_read_fast_and_the_full_parse_refuses_it(n_loops):
+def test_past_max_depth_no_array_is_read_fast_and_the_full_parse_refuses_it(n_loops, monkeypatch):
     """Span attributes sit at depth 0 and an array one deeper: with `max_depth` 0 every array is
-    refused, one-value arrays included (a fast read must not let one through)."""
+    refused, one-value arrays included (a fast read must not let one through); from 1 they are
+    read, and fast."""
     raw = otlp_body([make_trace(0, detail="summary", batch=1, seq_len=2, n_loops=n_loops)]).SerializeToString()
     with pytest.raises(ValueError, match=r"values nest deeper than 0 levels"):
         otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=0))
+    asked = _slow_reads(monkeypatch)
     (trace,), _ = otlp_decode.decode_body(raw, otlp_decode.PROTOBUF, Limits(max_depth=1))
+    assert set(asked) == SLOW_KEYS
     assert trace.n_loops == n_loops and len(trace.iteration_metrics["rel_residual"]) == trace.iterations
 
 
