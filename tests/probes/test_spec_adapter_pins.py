@@ -878,3 +878,65 @@ def test_a_readout_may_return_a_model_output_and_its_errors_name_it():
     assert trace.iterations == 3  # the logits found in a tuple, as in a model's output
     assert error_of(model, LoopSpec(step="step", readout=lambda m, s: 1 / 0)) == (
         "LoopSpec.readout raised ZeroDivisionError: division by zero")
+
+
+# -- what the declaration's callables and selectors are given, and their errors -------------------------------
+
+
+@pytest.mark.parametrize("select, message", [
+    (lambda out: out[:, :3, 0], "LoopSpec.halting.select: the head 'head' gives (2, 3); it must select one value per "
+                                "position (2, 5) or per sequence (2,)"),
+    (lambda out: 0.5, "LoopSpec.halting.select: the head 'head' gives float; it must select one value per position "
+                      "(2, 5) or per sequence (2,)"),
+    (lambda out: 1 / 0, "LoopSpec.halting.select raised ZeroDivisionError: division by zero"),
+])
+def test_a_halting_select_of_the_wrong_shape_or_that_raises_is_named(select, message):
+    from mythos_probe import Halting
+
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 select=select))
+    assert error_of(Halts(), spec, probes=["halting"]) == message
+
+
+def test_a_halting_select_per_sequence_is_given_the_heads_output_and_spread_over_its_positions():
+    """select= gets the head's own output; one value per sequence holds for each of its positions."""
+    from mythos_probe import Halting
+
+    seen = []
+
+    def first_position(out):
+        seen.append(out.shape)
+        return out[:, 0, 0]  # (B,): each sequence's first position
+
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 select=first_position))
+    model = Halts()
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    assert seen and all(shape == (2, 5, 1) for shape in seen)
+    lam = np.repeat(model.lambdas()[:, :, :1], 5, axis=2)  # (I, B, T): the first position's λ everywhere
+    np.testing.assert_allclose(trace.position_metrics["halt_prob"], per_position(lam), rtol=1e-5)
+    halted = by_hand("threshold", lam, 0.545)[2]
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"], halted.mean((1, 2)), rtol=1e-6)
+
+
+def test_the_exit_step_and_threshold_callables_are_given_the_model_and_their_errors_name_them():
+    from mythos_probe import Halting
+
+    model = Halts()
+    lam = model.lambdas()
+    # read from the model (as Ouro's exit_at_step): exit after iteration steps - 3 = 1
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 exit_step=lambda m, call: m.steps - 3))
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 2))
+    model.gate_threshold = 0.545
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold",
+                                                 threshold=lambda m, call: m.gate_threshold))
+    (trace,) = record(model, spec, probes=["halting"])
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"],
+                               by_hand("threshold", lam, 0.545)[2].mean((1, 2)), rtol=1e-6)
+    for field, raising in (("exit_step", dict(threshold=0.545, exit_step=lambda m, call: m.no_such_field)),
+                           ("threshold", dict(threshold=lambda m, call: m.no_such_field))):
+        spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", **raising))
+        assert error_of(model, spec, probes=["halting"]) == (
+            f"LoopSpec.halting.{field} raised AttributeError: 'Halts' object has no attribute 'no_such_field'")
