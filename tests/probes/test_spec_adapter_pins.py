@@ -940,3 +940,19 @@ def test_the_exit_step_and_threshold_callables_are_given_the_model_and_their_err
         spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", **raising))
         assert error_of(model, spec, probes=["halting"]) == (
             f"LoopSpec.halting.{field} raised AttributeError: 'Halts' object has no attribute 'no_such_field'")
+
+
+class KeywordHead(WithHead):
+    """Calls its readout with the state as a keyword argument (`head(input=h)`): the readout's
+    pre-hook sees no positional argument, so the state kept after the loop is not read there."""
+
+    def forward(self, input_ids):
+        return self.head(input=Chain.forward(self, input_ids))
+
+
+def test_a_readout_called_with_keyword_arguments_only_is_recorded():
+    model = KeywordHead()
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens", "convergence"],
+                      detail="positions")
+    assert trace.iterations == 3
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 3))
