@@ -71,11 +71,12 @@ def _loop_emb(t: int, loop_dim: int, dim: int) -> torch.Tensor:
     return torch.tensor(emb, dtype=torch.float32)
 
 
-def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None):
+def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None, min_loops=1):
     """(logits, iterations run, per-position exit iteration (-1: never)) by the recurrence
     written out, with the exit policies' rules: latent/kl freeze a position whose criterion fell
     below the threshold, ACT weights each state by its halting probability, remainder on the
-    halting step, and keeps updating halted positions."""
+    halting step, and keeps updating halted positions. `min_loops`: the policy may stop a position
+    only from iteration min_loops - 1 on (a `LoopBudget`'s; its max_loops is `n_loops` run alone)."""
     r, cfg = m.recurrent, m.cfg
     T = ids.shape[1]
     freqs = m.freqs_cis[:T]
@@ -115,6 +116,7 @@ def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None):
                     stop = (logp.exp() * (logp - prev_logp)).sum(-1) < threshold
                 prev_logp = logp
             if stop is not None:
+                stop = stop & (t + 1 >= min_loops)
                 exit_at = torch.where(stop & ~halted, torch.tensor(t), exit_at)
                 halted = halted | stop
             h = h_new
@@ -450,14 +452,111 @@ def test_the_coda_lens_of_the_last_state_is_the_forwards_output():
 def test_the_decay_is_clamped_so_its_gradient_stays_finite():
     """A = exp(-exp(log_dt + log_A)) with the exponent clamped to [-20, 20]: unclamped, a channel at
     100 gives exp(100) = inf in float32 and a NaN gradient (inf · 0); clamped, A is 0 there with a
-    zero gradient, and 1 at the other end."""
+    zero gradient, and 1 at the other end. Outside [-20, 20] the clamp passes no gradient: at -30
+    exactly 0, where the unclamped dA/dx = -exp(x)·A is -9.4e-14 (a normal float32, not flushed)."""
     from mythos_probe.model.looped import LTIInjection
 
-    inj = LTIInjection(4)
+    inj = LTIInjection(5)
     with torch.no_grad():
-        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0]))
+        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0, -30.0]))
         inj.log_dt.zero_()
     A = inj.get_A()
     A.sum().backward()
     assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
-    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0]))))
+    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0, -20.0]))))
+    grad = inj.log_A.grad
+    assert grad[0] == 0 and grad[1] == 0 and grad[4] == 0
+    torch.testing.assert_close(grad[2:4], -torch.exp(torch.tensor([0.0, 19.0])) * A[2:4].detach())
+
+
+# -- per-row budgets (model/budgets.py): each row's output is the one it gets run alone with its budget --------
+
+
+def _criterion(m, ids, policy, n_loops=6) -> torch.Tensor:
+    """(n_loops, B, T) the latent relative residual, or the kl between successive coda-lens
+    distributions (row 0 is iteration 1's), of a fixed run."""
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=n_loops, exit="fixed")
+        states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
+        if policy == "latent":
+            return (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
+        logp = [m.coda_lens(states[t]) for t in range(1, n_loops + 1)]
+    return torch.stack([(logp[t].exp() * (logp[t] - logp[t - 1])).sum(-1) for t in range(1, n_loops)])
+
+
+@COMPACT
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_budgets_give_each_row_its_own_depth_minimum_and_threshold(policy, compact):
+    """Row 0: at most 6 iterations and its own threshold; row 1: at least 3 iterations, at most 4,
+    another threshold; row 2: 3 iterations at most, a threshold it never reaches. Each row's logits
+    are its own run alone by the recurrence (the policy held back before min_loops, cut at
+    max_loops), on a fixture where the minimum and each row's threshold change some exit;
+    compacted, only the running positions of rows within their budget are computed."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model()
+    ids = IDS3
+    crit = _criterion(m, ids, policy)
+    k = 2 if policy == "latent" else 1  # kl's row 0 is iteration 1's
+    th = [_between(crit[k, 0]), _between(crit[k - 1, 1]), float(crit[:3, 2].min()) / 2]
+    budgets = [LoopBudget(6, exit_threshold=th[0]), LoopBudget(4, min_loops=3, exit_threshold=th[1]),
+               LoopBudget(3, exit_threshold=th[2])]
+    want, exits = [], []
+    for i, b in enumerate(budgets):
+        logits, _, exit_at = _hand(m, ids[i:i + 1], b.max_loops, policy, b.exit_threshold, b.min_loops)
+        want.append(logits)
+        exits.append(exit_at)
+    assert len(set(exits[0].flatten().tolist())) >= 2  # row 0's positions stop at different iterations
+    assert not torch.equal(_hand(m, ids[1:2], 4, policy, th[1])[2], exits[1])  # min_loops=3 holds some back
+    assert bool((exits[2] < 0).all())  # row 2 runs to its max_loops
+    for i in (0, 1):  # the other row's threshold, or the policy's default, would stop the row elsewhere
+        for other in (th[1 - i], 1e-2 if policy == "latent" else 1e-3):
+            assert not torch.equal(_hand(m, ids[i:i + 1], budgets[i].max_loops, policy, other, budgets[i].min_loops)[2],
+                                   exits[i])
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(ids, exit=policy, budgets=budgets)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+    assert m.last_forward["budgets"] == tuple(budgets) and m.last_forward["n_loops"] == 6
+
+
+@COMPACT
+def test_fixed_budgets_run_each_row_to_its_max_loops(compact):
+    """exit='fixed' with rows of different depths: each row is the fixed recurrence run to its
+    max_loops; compacted, a row past its budget leaves the loop (the rows run are exactly those)."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model()
+    ids = IDS3
+    depths = [5, 2, 3]
+    want = torch.cat([_hand(m, ids[i:i + 1], d)[0] for i, d in enumerate(depths)])
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(ids, exit="fixed", budgets=[LoopBudget(d) for d in depths])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    T = ids.shape[1]
+    ran = sum(depths) * T if compact else ids.numel() * max(depths)
+    assert m.last_forward["iterations"] == max(depths) and m.last_forward["row_iterations"] == ran
+
+
+def test_act_budgets_on_single_token_rows_compacted():
+    """ACT with rows of one token each (decode): compacted, a step runs the rows still within
+    their budget and not halted, each one position wide (the extent 1); a row past its max_loops
+    stops adding weighted states, so its output is the one ACT gives it run alone to that depth."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model(act_threshold=0.45)
+    ids = torch.tensor([[3], [17], [40], [59]])
+    depths = [6, 3, 4, 2]  # row 1's cut comes at iteration 2, where rows 2 and 3 have left: a step on a subset of rows
+    runs = [_hand(m, ids[i:i + 1], d, "act") for i, d in enumerate(depths)]
+    halted = [int(r[2].item()) for r in runs]
+    # ACT halts rows 0 and 2 within their budgets; rows 1 and 3 would halt later, their budget cuts them first
+    assert halted[0] >= 0 and halted[2] >= 0 and halted[1] < 0 and halted[3] < 0
+    assert int(_hand(m, ids[1:2], 6, "act")[2].item()) >= 3 and int(_hand(m, ids[3:], 6, "act")[2].item()) >= 2
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(ids, budgets=[LoopBudget(d) for d in depths])
+    torch.testing.assert_close(got, torch.cat([r[0] for r in runs]), atol=1e-5, rtol=1e-5)
+    # the first iteration runs dense; after it, the rows neither halted nor past their budget
+    ran = [4] + [sum(1 for h, d in zip(halted, depths) if t < d and (h < 0 or h >= t)) for t in range(1, 6)]
+    assert m.last_forward["row_iterations"] == sum(ran)
