@@ -956,3 +956,36 @@ def test_a_readout_called_with_keyword_arguments_only_is_recorded():
                       detail="positions")
     assert trace.iterations == 3
     np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 3))
+
+
+class OneLayerPass(nn.Module):
+    """Each iteration runs layer 0 alone, with a per-sequence `bias` of shape (B, T, 8) (as a
+    layer takes a per-sequence mask); layer 1 runs once after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList([Scaled(), Scaled()])
+        self.bias = nn.Embedding(32, 8)
+
+    def forward(self, input_ids):
+        h, bias = self.embed(input_ids), self.bias(input_ids)
+        for _ in range(3):
+            h = self.layers[0](h, scale=bias)
+        return self.layers[1](h)
+
+
+def test_a_pass_of_one_layer_re_runs_it_with_the_first_sequences_arguments():
+    """first == last: a pass of one entry of the ModuleList. Its Jacobian re-runs that layer on the
+    first sequence with the first sequence's slice of every batch-shaped argument."""
+    model = OneLayerPass()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a re-run that differs would warn and drop the Jacobian
+        (trace,) = record(model, LoopSpec(first="layers.0", last="layers.0"), probes=["jacobian"])
+    h, bias = model.embed(ids), model.bias(ids)
+    want = []
+    for _ in range(3):
+        want.append(jacobian_sigma_max(lambda v: model.layers[0](v, scale=bias[:1]), h[:1]).item())
+        h = model.layers[0](h, scale=bias)
+    np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
