@@ -989,3 +989,33 @@ def test_a_pass_of_one_layer_re_runs_it_with_the_first_sequences_arguments():
         want.append(jacobian_sigma_max(lambda v: model.layers[0](v, scale=bias[:1]), h[:1]).item())
         h = model.layers[0](h, scale=bias)
     np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+
+
+class OwnExits(Halts):
+    """Returns (state, the exit iteration it says each sequence took), as PonderNet returns its
+    sampled exits; the loop itself runs all four iterations."""
+
+    def __init__(self, exits):
+        super().__init__()
+        self.exits = exits
+
+    def forward(self, input_ids):
+        return super().forward(input_ids), self.exits
+
+
+def exits_spec():
+    from mythos_probe import Halting
+
+    return LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545, exits=1),
+                    readout_is_output=False)
+
+
+def test_the_models_own_exits_are_the_iterations_used_and_checked_against_those_it_ran():
+    (trace,) = record(OwnExits(torch.tensor([0, 3])), exits_spec(), probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, [[1] * 5, [4] * 5])
+    for exits in (torch.tensor([4, 1]), torch.tensor([1, -1])):  # past the 4 iterations run, before the first
+        assert error_of(OwnExits(exits), exits_spec(), probes=["halting"]) == (
+            "LoopSpec.halting.exits: the model's exits lie outside the 4 iterations it ran")
+    assert error_of(OwnExits(torch.tensor([1.0, 2.0])), exits_spec(), probes=["halting"]) == (
+        "LoopSpec.halting.exits picks Tensor from the model's output; it must pick the exit iteration (integers) per "
+        "sequence (2,) or per position (2, 5)")
