@@ -1019,3 +1019,18 @@ def test_the_models_own_exits_are_the_iterations_used_and_checked_against_those_
     assert error_of(OwnExits(torch.tensor([1.0, 2.0])), exits_spec(), probes=["halting"]) == (
         "LoopSpec.halting.exits picks Tensor from the model's output; it must pick the exit iteration (integers) per "
         "sequence (2,) or per position (2, 5)")
+
+
+def test_a_declared_head_that_never_runs_is_warned_about_in_full():
+    from mythos_probe import Halting
+
+    model = Halts()
+    model.spare = nn.Linear(8, 1)  # never called
+    spec = LoopSpec(step="step", halting=Halting("spare", output="logit", rule="threshold", threshold=0.5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (trace,) = record(model, spec, probes=["halting", "convergence"])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [
+        "LoopSpec.halting.head: 'loop' declares a module that never ran during the loop; its metrics are missing "
+        "from the trace. Check the path"]
+    assert trace.iterations == 4 and "halt_prob" not in trace.iteration_metrics
