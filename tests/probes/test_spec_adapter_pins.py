@@ -1034,3 +1034,47 @@ def test_a_declared_head_that_never_runs_is_warned_about_in_full():
         "LoopSpec.halting.head: 'loop' declares a module that never ran during the loop; its metrics are missing "
         "from the trace. Check the path"]
     assert trace.iterations == 4 and "halt_prob" not in trace.iteration_metrics
+
+
+def test_a_restarting_loops_injection_is_its_first_input():
+    """Injection('restart'): every iteration starts from the first one's input, which is the e the
+    record carries (its norm, the injection's)."""
+    model = Chain(lambda h, x: x)
+    (trace,) = record(model, LoopSpec(step="step", injection=Injection("restart")), probes=["spectral"])
+    assert trace.iterations == 3
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], model.embed(ids).norm(dim=-1).mean().item(),
+                               rtol=1e-5)
+
+
+def test_a_concat_loops_init_is_checked_against_its_first_input():
+    """With init= declared, iteration 0's input must be cat[init, e]: the model starts from h = x,
+    not from the zeros declared."""
+    model = Chain(lambda h, x: torch.cat([h, x], -1), width=16)
+    spec = LoopSpec(step="step", init=lambda m: torch.zeros(8), injection=Injection("concat"))
+    assert error_of(model, spec) == chained(
+        0, "cat[previous end state, e]",
+        "Either init= is not the pre-loop state (it must give what the model holds before iteration 0), or "
+        "declare how the input is built (injection=Injection('added'|'concat'|'argument'|'restart'|'function', "
+        "...)), or fix state= / last= (the end state: the pass's last module) and state_in= (the argument "
+        "carrying the state)")
+    (trace,) = record(model, LoopSpec(step="step", init="embed", injection=Injection("concat")), probes=["convergence"])
+    assert trace.iterations == 3
+
+
+def test_an_init_of_the_wrong_shape_and_a_readout_is_output_callable_that_raises_are_named():
+    assert error_of(Chain(plus), LoopSpec(step="step", init=lambda m: torch.zeros(3),
+                                          injection=Injection("added"))) == (
+        "LoopSpec.init: loop 'loop' declares a pre-loop state of shape (3,), which does not broadcast to the loop's "
+        "state (2, 5, 8); init must give the state before iteration 0 (or one row of it)")
+    assert error_of(WithHead(), LoopSpec(step="step", readout="head", readout_is_output=lambda m, call: 1 / 0)) == (
+        "LoopSpec.readout_is_output raised ZeroDivisionError: division by zero")
+
+
+def test_the_readout_of_a_one_iteration_loop_is_checked():
+    model = WithHead()
+    model.steps = 1
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens"])
+    assert trace.iterations == 1
+    wrong = LoopSpec(step="step", readout=lambda m, s: 2 * m.head(s))
+    assert error_of(model, wrong).startswith("LoopSpec.readout: loop 'loop''s readout of the end state differs from "
+                                             "the logits the model returned at 10 of 10 positions.")
