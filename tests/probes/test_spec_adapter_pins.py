@@ -1078,3 +1078,42 @@ def test_the_readout_of_a_one_iteration_loop_is_checked():
     wrong = LoopSpec(step="step", readout=lambda m, s: 2 * m.head(s))
     assert error_of(model, wrong).startswith("LoopSpec.readout: loop 'loop''s readout of the end state differs from "
                                              "the logits the model returned at 10 of 10 positions.")
+
+
+class MomentumByName(nn.Module):
+    """(h, v) ← step(h, v=v, e=e): the second carried tensor passed by name."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = MomentumKwargsStep()
+
+    def forward(self, input_ids):
+        e = self.embed(input_ids)
+        h, v = e, torch.zeros_like(e)
+        for _ in range(3):
+            h, v = self.step(h, v=v, e=e)
+        return h
+
+
+class MomentumKwargsStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(8, 8)
+
+    def forward(self, h, v=None, e=None):
+        v = 0.9 * v + torch.tanh(self.cell(h)) + e
+        return h + 0.5 * v, v
+
+
+def test_a_second_carried_tensor_passed_by_name_leaves_the_jacobian_out():
+    spec = LoopSpec(step="step", state=0, injection=Injection("argument", arg="e"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (trace,) = record(MomentumByName(), spec, probes=["convergence", "jacobian"])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [
+        "LoopSpec.state: loop 'loop''s step takes another tensor that changes every iteration (argument 'v'): a "
+        "second carried state (a momentum beside h, say). jacobian_sigma_max would be the derivative of h with it "
+        "held fixed, not of the map the model iterates, so it is left out"]
+    assert "jacobian_sigma_max" not in trace.iteration_metrics and trace.iterations == 3
