@@ -1117,3 +1117,49 @@ def test_a_second_carried_tensor_passed_by_name_leaves_the_jacobian_out():
         "second carried state (a momentum beside h, say). jacobian_sigma_max would be the derivative of h with it "
         "held fixed, not of the map the model iterates, so it is left out"]
     assert "jacobian_sigma_max" not in trace.iteration_metrics and trace.iterations == 3
+
+
+class Cache:
+    """A KV cache as transformers' caches answer for their length (`get_seq_length`)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def get_seq_length(self):
+        return self.n
+
+
+class CachedChain(Chain):
+    def __init__(self):
+        super().__init__(lambda h, x: h)
+
+    def forward(self, input_ids, past_key_values=None):
+        out = super().forward(input_ids)
+        past_key_values.n += input_ids.shape[1]
+        return out
+
+
+def test_forwards_on_one_kv_cache_share_a_trace_id_and_count_decode_steps():
+    """A prefill and two decode steps on one cache: one trace id, steps 0, 1, 2; a new cache (its
+    length 0) starts a new request. A loop without halting records its exit policy as unknown."""
+    model = CachedChain()
+    first, second = Cache(), Cache()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["convergence"]) as rec:
+        model(ids, past_key_values=first)
+        model(ids[:, :1], past_key_values=first)
+        model(ids[:, :1], past_key_values=first)
+        model(ids, past_key_values=second)
+    traces = rec.traces
+    assert [t.step for t in traces] == [0, 1, 2, 0] and first.n == 7
+    assert len({t.trace_id for t in traces[:3]}) == 1 and traces[3].trace_id != traces[0].trace_id
+    assert [t.exit_policy for t in traces] == ["unknown"] * 4
+
+
+def test_a_state_in_the_start_was_not_called_with_and_a_missing_looped_module_are_named():
+    assert error_of(Chain(plus), LoopSpec(step="step", state_in=2)) == (
+        "LoopSpec.state_in=2: the start of loop 'loop' was called with 1 positional arguments and []; name the "
+        "argument that carries the state")
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(Chain(plus), spec=LoopSpec(step="step", looped=("nope",))).__enter__()
+    assert str(err.value) == ("LoopSpec.looped: Chain has no submodule 'nope'; its submodules include ['embed', 'step', "
+                              "'step.0', 'step.1']")
