@@ -1163,3 +1163,26 @@ def test_a_state_in_the_start_was_not_called_with_and_a_missing_looped_module_ar
         mythos_probe.attach(Chain(plus), spec=LoopSpec(step="step", looped=("nope",))).__enter__()
     assert str(err.value) == ("LoopSpec.looped: Chain has no submodule 'nope'; its submodules include ['embed', 'step', "
                               "'step.0', 'step.1']")
+
+
+@pytest.mark.parametrize("spec, message", [
+    (LoopSpec(method="nope.run"), "LoopSpec.method: Chain has no submodule 'nope'; its submodules include ['embed', "
+                                  "'step', 'step.0', 'step.1']"),
+    (LoopSpec(method="step.nope"), "LoopSpec.method: Sequential has no method 'nope'"),
+    (LoopSpec(step="step", init="nope"), "LoopSpec.init: Chain has no submodule 'nope'; its submodules include "
+                                         "['embed', 'step', 'step.0', 'step.1']"),
+])
+def test_paths_to_nothing_are_named_by_their_field(spec, message):
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(Chain(plus), spec=spec).__enter__()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("state, message", [
+    (lambda out: out[0], "LoopSpec.state selects a Tensor of shape (5, 8) from the iteration's end output (Tensor); "
+                         "it must pick the (B, T, D) state"),
+    (lambda out: 0.5, "LoopSpec.state selects a float from the iteration's end output (Tensor); it must pick the "
+                      "(B, T, D) state"),
+])
+def test_a_state_selector_that_does_not_pick_the_state_is_named(state, message):
+    assert error_of(Chain(lambda h, x: h), LoopSpec(step="step", state=state)) == message
