@@ -46,11 +46,11 @@ def _model(seed=0, **changes) -> LoopedTransformer:
     return m
 
 
-def _converging(embed_scale: float) -> LoopedTransformer:
+def _converging(embed_scale: float, **changes) -> LoopedTransformer:
     """A micro model whose loop settles (a large, constant injection B⊙e against a small block
     output), so that the latent and kl criteria cross their default thresholds part-way, at
     different iterations for different positions."""
-    m = _model(act_threshold=50.0)
+    m = _model(act_threshold=50.0, **changes)
     with torch.no_grad():
         m.recurrent.injection.log_A.zero_()
         m.recurrent.injection.log_dt.fill_(0.2)
@@ -79,7 +79,7 @@ def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None, mi
     only from iteration min_loops - 1 on (a `LoopBudget`'s; its max_loops is `n_loops` run alone)."""
     r, cfg = m.recurrent, m.cfg
     T = ids.shape[1]
-    freqs = m.freqs_cis[:T]
+    freqs = (m.freqs_cis_mla if cfg.attn_type == "mla" else m.freqs_cis)[:T]  # MLA rotates its rope dims only
     with torch.no_grad():
         x = m.embed(ids)
         for layer in m.prelude:
@@ -560,3 +560,103 @@ def test_act_budgets_on_single_token_rows_compacted():
     # the first iteration runs dense; after it, the rows neither halted nor past their budget
     ran = [4] + [sum(1 for h, d in zip(halted, depths) if t < d and (h < 0 or h >= t)) for t in range(1, 6)]
     assert m.last_forward["row_iterations"] == sum(ran)
+
+
+# -- attention: a prefill in chunks on a KV cache, the attention written out for hooks, the lens of a few positions --
+
+
+ATTN = pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+
+
+@ATTN
+def test_a_prefill_in_chunks_on_a_kv_cache_gives_the_one_prefills_logits(attn_type):
+    """Chunks of 4 and 2 tokens on one cache (the second chunk's queries see the 4 cached keys and
+    their own, causally): the logits of one prefill of all 6, and a cache of every layer holding
+    6 positions."""
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        want = m(IDS, n_loops=3, exit="fixed")
+        cache: dict = {}
+        first = m(IDS[:, :4], n_loops=3, exit="fixed", kv_cache=cache)
+        second = m(IDS[:, 4:], n_loops=3, exit="fixed", kv_cache=cache, start_pos=4)
+    torch.testing.assert_close(torch.cat([first, second], 1), want, atol=1e-5, rtol=1e-5)
+    assert sorted(cache) == ["coda_0", "prelude_0"] + [f"recurrent_loop_{t}" for t in range(3)]
+    assert all(t.shape[1] == 6 for layer in cache.values() for t in layer.values())
+    assert set(cache["coda_0"]) == ({"k", "v"} if attn_type == "gqa" else {"c_kv", "k_rope"})
+
+
+@ATTN
+def test_compacted_mla_steps_equal_the_recurrence_with_and_without_a_kv_cache(attn_type):
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=6, exit="fixed")
+    states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
+    threshold = _between(((states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1))[2])
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, 2.0)
+    out = {}
+    for compact in (0.0, 2.0):  # on a cache, in two chunks: compacted as masked
+        m = _converging(50.0, attn_type=attn_type)
+        m.recurrent.compact_below = compact
+        kv: dict = {}
+        with torch.no_grad():
+            first = m(IDS[:, :4], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv)
+            second = m(IDS[:, 4:], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=4)
+        out[compact] = (torch.cat([first, second], 1), kv, m.last_forward["row_iterations"])
+    torch.testing.assert_close(out[2.0][0], out[0.0][0], atol=1e-5, rtol=1e-5)
+    for key, layer in out[0.0][1].items():
+        for name, t in layer.items():
+            torch.testing.assert_close(out[2.0][1][key][name], t, atol=1e-5, rtol=1e-5)
+    assert out[2.0][2] < out[0.0][2]  # the compacted run skipped exited positions
+
+
+@ATTN
+@pytest.mark.parametrize("chunk", [False, True])
+def test_hooks_on_the_scores_see_the_attention_written_out(attn_type, chunk):
+    """A hook on the scores runs the attention written out: scores = q·kᵀ/√d (each key head
+    serving H/Hkv query heads), -inf above the causal diagonal (shifted by the cached keys on a
+    second chunk), pattern = their softmax, z = pattern·v, each against the hooked q, k, v; the
+    logits are the unhooked forward's."""
+    m = _model(attn_type=attn_type)
+    kv: dict = {}
+    ids, start = IDS, 0
+    with torch.no_grad():
+        if chunk:
+            m(IDS[:, :4], n_loops=2, exit="fixed", kv_cache=kv)
+            ids, start = IDS[:, 4:], 4
+        plain_kv = {k: dict(v) for k, v in kv.items()}
+        want = m(ids, n_loops=2, exit="fixed", kv_cache=plain_kv if chunk else None, start_pos=start)
+        logits, cache = m.run_with_cache(ids, n_loops=2, exit="fixed", kv_cache=kv if chunk else None, start_pos=start,
+                                         names_filter=lambda name: name.startswith("prelude.0.attn.hook_"))
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    site = lambda name: cache[f"prelude.0.attn.hook_{name}"]  # noqa: E731
+    q, k, v = (site(n).transpose(1, 2) for n in ("q", "k", "v"))  # (B, heads, ·, d)
+    H = q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    T, S = q.shape[2], k.shape[2]
+    assert (T, S) == ((2, 6) if chunk else (6, 6))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(site("attn_scores"), scores, atol=1e-5, rtol=1e-5)
+    pattern = scores.softmax(-1)
+    torch.testing.assert_close(site("pattern"), pattern, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(site("z"), (pattern @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+@ATTN
+def test_the_coda_lens_of_a_few_positions_is_the_full_lens_there(attn_type):
+    m = _model(attn_type=attn_type)
+    positions = torch.tensor([0, 2, 5])
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed", names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 1]
+        full = m.coda_lens(h)
+        torch.testing.assert_close(m.coda_lens(h, positions), full[:, positions], atol=1e-5, rtol=1e-5)
+        want = F.log_softmax(_coda(m, h, (m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis)[:6]), -1)
+        torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
