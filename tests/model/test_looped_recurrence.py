@@ -649,14 +649,38 @@ def test_hooks_on_the_scores_see_the_attention_written_out(attn_type, chunk):
     torch.testing.assert_close(site("z"), (pattern @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
+LONG = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(9))
+
+
 @ATTN
 def test_the_coda_lens_of_a_few_positions_is_the_full_lens_there(attn_type):
-    m = _model(attn_type=attn_type)
-    positions = torch.tensor([0, 2, 5])
+    """Two coda layers (the last one runs the wanted queries only). The positions' queries are
+    attended each of the three ways the cost model picks by size (all the same values): all
+    positions then the wanted ones (6 tokens), packed per row (2 of 60), gathered (1 of 10), and
+    packed on top of a KV cache (1 of a 20-token chunk after 40 cached)."""
+    m = _model(attn_type=attn_type, coda_layers=2)
+    table = m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis
     with torch.no_grad():
-        _, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed", names_filter="recurrent.hook_state_out")
+        for ids, positions in ((IDS, [0, 2, 5]), (LONG, [3, 50]), (LONG[:, :10], [7])):
+            _, cache = m.run_with_cache(ids, n_loops=2, exit="fixed", names_filter="recurrent.hook_state_out")
+            h = cache["recurrent.hook_state_out", 1]
+            full = m.coda_lens(h)
+            torch.testing.assert_close(full, F.log_softmax(_coda(m, h, table[:ids.shape[1]]), -1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.coda_lens(h, torch.tensor(positions)), full[:, positions], atol=1e-5, rtol=1e-5)
+        kv: dict = {}
+        m(LONG[:, :40], n_loops=2, exit="fixed", kv_cache=kv)
+        _, cache = m.run_with_cache(LONG[:, 40:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=40,
+                                    names_filter="recurrent.hook_state_out")
         h = cache["recurrent.hook_state_out", 1]
-        full = m.coda_lens(h)
-        torch.testing.assert_close(m.coda_lens(h, positions), full[:, positions], atol=1e-5, rtol=1e-5)
-        want = F.log_softmax(_coda(m, h, (m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis)[:6]), -1)
-        torch.testing.assert_close(full, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.coda_lens(h, torch.tensor([5])), m.coda_lens(h)[:, [5]], atol=1e-5, rtol=1e-5)
+        assert all(t.shape[1] == 60 for t in kv["coda_1"].values())  # the lens read the cache, never wrote it
+
+
+@ATTN
+def test_a_layer_called_alone_caches_under_the_default_key(attn_type):
+    m = _model(attn_type=attn_type)
+    table = m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis
+    kv: dict = {}
+    with torch.no_grad():
+        m.prelude[0].attn(m.embed(IDS), table[:6], True, kv)
+    assert list(kv) == ["default"]
