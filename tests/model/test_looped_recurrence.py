@@ -684,3 +684,33 @@ def test_a_layer_called_alone_caches_under_the_default_key(attn_type):
     with torch.no_grad():
         m.prelude[0].attn(m.embed(IDS), table[:6], True, kv)
     assert list(kv) == ["default"]
+
+
+@ATTN
+def test_hooks_on_the_attention_output_only_keep_the_fused_kernel_and_the_cache_knows_its_forward(attn_type):
+    """A hook on z alone (not on the scores or pattern) keeps the fused attention: z is the
+    attention written out from the hooked q, k, v all the same, the logits the unhooked ones; the
+    cache records the call (its arguments, the iterations run)."""
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        want = m(IDS, n_loops=3, exit="fixed")
+        logits, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed",
+                                         names_filter=["prelude.0.attn.hook_q", "prelude.0.attn.hook_k",
+                                                       "prelude.0.attn.hook_v", "prelude.0.attn.hook_z"])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    q, k, v = (cache[f"prelude.0.attn.hook_{n}"].transpose(1, 2) for n in ("q", "k", "v"))
+    H = q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    scores = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).masked_fill(~torch.ones(6, 6).tril().bool(), -math.inf)
+    torch.testing.assert_close(cache["prelude.0.attn.hook_z"], (scores.softmax(-1) @ v).transpose(1, 2),
+                               atol=1e-5, rtol=1e-5)
+    assert cache.n_iterations() == 3 and cache.forward["n_loops"] == 3 and cache.forward["exit"] == "fixed"
+
+
+def test_a_bf16_model_hooked_on_its_scores_attends_in_bf16():
+    m = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        want = m(IDS, n_loops=2, exit="fixed")
+        logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="prelude.0.attn.hook_pattern")
+    assert cache["prelude.0.attn.hook_pattern"].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), want.float(), atol=0.1, rtol=0.05)
