@@ -606,8 +606,10 @@ def test_compacted_mla_steps_equal_the_recurrence_with_and_without_a_kv_cache(at
         kv: dict = {}
         with torch.no_grad():
             first = m(IDS[:, :4], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv)
-            second = m(IDS[:, 4:], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=4)
-        out[compact] = (torch.cat([first, second], 1), kv, m.last_forward["row_iterations"])
+            second = m(IDS[:, 4:5], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=4)
+            # a decode step: one token a row, whose rows exit at different iterations (a row leaves whole)
+            third = m(IDS[:, 5:], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=5)
+        out[compact] = (torch.cat([first, second, third], 1), kv, m.last_forward["row_iterations"])
     torch.testing.assert_close(out[2.0][0], out[0.0][0], atol=1e-5, rtol=1e-5)
     for key, layer in out[0.0][1].items():
         for name, t in layer.items():
