@@ -685,7 +685,30 @@ def test_a_layer_called_alone_caches_under_the_default_key(attn_type):
     kv: dict = {}
     with torch.no_grad():
         m.prelude[0].attn(m.embed(IDS), table[:6], True, kv)
+        assert list(kv) == ["default"]
+        kv.clear()
+        m.prelude[0](m.embed(IDS), table[:6], True, kv)  # the whole block
     assert list(kv) == ["default"]
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_a_loop_compacts_only_the_iterations_below_its_share(policy):
+    """compact_below at exactly the share of positions running at an iteration where some have
+    exited: that iteration runs masked (every position, the exited ones frozen), any later one with
+    fewer running compacted; the logits are the recurrence's and the rows run exactly those."""
+    m = _model()
+    crit = _criterion(m, IDS, policy)
+    threshold = _between(crit[2 if policy == "latent" else 1])
+    want, iterations, exit_at = _hand(m, IDS, 6, policy, threshold)
+    running = [int(((exit_at < 0) | (exit_at >= t)).sum()) for t in range(iterations)]  # before iteration t
+    shares = sorted({r / IDS.numel() for r in running[1:] if 0 < r < IDS.numel()})
+    assert shares  # an iteration where some positions have exited and some run
+    m.recurrent.compact_below = shares[-1]
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit=policy, exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ran = IDS.numel() + sum(r if r / IDS.numel() < shares[-1] else IDS.numel() for r in running[1:])
+    assert m.last_forward["row_iterations"] == ran
 
 
 @ATTN
