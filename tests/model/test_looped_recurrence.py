@@ -739,3 +739,31 @@ def test_a_bf16_model_hooked_on_its_scores_attends_in_bf16():
         logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="prelude.0.attn.hook_pattern")
     assert cache["prelude.0.attn.hook_pattern"].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
     torch.testing.assert_close(logits.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(IDS[0]), "input_ids must be a (batch, seq) tensor of token ids"),
+    (lambda m: m(IDS.float()), "input_ids must hold integer token ids, got dtype torch.float32"),
+    (lambda m: m(IDS[:0]), "input_ids is an empty batch (0 sequences): give at least one sequence"),
+    (lambda m: m(IDS[:, :0]), "input_ids is empty: give at least one token"),
+    (lambda m: m(IDS, start_pos=76), "positions 76..81 exceed max_seq_len=80"),
+    (lambda m: m(IDS + 64), "token ids must lie in [0, vocab_size=64)"),
+    (lambda m: m(IDS - 64), "token ids must lie in [0, vocab_size=64)"),
+    (lambda m: m(IDS, exit="never"), "exit must be one of ('act', 'fixed', 'kl', 'latent'), got 'never'"),
+    (lambda m: m(IDS, exit="fixed", exit_threshold=0.1),
+     "exit='fixed' runs every loop and takes no exit_threshold: drop it, or choose exit='kl' or exit='latent'"),
+    (lambda m: m(IDS, exit="act", exit_threshold=0.1),
+     "exit='act' halts at the config's act_threshold and takes no exit_threshold: drop it, or set it with "
+     "model.cfg.replace(act_threshold=...)"),
+    (lambda m: m(IDS, exit="kl", exit_threshold="0.1"), "exit_threshold must be a number, got str '0.1'"),
+    (lambda m: m(IDS, exit="latent", exit_threshold=-0.5),
+     "exit_threshold must be a non-negative number (the latent criterion stops a position below it), got -0.5; "
+     "default 0.01"),
+    (lambda m: m(IDS, n_loops=0), "n_loops must be a positive integer, got 0"),
+    (lambda m: m(IDS, n_loops=True), "n_loops must be a positive integer, got True"),
+])
+def test_each_input_guard_says_what_to_do_in_full(call, message):
+    m = _model()
+    with pytest.raises(ValueError) as err:
+        call(m)
+    assert str(err.value) == message
