@@ -452,20 +452,21 @@ def test_the_coda_lens_of_the_last_state_is_the_forwards_output():
 def test_the_decay_is_clamped_so_its_gradient_stays_finite():
     """A = exp(-exp(log_dt + log_A)) with the exponent clamped to [-20, 20]: unclamped, a channel at
     100 gives exp(100) = inf in float32 and a NaN gradient (inf · 0); clamped, A is 0 there with a
-    zero gradient, and 1 at the other end. Outside [-20, 20] the clamp passes no gradient: at -30
-    exactly 0, where the unclamped dA/dx = -exp(x)·A is -9.4e-14 (a normal float32, not flushed)."""
+    zero gradient, and 1 at the other end. Below -20 the clamp passes no gradient: at -30 and -20.5
+    exactly 0, where the unclamped dA/dx = -exp(x)·A is -9.4e-14 and -1.3e-9 (normal float32s).
+    (Above 20 nothing tells a wider clamp apart: A = exp(-exp(x)) is 0 in float32 from x ≈ 4.5.)"""
     from mythos_probe.model.looped import LTIInjection
 
-    inj = LTIInjection(5)
+    inj = LTIInjection(6)
     with torch.no_grad():
-        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0, -30.0]))
+        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0, -30.0, -20.5]))
         inj.log_dt.zero_()
     A = inj.get_A()
     A.sum().backward()
     assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
-    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0, -20.0]))))
+    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0, -20.0, -20.0]))))
     grad = inj.log_A.grad
-    assert grad[0] == 0 and grad[1] == 0 and grad[4] == 0
+    assert grad[0] == 0 and grad[1] == 0 and grad[4] == 0 and grad[5] == 0
     torch.testing.assert_close(grad[2:4], -torch.exp(torch.tensor([0.0, 19.0])) * A[2:4].detach())
 
 
