@@ -1186,3 +1186,31 @@ def test_paths_to_nothing_are_named_by_their_field(spec, message):
 ])
 def test_a_state_selector_that_does_not_pick_the_state_is_named(state, message):
     assert error_of(Chain(lambda h, x: h), LoopSpec(step="step", state=state)) == message
+
+
+class FixedHead(nn.Module):
+    """A halting head giving the same probabilities at every iteration, one per position."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values).reshape(1, -1, 1)
+
+    def forward(self, h):
+        return self.values.expand(h.shape[0], -1, 1)
+
+
+def test_probabilities_of_exactly_0_and_1_are_accepted_and_a_threshold_of_none_never_exits():
+    from mythos_probe import Halting
+
+    model = Halts()
+    model.head = FixedHead([0.0, 1.0, 0.5, 0.25, 1.0])
+    spec = LoopSpec(step="step", halting=Halting("head", output="probability", rule="threshold", threshold=0.5))
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, [[4, 1, 1, 4, 1]] * 2)
+    never = LoopSpec(step="step", halting=Halting("head", output="probability", rule="cumulative_exit", threshold=None))
+    (trace,) = record(model, never, probes=["halting"])
+    np.testing.assert_array_equal(trace.iteration_metrics["halted_fraction"], [0, 0, 0, 0])
+    model.head = FixedHead([0.0, 1.5, 0.5, 0.25, 1.0])
+    assert error_of(model, spec, probes=["halting"]) == (
+        "LoopSpec.halting.output: the head 'head' gives values in [0, 1.5], outside [0, 1], but they are declared "
+        "probabilities; declare Halting(..., output='logit') if the model applies a sigmoid")
