@@ -46,11 +46,11 @@ def _model(seed=0, **changes) -> LoopedTransformer:
     return m
 
 
-def _converging(embed_scale: float) -> LoopedTransformer:
+def _converging(embed_scale: float, **changes) -> LoopedTransformer:
     """A micro model whose loop settles (a large, constant injection B⊙e against a small block
     output), so that the latent and kl criteria cross their default thresholds part-way, at
     different iterations for different positions."""
-    m = _model(act_threshold=50.0)
+    m = _model(act_threshold=50.0, **changes)
     with torch.no_grad():
         m.recurrent.injection.log_A.zero_()
         m.recurrent.injection.log_dt.fill_(0.2)
@@ -71,14 +71,15 @@ def _loop_emb(t: int, loop_dim: int, dim: int) -> torch.Tensor:
     return torch.tensor(emb, dtype=torch.float32)
 
 
-def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None):
+def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None, min_loops=1):
     """(logits, iterations run, per-position exit iteration (-1: never)) by the recurrence
     written out, with the exit policies' rules: latent/kl freeze a position whose criterion fell
     below the threshold, ACT weights each state by its halting probability, remainder on the
-    halting step, and keeps updating halted positions."""
+    halting step, and keeps updating halted positions. `min_loops`: the policy may stop a position
+    only from iteration min_loops - 1 on (a `LoopBudget`'s; its max_loops is `n_loops` run alone)."""
     r, cfg = m.recurrent, m.cfg
     T = ids.shape[1]
-    freqs = m.freqs_cis[:T]
+    freqs = (m.freqs_cis_mla if cfg.attn_type == "mla" else m.freqs_cis)[:T]  # MLA rotates its rope dims only
     with torch.no_grad():
         x = m.embed(ids)
         for layer in m.prelude:
@@ -115,6 +116,7 @@ def _hand(m: LoopedTransformer, ids, n_loops, policy="fixed", threshold=None):
                     stop = (logp.exp() * (logp - prev_logp)).sum(-1) < threshold
                 prev_logp = logp
             if stop is not None:
+                stop = stop & (t + 1 >= min_loops)
                 exit_at = torch.where(stop & ~halted, torch.tensor(t), exit_at)
                 halted = halted | stop
             h = h_new
@@ -450,14 +452,319 @@ def test_the_coda_lens_of_the_last_state_is_the_forwards_output():
 def test_the_decay_is_clamped_so_its_gradient_stays_finite():
     """A = exp(-exp(log_dt + log_A)) with the exponent clamped to [-20, 20]: unclamped, a channel at
     100 gives exp(100) = inf in float32 and a NaN gradient (inf · 0); clamped, A is 0 there with a
-    zero gradient, and 1 at the other end."""
+    zero gradient, and 1 at the other end. Below -20 the clamp passes no gradient: at -30 and -20.5
+    exactly 0, where the unclamped dA/dx = -exp(x)·A is -9.4e-14 and -1.3e-9 (normal float32s).
+    (Above 20 nothing tells a wider clamp apart: A = exp(-exp(x)) is 0 in float32 from x ≈ 4.5.)"""
     from mythos_probe.model.looped import LTIInjection
 
-    inj = LTIInjection(4)
+    inj = LTIInjection(6)
     with torch.no_grad():
-        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0]))
+        inj.log_A.copy_(torch.tensor([100.0, -100.0, 0.0, 19.0, -30.0, -20.5]))
         inj.log_dt.zero_()
     A = inj.get_A()
     A.sum().backward()
     assert torch.isfinite(inj.log_A.grad).all() and torch.isfinite(inj.log_dt.grad).all()
-    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0]))))
+    torch.testing.assert_close(A, torch.exp(-torch.exp(torch.tensor([20.0, -20.0, 0.0, 19.0, -20.0, -20.0]))))
+    grad = inj.log_A.grad
+    assert grad[0] == 0 and grad[1] == 0 and grad[4] == 0 and grad[5] == 0
+    torch.testing.assert_close(grad[2:4], -torch.exp(torch.tensor([0.0, 19.0])) * A[2:4].detach())
+
+
+# -- per-row budgets (model/budgets.py): each row's output is the one it gets run alone with its budget --------
+
+
+def _criterion(m, ids, policy, n_loops=6) -> torch.Tensor:
+    """(n_loops, B, T) the latent relative residual, or the kl between successive coda-lens
+    distributions (row 0 is iteration 1's), of a fixed run."""
+    with torch.no_grad():
+        _, cache = m.run_with_cache(ids, n_loops=n_loops, exit="fixed")
+        states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
+        if policy == "latent":
+            return (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
+        logp = [m.coda_lens(states[t]) for t in range(1, n_loops + 1)]
+    return torch.stack([(logp[t].exp() * (logp[t] - logp[t - 1])).sum(-1) for t in range(1, n_loops)])
+
+
+@COMPACT
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_budgets_give_each_row_its_own_depth_minimum_and_threshold(policy, compact):
+    """Row 0: at most 6 iterations and its own threshold; row 1: at least 3 iterations, at most 4,
+    another threshold; row 2: 3 iterations at most, a threshold it never reaches. Each row's logits
+    are its own run alone by the recurrence (the policy held back before min_loops, cut at
+    max_loops), on a fixture where the minimum and each row's threshold change some exit;
+    compacted, only the running positions of rows within their budget are computed."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model()
+    ids = IDS3
+    crit = _criterion(m, ids, policy)
+    k = 2 if policy == "latent" else 1  # kl's row 0 is iteration 1's
+    th = [_between(crit[k, 0]), _between(crit[k - 1, 1]), float(crit[:3, 2].min()) / 2]
+    budgets = [LoopBudget(6, exit_threshold=th[0]), LoopBudget(4, min_loops=3, exit_threshold=th[1]),
+               LoopBudget(3, exit_threshold=th[2])]
+    want, exits = [], []
+    for i, b in enumerate(budgets):
+        logits, _, exit_at = _hand(m, ids[i:i + 1], b.max_loops, policy, b.exit_threshold, b.min_loops)
+        want.append(logits)
+        exits.append(exit_at)
+    assert len(set(exits[0].flatten().tolist())) >= 2  # row 0's positions stop at different iterations
+    assert not torch.equal(_hand(m, ids[1:2], 4, policy, th[1])[2], exits[1])  # min_loops=3 holds some back
+    assert bool((exits[2] < 0).all())  # row 2 runs to its max_loops
+    for i in (0, 1):  # the other row's threshold, or the policy's default, would stop the row elsewhere
+        for other in (th[1 - i], 1e-2 if policy == "latent" else 1e-3):
+            assert not torch.equal(_hand(m, ids[i:i + 1], budgets[i].max_loops, policy, other, budgets[i].min_loops)[2],
+                                   exits[i])
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(ids, exit=policy, budgets=budgets)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-5, rtol=1e-5)
+    assert m.last_forward["budgets"] == tuple(budgets) and m.last_forward["n_loops"] == 6
+
+
+@COMPACT
+def test_fixed_budgets_run_each_row_to_its_max_loops(compact):
+    """exit='fixed' with rows of different depths: each row is the fixed recurrence run to its
+    max_loops; compacted, a row past its budget leaves the loop (the rows run are exactly those)."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model()
+    ids = IDS3
+    depths = [5, 2, 3]
+    want = torch.cat([_hand(m, ids[i:i + 1], d)[0] for i, d in enumerate(depths)])
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(ids, exit="fixed", budgets=[LoopBudget(d) for d in depths])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    T = ids.shape[1]
+    ran = sum(depths) * T if compact else ids.numel() * max(depths)
+    assert m.last_forward["iterations"] == max(depths) and m.last_forward["row_iterations"] == ran
+
+
+def test_act_budgets_on_single_token_rows_compacted():
+    """ACT with rows of one token each (decode): compacted, a step runs the rows still within
+    their budget and not halted, each one position wide (the extent 1); a row past its max_loops
+    stops adding weighted states, so its output is the one ACT gives it run alone to that depth."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _model(act_threshold=0.45)
+    ids = torch.tensor([[3], [17], [40], [59]])
+    depths = [6, 3, 4, 2]  # row 1's cut comes at iteration 2, where rows 2 and 3 have left: a step on a subset of rows
+    runs = [_hand(m, ids[i:i + 1], d, "act") for i, d in enumerate(depths)]
+    halted = [int(r[2].item()) for r in runs]
+    # ACT halts rows 0 and 2 within their budgets; rows 1 and 3 would halt later, their budget cuts them first
+    assert halted[0] >= 0 and halted[2] >= 0 and halted[1] < 0 and halted[3] < 0
+    assert int(_hand(m, ids[1:2], 6, "act")[2].item()) >= 3 and int(_hand(m, ids[3:], 6, "act")[2].item()) >= 2
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(ids, budgets=[LoopBudget(d) for d in depths])
+    torch.testing.assert_close(got, torch.cat([r[0] for r in runs]), atol=1e-5, rtol=1e-5)
+    # the first iteration runs dense; after it, the rows neither halted nor past their budget
+    ran = [4] + [sum(1 for h, d in zip(halted, depths) if t < d and (h < 0 or h >= t)) for t in range(1, 6)]
+    assert m.last_forward["row_iterations"] == sum(ran)
+
+
+# -- attention: a prefill in chunks on a KV cache, the attention written out for hooks, the lens of a few positions --
+
+
+ATTN = pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+
+
+@ATTN
+def test_a_prefill_in_chunks_on_a_kv_cache_gives_the_one_prefills_logits(attn_type):
+    """Chunks of 4 and 2 tokens on one cache (the second chunk's queries see the 4 cached keys and
+    their own, causally): the logits of one prefill of all 6, and a cache of every layer holding
+    6 positions."""
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        want = m(IDS, n_loops=3, exit="fixed")
+        cache: dict = {}
+        first = m(IDS[:, :4], n_loops=3, exit="fixed", kv_cache=cache)
+        second = m(IDS[:, 4:], n_loops=3, exit="fixed", kv_cache=cache, start_pos=4)
+    torch.testing.assert_close(torch.cat([first, second], 1), want, atol=1e-5, rtol=1e-5)
+    assert sorted(cache) == ["coda_0", "prelude_0"] + [f"recurrent_loop_{t}" for t in range(3)]
+    assert all(t.shape[1] == 6 for layer in cache.values() for t in layer.values())
+    assert set(cache["coda_0"]) == ({"k", "v"} if attn_type == "gqa" else {"c_kv", "k_rope"})
+
+
+@ATTN
+def test_compacted_mla_steps_equal_the_recurrence_with_and_without_a_kv_cache(attn_type):
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=6, exit="fixed")
+    states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
+    threshold = _between(((states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1))[2])
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, 2.0)
+    out = {}
+    for compact in (0.0, 2.0):  # on a cache, in two chunks: compacted as masked
+        m = _converging(50.0, attn_type=attn_type)
+        m.recurrent.compact_below = compact
+        kv: dict = {}
+        with torch.no_grad():
+            first = m(IDS[:, :4], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv)
+            second = m(IDS[:, 4:5], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=4)
+            # a decode step: one token a row, whose rows exit at different iterations (a row leaves whole)
+            third = m(IDS[:, 5:], n_loops=8, exit="latent", exit_threshold=1e-2, kv_cache=kv, start_pos=5)
+        out[compact] = (torch.cat([first, second, third], 1), kv, m.last_forward["row_iterations"])
+    torch.testing.assert_close(out[2.0][0], out[0.0][0], atol=1e-5, rtol=1e-5)
+    for key, layer in out[0.0][1].items():
+        for name, t in layer.items():
+            torch.testing.assert_close(out[2.0][1][key][name], t, atol=1e-5, rtol=1e-5)
+    assert out[2.0][2] < out[0.0][2]  # the compacted run skipped exited positions
+
+
+@ATTN
+@pytest.mark.parametrize("chunk", [False, True])
+def test_hooks_on_the_scores_see_the_attention_written_out(attn_type, chunk):
+    """A hook on the scores runs the attention written out: scores = q·kᵀ/√d (each key head
+    serving H/Hkv query heads), -inf above the causal diagonal (shifted by the cached keys on a
+    second chunk), pattern = their softmax, z = pattern·v, each against the hooked q, k, v; the
+    logits are the unhooked forward's."""
+    m = _model(attn_type=attn_type)
+    kv: dict = {}
+    ids, start = IDS, 0
+    with torch.no_grad():
+        if chunk:
+            m(IDS[:, :4], n_loops=2, exit="fixed", kv_cache=kv)
+            ids, start = IDS[:, 4:], 4
+        plain_kv = {k: dict(v) for k, v in kv.items()}
+        want = m(ids, n_loops=2, exit="fixed", kv_cache=plain_kv if chunk else None, start_pos=start)
+        logits, cache = m.run_with_cache(ids, n_loops=2, exit="fixed", kv_cache=kv if chunk else None, start_pos=start,
+                                         names_filter=lambda name: name.startswith("prelude.0.attn.hook_"))
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    site = lambda name: cache[f"prelude.0.attn.hook_{name}"]  # noqa: E731
+    q, k, v = (site(n).transpose(1, 2) for n in ("q", "k", "v"))  # (B, heads, ·, d)
+    H = q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    T, S = q.shape[2], k.shape[2]
+    assert (T, S) == ((2, 6) if chunk else (6, 6))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    allowed = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(site("attn_scores"), scores, atol=1e-5, rtol=1e-5)
+    pattern = scores.softmax(-1)
+    torch.testing.assert_close(site("pattern"), pattern, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(site("z"), (pattern @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+
+
+LONG = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(9))
+
+
+@ATTN
+def test_the_coda_lens_of_a_few_positions_is_the_full_lens_there(attn_type):
+    """Two coda layers (the last one runs the wanted queries only). The positions' queries are
+    attended each of the three ways the cost model picks by size (all the same values): all
+    positions then the wanted ones (6 tokens), packed per row (2 of 60), gathered (1 of 10), and
+    packed on top of a KV cache (1 of a 20-token chunk after 40 cached)."""
+    m = _model(attn_type=attn_type, coda_layers=2)
+    table = m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis
+    with torch.no_grad():
+        for ids, positions in ((IDS, [0, 2, 5]), (LONG, [3, 50]), (LONG[:, :10], [7])):
+            _, cache = m.run_with_cache(ids, n_loops=2, exit="fixed", names_filter="recurrent.hook_state_out")
+            h = cache["recurrent.hook_state_out", 1]
+            full = m.coda_lens(h)
+            torch.testing.assert_close(full, F.log_softmax(_coda(m, h, table[:ids.shape[1]]), -1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.coda_lens(h, torch.tensor(positions)), full[:, positions], atol=1e-5, rtol=1e-5)
+        kv: dict = {}
+        m(LONG[:, :40], n_loops=2, exit="fixed", kv_cache=kv)
+        _, cache = m.run_with_cache(LONG[:, 40:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=40,
+                                    names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 1]
+        torch.testing.assert_close(m.coda_lens(h, torch.tensor([5])), m.coda_lens(h)[:, [5]], atol=1e-5, rtol=1e-5)
+        assert all(t.shape[1] == 60 for t in kv["coda_1"].values())  # the lens read the cache, never wrote it
+
+
+@ATTN
+def test_a_layer_called_alone_caches_under_the_default_key(attn_type):
+    m = _model(attn_type=attn_type)
+    table = m.freqs_cis_mla if attn_type == "mla" else m.freqs_cis
+    kv: dict = {}
+    with torch.no_grad():
+        m.prelude[0].attn(m.embed(IDS), table[:6], True, kv)
+        assert list(kv) == ["default"]
+        kv.clear()
+        m.prelude[0](m.embed(IDS), table[:6], True, kv)  # the whole block
+    assert list(kv) == ["default"]
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_a_loop_compacts_only_the_iterations_below_its_share(policy):
+    """compact_below at exactly the share of positions running at an iteration where some have
+    exited: that iteration runs masked (every position, the exited ones frozen), any later one with
+    fewer running compacted; the logits are the recurrence's and the rows run exactly those."""
+    m = _model()
+    crit = _criterion(m, IDS, policy)
+    threshold = _between(crit[2 if policy == "latent" else 1])
+    want, iterations, exit_at = _hand(m, IDS, 6, policy, threshold)
+    running = [int(((exit_at < 0) | (exit_at >= t)).sum()) for t in range(iterations)]  # before iteration t
+    shares = sorted({r / IDS.numel() for r in running[1:] if 0 < r < IDS.numel()})
+    assert shares  # an iteration where some positions have exited and some run
+    m.recurrent.compact_below = shares[-1]
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit=policy, exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    ran = IDS.numel() + sum(r if r / IDS.numel() < shares[-1] else IDS.numel() for r in running[1:])
+    assert m.last_forward["row_iterations"] == ran
+
+
+@ATTN
+def test_hooks_on_the_attention_output_only_keep_the_fused_kernel_and_the_cache_knows_its_forward(attn_type):
+    """A hook on z alone (not on the scores or pattern) keeps the fused attention: z is the
+    attention written out from the hooked q, k, v all the same, the logits the unhooked ones; the
+    cache records the call (its arguments, the iterations run)."""
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():
+        want = m(IDS, n_loops=3, exit="fixed")
+        logits, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed",
+                                         names_filter=["prelude.0.attn.hook_q", "prelude.0.attn.hook_k",
+                                                       "prelude.0.attn.hook_v", "prelude.0.attn.hook_z"])
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    q, k, v = (cache[f"prelude.0.attn.hook_{n}"].transpose(1, 2) for n in ("q", "k", "v"))
+    H = q.shape[1]
+    k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // v.shape[1], 1)
+    scores = ((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])).masked_fill(~torch.ones(6, 6).tril().bool(), -math.inf)
+    torch.testing.assert_close(cache["prelude.0.attn.hook_z"], (scores.softmax(-1) @ v).transpose(1, 2),
+                               atol=1e-5, rtol=1e-5)
+    assert cache.n_iterations() == 3 and cache.forward["n_loops"] == 3 and cache.forward["exit"] == "fixed"
+
+
+def test_a_bf16_model_hooked_on_its_scores_attends_in_bf16():
+    m = _model().to(torch.bfloat16)
+    with torch.no_grad():
+        want = m(IDS, n_loops=2, exit="fixed")
+        logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="prelude.0.attn.hook_pattern")
+    assert cache["prelude.0.attn.hook_pattern"].dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: m(IDS[0]), "input_ids must be a (batch, seq) tensor of token ids"),
+    (lambda m: m(IDS.float()), "input_ids must hold integer token ids, got dtype torch.float32"),
+    (lambda m: m(IDS[:0]), "input_ids is an empty batch (0 sequences): give at least one sequence"),
+    (lambda m: m(IDS[:, :0]), "input_ids is empty: give at least one token"),
+    (lambda m: m(IDS, start_pos=76), "positions 76..81 exceed max_seq_len=80"),
+    (lambda m: m(IDS + 64), "token ids must lie in [0, vocab_size=64)"),
+    (lambda m: m(IDS - 64), "token ids must lie in [0, vocab_size=64)"),
+    (lambda m: m(IDS, exit="never"), "exit must be one of ('act', 'fixed', 'kl', 'latent'), got 'never'"),
+    (lambda m: m(IDS, exit="fixed", exit_threshold=0.1),
+     "exit='fixed' runs every loop and takes no exit_threshold: drop it, or choose exit='kl' or exit='latent'"),
+    (lambda m: m(IDS, exit="act", exit_threshold=0.1),
+     "exit='act' halts at the config's act_threshold and takes no exit_threshold: drop it, or set it with "
+     "model.cfg.replace(act_threshold=...)"),
+    (lambda m: m(IDS, exit="kl", exit_threshold="0.1"), "exit_threshold must be a number, got str '0.1'"),
+    (lambda m: m(IDS, exit="latent", exit_threshold=-0.5),
+     "exit_threshold must be a non-negative number (the latent criterion stops a position below it), got -0.5; "
+     "default 0.01"),
+    (lambda m: m(IDS, n_loops=0), "n_loops must be a positive integer, got 0"),
+    (lambda m: m(IDS, n_loops=True), "n_loops must be a positive integer, got True"),
+])
+def test_each_input_guard_says_what_to_do_in_full(call, message):
+    m = _model()
+    with pytest.raises(ValueError) as err:
+        call(m)
+    assert str(err.value) == message

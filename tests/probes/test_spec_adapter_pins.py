@@ -878,3 +878,339 @@ def test_a_readout_may_return_a_model_output_and_its_errors_name_it():
     assert trace.iterations == 3  # the logits found in a tuple, as in a model's output
     assert error_of(model, LoopSpec(step="step", readout=lambda m, s: 1 / 0)) == (
         "LoopSpec.readout raised ZeroDivisionError: division by zero")
+
+
+# -- what the declaration's callables and selectors are given, and their errors -------------------------------
+
+
+@pytest.mark.parametrize("select, message", [
+    (lambda out: out[:, :3, 0], "LoopSpec.halting.select: the head 'head' gives (2, 3); it must select one value per "
+                                "position (2, 5) or per sequence (2,)"),
+    (lambda out: 0.5, "LoopSpec.halting.select: the head 'head' gives float; it must select one value per position "
+                      "(2, 5) or per sequence (2,)"),
+    (lambda out: 1 / 0, "LoopSpec.halting.select raised ZeroDivisionError: division by zero"),
+])
+def test_a_halting_select_of_the_wrong_shape_or_that_raises_is_named(select, message):
+    from mythos_probe import Halting
+
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 select=select))
+    assert error_of(Halts(), spec, probes=["halting"]) == message
+
+
+def test_a_halting_select_per_sequence_is_given_the_heads_output_and_spread_over_its_positions():
+    """select= gets the head's own output; one value per sequence holds for each of its positions."""
+    from mythos_probe import Halting
+
+    seen = []
+
+    def first_position(out):
+        seen.append(out.shape)
+        return out[:, 0, 0]  # (B,): each sequence's first position
+
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 select=first_position))
+    model = Halts()
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    assert seen and all(shape == (2, 5, 1) for shape in seen)
+    lam = np.repeat(model.lambdas()[:, :, :1], 5, axis=2)  # (I, B, T): the first position's λ everywhere
+    np.testing.assert_allclose(trace.position_metrics["halt_prob"], per_position(lam), rtol=1e-5)
+    halted = by_hand("threshold", lam, 0.545)[2]
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"], halted.mean((1, 2)), rtol=1e-6)
+
+
+def test_the_exit_step_and_threshold_callables_are_given_the_model_and_their_errors_name_them():
+    from mythos_probe import Halting
+
+    model = Halts()
+    lam = model.lambdas()
+    # read from the model (as Ouro's exit_at_step): exit after iteration steps - 3 = 1
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 exit_step=lambda m, call: m.steps - 3))
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 2))
+    model.gate_threshold = 0.545
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold",
+                                                 threshold=lambda m, call: m.gate_threshold))
+    (trace,) = record(model, spec, probes=["halting"])
+    np.testing.assert_allclose(trace.iteration_metrics["halted_fraction"],
+                               by_hand("threshold", lam, 0.545)[2].mean((1, 2)), rtol=1e-6)
+    for field, raising in (("exit_step", dict(threshold=0.545, exit_step=lambda m, call: m.no_such_field)),
+                           ("threshold", dict(threshold=lambda m, call: m.no_such_field))):
+        spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", **raising))
+        assert error_of(model, spec, probes=["halting"]) == (
+            f"LoopSpec.halting.{field} raised AttributeError: 'Halts' object has no attribute 'no_such_field'")
+
+
+class KeywordHead(WithHead):
+    """Calls its readout with the state as a keyword argument (`head(input=h)`): the readout's
+    pre-hook sees no positional argument, so the state kept after the loop is not read there."""
+
+    def forward(self, input_ids):
+        return self.head(input=Chain.forward(self, input_ids))
+
+
+def test_a_readout_called_with_keyword_arguments_only_is_recorded():
+    model = KeywordHead()
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens", "convergence"],
+                      detail="positions")
+    assert trace.iterations == 3
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 3))
+
+
+class OneLayerPass(nn.Module):
+    """Each iteration runs layer 0 alone, with a per-sequence `bias` of shape (B, T, 8) (as a
+    layer takes a per-sequence mask); layer 1 runs once after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.layers = nn.ModuleList([Scaled(), Scaled()])
+        self.bias = nn.Embedding(32, 8)
+
+    def forward(self, input_ids):
+        h, bias = self.embed(input_ids), self.bias(input_ids)
+        for _ in range(3):
+            h = self.layers[0](h, scale=bias)
+        return self.layers[1](h)
+
+
+def test_a_pass_of_one_layer_re_runs_it_with_the_first_sequences_arguments():
+    """first == last: a pass of one entry of the ModuleList. Its Jacobian re-runs that layer on the
+    first sequence with the first sequence's slice of every batch-shaped argument."""
+    model = OneLayerPass()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a re-run that differs would warn and drop the Jacobian
+        (trace,) = record(model, LoopSpec(first="layers.0", last="layers.0"), probes=["jacobian"])
+    h, bias = model.embed(ids), model.bias(ids)
+    want = []
+    for _ in range(3):
+        want.append(jacobian_sigma_max(lambda v: model.layers[0](v, scale=bias[:1]), h[:1]).item())
+        h = model.layers[0](h, scale=bias)
+    np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+
+
+class OwnExits(Halts):
+    """Returns (state, the exit iteration it says each sequence took), as PonderNet returns its
+    sampled exits; the loop itself runs all four iterations."""
+
+    def __init__(self, exits):
+        super().__init__()
+        self.exits = exits
+
+    def forward(self, input_ids):
+        return super().forward(input_ids), self.exits
+
+
+def exits_spec():
+    from mythos_probe import Halting
+
+    return LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545, exits=1),
+                    readout_is_output=False)
+
+
+def test_the_models_own_exits_are_the_iterations_used_and_checked_against_those_it_ran():
+    (trace,) = record(OwnExits(torch.tensor([0, 3])), exits_spec(), probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, [[1] * 5, [4] * 5])
+    for exits in (torch.tensor([4, 1]), torch.tensor([1, -1])):  # past the 4 iterations run, before the first
+        assert error_of(OwnExits(exits), exits_spec(), probes=["halting"]) == (
+            "LoopSpec.halting.exits: the model's exits lie outside the 4 iterations it ran")
+    assert error_of(OwnExits(torch.tensor([1.0, 2.0])), exits_spec(), probes=["halting"]) == (
+        "LoopSpec.halting.exits picks Tensor from the model's output; it must pick the exit iteration (integers) per "
+        "sequence (2,) or per position (2, 5)")
+
+
+def test_a_declared_head_that_never_runs_is_warned_about_in_full():
+    from mythos_probe import Halting
+
+    model = Halts()
+    model.spare = nn.Linear(8, 1)  # never called
+    spec = LoopSpec(step="step", halting=Halting("spare", output="logit", rule="threshold", threshold=0.5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (trace,) = record(model, spec, probes=["halting", "convergence"])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [
+        "LoopSpec.halting.head: 'loop' declares a module that never ran during the loop; its metrics are missing "
+        "from the trace. Check the path"]
+    assert trace.iterations == 4 and "halt_prob" not in trace.iteration_metrics
+
+
+def test_a_restarting_loops_injection_is_its_first_input():
+    """Injection('restart'): every iteration starts from the first one's input, which is the e the
+    record carries (its norm, the injection's)."""
+    model = Chain(lambda h, x: x)
+    (trace,) = record(model, LoopSpec(step="step", injection=Injection("restart")), probes=["spectral"])
+    assert trace.iterations == 3
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], model.embed(ids).norm(dim=-1).mean().item(),
+                               rtol=1e-5)
+
+
+def test_a_concat_loops_init_is_checked_against_its_first_input():
+    """With init= declared, iteration 0's input must be cat[init, e]: the model starts from h = x,
+    not from the zeros declared."""
+    model = Chain(lambda h, x: torch.cat([h, x], -1), width=16)
+    spec = LoopSpec(step="step", init=lambda m: torch.zeros(8), injection=Injection("concat"))
+    assert error_of(model, spec) == chained(
+        0, "cat[previous end state, e]",
+        "Either init= is not the pre-loop state (it must give what the model holds before iteration 0), or "
+        "declare how the input is built (injection=Injection('added'|'concat'|'argument'|'restart'|'function', "
+        "...)), or fix state= / last= (the end state: the pass's last module) and state_in= (the argument "
+        "carrying the state)")
+    (trace,) = record(model, LoopSpec(step="step", init="embed", injection=Injection("concat")), probes=["convergence"])
+    assert trace.iterations == 3
+
+
+def test_an_init_of_the_wrong_shape_and_a_readout_is_output_callable_that_raises_are_named():
+    assert error_of(Chain(plus), LoopSpec(step="step", init=lambda m: torch.zeros(3),
+                                          injection=Injection("added"))) == (
+        "LoopSpec.init: loop 'loop' declares a pre-loop state of shape (3,), which does not broadcast to the loop's "
+        "state (2, 5, 8); init must give the state before iteration 0 (or one row of it)")
+    assert error_of(WithHead(), LoopSpec(step="step", readout="head", readout_is_output=lambda m, call: 1 / 0)) == (
+        "LoopSpec.readout_is_output raised ZeroDivisionError: division by zero")
+
+
+def test_the_readout_of_a_one_iteration_loop_is_checked():
+    model = WithHead()
+    model.steps = 1
+    (trace,) = record(model, LoopSpec(step="step", readout="head"), probes=["lens"])
+    assert trace.iterations == 1
+    wrong = LoopSpec(step="step", readout=lambda m, s: 2 * m.head(s))
+    assert error_of(model, wrong).startswith("LoopSpec.readout: loop 'loop''s readout of the end state differs from "
+                                             "the logits the model returned at 10 of 10 positions.")
+
+
+class MomentumByName(nn.Module):
+    """(h, v) ← step(h, v=v, e=e): the second carried tensor passed by name."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = MomentumKwargsStep()
+
+    def forward(self, input_ids):
+        e = self.embed(input_ids)
+        h, v = e, torch.zeros_like(e)
+        for _ in range(3):
+            h, v = self.step(h, v=v, e=e)
+        return h
+
+
+class MomentumKwargsStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.Linear(8, 8)
+
+    def forward(self, h, v=None, e=None):
+        v = 0.9 * v + torch.tanh(self.cell(h)) + e
+        return h + 0.5 * v, v
+
+
+def test_a_second_carried_tensor_passed_by_name_leaves_the_jacobian_out():
+    spec = LoopSpec(step="step", state=0, injection=Injection("argument", arg="e"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (trace,) = record(MomentumByName(), spec, probes=["convergence", "jacobian"])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == [
+        "LoopSpec.state: loop 'loop''s step takes another tensor that changes every iteration (argument 'v'): a "
+        "second carried state (a momentum beside h, say). jacobian_sigma_max would be the derivative of h with it "
+        "held fixed, not of the map the model iterates, so it is left out"]
+    assert "jacobian_sigma_max" not in trace.iteration_metrics and trace.iterations == 3
+
+
+class Cache:
+    """A KV cache as transformers' caches answer for their length (`get_seq_length`)."""
+
+    def __init__(self):
+        self.n = 0
+
+    def get_seq_length(self):
+        return self.n
+
+
+class CachedChain(Chain):
+    def __init__(self):
+        super().__init__(lambda h, x: h)
+
+    def forward(self, input_ids, past_key_values=None):
+        out = super().forward(input_ids)
+        past_key_values.n += input_ids.shape[1]
+        return out
+
+
+def test_forwards_on_one_kv_cache_share_a_trace_id_and_count_decode_steps():
+    """A prefill and two decode steps on one cache: one trace id, steps 0, 1, 2; a new cache (its
+    length 0) starts a new request. A loop without halting records its exit policy as unknown."""
+    model = CachedChain()
+    first, second = Cache(), Cache()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["convergence"]) as rec:
+        model(ids, past_key_values=first)
+        model(ids[:, :1], past_key_values=first)
+        model(ids[:, :1], past_key_values=first)
+        model(ids, past_key_values=second)
+    traces = rec.traces
+    assert [t.step for t in traces] == [0, 1, 2, 0] and first.n == 7
+    assert len({t.trace_id for t in traces[:3]}) == 1 and traces[3].trace_id != traces[0].trace_id
+    assert [t.exit_policy for t in traces] == ["unknown"] * 4
+
+
+def test_a_state_in_the_start_was_not_called_with_and_a_missing_looped_module_are_named():
+    assert error_of(Chain(plus), LoopSpec(step="step", state_in=2)) == (
+        "LoopSpec.state_in=2: the start of loop 'loop' was called with 1 positional arguments and []; name the "
+        "argument that carries the state")
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(Chain(plus), spec=LoopSpec(step="step", looped=("nope",))).__enter__()
+    assert str(err.value) == ("LoopSpec.looped: Chain has no submodule 'nope'; its submodules include ['embed', 'step', "
+                              "'step.0', 'step.1']")
+
+
+@pytest.mark.parametrize("spec, message", [
+    (LoopSpec(method="nope.run"), "LoopSpec.method: Chain has no submodule 'nope'; its submodules include ['embed', "
+                                  "'step', 'step.0', 'step.1']"),
+    (LoopSpec(method="step.nope"), "LoopSpec.method: Sequential has no method 'nope'"),
+    (LoopSpec(step="step", init="nope"), "LoopSpec.init: Chain has no submodule 'nope'; its submodules include "
+                                         "['embed', 'step', 'step.0', 'step.1']"),
+])
+def test_paths_to_nothing_are_named_by_their_field(spec, message):
+    with pytest.raises(ValueError) as err:
+        mythos_probe.attach(Chain(plus), spec=spec).__enter__()
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("state, message", [
+    (lambda out: out[0], "LoopSpec.state selects a Tensor of shape (5, 8) from the iteration's end output (Tensor); "
+                         "it must pick the (B, T, D) state"),
+    (lambda out: 0.5, "LoopSpec.state selects a float from the iteration's end output (Tensor); it must pick the "
+                      "(B, T, D) state"),
+])
+def test_a_state_selector_that_does_not_pick_the_state_is_named(state, message):
+    assert error_of(Chain(lambda h, x: h), LoopSpec(step="step", state=state)) == message
+
+
+class FixedHead(nn.Module):
+    """A halting head giving the same probabilities at every iteration, one per position."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values).reshape(1, -1, 1)
+
+    def forward(self, h):
+        return self.values.expand(h.shape[0], -1, 1)
+
+
+def test_probabilities_of_exactly_0_and_1_are_accepted_and_a_threshold_of_none_never_exits():
+    from mythos_probe import Halting
+
+    model = Halts()
+    model.head = FixedHead([0.0, 1.0, 0.5, 0.25, 1.0])
+    spec = LoopSpec(step="step", halting=Halting("head", output="probability", rule="threshold", threshold=0.5))
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, [[4, 1, 1, 4, 1]] * 2)
+    never = LoopSpec(step="step", halting=Halting("head", output="probability", rule="cumulative_exit", threshold=None))
+    (trace,) = record(model, never, probes=["halting"])
+    np.testing.assert_array_equal(trace.iteration_metrics["halted_fraction"], [0, 0, 0, 0])
+    model.head = FixedHead([0.0, 1.5, 0.5, 0.25, 1.0])
+    assert error_of(model, spec, probes=["halting"]) == (
+        "LoopSpec.halting.output: the head 'head' gives values in [0, 1.5], outside [0, 1], but they are declared "
+        "probabilities; declare Halting(..., output='logit') if the model applies a sigmoid")
