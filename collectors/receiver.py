@@ -109,10 +109,14 @@ class _GroupCommit:
     so concurrent senders share it: the first waiting request writes every pending one, and each
     is answered after that commit. Requests decode at different speeds, so without waiting most
     commits held one request; the writer therefore first waits, up to `GROUP_WAIT_SECONDS`, for
-    the requests still being decoded (`decoding`) to join. A lone sender never waits: nothing else
-    is decoding. A request stays atomic (all its rows commit or none) and is acknowledged only
-    once committed; a store failure fails every request of the group (503), as it would have
-    failed each alone.
+    requests still being decoded (`decoding`) to join, but only while they outnumber those ready
+    to commit. Waiting for all of them locked the senders into one group: every request decoded,
+    then all committed while the decode workers sat idle, then all were sent again. With half
+    committing while the other half decodes, both cores stay busy (`bench_receiver`, 4 senders on
+    2 cores: 2,421 against 2,153 spans/s; 2 senders 2,293 against 1,928). A lone sender never
+    waits: nothing else is decoding. A request stays atomic (all its rows commit or none) and is
+    acknowledged only once committed; a store failure fails every request of the group (503), as
+    it would have failed each alone.
     """
 
     def __init__(self, store: Store, wait_s: float = GROUP_WAIT_SECONDS) -> None:
@@ -159,8 +163,9 @@ class _GroupCommit:
             if not job.done:  # no write running: this thread writes everything pending
                 self._writing = True
                 deadline = time.monotonic() + self.wait_s
-                while self._decoding and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)  # the requests being decoded join this commit
+                # the requests being decoded join this commit, while they outnumber those ready
+                while self._decoding > len(self._pending) and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
                 group, self._pending = self._pending, []
         if not job.done:
             try:

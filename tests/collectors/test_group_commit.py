@@ -1,6 +1,6 @@
 """The receiver's group commit (`receiver._GroupCommit`) on a real DuckDB store: a commit waits
-for the requests still being decoded so that they share its transaction, never waits when nothing
-is decoding, gives up waiting after its bound, and a request that fails to decode stops counting.
+for the requests still being decoded so that they share its transaction while they outnumber the
+requests ready, commits at once when they do not, never waits when nothing is decoding, gives up waiting after its bound, and a request that fails to decode stops counting.
 
 The store is real; only its `write_batch` is wrapped, to count the transactions it runs.
 """
@@ -8,6 +8,7 @@ The store is real; only its `write_batch` is wrapped, to count the transactions 
 from __future__ import annotations
 
 import threading
+import time
 
 import pandas as pd
 import pytest
@@ -50,31 +51,66 @@ def test_the_default_wait_is_a_quarter_second():
     assert _GroupCommit(object()).wait_s == 0.25
 
 
-def test_a_commit_waits_for_the_request_being_decoded_and_writes_both_at_once(counted):
-    writer = _GroupCommit(counted, wait_s=600)  # far longer than the test: only the decode's end releases it
-    decoding, release, done = threading.Event(), threading.Event(), []
-
-    def slow_request():
+def _decoding_request(writer, first, n, started, release, done):
+    """A request whose body has arrived and whose decode ends when `release` is set."""
+    def run():
         with writer.decoding() as ticket:
             writer.begin(ticket)
-            decoding.set()
+            started.set()
             release.wait(60)
-            done.append(len(writer.write(_batch(100, 3), ticket)))
+            writer.write(_batch(first, n), ticket)
+            done.append(n)  # once committed
 
-    slow = threading.Thread(target=slow_request)
-    slow.start()
-    assert decoding.wait(60)
-    fast = threading.Thread(target=lambda: done.append(len(writer.write(_batch(0, 2)))))
-    fast.start()
-    fast.join(0.5)
-    assert fast.is_alive(), "the commit went ahead without the request still being decoded"
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert started.wait(60)
+    return thread
+
+
+def _until(condition, seconds=60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_a_commit_waits_while_more_requests_are_decoding_than_are_ready(counted):
+    """Two requests decoding and one ready: the commit waits (2 > 1). Once one of them arrives
+    (2 ready, 1 decoding) the two ready commit together without waiting for the last."""
+    writer = _GroupCommit(counted, wait_s=600)  # far longer than the test: only a decode's end releases it
+    release_a, release_b, done = threading.Event(), threading.Event(), []
+    a = _decoding_request(writer, 100, 3, threading.Event(), release_a, done)
+    b = _decoding_request(writer, 200, 4, threading.Event(), release_b, done)
+    ready = threading.Thread(target=lambda: (writer.write(_batch(0, 2)), done.append(2)))
+    ready.start()
+    ready.join(0.5)
+    assert ready.is_alive(), "the commit went ahead while two requests were still being decoded"
     assert counted.sizes == []
+    release_a.set()
+    _until(lambda: counted.sizes == [5])  # the ready one and a's, in one transaction; b still decoding
+    ready.join(60)
+    a.join(60)
+    assert sorted(done) == [2, 3] and b.is_alive()
+    release_b.set()
+    b.join(60)
+    assert counted.sizes == [5, 4] and sorted(done) == [2, 3, 4]
+    assert _forwards(counted) == 9
+    assert writer._decoding == 0
+
+
+def test_a_ready_request_commits_at_once_beside_one_decoding(counted):
+    """One ready, one decoding: the ready one commits now and the other decodes meanwhile (waiting
+    for it kept the decode workers idle during every commit)."""
+    writer = _GroupCommit(counted, wait_s=600)
+    release, done = threading.Event(), []
+    slow = _decoding_request(writer, 100, 3, threading.Event(), release, done)
+    ready = threading.Thread(target=lambda: (writer.write(_batch(0, 2)), done.append(2)))
+    ready.start()
+    ready.join(60)
+    assert not ready.is_alive() and counted.sizes == [2] and done == [2]
     release.set()
     slow.join(60)
-    fast.join(60)
-    assert counted.sizes == [5]  # one transaction for both requests
-    assert _forwards(counted) == 5
-    assert writer._decoding == 0
+    assert counted.sizes == [2, 3] and writer._decoding == 0
 
 
 def test_a_request_handed_over_stops_counting_once(counted):
@@ -103,25 +139,19 @@ def test_a_lone_request_never_waits(counted):
 
 
 def test_the_wait_is_bounded_by_wait_s(counted):
+    """Two requests stuck decoding outnumber the one ready, so the commit waits, but only wait_s."""
     writer = _GroupCommit(counted, wait_s=0.05)
-    stuck, release = threading.Event(), threading.Event()
-
-    def never_done():
-        with writer.decoding() as ticket:
-            writer.begin(ticket)
-            stuck.set()
-            release.wait(60)
-
-    t = threading.Thread(target=never_done)
-    t.start()
-    assert stuck.wait(60)
+    release, done = threading.Event(), []
+    stuck = [_decoding_request(writer, 100 * k, 1, threading.Event(), release, done) for k in (1, 2)]
+    assert writer._decoding == 2
     w = threading.Thread(target=writer.write, args=(_batch(0, 1),))
     w.start()
     w.join(60)
     assert not w.is_alive()
     assert counted.sizes == [1]
     release.set()
-    t.join(60)
+    for t in stuck:
+        t.join(60)
 
 
 def test_a_request_that_fails_to_decode_stops_counting(counted):
