@@ -12,7 +12,6 @@ what-if (`whatif.py`).
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 import pandas as pd
@@ -249,17 +248,18 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _list_sql(keys: list[str], sort: list[dict], filters: dict, count: bool = False) -> tuple[str, list]:
-    """The selected forwards (`sel`) as list rows, filtered and sorted as the grid asks; (body, params).
+def _list_sql(sel: Selection, keys: list[str], sort: list[dict], filters: dict, count: bool = False) -> tuple[str, list]:
+    """The selected forwards as list rows, filtered and sorted as the grid asks; (body, params).
     `count`: unsorted, with only the attribute columns a filter reads (what counting them needs:
     at a million forwards, parsing every forward's attributes and sorting them takes most of a
     second that the count does not need)."""
     known = set(LIST_COLUMNS) | {ATTRIBUTE_PREFIX + k for k in keys}
     if count:
         keys = [k for k in keys if ATTRIBUTE_PREFIX + k in (filters or {})]
+        sort = []
     attrs = [f"json_extract_string(attributes, ?) AS {_quote(ATTRIBUTE_PREFIX + k)}" for k in keys]
     params: list = [_json_path(k) for k in keys]
-    where = ["TRUE"]  # pragma: no mutate (DuckDB reads TRUE in any case)
+    where = ["TRUE"]
     for column, spec in (filters or {}).items():
         if column not in known:
             raise ValueError(f"cannot filter the forwards list on {column!r}")
@@ -276,11 +276,11 @@ def _list_sql(keys: list[str], sort: list[dict], filters: dict, count: bool = Fa
         else:
             raise ValueError(f"unsupported filter {kind}/{op} on {column!r}")
     order = []
-    for item in sort:
+    for item in sort or ():
         if item.get("colId") not in known or item.get("sort") not in ("asc", "desc"):
             raise ValueError(f"cannot sort the forwards list by {item!r}")
-        order.append(f"{_quote(item['colId'])} {item['sort']} NULLS LAST")
-    order += ["start_time DESC", "trace_id"]  # a stable order under paging  # pragma: no mutate (DuckDB reads identifiers in any case)
+        order.append(f"{_quote(item['colId'])} {item['sort'].upper()} NULLS LAST")
+    order += ["start_time DESC", "trace_id"]  # a stable order under paging
     cols = ", ".join(LIST_COLUMNS + tuple(attrs))
     body = f"SELECT * FROM (SELECT {cols} FROM sel) t WHERE {' AND '.join(where)}"
     return (body if count else f"{body} ORDER BY {', '.join(order)}"), params
@@ -290,8 +290,8 @@ def forward_list(store, sel: Selection, keys: list[str], sort: list[dict] | None
                  offset: int = 0, limit: int | None = 100) -> tuple[pd.DataFrame, int]:
     """(one page of list rows, rows matching in all): the forwards list paged on the server.
     `limit=None` returns every matching row (the CSV download)."""
-    body, params = _list_sql(keys, sort or [], filters or {})
-    counted, count_params = _list_sql(keys, [], filters or {}, count=True)
+    body, params = _list_sql(sel, keys, sort or [], filters or {})
+    counted, count_params = _list_sql(sel, keys, sort or [], filters or {}, count=True)
     total = int(select(store, sel, f"SELECT count(*) AS n FROM ({counted})", count_params)["n"].iloc[0])
     if limit is None:
         return select(store, sel, body, params), total
@@ -335,7 +335,7 @@ def position_means(store, sel: Selection, metric: str, per_group: int = 500, gro
     picked = select(
         store,
         sel,
-        ", ranked AS (SELECT forward_id, grp, row_number() OVER (PARTITION BY grp ORDER BY start_time DESC) AS k,"  # pragma: no mutate (SQL letter case: names inside the query only)
+        ", ranked AS (SELECT forward_id, grp, row_number() OVER (PARTITION BY grp ORDER BY start_time DESC) AS k,"
         " dense_rank() OVER (ORDER BY grp) AS g FROM sel WHERE detail = 'positions')"
         " SELECT forward_id, grp FROM ranked WHERE k <= ? AND g <= ?",
         [per_group, groups],
@@ -346,7 +346,7 @@ def position_means(store, sel: Selection, metric: str, per_group: int = 500, gro
     # (forwards are stored in arrival order, so the newest ones sit together).
     ids = picked["forward_id"].to_numpy()
     df = store.query(
-        f"SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"  # pragma: no mutate (SQL letter case: a column read, aliased)
+        f"SELECT pick.grp, p.position, p.iteration, avg({finite('p.' + col)}) AS value,"
         " avg(p.iterations_used) AS used"
         " FROM positions p JOIN (SELECT unnest(?) AS forward_id, unnest(?) AS grp) pick USING (forward_id)"
         " WHERE p.forward_id BETWEEN ? AND ? GROUP BY ALL ORDER BY pick.grp, p.position, p.iteration",
@@ -447,13 +447,13 @@ def iteration_means(store, sel: Selection, metrics: tuple[str, ...]) -> pd.DataF
     return select(store, sel, f"SELECT f.grp, i.iteration, {cols} {_ITER_JOIN} GROUP BY ALL ORDER BY f.grp, i.iteration")
 
 
-def _per_forward_peaks(store, columns: str, where: str = "TRUE") -> str:  # pragma: no mutate (DuckDB reads TRUE in any case)
+def _per_forward_peaks(store, columns: str, where: str = "TRUE") -> str:
     """One row per selected forward holding iteration rows: `columns` (over `f`, the forward) and
     `growth`, its largest finite growth ratio; from `rollup_peaks` where the store keeps it."""
-    if getattr(store, "has_rollups", False):  # pragma: no mutate (a default of None reads as False)
+    if getattr(store, "has_rollups", False):
         return (f"SELECT {columns}, p.growth_peak AS growth FROM sel f JOIN rollup_peaks p USING (forward_id)"
                 f" WHERE {where}")
-    peaks = (f"SELECT i.forward_id, max({finite('i.growth_ratio')}) AS growth FROM iterations i"  # pragma: no mutate (SQL letter case: a column read, aliased)
+    peaks = (f"SELECT i.forward_id, max({finite('i.growth_ratio')}) AS growth FROM iterations i"
              f" WHERE i.forward_id IN (SELECT f.forward_id FROM sel f WHERE {where}) GROUP BY i.forward_id")
     return f"SELECT {columns}, p.growth FROM sel f JOIN ({peaks}) p USING (forward_id) WHERE {where}"
 
@@ -463,13 +463,12 @@ def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataF
     about `buckets` equal buckets: p10 / p50 / p90 over the forwards in each bucket, their count
     and time span (`t_lo`, `t_hi`), and where the bucket's forwards lie on x (their mean). A
     chart then draws a few hundred points per run however many forwards there are."""
-    xcol = {"step": "CAST(f.step AS DOUBLE)", "time": "CAST(epoch_us(f.start_time) AS DOUBLE)"}[x]  # pragma: no mutate (SQL letter case: columns read, aliased)
+    xcol = {"step": "CAST(f.step AS DOUBLE)", "time": "CAST(epoch_us(f.start_time) AS DOUBLE)"}[x]
     min_width = 1.0 if x == "step" else 1e6  # a step, a second
-    rho = finite("f.rho_A")  # pragma: no mutate (SQL letter case: a column read, aliased)
     return select(
         store,
         sel,
-        f""", per AS ({_per_forward_peaks(store, f"f.run_id, {xcol} AS x, f.start_time, {rho} AS rho")}),
+        f""", per AS ({_per_forward_peaks(store, f"f.run_id, {xcol} AS x, f.start_time, {finite('f.rho_A')} AS rho")}),
         span AS (SELECT min(x) AS lo, greatest((max(x) - min(x)) / ?, ?) AS width FROM per),
         b AS (SELECT per.*, floor((x - lo) / width) AS bucket FROM per, span),
         -- one list quantile per column: one sort of the bucket's values, not three
@@ -486,13 +485,13 @@ def spectral_bands(store, sel: Selection, x: str, buckets: int = 80) -> pd.DataF
 def diverged_points(store, sel: Selection, x: str, limit: int = 2000) -> pd.DataFrame:
     """The diverged forwards (`diverged_at` ≥ 0) as points: x, ρ(Ā), peak growth and what their
     tooltip names (trace id, model, endpoint). The newest `limit` of them, so the chart stays small."""
-    xcol = {"step": "f.step", "time": "f.start_time"}[x]  # pragma: no mutate (SQL letter case: columns read, aliased)
+    xcol = {"step": "f.step", "time": "f.start_time"}[x]
     return select(
         store,
         sel,
-        f", per AS ({_per_forward_peaks(store, 'f.*', 'f.diverged_at >= 0')})"  # pragma: no mutate (SQL letter case: `f.*` and a condition)
+        f", per AS ({_per_forward_peaks(store, 'f.*', 'f.diverged_at >= 0')})"
         f" SELECT f.trace_id, f.run_id, f.model_id, coalesce(json_extract_string(f.attributes, '$.endpoint'), '–') AS endpoint,"
-        f" {xcol} AS x, {finite('f.rho_A')} AS rho, f.growth FROM per f ORDER BY f.start_time DESC LIMIT ?",  # pragma: no mutate (SQL letter case: a column read, aliased)
+        f" {xcol} AS x, {finite('f.rho_A')} AS rho, f.growth FROM per f ORDER BY f.start_time DESC LIMIT ?",
         [limit],
     )
 
@@ -544,7 +543,7 @@ def cost_over_time(store, sel: Selection, buckets: int = 60) -> pd.DataFrame:
     return select(
         store,
         sel,
-        ", span AS (SELECT greatest(epoch_us(max(start_time)) - epoch_us(min(start_time)), 1) AS us FROM sel)"  # pragma: no mutate (SQL letter case: names inside the query only)
+        ", span AS (SELECT greatest(epoch_us(max(start_time)) - epoch_us(min(start_time)), 1) AS us FROM sel)"
         " SELECT time_bucket(to_microseconds(CAST(ceil((SELECT us FROM span) / ?) AS BIGINT)), start_time) AS t,"
         " grp, sum(flops) AS flops, sum(mean_iterations * batch * seq_len) AS token_iterations"
         " FROM sel GROUP BY ALL ORDER BY t, grp",
@@ -568,8 +567,7 @@ def matching_count(store, sel: Selection) -> int:
 
 def kind_counts(store, sel: Selection) -> dict[str, int]:
     """Forwards `sel` keeps, by forward kind (every kind, whatever `sel.kinds` says)."""
-    every_kind = dataclasses.replace(sel, kinds=())  # pragma: no mutate (kinds=None keeps every kind, as () does)
-    df = select(store, every_kind, "SELECT kind, count(*) AS n FROM sel GROUP BY kind ORDER BY kind")
+    df = select(store, dataclasses.replace(sel, kinds=()), "SELECT kind, count(*) AS n FROM sel GROUP BY kind ORDER BY kind")
     return dict(zip(df["kind"], df["n"].astype(int)))
 
 
@@ -627,8 +625,8 @@ def depth_profile(store, sel: Selection) -> pd.DataFrame:
     # (Σ_{k ≥ t} exits_f(k) / n_f); every forward has an iteration-0 row, which counts the group.
     return select(
         store, sel,
-        ", per AS (SELECT f.grp, i.iteration, sum(i.exit_count) AS exits,"  # pragma: no mutate (SQL letter case: names inside the query only)
-        "  sum(i.exit_count / (f.batch * f.seq_len)) AS exit_share, count(*) AS rows, sum(f.batch * f.seq_len) AS n"  # pragma: no mutate (SQL letter case: names inside the query only)
+        ", per AS (SELECT f.grp, i.iteration, sum(i.exit_count) AS exits,"
+        "  sum(i.exit_count / (f.batch * f.seq_len)) AS exit_share, count(*) AS rows, sum(f.batch * f.seq_len) AS n"
         f"  {_ITER_JOIN} WHERE isfinite(i.exit_count) GROUP BY ALL),"
         " g AS (SELECT grp, rows AS forwards, n AS positions FROM per WHERE iteration = 0)"
         " SELECT per.grp, per.iteration, sum(per.exits) OVER w AS active,"
@@ -649,7 +647,7 @@ SWEEP_KEYS = ("sweep", "sweep_loops", "sweep_correct", "sweep_positions")
 def sweep_forwards(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
     """The sweep forwards of the newest `sweeps` sweeps `sel` keeps (any forward kind): forward id,
     sweep, loops, model, the sweep's counts (NULL without targets) and its start time."""
-    sel = dataclasses.replace(sel, kinds=())  # pragma: no mutate (kinds=None keeps every kind, as () does)
+    sel = dataclasses.replace(sel, kinds=(), group="none")
     return select(
         store, sel,
         ", sw AS (SELECT forward_id, json_extract_string(attributes, '$.sweep') AS sweep,"
@@ -657,7 +655,7 @@ def sweep_forwards(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
         "  TRY_CAST(json_extract_string(attributes, '$.sweep_correct') AS BIGINT) AS correct,"
         "  TRY_CAST(json_extract_string(attributes, '$.sweep_positions') AS BIGINT) AS compared,"
         "  model_id, start_time FROM sel WHERE json_extract_string(attributes, '$.sweep') IS NOT NULL),"
-        " newest AS (SELECT sweep, max(start_time) AS t FROM sw WHERE loops IS NOT NULL GROUP BY sweep ORDER BY t DESC LIMIT ?)"  # pragma: no mutate (SQL letter case: names inside the query only)
+        " newest AS (SELECT sweep, max(start_time) AS t FROM sw WHERE loops IS NOT NULL GROUP BY sweep ORDER BY t DESC LIMIT ?)"
         " SELECT sw.* FROM sw JOIN newest USING (sweep) WHERE sw.loops IS NOT NULL ORDER BY newest.t DESC, sw.sweep, sw.loops",
         [sweeps],
     )
@@ -676,8 +674,8 @@ def sweep_curves(store, sel: Selection, sweeps: int = 12) -> pd.DataFrame:
     deepest = picked.loc[picked.groupby("sweep")["loops"].idxmax(), ["sweep", "forward_id"]]
     # The ids as constants with their range, so DuckDB reads only the row groups holding them.
     agree = store.query(
-        "WITH pick AS (SELECT unnest(?) AS forward_id, unnest(?) AS sweep),"  # pragma: no mutate (SQL letter case: names inside the query only)
-        " deep AS (SELECT unnest(?) AS sweep, unnest(?) AS deep_id),"  # pragma: no mutate (SQL letter case: names inside the query only)
+        "WITH pick AS (SELECT unnest(?) AS forward_id, unnest(?) AS sweep),"
+        " deep AS (SELECT unnest(?) AS sweep, unnest(?) AS deep_id),"
         " final AS (SELECT p.forward_id, p.batch_index, p.position, p.lens_argmax FROM positions p"
         "  WHERE p.forward_id BETWEEN ? AND ? AND p.forward_id IN (SELECT forward_id FROM pick)"
         "  AND p.iteration = p.iterations_used - 1 AND isfinite(p.lens_argmax) AND p.lens_argmax >= 0)"
@@ -705,12 +703,11 @@ COMPARE_FORWARD_COLUMNS = ("iterations", "n_loops", "tokens", "duration_ms")
 
 def resolve(store, text: str | None) -> tuple[str, str] | None:
     """What the compare view's A or B box names: ("forward", trace id) or ("run", run id), or None."""
-    if not (text and text.strip()):
+    text = (text or "").strip()
+    if not text:
         return None
-    text = text.strip()
-    # "0X…" and upper-case digits as pasted from anywhere; leading zeros may be left out
-    hex_digits = re.fullmatch(r"(?:0x)?([0-9a-f]{1,32})", text.lower())
-    trace = hex_digits and hex_digits.group(1).zfill(32)
+    lowered = text.lower()  # "0X…" and upper-case digits as pasted from anywhere
+    trace = lowered.removeprefix("0x").zfill(32) if all(c in "0123456789abcdefx" for c in lowered) else None
     if trace and not store.query("SELECT 1 FROM forwards WHERE trace_id = ? LIMIT 1", [trace]).empty:
         return "forward", trace
     if not store.query("SELECT 1 FROM forwards WHERE run_id = ? LIMIT 1", [text]).empty:
@@ -721,8 +718,8 @@ def resolve(store, text: str | None) -> tuple[str, str] | None:
 def compare_defaults(store, sel: Selection) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
     """When the compare view is given nothing: the two newest runs `sel` keeps (older as A), else
     its two newest forwards."""
-    runs_df = select(store, sel,
-                     "SELECT run_id, max(start_time) AS t FROM sel GROUP BY run_id ORDER BY t DESC LIMIT 2")  # pragma: no mutate (SQL letter case: a bare column and an alias only ORDER BY reads)
+    runs_df = select(store, dataclasses.replace(sel, group="none"),
+                     "SELECT run_id, max(start_time) AS t FROM sel GROUP BY run_id ORDER BY t DESC LIMIT 2")
     if len(runs_df) == 2:
         return ("run", str(runs_df["run_id"].iloc[1])), ("run", str(runs_df["run_id"].iloc[0]))
     fw = select(store, sel, "SELECT trace_id FROM sel ORDER BY start_time DESC LIMIT 2")
@@ -748,7 +745,7 @@ def compare_forward_metrics(store, sel: Selection, side: tuple[str, str]) -> pd.
     from mythos_probe.records import FORWARD_METRIC_NAMES
 
     names = (*COMPARE_FORWARD_COLUMNS, *FORWARD_METRIC_NAMES)
-    cols = ", ".join(f"avg({finite('CAST(f.' + _quote(n) + ' AS DOUBLE)')}) AS {_quote(n)}" for n in names)  # pragma: no mutate (SQL letter case: a column read, aliased)
+    cols = ", ".join(f"avg({finite('CAST(f.' + _quote(n) + ' AS DOUBLE)')}) AS {_quote(n)}" for n in names)
     if side[0] == "forward":
         return store.query(f"SELECT count(*) AS forwards, {cols} FROM forwards f WHERE f.trace_id = ?", [side[1]])
     return select(store, _side_selection(sel, side), f"SELECT count(*) AS forwards, {cols} FROM sel f")
