@@ -308,3 +308,16 @@ def test_verify_refusals_word_for_word():
                                              r"hook\): the loop then computes every position, and verify's runs would "
                                              r"land in your recording; call verify outside that context$"):
             whatif.verify(model, ids, "kl", 0.1)
+
+
+def test_exits_of_several_traces_every_column_in_order():
+    """One row per lens-sampled position of every trace, numbered 0..P-1 across the traces, with
+    the keys that find the position again (trace, span, batch row, position) named as documented."""
+    a, b = hand_trace(), hand_trace()
+    got = whatif.exits([a, b], "kl", 0.01)
+    want = pd.DataFrame({
+        "trace_id": [a.trace_id] * 2 + [b.trace_id] * 2, "span_id": [a.span_id] * 2 + [b.span_id] * 2,
+        "batch_index": [0, 0, 0, 0], "position": [0, 1, 0, 1], "exit_iteration": [3, 1, 3, 1],
+        "iterations_used": [4, 2, 4, 2], "iterations_run": [4, 4, 4, 4], "agrees": [True, False, True, False],
+    })
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)
