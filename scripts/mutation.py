@@ -283,8 +283,8 @@ def main(argv=None) -> int:
     where = stage(key, tests_by_module[key], cfg)
     reset = forget_renumbered(key, where)
     if reset:
-        print(f"{len(reset)} results reset to 'not checked': their functions' text changed (a pragma?) "
-              "while mutmut's AST hash did not, so the mutants were renumbered")
+        print(f"{len(reset)} results reset to 'not checked': their functions' text changed since the last run "
+              "(mutmut's own check reads the AST, which leaves out a changed `# pragma: no mutate`)")
     every, equivalent = mark_equivalents(key, where)
     print(f"{len(equivalent)} of {len(every)} mutants are equivalent by rule (SQL letter case); "
           f"{'checking them' if args.check_equivalents else 'left out of the run'}: {equivalent_file(key)}")
