@@ -225,12 +225,12 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
     for criterion, th in _thresholds(pos.available, thresholds).items():
         exit_at = pos.exits(criterion, th)  # (K, P)
         used = exit_at + 1
-        saved = 1.0 - used.sum(-1) / total
+        saved = 1.0 - used.sum(1) / total  # (K, P): axis 1 is the positions
         lens_cost = pos.lens_share * (1.0 - saved) if criterion in LENS_CRITERIA else np.zeros_like(saved)
         rows.append(pd.DataFrame({
-            "criterion": criterion, "threshold": th, "mean_iterations": used.mean(-1),
+            "criterion": criterion, "threshold": th, "mean_iterations": used.mean(1),
             "iterations_saved": saved, "flops_saved": saved * pos.loop_share - lens_cost, "lens_cost": lens_cost,
-            "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1], "baseline": pos.baseline,
+            "agreement": pos.agreement(exit_at).mean(1), "positions": used.shape[1], "baseline": pos.baseline,
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
 
