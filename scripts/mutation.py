@@ -171,6 +171,28 @@ def forget_renumbered(module: str, where: Path) -> list[str]:
     return sorted(reset)
 
 
+def forget_stale_stats(where: Path, tests: list[str]) -> bool:
+    """Delete mutmut's record of which tests run which functions (`mutants/mutmut-stats.json`) when
+    a test file of the module's mapping changed since the last staging (or was never recorded);
+    returns whether it did.
+
+    Why: mutmut collects that record again only for tests it has not seen; a test whose body now
+    calls one more function keeps its old record, and mutmut never runs it against that function's
+    mutants (a mutant it kills is counted as surviving). Without the record, mutmut collects it
+    for every test at the next run (one run of the mapped tests)."""
+    import hashlib
+
+    files = sorted({t.split("::")[0] for t in tests} | {"tests/conftest.py"})
+    texts = {f: hashlib.sha256((where / f).read_bytes()).hexdigest()[:16] for f in files if (where / f).is_file()}
+    record = where / "test_texts.json"
+    stale = not record.exists() or json.loads(record.read_text()) != texts
+    stats = where / "mutants" / "mutmut-stats.json"
+    if stale and stats.exists():
+        stats.unlink()
+    record.write_text(json.dumps(texts, indent=1, sort_keys=True) + "\n")
+    return stale
+
+
 def equivalent_file(module: str) -> Path:
     return STAGE / slug(module) / "equivalent.json"
 
@@ -281,6 +303,8 @@ def main(argv=None) -> int:
         mark_equivalents(key, STAGE / slug(key))
         return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key]).returncode
     where = stage(key, tests_by_module[key], cfg)
+    if forget_stale_stats(where, tests_by_module[key]):
+        print("a mapped test file changed since the last run: mutmut collects which tests run which functions again")
     reset = forget_renumbered(key, where)
     if reset:
         print(f"{len(reset)} results reset to 'not checked': their functions' text changed since the last run "

@@ -44,3 +44,23 @@ def test_a_pragma_resets_the_results_of_its_function_only(tmp_path):
     assert after == {**codes, "mythos_probe.boxes.xǁBoxǁsize__mutmut_1": None,
                      "mythos_probe.boxes.xǁBoxǁsize__mutmut_2": None}
     assert forget_renumbered("mythos_probe/boxes.py", tmp_path) == []  # the new text is the record now
+
+
+def test_a_changed_test_file_makes_mutmut_collect_its_test_map_again(tmp_path):
+    """mutmut maps tests to the functions they run once per test name: a test file of the module's
+    mapping that changed makes scripts/mutation.py delete that map, so that mutmut collects it anew."""
+    from mutation import forget_stale_stats
+
+    (tmp_path / "tests").mkdir()
+    test = tmp_path / "tests" / "test_a.py"
+    test.write_text("def test_a(): pass\n")
+    stats = tmp_path / "mutants" / "mutmut-stats.json"
+    stats.parent.mkdir()
+    mapping = ["tests/test_a.py::test_a"]
+
+    stats.write_text("{}")
+    assert forget_stale_stats(tmp_path, mapping) and not stats.exists()  # never recorded: collected anew
+    stats.write_text("{}")
+    assert not forget_stale_stats(tmp_path, mapping) and stats.exists()  # unchanged: kept
+    test.write_text("def test_a(): assert 1\n")
+    assert forget_stale_stats(tmp_path, mapping) and not stats.exists()
