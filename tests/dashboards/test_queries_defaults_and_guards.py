@@ -197,12 +197,12 @@ class Bare:
 
 
 def test_the_views_read_the_rollups_a_store_keeps_and_raw_rows_otherwise(tmp_path):
-    """With the rollup rows of expert load and peak growth deleted, a store that keeps rollups
-    shows nothing (the views do read them) and the same store seen without rollups shows what it
-    showed before, from its raw rows."""
+    """With the rollup rows deleted, a store that keeps rollups shows nothing (the views do read
+    them) and the same store seen without rollups shows what it showed before, from its raw rows."""
     sel = Selection(kinds=())
     views = {"experts": Q.expert_load, "bands": lambda s, sel: Q.spectral_bands(s, sel, "step"),
-             "diverged": lambda s, sel: Q.diverged_points(s, sel, "step")}
+             "diverged": lambda s, sel: Q.diverged_points(s, sel, "step"), "tokens": Q.tokens_by_iterations_used,
+             "means": lambda s, sel: Q.iteration_means(s, sel, ("state_norm", "halt_prob"))}
     with Store(tmp_path / "r.duckdb") as s:
         s.write_traces(TRACES)
         before = {name: view(s, sel) for name, view in views.items()}
@@ -210,6 +210,7 @@ def test_the_views_read_the_rollups_a_store_keeps_and_raw_rows_otherwise(tmp_pat
         with s._cursors.cursor(read=False) as cur:
             cur.execute("DELETE FROM rollup_experts")
             cur.execute("DELETE FROM rollup_peaks")
+            cur.execute("DELETE FROM rollup_iterations")
         for name, view in views.items():
             assert view(s, sel).empty, name
             pd.testing.assert_frame_equal(view(Bare(s), sel), before[name], check_dtype=False, rtol=1e-12, obj=name)
