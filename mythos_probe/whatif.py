@@ -156,22 +156,27 @@ class _Positions:
         """(K, P, I) bool: criterion fired at iteration t for threshold k (NaN never fires)."""
         score = self.metrics[INPUTS[criterion]]
         if criterion == "entropy":
-            score = np.abs(np.diff(score, axis=1, prepend=np.nan))  # its change; NaN at t = 0
+            score = np.abs(np.diff(score, prepend=np.nan))  # its change along the iterations; NaN at t = 0
         elif criterion == "argmax_stable":
             score = _stable_run(score)
-        th = thresholds[:, None, None]
-        with np.errstate(invalid="ignore"):
-            return score[None] >= th if FIRES[criterion] == "at_least" else score[None] < th
+        th = thresholds[:, None, None]  # NaN compares False without a warning: it never fires
+        return score[None] >= th if FIRES[criterion] == "at_least" else score[None] < th
 
     def exits(self, criterion: str, thresholds: np.ndarray) -> np.ndarray:
         """(K, P) exit iteration: the first firing one, else the last executed one."""
-        fired = self.fires(criterion, thresholds) & (np.arange(self.metrics["lens_top1_agree"].shape[1]) < self.n[:, None])
+        width = self.metrics["lens_top1_agree"].shape[1]
+        # `<=` would let iteration n fire, but it is NaN padding, which never fires (argmax_stable's run is 0 there: k ≤ 0 fires at 0 first)
+        executed = np.arange(width) < self.n[:, None]  # pragma: no mutate (`<=` is equivalent, above)
+        fired = self.fires(criterion, thresholds) & executed
         return np.where(fired.any(-1), fired.argmax(-1), self.n - 1)
 
     def agreement(self, exit_at: np.ndarray) -> np.ndarray:
         """(K, P) lens_top1_agree at the exit iteration."""
         agree = self.metrics["lens_top1_agree"]
-        return np.take_along_axis(np.broadcast_to(agree, exit_at.shape + agree.shape[1:]), exit_at[..., None], -1)[..., 0]
+        return np.take_along_axis(
+            np.broadcast_to(agree, exit_at.shape + agree.shape[1:]), exit_at[..., None],
+            -1,  # pragma: no mutate (numpy ≥ 2.3 defaults axis to -1, which 1.26 needs given)
+        )[..., 0]
 
 
 def _stable_run(argmax: np.ndarray) -> np.ndarray:
@@ -220,12 +225,12 @@ def evaluate(traces: Sequence[LoopTrace], thresholds: Mapping[str, Iterable[floa
     for criterion, th in _thresholds(pos.available, thresholds).items():
         exit_at = pos.exits(criterion, th)  # (K, P)
         used = exit_at + 1
-        saved = 1.0 - used.sum(-1) / total
+        saved = 1.0 - used.sum(1) / total  # (K, P): axis 1 is the positions
         lens_cost = pos.lens_share * (1.0 - saved) if criterion in LENS_CRITERIA else np.zeros_like(saved)
         rows.append(pd.DataFrame({
-            "criterion": criterion, "threshold": th, "mean_iterations": used.mean(-1),
+            "criterion": criterion, "threshold": th, "mean_iterations": used.mean(1),
             "iterations_saved": saved, "flops_saved": saved * pos.loop_share - lens_cost, "lens_cost": lens_cost,
-            "agreement": pos.agreement(exit_at).mean(-1), "positions": used.shape[1], "baseline": pos.baseline,
+            "agreement": pos.agreement(exit_at).mean(1), "positions": used.shape[1], "baseline": pos.baseline,
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=COLUMNS)
 

@@ -120,6 +120,79 @@ def stage(module: str, tests: list[str], cfg: dict) -> Path:
     return where
 
 
+def forget_renumbered(module: str, where: Path) -> list[str]:
+    """Set to "not checked" mutmut's results of the functions whose text changed since the last
+    staging; returns the names reset.
+
+    Why: mutmut keeps a function's results while its AST is unchanged, and comments are not in the
+    AST. A `# pragma: no mutate` added or removed changes which mutants the function has and so
+    their numbers: the kept results would silently belong to other mutants (a "killed" moved onto
+    a survivor). Each function's text, comments in, is recorded in the stage
+    (`function_texts.json`); one that differs from the record is re-tested by the next
+    --survivors or --sample run. Without a record (a stage made before this check), nothing is reset."""
+    import ast
+    import hashlib
+
+    from mutmut.mutation.trampoline_templates import mangle_function_name
+
+    target = staged_path(module)
+    files = [Path(target)] if target.endswith(".py") else sorted(
+        p.relative_to(where) for p in (where / target).rglob("*.py"))
+    texts: dict[str, str] = {}
+    for rel in files:
+        source = (where / rel).read_text()
+        lines = source.splitlines()
+        prefix = str(rel).removesuffix(".py").replace("/", ".").removesuffix(".__init__")
+
+        def visit(body, owner=None):
+            for node in body:
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+                    text = "\n".join(lines[first - 1:node.end_lineno])
+                    key = f"{prefix}.{mangle_function_name(name=node.name, class_name=owner)}"
+                    texts[key] = hashlib.sha256(text.encode()).hexdigest()[:16]
+                elif isinstance(node, ast.ClassDef):
+                    visit(node.body, node.name if owner is None else f"{owner}.{node.name}")
+
+        visit(ast.parse(source).body)
+    record = where / "function_texts.json"
+    old = json.loads(record.read_text()) if record.exists() else {}
+    changed = {f for f, h in texts.items() if f in old and old[f] != h}
+    reset = []
+    for meta in (where / "mutants").rglob("*.py.meta") if changed else ():
+        data = json.loads(meta.read_text())
+        codes = data["exit_code_by_key"]
+        hit = [n for n, code in codes.items() if code is not None and n.partition("__mutmut_")[0] in changed]
+        if hit:
+            codes.update(dict.fromkeys(hit))
+            meta.write_text(json.dumps(data, indent=4))
+            reset += hit
+    record.write_text(json.dumps(texts, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
+    return sorted(reset)
+
+
+def forget_stale_stats(where: Path, tests: list[str]) -> bool:
+    """Delete mutmut's record of which tests run which functions (`mutants/mutmut-stats.json`) when
+    a test file of the module's mapping changed since the last staging (or was never recorded);
+    returns whether it did.
+
+    Why: mutmut collects that record again only for tests it has not seen; a test whose body now
+    calls one more function keeps its old record, and mutmut never runs it against that function's
+    mutants (a mutant it kills is counted as surviving). Without the record, mutmut collects it
+    for every test at the next run (one run of the mapped tests)."""
+    import hashlib
+
+    files = sorted({t.split("::")[0] for t in tests} | {"tests/conftest.py"})
+    texts = {f: hashlib.sha256((where / f).read_bytes()).hexdigest()[:16] for f in files if (where / f).is_file()}
+    record = where / "test_texts.json"
+    stale = not record.exists() or json.loads(record.read_text()) != texts
+    stats = where / "mutants" / "mutmut-stats.json"
+    if stale and stats.exists():
+        stats.unlink()
+    record.write_text(json.dumps(texts, indent=1, sort_keys=True) + "\n")
+    return stale
+
+
 def equivalent_file(module: str) -> Path:
     return STAGE / slug(module) / "equivalent.json"
 
@@ -230,6 +303,12 @@ def main(argv=None) -> int:
         mark_equivalents(key, STAGE / slug(key))
         return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mutation_scores.py"), key]).returncode
     where = stage(key, tests_by_module[key], cfg)
+    if forget_stale_stats(where, tests_by_module[key]):
+        print("a mapped test file changed since the last run: mutmut collects which tests run which functions again")
+    reset = forget_renumbered(key, where)
+    if reset:
+        print(f"{len(reset)} results reset to 'not checked': their functions' text changed since the last run "
+              "(mutmut's own check reads the AST, which leaves out a changed `# pragma: no mutate`)")
     every, equivalent = mark_equivalents(key, where)
     print(f"{len(equivalent)} of {len(every)} mutants are equivalent by rule (SQL letter case); "
           f"{'checking them' if args.check_equivalents else 'left out of the run'}: {equivalent_file(key)}")

@@ -199,3 +199,23 @@ def test_sweep_curves_edges_one_position_no_lens_and_no_targets(tmp_path):
                                                        "correct", "accuracy", "best", "newest"]
     finally:
         store.close()
+
+
+def test_sweep_curves_of_sweeps_ending_together_go_by_sweep_name(tmp_path):
+    """Two sweeps whose newest forwards start at the same instant: by sweep name, then loop count;
+    the frame has exactly the view's columns and rows numbered from 0."""
+    from tests.dashboards.test_issue25_views import sweep_traces
+
+    rng = np.random.default_rng(11)
+    preds = {1: np.array([[1, 2]]), 2: np.array([[1, 3]])}
+    store = Store(tmp_path / "tie.duckdb")
+    try:
+        store.write_traces(sweep_traces(rng, "zeta", preds, 0) + sweep_traces(rng, "alpha", preds, 0))
+        df = Q.sweep_curves(store, Selection())
+    finally:
+        store.close()
+    assert list(df.columns) == ["sweep", "loops", "model_id", "positions", "agreeing", "agreement", "correct",
+                                "accuracy", "best", "newest"]
+    assert df.index.tolist() == [0, 1, 2, 3]
+    assert list(zip(df["sweep"], df["loops"])) == [("alpha", 1), ("alpha", 2), ("zeta", 1), ("zeta", 2)]
+    assert df["agreeing"].tolist() == [1, 2, 1, 2] and df["agreement"].tolist() == [0.5, 1.0, 0.5, 1.0]

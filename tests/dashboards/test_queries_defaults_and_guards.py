@@ -164,3 +164,72 @@ def test_a_text_filter_without_text_keeps_every_row(store):
         assert total == len(F), op
     _, none = Q.forward_list(store, sel, [], filters={"run_id": {"filterType": "text", "type": "equals"}})
     assert none == 0  # equals "" matches no run
+
+
+def test_the_forwards_list_counts_unsorted_reading_only_the_filtered_attributes(store):
+    """The list's count query (`_list_sql(count=True)`) has no ORDER BY and extracts only the
+    attributes a filter reads; the page is sorted as asked and carries every attribute column."""
+    sent = []
+
+    class Recording:  # the real store, with the SQL it is sent kept
+        def query(self, sql, params=()):
+            sent.append(sql)
+            return store.query(sql, params)
+
+    sel = Selection(kinds=())
+    filters = {"attr__user": {"filterType": "text", "type": "equals", "filter": "al"}}
+    page, total = Q.forward_list(Recording(), sel, ["endpoint", "user"], sort=[{"colId": "tokens", "sort": "asc"}],
+                                 filters=filters)
+    counts = [s for s in sent if "count(*) AS n" in s]
+    assert len(counts) == 1 and len(sent) == 2
+    assert "ORDER BY" not in counts[0] and '"attr__user"' in counts[0] and '"attr__endpoint"' not in counts[0]
+    want = F[F.attr__user == "al"].sort_values(["tokens", "start_time", "trace_id"], ascending=[True, False, True])
+    assert total == len(want) == len(page) > 1
+    assert page.trace_id.tolist() == want.trace_id.tolist()
+    assert page.attr__endpoint.tolist() == want.attr__endpoint.tolist()
+
+
+class Bare:
+    """A store that says nothing of rollups (only `query`): the views read its raw rows."""
+
+    def __init__(self, store):
+        self.query = store.query
+
+
+def test_the_views_read_the_rollups_a_store_keeps_and_raw_rows_otherwise(tmp_path):
+    """With the rollup rows deleted, a store that keeps rollups shows nothing (the views do read
+    them) and the same store seen without rollups shows what it showed before, from its raw rows."""
+    sel = Selection(kinds=())
+    views = {"experts": Q.expert_load, "bands": lambda s, sel: Q.spectral_bands(s, sel, "step"),
+             "diverged": lambda s, sel: Q.diverged_points(s, sel, "step"), "tokens": Q.tokens_by_iterations_used,
+             "means": lambda s, sel: Q.iteration_means(s, sel, ("state_norm", "halt_prob"))}
+    with Store(tmp_path / "r.duckdb") as s:
+        s.write_traces(TRACES)
+        before = {name: view(s, sel) for name, view in views.items()}
+        assert all(len(df) for df in before.values())
+        with s._cursors.cursor(read=False) as cur:
+            cur.execute("DELETE FROM rollup_experts")
+            cur.execute("DELETE FROM rollup_peaks")
+            cur.execute("DELETE FROM rollup_iterations")
+        for name, view in views.items():
+            assert view(s, sel).empty, name
+            pd.testing.assert_frame_equal(view(Bare(s), sel), before[name], check_dtype=False, rtol=1e-12, obj=name)
+
+
+def test_spectral_bands_over_a_few_seconds_are_whole_seconds_wide(tmp_path):
+    """Over time the buckets are at least a second wide: six forwards half a second apart fall
+    two by two into buckets 0, 1, 2 (80 buckets over 2.5 s would be 31 ms wide), the one exactly
+    a second after the first into bucket 1."""
+    import numpy as np
+
+    from tests.dashboards.factory import BASE_NS, synthetic_trace
+
+    rng = np.random.default_rng(5)
+    traces = [synthetic_trace(rng, run_id="r", start_ns=BASE_NS + k * 500_000_000, n_loops=3, seq_len=2)
+              for k in range(6)]
+    with Store(tmp_path / "s.duckdb") as s:
+        s.write_traces(traces)
+        got = Q.spectral_bands(s, Selection(), "time")
+    x = np.array([t.start_ns // 1000 for t in traces], dtype=float)
+    assert got.bucket.tolist() == [0.0, 1.0, 2.0] and got.forwards.tolist() == [2, 2, 2]
+    np.testing.assert_allclose(got.x, [x[0:2].mean(), x[2:4].mean(), x[4:6].mean()])

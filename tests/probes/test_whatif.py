@@ -301,9 +301,10 @@ def test_verify_reports_what_a_hand_run_policy_measures(policy):
 
 def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
     """time_saved and cpu_time_saved are 1 − the median over pairs of policy time / full-depth
-    time. The clock is fake and deterministic (no timed assertion): each forward advances it by
-    the iterations it ran (CPU time by twice that), so the saving must be 1 − iterations of the
-    policy / n_loops exactly."""
+    time. The clocks are fake and deterministic (no timed assertion): each forward advances the
+    wall clock by the iterations it ran and the CPU clock by one more, so the savings must be
+    1 − iterations of the policy / n_loops and 1 − (iterations + 1) / (n_loops + 1) exactly (two
+    different numbers, so a report that swapped or shared the clocks would show)."""
     import time
 
     from mythos_probe.model import LoopedConfig, LoopedTransformer
@@ -315,9 +316,9 @@ def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
         model(ids, n_loops=6, exit="latent", exit_threshold=0.5)
     ran = model.last_forward["iterations"]
     assert ran < 6  # the policy stops the loop early, so an inverted ratio would show
-    clock = [0.0]
+    clock, cpu = [0.0], [0.0]
     monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(time, "process_time", lambda: 2 * clock[0])
+    monkeypatch.setattr(time, "process_time", lambda: cpu[0])
     class Ticking(LoopedTransformer):
         """Not a hook, nor a forward replaced on the instance (nnsight's way): verify refuses a
         watched model."""
@@ -325,12 +326,13 @@ def test_verify_times_are_the_median_of_paired_ratios(monkeypatch):
         def forward(self, *args, **kwargs):
             out = super().forward(*args, **kwargs)
             clock[0] += self.last_forward["iterations"]
+            cpu[0] += self.last_forward["iterations"] + 1
             return out
 
     model.__class__ = Ticking
     report = whatif.verify(model, ids, "latent", 0.5, n_loops=6, repeats=3)
     assert report["time_saved"] == pytest.approx(1 - ran / 6)
-    assert report["cpu_time_saved"] == pytest.approx(1 - ran / 6)
+    assert report["cpu_time_saved"] == pytest.approx(1 - (ran + 1) / 7)
     assert (report["time_fixed_s"], report["time_policy_s"]) == (6, ran)
 
 

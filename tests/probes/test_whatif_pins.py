@@ -273,3 +273,51 @@ def test_pareto_front_drops_the_lower_agreement_of_two_rows_that_save_the_same()
     ])
     front = whatif.pareto_front(table)
     assert list(zip(front["criterion"], front["agreement"])) == [("rel_residual", 1.00), ("act", 0.90)]
+
+
+def test_thresholds_given_as_text_evaluate_as_their_numbers():
+    """`evaluate` takes thresholds as a dashboard or command line hands them over (text, or whole
+    numbers for argmax_stable's k): the same rows as the floats, the threshold column float."""
+    tr = hand_trace()
+    as_floats = whatif.evaluate([tr], {"kl": [0.01, 0.1], "argmax_stable": [1.0, 2.0]})
+    assert as_floats["threshold"].dtype == np.float64
+    for given in ({"kl": ["0.01", "0.1"], "argmax_stable": ["1", "2"]}, {"kl": [0.01, 0.1], "argmax_stable": [1, 2]}):
+        pd.testing.assert_frame_equal(whatif.evaluate([tr], given), as_floats)
+    alone = whatif.evaluate([tr], {"argmax_stable": [1, 2]})
+    assert alone["threshold"].dtype == np.float64 and alone["threshold"].tolist() == [1.0, 2.0]
+
+
+def test_verify_refusals_word_for_word():
+    from mythos_probe.model import LoopedConfig, LoopedTransformer
+
+    model = LoopedTransformer(LoopedConfig.variant("tiny-gqa")).eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"^verify runs exit policies of a mythos_probe\.model\.LoopedTransformer, "
+                                        r"got Linear$"):
+        whatif.verify(torch.nn.Linear(2, 2), ids, "kl", 0.1)
+    with pytest.raises(ValueError, match=r"^policy 'act' halts at model\.cfg\.act_threshold: pass threshold=None$"):
+        whatif.verify(model, ids, "act", 0.5)
+    with pytest.raises(ValueError, match=r"^verify measures the model as served, but it is in training mode \(exited "
+                                         r"positions would still be computed, and dropout would move the agreement\): "
+                                         r"call model\.eval\(\) first$"):
+        whatif.verify(model.train(), ids, "kl", 0.1)
+    model.eval()
+    with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: x)]):
+        with pytest.raises(ValueError, match=r"^verify measures the model as served, but forward hooks are attached to "
+                                             r"it \(an open attach\(\.\.\.\) recorder, model\.hooks\(\.\.\.\) or a module "
+                                             r"hook\): the loop then computes every position, and verify's runs would "
+                                             r"land in your recording; call verify outside that context$"):
+            whatif.verify(model, ids, "kl", 0.1)
+
+
+def test_exits_of_several_traces_every_column_in_order():
+    """One row per lens-sampled position of every trace, numbered 0..P-1 across the traces, with
+    the keys that find the position again (trace, span, batch row, position) named as documented."""
+    a, b = hand_trace(), hand_trace()
+    got = whatif.exits([a, b], "kl", 0.01)
+    want = pd.DataFrame({
+        "trace_id": [a.trace_id] * 2 + [b.trace_id] * 2, "span_id": [a.span_id] * 2 + [b.span_id] * 2,
+        "batch_index": [0, 0, 0, 0], "position": [0, 1, 0, 1], "exit_iteration": [3, 1, 3, 1],
+        "iterations_used": [4, 2, 4, 2], "iterations_run": [4, 4, 4, 4], "agrees": [True, False, True, False],
+    })
+    pd.testing.assert_frame_equal(got, want, check_dtype=False)

@@ -1,0 +1,66 @@
+"""scripts/mutation.py's own bookkeeping: a function whose text changed while its AST did not (a
+`# pragma: no mutate` added, which renumbers its mutants) has its recorded results reset, so that no
+result is read against another mutant than the one it was measured on."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from mutation import forget_renumbered  # noqa: E402
+
+SOURCE = textwrap.dedent('''
+    def kept(a):
+        return a + 1
+
+
+    class Box:
+        def size(self, store):
+            if getattr(store, "has_rollups", False):
+                return 1
+            return 2
+''')
+
+
+def test_a_pragma_resets_the_results_of_its_function_only(tmp_path):
+    module = tmp_path / "mythos_probe" / "boxes.py"
+    module.parent.mkdir()
+    module.write_text(SOURCE)
+    meta = tmp_path / "mutants" / "mythos_probe" / "boxes.py.meta"
+    meta.parent.mkdir(parents=True)
+    codes = {"mythos_probe.boxes.x_kept__mutmut_1": 1, "mythos_probe.boxes.x_kept__mutmut_2": 0,
+             "mythos_probe.boxes.xǁBoxǁsize__mutmut_1": 1, "mythos_probe.boxes.xǁBoxǁsize__mutmut_2": 0}
+    meta.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": {}}))
+
+    assert forget_renumbered("mythos_probe/boxes.py", tmp_path) == []  # the first run only records
+    assert forget_renumbered("mythos_probe/boxes.py", tmp_path) == []  # nothing changed
+    module.write_text(SOURCE.replace("False):", "False):  # pragma: no mutate (why)"))
+    assert forget_renumbered("mythos_probe/boxes.py", tmp_path) == ["mythos_probe.boxes.xǁBoxǁsize__mutmut_1",
+                                                                     "mythos_probe.boxes.xǁBoxǁsize__mutmut_2"]
+    after = json.loads(meta.read_text())["exit_code_by_key"]
+    assert after == {**codes, "mythos_probe.boxes.xǁBoxǁsize__mutmut_1": None,
+                     "mythos_probe.boxes.xǁBoxǁsize__mutmut_2": None}
+    assert forget_renumbered("mythos_probe/boxes.py", tmp_path) == []  # the new text is the record now
+
+
+def test_a_changed_test_file_makes_mutmut_collect_its_test_map_again(tmp_path):
+    """mutmut maps tests to the functions they run once per test name: a test file of the module's
+    mapping that changed makes scripts/mutation.py delete that map, so that mutmut collects it anew."""
+    from mutation import forget_stale_stats
+
+    (tmp_path / "tests").mkdir()
+    test = tmp_path / "tests" / "test_a.py"
+    test.write_text("def test_a(): pass\n")
+    stats = tmp_path / "mutants" / "mutmut-stats.json"
+    stats.parent.mkdir()
+    mapping = ["tests/test_a.py::test_a"]
+
+    stats.write_text("{}")
+    assert forget_stale_stats(tmp_path, mapping) and not stats.exists()  # never recorded: collected anew
+    stats.write_text("{}")
+    assert not forget_stale_stats(tmp_path, mapping) and stats.exists()  # unchanged: kept
+    test.write_text("def test_a(): assert 1\n")
+    assert forget_stale_stats(tmp_path, mapping) and not stats.exists()
