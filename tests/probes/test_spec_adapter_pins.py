@@ -1214,3 +1214,60 @@ def test_probabilities_of_exactly_0_and_1_are_accepted_and_a_threshold_of_none_n
     assert error_of(model, spec, probes=["halting"]) == (
         "LoopSpec.halting.output: the head 'head' gives values in [0, 1.5], outside [0, 1], but they are declared "
         "probabilities; declare Halting(..., output='logit') if the model applies a sigmoid")
+
+
+# -- misdeclarations refused with their whole message (survivors of a second random sample) ----
+
+SUBMODULES = "['embed', 'step', 'step.0', 'step.1', 'norm']"
+
+
+@pytest.mark.parametrize("spec, message", [
+    (LoopSpec(step="nope"), f"LoopSpec.step: AddedLoop has no submodule 'nope'; its submodules include {SUBMODULES}"),
+    (LoopSpec(step="step", injection=Injection("added", module="nope")),
+     f"LoopSpec.injection.module: AddedLoop has no submodule 'nope'; its submodules include {SUBMODULES}"),
+    (LoopSpec(step="step", injection=Injection("added")),
+     "LoopSpec.init is needed with Injection('added') and no module: the pre-loop state cannot be told apart "
+     "from e at t = 0 (declare init='path' or init=lambda model: tensor)"),
+])
+def test_a_path_to_nothing_or_a_missing_init_is_refused_naming_the_field(spec, message):
+    assert error_of(AddedLoop(), spec) == message
+
+
+def test_an_injection_fn_returning_no_tensor_is_refused_naming_it():
+    spec = LoopSpec(step="step", injection=Injection("function", fn=lambda m, h, e: "x"), init=lambda m: torch.zeros(8))
+    with pytest.raises(TypeError) as err:
+        record(AddedLoop(), spec)
+    assert str(err.value) == "LoopSpec.injection.fn returned str, not the iteration's input tensor"
+
+
+class KeywordState(nn.Module):
+    """h ← step(h=h, scale=2.0): the state passed by keyword beside a float."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = ScaledByKeyword()
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            h = self.step(h=h, scale=2.0)
+        return h
+
+
+class ScaledByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, scale):
+        return torch.tanh(self.lin(h)) * scale
+
+
+def test_a_state_in_that_picks_no_tensor_is_refused_naming_the_argument():
+    message = error_of(KeywordState(), LoopSpec(step="step", state_in="scale"))
+    assert message == ("LoopSpec.state_in='scale' picks a float from the start's inputs, not the state tensor; "
+                       "name the argument that carries the state")
+    (trace,) = record(KeywordState(), LoopSpec(step="step", state_in="h"), probes=["convergence"])
+    assert trace.iterations == 3
