@@ -768,3 +768,26 @@ def test_each_input_guard_says_what_to_do_in_full(call, message):
     with pytest.raises(ValueError) as err:
         call(m)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_every_site_inside_the_loop_is_iteration_aware_and_none_outside(attn_type):
+    """The recurrent block's sites, its attention's included, are `LoopHookPoint`s (a cache keeps
+    one value per iteration); the prelude's and coda's are plain hook points (one call each)."""
+    from transformer_lens.hook_points import HookPoint
+
+    from mythos_probe.probes.hooks import LoopHookPoint
+
+    m = LoopedTransformer(LoopedConfig(**{**MICRO, "attn_type": attn_type}))
+    sites = {name: type(mod) for name, mod in m.named_modules() if isinstance(mod, HookPoint)}
+    inside = {n for n in sites if n.startswith("recurrent.")}
+    assert any(".attn." in n for n in inside) and any(".attn." in n for n in set(sites) - inside)
+    assert {n for n in inside if sites[n] is not LoopHookPoint} == set()
+    assert {n for n in set(sites) - inside if sites[n] is not HookPoint} == set()
+
+
+def test_a_fresh_injection_starts_at_its_documented_values():
+    """A = exp(-exp(0)) = 1/e on every channel, B = 0.1: the initialisation a fresh model trains from."""
+    inj = LoopedTransformer(LoopedConfig(**MICRO)).recurrent.injection
+    assert torch.equal(inj.B.detach(), torch.full((MICRO["dim"],), 0.1))
+    torch.testing.assert_close(inj.get_A().detach(), torch.full((MICRO["dim"],), math.exp(-1.0)))
