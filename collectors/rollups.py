@@ -150,7 +150,7 @@ def compact(cur, hours) -> None:
             continue
         merged = merged.rename_columns([c.removesuffix("_sum") for c in merged.column_names])
         cur.execute(f"DELETE FROM {table} WHERE {touched}", params)
-        _insert(cur, table, merged)
+        insert_arrow(cur, table, merged)
 
 
 # The what-if's columns of a lens-sampled position row (`mythos_probe.whatif.INPUTS` and the
@@ -228,14 +228,11 @@ def update(cur, tables: dict[str, pa.Table], dirty: frozenset = frozenset(),
         if table in added and added[table].num_rows:
             if table != "rollup_peaks":
                 hours.update(pc.unique(added[table]["hour"]).to_pylist())
-            _insert(cur, table, added[table])
+            insert_arrow(cur, table, added[table])
     positions = tables.get("positions")
     if positions is not None and positions.num_rows:  # the lens-sampled rows the what-if replays
-        _insert(cur, LENS_TABLE, positions.filter(pc.is_finite(positions["lens_argmax"])).select(list(LENS_COLUMNS)))
+        insert_arrow(cur, LENS_TABLE, positions.filter(pc.is_finite(positions["lens_argmax"])).select(list(LENS_COLUMNS)))
     done = dirty - hours
     compact(cur, done)
     return (dirty - done) | hours
 
-
-def _insert(cur, table: str, arrow: pa.Table) -> None:
-    insert_arrow(cur, table, arrow)

@@ -175,6 +175,8 @@ def insert_arrow(cur, table: str, rows) -> None:
     `rows` reaches DuckDB by its replacement scan of this frame's local variable `_rows`, not by
     `register`: registering a view and dropping it again are catalog changes, which for a wide
     table cost more than the insert itself (rollup_iterations' 146 columns: 6.4 against 3.9 ms
-    a statement) and add to the commit. The statement names the table's columns from `rows`."""
+    a statement) and add to the commit. The statement names the table's columns from `rows`.
+    DuckDB looks for `_rows` only in the frame that calls `execute` (`python_scan_all_frames` is
+    off), so the statement runs here, never through a wrapper of the cursor."""
     _rows = rows  # noqa: F841 (read by DuckDB's replacement scan, by this name)
     cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows")
