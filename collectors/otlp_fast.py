@@ -5,7 +5,7 @@
 protobuf's Python objects then costs ~3 µs each (a wrapper per value, `WhichOneof`, `getattr`).
 `parse` reads the same bytes with a schema (built here on first use) that declares only the path
 to the span attributes and keeps each attribute's `AnyValue` as its serialized bytes;
-`scalar_or_doubles` reads a string, an int, a bool, a double or an array of doubles from those
+`read_values` reads a string, an int, a bool, a double or an array of doubles from those
 bytes in a few byte operations, and returns `MISSING` for anything else (other arrays, kvlists,
 bytes, an `AnyValue` holding more than one field, a string longer than 127 bytes), which the
 caller then reads from the full parse as before. Both parses walk the same bytes, so their spans
@@ -64,16 +64,12 @@ _RECORD, _HEAD = 11, b"\x0a\x09\x21"
 _HEADS = np.frombuffer(_HEAD, np.uint8)
 
 
-def scalar_or_doubles(value: bytes, max_array: int):
-    """One AnyValue's serialized bytes → its string, int, bool, float or float64 array (a read-only
-    view), or `MISSING` where it is anything else or not in the one canonical layout read here."""
-    return read_values([value], max_array)[0]
-
-
 def read_values(values: list[bytes], max_array: int) -> list:
-    """`scalar_or_doubles` of each of `values` (a request's attribute values), with the double
-    arrays of one byte length checked and viewed together: one numpy pass for the ~35 arrays of a
-    forward span, or the ~3,500 of a request, instead of a few Python calls each."""
+    """Each of `values` (AnyValues' serialized bytes, a request's attribute values) → its string,
+    int, bool, float or float64 array (a read-only view), or `MISSING` where it is anything else or
+    not in the one canonical layout read here. The double arrays of one byte length are checked
+    and viewed together: one numpy pass for the ~35 arrays of a forward span, or the ~3,500 of a
+    request, instead of a few Python calls each."""
     out = [MISSING] * len(values)
     arrays: dict[tuple[int, int], list[int]] = {}  # (byte length, offset of the first record) → indices
     for i, value in enumerate(values):

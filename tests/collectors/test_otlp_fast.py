@@ -24,6 +24,11 @@ from tests.collectors.test_receiver import otlp_body
 MISSING = otlp_fast.MISSING
 
 
+def _fast(raw: bytes, max_array: int):
+    """The fast read of one value."""
+    return otlp_fast.read_values([raw], max_array)[0]
+
+
 def _full(raw: bytes):
     """The reference: the real AnyValue parse, read as the decoder's slow path reads it."""
     value = AnyValue.FromString(raw)
@@ -40,7 +45,7 @@ def _same(fast, full) -> bool:
 
 
 def _check(raw: bytes, max_array: int = 2**22):
-    fast = otlp_fast.scalar_or_doubles(raw, max_array)
+    fast = _fast(raw, max_array)
     if fast is not MISSING:
         assert _same(fast, _full(raw)), (raw, fast, _full(raw))
     return fast
@@ -88,7 +93,7 @@ def test_double_arrays_are_read_in_place():
     AnyValue(),
 ])
 def test_other_values_are_left_to_the_full_parse(value):
-    assert otlp_fast.scalar_or_doubles(value.SerializeToString(), 2**22) is MISSING
+    assert _fast(value.SerializeToString(), 2**22) is MISSING
 
 
 @pytest.mark.parametrize("raw", [
@@ -101,7 +106,7 @@ def test_other_values_are_left_to_the_full_parse(value):
 ])
 def test_non_canonical_layouts_are_left_to_the_full_parse(raw):
     AnyValue.FromString(raw)  # valid protobuf, read differently than a naive reader would
-    assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+    assert _fast(raw, 2**22) is MISSING
 
 
 def test_a_padded_varint_reads_as_protobuf_reads_it():
@@ -115,8 +120,8 @@ def test_a_corrupt_varint_is_declined():
     raw = b"\x18" + b"\xff" * 10 + b"\x01"
     with pytest.raises(Exception):
         AnyValue.FromString(raw)
-    assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
-    assert otlp_fast.scalar_or_doubles(b"\x18\x80", 2**22) is MISSING  # cut short
+    assert _fast(raw, 2**22) is MISSING
+    assert _fast(b"\x18\x80", 2**22) is MISSING  # cut short
 
 
 def test_an_array_whose_records_are_all_eleven_bytes_but_not_all_doubles_is_declined():
@@ -128,14 +133,14 @@ def test_an_array_whose_records_are_all_eleven_bytes_but_not_all_doubles_is_decl
         assert len(raw) == 2 + 22
         with pytest.raises(ValueError, match="mixes value types"):
             _full(raw)
-        assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+        assert _fast(raw, 2**22) is MISSING
 
 
 def test_arrays_past_the_limit_or_the_depth_are_left_to_the_full_parse():
     raw = AnyValue(array_value=ArrayValue(values=[AnyValue(double_value=1.0)] * 4)).SerializeToString()
-    assert otlp_fast.scalar_or_doubles(raw, 4) is not MISSING
-    assert otlp_fast.scalar_or_doubles(raw, 3) is MISSING  # the full parse raises TooLarge
-    assert otlp_fast.scalar_or_doubles(raw, 0) is MISSING  # past max_depth the decoder passes 0
+    assert _fast(raw, 4) is not MISSING
+    assert _fast(raw, 3) is MISSING  # the full parse raises TooLarge
+    assert _fast(raw, 0) is MISSING  # past max_depth the decoder passes 0
 
 
 _any_value = st.deferred(lambda: st.one_of(
@@ -159,7 +164,7 @@ def test_any_value_or_concatenation_reads_as_the_full_parse(values):
     try:
         _full(raw)
     except ValueError:  # mixed arrays and the like: the decoder refuses them; the fast read must decline
-        assert otlp_fast.scalar_or_doubles(raw, 2**22) is MISSING
+        assert _fast(raw, 2**22) is MISSING
         return
     _check(raw)
 

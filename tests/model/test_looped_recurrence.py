@@ -166,6 +166,21 @@ def test_a_fixed_forward_is_the_recurrence(n_loops):
     assert cache.iterations("recurrent.hook_state_out") == n_loops
 
 
+def _stops_as_by_hand(m, n_loops: int, policy: str, threshold: float, compact) -> None:
+    """The model at `policy` (masked, or compacted below `compact`) against the hand recurrence on
+    IDS: its logits, iterations, rows run and each position's exit iteration."""
+    want, iterations, exit_at = _hand(m, IDS, n_loops, policy, threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2  # positions stop at different iterations
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(IDS, n_loops=n_loops, exit=policy, exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
+    _, cache = m.run_with_cache(IDS, n_loops=n_loops, exit=policy, exit_threshold=threshold)
+    assert torch.equal(_halted_at(cache), exit_at)
+
+
 # compact_below 2.0: every iteration after the first runs compacted (the running positions gathered,
 # computed and scattered back), which must give what the masked loop gives
 COMPACT = pytest.mark.parametrize("compact", [None, 2.0], ids=["masked", "compacted"])
@@ -180,16 +195,7 @@ def test_latent_positions_stop_where_the_rule_says_and_stay_frozen(compact):
     states = torch.cat([cache["recurrent.hook_state_in", 0][None], cache.stack("recurrent.hook_state_out")])
     residual = (states[1:] - states[:-1]).norm(dim=-1) / states[1:].norm(dim=-1)
     threshold = _between(residual[2])
-    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
-    assert len(set(exit_at.flatten().tolist())) >= 2  # positions stop at different iterations
-    m.recurrent.compact_below = compact
-    with torch.no_grad():
-        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert m.last_forward["iterations"] == iterations
-    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
-    _, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
-    assert torch.equal(_halted_at(cache), exit_at)
+    _stops_as_by_hand(m, 6, "latent", threshold, compact)
 
 
 @COMPACT
@@ -200,16 +206,7 @@ def test_kl_positions_stop_where_successive_lens_distributions_agree(compact):
         logp = [m.coda_lens(cache["recurrent.hook_state_out", t]) for t in range(5)]
     kls = torch.stack([(logp[t].exp() * (logp[t] - logp[t - 1])).sum(-1) for t in range(1, 5)])
     threshold = _between(kls[1])
-    want, iterations, exit_at = _hand(m, IDS, 5, "kl", threshold)
-    assert len(set(exit_at.flatten().tolist())) >= 2
-    m.recurrent.compact_below = compact
-    with torch.no_grad():
-        got = m(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert m.last_forward["iterations"] == iterations
-    assert m.last_forward["row_iterations"] == _row_iterations(exit_at, iterations, compact)
-    _, cache = m.run_with_cache(IDS, n_loops=5, exit="kl", exit_threshold=threshold)
-    assert torch.equal(_halted_at(cache), exit_at)
+    _stops_as_by_hand(m, 5, "kl", threshold, compact)
 
 
 @COMPACT
