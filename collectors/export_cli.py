@@ -154,7 +154,7 @@ def _attributes(f: dict, present: dict[str, set[str]], iterations, positions, ex
                             ("token_text", spans.ATTR_TOKEN_TEXT)):
             if column in present["positions"]:
                 attrs[key] = first[column].tolist()
-    for field, (key, _) in spans.BUDGET_ATTRS.items():  # list columns of the same name; NULL: no budgets
+    for field, key in spans.BUDGET_ATTRS.items():  # list columns of the same name; NULL: no budgets
         value = f.get(field)
         if isinstance(value, (list, tuple, np.ndarray)):  # NULL reads as None or pandas' NA
             attrs[key] = list(value)

@@ -99,12 +99,13 @@ SCALAR_ATTRS = {
     "kind": ATTR_KIND,
     **{field: key for field, (key, _) in RANK_ATTRS.items()},
 }
-# Per-request loop budgets, one entry per batch row (absent when the forward ran one n_loops)
+# Per-request loop budgets, one entry per batch row (absent when the forward ran one n_loops): int[],
+# int[], double[] (NaN: the policy's default) and string[]; `LoopTrace` casts them back on decoding.
 BUDGET_ATTRS = {
-    "row_max_loops": (NS + "budget.max_loops", np.int64),
-    "row_min_loops": (NS + "budget.min_loops", np.int64),
-    "row_exit_threshold": (NS + "budget.exit_threshold", np.float64),  # NaN: the policy's default
-    "row_budget_reason": (NS + "budget.reason", str),
+    "row_max_loops": NS + "budget.max_loops",
+    "row_min_loops": NS + "budget.min_loops",
+    "row_exit_threshold": NS + "budget.exit_threshold",
+    "row_budget_reason": NS + "budget.reason",
 }
 ATTR_POSITION_SHAPE = NS + "position.shape"
 ATTR_POSITION_ITERATIONS = NS + "position.iterations_used"
@@ -168,7 +169,7 @@ def trace_to_attributes(trace: LoopTrace, positions: bool = True, tables: bool =
         attrs[ATTR_TOKEN_IDS] = trace.token_ids.ravel().tolist()
     if trace.token_text is not None:
         attrs[ATTR_TOKEN_TEXT] = [t for row in trace.token_text for t in row]
-    for field, (key, _) in BUDGET_ATTRS.items():
+    for field, key in BUDGET_ATTRS.items():
         value = getattr(trace, field)
         if value is not None:
             attrs[key] = list(value) if isinstance(value, tuple) else value.tolist()
@@ -243,8 +244,7 @@ def attributes_to_trace(
         loop_name=str(attrs.get(ATTR_LOOP_NAME, "loop")),
         kind=str(attrs.get(ATTR_KIND, "served")),
         **{field: cast(attrs[key]) for field, (key, cast) in RANK_ATTRS.items() if key in attrs},
-        **{field: (tuple(str(v) for v in attrs[key]) if kind is str else np.asarray(attrs[key], dtype=kind))
-           for field, (key, kind) in BUDGET_ATTRS.items() if key in attrs},
+        **{field: attrs[key] for field, key in BUDGET_ATTRS.items() if key in attrs},  # LoopTrace casts
     )
 
 

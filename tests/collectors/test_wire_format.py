@@ -399,3 +399,46 @@ def test_spans_table_schema():
     assert table.schema.names == ["trace_id", "span_id", "parent_span_id", "name", "kind", "start_ns", "end_ns",
                                   "status_code", "status_message", "resource", "attributes"]
     assert table.schema.field("start_ns").type == pa.int64()
+
+
+# Per-request budgets (rows differ, one threshold left to the policy: NaN), written out by hand.
+BUDGETS = dict(row_max_loops=[3, 4], row_min_loops=[1, 2], row_exit_threshold=[0.25, math.nan],
+               row_budget_reason=("tier:free", "explicit"))
+BUDGET_ATTRS = {
+    "recurrent_depth.budget.max_loops": [3, 4],
+    "recurrent_depth.budget.min_loops": [1, 2],
+    "recurrent_depth.budget.exit_threshold": [0.25, math.nan],
+    "recurrent_depth.budget.reason": ["tier:free", "explicit"],
+}
+
+
+def test_encoder_writes_the_budgets_as_plain_lists():
+    """Plain ints, floats and strs (the SDK drops numpy scalars from a sequence attribute)."""
+    same(spans.trace_to_attributes(hand_trace(**BUDGETS)), {**HAND_ATTRS, **BUDGET_ATTRS})
+
+
+def test_decoder_reads_the_budgets_from_lists_and_from_the_receivers_arrays():
+    for given in (BUDGET_ATTRS, {k: np.asarray(v) for k, v in BUDGET_ATTRS.items()}):
+        t = spans.attributes_to_trace({**HAND_ATTRS, **given}, TRACE_ID, SPAN_ID, 1_000_000_000, 1_000_600_000)
+        assert t.row_max_loops.tolist() == [3, 4] and t.row_max_loops.dtype == np.int64
+        assert t.row_min_loops.tolist() == [1, 2] and t.row_min_loops.dtype == np.int64
+        assert t.row_exit_threshold[0] == 0.25 and math.isnan(t.row_exit_threshold[1])
+        assert t.row_budget_reason == ("tier:free", "explicit") and all(type(r) is str for r in t.row_budget_reason)
+    unbudgeted = spans.attributes_to_trace(HAND_ATTRS, TRACE_ID, SPAN_ID, 0, 1)
+    assert (unbudgeted.row_max_loops, unbudgeted.row_min_loops, unbudgeted.row_exit_threshold,
+            unbudgeted.row_budget_reason) == (None, None, None, None)
+
+
+def test_emit_keeps_the_budgets_through_the_sdk():
+    (forward,) = emitted(hand_trace(**BUDGETS), iteration_spans=False)
+    got = {k: list(v) if isinstance(v, tuple) else v for k, v in forward.attributes.items()}
+    same(got, {**HAND_ATTRS, **BUDGET_ATTRS})
+
+
+def test_encoder_without_tables_leaves_out_the_iteration_arrays_and_the_expert_load_only():
+    """`tables=False` (the raw `spans` row): the iterations and experts tables hold those arrays;
+    the expert count, the forward scalars and the budgets stay."""
+    attrs = spans.trace_to_attributes(hand_trace(**BUDGETS), positions=False, tables=False)
+    left_out = {"recurrent_depth.iteration.rel_residual", "recurrent_depth.iteration.halt_prob",
+                "recurrent_depth.expert.load", "recurrent_depth.position.shape", "recurrent_depth.position.state_norm"}
+    same(attrs, {k: v for k, v in {**HAND_ATTRS, **BUDGET_ATTRS}.items() if k not in left_out})
