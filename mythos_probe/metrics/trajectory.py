@@ -29,6 +29,8 @@ This module is not: where the states come from (`probes/reductions.py`) or the f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 COMPONENTS = 3
@@ -54,9 +56,10 @@ def centred_gram(states: torch.Tensor, dtype: torch.dtype = torch.float32) -> tu
     √λ_j ≤ 4u ‖X‖_F is indistinguishable from rounding: its orientation and size are noise."""
     x = states.float()
     energy = x.square().sum(dim=(0, -1), dtype=torch.float64)  # ‖X‖_F² per position
-    x = (x - x.mean(dim=0, keepdim=True)).double()
+    x = (x - x.mean(dim=0)).double()  # the (B, T, D) mean broadcasts over the I states
     unit = torch.finfo(dtype).eps / 2
-    return torch.einsum("ibtd,jbtd->btij", x, x), (4 * unit) ** 2 * energy
+    gram = torch.einsum("ibtd,jbtd->btij", x, x)  # pragma: no mutate (einsum reads its letters' case alike)
+    return gram, (4 * unit) ** 2 * energy
 
 
 def principal_paths(gram: torch.Tensor, floor: torch.Tensor, k: int = COMPONENTS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,19 +72,19 @@ def principal_paths(gram: torch.Tensor, floor: torch.Tensor, k: int = COMPONENTS
     matrices: cheap, and the small eigenvalues of a settling path keep their digits)."""
     B, T, I, _ = gram.shape
     g = gram.double()
-    g = (g + g.transpose(-1, -2)) / 2  # exactly symmetric, as eigh assumes
+    g = (g + g.mT) / 2  # exactly symmetric, as eigh assumes
     lam, u = torch.linalg.eigh(g)  # ascending
     lam, u = lam.flip(-1), u.flip(-1)  # descending
     lam = torch.where(lam > floor[..., None], lam, 0.0)  # rounding (and negative rounding) removed
     total = lam.sum(-1, keepdim=True)
     m = min(k, I)
     proj = u[..., :m] * lam[..., None, :m].sqrt()  # (B, T, I, m)
-    sign = torch.where(proj[..., -1, :] >= proj[..., 0, :], 1.0, -1.0).to(proj.dtype)  # end ≥ start
-    proj = proj * sign[..., None, :]
+    ends_higher = (proj[..., -1, :] >= proj[..., 0, :])[..., None, :]
+    proj = torch.where(ends_higher, proj, -proj)  # end ≥ start
     share = lam[..., :m] / total  # NaN where total is 0
-    if m < k:  # pad: these directions hold nothing
-        proj = torch.cat([proj, proj.new_zeros(B, T, I, k - m)], dim=-1)
-        share = torch.cat([share, torch.where(total > 0, 0.0, float("nan")).expand(B, T, k - m).to(share.dtype)], -1)
+    # the k − m directions past the trajectory's rank (none when I ≥ k) hold nothing
+    proj = torch.cat([proj, proj.new_zeros(B, T, I, k - m)], dim=-1)
+    share = torch.cat([share, torch.where(total > 0, 0.0, math.nan).expand(B, T, k - m)], dim=-1)
     return proj.permute(3, 2, 0, 1).float(), share.permute(2, 0, 1).float()
 
 
@@ -89,6 +92,6 @@ def settled(steps: torch.Tensor, tol: float = FIXED_POINT_TOL) -> torch.Tensor:
     """(I, B, T) relative steps s_t → (I, B, T) 1.0 where iteration t is on the fixed point (every
     later step ≤ tol; the last iteration: its own step ≤ tol), else 0.0. NaN steps (a non-finite
     state) are never still."""
-    still = (steps <= tol).to(torch.int32)  # NaN compares False
+    still = steps <= tol  # NaN compares False
     after = still.flip(0).cumprod(0).flip(0)  # after[t] = 1 when s_u ≤ tol for every u ≥ t
     return torch.cat([after[1:], after[-1:]]).float()

@@ -347,6 +347,9 @@ def test_jacobian_sigma_max_is_power_iteration_with_pinned_defaults():
         assert abs(got - _power_iteration(J, start(1), 8)) > 1e-9 * got
         assert spectral.jacobian_sigma_max(step, h, n_iter=3, seed=1).item() == pytest.approx(
             _power_iteration(J, start(1), 3), rel=1e-9)
+        # one round reads ‖J v̂‖ of the unit start vector: its length is 1, not that of the draw
+        one = spectral.jacobian_sigma_max(step, h, n_iter=1).item()
+        assert one == pytest.approx(np.linalg.norm(J @ start(0)), rel=1e-12)
     assert got <= 1e-3 * (1 + 1e-9)
 
 
