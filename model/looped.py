@@ -833,6 +833,12 @@ class LoopedTransformer(HookedRootModule):
         if positions is not None:
             queries = Queries.grid(B, positions)
         x, cache, freqs = h, ctx["kv_cache"], ctx["freqs_cis"]
+        if cache is not None:
+            # what the forward found cached: once it has run, the coda's cache also holds this
+            # forward's own positions, which the lens would see twice, and later ones before their time
+            past = ctx["start_pos"]
+            cache = {key: {name: t[:, :past] for name, t in cache[key].items()}
+                     for key in (f"coda_{i}" for i in range(len(self.coda))) if key in cache} if past else None
         if queries is not None and not queries.every_row:
             x = h[queries.live]
             if cache is not None:
@@ -890,7 +896,8 @@ class LoopedTransformer(HookedRootModule):
         T = input_ids.shape[1]
         freqs_cis = self._rope(start_pos, T)
         causal = T > 1
-        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit,
+        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, start_pos=start_pos,
+                                 n_loops=n_loops, exit=exit,
                                  budgets=None if row_budgets is None else row_budgets.budgets)
         # one look per forward at the layer sites' hooks (none: the layers call no hook point)
         self.sites.on = watched_globally() or any(hp._forward_hooks or hp._forward_pre_hooks for hp in self._layer_sites)
