@@ -1,0 +1,339 @@
+"""Pins of `model/looped.py` that its mutation runs found unpinned (issue 24): the choices the loop
+makes without changing its numbers, checked by what they cost or which path runs, and the
+paths no other fast test reaches.
+
+- which exit policy reads the host, and how often (a fixed loop never does; compaction turned off
+  asks only "has every position halted?");
+- when the loop compacts: the automatic share from a step's FLOPs (B·T·position FLOPs), ACT's
+  share counted as whole rows up to their last running position, never under autograd, in
+  training mode or for ACT on a KV cache;
+- grouped-query attention with several key heads (each serving several query heads), where
+  dropping `enable_gqa` fails; the cached keys an MLA or GQA layer counts when it plans the
+  attention of a few queries; the positions the coda lens runs;
+- the float32 internals (RoPE angles, loop-index signal, ACT sums) whatever torch's default dtype.
+
+Every expected number is computed here: the recurrence by hand (`_hand`, shared with
+test_looped_recurrence.py), the positions still running from its exit steps, the shares by
+their formulas. This file is in the fast mutation-testing selection of `model/looped.py`."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mythos_probe.model import LoopedConfig, LoopedTransformer
+from mythos_probe.model.looped import RecurrentBlock, loop_index_embeddings, precompute_rope_freqs
+from mythos_probe.model.queries import Queries
+from mythos_probe.model.variants import active_parameters
+from tests.conftest import SyncCounter
+from tests.model.test_looped_recurrence import IDS, IDS3, MICRO, _between, _criterion, _hand, _model
+
+
+def _syncs(m, ids, **kw) -> list[str]:
+    with torch.no_grad(), SyncCounter() as counter:
+        m(ids, **kw)
+    return counter.syncs
+
+
+def _latent_threshold(m, ids=IDS) -> float:
+    """A latent threshold between the relative residuals of different positions at iteration 2:
+    positions exit at different iterations."""
+    return _between(_criterion(m, ids, "latent")[2])
+
+
+def _running_before(exit_at: torch.Tensor, t: int) -> torch.Tensor:
+    """(B, T) bool: the positions still running when iteration t starts (not exited at t - 1 or before)."""
+    return (exit_at < 0) | (exit_at >= t)
+
+
+# -- host reads --------------------------------------------------------------------------------------
+
+
+def test_a_fixed_loop_reads_nothing_back_and_an_uncompacted_one_only_whether_all_halted():
+    """The input checks read min and max of the ids (two scalar reads). A fixed loop adds none,
+    however many iterations it runs (no exit decision to read); with compaction off
+    (compact_below=0, and the micro model's automatic share, 0 below 16 MFLOP a step) a latent
+    loop adds one scalar read per iteration (has every position halted?) and never copies its
+    halted mask to the host, which only compaction needs."""
+    m = _model()
+    assert _syncs(m, IDS, n_loops=2, exit="fixed") == ["_local_scalar_dense"] * 2
+    assert _syncs(m, IDS, n_loops=5, exit="fixed") == ["_local_scalar_dense"] * 2
+    threshold = _latent_threshold(m)
+    _, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert 1 < iterations < 6 and len(set(exit_at.flatten().tolist())) >= 2
+    for compact in (0.0, None):
+        m.recurrent.compact_below = compact
+        got = _syncs(m, IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+        assert got == ["_local_scalar_dense"] * (2 + iterations), compact
+        assert m.last_forward["iterations"] == iterations
+    m.recurrent.compact_below = 2.0  # compacting: one copy of the halted mask per iteration instead
+    got = _syncs(m, IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    assert got == ["_local_scalar_dense"] * 2 + ["copy to host"] * iterations
+
+
+# -- when the loop compacts --------------------------------------------------------------------------
+
+
+def test_the_automatic_share_is_the_rule_at_batch_times_length_times_position_flops():
+    """`position_flops` is one position through one iteration, 2 × the active parameters
+    (Kaplan); the automatic `compact_below` is `compact_share(B·T·position_flops)`. With the
+    position's FLOPs set so that a step of IDS (2 × 6 positions) costs 16 MFLOP × 2⁵ (share 0.9),
+    the loop compacts exactly as with compact_below=0.9 given by hand, which differs from the
+    masked loop here (a share of B/T, or T/B, would be under 16 MFLOP: never compact)."""
+    m = _model()
+    assert m.recurrent.position_flops == 2 * active_parameters(m.recurrent)
+    B, T = IDS.shape
+    m.recurrent.position_flops = 16e6 * 2**5 / (B * T)
+    assert RecurrentBlock.compact_share(16e6 * 2**5) == pytest.approx(0.9)
+    threshold = _latent_threshold(m)
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    running = [int(_running_before(exit_at, t).sum()) for t in range(1, iterations)]
+    by_rule = B * T + sum(r if r / (B * T) < 0.9 else B * T for r in running)
+    assert by_rule < B * T * iterations  # some iteration runs below 90 %: the rule compacts it
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["row_iterations"] == by_rule
+
+
+@pytest.mark.parametrize("seed, ids", [(0, IDS), (1, IDS3)])
+def test_act_compacts_by_the_share_of_whole_rows_up_to_the_last_running_position(seed, ids):
+    """ACT's compacted step runs whole rows up to their last running position, so its share is
+    rows × extent / (B·T), not the share of running positions: with compact_below between the
+    two at some iteration, that iteration runs masked (every position), and the rows run are
+    those the rows × extent rule gives."""
+    m = _model(seed=seed, act_threshold=1.5)
+    want, iterations, exit_at = _hand(m, ids, 8, "act")
+    B, T = ids.shape
+
+    def shares(t):
+        running = _running_before(exit_at, t)
+        cols = running.any(0)
+        extent = T - int(cols.flip(0).int().argmax()) if cols.any() else 0
+        rows = int(running.any(1).sum())
+        return float(running.float().mean()), rows * extent / (B * T), rows * extent
+
+    table = [shares(t) for t in range(1, iterations)]
+    # an iteration where some rows or positions are cut and fewer positions run than that share
+    cut = [(mean, share) for mean, share, _ in table if mean < share < 1]
+    assert cut, table
+    mean, share = cut[0]
+    compact = (mean + share) / 2
+    by_rows = B * T + sum(n if s < compact else B * T for _, s, n in table)
+    by_positions = B * T + sum(n if m_ < compact else B * T for m_, _, n in table)
+    assert by_rows != by_positions  # the fixture tells the two rules apart
+    m.recurrent.compact_below = compact
+    with torch.no_grad():
+        got = m(ids, n_loops=8)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
+    assert m.last_forward["row_iterations"] == by_rows
+
+
+def test_the_loop_never_compacts_under_autograd_in_training_mode_or_for_act_on_a_kv_cache():
+    """compact_below > 1 (compact whenever a position has exited) is overridden where compaction
+    cannot run: under autograd (a gradient must reach every position's state), in training mode
+    (dropout), and for ACT on a KV cache (every loop depth of every position is cached). Each
+    runs every position at every iteration and gives the masked loop's logits."""
+    m = _model()
+    threshold = _latent_threshold(m)
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert iterations > 1 and bool((exit_at[:, :] >= 0).any())
+    m.recurrent.compact_below = 2.0
+    got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)  # autograd on
+    assert got.requires_grad
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["row_iterations"] == IDS.numel() * iterations
+    m.train()  # dropout 0: the same numbers, but no compaction
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    m.eval()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["row_iterations"] == IDS.numel() * iterations
+
+    act = _model(act_threshold=0.9)
+    _, act_iterations, act_exit = _hand(act, IDS, 6, "act")
+    assert act_iterations < 6 and len(set(act_exit.flatten().tolist())) >= 2  # halts part-way without a cache
+    out = {}
+    for compact in (0.0, 2.0):
+        act.recurrent.compact_below = compact
+        kv: dict = {}
+        with torch.no_grad():
+            out[compact] = act(IDS, n_loops=6, kv_cache=kv)
+        assert act.last_forward["iterations"] == 6  # a cache needs every depth
+        assert act.last_forward["row_iterations"] == IDS.numel() * 6
+    torch.testing.assert_close(out[2.0], out[0.0], atol=0, rtol=0)
+
+
+def test_a_hook_on_the_injection_sees_every_iteration_at_inference():
+    """At inference the loop computes the decay A once and applies the update itself, unless
+    something watches the loop: then it calls the injection module, so that a hook on it fires
+    once per iteration with the states the recurrence gives."""
+    m = _model()
+    seen = []
+    handle = m.recurrent.injection.register_forward_hook(lambda mod, args, out: seen.append(out.detach()))
+    try:
+        with torch.no_grad():
+            got = m(IDS, n_loops=3, exit="fixed")
+    finally:
+        handle.remove()
+    want, _, _ = _hand(m, IDS, 3)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(seen) == 3 and all(s.shape == (*IDS.shape, MICRO["dim"]) for s in seen)
+
+
+# -- grouped-query attention with several key heads, the keys a plan counts, the lens's positions ------
+
+
+GQA = dict(n_heads=4, n_kv_heads=2)  # each of 2 key/value heads serves 2 query heads: no broadcasting
+
+
+def test_grouped_query_attention_with_several_key_heads_on_every_path():
+    """4 query heads on 2 key/value heads (the micro model's 2 on 1 would broadcast even without
+    GQA): the hooked attention's z is softmax(q·kᵀ/√d, causal)·v with key head j serving query
+    heads 2j and 2j+1, computed here from the hooked q, k, v; the logits of the fused, hooked and
+    compacted loops and of a prefill in two chunks on a KV cache are the recurrence's."""
+    m = _model(**GQA)
+    threshold = _latent_threshold(m)
+    want, _, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    assert len(set(exit_at.flatten().tolist())) >= 2
+    names = [f"{site}.attn.hook_{n}" for site in ("prelude.0", "recurrent.block") for n in ("q", "k", "v", "z")]
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold, names_filter=names)
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    for site in ("prelude.0", "recurrent.block"):
+        key = (lambda n: (f"{site}.attn.hook_{n}", 1)) if site.startswith("recurrent") else (lambda n: f"{site}.attn.hook_{n}")
+        q, k, v = (cache[key(n)].transpose(1, 2) for n in ("q", "k", "v"))  # (B, heads, T, d)
+        assert q.shape[1] == 4 and k.shape[1] == 2
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
+        torch.testing.assert_close(cache[key("z")], (scores.softmax(-1) @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    for compact in (0.0, 2.0):
+        m.recurrent.compact_below = compact
+        with torch.no_grad():
+            got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        whole = m(IDS, n_loops=3, exit="fixed")
+        kv: dict = {}
+        first = m(IDS[:, :4], n_loops=3, exit="fixed", kv_cache=kv)
+        second = m(IDS[:, 4:], n_loops=3, exit="fixed", kv_cache=kv, start_pos=4)
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(whole, _hand(m, IDS, 3)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_few_queries_on_a_kv_cache_are_planned_with_the_cached_keys_counted(attn_type, monkeypatch):
+    """The coda lens of one position of a 20-token chunk after 40 cached: the last coda layer
+    plans its attention for 20 positions over 60 keys (40 cached + 20), the cost the plan is
+    chosen by; and the lens is the full lens at that position."""
+    m = _model(attn_type=attn_type)
+    ids = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(9))
+    planned = []
+    plan = Queries.plan
+    monkeypatch.setattr(Queries, "plan", lambda self, seq_len, keys: planned.append((seq_len, keys)) or plan(self, seq_len, keys))
+    kv: dict = {}
+    with torch.no_grad():
+        m(ids[:, :40], n_loops=2, exit="fixed", kv_cache=kv)
+        _, cache = m.run_with_cache(ids[:, 40:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=40,
+                                    names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 1]
+        planned.clear()
+        few = m.coda_lens(h, torch.tensor([5]))
+        assert planned == [(20, 60)]
+        torch.testing.assert_close(few, m.coda_lens(h)[:, [5]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_the_coda_lens_of_some_rows_runs_their_positions_up_to_the_last_wanted_one(attn_type):
+    """Queries of row 0 only, up to position 2 of 6: without a KV cache the coda runs row 0's
+    positions 0..2 only (later ones feed no wanted query, causal); up to position 5 (the whole
+    row), or on a KV cache (whose keys cover the whole chunk), every position of row 0. The
+    log-probabilities are the full lens's there (the forward's, on the cache)."""
+    m = _model(attn_type=attn_type)
+    shapes = []
+    handle = m.coda[0].register_forward_pre_hook(lambda mod, args: shapes.append(tuple(args[0].shape)))
+    D = MICRO["dim"]
+    try:
+        with torch.no_grad():
+            _, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="recurrent.hook_state_out")
+            h = cache["recurrent.hook_state_out", 1]
+            full = m.coda_lens(h)
+            for last, want_shape in ((2, (1, 3, D)), (5, (1, 6, D))):
+                mask = np.zeros(IDS.shape, dtype=bool)
+                mask[0, [0, last]] = True
+                shapes.clear()
+                got = m.coda_lens(h, queries=Queries.from_mask(mask, h.device))
+                assert shapes == [want_shape]
+                torch.testing.assert_close(got, full[0, [0, last]], atol=1e-5, rtol=1e-5)
+            kv: dict = {}  # a chunk of 4 after 2 cached
+            m(IDS[:, :2], n_loops=2, exit="fixed", kv_cache=kv)
+            logits, cache = m.run_with_cache(IDS[:, 2:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=2,
+                                             names_filter="recurrent.hook_state_out")
+            h = cache["recurrent.hook_state_out", 1]
+            mask = np.zeros((2, 4), dtype=bool)
+            mask[0, 1] = True
+            shapes.clear()
+            got = m.coda_lens(h, queries=Queries.from_mask(mask, h.device))
+            assert shapes == [(1, 4, D)]
+            torch.testing.assert_close(got, torch.log_softmax(logits[0, [1]], -1), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+
+
+# -- float32 internals whatever torch's default dtype ----------------------------------------------
+
+
+@pytest.fixture
+def default_float64():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_rope_tables_loop_signal_and_act_sums_stay_float32_under_a_float64_default(default_float64):
+    """With torch's default dtype float64 (a user's setting), the RoPE tables are the complex64
+    ones computed in float32, the loop-index signal is computed in float32 then cast (bit for bit
+    the float32 one, even when float64 is asked for), and a float32 model's ACT sums stay float32."""
+    torch.set_default_dtype(torch.float32)
+    rope32, emb32 = precompute_rope_freqs(8, 12, 100.0), loop_index_embeddings(5, 4, 8, "cpu", torch.float32)
+    torch.set_default_dtype(torch.float64)
+    rope = precompute_rope_freqs(8, 12, 100.0)
+    assert rope.dtype == torch.complex64 and torch.equal(rope, rope32)
+    emb = loop_index_embeddings(5, 4, 8, "cpu", torch.float64)
+    assert emb.dtype == torch.float64 and torch.equal(emb, emb32.double())
+    torch.set_default_dtype(torch.float32)
+    m = _model(act_threshold=0.9)
+    torch.set_default_dtype(torch.float64)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=3, names_filter="recurrent.hook_cum_halt")
+    assert cache["recurrent.hook_cum_halt", 0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_the_coda_lens_after_a_chunk_on_a_kv_cache_reads_only_what_the_forward_found_cached(attn_type):
+    """After a forward on a KV cache the coda's cache also holds that forward's own positions: the
+    lens of its last state must read only the earlier chunks' keys, as the forward's coda did, and
+    so give the forward's log-probabilities. (It read them all: each of the chunk's keys twice and
+    later positions before their time, which sharp attention, as here, shows.)"""
+    m = _model(attn_type=attn_type)
+    with torch.no_grad():  # sharp attention in the coda: a key seen twice or too early moves the output
+        attn = m.coda[0].attn
+        for w in ((attn.wq, attn.wk) if attn_type == "gqa" else (attn.q_up_nope, attn.kv_up)):
+            w.weight.mul_(40)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    kv: dict = {}
+    with torch.no_grad():
+        m(ids[:, :8], n_loops=2, exit="fixed", kv_cache=kv)
+        logits, cache = m.run_with_cache(ids[:, 8:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=8,
+                                         names_filter="recurrent.hook_state_out")
+        h = cache["recurrent.hook_state_out", 1]
+        want = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(m.coda_lens(h), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.coda_lens(h, torch.tensor([1, 3])), want[:, [1, 3]], atol=1e-5, rtol=1e-5)
+        assert all(t.shape[1] == 12 for t in kv["coda_0"].values())  # read, never written
