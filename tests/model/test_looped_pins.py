@@ -337,3 +337,32 @@ def test_the_coda_lens_after_a_chunk_on_a_kv_cache_reads_only_what_the_forward_f
         torch.testing.assert_close(m.coda_lens(h), want, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.coda_lens(h, torch.tensor([1, 3])), want[:, [1, 3]], atol=1e-5, rtol=1e-5)
         assert all(t.shape[1] == 12 for t in kv["coda_0"].values())  # read, never written
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_a_hook_on_a_prelude_site_leaves_the_loop_compacting(attn_type):
+    """A hook on a layer site outside the loop turns the layer sites on for the forward, but the
+    loop is not watched: it still compacts, its attention running the selected queries' path (not
+    the hooked one, which needs every position), and gives the recurrence's logits."""
+    m = _model(attn_type=attn_type)
+    threshold = _latent_threshold(m)
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold,
+                                         names_filter="prelude.0.attn.hook_z")
+    torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+    assert cache["prelude.0.attn.hook_z"].shape[:2] == IDS.shape
+    running = IDS.numel() + sum(int(_running_before(exit_at, t).sum()) for t in range(1, iterations))
+    assert m.last_forward["row_iterations"] == running < IDS.numel() * iterations
+
+
+def test_to_empty_without_recursion_leaves_the_submodules_alone():
+    """`Module._apply` passes `recurse` on: `to_empty(recurse=False)` re-allocates the model's own
+    tensors only (here the RoPE tables, kept complex64), never a submodule's weights."""
+    m = _model()
+    weight = m.prelude[0].attn.wq.weight.detach().clone()
+    table = m.freqs_cis.clone()
+    m.to_empty(device="cpu", recurse=False)
+    assert torch.equal(m.prelude[0].attn.wq.weight.detach(), weight)
+    assert m.freqs_cis.dtype == torch.complex64 and torch.equal(m.freqs_cis, table)
