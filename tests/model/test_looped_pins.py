@@ -366,3 +366,43 @@ def test_to_empty_without_recursion_leaves_the_submodules_alone():
     m.to_empty(device="cpu", recurse=False)
     assert torch.equal(m.prelude[0].attn.wq.weight.detach(), weight)
     assert m.freqs_cis.dtype == torch.complex64 and torch.equal(m.freqs_cis, table)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_dropout_acts_in_training_mode_only_on_the_fused_and_the_written_out_attention(attn_type):
+    """cfg.dropout = 0.3: in eval mode the logits are the dropout-free model's, bit for bit, fused
+    or written out for a hook on the pattern (z = pattern·v); in training mode dropout acts on the
+    attention and the residual stream (other logits, the same again under the same seed), and the
+    written-out attention's z is no longer pattern·v (the pattern hook sees it before dropout)."""
+    m, plain = _model(attn_type=attn_type, dropout=0.3), _model(attn_type=attn_type)
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), plain.state_dict().values()))
+    names = ["prelude.0.attn.hook_pattern", "prelude.0.attn.hook_v", "prelude.0.attn.hook_z"]
+
+    def z_and_pattern_v(cache):
+        pattern, v = cache[names[0]], cache[names[1]].transpose(1, 2)
+        v = v.repeat_interleave(pattern.shape[1] // v.shape[1], 1)
+        return cache[names[2]], (pattern @ v).transpose(1, 2)
+
+    with torch.no_grad():
+        want = plain(IDS, n_loops=2, exit="fixed")
+        assert torch.equal(m(IDS, n_loops=2, exit="fixed"), want)
+        logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter=names)
+        torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(*z_and_pattern_v(cache), atol=1e-6, rtol=1e-5)
+        m.train()
+        torch.manual_seed(3)
+        trained = m(IDS, n_loops=2, exit="fixed")
+        torch.manual_seed(3)
+        assert torch.equal(m(IDS, n_loops=2, exit="fixed"), trained)
+        assert (trained - want).abs().max() > 1e-3
+        m.prelude[0].resid_drop.p = 0.0  # dropout left in the attention alone (the hooked block's)
+        for layer in (*m.coda, m.recurrent.block):
+            layer.resid_drop.p = 0.0
+            if attn_type == "gqa":
+                layer.attn.dropout_p = 0.0
+            else:
+                layer.attn.attn_drop.p = 0.0
+        logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter=names)
+        assert (logits - want).abs().max() > 1e-3
+        z, pattern_v = z_and_pattern_v(cache)
+        assert (z - pattern_v).abs().max() > 1e-3
