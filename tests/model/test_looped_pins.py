@@ -406,3 +406,34 @@ def test_dropout_acts_in_training_mode_only_on_the_fused_and_the_written_out_att
         assert (logits - want).abs().max() > 1e-3
         z, pattern_v = z_and_pattern_v(cache)
         assert (z - pattern_v).abs().max() > 1e-3
+
+
+# -- a fresh model ------------------------------------------------------------------------------------
+
+
+def test_a_fresh_model_starts_from_the_documented_initialisation():
+    """Every Linear and Embedding weight (the LoRA's per-iteration scale included) is drawn from
+    N(0, 0.02²), the LoRA's B as randn·0.02; the halting head's bias keeps torch's default
+    (uniform within ±1/√dim); a fresh loop has run no rows. Sample std within ±35 % of 0.02 (the
+    smallest tensor, the LoRA's B, has 128 entries: a 5-sigma band is about ±31 %)."""
+    torch.manual_seed(0)
+    m = LoopedTransformer(LoopedConfig(**MICRO))
+    weights = {name: mod.weight for name, mod in m.named_modules()
+               if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
+    assert "recurrent.lora.scale" in weights and "recurrent.act.halt" in weights
+    weights["recurrent.lora.B"] = m.recurrent.lora.B
+    for name, w in weights.items():
+        assert 0.013 < float(w.std()) < 0.027, name
+        assert abs(float(w.mean())) < 0.01, name
+    bias = m.recurrent.act.halt.bias
+    assert 0 < abs(float(bias)) <= 1 / math.sqrt(MICRO["dim"])
+    assert m.recurrent.row_iterations == 0
+
+
+def test_a_hook_on_a_coda_layer_site_sees_the_stream_the_head_reads():
+    """The coda's layer sites are hook points like the prelude's: the last coda block's
+    hook_resid_post, normed and through the tied head, is the forward's logits."""
+    m = _model()
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="coda.0.hook_resid_post")
+        torch.testing.assert_close(m.head(m.norm(cache["coda.0.hook_resid_post"])), logits, atol=1e-5, rtol=1e-5)
