@@ -418,14 +418,14 @@ def test_a_fresh_model_starts_from_the_documented_initialisation():
     smallest tensor, the LoRA's B, has 128 entries: a 5-sigma band is about ±31 %)."""
     torch.manual_seed(0)
     m = LoopedTransformer(LoopedConfig(**MICRO))
-    weights = {name: mod.weight for name, mod in m.named_modules()
+    weights = {name: mod.weight.detach() for name, mod in m.named_modules()
                if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding))}
     assert "recurrent.lora.scale" in weights and "recurrent.act.halt" in weights
-    weights["recurrent.lora.B"] = m.recurrent.lora.B
+    weights["recurrent.lora.B"] = m.recurrent.lora.B.detach()
     for name, w in weights.items():
         assert 0.013 < float(w.std()) < 0.027, name
         assert abs(float(w.mean())) < 0.01, name
-    bias = m.recurrent.act.halt.bias
+    bias = m.recurrent.act.halt.bias.detach()
     assert 0 < abs(float(bias)) <= 1 / math.sqrt(MICRO["dim"])
     assert m.recurrent.row_iterations == 0
 
