@@ -205,7 +205,8 @@ def test_grouped_query_attention_with_several_key_heads_on_every_path():
         logits, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold, names_filter=names)
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
     for site in ("prelude.0", "recurrent.block"):
-        key = (lambda n: (f"{site}.attn.hook_{n}", 1)) if site.startswith("recurrent") else (lambda n: f"{site}.attn.hook_{n}")
+        in_loop = site.startswith("recurrent")  # a loop site: its value at iteration 1
+        key = lambda n: (f"{site}.attn.hook_{n}", 1) if in_loop else f"{site}.attn.hook_{n}"  # noqa: E731
         q, k, v = (cache[key(n)].transpose(1, 2) for n in ("q", "k", "v"))  # (B, heads, T, d)
         assert q.shape[1] == 4 and k.shape[1] == 2
         k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
@@ -230,14 +231,19 @@ def test_grouped_query_attention_with_several_key_heads_on_every_path():
 def test_a_few_queries_on_a_kv_cache_are_planned_with_the_cached_keys_counted(attn_type, monkeypatch):
     """The coda lens of one position of a 20-token chunk after 40 cached: the last coda layer
     plans its attention for 20 positions over 60 keys (40 cached + 20), the cost the plan is
-    chosen by; and the lens is the full lens at that position."""
+    chosen by (6 over 6 without a cache); and the lens is the full lens at that position."""
     m = _model(attn_type=attn_type)
     ids = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(9))
     planned = []
     plan = Queries.plan
-    monkeypatch.setattr(Queries, "plan", lambda self, seq_len, keys: planned.append((seq_len, keys)) or plan(self, seq_len, keys))
+    monkeypatch.setattr(Queries, "plan",
+                        lambda self, seq_len, keys: planned.append((seq_len, keys)) or plan(self, seq_len, keys))
     kv: dict = {}
     with torch.no_grad():
+        _, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="recurrent.hook_state_out")
+        planned.clear()
+        m.coda_lens(cache["recurrent.hook_state_out", 1], torch.tensor([0, 2, 5]))
+        assert planned == [(6, 6)]  # no cache: the keys are this call's own
         m(ids[:, :40], n_loops=2, exit="fixed", kv_cache=kv)
         _, cache = m.run_with_cache(ids[:, 40:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=40,
                                     names_filter="recurrent.hook_state_out")
