@@ -443,3 +443,27 @@ def test_a_hook_on_a_coda_layer_site_sees_the_stream_the_head_reads():
     with torch.no_grad():
         logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="coda.0.hook_resid_post")
         torch.testing.assert_close(m.head(m.norm(cache["coda.0.hook_resid_post"])), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_inputs_on_the_guards_boundaries_are_accepted_and_just_past_them_refused():
+    """The last positions that fit (start_pos + T = max_seq_len), token ids 0 and vocab_size - 1,
+    int32 ids, one sequence of one token, one loop and a threshold of exactly 0 all run; the id
+    vocab_size alone, a boolean or NaN threshold are refused with the message naming the fix."""
+    m = _model()
+    V, L = MICRO["vocab_size"], MICRO["max_seq_len"]
+    edge = torch.tensor([[0, V - 1, 5, 0, V - 1, 7]])
+    with torch.no_grad():
+        for ids, kw in ((edge, dict(start_pos=L - 6)), (edge.int(), {}), (edge[:, :1], {}),
+                        (IDS, dict(n_loops=1)), (IDS, dict(exit="latent", exit_threshold=0.0))):
+            out = m(ids, **{"n_loops": 2, "exit": "fixed", **kw})
+            assert out.shape == (*ids.shape, V)
+        assert m.last_forward["iterations"] == 2  # threshold 0: no position's residual falls below it
+        assert m(IDS, n_loops=1, exit="fixed").shape == (*IDS.shape, V) and m.last_forward["iterations"] == 1
+    for call, message in ((lambda: m(torch.tensor([[V]])), f"token ids must lie in [0, vocab_size={V})"),
+                          (lambda: m(IDS, exit="kl", exit_threshold=True), "exit_threshold must be a number, got bool True"),
+                          (lambda: m(IDS, exit="latent", exit_threshold=float("nan")),
+                           "exit_threshold must be a non-negative number (the latent criterion stops a position below "
+                           "it), got nan; default 0.01")):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == message
