@@ -460,7 +460,8 @@ def test_inputs_on_the_guards_boundaries_are_accepted_and_just_past_them_refused
         assert m.last_forward["iterations"] == 2  # threshold 0: no position's residual falls below it
         assert m(IDS, n_loops=1, exit="fixed").shape == (*IDS.shape, V) and m.last_forward["iterations"] == 1
     for call, message in ((lambda: m(torch.tensor([[V]])), f"token ids must lie in [0, vocab_size={V})"),
-                          (lambda: m(IDS, exit="kl", exit_threshold=True), "exit_threshold must be a number, got bool True"),
+                          (lambda: m(IDS, exit="kl", exit_threshold=True),
+                           "exit_threshold must be a number, got bool True"),
                           (lambda: m(IDS, exit="latent", exit_threshold=float("nan")),
                            "exit_threshold must be a non-negative number (the latent criterion stops a position below "
                            "it), got nan; default 0.01")):
