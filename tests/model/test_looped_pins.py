@@ -256,9 +256,10 @@ def test_a_few_queries_on_a_kv_cache_are_planned_with_the_cached_keys_counted(at
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_the_coda_lens_of_some_rows_runs_their_positions_up_to_the_last_wanted_one(attn_type):
-    """Queries of row 0 only, up to position 2 of 6: without a KV cache the coda runs row 0's
-    positions 0..2 only (later ones feed no wanted query, causal); up to position 5 (the whole
-    row), or on a KV cache (whose keys cover the whole chunk), every position of row 0. The
+    """Queries of row 0 only, up to position 2 of 6: without a KV cache (or on one the forward
+    started empty) the coda runs row 0's positions 0..2 only (later ones feed no wanted query,
+    causal), up to position 39 of 60 positions 0..39; up to position 5 (the whole row), or on a
+    chunk after cached ones (whose keys cover the whole chunk), every position of row 0. The
     log-probabilities are the full lens's there (the forward's, on the cache)."""
     m = _model(attn_type=attn_type)
     shapes = []
@@ -276,7 +277,22 @@ def test_the_coda_lens_of_some_rows_runs_their_positions_up_to_the_last_wanted_o
                 got = m.coda_lens(h, queries=Queries.from_mask(mask, h.device))
                 assert shapes == [want_shape]
                 torch.testing.assert_close(got, full[0, [0, last]], atol=1e-5, rtol=1e-5)
-            kv: dict = {}  # a chunk of 4 after 2 cached
+            long = torch.randint(0, 64, (2, 60), generator=torch.Generator().manual_seed(9))
+            _, cache = m.run_with_cache(long, n_loops=2, exit="fixed", names_filter="recurrent.hook_state_out")
+            mask = np.zeros(long.shape, dtype=bool)
+            mask[1, 39] = True  # extent 40: past the model's width (32), short of the row (60)
+            shapes.clear()
+            got = m.coda_lens(cache["recurrent.hook_state_out", 1], queries=Queries.from_mask(mask, h.device))
+            assert shapes == [(1, 40, D)]
+            kv: dict = {}  # a first chunk on a KV cache: nothing was cached before it
+            m(IDS, n_loops=2, exit="fixed", kv_cache=kv)
+            mask = np.zeros(IDS.shape, dtype=bool)
+            mask[0, 2] = True
+            shapes.clear()
+            got = m.coda_lens(h, queries=Queries.from_mask(mask, h.device))
+            assert shapes == [(1, 3, D)]
+            torch.testing.assert_close(got, full[0, [2]], atol=1e-5, rtol=1e-5)
+            kv = {}  # a chunk of 4 after 2 cached
             m(IDS[:, :2], n_loops=2, exit="fixed", kv_cache=kv)
             logits, cache = m.run_with_cache(IDS[:, 2:], n_loops=2, exit="fixed", kv_cache=kv, start_pos=2,
                                              names_filter="recurrent.hook_state_out")
@@ -438,11 +454,21 @@ def test_a_fresh_model_starts_from_the_documented_initialisation():
 
 def test_a_hook_on_a_coda_layer_site_sees_the_stream_the_head_reads():
     """The coda's layer sites are hook points like the prelude's: the last coda block's
-    hook_resid_post, normed and through the tied head, is the forward's logits."""
+    hook_resid_post, normed and through the tied head, is the forward's logits. A coda lens runs
+    the coda without firing its sites (a forward does)."""
     m = _model()
     with torch.no_grad():
         logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="coda.0.hook_resid_post")
         torch.testing.assert_close(m.head(m.norm(cache["coda.0.hook_resid_post"])), logits, atol=1e-5, rtol=1e-5)
+        calls = []
+        handle = m.coda[0].hook_resid_post.register_forward_hook(lambda *args: calls.append(1))
+        try:
+            m.coda_lens(cache["coda.0.hook_resid_post"])  # a lens is no forward: the coda's sites stay quiet
+            assert calls == []
+            m(IDS, n_loops=2, exit="fixed")
+            assert calls == [1]
+        finally:
+            handle.remove()
 
 
 def test_inputs_on_the_guards_boundaries_are_accepted_and_just_past_them_refused():
