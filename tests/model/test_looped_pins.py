@@ -194,13 +194,16 @@ GQA = dict(n_heads=4, n_kv_heads=2)  # each of 2 key/value heads serves 2 query 
 def test_grouped_query_attention_with_several_key_heads_on_every_path():
     """4 query heads on 2 key/value heads (the micro model's 2 on 1 would broadcast even without
     GQA): the hooked attention's z is softmax(q·kᵀ/√d, causal)·v with key head j serving query
-    heads 2j and 2j+1, computed here from the hooked q, k, v; the logits of the fused, hooked and
+    heads 2j and 2j+1, computed here from the hooked q, k, v, fused (the prelude's) and written
+    out for a hook on the pattern (the loop's); the logits of the fused, hooked and
     compacted loops and of a prefill in two chunks on a KV cache are the recurrence's."""
     m = _model(**GQA)
     threshold = _latent_threshold(m)
     want, _, exit_at = _hand(m, IDS, 6, "latent", threshold)
     assert len(set(exit_at.flatten().tolist())) >= 2
+    # the prelude's attention stays fused (no hook on its scores or pattern), the loop's is written out
     names = [f"{site}.attn.hook_{n}" for site in ("prelude.0", "recurrent.block") for n in ("q", "k", "v", "z")]
+    names.append("recurrent.block.attn.hook_pattern")
     with torch.no_grad():
         logits, cache = m.run_with_cache(IDS, n_loops=6, exit="latent", exit_threshold=threshold, names_filter=names)
     torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-5)
@@ -213,6 +216,8 @@ def test_grouped_query_attention_with_several_key_heads_on_every_path():
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
         scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf)
         torch.testing.assert_close(cache[key("z")], (scores.softmax(-1) @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
+        if in_loop:
+            torch.testing.assert_close(cache[key("pattern")], scores.softmax(-1), atol=1e-6, rtol=1e-5)
     for compact in (0.0, 2.0):
         m.recurrent.compact_below = compact
         with torch.no_grad():
