@@ -499,3 +499,22 @@ def test_inputs_on_the_guards_boundaries_are_accepted_and_just_past_them_refused
         with pytest.raises(ValueError) as err:
             call()
         assert str(err.value) == message
+
+
+def test_from_open_mythos_keeps_its_weights_dtype_and_mode_and_refuses_lookalikes():
+    """A float64 OpenMythos in training mode gives a float64 model in training mode with the same
+    weights (RoPE tables still complex64); an eval one an eval model. A module with only one of
+    OpenMythos's `cfg` and `recurrent` is refused, naming what is expected."""
+    open_mythos = pytest.importorskip("open_mythos.main", reason="open-mythos is installed by scripts/bootstrap.sh")
+    torch.manual_seed(0)
+    om = open_mythos.OpenMythos(LoopedConfig(**MICRO).to_mythos_config()).double().train()
+    ours = LoopedTransformer.from_open_mythos(om)
+    assert ours.training and ours.embed.weight.dtype == torch.float64 and ours.freqs_cis.dtype == torch.complex64
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in om.state_dict().items())
+    assert not LoopedTransformer.from_open_mythos(om.eval()).training
+    for attribute in ("cfg", "recurrent"):
+        lookalike = torch.nn.Linear(2, 2)
+        setattr(lookalike, attribute, om.cfg if attribute == "cfg" else om.recurrent)
+        with pytest.raises(TypeError) as err:
+            LoopedTransformer.from_open_mythos(lookalike)
+        assert str(err.value) == "from_open_mythos expects an open_mythos.main.OpenMythos model"
