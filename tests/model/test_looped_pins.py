@@ -29,7 +29,7 @@ from mythos_probe.model.looped import RecurrentBlock, loop_index_embeddings, pre
 from mythos_probe.model.queries import Queries
 from mythos_probe.model.variants import active_parameters
 from tests.conftest import SyncCounter
-from tests.model.test_looped_recurrence import IDS, IDS3, MICRO, _between, _criterion, _hand, _model
+from tests.model.test_looped_recurrence import IDS, IDS3, MICRO, _between, _converging, _criterion, _hand, _model
 
 
 def _syncs(m, ids, **kw) -> list[str]:
@@ -518,3 +518,21 @@ def test_from_open_mythos_keeps_its_weights_dtype_and_mode_and_refuses_lookalike
         with pytest.raises(TypeError) as err:
             LoopedTransformer.from_open_mythos(lookalike)
         assert str(err.value) == "from_open_mythos expects an open_mythos.main.OpenMythos model"
+
+
+@pytest.mark.parametrize("policy, embed_scale", [("latent", 50.0), ("kl", 20.0)])
+def test_budgets_without_a_threshold_use_the_policys_default(policy, embed_scale):
+    """A `LoopBudget` with no exit_threshold stops its row at the policy's documented default
+    (latent 1e-2, kl 1e-3): the same logits and iterations as a forward without budgets at
+    n_loops = the budgets' max_loops, on a model where that default stops positions part-way."""
+    from mythos_probe.model.budgets import LoopBudget
+
+    m = _converging(embed_scale)
+    with torch.no_grad():
+        want = m(IDS, n_loops=12, exit=policy)
+        iterations = m.last_forward["iterations"]
+        got = m(IDS, exit=policy, budgets=[LoopBudget(12), LoopBudget(12)])
+    _, _, exit_at = _hand(m, IDS, 12, policy, 1e-2 if policy == "latent" else 1e-3)
+    assert len(set(exit_at.flatten().tolist())) >= 2  # the default stops some positions, at different iterations
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert m.last_forward["iterations"] == iterations
