@@ -536,3 +536,33 @@ def test_budgets_without_a_threshold_use_the_policys_default(policy, embed_scale
     assert len(set(exit_at.flatten().tolist())) >= 2  # the default stops some positions, at different iterations
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert m.last_forward["iterations"] == iterations
+
+
+@pytest.mark.parametrize("policy", ["latent", "kl"])
+def test_a_criterion_exactly_at_the_threshold_does_not_stop_its_position(policy):
+    """A position stops when its criterion is below the threshold, strictly: with the threshold
+    set to exactly the smallest criterion of the first iteration that has one (the model's own
+    float32 value, computed here with the same functions from its states), no position stops
+    there; one float32 step above it, that position does."""
+    from mythos_probe.metrics.convergence import rel_residual
+    from mythos_probe.metrics.lens import kl
+    from mythos_probe.model.looped import _norm
+
+    m = _model()
+    with torch.no_grad():
+        # the loop's sites only: the layers' sites would write the attention out (other rounding)
+        _, cache = m.run_with_cache(IDS, n_loops=3, exit="fixed",
+                                    names_filter=["recurrent.hook_state_in", "recurrent.hook_state_out"])
+        states = [cache["recurrent.hook_state_in", 0]] + [cache["recurrent.hook_state_out", t] for t in range(3)]
+        if policy == "latent":
+            t, value = 0, rel_residual(_norm(states[1] - states[0]), _norm(states[1]))
+        else:
+            t, value = 1, kl(m.coda_lens(states[2]), m.coda_lens(states[1]))
+    lowest = value.min()
+    at, above = float(lowest), float(torch.nextafter(lowest, torch.tensor(math.inf)))
+    assert int((value == lowest).sum()) == 1 and float(value.flatten().sort().values[1]) > above
+    for threshold, stopped in ((at, 0), (above, 1)):
+        with torch.no_grad():
+            _, run = m.run_with_cache(IDS, n_loops=3, exit=policy, exit_threshold=threshold,
+                                      names_filter="recurrent.hook_halted")
+        assert int(run["recurrent.hook_halted", t].sum()) == stopped, threshold
