@@ -566,3 +566,17 @@ def test_a_criterion_exactly_at_the_threshold_does_not_stop_its_position(policy)
             _, run = m.run_with_cache(IDS, n_loops=3, exit=policy, exit_threshold=threshold,
                                       names_filter="recurrent.hook_halted")
         assert int(run["recurrent.hook_halted", t].sum()) == stopped, threshold
+
+
+def test_the_cache_records_the_calls_arguments_its_defaults_and_logits():
+    """`run_with_cache` records what the analysis replays: the arguments as passed (keyword ones
+    included), the defaults of those left out, and the logits, detached."""
+    m = _model()
+    threshold = _latent_threshold(m)
+    logits, cache = m.run_with_cache(IDS, 4, exit="latent", exit_threshold=threshold,
+                                     names_filter="recurrent.hook_halted")
+    forward = cache.forward
+    assert forward["n_loops"] == 4 and forward["exit"] == "latent" and forward["exit_threshold"] == threshold
+    assert forward["start_pos"] == 0 and forward["kv_cache"] is None and forward["budgets"] is None
+    assert torch.equal(forward["input_ids"], IDS)
+    assert torch.equal(forward["logits"], logits.detach()) and not forward["logits"].requires_grad
