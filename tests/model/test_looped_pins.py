@@ -580,3 +580,26 @@ def test_the_cache_records_the_calls_arguments_its_defaults_and_logits():
     assert forward["start_pos"] == 0 and forward["kv_cache"] is None and forward["budgets"] is None
     assert torch.equal(forward["input_ids"], IDS)
     assert torch.equal(forward["logits"], logits.detach()) and not forward["logits"].requires_grad
+
+
+def test_a_compacted_step_runs_positions_only_up_to_the_last_running_one(monkeypatch):
+    """Without a KV cache a compacted latent step attends over the rows with a running position,
+    up to the last running position (later ones feed no running query, causal): each step's
+    attention is planned for that many positions and keys, on a fixture where it cuts some."""
+    m = _model(seed=2)
+    threshold = _between(_criterion(m, IDS, "latent")[3])  # the last positions exit first here
+    want, iterations, exit_at = _hand(m, IDS, 6, "latent", threshold)
+    extents = []
+    for t in range(1, iterations):
+        cols = _running_before(exit_at, t).any(0)
+        extents.append(IDS.shape[1] - int(cols.flip(0).int().argmax()))
+    assert min(extents) < IDS.shape[1], extents
+    planned = []
+    plan = Queries.plan
+    monkeypatch.setattr(Queries, "plan",
+                        lambda self, seq_len, keys: planned.append((seq_len, keys)) or plan(self, seq_len, keys))
+    m.recurrent.compact_below = 2.0
+    with torch.no_grad():
+        got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert planned == [(n, n) for n in extents]
