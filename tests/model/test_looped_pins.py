@@ -603,3 +603,32 @@ def test_a_compacted_step_runs_positions_only_up_to_the_last_running_one(monkeyp
         got = m(IDS, n_loops=6, exit="latent", exit_threshold=threshold)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert planned == [(n, n) for n in extents]
+
+
+def test_at_inference_the_decay_is_computed_once_per_forward():
+    """A = exp(-exp(log_dt + log_A)) is computed once per forward at inference (two `exp` ops in
+    the whole forward, nothing else in the model exponentiates), masked or compacted, ACT's
+    compacted row steps included; under autograd the injection module computes it every
+    iteration (so gradients sum as in OpenMythos)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ExpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.exp.default
+            return func(*args, **(kwargs or {}))
+
+    m = _model(act_threshold=1.5)
+    for compact in (0.0, 2.0):
+        m.recurrent.compact_below = compact
+        with torch.no_grad(), ExpCounter() as counter:
+            m(IDS, n_loops=8)
+        assert counter.n == 2 and m.last_forward["iterations"] > 2, compact
+    if compact:
+        assert m.last_forward["row_iterations"] < IDS.numel() * m.last_forward["iterations"]  # rows were cut
+    with ExpCounter() as counter:
+        m(IDS, n_loops=3, exit="fixed")
+    assert counter.n == 2 * 3
