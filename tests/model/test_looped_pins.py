@@ -464,6 +464,7 @@ def test_a_hook_on_a_coda_layer_site_sees_the_stream_the_head_reads():
     m = _model()
     with torch.no_grad():
         logits, cache = m.run_with_cache(IDS, n_loops=2, exit="fixed", names_filter="coda.0.hook_resid_post")
+        assert not m.sites.on  # the switch is the forward's: off again after it
         torch.testing.assert_close(m.head(m.norm(cache["coda.0.hook_resid_post"])), logits, atol=1e-5, rtol=1e-5)
         calls = []
         handle = m.coda[0].hook_resid_post.register_forward_hook(lambda *args: calls.append(1))
