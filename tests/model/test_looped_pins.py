@@ -10,7 +10,11 @@ paths no other fast test reaches.
 - grouped-query attention with several key heads (each serving several query heads), where
   dropping `enable_gqa` fails; the cached keys an MLA or GQA layer counts when it plans the
   attention of a few queries; the positions the coda lens runs;
-- the float32 internals (RoPE angles, loop-index signal, ACT sums) whatever torch's default dtype.
+- the float32 internals (RoPE angles, loop-index signal, ACT sums) whatever torch's default dtype;
+- the coda lens after a chunk on a KV cache (it read that chunk's own keys too: fixed);
+- dropout in training mode only, a fresh model's initialisation, the input guards at their
+  boundaries, a criterion exactly at its threshold, `from_open_mythos`'s dtype and mode, what
+  `run_with_cache` records.
 
 Every expected number is computed here: the recurrence by hand (`_hand`, shared with
 test_looped_recurrence.py), the positions still running from its exit steps, the shares by
