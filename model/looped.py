@@ -183,10 +183,10 @@ class GQAttention(_AttentionSites):
     def __init__(self, cfg: LoopedConfig, clock: Optional[LoopClock] = None, sites: Optional[HookSwitch] = None):
         super().__init__(clock, sites or HookSwitch())
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.dropout_p = cfg.dropout
 
     def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
@@ -229,14 +229,14 @@ class MLAttention(_AttentionSites):
         self.n_heads = cfg.n_heads
         self.kv_lora_rank = cfg.kv_lora_rank
         self.qk_rope_dim, self.qk_nope_dim, self.v_dim = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.q_norm = RMSNorm(cfg.q_lora_rank)
-        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)
-        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)
-        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.q_up_nope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_nope_head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.q_up_rope = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.qk_rope_head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank)
-        self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.attn_drop = nn.Dropout(cfg.dropout)  # kept for OpenMythos module parity
 
     def forward(self, x, freqs_cis, causal, kv_cache=None, cache_key="default", queries: Optional[Queries] = None):
@@ -292,9 +292,9 @@ class MLAttention(_AttentionSites):
 class Expert(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.gate = nn.Linear(dim, hidden, bias=False)
-        self.up = nn.Linear(dim, hidden, bias=False)
-        self.down = nn.Linear(hidden, dim, bias=False)
+        self.gate = nn.Linear(dim, hidden, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.up = nn.Linear(dim, hidden, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
+        self.down = nn.Linear(hidden, dim, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
@@ -308,7 +308,7 @@ class MoEFFN(nn.Module):
     def __init__(self, cfg: LoopedConfig, clock: LoopClock):
         super().__init__()
         self.n_experts, self.n_shared, self.topk = cfg.n_experts, cfg.n_shared_experts, cfg.n_experts_per_tok
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.register_buffer("router_bias", torch.zeros(cfg.n_experts))  # moved outside autograd
         self.routed_experts = nn.ModuleList(Expert(cfg.dim, cfg.expert_dim) for _ in range(cfg.n_experts))
         self.shared_experts = nn.ModuleList(
@@ -399,7 +399,7 @@ class LoRAAdapter(nn.Module):
 
     def __init__(self, dim: int, rank: int, max_loops: int):
         super().__init__()
-        self.down = nn.Linear(dim, rank, bias=False)
+        self.down = nn.Linear(dim, rank, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.B = nn.Parameter(torch.randn(rank, dim) * 0.02)
         self.scale = nn.Embedding(max_loops, rank)
 
@@ -754,7 +754,7 @@ class LoopedTransformer(HookedRootModule):
         self.recurrent = RecurrentBlock(cfg, self.sites)
         self.coda = nn.ModuleList(TransformerBlock(cfg, sites=self.sites) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)  # pragma: no mutate (bias=None makes the same bias-free Linear)
         self.head.weight = self.embed.weight  # weight tying
         self.hook_embed = HookPoint()  # (B, T, D) token embeddings
         self.hook_encoded = HookPoint()  # (B, T, D) prelude output e, injected every iteration
@@ -833,6 +833,12 @@ class LoopedTransformer(HookedRootModule):
         if positions is not None:
             queries = Queries.grid(B, positions)
         x, cache, freqs = h, ctx["kv_cache"], ctx["freqs_cis"]
+        if cache is not None:
+            # what the forward found cached: once it has run, the coda's cache also holds this
+            # forward's own positions, which the lens would see twice, and later ones before their time
+            past = ctx["start_pos"]
+            cache = {key: {name: t[:, :past] for name, t in cache[key].items()}
+                     for key in (f"coda_{i}" for i in range(len(self.coda))) if key in cache} if past else None
         if queries is not None and not queries.every_row:
             x = h[queries.live]
             if cache is not None:
@@ -890,7 +896,8 @@ class LoopedTransformer(HookedRootModule):
         T = input_ids.shape[1]
         freqs_cis = self._rope(start_pos, T)
         causal = T > 1
-        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, n_loops=n_loops, exit=exit,
+        self.last_forward = dict(freqs_cis=freqs_cis, causal=causal, kv_cache=kv_cache, start_pos=start_pos,
+                                 n_loops=n_loops, exit=exit,
                                  budgets=None if row_budgets is None else row_budgets.budgets)
         # one look per forward at the layer sites' hooks (none: the layers call no hook point)
         self.sites.on = watched_globally() or any(hp._forward_hooks or hp._forward_pre_hooks for hp in self._layer_sites)
