@@ -1,0 +1,309 @@
+"""`SpecAdapter` (mythos_probe/probes/spec_adapter.py), more pins written against the classes of
+mutants that survived a random sample of `scripts/mutation.sh mythos_probe/probes/spec_adapter.py`
+(the first file of pins is test_spec_adapter_pins.py, whose tiny models these reuse):
+
+- FLOPs without a config: the parameters each kind of declaration counts as looped (step=,
+  first/last in one ModuleList, a pass ending outside it, a Sequential, method=, looped=), the
+  non-looped ones counted once (in the first loop only), and the useful FLOPs of positions that
+  exit early, all against parameter counts taken by hand;
+- every message a misdeclaration gets that no other test writes out in full (a message matched on
+  its first words lets the rest of it say anything), and the field each path resolves under;
+- warnings given once per attach, not once per forward;
+- the injection e each mode records at each iteration (`norm_inject`), where the right and the
+  wrong source of e differ;
+- exits: the readout check lines each position's logits up with its own exit state."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mythos_probe
+from mythos_probe import Halting, Injection, LoopSpec, Router
+from tests.probes.looped_models import no_hooks
+from tests.probes.test_spec_adapter_pins import (
+    ByMethod, Chain, Halts, OneLayerPass, OtherPasses, Outside, PassModel, Routed, TwoLevels, WithHead, by_hand, error_of, ids,
+    plus, record, routed,
+)
+
+TOKENS = ids.numel()
+
+
+def n(*modules) -> int:
+    """Parameters of `modules`, each counted once."""
+    return sum({id(p): p.numel() for m in modules for p in m.parameters()}.values())
+
+
+def warned(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and str(w.message).startswith("LoopSpec")]
+
+
+# -- FLOPs: what each declaration counts as looped -------------------------------------------------
+
+
+def pass_to_other_list():
+    """Each iteration runs layers 0, 1 and 2 of one ModuleList, then `blocks.0` of another."""
+    model = OtherPasses()
+    model.blocks = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+    model.tail = model.blocks[0]
+    model.scales = (1.0, 1.0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("make, spec, looped", [
+    (WithHead, LoopSpec(step="step"), lambda m: [m.step]),
+    (WithHead, LoopSpec(step="step", looped=("step.0",)), lambda m: [m.step[0]]),
+    # a pass of entries 0..1 of a ModuleList of 3: the third runs after the loop, not per iteration
+    (PassModel, LoopSpec(first="layers.0", last="layers.1"), lambda m: [m.layers[0], m.layers[1]]),
+    (OneLayerPass, LoopSpec(first="layers.0", last="layers.0"), lambda m: [m.layers[0]]),
+    # a pass ending outside the list: every entry from first to the list's end, and the last module
+    (OtherPasses, LoopSpec(first="layers.0", last="tail"), lambda m: list(m.layers)),
+    (pass_to_other_list, LoopSpec(first="layers.0", last="blocks.0"), lambda m: list(m.layers) + [m.blocks[0]]),
+    # not a ModuleList: the last module only
+    (lambda: OtherPasses(sequential=True), LoopSpec(first="layers.0", last="layers.1"), lambda m: [m.layers[1]]),
+    (WithHead, LoopSpec(method="step.forward"), lambda m: [m.step]),
+])
+def test_flops_count_the_looped_parameters_once_per_iteration(make, spec, looped):
+    """flops = 2·tokens·(other + I·looped), loop_flops = 2·tokens·I·looped, the embedding
+    counted in neither (a lookup, not a matmul)."""
+    model = make()
+    model.extra = nn.Linear(8, 3)  # run by no one: a parameter outside the loop
+    (trace,) = record(model, spec, probes=["cost"])
+    loop = n(*looped(model))
+    other = n(model) - n(*(m for m in model.modules() if isinstance(m, nn.Embedding))) - loop
+    assert loop > 0 and other > 0  # both terms show in the sums
+    I = trace.iterations
+    assert trace.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * (other + I * loop), rel=1e-12)
+    assert trace.forward_metrics["loop_flops"] == pytest.approx(2.0 * TOKENS * I * loop, rel=1e-12)
+    assert trace.forward_metrics["useful_flops"] == pytest.approx(trace.forward_metrics["flops"])  # all used all
+
+
+def test_a_method_of_the_model_itself_counts_no_looped_parameters():
+    """method= on the model: its parameters are not the loop's, so no FLOPs are guessed."""
+    (trace,) = record(ByMethod(), LoopSpec(method="iterate"), probes=["cost", "convergence"])
+    assert trace.iterations == 3
+    assert not {"flops", "loop_flops", "useful_flops"} & set(trace.forward_metrics)
+
+
+def test_the_parameters_outside_the_loops_are_counted_in_the_first_loop_only():
+    model = TwoLevels()
+    model.extra = nn.Linear(8, 4)  # neither loop's: counted once, in the first loop's trace
+    zeros = lambda m: torch.zeros(8)  # noqa: E731
+    low, high = record(model, (LoopSpec(step="low", name="low", injection=Injection("added"), init=zeros),
+                               LoopSpec(step="high", name="high", injection=Injection("added"), init=zeros)),
+                       probes=["cost"])
+    assert low.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * (n(model.extra) + 6 * n(model.low)))
+    assert high.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * 3 * n(model.high))
+
+
+def test_useful_flops_count_each_positions_own_iterations():
+    """Positions exit at different steps: useful FLOPs count the looped parameters once per
+    iteration each position used (from the rule by hand), the rest once per token."""
+    model = Halts()
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545))
+    (trace,) = record(model, spec, probes=["cost", "halting"], detail="positions")
+    halted = by_hand("threshold", model.lambdas(), 0.545)[2]
+    used = np.where(halted.any(0), halted.argmax(0) + 1, 4)
+    assert len(np.unique(used)) > 1
+    np.testing.assert_array_equal(trace.position_iterations, used)
+    loop, other = n(model.step), n(model.head)
+    assert trace.forward_metrics["useful_flops"] == pytest.approx(2.0 * (TOKENS * other + used.sum() * loop))
+    assert trace.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * (other + 4 * loop))
+
+
+# -- messages in full ------------------------------------------------------------------------------
+
+
+def attach_error(model, spec, error=ValueError) -> str:
+    with pytest.raises(error) as err:
+        mythos_probe.attach(model, spec=spec).__enter__()
+    assert no_hooks(model)
+    return str(err.value)
+
+
+def test_a_modulelist_or_moduledict_as_step_is_refused_naming_the_pass():
+    assert attach_error(PassModel(), LoopSpec(step="layers")) == (
+        "LoopSpec.step 'layers' is a ModuleList, which is never called itself, so nothing would be recorded; "
+        "declare the pass instead: first='layers.0', last='layers.2'")
+    model = PassModel()
+    model.blocks = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})
+    assert attach_error(model, LoopSpec(step="blocks")) == (
+        "LoopSpec.step 'blocks' is a ModuleDict, which is never called itself, so nothing would be recorded; "
+        "declare the pass instead: first='blocks.0', last='blocks.1'")
+
+
+def test_two_loops_of_one_name_are_refused():
+    spec = LoopSpec(step="low")
+    assert attach_error(TwoLevels(), (spec, LoopSpec(step="high"))) == (
+        "LoopSpec.name must differ between the loops of one model, got ['loop', 'loop']")
+
+
+SUBMODULES = "['embed', 'step', 'step.0', 'step.1', 'head']"
+
+
+@pytest.mark.parametrize("spec, field", [
+    (LoopSpec(first="nope", last="head"), "first"),
+    (LoopSpec(first="step.0", last="nope"), "last"),
+    (LoopSpec(step="step", halting=Halting("nope")), "halting.head"),
+    (LoopSpec(step="step", readout="nope"), "readout"),
+    (LoopSpec(step="step", readout=("head", "nope")), "readout"),
+    (LoopSpec(step="step", routers=(Router("head", top_k=1), Router("nope", top_k=1))), "routers[1].module"),
+])
+def test_each_path_to_nothing_is_named_by_its_field(spec, field):
+    assert attach_error(WithHead(), spec) == (
+        f"LoopSpec.{field}: WithHead has no submodule 'nope'; its submodules include {SUBMODULES}")
+
+
+def test_a_model_called_without_token_ids_is_refused_and_input_ids_by_name_is_read():
+    model = Chain(lambda h, x: h)
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["convergence"]) as rec:
+        for bad in (ids[0], ids[None]):  # (seq,) and (1, batch, seq)
+            with pytest.raises(ValueError) as err:
+                model(bad)
+            assert str(err.value) == ("LoopSpec models must take (batch, seq) token ids as their first argument or "
+                                      "input_ids=")
+        model(input_ids=ids)
+    assert [t.iterations for t in rec.traces] == [3]
+    assert rec.traces[0].exit_policy == "unknown"
+
+
+class Shrinking(Chain):
+    """Each iteration drops the state's last feature: the end state does not keep one shape."""
+
+    def __init__(self):
+        super().__init__(plus)
+        self.step = nn.Sequential(nn.Linear(8, 7), nn.Tanh())
+
+    def forward(self, input_ids):
+        return self.step(self.embed(input_ids))
+
+
+def test_an_end_state_of_another_shape_is_named():
+    assert error_of(Shrinking(), LoopSpec(step="step")) == (
+        "LoopSpec.state: loop 'loop' iteration 0 ends with a state of shape (2, 5, 7) but the previous state has "
+        "shape (2, 5, 8); the end state must keep one shape (check state= / init=)")
+
+
+def test_an_init_that_gives_no_tensor_or_runs_too_late_is_named():
+    with pytest.raises(TypeError) as err:
+        record(Chain(plus), LoopSpec(step="step", init=lambda m: 0.5))
+    assert str(err.value) == "LoopSpec.init: the callable returned float, not the pre-loop state tensor"
+    assert error_of(WithHead(), LoopSpec(step="step", init="head")) == (
+        "LoopSpec.init: module 'head' did not run before the loop's first iteration (loop 'loop'); name the module "
+        "whose output is the pre-loop state")
+
+
+def test_an_injection_module_that_runs_inside_the_step_is_named():
+    assert error_of(Chain(plus), LoopSpec(step="step", injection=Injection("added", module="step.0"))) == (
+        "LoopSpec.injection.module: 'step.0' had not run when iteration 0 of loop 'loop' started; e must be the "
+        "output of a module that runs before each iteration (not inside the step)")
+
+
+def never_ran(field, name, where):
+    return (f"LoopSpec.{field}: loop {name!r} ({where}) never ran an iteration in this forward, so no trace was "
+            "recorded for it; check the path")
+
+
+def spare_pass():
+    model = PassModel()
+    model.spare = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])  # never called
+    return model
+
+
+def spare_step():
+    model = WithHead()
+    model.spare = nn.Linear(8, 8)
+    return model
+
+
+@pytest.mark.parametrize("make, spec, message", [
+    (spare_step, LoopSpec(step="spare"), never_ran("step", "loop", "spare")),
+    (Outside, LoopSpec(method="inner", name="inner loop"), never_ran("method", "inner loop", "inner")),
+    (spare_pass, LoopSpec(first="spare.0", last="spare.1"), never_ran("first/last", "loop", "spare.0 … spare.1")),
+])
+def test_a_loop_that_never_ran_is_named_by_the_field_that_declares_it(make, spec, message):
+    model = make()
+    traces = []
+    assert warned(lambda: traces.extend(record(model, spec, probes=["convergence"]))) == [message]
+    assert traces == []
+
+
+def test_a_router_that_never_ran_is_named():
+    model = Routed()
+    model.spare = nn.Linear(8, 4)
+    spec = LoopSpec(step="step", routers=(Router("step.gate", top_k=2, select=0), Router("spare", top_k=2)))
+    traces = []
+    assert warned(lambda: traces.extend(record(model, spec, probes=["experts"]))) == [
+        "LoopSpec.routers[1].module: 'loop' declares a module that never ran during the loop; its metrics are "
+        "missing from the trace. Check the path"]
+    assert traces[0].expert_load.shape == (3, 4)
+
+
+def test_a_restarting_loop_says_once_why_it_has_no_jacobian():
+    traces = []
+    message = warned(lambda: traces.extend(record(Chain(lambda h, x: x), LoopSpec(step="step", injection=Injection(
+        "restart")), calls=2, probes=["jacobian", "convergence"])))
+    assert message == [
+        "LoopSpec.injection: loop 'loop' restarts every pass from the pre-loop state (Injection('restart')), so a "
+        "pass is not a function of h_{t−1}; jacobian_sigma_max is left out"]
+    assert [t.iterations for t in traces] == [3, 3]
+    assert all("jacobian_sigma_max" not in t.iteration_metrics for t in traces)
+
+
+def test_an_undeclared_sampled_exit_is_warned_about_once_in_full():
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="ponder", threshold=0.5))
+    traces = []
+    assert warned(lambda: traces.extend(record(Halts(), spec, calls=3, probes=["halting"]))) == [
+        "LoopSpec.halting.exits: loop 'loop' samples its exit (rule 'ponder') but the declaration does not say where "
+        "the model returns it, so the trace records the halting distribution's expectation only; declare "
+        "Halting(..., exits=<selector of the sampled exit>)"]
+    assert len(traces) == 3
+
+
+# -- the readout check against each position's exit ------------------------------------------------
+
+
+class HaltsWithHead(Halts):
+    """`Halts` (the model runs all 4 iterations, its gate read on each end state) returning the
+    logits of the last state: positions the declared rule exits earlier do not match."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = nn.Linear(8, 32)
+
+    def forward(self, input_ids):
+        return self.lm(super().forward(input_ids))
+
+
+READOUT_HINT = ("Fix readout= (the path from the end state to the logits), state= or last= (the end state), "
+                "halting= (the exit the model takes); or declare readout_is_output=False if the readout is a "
+                "partial lens by design")
+
+
+def test_the_readout_is_checked_at_each_positions_own_exit():
+    model = HaltsWithHead()
+    halted = by_hand("threshold", model.lambdas(), 0.545)[2]
+    early = int((halted[:3].any(0)).sum())  # positions exiting before the last iteration
+    assert 0 < early < TOKENS
+    spec = LoopSpec(step="step", readout="lm",
+                    halting=Halting("head", output="logit", rule="threshold", threshold=0.545))
+    assert error_of(model, spec, probes=["halting"]) == (
+        f"LoopSpec.readout: loop 'loop''s readout of the end state at each position's recorded exit (halting=) "
+        f"differs from the logits the model returned at {early} of {TOKENS} positions. {READOUT_HINT}")
+    # a threshold no position reaches: every exit is the last iteration, which the logits are
+    (trace,) = record(model, LoopSpec(step="step", readout="lm", halting=Halting(
+        "head", output="logit", rule="threshold", threshold=1.0)), probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, np.full((2, 5), 4))
+
+
+def test_a_wrong_readout_without_halting_is_named_in_full():
+    assert error_of(WithHead(), LoopSpec(step="step", readout=lambda m, s: 2 * m.head(s))) == (
+        f"LoopSpec.readout: loop 'loop''s readout of the end state differs from the logits the model returned at "
+        f"10 of 10 positions. {READOUT_HINT}")
