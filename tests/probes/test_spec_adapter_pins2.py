@@ -307,3 +307,183 @@ def test_a_wrong_readout_without_halting_is_named_in_full():
     assert error_of(WithHead(), LoopSpec(step="step", readout=lambda m, s: 2 * m.head(s))) == (
         f"LoopSpec.readout: loop 'loop''s readout of the end state differs from the logits the model returned at "
         f"10 of 10 positions. {READOUT_HINT}")
+
+
+# -- the injection e each mode records, per iteration -----------------------------------------------
+
+
+class VaryingInjection(nn.Module):
+    """h ← step(h + inj(x·(t+1))) from h = 0: the injection module runs before each iteration and
+    gives another e every time."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.inj = nn.Linear(8, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = torch.zeros_like(x)
+        for t in range(3):
+            h = self.step(h + self.inj(x * (t + 1)))
+        return h
+
+    @torch.no_grad()
+    def injections(self):
+        x = self.embed(ids)
+        return [self.inj(x * (t + 1)) for t in range(3)]
+
+
+def mean_norm(e) -> float:
+    return e.norm(dim=-1).mean().item()
+
+
+def test_an_added_injection_module_gives_each_iteration_its_own_e():
+    """e of iteration t is the module's output before iteration t: it may differ every
+    iteration (the added-term check is for the no-module case only)."""
+    model = VaryingInjection()
+    (trace,) = record(model, LoopSpec(step="step", injection=Injection("added", module="inj")),
+                      probes=["spectral", "convergence"])
+    want = [mean_norm(e) for e in model.injections()]
+    assert len(set(np.round(want, 3))) == 3  # the three e differ
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], want, rtol=1e-5)
+
+
+class ArgByName(nn.Module):
+    """h ← step(h=h, e=x) from h = x."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.probes.test_spec_adapter_pins import ArgStep
+
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = ArgStep()
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = x
+        for _ in range(3):
+            h = self.step(h=h, e=x)
+        return h
+
+
+class FromZero(nn.Module):
+    """h ← step(h + x) from h = 0 (the pre-loop state is not e)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = torch.zeros_like(x)
+        for _ in range(3):
+            h = self.step(h + x)
+        return h
+
+
+zeros8 = lambda m: torch.zeros(8)  # noqa: E731
+
+
+@pytest.mark.parametrize("make, spec", [
+    (ArgByName, LoopSpec(step="step", state_in="h", injection=Injection("argument", arg="e"))),
+    (ArgByName, LoopSpec(step="step", state_in="h", injection=Injection("argument", module="embed"))),
+    (FromZero, LoopSpec(step="step", init=zeros8, injection=Injection("function", module="embed",
+                                                                       fn=lambda m, h, e: h + e))),
+    (FromZero, LoopSpec(step="step", init=zeros8, injection=Injection("added"))),
+    (FromZero, LoopSpec(step="step", injection=Injection("added", module="embed"))),
+    (lambda: Chain(lambda h, x: torch.cat([h, x], -1), width=16), LoopSpec(step="step", injection=Injection("concat"))),
+])
+def test_each_mode_records_the_token_embedding_as_e_at_every_iteration(make, spec):
+    """In each of these models e is x, the token embedding, at every iteration (not the pre-loop
+    state, which is 0 or x, nor None)."""
+    model = make()
+    (trace,) = record(model, spec, probes=["spectral", "convergence"])
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], [mean_norm(model.embed(ids))] * 3, rtol=1e-5)
+
+
+def test_a_loop_without_injection_records_no_e():
+    (trace,) = record(Chain(lambda h, x: h), LoopSpec(step="step"), probes=["spectral", "convergence"])
+    assert trace.iterations == 3 and "norm_inject" not in trace.iteration_metrics
+
+
+# -- what a forward's context carries: the Jacobian's re-run, the lens, the exit policy ----------------
+
+
+def test_the_jacobian_of_a_method_loop_re_calls_the_method():
+    from mythos_probe.metrics.spectral import jacobian_sigma_max
+
+    model = ByMethod()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # a re-run that fails or differs would warn
+        (trace,) = record(model, LoopSpec(method="iterate"), probes=["jacobian"])
+    h, want = model.embed(ids), []
+    for _ in range(3):
+        want.append(jacobian_sigma_max(lambda v: torch.tanh(model.lin(v)), h[:1]).item())
+        h = torch.tanh(model.lin(h))
+    np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+
+
+def test_decode_steps_on_a_kv_cache_have_no_jacobian_and_the_prefill_has_one():
+    from tests.probes.test_spec_adapter_pins import Cache, CachedChain
+
+    model, cache = CachedChain(), Cache()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["jacobian"]) as rec:
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+    assert [t.iterations for t in rec.traces] == [3, 3, 3]
+    assert ["jacobian_sigma_max" in t.iteration_metrics for t in rec.traces] == [True, False, False]
+
+
+def test_no_readout_means_no_lens_and_the_halting_rule_is_the_exit_policy():
+    (trace,) = record(Chain(lambda h, x: h), LoopSpec(step="step"), probes=["lens", "convergence"])
+    assert trace.iterations == 3 and not [k for k in trace.iteration_metrics if k.startswith("lens")]
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="cumulative_exit", threshold=0.8))
+    (trace,) = record(Halts(), spec, probes=["halting"])
+    assert trace.exit_policy == "cumulative_exit"
+
+
+# -- per-token depths: a position at a fixed point is not a frozen one ----------------------------------
+
+
+class FixedPointStep(nn.Module):
+    """tanh(lin(h)) except at position 0, where the step returns its input unchanged (a fixed
+    point: the output equals h_{t−1} there, yet the model uses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        out = torch.tanh(self.lin(h))
+        return torch.cat([h[:, :1], out[:, 1:]], dim=1)
+
+
+class FixedPointDepths(nn.Module):
+    """Per-token depths: position 1 runs one iteration, every other position all three (the
+    model keeps position 1's state after its first iteration)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = FixedPointStep()
+        self.depths = torch.tensor([3, 1, 3, 3, 3])
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for t in range(3):
+            h = torch.where((t < self.depths)[None, :, None], self.step(h), h)
+        return h
+
+
+def test_a_position_whose_step_output_equals_its_state_is_counted_as_running():
+    traces = record(FixedPointDepths(), LoopSpec(step="step"), calls=2, probes=["convergence"], detail="positions")
+    for trace in traces:  # checked, then not
+        np.testing.assert_array_equal(trace.position_iterations, [[3, 1, 3, 3, 3]] * 2)
