@@ -487,3 +487,81 @@ def test_a_position_whose_step_output_equals_its_state_is_counted_as_running():
     traces = record(FixedPointDepths(), LoopSpec(step="step"), calls=2, probes=["convergence"], detail="positions")
     for trace in traces:  # checked, then not
         np.testing.assert_array_equal(trace.position_iterations, [[3, 1, 3, 3, 3]] * 2)
+
+
+# -- the step's other arguments: which of them are a second carried state -------------------------------
+
+
+class ArgsStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, e, pos, k, idx, rot, v=None):
+        out = torch.tanh(self.lin(h) + e + pos * k + rot[0] * rot[1]) + 0.01 * idx[:, None, None].float()
+        return out if v is None else out + 0.1 * v
+
+
+class ArgsLoop(nn.Module):
+    """h ← step(h, e_t, pos_t, k_t, idx_t, rot[, v=v_t]): beside the state, arguments that change
+    every iteration yet are no carried state: e_t = x·(t+1) (the declared injection argument), a
+    per-iteration feature vector pos_t (D,) and scalar k_t (no batch dimension), integer indices
+    idx_t (B,), and a constant (cos, sin)-like pair; with `carry`, a momentum v = v/2 + h, which is
+    a second carried state."""
+
+    def __init__(self, carry=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = ArgsStep()
+        self.carry = carry
+
+    def arguments(self, x, t):
+        return (x * (t + 1), torch.linspace(-1, 1, 8) * 0.1 * t, torch.tensor(1.0 + t),
+                torch.full((x.shape[0],), t), (0.1 * x, 0.2 * x))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h, v = x, torch.zeros_like(x)
+        for t in range(3):
+            h_next = self.step(h, *self.arguments(x, t), **({"v": v} if self.carry else {}))
+            v, h = 0.5 * v + h, h_next
+        return h
+
+
+ARGS_SPEC = LoopSpec(step="step", injection=Injection("argument", arg=1))
+
+
+def test_arguments_that_change_but_carry_no_state_keep_the_jacobian():
+    """Each iteration's Jacobian re-runs the step with that iteration's arguments, sliced to the
+    first sequence where they have a batch dimension (idx, the pair), whole where not (pos, k)."""
+    from mythos_probe.metrics.spectral import jacobian_sigma_max
+
+    model = ArgsLoop()
+    traces = []
+    assert warned(lambda: traces.extend(record(model, ARGS_SPEC, calls=2, probes=["jacobian", "spectral"]))) == []
+    x = model.embed(ids)
+    h, want = x, []
+    for t in range(3):
+        e, pos, k, idx, (c, s) = model.arguments(x, t)
+        want.append(jacobian_sigma_max(lambda v: model.step(v, e[:1], pos, k, idx[:1], (c[:1], s[:1])), h[:1]).item())
+        h = model.step(h, e, pos, k, idx, (c, s))
+    for trace in traces:  # checked, then not
+        np.testing.assert_allclose(trace.iteration_metrics["jacobian_sigma_max"], want, rtol=1e-5)
+        np.testing.assert_allclose(trace.iteration_metrics["norm_inject"],
+                                   [mean_norm(x) * (t + 1) for t in range(3)], rtol=1e-5)
+
+
+def test_a_momentum_after_the_other_arguments_is_found_and_said_once():
+    traces = []
+    assert warned(lambda: traces.extend(record(ArgsLoop(carry=True), ARGS_SPEC, calls=2,
+                                               probes=["jacobian", "convergence"]))) == [
+        "LoopSpec.state: loop 'loop''s step takes another tensor that changes every iteration (argument 'v'): a "
+        "second carried state (a momentum beside h, say). jacobian_sigma_max would be the derivative of h with it "
+        "held fixed, not of the map the model iterates, so it is left out"]
+    assert [t.iterations for t in traces] == [3, 3]
+    assert all("jacobian_sigma_max" not in t.iteration_metrics for t in traces)
+
+
+def test_without_the_jacobian_probe_a_momentum_is_not_looked_for():
+    assert warned(lambda: record(ArgsLoop(carry=True), ARGS_SPEC, probes=["convergence"])) == []
