@@ -349,6 +349,9 @@ def test_an_added_injection_module_gives_each_iteration_its_own_e():
     want = [mean_norm(e) for e in model.injections()]
     assert len(set(np.round(want, 3))) == 3  # the three e differ
     np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], want, rtol=1e-5)
+    # h_{−1} = (first input) − e = 0: iteration 0's relative step is 1 at every position
+    np.testing.assert_allclose(trace.iteration_metrics["rel_residual"], rel_steps(model, torch.zeros(2, 5, 8)), rtol=1e-5)
+    assert trace.iteration_metrics["rel_residual"][0] == pytest.approx(1.0)
 
 
 class ArgByName(nn.Module):
@@ -401,10 +404,24 @@ zeros8 = lambda m: torch.zeros(8)  # noqa: E731
 ])
 def test_each_mode_records_the_token_embedding_as_e_at_every_iteration(make, spec):
     """In each of these models e is x, the token embedding, at every iteration (not the pre-loop
-    state, which is 0 or x, nor None)."""
+    state, which is 0 or x, nor None); the pre-loop state each mode derives is the model's own
+    (0 where it starts from zeros, else x), seen in iteration 0's relative step."""
     model = make()
     (trace,) = record(model, spec, probes=["spectral", "convergence"])
-    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], [mean_norm(model.embed(ids))] * 3, rtol=1e-5)
+    x = model.embed(ids)
+    np.testing.assert_allclose(trace.iteration_metrics["norm_inject"], [mean_norm(x)] * 3, rtol=1e-5)
+    h_before = torch.zeros_like(x) if isinstance(model, FromZero) else x
+    np.testing.assert_allclose(trace.iteration_metrics["rel_residual"], rel_steps(model, h_before), rtol=1e-5)
+
+
+def rel_steps(model, h_before) -> list[float]:
+    """mean ‖h_t − h_{t−1}‖ / ‖h_t‖ per iteration, from the step's outputs in a plain forward."""
+    states = [h_before]
+    handle = model.step.register_forward_hook(lambda m, a, out: states.append(out.detach()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    return [((b - a).norm(dim=-1) / b.norm(dim=-1)).mean().item() for a, b in zip(states, states[1:])]
 
 
 def test_a_loop_without_injection_records_no_e():
@@ -565,3 +582,118 @@ def test_a_momentum_after_the_other_arguments_is_found_and_said_once():
 
 def test_without_the_jacobian_probe_a_momentum_is_not_looked_for():
     assert warned(lambda: record(ArgsLoop(carry=True), ARGS_SPEC, probes=["convergence"])) == []
+
+
+class WidthStep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, keep=8):
+        return torch.tanh(self.lin(nn.functional.pad(h, (0, 8 - h.shape[-1]))))[..., :keep]
+
+
+class ShrinksLater(nn.Module):
+    """The state keeps its width at iteration 0 and loses a feature at iteration 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = WidthStep()
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for keep in (8, 7):
+            h = self.step(h, keep=keep)
+        return h
+
+
+def test_a_state_that_changes_shape_after_iteration_0_is_named_as_state_even_with_init():
+    """init= decides the state before iteration 0 only: a later change of shape is the state's."""
+    assert error_of(ShrinksLater(), LoopSpec(step="step", init="embed")) == (
+        "LoopSpec.state: loop 'loop' iteration 1 ends with a state of shape (2, 5, 7) but the previous state has "
+        "shape (2, 5, 8); the end state must keep one shape (check state= / init=)")
+
+
+# -- what the declaration's callables see of the call --------------------------------------------------
+
+
+class HaltsPerCall(Halts):
+    def forward(self, input_ids, gate=0.9, **kwargs):
+        return super().forward(input_ids)
+
+
+@pytest.mark.parametrize("threshold, call", [
+    (lambda m, call: call["gate"], lambda model: model(ids, 0.545)),  # positional, bound to its name
+    (lambda m, call: call["gate"], lambda model: model(input_ids=ids, gate=0.545)),
+    (lambda m, call: call["other"], lambda model: model(ids, other=0.545)),  # among **kwargs, by its own name
+])
+def test_a_threshold_per_call_reads_the_calls_arguments_by_name(threshold, call):
+    model = HaltsPerCall()
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=threshold))
+    with torch.no_grad(), mythos_probe.attach(model, spec=spec, probes=["halting"]) as rec:
+        call(model)
+    halted = by_hand("threshold", model.lambdas(), 0.545)[2]
+    np.testing.assert_allclose(rec.traces[0].iteration_metrics["halted_fraction"], halted.mean((1, 2)), rtol=1e-6)
+
+
+# -- where the readout is not compared with the model's logits -----------------------------------------
+
+
+class LastPositionLogits(WithHead):
+    """Returns the logits of the last position only (as with logits_to_keep=1)."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids)[:, -1:]
+
+
+class CachedHead(WithHead):
+    def forward(self, input_ids, past_key_values=None):
+        out = super().forward(input_ids)
+        past_key_values.n += input_ids.shape[1]
+        return out
+
+
+twice = lambda m, s: 2 * m.head(s)  # noqa: E731 - not the model's readout
+
+
+@pytest.mark.parametrize("make, spec", [
+    (WithHead, LoopSpec(step="step", readout=twice, readout_is_output=False)),
+    (WithHead, LoopSpec(step="step", readout=twice, readout_is_output=lambda m, call: False)),
+    (LastPositionLogits, LoopSpec(step="step", readout=twice)),
+    (HaltsWithHead, LoopSpec(step="step", readout=lambda m, s: 2 * m.lm(s),
+                             halting=Halting("head", output="logit", rule="act", threshold=0.9))),
+])
+def test_a_readout_that_is_not_the_output_path_is_not_compared(make, spec):
+    """A lens by design (readout_is_output False, or a callable saying so for this call), logits
+    of some positions only, and ACT (whose output mixes the states) leave nothing to compare."""
+    (trace,) = record(make(), spec, probes=["lens", "convergence"])
+    assert trace.iterations in (3, 4) and "lens_entropy" in trace.iteration_metrics
+
+
+def test_a_readout_is_output_callable_saying_true_is_compared():
+    with pytest.raises(ValueError, match=r"^LoopSpec\.readout: loop 'loop''s readout of the end state differs"):
+        record(WithHead(), LoopSpec(step="step", readout=twice, readout_is_output=lambda m, call: True))
+
+
+def test_decode_steps_on_a_kv_cache_are_not_compared():
+    """Every forward checked: the prefill's readout is the model's; on the decode steps (past
+    tokens in the cache) the readout declared is not, which is not checked there."""
+    from tests.probes.test_spec_adapter_pins import Cache
+
+    model, cache = CachedHead(), Cache()
+    readout = lambda m, s: m.head(s) if s.shape[1] > 1 else 2 * m.head(s)  # noqa: E731
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step", readout=readout), check_every=1,
+                                              probes=["lens"]) as rec:
+        model(ids, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+    assert [t.iterations for t in rec.traces] == [3, 3]
+
+
+def test_the_models_own_exits_per_position_are_the_iterations_used():
+    from tests.probes.test_spec_adapter_pins import OwnExits, exits_spec
+
+    exits = torch.tensor([[0, 1, 2, 3, 0], [3, 3, 2, 1, 0]])
+    (trace,) = record(OwnExits(exits), exits_spec(), probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, exits.numpy() + 1)
