@@ -213,24 +213,24 @@ class _Loop:
         self.checking = checking
         self.parts: dict[str, Any] = {}
         self.pending = False
-        self.prev: Optional[torch.Tensor] = None
-        self.prev_out: Optional[torch.Tensor] = None
-        self.first_input: Optional[torch.Tensor] = None
+        self.prev: Optional[torch.Tensor] = None  # pragma: no mutate (read at t > 0 only; complete sets it at t = 0)
+        self.prev_out: Optional[torch.Tensor] = None  # pragma: no mutate (written, never read)
+        self.first_input: Optional[torch.Tensor] = None  # pragma: no mutate (complete sets it at t = 0, before any read)
         self.init_state: Optional[torch.Tensor] = None
-        self.h_init: Optional[torch.Tensor] = None  # h_{−1}, as the loop's state
+        self.h_init: Optional[torch.Tensor] = None  # h_{−1}, as the loop's state  # pragma: no mutate (set at t = 0 before any read)
         self.t = 0
         self.fired: set[str] = set()
         self.halt_acc: dict[str, torch.Tensor] = {}
-        self.call: Optional[tuple[tuple, dict]] = None
-        self.prev_call: Optional[tuple[tuple, dict]] = None
+        self.call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (on_start sets it before an end can make pending, the only way to a read)
+        self.prev_call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (written, never read)
         self.frozen: Optional[torch.Tensor] = None  # (B, T) positions whose state the model stopped updating
         self.kept_count: Optional[torch.Tensor] = None  # (B, T) iterations each position kept, once compared
         self.kept_iters = 0  # iterations kept everywhere before any comparison was needed
         self.exit_at: Optional[torch.Tensor] = None  # (B, T) exit iteration (checked forwards)
         self.states: list[torch.Tensor] = []  # kept end states (checked forwards, for the readout check)
         self.e_seen: Optional[tuple[torch.Tensor, int]] = None  # (e, other loops' starts) of t − 1
-        self.ctx: Optional[ForwardContext] = None
-        self.call_args: dict = {}
+        self.ctx: Optional[ForwardContext] = None  # pragma: no mutate (_pre sets it right after reset, before any hook can read it)
+        self.call_args: dict = {}  # pragma: no mutate (_pre sets it right after reset, before any hook can read it)
         self.layer_calls: dict[int, tuple[tuple, dict]] = {}  # pass layer → its arguments this iteration
 
     def hooks(self):
@@ -677,7 +677,7 @@ class _Loop:
             self.complete(last=True)
         if self.checking:
             self._check_fired()
-            self.checks_done += 1
+            self.checks_done += 1  # pragma: no mutate (a count nothing reads)
 
     def used(self, output) -> Optional[torch.Tensor]:
         """(B, T) iterations each position used, where the model says (its own exits) or the kept
