@@ -697,3 +697,46 @@ def test_the_models_own_exits_per_position_are_the_iterations_used():
     exits = torch.tensor([[0, 1, 2, 3, 0], [3, 3, 2, 1, 0]])
     (trace,) = record(OwnExits(exits), exits_spec(), probes=["halting"], detail="positions")
     np.testing.assert_array_equal(trace.position_iterations, exits.numpy() + 1)
+
+
+class CountingStep(nn.Module):
+    """Bumps a 0-dim counter in place and notes each call in the KV cache it is given (as Raven's
+    block_idx and a cache-writing block do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h, counter, past_key_values=None):
+        counter.add_(1)
+        if past_key_values is not None:
+            past_key_values.writes += 1
+        return torch.tanh(self.lin(h))
+
+
+class CountingLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = CountingStep()
+
+    def forward(self, input_ids, past_key_values=None):
+        h, counter = self.embed(input_ids), torch.zeros((), dtype=torch.long)
+        for _ in range(3):
+            h = self.step(h, counter, past_key_values=past_key_values)
+        self.counted = int(counter)
+        return h
+
+
+def test_the_jacobians_re_runs_leave_the_models_counter_and_cache_alone():
+    from tests.probes.test_spec_adapter_pins import Cache
+
+    model, cache = CountingLoop(), Cache()
+    cache.writes = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["jacobian"]) as rec:
+            model(ids, past_key_values=cache)
+    assert len(rec.traces[0].iteration_metrics["jacobian_sigma_max"]) == 3  # re-run 3 times, at least
+    assert (model.counted, cache.writes) == (3, 3)  # the model's own calls only
