@@ -740,3 +740,30 @@ def test_the_jacobians_re_runs_leave_the_models_counter_and_cache_alone():
             model(ids, past_key_values=cache)
     assert len(rec.traces[0].iteration_metrics["jacobian_sigma_max"]) == 3  # re-run 3 times, at least
     assert (model.counted, cache.writes) == (3, 3)  # the model's own calls only
+
+
+def test_exits_that_are_not_one_per_sequence_or_position_or_are_missing_are_named():
+    from tests.probes.test_spec_adapter_pins import OwnExits, exits_spec
+
+    assert error_of(OwnExits(torch.tensor([0, 1, 2])), exits_spec(), probes=["halting"]) == (
+        "LoopSpec.halting.exits picks Tensor from the model's output; it must pick the exit iteration (integers) per "
+        "sequence (2,) or per position (2, 5)")
+    missing = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545, exits=5),
+                       readout_is_output=False)
+    assert error_of(OwnExits(torch.tensor([0, 1])), missing, probes=["halting"]) == (
+        "LoopSpec.halting.exits picks NoneType from the model's output; it must pick the exit iteration (integers) "
+        "per sequence (2,) or per position (2, 5)")
+
+
+def test_exits_outside_the_iterations_run_are_only_looked_for_on_checked_forwards():
+    """The range check reads the exits on the host: sampled forwards only (check_every); an
+    unchecked forward records what the model says."""
+    from tests.probes.test_spec_adapter_pins import OwnExits, exits_spec
+
+    model = OwnExits(torch.tensor([0, 3]))
+    with torch.no_grad(), mythos_probe.attach(model, spec=exits_spec(), probes=["halting"], detail="positions",
+                                              check_every=None) as rec:
+        model(ids)
+        model.exits = torch.tensor([0, 4])  # past the 4 iterations run
+        model(ids)
+    np.testing.assert_array_equal(rec.traces[1].position_iterations, [[1] * 5, [5] * 5])
