@@ -755,15 +755,15 @@ def test_exits_that_are_not_one_per_sequence_or_position_or_are_missing_are_name
         "per sequence (2,) or per position (2, 5)")
 
 
-def test_exits_outside_the_iterations_run_are_only_looked_for_on_checked_forwards():
-    """The range check reads the exits on the host: sampled forwards only (check_every); an
-    unchecked forward records what the model says."""
+def test_the_exits_of_an_unchecked_forward_are_its_own():
+    """Each forward reads the model's exits anew, checked or not (check_every=None: the first only)."""
     from tests.probes.test_spec_adapter_pins import OwnExits, exits_spec
 
     model = OwnExits(torch.tensor([0, 3]))
     with torch.no_grad(), mythos_probe.attach(model, spec=exits_spec(), probes=["halting"], detail="positions",
                                               check_every=None) as rec:
         model(ids)
-        model.exits = torch.tensor([0, 4])  # past the 4 iterations run
+        model.exits = torch.tensor([2, 1])
         model(ids)
-    np.testing.assert_array_equal(rec.traces[1].position_iterations, [[1] * 5, [5] * 5])
+    np.testing.assert_array_equal(rec.traces[0].position_iterations, [[1] * 5, [4] * 5])
+    np.testing.assert_array_equal(rec.traces[1].position_iterations, [[3] * 5, [2] * 5])
