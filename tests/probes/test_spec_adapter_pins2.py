@@ -238,12 +238,12 @@ def test_a_loop_that_never_ran_is_named_by_the_field_that_declares_it(make, spec
 def test_a_router_that_never_ran_is_named():
     model = Routed()
     model.spare = nn.Linear(8, 4)
-    spec = LoopSpec(step="step", routers=(Router("step.gate", top_k=2, select=0), Router("spare", top_k=2)))
+    spec = LoopSpec(step="step", routers=(Router("spare", top_k=2), Router("step.gate", top_k=2, select=0)))
     traces = []
     assert warned(lambda: traces.extend(record(model, spec, probes=["experts"]))) == [
-        "LoopSpec.routers[1].module: 'loop' declares a module that never ran during the loop; its metrics are "
+        "LoopSpec.routers[0].module: 'loop' declares a module that never ran during the loop; its metrics are "
         "missing from the trace. Check the path"]
-    assert traces[0].expert_load.shape == (3, 4)
+    np.testing.assert_array_equal(traces[0].expert_load.sum(1), [TOKENS * 2] * 3)  # the second router's choices
 
 
 def test_a_restarting_loop_says_once_why_it_has_no_jacobian():
@@ -767,3 +767,33 @@ def test_the_exits_of_an_unchecked_forward_are_its_own():
         model(ids)
     np.testing.assert_array_equal(rec.traces[0].position_iterations, [[1] * 5, [4] * 5])
     np.testing.assert_array_equal(rec.traces[1].position_iterations, [[3] * 5, [2] * 5])
+
+
+class FlatGate(nn.Module):
+    """Returns (tokens, experts) logits and its top-k choice of softmax scores, as MoE layers that
+    flatten the batch do."""
+
+    def __init__(self, top_k):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.proj.weight.mul_(4)
+        self.top_k = top_k
+
+    def forward(self, h):
+        logits = self.proj(h).reshape(-1, 4)
+        return logits, logits.softmax(-1).topk(self.top_k, dim=-1).indices
+
+
+@pytest.mark.parametrize("top_k", [1, 4])  # one expert, and every expert
+def test_flat_router_logits_and_the_extreme_top_k(top_k):
+    model = Routed()
+    model.step.gate = FlatGate(top_k)
+    (trace,) = record(model, LoopSpec(step="step", routers=(Router("step.gate", top_k="top_k", select=0, indices=1),)),
+                      probes=["experts"])
+    h, loads = model.embed(ids), []
+    for _ in range(3):
+        loads.append(np.bincount(model.step.gate(h)[1].reshape(-1).numpy(), minlength=4))
+        h = model.step(h)
+    assert trace.expert_load.sum() == 3 * TOKENS * top_k
+    np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
