@@ -797,3 +797,44 @@ def test_flat_router_logits_and_the_extreme_top_k(top_k):
         h = model.step(h)
     assert trace.expert_load.sum() == 3 * TOKENS * top_k
     np.testing.assert_array_equal(trace.expert_load, np.stack(loads))
+
+
+# -- sampled forwards and sampled checks --------------------------------------------------------------
+
+
+class Damped(FromZero):
+    """h ← step(scale·h + x): the declared h_{t−1} + e holds while scale is 1."""
+
+    scale = 1.0
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = torch.zeros_like(x)
+        for _ in range(3):
+            h = self.step(self.scale * h + x)
+        return h
+
+
+def test_checks_count_recorded_forwards_and_unrecorded_ones_run_quietly():
+    """sample_every=2 records forwards 0, 2, 4, …; check_every=2 checks recorded forwards 0, 2, …,
+    that is model calls 0 and 4. A declaration that stops holding after call 0 is caught at call 4,
+    not before; the loop running in the unrecorded calls is no stray loop."""
+    model = Damped()
+    spec = LoopSpec(step="step", injection=Injection("added", module="embed"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with torch.no_grad(), mythos_probe.attach(model, spec=spec, sample_every=2, check_every=2,
+                                                  probes=["convergence"]) as rec:
+            model(ids)
+            model.scale = 0.5
+            for _ in range(3):  # calls 1, 2 (recorded, not checked), 3
+                model(ids)
+            with pytest.raises(ValueError) as err:
+                model(ids)  # call 4: recorded forward 2, checked
+    assert [t.iterations for t in rec.traces] == [3, 3]
+    assert str(err.value) == (
+        "LoopSpec.injection: loop 'loop' iteration 1 starts from an input that is not the previous end state plus "
+        "the injection module's output. Declare how the input is built (injection=Injection('added'|'concat'|"
+        "'argument'|'restart'|'function', ...)), or fix state= / last= (the end state: the pass's last module) and "
+        "state_in= (the argument carrying the state)")
+    assert no_hooks(model)
