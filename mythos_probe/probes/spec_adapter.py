@@ -983,7 +983,7 @@ class SpecAdapter(_Adapter):
             raise
         for loop, used in zip(self.loops, finished):
             loop.collector.end(logits, used=used)
-            loop.states = []
+            loop.states = []  # pragma: no mutate (frees the states; reset() gives a fresh list before a forward reads it)
         return None
 
 

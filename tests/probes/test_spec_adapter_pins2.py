@@ -838,3 +838,28 @@ def test_checks_count_recorded_forwards_and_unrecorded_ones_run_quietly():
         "'argument'|'restart'|'function', ...)), or fix state= / last= (the end state: the pass's last module) and "
         "state_in= (the argument carrying the state)")
     assert no_hooks(model)
+
+
+class LateFreeze(nn.Module):
+    """Passes the step's output on itself for two iterations (nothing to compare), then keeps
+    position 1's state for the last two: it used 2 iterations, every other position 4."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.running = torch.tensor([True, False, True, True, True])
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for t in range(4):
+            out = self.step(h)
+            h = out if t < 2 else torch.where(self.running[None, :, None], out, h)
+        return h
+
+
+def test_iterations_passed_on_before_the_first_freeze_are_counted():
+    traces = record(LateFreeze(), LoopSpec(step="step"), calls=2, probes=["convergence"], detail="positions")
+    for trace in traces:
+        np.testing.assert_array_equal(trace.position_iterations, [[4, 2, 4, 4, 4]] * 2)
