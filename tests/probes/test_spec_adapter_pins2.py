@@ -863,3 +863,16 @@ def test_iterations_passed_on_before_the_first_freeze_are_counted():
     traces = record(LateFreeze(), LoopSpec(step="step"), calls=2, probes=["convergence"], detail="positions")
     for trace in traces:
         np.testing.assert_array_equal(trace.position_iterations, [[4, 2, 4, 4, 4]] * 2)
+
+
+def test_a_cumulative_exit_reaching_its_threshold_exactly_exits_there():
+    """λ = 0.5 at every step: the exit mass after step 0 is exactly 0.5, which reaches a threshold
+    of 0.5 (≥), so every position exits at its first iteration."""
+    from tests.probes.test_spec_adapter_pins import FixedHead
+
+    model = Halts()
+    model.head = FixedHead([0.5] * 5)
+    spec = LoopSpec(step="step", halting=Halting("head", output="probability", rule="cumulative_exit", threshold=0.5))
+    (trace,) = record(model, spec, probes=["halting"], detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, np.ones((2, 5)))
+    np.testing.assert_allclose(trace.position_metrics["cum_halt"][0, 0], [0.5, 0.75, 0.875, 1.0])
