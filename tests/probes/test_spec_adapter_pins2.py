@@ -876,3 +876,13 @@ def test_a_cumulative_exit_reaching_its_threshold_exactly_exits_there():
     (trace,) = record(model, spec, probes=["halting"], detail="positions")
     np.testing.assert_array_equal(trace.position_iterations, np.ones((2, 5)))
     np.testing.assert_allclose(trace.position_metrics["cum_halt"][0, 0], [0.5, 0.75, 0.875, 1.0])
+
+
+def test_a_pass_whose_last_module_never_runs_is_named():
+    """The pass starts (first runs) but never ends: no iteration completes, which is said."""
+    model = spare_pass()
+    traces = []
+    assert warned(lambda: traces.extend(record(model, LoopSpec(first="layers.0", last="spare.1"),
+                                               probes=["convergence"]))) == [
+        never_ran("first/last", "loop", "layers.0 … spare.1")]
+    assert traces == []
