@@ -886,3 +886,71 @@ def test_a_pass_whose_last_module_never_runs_is_named():
                                                probes=["convergence"]))) == [
         never_ran("first/last", "loop", "layers.0 … spare.1")]
     assert traces == []
+
+
+class LossFirst(WithHead):
+    """Returns (loss, logits): element 0 is not the logits."""
+
+    def forward(self, input_ids):
+        logits = super().forward(input_ids)
+        return logits.square().mean(), logits
+
+
+def test_the_declared_logits_selector_picks_the_models_logits():
+    model = LossFirst()
+    (trace,) = record(model, LoopSpec(step="step", readout="head", logits=1), probes=["lens"], lens_positions="all")
+    h, states = model.embed(ids), []
+    for _ in range(3):
+        h = model.step(h)
+        states.append(h)
+    final = model.head(states[-1]).log_softmax(-1)  # the model's own logits, through logits=1
+    kl = [(final.exp() * (final - model.head(s).log_softmax(-1))).sum(-1).mean().item() for s in states]
+    np.testing.assert_allclose(trace.iteration_metrics["lens_kl_final"], kl, rtol=1e-4, atol=1e-7)
+
+
+class Halving(Chain):
+    """h ← step(scale·h): the declared chain (no injection) holds while scale is 1."""
+
+    scale = 1.0
+
+    def __init__(self):
+        super().__init__(lambda h, x: self.scale * h)
+
+
+def test_an_unchecked_forward_reads_nothing_back_to_compare():
+    """check_every=None: only the first forward is checked. A later forward whose inputs are not
+    the previous states is recorded as it ran (no host read to find out), the first one is not."""
+    model = Halving()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), check_every=None,
+                                              probes=["convergence"], detail="positions") as rec:
+        model(ids)
+        model.scale = 0.5
+        model(ids)
+    np.testing.assert_array_equal(rec.traces[1].position_iterations, np.full((2, 5), 3))
+    with pytest.raises(ValueError, match=r"^LoopSpec\.injection: loop 'loop' iteration 1 starts from an input that "
+                                         r"is not the previous iteration's end state at 10 of 10 positions"):
+        record(model, LoopSpec(step="step"))
+
+
+class NestedPass(nn.Module):
+    """`PassModel`'s loop one level down: body.layers.0 and body.layers.1 per iteration, body.layers.2
+    after the loop."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.body = PassModel().embed, PassModel()
+        del self.body.embed
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        for _ in range(3):
+            for layer, s in zip(self.body.layers, self.body.scales):
+                h = layer(h, scale=s)
+        return self.body.layers[2](h)
+
+
+def test_flops_of_a_pass_in_a_nested_modulelist():
+    model = NestedPass()
+    (trace,) = record(model, LoopSpec(first="body.layers.0", last="body.layers.1"), probes=["cost"])
+    loop, other = n(model.body.layers[0], model.body.layers[1]), n(model.body.layers[2])
+    assert trace.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * (other + 3 * loop))
