@@ -954,3 +954,47 @@ def test_flops_of_a_pass_in_a_nested_modulelist():
     (trace,) = record(model, LoopSpec(first="body.layers.0", last="body.layers.1"), probes=["cost"])
     loop, other = n(model.body.layers[0], model.body.layers[1]), n(model.body.layers[2])
     assert trace.forward_metrics["flops"] == pytest.approx(2.0 * TOKENS * (other + 3 * loop))
+
+
+# -- where each warning points: the user's line, not torch's module code ---------------------------------
+
+
+def line_of(fn, text: str) -> tuple[str, int]:
+    """(file, line) of the first line of `fn`'s source containing `text`."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    return inspect.getsourcefile(fn), start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def located(fn) -> list[tuple[str, int]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [(w.filename, w.lineno) for w in caught if str(w.message).startswith("LoopSpec")]
+
+
+def test_each_warning_names_the_line_of_user_code_that_ran_it():
+    """Warnings raised from the model's hooks are attributed to the first frame outside
+    mythos_probe and torch: the caller's `model(ids)` for what is found at the end of a forward,
+    the model's own line that ran the step for what is found inside the loop."""
+    from tests.probes.test_spec_adapter_pins import Noisy
+
+    called = line_of(record, "model(ids)")
+    ponder = LoopSpec(step="step", halting=Halting("head", output="logit", rule="ponder", threshold=0.5))
+    assert located(lambda: record(Halts(), ponder, probes=["halting"])) == [called]
+    assert located(lambda: record(spare_step(), LoopSpec(step="spare"), probes=["convergence"])) == [called]
+    model = Halts()
+    model.spare = nn.Linear(8, 1)
+    spare_head = LoopSpec(step="step", halting=Halting("spare", output="logit", rule="threshold", threshold=0.5))
+    assert located(lambda: record(model, spare_head, probes=["halting"])) == [called]
+    sequential = LoopSpec(first="layers.0", last="layers.1")
+    assert located(lambda: record(OtherPasses(sequential=True), sequential, probes=["jacobian"])) == [called]
+    # found inside the loop: the model's line that calls the step
+    assert located(lambda: record(Noisy(), LoopSpec(step="step"), probes=["jacobian"])) == [
+        line_of(Noisy.forward, "self.step(h)")]
+    assert located(lambda: record(ArgsLoop(carry=True), ARGS_SPEC, probes=["jacobian"])) == [
+        line_of(ArgsLoop.forward, "self.step(")]
+    stray = Outside()
+    with torch.no_grad(), mythos_probe.attach(stray, spec=LoopSpec(step="step")):
+        assert located(lambda: stray.outer(ids)) == [line_of(Outside.inner, "self.step(")]
