@@ -998,3 +998,26 @@ def test_each_warning_names_the_line_of_user_code_that_ran_it():
     stray = Outside()
     with torch.no_grad(), mythos_probe.attach(stray, spec=LoopSpec(step="step")):
         assert located(lambda: stray.outer(ids)) == [line_of(Outside.inner, "self.step(")]
+
+
+class HeadPerCall(WithHead):
+    """`head_only=False` returns the state itself, not the head's logits: the readout is the
+    output path only when the call says so."""
+
+    def forward(self, input_ids, head_only=True):
+        return super().forward(input_ids) if head_only else Chain.forward(self, input_ids)
+
+
+def test_readout_is_output_and_exit_step_callables_are_given_the_calls_arguments():
+    model = HeadPerCall()
+    spec = LoopSpec(step="step", readout="head", readout_is_output=lambda m, call: call["head_only"])
+    with torch.no_grad(), mythos_probe.attach(model, spec=spec, check_every=1, probes=["convergence"]) as rec:
+        model(ids, head_only=False)  # (B, T, 8) states out, the readout gives (B, T, 32): not compared
+        model(ids, head_only=True)
+    assert [t.iterations for t in rec.traces] == [3, 3]
+    halts = HaltsPerCall()
+    spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=0.545,
+                                                 exit_step=lambda m, call: call["gate"]))
+    with torch.no_grad(), mythos_probe.attach(halts, spec=spec, probes=["halting"], detail="positions") as rec:
+        halts(ids, 2)
+    np.testing.assert_array_equal(rec.traces[0].position_iterations, np.full((2, 5), 3))
