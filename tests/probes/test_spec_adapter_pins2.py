@@ -1021,3 +1021,26 @@ def test_readout_is_output_and_exit_step_callables_are_given_the_calls_arguments
     with torch.no_grad(), mythos_probe.attach(halts, spec=spec, probes=["halting"], detail="positions") as rec:
         halts(ids, 2)
     np.testing.assert_array_equal(rec.traces[0].position_iterations, np.full((2, 5), 3))
+
+
+class CacheByName(Chain):
+    """Takes its KV cache as `cache=` (Raven's name) rather than `past_key_values=`."""
+
+    def __init__(self):
+        super().__init__(lambda h, x: h)
+
+    def forward(self, input_ids, cache=None):
+        out = super().forward(input_ids)
+        cache.n += input_ids.shape[1]
+        return out
+
+
+def test_a_kv_cache_passed_as_cache_is_found():
+    from tests.probes.test_spec_adapter_pins import Cache
+
+    model, cache = CacheByName(), Cache()
+    with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["jacobian"]) as rec:
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)
+    assert [t.step for t in rec.traces] == [0, 1] and rec.traces[0].trace_id == rec.traces[1].trace_id
+    assert ["jacobian_sigma_max" in t.iteration_metrics for t in rec.traces] == [True, False]
