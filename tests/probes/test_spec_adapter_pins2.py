@@ -1044,3 +1044,27 @@ def test_a_kv_cache_passed_as_cache_is_found():
         model(ids[:, :1], cache=cache)
     assert [t.step for t in rec.traces] == [0, 1] and rec.traces[0].trace_id == rec.traces[1].trace_id
     assert ["jacobian_sigma_max" in t.iteration_metrics for t in rec.traces] == [True, False]
+
+
+class ConcatDepths(nn.Module):
+    """h ← step(cat[h, x]), position 1 kept after its first iteration (per-token depths)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 8)
+        self.step = nn.Sequential(nn.Linear(16, 8), nn.Tanh())
+        self.depths = torch.tensor([3, 1, 3, 3, 3])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        h = x
+        for t in range(3):
+            h = torch.where((t < self.depths)[None, :, None], self.step(torch.cat([h, x], -1)), h)
+        return h
+
+
+def test_a_concat_loops_kept_state_is_read_from_the_first_half_of_its_next_input():
+    (trace,) = record(ConcatDepths(), LoopSpec(step="step", injection=Injection("concat")), probes=["convergence"],
+                      detail="positions")
+    np.testing.assert_array_equal(trace.position_iterations, [[3, 1, 3, 3, 3]] * 2)
