@@ -9,9 +9,16 @@ mutants that survived a random sample of `scripts/mutation.sh mythos_probe/probe
 - every message a misdeclaration gets that no other test writes out in full (a message matched on
   its first words lets the rest of it say anything), and the field each path resolves under;
 - warnings given once per attach, not once per forward;
-- the injection e each mode records at each iteration (`norm_inject`), where the right and the
-  wrong source of e differ;
-- exits: the readout check lines each position's logits up with its own exit state."""
+- the injection e each mode records at each iteration (`norm_inject`) and the pre-loop state it
+  derives, where the right and the wrong source differ;
+- the Jacobian's re-runs: which changing step arguments are a second carried state, which are
+  sliced to the first sequence, and that a counter or KV cache of the model is left alone;
+- exits: the readout check lines each position's logits up with its own exit state; where the
+  readout is not compared; exits per position; thresholds reached exactly;
+- per-token depths: a fixed point is not a frozen position, iterations before the first freeze;
+- forwards: sampled recording and sampled checks, KV caches by either name, call arguments given
+  to the declaration's callables, the logits= selector;
+- where each warning points (the user's line, not torch's module code)."""
 
 from __future__ import annotations
 
