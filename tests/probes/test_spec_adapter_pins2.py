@@ -178,7 +178,7 @@ def test_a_model_called_without_token_ids_is_refused_and_input_ids_by_name_is_re
                                       "input_ids=")
         model(input_ids=ids)
     assert [t.iterations for t in rec.traces] == [3]
-    assert rec.traces[0].exit_policy == "unknown"
+    assert rec.traces[0].exit_policy == "unknown" and rec.traces[0].n_loops == 3  # n_loops: the iterations run
 
 
 class Shrinking(Chain):
@@ -1049,8 +1049,11 @@ def test_a_kv_cache_passed_as_cache_is_found():
     with torch.no_grad(), mythos_probe.attach(model, spec=LoopSpec(step="step"), probes=["jacobian"]) as rec:
         model(ids, cache=cache)
         model(ids[:, :1], cache=cache)
-    assert [t.step for t in rec.traces] == [0, 1] and rec.traces[0].trace_id == rec.traces[1].trace_id
-    assert ["jacobian_sigma_max" in t.iteration_metrics for t in rec.traces] == [True, False]
+        cache.n = 0  # the same cache emptied: a new request
+        model(ids, cache=cache)
+    assert [t.step for t in rec.traces] == [0, 1, 0] and rec.traces[0].trace_id == rec.traces[1].trace_id
+    assert rec.traces[2].trace_id != rec.traces[0].trace_id
+    assert ["jacobian_sigma_max" in t.iteration_metrics for t in rec.traces] == [True, False, True]
 
 
 class ConcatDepths(nn.Module):
