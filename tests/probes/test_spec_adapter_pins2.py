@@ -1078,3 +1078,52 @@ def test_a_concat_loops_kept_state_is_read_from_the_first_half_of_its_next_input
     (trace,) = record(ConcatDepths(), LoopSpec(step="step", injection=Injection("concat")), probes=["convergence"],
                       detail="positions")
     np.testing.assert_array_equal(trace.position_iterations, [[3, 1, 3, 3, 3]] * 2)
+
+
+# -- the tolerance of the checks: 1e-4 relative to the largest value, never tighter than 1e-4 absolute ----
+
+
+class SmallWithHead(WithHead):
+    """Logits under 1.5 in magnitude, where an absolute floor above 1 would hide an offset of 1.5e-4."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            self.head.bias.mul_(0.1)
+
+
+@pytest.mark.parametrize("offset, caught", [(1.5e-4, True), (0.5e-4, False)])
+def test_the_readout_check_tolerates_rounding_not_an_offset(offset, caught):
+    model = SmallWithHead()
+    with torch.no_grad():
+        assert model(ids).abs().amax() < 1.5
+    spec = LoopSpec(step="step", readout=lambda m, s: m.head(s) + offset)
+    if caught:
+        assert error_of(model, spec).startswith(
+            "LoopSpec.readout: loop 'loop''s readout of the end state differs from the logits the model returned at "
+            "10 of 10 positions.")
+    else:
+        assert record(model, spec)[0].iterations == 3
+
+
+class SmallFromZero(FromZero):
+    """h ← step(h + x) from 0 with x under 1 in magnitude."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.embed.weight.mul_(0.3 / self.embed.weight.abs().max())
+
+
+@pytest.mark.parametrize("offset, caught", [(1.5e-4, True), (0.5e-4, False)])
+def test_the_chain_check_tolerates_rounding_not_an_offset(offset, caught):
+    model = SmallFromZero()
+    spec = LoopSpec(step="step", init=zeros8, injection=Injection("function", fn=lambda m, h, e: h + e + offset,
+                                                                  module="embed"))
+    if caught:
+        assert error_of(model, spec).startswith(
+            "LoopSpec.injection: loop 'loop' iteration 0 starts from an input that is not Injection.fn(model, previous "
+            "end state, e).")
+    else:
+        assert record(model, spec)[0].iterations == 3
