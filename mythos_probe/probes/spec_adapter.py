@@ -34,6 +34,7 @@ reductions (`collector.py`).
 from __future__ import annotations
 
 import inspect
+import os
 import secrets
 import sys
 import warnings
@@ -93,6 +94,19 @@ def _params(modules) -> int:
         for p in m.parameters():
             seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+_INTERNAL = tuple(os.path.dirname(path) + os.sep for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
+
+
+def _outside() -> int:
+    """The `stacklevel` at which `warnings.warn`, called by the function calling this, names the
+    first frame outside mythos_probe and torch: the user's line that ran the model (or, for a
+    hook inside the loop, the model's line that ran the step), not torch's module code."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _user(field: str, fn, *args):
@@ -213,24 +227,24 @@ class _Loop:
         self.checking = checking
         self.parts: dict[str, Any] = {}
         self.pending = False
-        self.prev: Optional[torch.Tensor] = None
-        self.prev_out: Optional[torch.Tensor] = None
-        self.first_input: Optional[torch.Tensor] = None
+        self.prev: Optional[torch.Tensor] = None  # pragma: no mutate (read at t > 0 only; complete sets it at t = 0)
+        self.prev_out: Optional[torch.Tensor] = None  # pragma: no mutate (written, never read)
+        self.first_input: Optional[torch.Tensor] = None  # pragma: no mutate (complete sets it at t = 0, before any read)
         self.init_state: Optional[torch.Tensor] = None
-        self.h_init: Optional[torch.Tensor] = None  # h_{−1}, as the loop's state
+        self.h_init: Optional[torch.Tensor] = None  # h_{−1}, as the loop's state  # pragma: no mutate (set at t = 0 before any read)
         self.t = 0
         self.fired: set[str] = set()
         self.halt_acc: dict[str, torch.Tensor] = {}
-        self.call: Optional[tuple[tuple, dict]] = None
-        self.prev_call: Optional[tuple[tuple, dict]] = None
+        self.call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (on_start sets it before an end can make pending, the only way to a read)
+        self.prev_call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (written, never read)
         self.frozen: Optional[torch.Tensor] = None  # (B, T) positions whose state the model stopped updating
         self.kept_count: Optional[torch.Tensor] = None  # (B, T) iterations each position kept, once compared
         self.kept_iters = 0  # iterations kept everywhere before any comparison was needed
         self.exit_at: Optional[torch.Tensor] = None  # (B, T) exit iteration (checked forwards)
         self.states: list[torch.Tensor] = []  # kept end states (checked forwards, for the readout check)
         self.e_seen: Optional[tuple[torch.Tensor, int]] = None  # (e, other loops' starts) of t − 1
-        self.ctx: Optional[ForwardContext] = None
-        self.call_args: dict = {}
+        self.ctx: Optional[ForwardContext] = None  # pragma: no mutate (_pre sets it right after reset, before any hook can read it)
+        self.call_args: dict = {}  # pragma: no mutate (_pre sets it right after reset, before any hook can read it)
         self.layer_calls: dict[int, tuple[tuple, dict]] = {}  # pass layer → its arguments this iteration
 
     def hooks(self):
@@ -545,7 +559,7 @@ class _Loop:
         self.warned.add("jacobian")  # said here: the next forwards' jacobian_possible() need not repeat it
         if self.ctx is not None:
             self.ctx.step_fn = None
-        warnings.warn(message, stacklevel=4)
+        warnings.warn(message, stacklevel=_outside())
 
     def _stray(self) -> None:
         """Hooks of the loop firing outside any forward of the model: another method runs the loop."""
@@ -561,7 +575,7 @@ class _Loop:
         where = " ← ".join(names) if names else "code outside the model's forward"
         warnings.warn(f"LoopSpec: loop {self.spec.name!r} ran outside a forward of {type(self.adapter.model).__name__} "
                       f"(in {where}); its iterations are not recorded. Record a forward (model(...)), or describe the "
-                      "method that runs the loop with LoopSpec(method=...)", stacklevel=3)
+                      "method that runs the loop with LoopSpec(method=...)", stacklevel=_outside())
 
     # -- halting and routing -------------------------------------------------------------------
 
@@ -677,7 +691,7 @@ class _Loop:
             self.complete(last=True)
         if self.checking:
             self._check_fired()
-            self.checks_done += 1
+            self.checks_done += 1  # pragma: no mutate (a count nothing reads)
 
     def used(self, output) -> Optional[torch.Tensor]:
         """(B, T) iterations each position used, where the model says (its own exits) or the kept
@@ -702,7 +716,7 @@ class _Loop:
             warnings.warn(f"LoopSpec.halting.exits: loop {self.spec.name!r} samples its exit (rule 'ponder') but the "
                           "declaration does not say where the model returns it, so the trace records the halting "
                           "distribution's expectation only; declare Halting(..., exits=<selector of the sampled exit>)",
-                          stacklevel=4)
+                          stacklevel=_outside())
         if self.kept_count is not None and halting is None:
             return self.kept_count
         return None
@@ -713,12 +727,13 @@ class _Loop:
         if "start" not in self.fired or "end" not in self.fired:
             field = "step" if spec.step else "method" if spec.method else "first/last"
             warnings.warn(f"LoopSpec.{field}: loop {spec.name!r} ({where}) never ran an iteration in this forward, "
-                          "so no trace was recorded for it; check the path", stacklevel=3)
+                          "so no trace was recorded for it; check the path", stacklevel=_outside())
             return
         for key, (_, field) in self.heads.items():
             if key not in self.fired:
                 warnings.warn(f"LoopSpec.{field}: {getattr(spec, 'name')!r} declares a module that never ran "
-                              "during the loop; its metrics are missing from the trace. Check the path", stacklevel=3)
+                              "during the loop; its metrics are missing from the trace. Check the path",
+                              stacklevel=_outside())
 
     def check_readout(self, output) -> None:
         """Where the readout is the model's output path: the readout of each position's exit state
@@ -934,7 +949,7 @@ class SpecAdapter(_Adapter):
             began.append(loop.collector.begin(ctx))
             if not jacobian_ok and "jacobian" in getattr(loop.collector, "probes", ()) and "jacobian" not in loop.warned:
                 loop.warned.add("jacobian")
-                warnings.warn(loop.jacobian_possible(), stacklevel=3)
+                warnings.warn(loop.jacobian_possible(), stacklevel=_outside())
         self.active = any(began)
         if self.active:
             self.recorded += 1
@@ -983,7 +998,7 @@ class SpecAdapter(_Adapter):
             raise
         for loop, used in zip(self.loops, finished):
             loop.collector.end(logits, used=used)
-            loop.states = []
+            loop.states = []  # pragma: no mutate (frees the states; reset() gives a fresh list before a forward reads it)
         return None
 
 
