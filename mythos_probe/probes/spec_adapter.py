@@ -119,14 +119,17 @@ def _user(field: str, fn, *args):
 
 
 def _named_args(fn, args, kwargs) -> dict:
-    """A call's arguments by name (positional ones bound to the signature where it can be read)."""
+    """A call's arguments by name (positional ones bound to the signature where it can be read), the
+    keyword arguments a `**` parameter took by their own names, whatever that parameter is called."""
     try:
-        bound = inspect.signature(fn).bind_partial(*args, **kwargs)
-        named = dict(bound.arguments)
-        named.update(named.pop("kwargs", {}) if isinstance(named.get("kwargs"), dict) else {})
-        return named
+        signature = inspect.signature(fn)
+        named = dict(signature.bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return dict(kwargs)
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD and parameter.name in named:
+            named.update(named.pop(parameter.name))
+    return named
 
 
 class _Loop:

@@ -631,13 +631,22 @@ class HaltsPerCall(Halts):
         return super().forward(input_ids)
 
 
-@pytest.mark.parametrize("threshold, call", [
-    (lambda m, call: call["gate"], lambda model: model(ids, 0.545)),  # positional, bound to its name
-    (lambda m, call: call["gate"], lambda model: model(input_ids=ids, gate=0.545)),
-    (lambda m, call: call["other"], lambda model: model(ids, other=0.545)),  # among **kwargs, by its own name
+class HaltsPerCallOptions(Halts):
+    """`**options`, not `**kwargs`: the options are the call's arguments all the same (and the
+    dict that held them is not one of them)."""
+
+    def forward(self, input_ids, gate=0.9, **options):
+        return super().forward(input_ids)
+
+
+@pytest.mark.parametrize("model_type, threshold, call", [
+    (HaltsPerCall, lambda m, call: call["gate"], lambda model: model(ids, 0.545)),  # positional, bound to its name
+    (HaltsPerCall, lambda m, call: call["gate"], lambda model: model(input_ids=ids, gate=0.545)),
+    (HaltsPerCall, lambda m, call: call["other"], lambda model: model(ids, other=0.545)),  # among **kwargs, by its own name
+    (HaltsPerCallOptions, lambda m, call: call["other"] + ("options" not in call), lambda model: model(ids, other=-0.455)),
 ])
-def test_a_threshold_per_call_reads_the_calls_arguments_by_name(threshold, call):
-    model = HaltsPerCall()
+def test_a_threshold_per_call_reads_the_calls_arguments_by_name(model_type, threshold, call):
+    model = model_type()
     spec = LoopSpec(step="step", halting=Halting("head", output="logit", rule="threshold", threshold=threshold))
     with torch.no_grad(), mythos_probe.attach(model, spec=spec, probes=["halting"]) as rec:
         call(model)
