@@ -28,6 +28,7 @@ import torch
 from mythos_probe.probes.adapters import ForwardContext, IterationTensors
 from mythos_probe.metrics import convergence, experts, halting, lens, spectral, trajectory
 from mythos_probe.metrics.cost import forward_cost
+from mythos_probe.probes.user_frame import outside
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
 PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian", "trajectory")
@@ -81,13 +82,21 @@ class Pending:
                 expert_load = np.rint(arr)  # counts: LoopTrace stores them as int64
             elif kind == "used":
                 used = np.rint(arr).astype(np.int64)
+        iterations = meta["iterations"]
+        if used is not None and used.size and (used.min() < 1 or used.max() > iterations):
+            # checked here, where the forward's numbers reach the host anyway: no sync in the forward
+            raise ValueError(
+                f"mythos_probe: loop {meta['loop_name']!r} reports positions that used {used.min()} to {used.max()} "
+                f"iterations, outside the {iterations} it ran, so this forward's halting metrics would be wrong. "
+                "Where the model gives its own exits (Halting(..., exits=...)), the selector must pick each "
+                "position's 0-based exit iteration; attach(..., check_every=1) checks them in every forward.")
         nonfinite = iteration.get("nonfinite_fraction")
         if nonfinite is not None:
             bad = np.flatnonzero(nonfinite > 0)
             forward["diverged_at"] = float(bad[0]) if bad.size else -1.0
         cost = meta.pop("cost_fn", None)
         if cost is not None:
-            forward.update(cost(meta["iterations"], used))
+            forward.update(cost(iterations, used))
         return LoopTrace(
             iteration_metrics=iteration, position_metrics=position, forward_metrics=forward,
             expert_load=expert_load, position_iterations=used, **meta,
@@ -372,7 +381,7 @@ class ForwardReducer:
                 "mythos_probe: a recorded forward ran no loop iteration the probes could see, so it has "
                 "no trace. If the looped block is compiled (torch.compile), record with the eager "
                 "module; with a LoopSpec, check that `step` names the submodule called every iteration.",
-                stacklevel=2,
+                stacklevel=outside(),
             )
             return
         end_ns = time.time_ns()
@@ -401,7 +410,7 @@ class ForwardReducer:
                     "mythos_probe: the lens ran, but the model's output holds no logits tensor to compare it with, "
                     "so this forward has no lens metrics. Select the logits among its outputs (LoopSpec logits=...), "
                     "or leave 'lens' out of the probes.",
-                    stacklevel=2,
+                    stacklevel=outside(),
                 )
 
         if used is not None:
@@ -410,8 +419,10 @@ class ForwardReducer:
             used = halting.iterations_used(f.halt_iter, I)
         else:
             used = torch.full((B, T), I, dtype=torch.long, device=device)
+        # clamped: an exit outside the loop, which `Pending.materialize` refuses once on the host, must not
+        # fail inside index_add_ first (an IndexError here, a device-side assert on a GPU)
         iteration["exit_count"] = torch.zeros(I, device=used.device).index_add_(
-            0, (used - 1).reshape(-1), torch.ones(used.numel(), device=used.device))
+            0, (used - 1).clamp(0, I - 1).reshape(-1), torch.ones(used.numel(), device=used.device))
         forward["mean_iterations"] = used.float().mean()
         forward["reached_last_share"] = (used == I).float().mean()
         if f.halted_first is not None:

@@ -34,7 +34,6 @@ reductions (`collector.py`).
 from __future__ import annotations
 
 import inspect
-import os
 import secrets
 import sys
 import warnings
@@ -47,6 +46,7 @@ from mythos_probe.probes.adapters import ForwardContext, IterationTensors, _Adap
 from mythos_probe.loopspec import LoopSpec, check_threshold_value, logits_of, resolve, select
 from mythos_probe.metrics.cost import param_cost
 from mythos_probe.metrics.halting import act_step
+from mythos_probe.probes.user_frame import outside
 
 EXACT_KEPT = (None, "argument", "concat")  # modes whose next input holds the kept state exactly
 
@@ -96,17 +96,6 @@ def _params(modules) -> int:
     return sum(seen.values())
 
 
-_INTERNAL = tuple(os.path.dirname(path) + os.sep for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
-
-
-def _outside() -> int:
-    """The `stacklevel` at which `warnings.warn`, called by the function calling this, names the
-    first frame outside mythos_probe and torch: the user's line that ran the model (or, for a
-    hook inside the loop, the model's line that ran the step), not torch's module code."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _user(field: str, fn, *args):
@@ -562,7 +551,7 @@ class _Loop:
         self.warned.add("jacobian")  # said here: the next forwards' jacobian_possible() need not repeat it
         if self.ctx is not None:
             self.ctx.step_fn = None
-        warnings.warn(message, stacklevel=_outside())
+        warnings.warn(message, stacklevel=outside())
 
     def _stray(self) -> None:
         """Hooks of the loop firing outside any forward of the model: another method runs the loop."""
@@ -578,7 +567,7 @@ class _Loop:
         where = " ← ".join(names) if names else "code outside the model's forward"
         warnings.warn(f"LoopSpec: loop {self.spec.name!r} ran outside a forward of {type(self.adapter.model).__name__} "
                       f"(in {where}); its iterations are not recorded. Record a forward (model(...)), or describe the "
-                      "method that runs the loop with LoopSpec(method=...)", stacklevel=_outside())
+                      "method that runs the loop with LoopSpec(method=...)", stacklevel=outside())
 
     # -- halting and routing -------------------------------------------------------------------
 
@@ -719,7 +708,7 @@ class _Loop:
             warnings.warn(f"LoopSpec.halting.exits: loop {self.spec.name!r} samples its exit (rule 'ponder') but the "
                           "declaration does not say where the model returns it, so the trace records the halting "
                           "distribution's expectation only; declare Halting(..., exits=<selector of the sampled exit>)",
-                          stacklevel=_outside())
+                          stacklevel=outside())
         if self.kept_count is not None and halting is None:
             return self.kept_count
         return None
@@ -730,13 +719,13 @@ class _Loop:
         if "start" not in self.fired or "end" not in self.fired:
             field = "step" if spec.step else "method" if spec.method else "first/last"
             warnings.warn(f"LoopSpec.{field}: loop {spec.name!r} ({where}) never ran an iteration in this forward, "
-                          "so no trace was recorded for it; check the path", stacklevel=_outside())
+                          "so no trace was recorded for it; check the path", stacklevel=outside())
             return
         for key, (_, field) in self.heads.items():
             if key not in self.fired:
                 warnings.warn(f"LoopSpec.{field}: {getattr(spec, 'name')!r} declares a module that never ran "
                               "during the loop; its metrics are missing from the trace. Check the path",
-                              stacklevel=_outside())
+                              stacklevel=outside())
 
     def check_readout(self, output) -> None:
         """Where the readout is the model's output path: the readout of each position's exit state
@@ -952,7 +941,7 @@ class SpecAdapter(_Adapter):
             began.append(loop.collector.begin(ctx))
             if not jacobian_ok and "jacobian" in getattr(loop.collector, "probes", ()) and "jacobian" not in loop.warned:
                 loop.warned.add("jacobian")
-                warnings.warn(loop.jacobian_possible(), stacklevel=_outside())
+                warnings.warn(loop.jacobian_possible(), stacklevel=outside())
         self.active = any(began)
         if self.active:
             self.recorded += 1

@@ -34,6 +34,8 @@ SPEC = LoopSpec(step="step", readout="head", readout_is_output=False)  # a parti
     (lambda self, h: self.head(h)[0], (5, 32)),  # one batch row's logits: the vocabulary fits, the batch does not
     (lambda self, h: self.head(h)[:1], (1, 5, 32)),
     (lambda self, h: torch.cat([self.head(h)] * 2, dim=1), (2, 10, 32)),  # more positions than the input
+    (lambda self, h: self.head(h)[:, :0], (2, 0, 32)),  # no position at all
+    (lambda self, h: self.head(h)[..., :31], (2, 5, 31)),  # another vocabulary
 ])
 def test_an_output_that_is_not_the_models_logits_is_refused_naming_the_fix(output, shape):
     message = error_of(ReturnsHidden(output), SPEC, probes=["lens"])
@@ -43,14 +45,35 @@ def test_an_output_that_is_not_the_models_logits_is_refused_naming_the_fix(outpu
         "outputs (LoopSpec logits=...), or leave 'lens' out of the probes.")
 
 
-def test_the_logits_of_the_last_positions_only_are_still_read():
-    """`logits_to_keep` in generate: fewer positions than the input is a model's real output."""
-    (trace,) = record(ReturnsHidden(lambda self, h: self.head(h)[:, -2:]), SPEC, probes=["lens"], lens_positions="last")
+@pytest.mark.parametrize("kept", [2, 1])
+def test_the_logits_of_the_last_positions_only_are_still_read(kept):
+    """`logits_to_keep` in generate: fewer positions than the input, down to one, is a model's real output."""
+    (trace,) = record(ReturnsHidden(lambda self, h: self.head(h)[:, -kept:]), SPEC, probes=["lens"],
+                      lens_positions="last")
     kl = trace.iteration_metrics["lens_kl_final"]
     assert len(kl) == 3 and kl[-1] == pytest.approx(0, abs=1e-6) and kl[0] > 1e-4
 
 
 def test_an_output_holding_no_logits_warns_that_the_lens_has_nothing_to_compare():
-    with pytest.warns(UserWarning, match=r"the lens ran, but the model's output holds no logits tensor .* leave 'lens' out"):
-        (trace,) = record(ReturnsHidden(lambda self, h: {"hidden": h}), SPEC, probes=["lens", "convergence"])
+    """In full, and at the user's line that ran the model (not inside mythos_probe or torch)."""
+    import warnings
+
+    from tests.probes.test_spec_adapter_pins import ids
+    from tests.probes.test_spec_adapter_pins2 import line_of
+
+    import mythos_probe
+
+    model = ReturnsHidden(lambda self, h: {"hidden": h})
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad(), \
+            mythos_probe.attach(model, spec=SPEC, probes=["lens", "convergence"]) as rec:
+        warnings.simplefilter("always")
+        model(ids)
+    (warning,) = [w for w in caught if "lens" in str(w.message)]
+    assert str(warning.message) == (
+        "mythos_probe: the lens ran, but the model's output holds no logits tensor to compare it with, so this "
+        "forward has no lens metrics. Select the logits among its outputs (LoopSpec logits=...), or leave 'lens' "
+        "out of the probes.")
+    assert (warning.filename, warning.lineno) == line_of(
+        test_an_output_holding_no_logits_warns_that_the_lens_has_nothing_to_compare, "        model(ids)")
+    (trace,) = rec.traces
     assert "lens_kl_final" not in trace.iteration_metrics and "rel_residual" in trace.iteration_metrics

@@ -1136,3 +1136,25 @@ def test_the_chain_check_tolerates_rounding_not_an_offset(offset, caught):
             "end state, e).")
     else:
         assert record(model, spec)[0].iterations == 3
+
+
+@pytest.mark.parametrize("exits, used", [([0, 4], "1 to 5"), ([-1, 2], "0 to 3")])
+def test_exits_outside_the_iterations_run_on_an_unchecked_forward_are_refused_when_read(exits, used):
+    """Only sampled forwards read the exits during the forward (a host sync); an unchecked one finds
+    them out of range where its numbers reach the host, and names the fix, rather than failing in
+    index_add_ (a device-side assert on a GPU) or recording a wrong exit count."""
+    from tests.probes.test_spec_adapter_pins import OwnExits, exits_spec
+
+    model = OwnExits(torch.tensor([0, 3]))
+    with torch.no_grad(), mythos_probe.attach(model, spec=exits_spec(), probes=["halting"], detail="positions",
+                                              check_every=None) as rec:
+        model(ids)
+        model.exits = torch.tensor(exits)  # past the 4 iterations run, or before the first
+        model(ids)
+        with pytest.raises(ValueError) as raised:
+            rec.traces
+    assert str(raised.value) == (
+        f"mythos_probe: loop 'loop' reports positions that used {used} iterations, outside the 4 it ran, so this "
+        "forward's halting metrics would be wrong. Where the model gives its own exits (Halting(..., exits=...)), "
+        "the selector must pick each position's 0-based exit iteration; attach(..., check_every=1) checks them in "
+        "every forward.")
