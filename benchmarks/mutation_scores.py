@@ -9,9 +9,11 @@ Mutants equivalent by the SQL letter-case rule (`scripts/mutation_equivalents.py
 generated, then left out of the run) count neither way either, and are reported apart in the
 "equivalent" column, never folded into "killed"; `--equivalents` lists them with their reasons.
 The targets are those of issue 24: 95 % where the module is listed in TARGET_95, else 90 %.
-Where a full run takes hours, a module is scored on a uniform random sample of its mutants listed
-in benchmarks/mutation_samples/<module>.txt (`scripts/mutation.sh MODULE --sample` runs it): its
-line "sample" gives the share killed among them.
+Where a full run takes hours, a module is scored on uniform random samples of its mutants listed
+in benchmarks/mutation_samples/<module>.txt, then <module>.second.txt, <module>.third.txt, each
+drawn after the tests the one before asked for (`scripts/mutation.sh MODULE --sample` runs the
+latest): a line per sample gives the share killed among its names that mutmut still generates (a
+pragma or a code change since the draw renumbers a function's mutants; those names count neither way).
 
     .venv/bin/python benchmarks/mutation_scores.py [MODULE ...] [--survivors] [--equivalents]
 """
@@ -33,10 +35,24 @@ TARGET_95 = {"mythos_probe/metrics/", "mythos_probe/probes/reductions.py", "coll
 DETECTED = {"killed", "timeout"}
 
 
+SAMPLE_ORDER = ("", ".second", ".third", ".fourth")
+
+
+def samples_of(module: str) -> dict[str, list[str]]:
+    """`module`'s random samples in the order drawn, by label ("sample", "second sample", ...)."""
+    stem = module.rstrip("/").removesuffix(".py").replace("/", "__")
+    found = {}
+    for suffix in SAMPLE_ORDER:
+        path = ROOT / "benchmarks" / "mutation_samples" / f"{stem}{suffix}.txt"
+        if path.is_file():
+            found[f"{suffix.lstrip('.')} sample".strip()] = path.read_text().split()
+    return found
+
+
 def sample_of(module: str) -> list[str]:
-    """The mutant names of `module`'s random sample, if it has one."""
-    path = ROOT / "benchmarks" / "mutation_samples" / (module.rstrip("/").removesuffix(".py").replace("/", "__") + ".txt")
-    return path.read_text().split() if path.is_file() else []
+    """The mutant names of `module`'s latest random sample (empty if it has none)."""
+    samples = samples_of(module)
+    return list(samples.values())[-1] if samples else []
 
 
 def main(argv=None) -> int:
@@ -64,12 +80,12 @@ def main(argv=None) -> int:
         marked = sum(n in everything for n in equivalent)
         print(f"{module:40s} {killed:7d} {len(status):6d} {100 * killed / len(status):6.1f}% "
               f"{target:6d}% {marked:10d}  {rest}")
-        sample = sample_of(module)
-        if sample:
+        for label, sample in samples_of(module).items():
             c = Counter(status.get(n, "not generated") for n in sample)
             k = sum(c[s] for s in DETECTED)
+            scored = len(sample) - c["not generated"]
             rest = ", ".join(f"{n} {s}" for s, n in sorted(c.items()) if s not in DETECTED)
-            print(f"{'  sample':40s} {k:7d} {len(sample):6d} {100 * k / len(sample):6.1f}% {target:6d}%  {rest}")
+            print(f"{'  ' + label:40s} {k:7d} {scored:6d} {100 * k / max(scored, 1):6.1f}% {target:6d}%  {rest}")
         if args.equivalents:
             for name, why in sorted(equivalent.items()):
                 if name in everything:

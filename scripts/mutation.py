@@ -270,7 +270,7 @@ def main(argv=None) -> int:
                         help="re-test only the mutants the last run did not kill or had no tests for (after adding tests), and "
                         "the new mutants of functions changed since")
     parser.add_argument("--sample", action="store_true",
-                        help="test only the module's random sample (benchmarks/mutation_samples/), those not "
+                        help="test only the module's latest random sample (benchmarks/mutation_samples/), those not "
                         "killed yet: a score in minutes where a full run takes hours")
     parser.add_argument("--draw-sample", type=int, metavar="N",
                         help="draw the module's random sample: N of its mutants (the rule's equivalents left out), "

@@ -64,3 +64,33 @@ def test_a_changed_test_file_makes_mutmut_collect_its_test_map_again(tmp_path):
     assert not forget_stale_stats(tmp_path, mapping) and stats.exists()  # unchanged: kept
     test.write_text("def test_a(): assert 1\n")
     assert forget_stale_stats(tmp_path, mapping) and not stats.exists()
+
+
+def test_the_scores_list_each_sample_in_order_over_the_names_still_generated(tmp_path, monkeypatch, capsys):
+    """benchmarks/mutation_scores.py: one line per sample (first, second, third), each scored over
+    the names mutmut still generates; `--sample` runs the latest."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import mutation_scores
+
+    folder = tmp_path / "benchmarks" / "mutation_samples"
+    folder.mkdir(parents=True)
+    (folder / "collectors__boxes.txt").write_text("m.a\nm.b\nm.gone\n")
+    (folder / "collectors__boxes.third.txt").write_text("m.c\nm.d\n")  # no second: skipped
+    (folder / "collectors__boxes.second.txt").write_text("m.e\n")
+    monkeypatch.setattr(mutation_scores, "ROOT", tmp_path)
+    samples = mutation_scores.samples_of("collectors/boxes.py")
+    assert list(samples) == ["sample", "second sample", "third sample"]
+    assert mutation_scores.sample_of("collectors/boxes.py") == ["m.c", "m.d"]
+
+    statuses = {"m.a": "killed", "m.b": "survived", "m.c": "timeout", "m.d": "killed", "m.e": "no tests"}
+    monkeypatch.setattr(mutation_scores, "statuses_of", lambda module: statuses)
+    monkeypatch.setattr(mutation_scores, "equivalents_of", lambda module: {})
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.mythos-probe.mutation.tests]\n"collectors/boxes.py" = ["tests/x.py"]\n')
+    mutation_scores.main([])
+    import re
+
+    rows = [re.match(r"\s*(.*?)\s+(\d+)\s+(\d+)\s+([\d.]+%)", line) for line in capsys.readouterr().out.splitlines()[1:]]
+    lines = {m[1]: (m[2], m[3], m[4]) for m in rows}
+    assert lines == {"collectors/boxes.py": ("3", "5", "60.0%"), "sample": ("1", "2", "50.0%"),  # m.gone left out
+                     "second sample": ("0", "1", "0.0%"), "third sample": ("2", "2", "100.0%")}
