@@ -67,7 +67,7 @@ def made_up(seed=0, I=I, T=T):
 
 
 def run(x, *, probes=DEFAULT_PROBES, detail="positions", exit_policy="act", n_loops=I, lens=None, logits=None,
-        halting=True, experts=True, lora=True, reducer_kw=None, ctx_kw=None, forwards=1, I=I):
+        halting=True, experts=True, lora=True, reducer_kw=None, ctx_kw=None, forwards=1, I=I, used=None):
     out = []
     kw = dict(lens_positions="last", sample_every=1, emit=out.append, attributes={"user": "u"}, run_id="run-1",
               model_id="m-1", step_counter=lambda: None, correlation_positions=5)
@@ -88,7 +88,7 @@ def run(x, *, probes=DEFAULT_PROBES, detail="positions", exit_policy="act", n_lo
                 halted=x["halted"][t] if halting else None, act_weight=x["weight"][t] if halting else None,
                 router_logits=x["logits"][t] if experts else None, topk_idx=x["topk"][t] if experts else None,
                 shared_out=x["shared"][t] if experts else None, routed_out=x["routed"][t] if experts else None))
-        red.end(logits)
+        red.end(logits, used=used)
     return [p.materialize() for p in out], red
 
 
@@ -366,8 +366,9 @@ def test_a_forward_without_iterations_warns_and_emits_nothing():
     out = []
     red = ForwardReducer(DEFAULT_PROBES, "summary", "last", 1, out.append, {}, "r", "m", lambda: None)
     red.begin(ForwardContext(token_ids=X["ids"], n_loops=I, exit_policy="act", cfg=None))
-    with pytest.warns(UserWarning, match="ran no loop iteration the probes could see.*torch.compile"):
+    with pytest.warns(UserWarning, match="ran no loop iteration the probes could see.*torch.compile") as caught:
         red.end(None)
+    assert caught[0].filename == __file__  # the caller's line, not the reducer's
     assert out == [] and red.fwd is None
     red.end(None)  # no forward in progress: nothing happens
     red.iteration(IterationTensors(state_in=X["h"][0], state_out=X["h"][1]))  # ignored
@@ -496,3 +497,21 @@ def test_bfloat16_states_are_reduced_in_float32():
     (tr,), _ = run(x, probes=("convergence", "spectral"), halting=False, experts=False)
     h = np.stack([n(s) for s in x["h"]])
     np.testing.assert_allclose(tr.iteration_metrics["state_norm"], np.linalg.norm(h[1:], axis=-1).mean((1, 2)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrong, said", [(I + 1, f"2 to {I + 1}"), (0, "0 to 2")])
+def test_iterations_used_outside_the_loop_are_refused_when_the_trace_is_read(wrong, said):
+    """A model's own exits outside the iterations it ran (unchecked forwards read them only here,
+    where the numbers reach the host): refused naming the fix, not an IndexError from the exit
+    count's index_add_ (a device-side assert on a GPU). One side out of range is enough."""
+    used = torch.full((B, T), 2)
+    used[1, 2] = wrong
+    with pytest.raises(ValueError) as raised:
+        run(X, used=used)
+    assert str(raised.value) == (
+        f"mythos_probe: loop 'loop' reports positions that used {said} iterations, outside the {I} it ran, so this "
+        "forward's halting metrics would be wrong. Where the model gives its own exits (Halting(..., exits=...)), "
+        "the selector must pick each position's 0-based exit iteration; attach(..., check_every=1) checks them in "
+        "every forward.")
+    (tr,), _ = run(X, used=torch.full((B, T), I))  # the last iteration itself is in range
+    assert tr.iteration_metrics["exit_count"].tolist() == [0] * (I - 1) + [B * T]
