@@ -32,6 +32,8 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from mythos_probe.user_frame import outside
+
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 # FLOP-heavy operators this counter has no formula for: met while counting, they make the total
 # an undercount, so leaving the mode warns with their names (never a silently low figure)
@@ -83,7 +85,7 @@ class ExecutedFlops(TorchDispatchMode):
             calls = ", ".join(f"{name} ×{n}" for name, n in sorted(self.not_counted.items()))
             warnings.warn(f"ExecutedFlops has no FLOP formula for {calls}: `total` leaves them out and "
                           "undercounts this code; add their formula to mythos_probe/executed_flops.py",
-                          stacklevel=2)
+                          stacklevel=outside())
         return super().__exit__(*exc)
 
     @property

@@ -65,6 +65,7 @@ import numpy as np
 import pandas as pd
 
 from mythos_probe.records import LoopTrace
+from mythos_probe.user_frame import outside
 
 CRITERIA = ("act", "kl", "rel_residual", "cos_step", "entropy", "argmax_stable")
 
@@ -126,7 +127,7 @@ class _Positions:
         if full:
             traces = full
         else:
-            warnings.warn(NO_FULL_DEPTH, stacklevel=3)
+            warnings.warn(NO_FULL_DEPTH, stacklevel=outside())
         self.available = tuple(c for c in CRITERIA if all(INPUTS[c] in t.position_metrics for t in traces))
         width = max(t.iterations for t in traces)
         names = sorted({INPUTS[c] for c in self.available} | {"lens_top1_agree"})

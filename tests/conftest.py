@@ -73,12 +73,12 @@ class SyncCounter:
 def _mutmut_frames_count_as_ours():
     """Under mutmut (scripts/mutation.sh) every function of the mutated module runs through a
     trampoline in mutmut's package: a frame outside mythos_probe and torch, where a warning's
-    location (`probes/user_frame.py`) would stop. Counted as ours there, so the tests of where a
+    location (`mythos_probe/user_frame.py`) would stop. Counted as ours there, so the tests of where a
     warning points run (and kill mutants) under mutmut too."""
     if "MUTANT_UNDER_TEST" in os.environ:
         import mutmut
 
-        from mythos_probe.probes import user_frame
+        from mythos_probe import user_frame
 
         user_frame._INTERNAL += (os.path.dirname(mutmut.__file__) + os.sep,)
     yield

@@ -25,6 +25,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Mapping
 
+from mythos_probe.user_frame import outside
+
 # First variable set wins. torchrun sets RANK/LOCAL_RANK/WORLD_SIZE, SLURM its own, Open MPI
 # OMPI_COMM_WORLD_*, MPICH and Intel MPI PMI_*/MPI_LOCALRANKID.
 _RANK_VARS = ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
@@ -99,5 +101,5 @@ def job_run_id(w: Where) -> str | None:
         warnings.warn(
             f"rank {w.rank} of {w.world_size} found no job id ({', '.join(_JOB_VARS)} unset or 'none'), so each "
             "rank gets its own run id; pass attach(run_id=...) with one value on every rank, or launch with "
-            "torchrun --rdzv-id=<id> (or --standalone) or under SLURM", stacklevel=3)
+            "torchrun --rdzv-id=<id> (or --standalone) or under SLURM", stacklevel=outside())
     return None

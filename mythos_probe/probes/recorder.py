@@ -29,6 +29,7 @@ from mythos_probe.probes.reductions import DEFAULT_PROBES, PROBES, ForwardReduce
 from mythos_probe.probes.hooks import refuse_compiled
 from mythos_probe.probes.distributed import Where, job_run_id, where as distributed_where
 from mythos_probe.records import LoopTrace, check_field
+from mythos_probe.user_frame import outside
 
 __all__ = ["attach", "LoopSpec", "Recorder"]  # Injection, Halting, Router: mythos_probe.loopspec
 
@@ -95,7 +96,7 @@ class Recorder:
                                  "attach(model, detail='positions') to get the positions frame")
             if summary:
                 warnings.warn(f"{summary} of {len(self.traces)} traces were recorded at detail='summary' and "
-                              "are not in the positions frame", stacklevel=2)
+                              "are not in the positions frame", stacklevel=outside())
         return getattr(frames, kind)(self.traces)
 
     @property

@@ -28,7 +28,7 @@ import torch
 from mythos_probe.probes.adapters import ForwardContext, IterationTensors
 from mythos_probe.metrics import convergence, experts, halting, lens, spectral, trajectory
 from mythos_probe.metrics.cost import forward_cost
-from mythos_probe.probes.user_frame import outside
+from mythos_probe.user_frame import outside
 from mythos_probe.records import ITERATION_METRIC_NAMES, POSITION_METRIC_NAMES, LoopTrace
 
 PROBES = ("convergence", "spectral", "halting", "experts", "lora", "cost", "lens", "jacobian", "trajectory")

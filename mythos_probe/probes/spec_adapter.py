@@ -46,7 +46,7 @@ from mythos_probe.probes.adapters import ForwardContext, IterationTensors, _Adap
 from mythos_probe.loopspec import LoopSpec, check_threshold_value, logits_of, resolve, select
 from mythos_probe.metrics.cost import param_cost
 from mythos_probe.metrics.halting import act_step
-from mythos_probe.probes.user_frame import outside
+from mythos_probe.user_frame import outside
 
 EXACT_KEPT = (None, "argument", "concat")  # modes whose next input holds the kept state exactly
 

@@ -35,8 +35,9 @@ def test_single_process_defaults():
 
 def test_multi_rank_job_without_job_id_warns_and_names_the_fix():
     env = {"RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "none"}
-    with pytest.warns(UserWarning, match="attach\\(run_id=...\\)"):
+    with pytest.warns(UserWarning, match="attach\\(run_id=...\\)") as caught:
         assert job_run_id(where(env)) is None
+    assert caught[0].filename == __file__  # the caller's line, not distributed.py
 
 
 @pytest.mark.parametrize("env, fix", [({"RANK": "x", "WORLD_SIZE": "2"}, "RANK='x'"),

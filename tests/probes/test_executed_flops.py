@@ -25,8 +25,9 @@ def test_matmuls_count_two_flops_per_multiply_add():
 
 
 def test_an_operator_without_a_formula_is_named_not_silently_left_out():
-    with pytest.warns(UserWarning, match=r"no FLOP formula for convolution ×1, mv ×1.*undercounts"):
+    with pytest.warns(UserWarning, match=r"no FLOP formula for convolution ×1, mv ×1.*undercounts") as caught:
         c = counted(lambda: (F.conv1d(torch.randn(1, 2, 5), torch.randn(3, 2, 2)), torch.randn(3, 4) @ torch.randn(4)))
+    assert caught[0].filename == __file__  # the `with` that counted, not executed_flops.py
     assert c.total == 0 and c.not_counted == {"convolution": 1, "mv": 1}
 
 

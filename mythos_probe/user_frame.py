@@ -10,13 +10,15 @@ This module is not: the warnings' texts (each lives beside the check that raises
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
-import torch
-
-# ".../mythos_probe/" and ".../torch/"
-_INTERNAL = tuple(os.path.dirname(path) + os.sep for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__))
+# ".../mythos_probe/" and ".../torch/", found without importing torch: the collectors use this and
+# never import it (a `server` install has no torch)
+_TORCH = importlib.util.find_spec("torch")
+_INTERNAL = tuple(os.path.dirname(path) + os.sep
+                  for path in (os.path.abspath(__file__), *([_TORCH.origin] if _TORCH and _TORCH.origin else [])))
 
 
 def outside() -> int:
