@@ -66,13 +66,20 @@ class Recorder:
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
+        refused = None
         for p in pending:
-            trace = p.materialize()
+            try:
+                trace = p.materialize()
+            except ValueError as err:  # a forward whose numbers cannot be right: the others still count
+                refused = refused or err
+                continue
             if isinstance(self._traces, deque) and len(self._traces) == self._traces.maxlen:
                 self.discarded_traces += 1
             self._traces.append(trace)
             for callback in self._on_trace:
                 callback(trace)
+        if refused is not None:
+            raise refused
 
     @property
     def traces(self) -> list[LoopTrace]:

@@ -1151,8 +1151,12 @@ def test_exits_outside_the_iterations_run_on_an_unchecked_forward_are_refused_wh
         model(ids)
         model.exits = torch.tensor(exits)  # past the 4 iterations run, or before the first
         model(ids)
+        model.exits = torch.tensor([2, 1])
+        model(ids)
         with pytest.raises(ValueError) as raised:
             rec.traces
+        # the refused forward is left out, and nothing else: the forwards before and after it stay
+        assert [t.position_iterations[:, 0].tolist() for t in rec.traces] == [[1, 4], [3, 2]]
     assert str(raised.value) == (
         f"mythos_probe: loop 'loop' reports positions that used {used} iterations, outside the 4 it ran, so this "
         "forward's halting metrics would be wrong. Where the model gives its own exits (Halting(..., exits=...)), "
