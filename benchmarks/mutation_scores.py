@@ -28,22 +28,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from mutation import equivalents_of, statuses_of  # noqa: E402
+from mutation import SAMPLE_ORDER, equivalents_of, sample_path, statuses_of  # noqa: E402
 
 TARGET_95 = {"mythos_probe/metrics/", "mythos_probe/probes/reductions.py", "collectors/spans.py",
              "collectors/rows.py", "collectors/otlp_decode.py", "dashboards/queries.py"}
 DETECTED = {"killed", "timeout"}
 
 
-SAMPLE_ORDER = ("", ".second", ".third", ".fourth")
-
-
 def samples_of(module: str) -> dict[str, list[str]]:
     """`module`'s random samples in the order drawn, by label ("sample", "second sample", ...)."""
-    stem = module.rstrip("/").removesuffix(".py").replace("/", "__")
     found = {}
-    for suffix in SAMPLE_ORDER:
-        path = ROOT / "benchmarks" / "mutation_samples" / f"{stem}{suffix}.txt"
+    for index, suffix in enumerate(SAMPLE_ORDER):
+        path = sample_path(module, index)
         if path.is_file():
             found[f"{suffix.lstrip('.')} sample".strip()] = path.read_text().split()
     return found

@@ -242,20 +242,33 @@ def statuses_of(module: str) -> dict[str, str]:
     return out
 
 
+# A module's samples in the order drawn: <module>.txt, <module>.second.txt, ... (seeds 24, 25, ...)
+SAMPLE_ORDER = ("", ".second", ".third", ".fourth")
+
+
+def sample_path(module: str, index: int) -> Path:
+    return ROOT / "benchmarks" / "mutation_samples" / f"{slug(module)}{SAMPLE_ORDER[index]}.txt"
+
+
 def draw_sample(module: str, candidates: list[str], size: int) -> int:
-    """Write a uniform random sample of `candidates` as the module's sample. Drawn over every
-    mutant, whatever an earlier run said of it, with a fixed seed; an existing sample is never
-    redrawn (a sample chosen after seeing its score would not estimate the module's)."""
+    """Write a uniform random sample of `candidates` as the module's next sample: the first, or
+    one drawn from the mutants outside the earlier samples (after the tests their survivors asked
+    for, whose effect on those samples is no longer an estimate). Drawn over every mutant, whatever
+    an earlier run said of it, with a fixed seed per sample; a sample is never redrawn (one chosen
+    after seeing its score would not estimate the module's)."""
     import random
 
-    path = ROOT / "benchmarks" / "mutation_samples" / (slug(module) + ".txt")
-    if path.exists():
-        print(f"{path.relative_to(ROOT)} exists; delete it first to draw another", file=sys.stderr)
+    index = next((i for i in range(len(SAMPLE_ORDER)) if not sample_path(module, i).exists()), None)
+    if index is None:
+        print(f"{slug(module)} has all {len(SAMPLE_ORDER)} samples; run it whole instead", file=sys.stderr)
         return 1
-    chosen = sorted(random.Random(24).sample(sorted(candidates), min(size, len(candidates))))
+    earlier = {n for i in range(index) for n in sample_path(module, i).read_text().split()}
+    pool = sorted(set(candidates) - earlier)
+    chosen = sorted(random.Random(24 + index).sample(pool, min(size, len(pool))))
+    path = sample_path(module, index)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(n + "\n" for n in chosen))
-    print(f"{len(chosen)} of {len(candidates)} mutants drawn: {path.relative_to(ROOT)}")
+    print(f"{len(chosen)} of {len(pool)} mutants drawn: {path.relative_to(ROOT)}")
     return 0
 
 
@@ -273,8 +286,9 @@ def main(argv=None) -> int:
                         help="test only the module's latest random sample (benchmarks/mutation_samples/), those not "
                         "killed yet: a score in minutes where a full run takes hours")
     parser.add_argument("--draw-sample", type=int, metavar="N",
-                        help="draw the module's random sample: N of its mutants (the rule's equivalents left out), "
-                        "uniform, seeded, written to benchmarks/mutation_samples/; refuses to replace one")
+                        help="draw the module's next random sample: N of its mutants outside the earlier samples "
+                        "(the rule's equivalents left out), uniform, seeded, written to benchmarks/mutation_samples/; "
+                        "never replaces one")
     parser.add_argument("--check-equivalents", action="store_true",
                         help="run only the mutants the SQL letter-case rule marks equivalent (none may be killed)")
     parser.add_argument("--mark-only", action="store_true",

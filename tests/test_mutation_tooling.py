@@ -78,6 +78,7 @@ def test_the_scores_list_each_sample_in_order_over_the_names_still_generated(tmp
     (folder / "collectors__boxes.third.txt").write_text("m.c\nm.d\n")  # no second: skipped
     (folder / "collectors__boxes.second.txt").write_text("m.e\n")
     monkeypatch.setattr(mutation_scores, "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules["mutation"], "ROOT", tmp_path)
     samples = mutation_scores.samples_of("collectors/boxes.py")
     assert list(samples) == ["sample", "second sample", "third sample"]
     assert mutation_scores.sample_of("collectors/boxes.py") == ["m.c", "m.d"]
@@ -94,3 +95,24 @@ def test_the_scores_list_each_sample_in_order_over_the_names_still_generated(tmp
     lines = {m[1]: (m[2], m[3], m[4]) for m in rows}
     assert lines == {"collectors/boxes.py": ("3", "5", "60.0%"), "sample": ("1", "2", "50.0%"),  # m.gone left out
                      "second sample": ("0", "1", "0.0%"), "third sample": ("2", "2", "100.0%")}
+
+
+def test_each_sample_is_drawn_from_the_mutants_outside_the_earlier_ones_with_its_own_seed(tmp_path, monkeypatch):
+    import random
+
+    import mutation
+
+    monkeypatch.setattr(mutation, "ROOT", tmp_path)
+    names = [f"m.x__mutmut_{i}" for i in range(40)]
+    drawn = []
+    for index, seed in enumerate((24, 25, 26, 27)):
+        assert mutation.draw_sample("collectors/boxes.py", names, 10) == 0
+        sample = mutation.sample_path("collectors/boxes.py", index).read_text().split()
+        pool = sorted(set(names) - {n for d in drawn for n in d})
+        assert sample == sorted(random.Random(seed).sample(pool, 10))
+        drawn.append(sample)
+    assert len({n for d in drawn for n in d}) == 40  # disjoint: every mutant once
+    assert [p.name for p in sorted((tmp_path / "benchmarks" / "mutation_samples").iterdir())] == [
+        "collectors__boxes.fourth.txt", "collectors__boxes.second.txt", "collectors__boxes.third.txt",
+        "collectors__boxes.txt"]
+    assert mutation.draw_sample("collectors/boxes.py", names, 10) == 1  # never a fifth, never a redraw

@@ -96,8 +96,6 @@ def _params(modules) -> int:
     return sum(seen.values())
 
 
-
-
 def _user(field: str, fn, *args):
     """Call something the declaration supplied (a selector, callable init, injection fn, readout,
     threshold); an error inside it names the field it came from."""
@@ -176,7 +174,6 @@ class _Loop:
         # freezing (per-token depths) is read from the next iteration's input, exactly, where the
         # mode keeps h_{t−1} in it; exits are the halting head's business
         self.track_kept = self.mode in EXACT_KEPT and spec.halting is None
-        self.checks_done = 0  # checked forwards so far
         self.no_jacobian: Optional[str] = None  # why the Jacobian is left out, once found
         self.warned: set[str] = set()
         self.reset()
@@ -220,15 +217,13 @@ class _Loop:
         self.parts: dict[str, Any] = {}
         self.pending = False
         self.prev: Optional[torch.Tensor] = None  # pragma: no mutate (read at t > 0 only; complete sets it at t = 0)
-        self.prev_out: Optional[torch.Tensor] = None  # pragma: no mutate (written, never read)
         self.first_input: Optional[torch.Tensor] = None  # pragma: no mutate (complete sets it at t = 0, before any read)
         self.init_state: Optional[torch.Tensor] = None
-        self.h_init: Optional[torch.Tensor] = None  # h_{−1}, as the loop's state  # pragma: no mutate (set at t = 0 before any read)
+        self.h_init: Optional[torch.Tensor] = None  # pragma: no mutate (h_{−1}, as the loop's state: set at t = 0 before any read)
         self.t = 0
         self.fired: set[str] = set()
         self.halt_acc: dict[str, torch.Tensor] = {}
         self.call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (on_start sets it before an end can make pending, the only way to a read)
-        self.prev_call: Optional[tuple[tuple, dict]] = None  # pragma: no mutate (written, never read)
         self.frozen: Optional[torch.Tensor] = None  # (B, T) positions whose state the model stopped updating
         self.kept_count: Optional[torch.Tensor] = None  # (B, T) iterations each position kept, once compared
         self.kept_iters = 0  # iterations kept everywhere before any comparison was needed
@@ -309,7 +304,7 @@ class _Loop:
         inj = self.spec.injection
         if inj is not None and inj.mode == "argument" and inj.arg is not None:
             self.parts["e_arg"] = (kwargs[inj.arg] if isinstance(inj.arg, str) else args[inj.arg]).detach()
-        self.prev_call, self.call = self.call, (args, kwargs)
+        self.call = (args, kwargs)
 
     def on_end(self, output) -> None:
         if output is None or not self._live() or "in" not in self.parts:
@@ -375,7 +370,7 @@ class _Loop:
         if checking:
             self.states.append(h)
         self.collector.iteration(it)
-        self.prev, self.prev_out = h, out
+        self.prev = h
         self.t += 1
 
     def _init(self, parts, h_in, e_module) -> torch.Tensor:
@@ -683,7 +678,6 @@ class _Loop:
             self.complete(last=True)
         if self.checking:
             self._check_fired()
-            self.checks_done += 1  # pragma: no mutate (a count nothing reads)
 
     def used(self, output) -> Optional[torch.Tensor]:
         """(B, T) iterations each position used, where the model says (its own exits) or the kept
